@@ -1,0 +1,96 @@
+"""The autograd Function of the dense layer, and the two backends behind it.
+
+One ``torch.autograd.Function`` per layer. Its backward does not ask autograd
+for anything: it evaluates the equations of ``reference.py``,
+
+    δ = G ⊙ f'(Z),   ∂C/∂X = δ W,   ∂C/∂W = δᵀ X,   ∂C/∂b = 1ᵀ δ,
+
+either in Triton kernels or in plain PyTorch, and computes only what
+``ctx.needs_input_grad`` asks for.
+
+Saved for backward (by reference, nothing is copied):
+    x [M, K] and weight [N, K]   the factors of ∂C/∂W = δᵀ X and ∂C/∂X = δ W
+    bias [N] or None             only to recompute Z in a double backward
+    A [M, N]                     when f' can be computed from the output
+                                 (relu, leaky_relu with slope >= 0, sigmoid, tanh)
+    Z [M, N]                     otherwise (gelu, gelu_tanh, silu, leaky_relu with slope < 0)
+    nothing else                 for identity (f' = 1)
+The same as nn.Linear followed by the PyTorch activation module saves.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends, reference
+from .activations import Activation
+
+
+def _kernel_slope(activation: Activation) -> float:
+    # A constexpr of the kernels: pinned to 0 where unused so it never causes a recompile.
+    return activation.negative_slope if activation.name == "leaky_relu" else 0.0
+
+
+def forward(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation, need_z: bool):
+    """(A, Z or None) = (f(X Wᵀ + b), X Wᵀ + b) on the chosen backend; x [M, K] -> [M, N]."""
+    if backend == "triton":
+        return backends.kernels().linear_forward(
+            x, weight, bias, activation.kernel_id, _kernel_slope(activation), write_z=need_z
+        )
+    a, z = reference.linear_forward(x, weight, bias, activation)
+    return a, (z if need_z else None)
+
+
+def backward(backend: str, grad_a: Tensor, x: Tensor, weight: Tensor, saved: Optional[Tensor],
+             activation: Activation, needs_grad_x: bool, needs_grad_weight: bool, needs_grad_bias: bool):
+    """(∂C/∂X, ∂C/∂W, ∂C/∂b), each None when not needed. grad_a [M, N]; saved: A or Z [M, N], None for identity."""
+    from_output = activation.saves_output
+    if backend == "triton":
+        dense = backends.kernels()
+        delta, grad_bias = dense.delta_and_bias_grad(
+            grad_a, saved, activation.kernel_id, _kernel_slope(activation), from_output,
+            want_delta=needs_grad_x or needs_grad_weight, want_bias=needs_grad_bias,
+        )
+        grad_x = dense.matmul(delta, weight) if needs_grad_x else None  # ∂C/∂X = δ W   [M, N] [N, K]
+        grad_weight = dense.matmul(delta.t(), x) if needs_grad_weight else None  # ∂C/∂W = δᵀ X  [N, M] [M, K]
+        return grad_x, grad_weight, grad_bias
+    f_prime = None if saved is None else reference.activation_grad(activation, saved, from_output)
+    return reference.linear_backward(grad_a, x, weight, f_prime, needs_grad_x, needs_grad_weight, needs_grad_bias)
+
+
+class LinearFunction(torch.autograd.Function):
+    """A = f(X Wᵀ + b) with a hand-written backward. x [M, K], weight [N, K], bias [N] or None -> [M, N]."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation, backend: str):
+        identity = activation.name == "identity"
+        need_z = not (identity or activation.saves_output)
+        a, z = forward(backend, x, weight, bias, activation, need_z)
+        saved = None if identity else (a if activation.saves_output else z)
+        ctx.save_for_backward(x, weight, bias, saved)
+        ctx.activation = activation
+        ctx.backend = backend
+        return a
+
+    @staticmethod
+    def backward(ctx, grad_a: Tensor):
+        x, weight, bias, saved = ctx.saved_tensors
+        needs_grad_x, needs_grad_weight, needs_grad_bias = ctx.needs_input_grad[:3]
+        activation = ctx.activation
+        if torch.is_grad_enabled():
+            # create_graph=True: the same equations in differentiable torch ops, with Z
+            # recomputed from the saved inputs so that f' also depends on x, W and b.
+            z = reference.pre_activation(x, weight, bias)
+            f_prime = None if activation.name == "identity" else reference.activation_grad(activation, z, False)
+            grads = reference.linear_backward(
+                grad_a, x, weight, f_prime, needs_grad_x, needs_grad_weight, needs_grad_bias
+            )
+        else:
+            grads = backward(
+                ctx.backend, grad_a, x, weight, saved, activation, needs_grad_x, needs_grad_weight, needs_grad_bias
+            )
+        grad_x, grad_weight, grad_bias = grads
+        return grad_x, grad_weight, grad_bias, None, None

@@ -1,0 +1,49 @@
+"""``nn.Module``s: drop-in replacements for ``nn.Linear`` (+ activation). No math here."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from .activations import get_activation
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` followed by an activation, with a hand-written backward.
+
+    input [..., in_features] -> output [..., out_features], a = f(x Wᵀ + b).
+    Same parameters, shapes, names, initialisation and ``state_dict`` as
+    ``nn.Linear``: ``weight`` [out_features, in_features], ``bias`` [out_features].
+    ``activation`` is one of manualbp.ACTIVATIONS; its options (``negative_slope``
+    for leaky_relu) are keyword arguments. ``backend`` pins this layer to
+    'triton' or 'reference' (None: the global setting, see manualbp.set_backend).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        activation: str = "identity",
+        device=None,
+        dtype=None,
+        *,
+        backend: Optional[str] = None,
+        **activation_options,
+    ) -> None:
+        bound = get_activation(activation, **activation_options)  # bad names fail before any allocation
+        if backend is not None and backend not in ("auto", "triton", "reference"):
+            raise ValueError(f"unknown backend {backend!r}; expected one of: auto, triton, reference")
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.activation = bound
+        self.backend = backend
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear(input, self.weight, self.bias, self.activation, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        text = f"{super().extra_repr()}, {self.activation.extra_repr()}"
+        return text if self.backend is None else f"{text}, backend={self.backend!r}"

@@ -1,0 +1,1 @@
+"""Triton kernels and launchers of manualbp (installed as ``manualbp.triton_kernels``)."""

@@ -1,0 +1,204 @@
+"""Activations f and their derivatives f' in Triton, side by side.
+
+The same names and formulas as ``manualbp/activations.py`` (the reference):
+``f(z)``, ``f_grad(z)`` and, where f' can be read off the output,
+``f_grad_from_output(a)``. The kernels call the dispatchers at the bottom with
+the activation's number as a compile-time constant, so each kernel is compiled
+for exactly one activation and no branch survives.
+
+Every function works on the kernel's compute dtype: float32 for
+float16/bfloat16/float32 data and float64 for float64 data.
+"""
+
+import triton
+import triton.language as tl
+
+# Numbers of the activations: the ``kernel_id`` of manualbp.activations.
+IDENTITY = tl.constexpr(0)
+RELU = tl.constexpr(1)
+LEAKY_RELU = tl.constexpr(2)
+GELU = tl.constexpr(3)
+GELU_TANH = tl.constexpr(4)
+SILU = tl.constexpr(5)
+SIGMOID = tl.constexpr(6)
+TANH = tl.constexpr(7)
+
+_SQRT_1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2)
+_SQRT_2_PI = tl.constexpr(0.7978845608028654)  # sqrt(2/pi)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/sqrt(2 pi)
+_GELU_TANH_C = tl.constexpr(0.044715)
+
+
+@triton.jit
+def _tanh(x):
+    # Accurate to a few ulp everywhere and free of overflow (no exp of a positive
+    # number): a continued fraction near 0, where 1 - e^{-2|x|} would cancel,
+    # and (1 - t) / (1 + t), t = e^{-2|x|}, elsewhere.
+    x2 = x * x
+    near_zero = x / (1.0 + x2 / (3.0 + x2 / (5.0 + x2 / (7.0 + x2 / (9.0 + x2 / (11.0 + x2 / (13.0 + x2 / 15.0)))))))
+    t = tl.exp(-2.0 * tl.abs(x))
+    magnitude = (1.0 - t) / (1.0 + t)
+    far = tl.where(x < 0, -magnitude, magnitude)
+    return tl.where(tl.abs(x) < 0.625, near_zero, far)
+
+
+@triton.jit
+def _sigmoid(x):
+    # exp(-x) may overflow to inf for very negative x, giving exactly 0.
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+# relu: f(z) = max(z, 0), f'(z) = [z > 0]
+@triton.jit
+def relu(z):
+    return tl.where(z > 0, z, 0.0)
+
+
+@triton.jit
+def relu_grad(z):
+    return tl.where(z > 0, 1.0, 0.0)
+
+
+# leaky_relu: f(z) = z if z > 0 else s z, f'(z) = 1 if z > 0 else s
+# (s is a compile-time constant, splat in the compute dtype so float64 keeps all its digits)
+@triton.jit
+def leaky_relu(z, NEGATIVE_SLOPE: tl.constexpr):
+    return tl.where(z > 0, z, z * tl.full(z.shape, NEGATIVE_SLOPE, z.dtype))
+
+
+@triton.jit
+def leaky_relu_grad(z, NEGATIVE_SLOPE: tl.constexpr):
+    return tl.where(z > 0, tl.full(z.shape, 1.0, z.dtype), tl.full(z.shape, NEGATIVE_SLOPE, z.dtype))
+
+
+# gelu (exact): f(z) = z Phi(z), f'(z) = Phi(z) + z phi(z)
+@triton.jit
+def gelu(z):
+    return z * 0.5 * (1.0 + tl.math.erf(z * _SQRT_1_2))
+
+
+@triton.jit
+def gelu_grad(z):
+    cdf = 0.5 * (1.0 + tl.math.erf(z * _SQRT_1_2))
+    pdf = tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    return cdf + z * pdf
+
+
+# gelu_tanh: f(z) = z/2 (1 + tanh u), u = sqrt(2/pi) (z + c z^3)
+#            f'(z) = (1 + tanh u)/2 + z/2 (1 - tanh^2 u) sqrt(2/pi) (1 + 3c z^2)
+@triton.jit
+def gelu_tanh(z):
+    u = _SQRT_2_PI * (z + _GELU_TANH_C * z * z * z)
+    return 0.5 * z * (1.0 + _tanh(u))
+
+
+@triton.jit
+def gelu_tanh_grad(z):
+    u = _SQRT_2_PI * (z + _GELU_TANH_C * z * z * z)
+    t = _tanh(u)
+    du_dz = _SQRT_2_PI * (1.0 + 3.0 * _GELU_TANH_C * z * z)
+    return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du_dz
+
+
+# silu: f(z) = z sigma(z), f'(z) = sigma(z) (1 + z (1 - sigma(z)))
+@triton.jit
+def silu(z):
+    return z * _sigmoid(z)
+
+
+@triton.jit
+def silu_grad(z):
+    s = _sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
+# sigmoid: f(z) = 1 / (1 + e^-z), f'(z) = f(z) (1 - f(z))
+@triton.jit
+def sigmoid(z):
+    return _sigmoid(z)
+
+
+@triton.jit
+def sigmoid_grad(z):
+    s = _sigmoid(z)
+    return s * (1.0 - s)
+
+
+@triton.jit
+def sigmoid_grad_from_output(a):
+    return a * (1.0 - a)
+
+
+# tanh: f(z) = tanh z, f'(z) = 1 - tanh^2 z
+@triton.jit
+def tanh(z):
+    return _tanh(z)
+
+
+@triton.jit
+def tanh_grad(z):
+    t = _tanh(z)
+    return 1.0 - t * t
+
+
+@triton.jit
+def tanh_grad_from_output(a):
+    return 1.0 - a * a
+
+
+# Dispatchers: ACTIVATION is a compile-time constant, so only one branch is compiled.
+@triton.jit
+def f(z, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
+    """a = f(z)."""
+    if ACTIVATION == RELU:
+        return relu(z)
+    elif ACTIVATION == LEAKY_RELU:
+        return leaky_relu(z, NEGATIVE_SLOPE)
+    elif ACTIVATION == GELU:
+        return gelu(z)
+    elif ACTIVATION == GELU_TANH:
+        return gelu_tanh(z)
+    elif ACTIVATION == SILU:
+        return silu(z)
+    elif ACTIVATION == SIGMOID:
+        return sigmoid(z)
+    elif ACTIVATION == TANH:
+        return tanh(z)
+    else:
+        return z
+
+
+@triton.jit
+def f_grad(z, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
+    """f'(z)."""
+    if ACTIVATION == RELU:
+        return relu_grad(z)
+    elif ACTIVATION == LEAKY_RELU:
+        return leaky_relu_grad(z, NEGATIVE_SLOPE)
+    elif ACTIVATION == GELU:
+        return gelu_grad(z)
+    elif ACTIVATION == GELU_TANH:
+        return gelu_tanh_grad(z)
+    elif ACTIVATION == SILU:
+        return silu_grad(z)
+    elif ACTIVATION == SIGMOID:
+        return sigmoid_grad(z)
+    elif ACTIVATION == TANH:
+        return tanh_grad(z)
+    else:
+        return tl.full(z.shape, 1.0, z.dtype)
+
+
+@triton.jit
+def f_grad_from_output(a, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
+    """f'(z) from a = f(z); only for identity, relu, leaky_relu (s >= 0), sigmoid, tanh."""
+    if ACTIVATION == RELU:
+        return relu_grad(a)  # a > 0 exactly when z > 0
+    elif ACTIVATION == LEAKY_RELU:
+        return leaky_relu_grad(a, NEGATIVE_SLOPE)  # s >= 0: a > 0 exactly when z > 0
+    elif ACTIVATION == SIGMOID:
+        return sigmoid_grad_from_output(a)
+    elif ACTIVATION == TANH:
+        return tanh_grad_from_output(a)
+    else:
+        return tl.full(a.shape, 1.0, a.dtype)

@@ -1,0 +1,389 @@
+"""Triton kernels and launchers of the dense layer.
+
+The equations are stated once, with shapes, in ``manualbp/reference.py``; the
+kernels below compute exactly those, in denominator layout (a gradient has the
+shape of its variable). With x [M, K], weight [N, K], bias [N]:
+
+    forward     Z = X Wᵀ + b      [M, N] = [M, K] [K, N] + [N]   _matmul_kernel, A = X, B = Wᵀ (strides only),
+                A = f(Z)                                          bias and f fused in the epilogue
+    backward    δ = G ⊙ f'(Z)     [M, N]                         _delta_kernel (f' from A where it can be)
+                ∂C/∂b = 1ᵀ δ      [N]                            _delta_kernel's per-block column sums, then a
+                                                                  fixed-order sum of those: deterministic, no atomics
+                ∂C/∂X = δ W       [M, K] = [M, N] [N, K]         _matmul_kernel, A = δ, B = W
+                ∂C/∂W = δᵀ X      [N, K] = [N, M] [M, K]         _matmul_kernel, A = δᵀ (strides only), B = X
+
+No operand is copied to make it contiguous: every kernel takes both strides of
+every matrix, so transposes are free. Offsets are 64-bit. Accumulation is in
+float32 (float64 for float64 data), and so are the activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import activations as act
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_dot(a, b, acc, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + a @ b for one tile: a [BLOCK_M, BLOCK_K], b [BLOCK_K, BLOCK_N]."""
+    if USE_DOT:
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        # Fallback for float64 where this Triton cannot lower tl.dot: exact fp64 FMAs.
+        acc += tl.sum(a[:, :, None].to(acc.dtype) * b[None, :, :].to(acc.dtype), axis=1)
+    return acc
+
+
+@triton.jit
+def _matmul_kernel(
+    a_ptr,  # left factor A [M, K]
+    b_ptr,  # right factor B [K, N]
+    bias_ptr,  # bias [N]; read only when HAS_BIAS
+    out_ptr,  # output [M, N]: f(A B + bias) with the epilogue, A B without
+    z_ptr,  # pre-activation Z = A B + bias [M, N]; written only when WRITE_Z
+    M,  # rows of A and of the output
+    N,  # columns of B and of the output
+    K,  # the contracted dimension
+    stride_am, stride_ak,  # A's strides, in elements
+    stride_bk, stride_bn,  # B's strides
+    stride_om, stride_on,  # output's strides
+    stride_zm, stride_zn,  # Z's strides
+    HAS_BIAS: tl.constexpr,  # add bias[None, :] to every row
+    ACTIVATION: tl.constexpr,  # kernel id of f (0 = identity)
+    NEGATIVE_SLOPE: tl.constexpr,  # leaky_relu's slope (unused otherwise)
+    WRITE_Z: tl.constexpr,  # also store Z (needed when f' must be computed from Z)
+    USE_DOT: tl.constexpr,  # tl.dot, or the fp64 FMA fallback
+    INPUT_PRECISION: tl.constexpr,  # "ieee", or "tf32" only when PyTorch allows TF32
+    ACC_FP64: tl.constexpr,  # accumulate in float64 (float64 data) instead of float32
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # rows of tiles visited together, for L2 reuse
+):
+    # Grouped ordering of the output tiles (Triton's matmul tutorial).
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    # 64-bit offsets: M*stride may exceed 2**31.
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
+    b_step = tl.cast(stride_bk, tl.int64) * BLOCK_K
+
+    if ACC_FP64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        mask_k = offs_k < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = _tile_dot(a, b, acc, USE_DOT, INPUT_PRECISION)
+        a_ptrs += a_step
+        b_ptrs += b_step
+
+    # Epilogue: Z = acc + b, A = f(Z), both in the accumulator's precision.
+    z = acc
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        z = z + bias[None, :].to(acc.dtype)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if WRITE_Z:
+        z_ptrs = z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
+        tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask)
+    out = act.f(z, ACTIVATION, NEGATIVE_SLOPE)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _delta_kernel(
+    grad_a_ptr,  # G = dC/dA [M, N] (any strides, stride 0 included)
+    saved_ptr,  # what the forward saved [M, N]: A when FROM_OUTPUT, else Z
+    delta_ptr,  # δ [M, N]; written only when WRITE_DELTA
+    partial_ptr,  # [cdiv(M, BLOCK_M), N] column sums of δ per row block; written when WRITE_PARTIALS
+    M,
+    N,
+    stride_gm, stride_gn,  # G's strides
+    stride_sm, stride_sn,  # saved tensor's strides
+    stride_dm, stride_dn,  # δ's strides
+    ACTIVATION: tl.constexpr,  # kernel id of f; identity reads no saved tensor
+    NEGATIVE_SLOPE: tl.constexpr,
+    FROM_OUTPUT: tl.constexpr,  # f' from A (f_grad_from_output) instead of from Z (f_grad)
+    WRITE_DELTA: tl.constexpr,  # store δ (not needed when only the bias needs a gradient)
+    WRITE_PARTIALS: tl.constexpr,  # store the column sums for dC/db
+    COMPUTE_FP64: tl.constexpr,  # float64 data computes in float64, everything else in float32
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+
+    if COMPUTE_FP64:
+        compute_dtype = tl.float64
+    else:
+        compute_dtype = tl.float32
+    grad_a = tl.load(grad_a_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
+    grad_a = grad_a.to(compute_dtype)
+    if ACTIVATION == act.IDENTITY:
+        delta = grad_a  # f' = 1
+    else:
+        saved = tl.load(saved_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn, mask=mask, other=0.0)
+        saved = saved.to(compute_dtype)
+        if FROM_OUTPUT:
+            f_prime = act.f_grad_from_output(saved, ACTIVATION, NEGATIVE_SLOPE)
+        else:
+            f_prime = act.f_grad(saved, ACTIVATION, NEGATIVE_SLOPE)
+        delta = grad_a * f_prime  # δ = G ⊙ f'(Z); masked entries are 0 (G = 0 there)
+
+    if WRITE_DELTA:
+        delta_ptrs = delta_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn
+        tl.store(delta_ptrs, delta.to(delta_ptr.dtype.element_ty), mask=mask)
+    if WRITE_PARTIALS:
+        # Summed from the unrounded δ, in the compute dtype.
+        tl.store(partial_ptr + pid_m.to(tl.int64) * N + offs_n, tl.sum(delta, axis=0), mask=offs_n < N)
+
+
+# --------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------
+
+
+def is_interpreted() -> bool:
+    """True when the kernels were created by Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return type(_matmul_kernel).__name__ == "InterpretedFunction"
+
+
+def matmul_configs() -> list:
+    """The tile shapes the GPU autotuner tries for every matmul (forward, ∂C/∂X, ∂C/∂W).
+
+    Few on purpose: each costs one compile and one benchmark on first use.
+    Pruned by shared memory in :func:`_prune_configs` (fp32 tiles are twice bf16's).
+    """
+    c = triton.Config
+    return [
+        # Large tiles: big bf16/fp16 problems on Hopper/Ampere.
+        c({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+        c({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+        # Square, deep pipeline: the all-round choice.
+        c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
+        c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        # Rectangular: skinny outputs (few rows or few columns).
+        c({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        c({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        # Small: small problems, where more programs beat bigger tiles.
+        c({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=5, num_warps=4),
+    ]
+
+
+# Fixed tiles where no autotuning happens: the CPU interpreter (speed is meaningless
+# there, small tiles keep the numpy work small) and float64 (for gradcheck, not speed).
+_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+_FP64_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}
+_FP64_FMA_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}  # [16, 16, 16] fp64 products in registers
+_DELTA_BLOCK = {"BLOCK_M": 64, "BLOCK_N": 64}
+
+_SMEM_BUDGET = 200 * 1024  # bytes of pipelined operand tiles; H100 has 227 KiB per block (A100: 163 KiB)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles whose pipelined operands would not fit in shared memory."""
+    element_size = named_args["a_ptr"].element_size()
+    kept = [
+        cfg
+        for cfg in configs
+        if (cfg.kwargs["BLOCK_M"] + cfg.kwargs["BLOCK_N"]) * cfg.kwargs["BLOCK_K"] * element_size * cfg.num_stages
+        <= _SMEM_BUDGET
+    ]
+    return kept or configs[-1:]
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned_matmul():
+    # Built on first use, never at import: some Triton releases query the GPU driver
+    # when an autotuner is created, which fails on machines without one.
+    return triton.autotune(
+        configs=matmul_configs(),
+        key=["M", "N", "K", "HAS_BIAS", "ACTIVATION", "WRITE_Z"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )(_matmul_kernel)
+
+
+def tf32_allowed() -> bool:
+    """Whether PyTorch's own settings allow TF32 for float32 matmuls on CUDA."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)  # torch >= 2.9
+    if precision is not None:
+        if precision == "none":  # not set for matmuls: inherit the global setting
+            precision = getattr(torch.backends, "fp32_precision", "none")
+        if precision != "none":
+            return precision == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def _input_precision(dtype: torch.dtype, device: torch.device) -> str:
+    if dtype == torch.float32 and device.type == "cuda" and not is_interpreted() and tf32_allowed():
+        return "tf32"
+    return "ieee"  # set explicitly: the default of tl.dot changed between Triton releases
+
+
+@functools.lru_cache(maxsize=None)
+def fp64_dot_supported(device: torch.device) -> bool:
+    """Whether tl.dot compiles and is exact for float64 on this device (probed once)."""
+    if is_interpreted():
+        return True  # numpy matmul
+    a = torch.randn(16, 16, dtype=torch.float64, device=device)
+    b = torch.randn(16, 16, dtype=torch.float64, device=device)
+    out = torch.empty(16, 16, dtype=torch.float64, device=device)
+    try:
+        _launch_matmul(a, b, out, None, None, act_id=0, negative_slope=0.0, use_dot=True)
+    except Exception:  # any compile/lowering failure means: not supported, use the FMA fallback
+        return False
+    return bool(torch.allclose(out, a @ b, rtol=1e-12, atol=1e-12))
+
+
+def _device_guard(t: torch.Tensor):
+    # Launch on the tensor's GPU (cuda:1 ...), also from autograd's backward thread.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def _launch_matmul(a, b, out, bias, z, act_id, negative_slope, use_dot=None):
+    """out = f(a @ b + bias) (z = a @ b + bias when z is given); a [M, K], b [K, N], out [M, N]."""
+    M, K = a.shape
+    N = b.shape[1]
+    fp64 = a.dtype == torch.float64
+    if use_dot is None:
+        use_dot = (not fp64) or fp64_dot_supported(a.device)
+    args = (
+        a, b, bias if bias is not None else out, out, z if z is not None else out,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
+    )
+    flags = dict(
+        HAS_BIAS=bias is not None,
+        ACTIVATION=act_id,
+        NEGATIVE_SLOPE=negative_slope,
+        WRITE_Z=z is not None,
+        USE_DOT=use_dot,
+        INPUT_PRECISION=_input_precision(a.dtype, a.device),
+        ACC_FP64=fp64,
+    )
+    if not use_dot:
+        config = _FP64_FMA_CONFIG
+    elif is_interpreted():
+        config = _INTERPRETER_CONFIG
+    elif fp64:
+        config = _FP64_CONFIG
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _autotuned_matmul()[grid](*args, **flags)
+        return
+    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+    _matmul_kernel[grid](*args, **flags, **config)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for a [M, K], b [K, N] of any strides -> a new contiguous [M, N]."""
+    M, N = a.shape[0], b.shape[1]
+    out = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    if out.numel() == 0:
+        return out
+    with _device_guard(a):
+        _launch_matmul(a, b, out, None, None, act_id=0, negative_slope=0.0)
+    return out
+
+
+def linear_forward(x, weight, bias, act_id: int, negative_slope: float, write_z: bool):
+    """A = f(X Wᵀ + b), and Z = X Wᵀ + b when write_z.
+
+    x [M, K], weight [N, K], bias [N] or None -> (a [M, N], z [M, N] or None).
+    """
+    M, N = x.shape[0], weight.shape[0]
+    a = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    z = torch.empty((M, N), dtype=x.dtype, device=x.device) if write_z else None
+    if a.numel() == 0:
+        return a, z
+    with _device_guard(x):
+        # B = Wᵀ [K, N] is W read through swapped strides: no copy.
+        _launch_matmul(x, weight.t(), a, bias, z, act_id, negative_slope)
+    return a, z
+
+
+def delta_and_bias_grad(grad_a, saved, act_id: int, negative_slope: float, from_output: bool,
+                        want_delta: bool, want_bias: bool):
+    """δ = G ⊙ f'(Z) and ∂C/∂b = 1ᵀ δ.
+
+    grad_a [M, N] (any strides), saved [M, N] (A if from_output else Z; unused for
+    identity) -> (delta [M, N] or None, grad_bias [N] or None). For identity with
+    want_delta, δ is G itself and no copy is made.
+    """
+    M, N = grad_a.shape
+    identity = act_id == 0
+    write_delta = want_delta and not identity
+    delta = grad_a if (want_delta and identity) else None
+    if write_delta:
+        delta = torch.empty((M, N), dtype=grad_a.dtype, device=grad_a.device)
+    if not (write_delta or want_bias):
+        return delta, None
+
+    fp64 = grad_a.dtype == torch.float64
+    acc_dtype = torch.float64 if fp64 else torch.float32
+    blocks_m = triton.cdiv(M, _DELTA_BLOCK["BLOCK_M"])
+    partials = torch.empty((blocks_m, N), dtype=acc_dtype, device=grad_a.device) if want_bias else None
+    if M > 0 and N > 0:
+        grid = (blocks_m, triton.cdiv(N, _DELTA_BLOCK["BLOCK_N"]))
+        saved_t = saved if saved is not None else grad_a
+        with _device_guard(grad_a):
+            _delta_kernel[grid](
+                grad_a, saved_t,
+                delta if write_delta else grad_a,
+                partials if want_bias else grad_a,
+                M, N,
+                grad_a.stride(0), grad_a.stride(1),
+                saved_t.stride(0), saved_t.stride(1),
+                delta.stride(0) if write_delta else 0, delta.stride(1) if write_delta else 0,
+                ACTIVATION=act_id,
+                NEGATIVE_SLOPE=negative_slope,
+                FROM_OUTPUT=from_output,
+                WRITE_DELTA=write_delta,
+                WRITE_PARTIALS=want_bias,
+                COMPUTE_FP64=fp64,
+                **_DELTA_BLOCK,
+            )
+    grad_bias = None
+    if want_bias:
+        # Rows of partial sums added in a fixed order: bitwise reproducible.
+        grad_bias = partials.sum(dim=0).to(grad_a.dtype)
+    return delta, grad_bias
