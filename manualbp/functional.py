@@ -85,7 +85,7 @@ def linear(
     name = backends.resolve(backend, input.device, input.dtype)
 
     # Flatten the leading dimensions: the kernels see x [M, K]. A view whenever the strides allow.
-    x = input.reshape(-1, input.shape[-1])
+    x = input.reshape(input.shape[:-1].numel(), input.shape[-1])  # numel, not -1: in_features may be 0
     needs_graph = torch.is_grad_enabled() and (
         input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )

@@ -59,6 +59,7 @@ def _matmul_kernel(
     stride_bk, stride_bn,  # B's strides
     stride_om, stride_on,  # output's strides
     stride_zm, stride_zn,  # Z's strides
+    stride_bias,  # bias's stride (a sliced bias is not contiguous)
     HAS_BIAS: tl.constexpr,  # add bias[None, :] to every row
     ACTIVATION: tl.constexpr,  # kernel id of f (0 = identity)
     NEGATIVE_SLOPE: tl.constexpr,  # leaky_relu's slope (unused otherwise)
@@ -108,7 +109,7 @@ def _matmul_kernel(
     # Epilogue: Z = acc + b, A = f(Z), both in the accumulator's precision.
     z = acc
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
         z = z + bias[None, :].to(acc.dtype)
     mask = mask_m[:, None] & mask_n[None, :]
     if WRITE_Z:
@@ -290,6 +291,7 @@ def _launch_matmul(a, b, out, bias, z, act_id, negative_slope, use_dot=None):
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
+        bias.stride(0) if bias is not None else 0,
     )
     flags = dict(
         HAS_BIAS=bias is not None,

@@ -1,0 +1,89 @@
+"""Shared test helpers: the tolerance rule and the PyTorch baseline.
+
+Tolerance rule: compute the same thing three ways -- manualbp in the test dtype,
+PyTorch (nn.functional.linear + the activation) in the test dtype, and PyTorch
+in float64 from the same inputs. manualbp passes when its largest error against
+float64 is at most twice PyTorch's own largest error, plus a few units in the
+last place of the result's magnitude (for results PyTorch happens to get exact).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as TF
+
+import manualbp
+
+
+def torch_activation(name: str, z: torch.Tensor, negative_slope: float = 0.01) -> torch.Tensor:
+    """The PyTorch activation that manualbp's `name` must reproduce."""
+    if name == "identity":
+        return z
+    if name == "relu":
+        return TF.relu(z)
+    if name == "leaky_relu":
+        return TF.leaky_relu(z, negative_slope)
+    if name == "gelu":
+        return TF.gelu(z)
+    if name == "gelu_tanh":
+        return TF.gelu(z, approximate="tanh")
+    if name == "silu":
+        return TF.silu(z)
+    if name == "sigmoid":
+        return torch.sigmoid(z)
+    if name == "tanh":
+        return torch.tanh(z)
+    raise AssertionError(f"no PyTorch activation for {name!r}")
+
+
+def torch_dense(x, weight, bias, activation: str, negative_slope: float = 0.01):
+    """The baseline: nn.functional.linear followed by the PyTorch activation."""
+    return torch_activation(activation, TF.linear(x, weight, bias), negative_slope)
+
+
+def run_and_grad(fn, x, weight, bias, grad_out):
+    """out = fn(x, weight, bias); backward with grad_out -> (out, dx, dw, db), all detached."""
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, weight, bias)]
+    out = fn(*leaves)
+    out.backward(grad_out)
+    grads = [t.grad if t is not None else None for t in leaves]
+    return (out.detach(), *grads)
+
+
+def assert_close_to_float64(name: str, ours, theirs, exact, factor: float = 2.0, ulps: float = 4.0):
+    """max|ours - exact| <= factor * max|theirs - exact| + ulps * eps(dtype) * max(1, max|exact|)."""
+    if exact is None:
+        assert ours is None, f"{name}: expected no gradient, got one"
+        return
+    assert ours is not None, f"{name}: gradient missing"
+    assert ours.shape == exact.shape, f"{name}: shape {tuple(ours.shape)}, expected {tuple(exact.shape)}"
+    assert ours.dtype == theirs.dtype, f"{name}: dtype {ours.dtype}, expected {theirs.dtype}"
+    if exact.numel() == 0:
+        return
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    err_ours = (ours.double() - exact).abs().max().item()
+    err_theirs = (theirs.double() - exact).abs().max().item()
+    scale = max(1.0, exact.abs().max().item())
+    bound = factor * err_theirs + ulps * torch.finfo(ours.dtype).eps * scale
+    assert err_ours <= bound, (
+        f"{name}: max error {err_ours:.3e} vs float64, PyTorch's is {err_theirs:.3e}; bound {bound:.3e}"
+    )
+
+
+def compare_with_pytorch(x, weight, bias, activation, grad_out, backend, negative_slope=0.01):
+    """manualbp vs PyTorch in the inputs' dtype, both judged against PyTorch in float64."""
+    opts = {"negative_slope": negative_slope} if activation == "leaky_relu" else {}
+
+    def ours_fn(x, w, b):
+        return manualbp.functional.linear(x, w, b, activation, backend=backend, **opts)
+
+    def theirs_fn(x, w, b):
+        return torch_dense(x, w, b, activation, negative_slope)
+
+    ours = run_and_grad(ours_fn, x, weight, bias, grad_out)
+    theirs = run_and_grad(theirs_fn, x, weight, bias, grad_out)
+    to64 = [t.double() if t is not None else None for t in (x, weight, bias, grad_out)]
+    exact = run_and_grad(theirs_fn, *to64[:3], to64[3])
+    for label, o, t, e in zip(("out", "dx", "dw", "db"), ours, theirs, exact):
+        assert_close_to_float64(f"{label} [{activation}, {backend}, {x.dtype}]", o, t, e)
+    return ours
