@@ -1,0 +1,195 @@
+"""The Triton kernels on their own: every autotune config, the fp64 fallback, determinism,
+TF32 policy, 64-bit offsets, device guards, half-precision overflow."""
+
+import pytest
+import torch
+
+import manualbp
+from manualbp import functional as F
+
+from checks import torch_dense
+
+dense = manualbp.backends.kernels()
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton)")
+
+
+def _config_id(cfg):
+    k = cfg.kwargs
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-s{cfg.num_stages}-w{cfg.num_warps}"
+
+
+@pytest.mark.parametrize("config", dense.matmul_configs(), ids=_config_id)
+def test_every_autotune_config_is_correct(config, device):
+    """Each config on its own (not just the autotuner's winner), with the full epilogue."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    M, N, K = 70, 300, 100  # not multiples of any tile
+    x = torch.randn(M, K, generator=g).to(device, dtype)
+    weight = torch.randn(N, K, generator=g).div(10).to(device, dtype)
+    bias = torch.randn(N, generator=g).to(device, dtype)
+    a = torch.empty(M, N, device=device, dtype=dtype)
+    z = torch.empty(M, N, device=device, dtype=dtype)
+    kw = dict(config.kwargs)
+    grid = (triton_cdiv(M, kw["BLOCK_M"]) * triton_cdiv(N, kw["BLOCK_N"]),)
+    wt = weight.t()
+    dense._matmul_kernel[grid](
+        x, wt, bias, a, z, M, N, K,
+        x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), a.stride(0), a.stride(1), z.stride(0), z.stride(1),
+        bias.stride(0),
+        HAS_BIAS=True, ACTIVATION=manualbp.get_activation("gelu").kernel_id, NEGATIVE_SLOPE=0.0, WRITE_Z=True,
+        USE_DOT=True, INPUT_PRECISION="ieee", ACC_FP64=False,
+        num_warps=config.num_warps, num_stages=config.num_stages, **kw,
+    )
+    z_exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z.double(), z_exact, **tol, msg=lambda m: f"z with {_config_id(config)}: {m}")
+    torch.testing.assert_close(a.double(), torch.nn.functional.gelu(z_exact), **tol,
+                               msg=lambda m: f"a with {_config_id(config)}: {m}")
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def test_fp64_fma_fallback_gradcheck(monkeypatch, device):
+    """Where tl.dot cannot do float64, the FMA fallback must give the same exact gradients."""
+    dense.fp64_dot_supported.cache_clear()
+    monkeypatch.setattr(dense, "fp64_dot_supported", lambda device: False)
+    g = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+              for s in ((3, 17), (4, 17), (4,))]  # 17 crosses the fallback's 16-wide tiles
+    fn = lambda x, w, b: F.linear(x, w, b, "gelu", backend="triton")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs), "gradcheck with the fp64 FMA fallback"
+    out = fn(*inputs)
+    exact = torch_dense(*inputs, "gelu")
+    torch.testing.assert_close(out, exact, rtol=1e-13, atol=1e-13, msg=lambda m: f"out (FMA fallback): {m}")
+
+
+def test_fp64_dot_probe(device):
+    dense.fp64_dot_supported.cache_clear()
+    supported = dense.fp64_dot_supported(device)
+    assert isinstance(supported, bool), "the probe answers yes or no"
+    if dense.is_interpreted():
+        assert supported, "the interpreter computes fp64 dots with numpy"
+
+
+@pytest.mark.parametrize("activation", ["identity", "gelu"])
+def test_gradients_are_bitwise_reproducible(activation, device):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 40, generator=g).to(device)
+    weight = torch.randn(50, 40, generator=g).to(device)
+    bias = torch.randn(50, generator=g).to(device)
+    grad_out = torch.randn(300, 50, generator=g).to(device)
+    results = []
+    for _ in range(3):
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        F.linear(*leaves, activation, backend="triton").backward(grad_out)
+        results.append([t.grad for t in leaves])
+    for run in results[1:]:
+        for label, first, again in zip(("dx", "dw", "db"), results[0], run):
+            assert torch.equal(first, again), f"{label} differs between identical runs"
+
+
+def test_tf32_follows_pytorch_settings():
+    matmul = torch.backends.cuda.matmul
+    before = torch.get_float32_matmul_precision()
+    before_new = getattr(matmul, "fp32_precision", None)
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert not dense.tf32_allowed(), "highest: IEEE"
+        torch.set_float32_matmul_precision("high")
+        assert dense.tf32_allowed(), "high: TF32 allowed"
+        if before_new is not None:
+            matmul.fp32_precision = "ieee"
+            assert not dense.tf32_allowed(), "fp32_precision='ieee'"
+            matmul.fp32_precision = "tf32"
+            assert dense.tf32_allowed(), "fp32_precision='tf32'"
+    finally:
+        if before_new is not None:
+            matmul.fp32_precision = before_new
+        torch.set_float32_matmul_precision(before)
+    # On the CPU (interpreter) the precision is always IEEE.
+    assert dense._input_precision(torch.float32, torch.device("cpu")) == "ieee", "CPU: ieee"
+    assert dense._input_precision(torch.float16, torch.device("cuda")) == "ieee", "half: precision flag unused"
+
+
+@needs_cuda
+def test_tf32_off_is_ieee_and_on_is_tf32():
+    """With TF32 off the fp32 kernels are as accurate as cuBLAS IEEE; with it on they are not (they use TF32)."""
+    if dense.is_interpreted():
+        pytest.skip("the interpreter computes IEEE fp32 whatever the setting")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 1024, generator=g).cuda()
+    w = torch.randn(256, 1024, generator=g).cuda()
+    exact = (x.double() @ w.double().t())
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        err_ieee = (F.linear(x, w, backend="triton").double() - exact).abs().max().item()
+        err_torch = ((x @ w.t()).double() - exact).abs().max().item()
+        torch.set_float32_matmul_precision("high")
+        err_tf32 = (F.linear(x, w, backend="triton").double() - exact).abs().max().item()
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert err_ieee <= 2 * err_torch + 1e-6, f"TF32 off: error {err_ieee:.2e} vs cuBLAS IEEE {err_torch:.2e}"
+    assert err_tf32 > 10 * err_ieee, f"TF32 on: error {err_tf32:.2e} should show TF32 rounding (IEEE {err_ieee:.2e})"
+
+
+@needs_cuda
+def test_64bit_offsets():
+    """M * K > 2**31 elements: offsets must not wrap around."""
+    if dense.is_interpreted():
+        pytest.skip("too large for the interpreter")
+    free, _ = torch.cuda.mem_get_info()
+    M, K, N = 2**21 + 3, 1100, 8  # M*K ≈ 2.3e9 > 2**31
+    if free < 3 * M * K * 2:
+        pytest.skip(f"needs {3 * M * K * 2 / 2**30:.1f} GiB free on the GPU")
+    x = torch.empty(M, K, device="cuda", dtype=torch.float16)
+    x.normal_()
+    w = torch.randn(N, K, device="cuda", dtype=torch.float16) / 32
+    rows = torch.tensor([0, 1, M // 2, M - 2, M - 1], device="cuda")
+    out = F.linear(x, w, backend="triton")
+    exact = x[rows].float() @ w.float().t()
+    torch.testing.assert_close(out[rows].float(), exact, rtol=2e-2, atol=2e-2, msg=lambda m: f"out rows: {m}")
+    del out
+    grad_out = torch.zeros(M, N, device="cuda", dtype=torch.float16)
+    grad_out[-1] = 1
+    xl = x.requires_grad_(False)
+    wl = w.clone().requires_grad_(True)
+    F.linear(xl, wl, backend="triton").backward(grad_out)
+    torch.testing.assert_close(wl.grad.float(), x[-1].float().expand(N, K), rtol=1e-3, atol=1e-3,
+                               msg=lambda m: f"dw from the last row: {m}")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_second_gpu():
+    layer = manualbp.Linear(64, 32, activation="gelu", device="cuda:1")
+    x = torch.randn(16, 64, device="cuda:1", requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    exact = torch_dense(x.double(), layer.weight.double(), layer.bias.double(), "gelu")
+    torch.testing.assert_close(out.double(), exact, rtol=1e-4, atol=1e-4, msg=lambda m: f"out on cuda:1: {m}")
+    assert x.grad.device == torch.device("cuda:1"), "dx on cuda:1"
+
+
+def test_gelu_tanh_float16_large_inputs_do_not_overflow(device):
+    z = torch.tensor([[-65504.0, -300.0, -8.0, -1.0, 0.0, 1.0, 8.0, 300.0, 65504.0]], dtype=torch.float16,
+                     device=device).t().contiguous()
+    eye = torch.ones(1, 1, dtype=torch.float16, device=device)
+    for activation in ("gelu_tanh", "gelu", "silu", "sigmoid", "tanh"):
+        zl = z.clone().requires_grad_(True)
+        out = F.linear(zl, eye, None, activation, backend="triton")
+        out.sum().backward()
+        exact = torch_dense(z.double(), eye.double(), None, activation)
+        assert torch.isfinite(out).all(), f"out finite for {activation}"
+        assert torch.isfinite(zl.grad).all(), f"dx finite for {activation}"
+        torch.testing.assert_close(out.double(), exact, rtol=2e-3, atol=1e-3,
+                                   msg=lambda m: f"out {activation} fp16: {m}")
+
+
+def test_delta_kernel_empty_batch(device):
+    grad_a = torch.empty(0, 5, device=device)
+    delta, grad_bias = dense.delta_and_bias_grad(grad_a, torch.empty(0, 5, device=device), 3, 0.0, False,
+                                                 want_delta=True, want_bias=True)
+    assert delta.shape == (0, 5), "delta shape"
+    assert torch.equal(grad_bias, torch.zeros(5, device=device)), "db zero-filled"

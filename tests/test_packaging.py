@@ -1,0 +1,44 @@
+"""Installation: the kernels are manualbp's own, whatever else is called `triton_kernels`."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+
+def test_foreign_triton_kernels_package_does_not_shadow(tmp_path):
+    """A different `triton_kernels` first on sys.path (like Triton's own kernel library) stays separate."""
+    foreign = tmp_path / "triton_kernels"
+    foreign.mkdir()
+    (foreign / "__init__.py").write_text("FOREIGN = True\n")
+    (foreign / "dense.py").write_text("raise ImportError('the foreign triton_kernels.dense was imported')\n")
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import torch, manualbp, triton_kernels
+        from manualbp import functional as F
+        x, w = torch.randn(3, 4, requires_grad=True), torch.randn(2, 4, requires_grad=True)
+        F.linear(x, w, None, "relu", backend="triton").sum().backward()
+        dense = manualbp.backends.kernels()
+        print("foreign:", triton_kernels.__file__)
+        print("ours:", dense.__name__, dense.__file__)
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    if not __import__("torch").cuda.is_available():
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
+    assert lines["foreign"].startswith(str(tmp_path)), "the foreign package is importable as triton_kernels"
+    name, path = lines["ours"].split(" ", 1)
+    assert name == "manualbp.triton_kernels.dense", f"manualbp's kernels module: {name}"
+    assert not path.startswith(str(tmp_path)), f"manualbp's kernels come from its own install: {path}"
+
+
+def test_kernels_are_a_subpackage_of_manualbp():
+    import manualbp.triton_kernels as kernels
+
+    assert kernels.__name__ == "manualbp.triton_kernels", "installed as a subpackage"
