@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 
 import torch
@@ -225,14 +226,29 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
+# With MANUALBP_AUTOTUNE=0 every GPU matmul uses this one tile instead of tuning: for
+# test suites on a GPU, where tuning each of hundreds of small shapes would dominate.
+_UNTUNED_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}
+_UNTUNED_LAUNCH = {"num_stages": 4, "num_warps": 4}
+
+
+def autotune_enabled() -> bool:
+    """False when the environment sets MANUALBP_AUTOTUNE=0."""
+    return os.environ.get("MANUALBP_AUTOTUNE", "1") != "0"
+
+
 @functools.lru_cache(maxsize=None)
 def _autotuned_matmul():
     # Built on first use, never at import: some Triton releases query the GPU driver
     # when an autotuner is created, which fails on machines without one.
+    options = {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        options["cache_results"] = True  # keep the winners on disk across processes (Triton >= 3.2)
     return triton.autotune(
         configs=matmul_configs(),
         key=["M", "N", "K", "HAS_BIAS", "ACTIVATION", "WRITE_Z"],
         prune_configs_by={"early_config_prune": _prune_configs},
+        **options,
     )(_matmul_kernel)
 
 
@@ -308,6 +324,10 @@ def _launch_matmul(a, b, out, bias, z, act_id, negative_slope, use_dot=None):
         config = _INTERPRETER_CONFIG
     elif fp64:
         config = _FP64_CONFIG
+    elif not autotune_enabled():
+        grid = (triton.cdiv(M, _UNTUNED_CONFIG["BLOCK_M"]) * triton.cdiv(N, _UNTUNED_CONFIG["BLOCK_N"]),)
+        _matmul_kernel[grid](*args, **flags, **_UNTUNED_CONFIG, **_UNTUNED_LAUNCH)
+        return
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         _autotuned_matmul()[grid](*args, **flags)

@@ -1,0 +1,340 @@
+"""Benchmark: manualbp against eager PyTorch and torch.compile, dense layers and MLPs.
+
+    python benchmarks/bench_dense.py                     # everything, on the GPU if there is one
+    python benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd --impls eager,compile,manualbp
+
+On a GPU: the Triton backend; medians (and p20/p80) from triton.testing.do_bench,
+warm-up excluded, fresh random inputs per problem; peak memory from
+torch.cuda.max_memory_allocated. On the CPU: the reference backend against eager
+at smaller sizes, medians of perf_counter timings, and the bytes saved for backward.
+
+Every row: median time, TFLOP/s (forward 2MNK, backward 4MNK, both 6MNK per layer),
+speedup vs eager and vs torch.compile, memory. cuBLAS (torch.mm) rows give the
+matmul ceiling for the same shapes. Prints a header and a fixed-width table, appends
+CSV rows tagged with the device, versions and date, and draws a PNG of speedups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import manualbp
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp32-tf32": torch.float32}
+MODES = ("fwd", "bwd", "fwd+bwd")
+IMPLS = ("cublas", "eager", "compile", "compile-max", "manualbp", "manualbp-recompute")
+ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
+               "identity": nn.Identity, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # "linear": one layer (in, out); "mlp": Linear(d, h) + act + Linear(h, d)
+    m: int
+    dims: tuple  # (in, out) or (d, h)
+    activation: str
+
+    @property
+    def sizes(self):
+        return list(self.dims) if self.kind == "linear" else [self.dims[0], self.dims[1], self.dims[0]]
+
+    def flops(self, mode: str) -> float:
+        per_layer = [2 * self.m * k * n for k, n in zip(self.sizes[:-1], self.sizes[1:])]
+        factor = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
+        return factor * sum(per_layer)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{self.m}x{'x'.join(map(str, self.dims))}"
+
+
+def gpu_problems(activations):
+    m = 8192
+    linear = [(1024, 4096), (4096, 1024), (4096, 16384), (16384, 4096)]
+    mlp = [(1024, 4096), (4096, 16384)]
+    return ([Problem("linear", m, d, a) for d in linear for a in activations]
+            + [Problem("mlp", m, d, "gelu") for d in mlp])
+
+
+def cpu_problems(activations):
+    m = 1024
+    linear = [(256, 1024), (1024, 256)]
+    mlp = [(256, 1024)]
+    return ([Problem("linear", m, d, a) for d in linear for a in activations]
+            + [Problem("mlp", m, d, "gelu") for d in mlp])
+
+
+def build(impl: str, problem: Problem, device, dtype):
+    """The model under test, or None when impl does not apply to the problem."""
+    sizes, act = problem.sizes, problem.activation
+    if impl in ("eager", "compile", "compile-max"):
+        layers = []
+        for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(k, n, device=device, dtype=dtype))
+            if problem.kind == "linear" or i < len(sizes) - 2:
+                layers.append(ACT_MODULES[act]())
+        model = nn.Sequential(*layers)
+        if impl == "compile":
+            model = torch.compile(model)
+        elif impl == "compile-max":
+            model = torch.compile(model, mode="max-autotune")
+        return model
+    if impl == "manualbp":
+        if problem.kind == "linear":
+            return manualbp.Linear(sizes[0], sizes[1], activation=act, device=device, dtype=dtype)
+        return manualbp.MLP(sizes, activation=act, device=device, dtype=dtype)
+    if impl == "manualbp-recompute":
+        if problem.kind == "linear":
+            return None
+        return manualbp.MLP(sizes, activation=act, recompute=True, device=device, dtype=dtype)
+    raise ValueError(impl)
+
+
+class Timer:
+    def __init__(self, device, rep_ms: float):
+        self.device, self.rep_ms = device, rep_ms
+
+    def __call__(self, fn, grad_to_none=None):
+        """(median, p20, p80) in milliseconds."""
+        if self.device.type == "cuda":
+            import triton.testing
+
+            q = triton.testing.do_bench(fn, warmup=max(25, self.rep_ms // 4), rep=self.rep_ms,
+                                        grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+            return tuple(q)
+        fn()  # warm-up
+        times = []
+        deadline = time.perf_counter() + self.rep_ms / 1000
+        while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 200):
+            if grad_to_none:
+                for t in grad_to_none:
+                    t.grad = None
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1000)
+        times.sort()
+        q = statistics.quantiles(times, n=10)
+        return statistics.median(times), q[1], q[7]
+
+
+def saved_bytes(model, x) -> int:
+    """Bytes saved for backward beyond x and the parameters (activation memory)."""
+    known = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in known:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(storages.values())
+
+
+def measure(impl, problem, mode, device, dtype, timer):
+    """One row: timings and memory, or None where impl does not apply."""
+    m, k_in, k_out = problem.m, problem.sizes[0], problem.sizes[-1]
+    x = torch.randn(m, k_in, device=device, dtype=dtype, requires_grad=True)
+    if impl == "cublas":
+        if problem.kind != "linear":
+            return None
+        a = torch.randn(m, k_in, device=device, dtype=dtype)
+        b = torch.randn(k_in, k_out, device=device, dtype=dtype)
+        med, p20, p80 = timer(lambda: torch.mm(a, b))
+        flops = 2 * m * k_in * k_out
+        return dict(median_ms=med, p20_ms=p20, p80_ms=p80, tflops=flops / med / 1e9, mem_mib=float("nan"))
+    model = build(impl, problem, device, dtype)
+    if model is None:
+        return None
+    params = list(model.parameters())
+    grad_out = torch.randn(m, k_out, device=device, dtype=dtype)
+    if mode == "fwd":
+        fn = lambda: model(x)  # noqa: E731 -- a training forward: grad enabled, saves for backward
+    elif mode == "bwd":
+        out = model(x)
+        fn = lambda: out.backward(grad_out, retain_graph=True)  # noqa: E731
+    else:
+        fn = lambda: model(x).backward(grad_out)  # noqa: E731
+    med, p20, p80 = timer(fn, grad_to_none=[x, *params])
+    if device.type == "cuda":
+        x.grad = None
+        for p in params:
+            p.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        mem = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        mem = saved_bytes(model, x) / 2**20
+    return dict(median_ms=med, p20_ms=p20, p80_ms=p80, tflops=problem.flops(mode) / med / 1e9, mem_mib=mem)
+
+
+def header(device, args) -> dict:
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "manualbp": manualbp.__version__,
+        "backend": "triton" if device.type == "cuda" else "reference",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    print("# manualbp dense benchmark")
+    for key, value in info.items():
+        print(f"#   {key:9s} {value}")
+    print(f"#   dtypes    {args.dtypes}   modes {args.modes}   impls {args.impls}")
+    print("#   MiB       GPU: peak memory allocated during one call; CPU: bytes saved for backward")
+    return info
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:
+        return "not installed"
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib not installed: no plot; pip install matplotlib to get {path})")
+        return
+    wanted = [r for r in rows if r["impl"].startswith("manualbp") and r["mode"] == "fwd+bwd"]
+    if not wanted:
+        return
+    labels = [f"{r['problem']}\n{r['activation']} {r['dtype']}" + (" rc" if "recompute" in r["impl"] else "")
+              for r in wanted]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(wanted)), 4))
+    xs = range(len(wanted))
+    ax.bar([i - 0.2 for i in xs], [r["speedup_vs_eager"] for r in wanted], width=0.4, label="vs eager")
+    ax.bar([i + 0.2 for i in xs], [r["speedup_vs_compile"] for r in wanted], width=0.4, label="vs torch.compile")
+    ax.axhline(1.0, color="k", linewidth=0.8)
+    ax.set_xticks(list(xs), labels, rotation=90, fontsize=6)
+    ax.set_ylabel("speedup (fwd+bwd, higher is better)")
+    ax.set_title(f"manualbp on {wanted[0]['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    print(f"plot: {path}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+    parser.add_argument("--dtypes", default="bf16,fp16,fp32,fp32-tf32", help=f"comma list of {list(DTYPES)}")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of {list(MODES)}")
+    parser.add_argument("--impls", default=None, help=f"comma list of {list(IMPLS)} (default: all on GPU; "
+                                                      "cublas,eager,manualbp,manualbp-recompute on CPU)")
+    parser.add_argument("--activations", default="relu,gelu", help="activations of the single-layer problems")
+    parser.add_argument("--problems", default=None, help="comma list of problem names to keep (e.g. linear8192x1024x4096)")
+    parser.add_argument("--rep-ms", type=float, default=None, help="timing budget per measurement (ms)")
+    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--tag", default=None, help="file name stem (default: from the device name)")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    for name in args.dtypes.split(","):
+        if name not in DTYPES:
+            parser.error(f"unknown dtype {name!r}; expected {list(DTYPES)}")
+    if args.impls is None:
+        args.impls = ",".join(IMPLS) if device.type == "cuda" else "cublas,eager,manualbp,manualbp-recompute"
+    for name in args.impls.split(","):
+        if name not in IMPLS:
+            parser.error(f"unknown impl {name!r}; expected {list(IMPLS)}")
+    for name in args.modes.split(","):
+        if name not in MODES:
+            parser.error(f"unknown mode {name!r}; expected {list(MODES)}")
+    rep_ms = args.rep_ms or (100 if device.type == "cuda" else 300)
+    if device.type == "cuda":
+        manualbp.set_backend("triton")
+    else:
+        manualbp.set_backend("reference")  # the CPU comparison is the reference backend against eager
+
+    info = header(device, args)
+    activations = args.activations.split(",")
+    problems = gpu_problems(activations) if device.type == "cuda" else cpu_problems(activations)
+    if args.problems:
+        keep = set(args.problems.split(","))
+        problems = [p for p in problems if p.name in keep]
+    timer = Timer(device, rep_ms)
+    impls = args.impls.split(",")
+    rows = []
+    cols = f"{'problem':24s} {'act':6s} {'dtype':9s} {'mode':7s} {'impl':18s} {'median ms':>10s} {'p20':>8s} {'p80':>8s} " \
+           f"{'TFLOP/s':>8s} {'x eager':>8s} {'x compile':>9s} {'MiB':>8s}"
+    print(cols)
+    print("-" * len(cols))
+    for dtype_name in args.dtypes.split(","):
+        dtype = DTYPES[dtype_name]
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high" if dtype_name == "fp32-tf32" else "highest")
+        elif dtype_name == "fp32-tf32":
+            continue  # no TF32 on the CPU
+        for problem in problems:
+            for mode in args.modes.split(","):
+                results = {}
+                for impl in impls:
+                    if impl == "cublas" and mode != "fwd":
+                        continue
+                    torch.manual_seed(0)
+                    try:
+                        result = measure(impl, problem, mode, device, dtype, timer)
+                    except Exception as error:  # report and go on: one failing impl must not hide the rest
+                        print(f"{problem.name:24s} {problem.activation:6s} {dtype_name:9s} {mode:7s} {impl:18s} "
+                              f"FAILED: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+                        continue
+                    if result is not None:
+                        results[impl] = result
+                eager = results.get("eager", {}).get("median_ms")
+                compiled = results.get("compile", {}).get("median_ms")
+                for impl, r in results.items():
+                    row = dict(info, problem=problem.name, kind=problem.kind, m=problem.m,
+                               dims="x".join(map(str, problem.dims)), activation=problem.activation,
+                               dtype=dtype_name, mode=mode, impl=impl, **r,
+                               speedup_vs_eager=(eager / r["median_ms"]) if eager else float("nan"),
+                               speedup_vs_compile=(compiled / r["median_ms"]) if compiled else float("nan"))
+                    rows.append(row)
+                    print(f"{problem.name:24s} {problem.activation:6s} {dtype_name:9s} {mode:7s} {impl:18s} "
+                          f"{r['median_ms']:10.4f} {r['p20_ms']:8.4f} {r['p80_ms']:8.4f} {r['tflops']:8.2f} "
+                          f"{row['speedup_vs_eager']:8.3f} {row['speedup_vs_compile']:9.3f} {r['mem_mib']:8.1f}")
+                sys.stdout.flush()
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = args.tag or ("".join(c if c.isalnum() else "_" for c in info["device"]).strip("_")[:40])
+    csv_path = os.path.join(args.out_dir, f"bench_dense_{stem}.csv")
+    new_file = not os.path.exists(csv_path)
+    if rows:
+        with open(csv_path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            if new_file:
+                writer.writeheader()
+            writer.writerows(rows)
+        print(f"csv: {csv_path} (+{len(rows)} rows)")
+        plot(rows, os.path.join(args.out_dir, f"bench_dense_{stem}.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The one command a session with a GPU runs (device tool), about 8 minutes on an H100:
+#   1. install manualbp (editable, no network needed: the machine has torch and triton);
+#   2. the whole test suite on the compiled Triton kernels (fp16/bf16 and TF32 included);
+#   3. the benchmark at the issue's shapes in bf16, forward+backward, against eager,
+#      torch.compile and cuBLAS; CSV and PNG written to $OUT (or benchmarks/results).
+# Usage (device tool):  bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=python3
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+$py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+$py -m pip install --quiet --no-deps --no-build-isolation -e . || { echo "install failed"; exit 1; }
+
+# Tests: compiled kernels; one fixed tile instead of autotuning each of the hundreds of
+# small test shapes (test_kernels.py checks every autotune config on its own);
+# 8 workers so Triton's compiles run in parallel.
+xdist=""
+$py -c "import xdist" 2>/dev/null && xdist="-n 8"
+start=$(date +%s)
+MANUALBP_AUTOTUNE=0 timeout 330 $py -m pytest -q $xdist -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -25
+tests_rc=${PIPESTATUS[0]}
+echo "tests: exit $tests_rc in $(( $(date +%s) - start )) s"
+
+# Benchmark: bf16 fwd+bwd at every target shape (autotuning on; first-call tuning is
+# excluded from the timings by do_bench's warm-up).
+start=$(date +%s)
+timeout 240 $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
+    --impls cublas,eager,compile,manualbp,manualbp-recompute --activations relu,gelu --out-dir "$out" \
+    2>&1 | tee "$out/bench.log" | grep -v "^#" | tail -40
+echo "bench: exit ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s"
+exit "$tests_rc"
