@@ -5,12 +5,20 @@
 
 The equations live in ``manualbp.reference``; the Triton kernels in
 ``manualbp.triton_kernels``. Importing manualbp needs neither Triton nor a GPU.
+
+Beyond one layer: ``manualbp.MLP`` (a stack as one autograd node, ``mlp.py`` and
+``mlp_function.py``), ``manualbp.convert`` (nn.Linear -> manualbp.Linear in any
+model, ``conversion.py``), and the custom operators that torch.compile and
+torch.export see (``ops.py``).
 """
 
-from . import functional
+from . import functional, ops
 from .activations import ACTIVATIONS, Activation, get_activation
 from .backends import BACKENDS, get_backend, set_backend, use_backend
+from .conversion import ConversionReport, convert
 from .function import LinearFunction
+from .mlp import MLP
+from .mlp_function import MLPFunction
 from .modules import Linear
 
 __version__ = "0.1.0"
@@ -19,11 +27,16 @@ __all__ = [
     "ACTIVATIONS",
     "Activation",
     "BACKENDS",
+    "ConversionReport",
     "Linear",
     "LinearFunction",
+    "MLP",
+    "MLPFunction",
+    "convert",
     "functional",
     "get_activation",
     "get_backend",
+    "ops",
     "set_backend",
     "use_backend",
 ]

@@ -45,9 +45,18 @@ def forward(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], act
 
 
 def backward(backend: str, grad_a: Tensor, x: Tensor, weight: Tensor, saved: Optional[Tensor],
-             activation: Activation, needs_grad_x: bool, needs_grad_weight: bool, needs_grad_bias: bool):
-    """(∂C/∂X, ∂C/∂W, ∂C/∂b), each None when not needed. grad_a [M, N]; saved: A or Z [M, N], None for identity."""
-    from_output = activation.saves_output
+             activation: Activation, needs_grad_x: bool, needs_grad_weight: bool, needs_grad_bias: bool,
+             from_output: Optional[bool] = None):
+    """(∂C/∂X, ∂C/∂W, ∂C/∂b), each None when not needed. grad_a [M, N]; saved: A or Z [M, N], None for identity.
+
+    ``from_output`` says whether ``saved`` is A (True) or Z (False); None means what
+    this layer's forward saves, ``activation.saves_output``. (manualbp.MLP with
+    recompute=True keeps only Z, so it passes False for every activation.)
+    """
+    if from_output is None:
+        from_output = activation.saves_output
+    elif from_output and not activation.saves_output:
+        raise ValueError(f"activation {activation.name!r} cannot compute f' from its output A; pass Z")
     if backend == "triton":
         dense = backends.kernels()
         delta, grad_bias = dense.delta_and_bias_grad(
@@ -58,6 +67,17 @@ def backward(backend: str, grad_a: Tensor, x: Tensor, weight: Tensor, saved: Opt
         grad_weight = dense.matmul(delta.t(), x) if needs_grad_weight else None  # ∂C/∂W = δᵀ X  [N, M] [M, K]
         return grad_x, grad_weight, grad_bias
     f_prime = None if saved is None else reference.activation_grad(activation, saved, from_output)
+    return reference.linear_backward(grad_a, x, weight, f_prime, needs_grad_x, needs_grad_weight, needs_grad_bias)
+
+
+def differentiable_backward(grad_a: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation,
+                            needs_grad_x: bool, needs_grad_weight: bool, needs_grad_bias: bool):
+    """The backward for create_graph=True (double backward): what ``backward`` returns, in differentiable torch ops.
+
+    Z is recomputed from the saved inputs so that f'(Z) also depends on x, W and b.
+    """
+    z = reference.pre_activation(x, weight, bias)
+    f_prime = None if activation.name == "identity" else reference.activation_grad(activation, z, False)
     return reference.linear_backward(grad_a, x, weight, f_prime, needs_grad_x, needs_grad_weight, needs_grad_bias)
 
 
@@ -81,12 +101,8 @@ class LinearFunction(torch.autograd.Function):
         needs_grad_x, needs_grad_weight, needs_grad_bias = ctx.needs_input_grad[:3]
         activation = ctx.activation
         if torch.is_grad_enabled():
-            # create_graph=True: the same equations in differentiable torch ops, with Z
-            # recomputed from the saved inputs so that f' also depends on x, W and b.
-            z = reference.pre_activation(x, weight, bias)
-            f_prime = None if activation.name == "identity" else reference.activation_grad(activation, z, False)
-            grads = reference.linear_backward(
-                grad_a, x, weight, f_prime, needs_grad_x, needs_grad_weight, needs_grad_bias
+            grads = differentiable_backward(
+                grad_a, x, weight, bias, activation, needs_grad_x, needs_grad_weight, needs_grad_bias
             )
         else:
             grads = backward(

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, ops
 from .activations import Activation, get_activation
 from .function import LinearFunction, forward
 
@@ -52,6 +52,11 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
+def _autocast(t, dtype: torch.dtype):
+    # What autocast casts: float16/bfloat16/float32 tensors. float64 is left alone, as nn.Linear's is.
+    return t.to(dtype) if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
+
+
 def linear(
     input: Tensor,
     weight: Tensor,
@@ -75,13 +80,13 @@ def linear(
         if cast_to is not None:
             with torch.autocast(input.device.type, enabled=False):
                 return linear(
-                    input.to(cast_to) if input.is_floating_point() else input,
-                    weight.to(cast_to) if weight.is_floating_point() else weight,
-                    bias.to(cast_to) if isinstance(bias, Tensor) and bias.is_floating_point() else bias,
-                    activation,
-                    backend=backend,
+                    _autocast(input, cast_to), _autocast(weight, cast_to), _autocast(bias, cast_to),
+                    activation, backend=backend,
                 )
     _check_inputs(input, weight, bias)
+    if torch.compiler.is_compiling():
+        # torch.compile / torch.export: the layer as custom operators, opaque to the compiler (see manualbp/ops.py).
+        return ops.linear(input, weight, bias, activation, backend)
     name = backends.resolve(backend, input.device, input.dtype)
 
     # Flatten the leading dimensions: the kernels see x [M, K]. A view whenever the strides allow.

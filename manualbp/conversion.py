@@ -1,0 +1,265 @@
+"""``manualbp.convert(model)``: put manualbp layers into an existing model.
+
+Every plain ``nn.Linear`` becomes a ``manualbp.Linear`` that keeps the very same
+``weight`` and ``bias`` Parameters (so their values, device, dtype,
+``requires_grad``, any optimizer already holding them, and weights tied to other
+modules all carry over) and the same hooks and attributes: the module object is
+kept and its class becomes ``manualbp.Linear``, the way
+``torch.nn.utils.parametrize`` changes a module's class.
+
+Inside an ``nn.Sequential``, a Linear directly followed by a supported activation
+module is fused into one layer, A = f(X Wᵀ + b), and the activation module is
+replaced by ``nn.Identity`` so that the indices (and state_dict keys) stay valid:
+
+    nn.ReLU, nn.LeakyReLU, nn.GELU (approximate='none' or 'tanh'), nn.SiLU, nn.Sigmoid, nn.Tanh
+
+A fusion changes what the Linear outputs, so it is not done where that would be
+visible: when either module has hooks, or when the Linear also appears elsewhere
+in the model.
+
+Subclasses of ``nn.Linear`` (``nn.MultiheadAttention``'s ``out_proj``, parametrized
+or quantization-aware layers, ...) may compute something else in their forward;
+they are left alone unless ``include_subclasses`` asks for them, and reported.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple, Union
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .activations import Activation, get_activation
+from .modules import Linear
+
+# --------------------------------------------------------------------------------------
+# Activation modules <-> activations
+# --------------------------------------------------------------------------------------
+
+
+def activation_from_module(module: Optional[nn.Module]) -> Optional[Activation]:
+    """The manualbp activation that ``module`` computes, or None if it is not one fusion supports.
+
+    Exact classes only: a subclass of nn.ReLU may compute something else.
+    """
+    kind = type(module)
+    if kind is nn.ReLU:
+        return get_activation("relu")
+    if kind is nn.LeakyReLU:
+        return get_activation("leaky_relu", negative_slope=module.negative_slope)
+    if kind is nn.GELU:
+        if module.approximate == "none":
+            return get_activation("gelu")
+        if module.approximate == "tanh":
+            return get_activation("gelu_tanh")
+        return None
+    if kind is nn.SiLU:
+        return get_activation("silu")
+    if kind is nn.Sigmoid:
+        return get_activation("sigmoid")
+    if kind is nn.Tanh:
+        return get_activation("tanh")
+    return None
+
+
+def module_for_activation(activation: Union[str, Activation]) -> nn.Module:
+    """The PyTorch module computing the same activation (nn.Identity for 'identity')."""
+    activation = get_activation(activation)
+    name = activation.name
+    if name == "identity":
+        return nn.Identity()
+    if name == "relu":
+        return nn.ReLU()
+    if name == "leaky_relu":
+        return nn.LeakyReLU(activation.negative_slope)
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "silu":
+        return nn.SiLU()
+    if name == "sigmoid":
+        return nn.Sigmoid()
+    if name == "tanh":
+        return nn.Tanh()
+    raise ValueError(f"no PyTorch module for activation {name!r}")  # a new activation without a mapping here
+
+
+# --------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """One nn.Linear made a manualbp.Linear: its qualified name ('' for the model itself),
+    its former class, the activation fused into it ('identity' if none), and the
+    qualified name of the activation module replaced by nn.Identity (or None)."""
+
+    name: str
+    original: str
+    activation: str
+    fused: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An nn.Linear (or subclass) left as it was, and why."""
+
+    name: str
+    original: str
+    reason: str
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did: ``replaced`` and ``skipped``, each in model order."""
+
+    replaced: List[Replacement] = field(default_factory=list)
+    skipped: List[Skipped] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"manualbp.convert: {len(self.replaced)} replaced, {len(self.skipped)} left alone"]
+        for r in self.replaced:
+            fused = f" + {r.fused} (now nn.Identity)" if r.fused else ""
+            lines.append(f"  replaced {r.name or '<model>'} ({r.original}{fused}) -> manualbp.Linear({r.activation})")
+        for s in self.skipped:
+            lines.append(f"  skipped  {s.name or '<model>'} ({s.original}): {s.reason}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# convert
+# --------------------------------------------------------------------------------------
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(len(getattr(module, name, ())) for name in names)
+
+
+def _describe(activation: Activation) -> str:
+    if activation.name == "leaky_relu":
+        return f"leaky_relu(negative_slope={activation.negative_slope})"
+    return activation.name
+
+
+def _qualified(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+class _Converter:
+    def __init__(self, model: nn.Module, fuse: bool, include_subclasses, backend: Optional[str]):
+        self.fuse = fuse
+        self.include_subclasses = include_subclasses
+        self.backend = backend
+        self.report = ConversionReport()
+        self.visited: set = set()
+        # How often each module appears in the model (a module may be registered in several places).
+        self.uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+
+    def why_not(self, module: nn.Module) -> Optional[str]:
+        """None if ``module`` is to be converted, else why not. Only called for nn.Linear instances."""
+        if isinstance(module, Linear):
+            return "already a manualbp.Linear"
+        if type(module) is not nn.Linear:
+            wanted = self.include_subclasses is True or (
+                isinstance(self.include_subclasses, tuple) and isinstance(module, self.include_subclasses)
+            )
+            if not wanted:
+                return (f"a subclass of nn.Linear ({type(module).__qualname__}) whose forward may differ; "
+                        f"pass include_subclasses=True or a tuple of classes to convert it")
+        if parametrize.is_parametrized(module):
+            return "parametrized (torch.nn.utils.parametrize); its weight is computed, not a Parameter"
+        for name in ("weight", "bias"):
+            value = getattr(module, name, None)
+            if value is not None and not isinstance(value, nn.Parameter):
+                return f"its {name} is a {type(value).__name__}, not an nn.Parameter"
+            if isinstance(value, nn.parameter.UninitializedParameter):
+                return f"its {name} is not initialized yet (nn.LazyLinear before its first forward)"
+        return None
+
+    def make(self, module: nn.Linear, activation: Activation, name: str, fused: Optional[str]) -> None:
+        original = type(module).__qualname__
+        module.__class__ = Linear  # same object: Parameters, hooks, attributes and references stay valid
+        module.activation = activation
+        module.backend = self.backend
+        self.report.replaced.append(Replacement(name, original, _describe(activation), fused))
+
+    def visit(self, root: nn.Module, prefix: str = "") -> None:
+        if id(root) in self.visited:
+            return  # a shared submodule: converted where it was first seen
+        self.visited.add(id(root))
+        names = [name for name, child in root._modules.items() if child is not None]
+        sequential = isinstance(root, nn.Sequential)
+        for position, name in enumerate(names):
+            child = root._modules[name]
+            path = _qualified(prefix, name)
+            if not isinstance(child, nn.Linear) or id(child) in self.visited:
+                self.visit(child, path)
+                continue
+            reason = self.why_not(child)
+            if reason is not None:
+                if not isinstance(child, Linear):
+                    self.report.skipped.append(Skipped(path, type(child).__qualname__, reason))
+                self.visit(child, path)  # a skipped subclass may hold Linears of its own
+                continue
+            self.visited.add(id(child))
+            activation, fused = get_activation("identity"), None
+            if self.fuse and sequential and position + 1 < len(names):
+                follower_name = names[position + 1]
+                follower = root._modules[follower_name]
+                candidate = activation_from_module(follower)
+                if (candidate is not None and not _has_hooks(child) and not _has_hooks(follower)
+                        and self.uses[id(child)] == 1):
+                    activation, fused = candidate, _qualified(prefix, follower_name)
+                    root._modules[follower_name] = nn.Identity()
+            self.make(child, activation, path, fused)
+
+
+def convert(
+    model: nn.Module,
+    inplace: bool = True,
+    *,
+    fuse: bool = True,
+    include_subclasses: Union[bool, Sequence[type]] = False,
+    backend: Optional[str] = None,
+    return_report: bool = False,
+) -> Union[nn.Module, Tuple[nn.Module, ConversionReport]]:
+    """Replace every ``nn.Linear`` of ``model`` by a ``manualbp.Linear``; returns the model.
+
+    model               any nn.Module (an nn.Linear itself is converted too)
+    inplace             True: change ``model`` itself; False: convert a deep copy
+    fuse                fuse a Linear with the supported activation module that follows
+                        it in an nn.Sequential (the activation becomes nn.Identity)
+    include_subclasses  False: convert exact nn.Linear only; True: every subclass too;
+                        a tuple of classes: those subclasses too
+    backend             pin the converted layers to 'triton' or 'reference' (None: global setting)
+    return_report       also return a :class:`ConversionReport` of what was replaced and skipped
+
+    Each converted layer keeps its Parameters (same objects, so the same values,
+    device, dtype, requires_grad, optimizer state and weight tying), its hooks and
+    its train/eval mode.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert() expects an nn.Module, got {type(model).__name__}")
+    if backend is not None and backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"unknown backend {backend!r}; expected one of: auto, triton, reference")
+    if not isinstance(include_subclasses, bool):
+        include_subclasses = tuple(include_subclasses)
+        bad = [c for c in include_subclasses if not (isinstance(c, type) and issubclass(c, nn.Linear))]
+        if bad:
+            raise TypeError(f"include_subclasses must be a bool or classes derived from nn.Linear, got {bad}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    converter = _Converter(model, fuse, include_subclasses, backend)
+    if isinstance(model, nn.Linear):
+        holder = nn.Module()  # the model is one Linear: treat it as the only child of a holder
+        holder._modules[""] = model
+        converter.visit(holder)
+    else:
+        converter.visit(model)
+    return (model, converter.report) if return_report else model

@@ -1,0 +1,244 @@
+"""The autograd Function of a stack of dense layers (``manualbp.MLP``).
+
+Layer l (l = 0 .. L-1) computes, with X₀ the input and Xₗ₊₁ = Aₗ,
+
+    Zₗ = Xₗ Wₗᵀ + bₗ,   Aₗ = fₗ(Zₗ)
+
+and the backward walks the layers in reverse with the one-layer equations of
+``reference.py`` (G_{L-1} = ∂C/∂A of the output):
+
+    δₗ = Gₗ ⊙ fₗ'(Zₗ),  ∂C/∂Wₗ = δₗᵀ Xₗ,  ∂C/∂bₗ = 1ᵀ δₗ,  Gₗ₋₁ = ∂C/∂Xₗ = δₗ Wₗ
+
+each step on the chosen backend through ``function.forward`` / ``function.backward``,
+the helpers of the one-layer ``LinearFunction``.
+
+What is kept for the backward, besides X₀ and the parameters:
+
+    recompute=False   what a stack of LinearFunctions (or of nn.Linear + activation
+                      modules) keeps: every hidden Aₗ (the next layer's X), and Zₗ where
+                      f' cannot be read off Aₗ (gelu, gelu_tanh, silu, leaky_relu < 0)
+    recompute=True    Zₗ only; each Xₗ₊₁ = fₗ(Zₗ) is recomputed in the backward,
+                      one layer at a time, and f'(Zₗ) is computed from Zₗ
+
+The recomputed Aₗ is f(Zₗ) of the *stored* Zₗ. The reference backend computes
+its forward A the same way, so there it is bitwise the forward's A; the Triton
+kernels apply f to the unrounded accumulator, so there the two can differ in
+the last bit of the data dtype.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import function, reference
+from .activations import Activation
+
+
+def _needs_z(activation: Activation) -> bool:
+    # f' must be computed from Z: gelu, gelu_tanh, silu, leaky_relu with a negative slope.
+    return activation.name != "identity" and not activation.saves_output
+
+
+def kept_plan(activations: Sequence[Activation], recompute: bool) -> List[Tuple[bool, bool]]:
+    """For each layer, (keep A, keep Z): what the forward keeps for the backward.
+
+    The last layer's A is the stack's output; "keep A" there means the output itself
+    is kept (f' read off A), never a copy. A hidden identity layer has A = Z; it is
+    kept once, as A without recompute and as Z with it.
+    """
+    last = len(activations) - 1
+    plan = []
+    for index, activation in enumerate(activations):
+        identity = activation.name == "identity"
+        if recompute:
+            keep_a = False
+            keep_z = (index < last) or not identity  # hidden: to recompute the next X; any: for f'(Z)
+        else:
+            keep_a = (index < last) or (activation.saves_output and not identity)
+            keep_z = _needs_z(activation)
+        plan.append((keep_a, keep_z))
+    return plan
+
+
+def recompute_activation(activation: Activation, z: Tensor) -> Tensor:
+    """A = f(Z) from a kept Z, with the reference's rule for half precision (computed in float32)."""
+    if activation.name == "identity":
+        return z
+    return reference._elementwise(activation.f, z)
+
+
+def forward_stack(backend: str, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+                  activations: Sequence[Activation], recompute: bool, save: bool) -> Tuple[Tensor, List[Tensor]]:
+    """The stack's forward: x [M, sizes[0]] -> (A_{L-1} [M, sizes[-1]], kept).
+
+    ``kept`` lists, layer by layer, the tensors ``kept_plan`` asks for (A before Z),
+    except the output itself; empty when ``save`` is False (no backward will run).
+    """
+    plan = kept_plan(activations, recompute) if save else None
+    last = len(weights) - 1
+    kept: List[Tensor] = []
+    h = x
+    for index, (weight, bias, activation) in enumerate(zip(weights, biases, activations)):
+        identity = activation.name == "identity"
+        keep_a, keep_z = plan[index] if save else (False, False)
+        a, z = function.forward(backend, h, weight, bias, activation, need_z=keep_z and not identity)
+        if keep_a and index < last:
+            kept.append(a)
+        if keep_z:
+            kept.append(a if identity else z)  # identity: Z is A
+        h = a
+    return h, kept
+
+
+def _unpack_kept(activations: Sequence[Activation], recompute: bool, output: Optional[Tensor],
+                 kept: Sequence[Tensor]) -> Tuple[List[Optional[Tensor]], List[Optional[Tensor]]]:
+    """(A per layer or None, Z per layer or None) from the flat ``kept`` list of forward_stack."""
+    plan = kept_plan(activations, recompute)
+    last = len(activations) - 1
+    kept_a: List[Optional[Tensor]] = []
+    kept_z: List[Optional[Tensor]] = []
+    position = 0
+    for index, (keep_a, keep_z) in enumerate(plan):
+        a = z = None
+        if keep_a:
+            if index < last:
+                a = kept[position]
+                position += 1
+            else:
+                a = output
+        if keep_z:
+            z = kept[position]
+            position += 1
+        kept_a.append(a)
+        kept_z.append(z)
+    if position != len(kept):
+        raise RuntimeError(f"manualbp MLP backward: expected {position} kept tensors, got {len(kept)}")
+    return kept_a, kept_z
+
+
+def backward_stack(backend: str, grad_output: Tensor, x: Tensor, weights: Sequence[Tensor],
+                   activations: Sequence[Activation], recompute: bool, output: Optional[Tensor],
+                   kept: Sequence[Tensor], needs_grad_x: bool, needs_grad_weights: Sequence[bool],
+                   needs_grad_biases: Sequence[bool]):
+    """The stack's backward, layer L-1 down to 0. grad_output [M, sizes[-1]] = ∂C/∂A_{L-1}.
+
+    Returns (∂C/∂X₀ or None, [∂C/∂Wₗ or None], [∂C/∂bₗ or None]). Stops at the lowest
+    layer below which nothing needs a gradient.
+    """
+    count = len(weights)
+    kept_a, kept_z = _unpack_kept(activations, recompute, output, kept)
+    grad_weights: List[Optional[Tensor]] = [None] * count
+    grad_biases: List[Optional[Tensor]] = [None] * count
+    # below[l]: something in layers < l (or X₀) needs a gradient, so ∂C/∂Xₗ must be computed.
+    below = [needs_grad_x]
+    for index in range(count - 1):
+        below.append(below[-1] or needs_grad_weights[index] or needs_grad_biases[index])
+
+    grad = grad_output  # Gₗ = ∂C/∂Aₗ
+    grad_x = None
+    for index in reversed(range(count)):
+        activation = activations[index]
+        if index == 0:
+            x_l = x
+        elif kept_a[index - 1] is not None:
+            x_l = kept_a[index - 1]
+        else:
+            x_l = recompute_activation(activations[index - 1], kept_z[index - 1])  # Xₗ = f(Zₗ₋₁)
+        if activation.name == "identity":
+            saved, from_output = None, False
+        elif kept_z[index] is not None:
+            saved, from_output = kept_z[index], False
+        else:
+            saved, from_output = kept_a[index], True
+        grad_x, grad_weights[index], grad_biases[index] = function.backward(
+            backend, grad, x_l, weights[index], saved, activation,
+            below[index], needs_grad_weights[index], needs_grad_biases[index], from_output=from_output,
+        )
+        if not below[index]:
+            break
+        grad = grad_x  # ∂C/∂Xₗ is G of layer l-1
+    return (grad_x if needs_grad_x else None), grad_weights, grad_biases
+
+
+def differentiable_backward(grad_output: Tensor, x: Tensor, weights: Sequence[Tensor],
+                            biases: Sequence[Optional[Tensor]], activations: Sequence[Activation],
+                            needs_grad_x: bool, needs_grad_weights: Sequence[bool],
+                            needs_grad_biases: Sequence[bool]):
+    """The same backward in differentiable torch ops, for double backward (create_graph=True).
+
+    Every Xₗ and Zₗ is recomputed from X₀ and the parameters, so that f'(Zₗ) and Xₗ
+    depend on them in the graph being built. Returns what backward_stack returns.
+    """
+    xs, zs = [], []
+    h = x
+    for weight, bias, activation in zip(weights, biases, activations):
+        xs.append(h)
+        z = reference.pre_activation(h, weight, bias)  # Zₗ = Xₗ Wₗᵀ + bₗ
+        zs.append(z)
+        h = recompute_activation(activation, z)  # Aₗ = fₗ(Zₗ)
+    count = len(weights)
+    grad_weights: List[Optional[Tensor]] = [None] * count
+    grad_biases: List[Optional[Tensor]] = [None] * count
+    grad = grad_output
+    for index in reversed(range(count)):
+        activation = activations[index]
+        f_prime = None if activation.name == "identity" else reference.activation_grad(activation, zs[index], False)
+        grad, grad_weights[index], grad_biases[index] = reference.linear_backward(
+            grad, xs[index], weights[index], f_prime,
+            True, needs_grad_weights[index], needs_grad_biases[index],
+        )
+    return (grad if needs_grad_x else None), grad_weights, grad_biases
+
+
+class MLPFunction(torch.autograd.Function):
+    """A stack of dense layers as one autograd node.
+
+    ``MLPFunction.apply(x, activations, recompute, backend, w0, b0, w1, b1, ...)``:
+    x [M, sizes[0]], wₗ [sizes[l+1], sizes[l]], bₗ [sizes[l+1]] or None, activations a
+    tuple of Activation (one per layer), backend 'triton' or 'reference' (resolved)
+    -> A_{L-1} [M, sizes[-1]].
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, activations: Tuple[Activation, ...], recompute: bool, backend: str, *params):
+        weights, biases = params[0::2], params[1::2]
+        output, kept = forward_stack(backend, x, weights, biases, activations, recompute, save=True)
+        last_keeps_output = kept_plan(activations, recompute)[-1][0]
+        # Everything through save_for_backward, so that saved-tensor hooks (checkpointing,
+        # offloading, memory measurement) see all of it. Parameters cost nothing extra.
+        ctx.save_for_backward(x, output if last_keeps_output else None, *params, *kept)
+        ctx.activations = activations
+        ctx.recompute = recompute
+        ctx.backend = backend
+        ctx.layers = len(weights)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        saved = ctx.saved_tensors
+        count = ctx.layers
+        x, output = saved[0], saved[1]
+        params = saved[2:2 + 2 * count]
+        kept = saved[2 + 2 * count:]
+        weights, biases = params[0::2], params[1::2]
+        needs = ctx.needs_input_grad
+        needs_grad_x = needs[0]
+        needs_grad_weights = needs[4::2]
+        needs_grad_biases = [needs[5 + 2 * index] and biases[index] is not None for index in range(count)]
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiable torch ops, every Z recomputed from the saved inputs.
+            grad_x, grad_weights, grad_biases = differentiable_backward(
+                grad_output, x, weights, biases, ctx.activations, needs_grad_x, needs_grad_weights, needs_grad_biases
+            )
+        else:
+            grad_x, grad_weights, grad_biases = backward_stack(
+                ctx.backend, grad_output, x, weights, ctx.activations, ctx.recompute, output, kept,
+                needs_grad_x, needs_grad_weights, needs_grad_biases,
+            )
+        grads = [grad_x, None, None, None]
+        for grad_weight, grad_bias in zip(grad_weights, grad_biases):
+            grads += [grad_weight, grad_bias]
+        return tuple(grads)

@@ -1,0 +1,224 @@
+"""torch.compile, torch.export and the custom operators behind them (manualbp/ops.py).
+
+The operators are checked with torch.library.opcheck and gradcheck, eagerly, on
+both backends (Triton through the interpreter on the CPU). torch.compile is
+kept to few graphs: on two CPU cores each Inductor compile takes seconds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import manualbp
+from manualbp import backends, ops
+
+OPS = torch.ops.manualbp
+# The GPU where there is one (compiled kernels), else the CPU (the kernels through the interpreter).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def require(backend: str, dtype=torch.float64) -> None:
+    reason = backends.triton_unavailable_reason(DEVICE, dtype)
+    if backend == "triton" and reason is not None:
+        pytest.skip(f"triton backend unavailable: {reason}")
+
+
+def tensors(*shapes, dtype=torch.float64, requires_grad=True):
+    return [torch.randn(*shape, dtype=dtype, device=DEVICE, requires_grad=requires_grad) for shape in shapes]
+
+
+# --------------------------------------------------------------------------------------
+# The operators, eagerly
+# --------------------------------------------------------------------------------------
+
+# (activation, negative_slope): f' from Z (gelu, leaky_relu < 0), from A (relu, tanh, leaky_relu >= 0), none.
+ACTIVATIONS = [("identity", 0.0), ("relu", 0.0), ("gelu", 0.0), ("tanh", 0.0), ("leaky_relu", -0.3)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("name,slope", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
+def test_opcheck_linear_operators(backend, name, slope):
+    require(backend)
+    torch.manual_seed(0)
+    activation = manualbp.get_activation(name, negative_slope=slope) if name == "leaky_relu" else \
+        manualbp.get_activation(name)
+    need_z = name != "identity" and not activation.saves_output
+    x, weight, bias = tensors((5, 4), (3, 4), (3,))
+    for b in (bias, None):
+        torch.library.opcheck(OPS.linear_forward.default, (x, weight, b, name, slope, need_z, backend))
+    a, z = OPS.linear_forward(x, weight, bias, name, slope, True, backend)
+    saved = None if name == "identity" else (a if activation.saves_output else z)
+    grad_a = torch.randn(5, 3, dtype=torch.float64, device=DEVICE)
+    for needs in ([True, True, True], [False, True, False]):
+        torch.library.opcheck(
+            OPS.linear_backward.default,
+            (grad_a, x.detach(), weight.detach(), None if saved is None else saved.detach(), name, slope,
+             activation.saves_output and saved is not None, needs, backend),
+        )
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck_mlp_operators(backend):
+    require(backend)
+    torch.manual_seed(1)
+    x, w0, w1, w2 = tensors((4, 3), (5, 3), (6, 5), (2, 6))
+    b0, b2 = tensors((5,), (2,))
+    weights, biases, has_bias = [w0, w1, w2], [b0, b2], [True, False, True]  # layer 1 has no bias
+    for recompute in (False, True):
+        args = (x, weights, biases, has_bias, "gelu,relu,tanh", [0.0, 0.0, 0.0], recompute, True, backend)
+        torch.library.opcheck(OPS.mlp_forward.default, args)
+        flat = OPS.mlp_forward(*args)
+        output, kept = flat[0].detach(), [t.detach() for t in flat[1:]]
+        torch.library.opcheck(
+            OPS.mlp_backward.default,
+            (torch.randn_like(output), x.detach(), [w.detach() for w in weights], output, kept,
+             "gelu,relu,tanh", [0.0, 0.0, 0.0], recompute, [True, True, False, True, True, False, True], backend),
+        )
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gradcheck_through_the_operators(backend):
+    # Eager gradcheck/gradgradcheck of the operator path (on the CPU: the Triton kernels through the interpreter).
+    require(backend)
+    torch.manual_seed(2)
+    x, weight, bias = tensors((2, 2, 3), (2, 3), (2,))
+    gelu = manualbp.get_activation("gelu")
+
+    def linear(x, weight, bias):
+        return ops.linear(x, weight, bias, gelu, backend)
+
+    assert torch.autograd.gradcheck(linear, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(linear, (x, weight, bias), fast_mode=True)
+
+    w0, b0, w1 = tensors((4, 3), (4,), (2, 4))
+    activations = (manualbp.get_activation("silu"), manualbp.get_activation("sigmoid"))
+    for recompute in (False, True):
+        def mlp(x, w0, b0, w1):
+            return ops.mlp(x, [w0, w1], [b0, None], activations, recompute, backend)  # layer 1 without bias
+
+        assert torch.autograd.gradcheck(mlp, (x, w0, b0, w1)), f"recompute={recompute}"
+        assert torch.autograd.gradgradcheck(mlp, (x, w0, b0, w1), fast_mode=True), f"recompute={recompute}"
+
+
+def test_operator_errors_are_clear():
+    x, weight = torch.randn(3, 4), torch.randn(2, 5)  # errors come before any device work: the CPU will do
+    with pytest.raises(ValueError, match=r"weight 0 must have shape \[N, 4\]"):
+        OPS.linear_forward(x, weight, None, "relu", 0.0, False, "reference")
+    x, weight = torch.randn(3, 4, requires_grad=True), torch.randn(2, 4)
+    with pytest.raises(ValueError, match="need_z=False cannot be differentiated"):
+        OPS.linear_forward(x, weight, None, "gelu", 0.0, False, "reference")
+    with pytest.raises(ValueError, match="unknown backend"):
+        OPS.linear_forward(x.detach(), weight, None, "relu", 0.0, False, "fast")
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------
+
+
+class Net(nn.Module):
+    """manualbp.Linear layers (one converted from nn.Linear + nn.SiLU) around a manualbp.MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = manualbp.convert(nn.Sequential(nn.Linear(8, 16), nn.SiLU()))
+        self.mlp = manualbp.MLP([16, 32, 16], activation="gelu", last_activation="tanh", recompute=True)
+        self.head = manualbp.Linear(16, 4, activation="leaky_relu", negative_slope=0.1)
+
+    def forward(self, x):
+        return self.head(self.mlp(self.embed(x)) + 1.0)
+
+
+def run(module, model, x):
+    """Output, dx and the parameters' gradients of one forward/backward of ``module`` (model or its compiled self)."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    out = module(x)
+    out.square().sum().backward()
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_same(eager, compiled, label):
+    # The same operators run the same kernels on the same data, and what Inductor compiles
+    # around them (+ 1.0, views) is exact: the results are identical.
+    (out, dx, grads), (out_c, dx_c, grads_c) = eager, compiled
+    torch.testing.assert_close(out_c, out, rtol=0, atol=0, msg=lambda m: f"{label}: output\n{m}")
+    torch.testing.assert_close(dx_c, dx, rtol=0, atol=0, msg=lambda m: f"{label}: dx\n{m}")
+    assert set(grads_c) == set(grads)
+    for name in grads:
+        kind = "dw" if name.endswith("weight") else "db"
+        torch.testing.assert_close(grads_c[name], grads[name], rtol=0, atol=0,
+                                   msg=lambda m: f"{label}: {kind} of {name}\n{m}")
+
+
+def test_compiled_graphs_hold_the_operators_forward_and_backward():
+    # aot_eager with graph recording: each manualbp layer is one operator node, forward and backward, in one graph.
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    model = Net().to(DEVICE)
+    recorder = AotEagerAndRecordGraphs()
+    compiled = torch.compile(model, backend=recorder, fullgraph=True)
+    x = torch.randn(2, 3, 8, device=DEVICE)
+    with manualbp.use_backend("reference"):
+        assert_same(run(model, model, x), run(compiled, model, x), "aot_eager")
+    assert len(recorder.graphs) == 1, f"{len(recorder.graphs)} graphs: a graph break"
+    forward, backward = recorder.fw_graphs[0].code, recorder.bw_graphs[0].code
+    assert forward.count("torch.ops.manualbp.linear_forward") == 2 and "torch.ops.manualbp.mlp_forward" in forward
+    assert backward.count("torch.ops.manualbp.linear_backward") == 2 and "torch.ops.manualbp.mlp_backward" in backward
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def compiled_net():
+    """One Inductor compilation (fullgraph=True: a graph break raises) shared by the tests below."""
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    model = Net().to(DEVICE)
+    yield model, torch.compile(model, fullgraph=True)
+    torch._dynamo.reset()
+
+
+def test_torch_compile_fullgraph_inductor_matches_eager(compiled_net):
+    model, compiled = compiled_net
+    for shape in ((2, 3, 8), (5, 8)):  # the second batch size recompiles with dynamic shapes
+        x = torch.randn(*shape, device=DEVICE)
+        assert_same(run(model, model, x), run(compiled, model, x), f"inductor, input {shape}")
+
+
+def test_torch_compile_runs_the_triton_kernels(compiled_net, monkeypatch):
+    # On a GPU the kernels are compiled; on the CPU they run through the interpreter. Either
+    # way the compiled graph's operators must launch them, exactly as often as eager does.
+    require("triton", torch.float32)
+    model, compiled = compiled_net
+    dense = backends.kernels()
+    calls = {"linear_forward": 0, "delta_and_bias_grad": 0, "matmul": 0}
+    for name in calls:
+        original = getattr(dense, name)
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(dense, name, counting)  # the operators look the launchers up when they run
+    x = torch.randn(2, 3, 8, device=DEVICE)
+    eager = run(model, model, x)
+    eager_calls = dict(calls)
+    calls.update(dict.fromkeys(calls, 0))
+    assert_same(eager, run(compiled, model, x), "inductor")
+    assert eager_calls["linear_forward"] == 4, f"eager launches: {eager_calls}"  # 2 Linear + 2 MLP layers
+    assert calls == eager_calls, f"Triton launches: compiled {calls}, eager {eager_calls}"
+
+
+def test_torch_export_holds_the_operators():
+    torch.manual_seed(5)
+    model = Net().eval().to(DEVICE)
+    x = torch.randn(3, 8, device=DEVICE)
+    with manualbp.use_backend("reference"), torch.no_grad():
+        program = torch.export.export(model, (x,))
+        code = program.graph_module.code
+        assert code.count("torch.ops.manualbp.linear_forward") == 2 and "torch.ops.manualbp.mlp_forward" in code
+        torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=0)
