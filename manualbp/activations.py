@@ -11,6 +11,9 @@ an nn.Linear + activation pair saves nothing extra), a third one
     f_grad_from_output(a)   the same f'(z), computed from a = f(z)
 
 The Triton kernels implement the same names in ``triton_kernels/activations.py``.
+Where PyTorch has the forward f as one fused op (gelu, silu, leaky_relu) the
+reference calls it, with the formula beside it: the reference forward is then
+bitwise PyTorch's, and f is not what this package writes by hand; every f' is.
 All functions are plain differentiable torch ops, so the reference backward can
 also be differentiated again (double backward).
 """
@@ -24,7 +27,6 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-_SQRT_1_2 = 1.0 / math.sqrt(2.0)  # 1/sqrt(2), for erf-GELU
 _SQRT_2_PI = math.sqrt(2.0 / math.pi)  # sqrt(2/pi), for tanh-GELU
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)  # 1/sqrt(2 pi), the normal density's constant
 _GELU_TANH_C = 0.044715  # cubic coefficient of the tanh approximation
@@ -58,7 +60,7 @@ def relu_grad_from_output(a: Tensor) -> Tensor:
 
 # leaky_relu: f(z) = z if z > 0 else s z, f'(z) = 1 if z > 0 else s
 def leaky_relu(z: Tensor, negative_slope: float = 0.01) -> Tensor:
-    return torch.where(z > 0, z, z * negative_slope)
+    return torch.nn.functional.leaky_relu(z, negative_slope)
 
 
 def leaky_relu_grad(z: Tensor, negative_slope: float = 0.01) -> Tensor:
@@ -71,21 +73,20 @@ def leaky_relu_grad_from_output(a: Tensor, negative_slope: float = 0.01) -> Tens
 
 
 # gelu (exact): f(z) = z Phi(z), f'(z) = Phi(z) + z phi(z)
+# (Phi, phi: the standard normal CDF and density; Phi(z) = (1 + erf(z / sqrt 2)) / 2)
 def gelu(z: Tensor) -> Tensor:
-    return z * 0.5 * (1.0 + torch.erf(z * _SQRT_1_2))
+    return torch.nn.functional.gelu(z)  # z Phi(z), in PyTorch's one fused pass
 
 
 def gelu_grad(z: Tensor) -> Tensor:
-    cdf = 0.5 * (1.0 + torch.erf(z * _SQRT_1_2))
     pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
-    return cdf + z * pdf
+    return torch.addcmul(torch.special.ndtr(z), z, pdf)  # Phi(z) + z phi(z), one fused pass for the sum
 
 
 # gelu_tanh: f(z) = z/2 (1 + tanh(u)), u = sqrt(2/pi) (z + c z^3)
 #            f'(z) = (1 + tanh u)/2 + z/2 (1 - tanh^2 u) du/dz,  du/dz = sqrt(2/pi) (1 + 3c z^2)
 def gelu_tanh(z: Tensor) -> Tensor:
-    u = _SQRT_2_PI * (z + _GELU_TANH_C * z * z * z)
-    return 0.5 * z * (1.0 + torch.tanh(u))
+    return torch.nn.functional.gelu(z, approximate="tanh")  # z/2 (1 + tanh u), in one fused pass
 
 
 def gelu_tanh_grad(z: Tensor) -> Tensor:
@@ -97,7 +98,7 @@ def gelu_tanh_grad(z: Tensor) -> Tensor:
 
 # silu: f(z) = z sigma(z), f'(z) = sigma(z) (1 + z (1 - sigma(z)))
 def silu(z: Tensor) -> Tensor:
-    return z * torch.sigmoid(z)
+    return torch.nn.functional.silu(z)  # z sigma(z), in one fused pass
 
 
 def silu_grad(z: Tensor) -> Tensor:

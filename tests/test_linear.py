@@ -243,3 +243,12 @@ def test_gradients_accumulate_like_nn_linear(backend, device):
         torch.relu(ref(x)).square().sum().backward()
     torch.testing.assert_close(ours.weight.grad, ref.weight.grad, msg=lambda m: f"dw accumulated: {m}")
     torch.testing.assert_close(ours.bias.grad, ref.bias.grad, msg=lambda m: f"db accumulated: {m}")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_reference_forward_is_bitwise_pytorch(activation):
+    """The reference forward is addmm + PyTorch's own activation: bitwise nn.Linear + activation."""
+    x, weight, b, _ = _make((2, 9), 13, 11, torch.float32)
+    ours = F.linear(x, weight, b, activation, backend="reference")
+    theirs = torch_dense(x.reshape(18, 13), weight, b, activation).reshape(2, 9, 11)
+    assert torch.equal(ours, theirs), f"out [{activation}] bitwise"
