@@ -184,6 +184,23 @@ def measure(impl, problem, mode, device, dtype, timer):
     return dict(median_ms=med, p20_ms=p20, p80_ms=p80, tflops=problem.flops(mode) / med / 1e9, mem_mib=mem)
 
 
+class CsvRows:
+    """Appends rows to a CSV file, writing the header when the file is new; flushed per row."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fields = None
+
+    def add(self, row: dict) -> None:
+        new_file = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
+        with open(self.path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.fields or list(row))
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        self.fields = self.fields or list(row)
+
+
 def header(device, args) -> dict:
     info = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
@@ -281,6 +298,11 @@ def main(argv=None) -> int:
         problems = [p for p in problems if p.name in keep]
     timer = Timer(device, rep_ms)
     impls = args.impls.split(",")
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = args.tag or ("".join(c if c.isalnum() else "_" for c in info["device"]).strip("_")[:40])
+    csv_path = os.path.join(args.out_dir, f"bench_dense_{stem}.csv")
+    # Rows are appended as they are measured: a run cut short by a time limit keeps what it measured.
+    writer = CsvRows(csv_path)
     rows = []
     cols = f"{'problem':24s} {'act':6s} {'dtype':9s} {'mode':7s} {'impl':18s} {'median ms':>10s} {'p20':>8s} {'p80':>8s} " \
            f"{'TFLOP/s':>8s} {'x eager':>8s} {'x compile':>9s} {'MiB':>8s}"
@@ -316,22 +338,13 @@ def main(argv=None) -> int:
                                speedup_vs_eager=(eager / r["median_ms"]) if eager else float("nan"),
                                speedup_vs_compile=(compiled / r["median_ms"]) if compiled else float("nan"))
                     rows.append(row)
+                    writer.add(row)
                     print(f"{problem.name:24s} {problem.activation:6s} {dtype_name:9s} {mode:7s} {impl:18s} "
                           f"{r['median_ms']:10.4f} {r['p20_ms']:8.4f} {r['p80_ms']:8.4f} {r['tflops']:8.2f} "
                           f"{row['speedup_vs_eager']:8.3f} {row['speedup_vs_compile']:9.3f} {r['mem_mib']:8.1f}")
                 sys.stdout.flush()
-
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = args.tag or ("".join(c if c.isalnum() else "_" for c in info["device"]).strip("_")[:40])
-    csv_path = os.path.join(args.out_dir, f"bench_dense_{stem}.csv")
-    new_file = not os.path.exists(csv_path)
+    print(f"csv: {csv_path} (+{len(rows)} rows)")
     if rows:
-        with open(csv_path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            if new_file:
-                writer.writeheader()
-            writer.writerows(rows)
-        print(f"csv: {csv_path} (+{len(rows)} rows)")
         plot(rows, os.path.join(args.out_dir, f"bench_dense_{stem}.png"))
     return 0
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The one command a session with a GPU runs (device tool), about 8 minutes on an H100:
+# The one command a session with a GPU runs (device tool); at most 4 + 1.5 + 3.5 minutes of
+# commands on an H100 (give the device call timeout_s=600):
 #   1. install manualbp (editable, no network needed: the machine has torch and triton);
 #   2. the whole test suite on the compiled Triton kernels (fp16/bf16 and TF32 included);
-#   3. the benchmark at the issue's shapes in bf16, forward+backward, against eager,
+#   3. Triton's matmul against cuBLAS at 4096^3 (the ceiling; first-call tuning time);
+#   4. the benchmark at the issue's shapes in bf16, forward+backward, against eager,
 #      torch.compile and cuBLAS; CSV and PNG written to $OUT (or benchmarks/results).
 # Usage (device tool):  bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -22,14 +24,17 @@ $py -m pip install --quiet --no-deps --no-build-isolation -e . || { echo "instal
 xdist=""
 $py -c "import xdist" 2>/dev/null && xdist="-n 8"
 start=$(date +%s)
-MANUALBP_AUTOTUNE=0 timeout 330 $py -m pytest -q $xdist -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -25
+MANUALBP_AUTOTUNE=0 timeout 240 $py -m pytest -q $xdist -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
 echo "tests: exit $tests_rc in $(( $(date +%s) - start )) s"
+
+# The matmul ceiling: Triton vs cuBLAS at 4096^3 (first call = compile + autotune).
+timeout 90 $py benchmarks/bench_matmul.py --size 4096 --dtypes bf16,fp32,fp32-tf32 2>&1 | tee "$out/bench_matmul.log"
 
 # Benchmark: bf16 fwd+bwd at every target shape (autotuning on; first-call tuning is
 # excluded from the timings by do_bench's warm-up).
 start=$(date +%s)
-timeout 240 $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
+timeout 200 $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
     --impls cublas,eager,compile,manualbp,manualbp-recompute --activations relu,gelu --out-dir "$out" \
     2>&1 | tee "$out/bench.log" | grep -v "^#" | tail -40
 echo "bench: exit ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s"

@@ -45,3 +45,19 @@ def test_bad_arguments_are_refused():
         bench.main(["--device", "cpu", "--dtypes", "fp8"])
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", "--impls", "magic"])
+
+
+def test_matmul_ceiling_script_runs_in_the_interpreter(capsys):
+    spec = importlib.util.spec_from_file_location("bench_matmul", ROOT / "benchmarks" / "bench_matmul.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the script runs at full size in benchmarks/gpu_check.sh")
+    assert module.main(["--size", "40", "--dtypes", "fp32,fp16"]) == 0, "exit status"
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("fp32 ", "fp16 "))]
+    assert [r[0] for r in rows] == ["fp32", "fp16"], f"one row per dtype: {rows}"
+    errors = {r[0]: float(r[-2]) for r in rows}  # the Triton kernel's max relative error vs float64
+    assert errors["fp32"] < 1e-5, f"fp32 error {errors['fp32']}"
+    assert errors["fp16"] < 1e-2, f"fp16 error {errors['fp16']}"
