@@ -44,6 +44,15 @@ def forward(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], act
     return a, (z if need_z else None)
 
 
+def activation(backend: str, activation: Activation, z: Tensor) -> Tensor:
+    """A = f(Z) [M, N] from a kept Z, on the chosen backend (manualbp.MLP with recompute=True)."""
+    if activation.name == "identity":
+        return z
+    if backend == "triton":
+        return backends.kernels().activation_forward(z, activation.kernel_id, _kernel_slope(activation))
+    return reference._elementwise(activation.f, z)
+
+
 def backward(backend: str, grad_a: Tensor, x: Tensor, weight: Tensor, saved: Optional[Tensor],
              activation: Activation, needs_grad_x: bool, needs_grad_weight: bool, needs_grad_bias: bool,
              from_output: Optional[bool] = None):

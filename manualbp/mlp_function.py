@@ -20,10 +20,12 @@ What is kept for the backward, besides X₀ and the parameters:
     recompute=True    Zₗ only; each Xₗ₊₁ = fₗ(Zₗ) is recomputed in the backward,
                       one layer at a time, and f'(Zₗ) is computed from Zₗ
 
-The recomputed Aₗ is f(Zₗ) of the *stored* Zₗ. The reference backend computes
-its forward A the same way, so there it is bitwise the forward's A; the Triton
-kernels apply f to the unrounded accumulator, so there the two can differ in
-the last bit of the data dtype.
+The recomputed Aₗ is f(Zₗ) of the *stored* Zₗ, by the backend's own f (the
+reference's torch ops, or the Triton kernels' f in ``_activation_kernel``). The
+reference computes its forward A the same way, so there it is bitwise the
+forward's A; the Triton forward applies f to the unrounded accumulator, which
+equals the stored Z for float32/float64 data (bitwise the same A again) but not
+for float16/bfloat16, where the two can differ in the last bit.
 """
 
 from __future__ import annotations
@@ -64,10 +66,8 @@ def kept_plan(activations: Sequence[Activation], recompute: bool) -> List[Tuple[
 
 
 def recompute_activation(activation: Activation, z: Tensor) -> Tensor:
-    """A = f(Z) from a kept Z, with the reference's rule for half precision (computed in float32)."""
-    if activation.name == "identity":
-        return z
-    return reference._elementwise(activation.f, z)
+    """A = f(Z) in differentiable torch ops (double backward), with the reference's rule for half precision."""
+    return function.activation("reference", activation, z)
 
 
 def forward_stack(backend: str, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
@@ -146,7 +146,7 @@ def backward_stack(backend: str, grad_output: Tensor, x: Tensor, weights: Sequen
         elif kept_a[index - 1] is not None:
             x_l = kept_a[index - 1]
         else:
-            x_l = recompute_activation(activations[index - 1], kept_z[index - 1])  # Xₗ = f(Zₗ₋₁)
+            x_l = function.activation(backend, activations[index - 1], kept_z[index - 1])  # Xₗ = f(Zₗ₋₁)
         if activation.name == "identity":
             saved, from_output = None, False
         elif kept_z[index] is not None:

@@ -193,3 +193,18 @@ def test_delta_kernel_empty_batch(device):
                                                  want_delta=True, want_bias=True)
     assert delta.shape == (0, 5), "delta shape"
     assert torch.equal(grad_bias, torch.zeros(5, device=device)), "db zero-filled"
+
+
+@pytest.mark.parametrize("activation", manualbp.ACTIVATIONS)
+def test_activation_kernel_matches_forward_epilogue(activation, device):
+    """_activation_kernel's f(Z) is bitwise the forward epilogue's f (float32: stored Z = accumulator)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(37, 19, generator=g).to(device)
+    weight = torch.randn(41, 19, generator=g).to(device)
+    bias = torch.randn(41, generator=g).to(device)
+    act = manualbp.get_activation(activation)
+    slope = act.negative_slope if activation == "leaky_relu" else 0.0
+    a, z = dense.linear_forward(x, weight, bias, act.kernel_id, slope, write_z=True)
+    again = dense.activation_forward(z.t().contiguous().t(), act.kernel_id, slope)  # column-major Z: strides
+    assert torch.equal(again, a), f"A = f(Z) [{activation}] equals the epilogue's A"
+    assert dense.activation_forward(z[:0], act.kernel_id, slope).shape == (0, 41), "empty Z"

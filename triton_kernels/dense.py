@@ -11,6 +11,7 @@ shape of its variable). With x [M, K], weight [N, K], bias [N]:
                                                                   fixed-order sum of those: deterministic, no atomics
                 ∂C/∂X = δ W       [M, K] = [M, N] [N, K]         _matmul_kernel, A = δ, B = W
                 ∂C/∂W = δᵀ X      [N, K] = [N, M] [M, K]         _matmul_kernel, A = δᵀ (strides only), B = X
+    recompute   A = f(Z)          [M, N]                         _activation_kernel (manualbp.MLP, recompute=True)
 
 No operand is copied to make it contiguous: every kernel takes both strides of
 every matrix, so transposes are free. Offsets are 64-bit. Accumulation is in
@@ -170,6 +171,37 @@ def _delta_kernel(
     if WRITE_PARTIALS:
         # Summed from the unrounded δ, in the compute dtype.
         tl.store(partial_ptr + pid_m.to(tl.int64) * N + offs_n, tl.sum(delta, axis=0), mask=offs_n < N)
+
+
+@triton.jit
+def _activation_kernel(
+    z_ptr,  # Z [M, N] (any strides)
+    a_ptr,  # A = f(Z) [M, N], written
+    M,
+    N,
+    stride_zm, stride_zn,  # Z's strides
+    stride_am, stride_an,  # A's strides
+    ACTIVATION: tl.constexpr,  # kernel id of f
+    NEGATIVE_SLOPE: tl.constexpr,
+    COMPUTE_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # A = f(Z) alone: manualbp.MLP(recompute=True) rebuilds each hidden A from the kept Z
+    # in the backward, with the same f (and the same compute dtype) as the forward epilogue.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn, mask=mask, other=0.0)
+    if COMPUTE_FP64:
+        z = z.to(tl.float64)
+    else:
+        z = z.to(tl.float32)
+    a = act.f(z, ACTIVATION, NEGATIVE_SLOPE)
+    tl.store(a_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an, a.to(a_ptr.dtype.element_ty),
+             mask=mask)
 
 
 # --------------------------------------------------------------------------------------
@@ -409,3 +441,18 @@ def delta_and_bias_grad(grad_a, saved, act_id: int, negative_slope: float, from_
         # Rows of partial sums added in a fixed order: bitwise reproducible.
         grad_bias = partials.sum(dim=0).to(grad_a.dtype)
     return delta, grad_bias
+
+
+def activation_forward(z: torch.Tensor, act_id: int, negative_slope: float) -> torch.Tensor:
+    """A = f(Z), elementwise: z [M, N] (any strides) -> a new contiguous [M, N]."""
+    M, N = z.shape
+    a = torch.empty((M, N), dtype=z.dtype, device=z.device)
+    if a.numel() == 0:
+        return a
+    grid = (triton.cdiv(M, _DELTA_BLOCK["BLOCK_M"]), triton.cdiv(N, _DELTA_BLOCK["BLOCK_N"]))
+    with _device_guard(z):
+        _activation_kernel[grid](
+            z, a, M, N, z.stride(0), z.stride(1), a.stride(0), a.stride(1),
+            ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, COMPUTE_FP64=z.dtype == torch.float64, **_DELTA_BLOCK,
+        )
+    return a
