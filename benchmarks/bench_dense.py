@@ -128,22 +128,6 @@ class Timer:
         return statistics.median(times), q[1], q[7]
 
 
-def saved_bytes(model, x) -> int:
-    """Bytes saved for backward beyond x and the parameters (activation memory)."""
-    known = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in known:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(storages.values())
-
-
 def measure(impl, problem, mode, device, dtype, timer):
     """One row: timings and memory, or None where impl does not apply."""
     m, k_in, k_out = problem.m, problem.sizes[0], problem.sizes[-1]
@@ -180,7 +164,7 @@ def measure(impl, problem, mode, device, dtype, timer):
         torch.cuda.synchronize()
         mem = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        mem = saved_bytes(model, x) / 2**20
+        mem = manualbp.saved_bytes(model, x, count_inputs=False) / 2**20  # activation memory
     return dict(median_ms=med, p20_ms=p20, p80_ms=p80, tflops=problem.flops(mode) / med / 1e9, mem_mib=mem)
 
 

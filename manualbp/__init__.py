@@ -17,6 +17,7 @@ from .activations import ACTIVATIONS, Activation, get_activation
 from .backends import BACKENDS, get_backend, set_backend, use_backend
 from .conversion import ConversionReport, convert
 from .function import LinearFunction
+from .memory import saved_bytes
 from .mlp import MLP
 from .mlp_function import MLPFunction
 from .modules import Linear
@@ -37,6 +38,7 @@ __all__ = [
     "get_activation",
     "get_backend",
     "ops",
+    "saved_bytes",
     "set_backend",
     "use_backend",
 ]

@@ -164,27 +164,6 @@ def test_mlp_double_backward(backend, recompute):
     assert torch.autograd.gradgradcheck(f, inputs)
 
 
-def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the distinct tensors saved for backward by one forward, the model's parameters excluded.
-
-    The parameters exist anyway (saving one keeps a reference, no copy); what a
-    forward adds to memory is the activations it keeps. Counted per storage, so a
-    tensor saved twice (an output that is also the next layer's input) counts once.
-    """
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(storages.values())
-
-
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_saved_bytes_against_torch_sequential(backend):
     require(backend, torch.float32)
@@ -192,9 +171,9 @@ def test_saved_bytes_against_torch_sequential(backend):
     rows = 64 if backend == "triton" else 512
     torch.manual_seed(4)
     x = torch.randn(rows, sizes[0], device=DEVICE, requires_grad=True)
-    eager = saved_bytes(torch_sequential(sizes, "gelu", "identity", dtype=torch.float32), x)
-    keep = saved_bytes(manualbp.MLP(sizes, activation="gelu", device=DEVICE, backend=backend), x)
-    recompute = saved_bytes(manualbp.MLP(sizes, activation="gelu", recompute=True, device=DEVICE, backend=backend), x)
+    eager = manualbp.saved_bytes(torch_sequential(sizes, "gelu", "identity", dtype=torch.float32), x)
+    keep = manualbp.saved_bytes(manualbp.MLP(sizes, activation="gelu", device=DEVICE, backend=backend), x)
+    recompute = manualbp.saved_bytes(manualbp.MLP(sizes, activation="gelu", recompute=True, device=DEVICE, backend=backend), x)
     # eager keeps X, then per hidden layer Z (for GELU's backward) and A (the next Linear's input);
     # recompute=True keeps X and each hidden Z. Exact counts: a saved tensor that escaped the
     # saved-tensor hooks (stored on ctx) would show up here as missing bytes.
@@ -207,9 +186,9 @@ def test_saved_bytes_against_torch_sequential(backend):
 
     # Without recompute, the same as eager for any activation; with it, never more.
     for activation in ("relu", "tanh", "silu", "identity"):
-        eager = saved_bytes(torch_sequential(sizes, activation, "identity", dtype=torch.float32), x)
-        keep = saved_bytes(manualbp.MLP(sizes, activation=activation, device=DEVICE, backend=backend), x)
-        again = saved_bytes(manualbp.MLP(sizes, activation=activation, recompute=True, device=DEVICE, backend=backend),
+        eager = manualbp.saved_bytes(torch_sequential(sizes, activation, "identity", dtype=torch.float32), x)
+        keep = manualbp.saved_bytes(manualbp.MLP(sizes, activation=activation, device=DEVICE, backend=backend), x)
+        again = manualbp.saved_bytes(manualbp.MLP(sizes, activation=activation, recompute=True, device=DEVICE, backend=backend),
                             x)
         assert keep == eager, f"{activation}: recompute=False saved {keep} bytes, eager {eager}"
         assert again <= eager, f"{activation}: recompute=True saved {again} bytes, more than eager's {eager}"
