@@ -48,6 +48,15 @@ def _tile_dot(a, b, acc, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _elementwise_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_N] tile of an [M, N] elementwise grid: 64-bit row and column offsets, mask."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    return offs_m, offs_n, mask
+
+
+@triton.jit
 def _matmul_kernel(
     a_ptr,  # left factor A [M, K]
     b_ptr,  # right factor B [K, N]
@@ -142,12 +151,7 @@ def _delta_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-
+    offs_m, offs_n, mask = _elementwise_tile(M, N, BLOCK_M, BLOCK_N)
     if COMPUTE_FP64:
         compute_dtype = tl.float64
     else:
@@ -170,7 +174,8 @@ def _delta_kernel(
         tl.store(delta_ptrs, delta.to(delta_ptr.dtype.element_ty), mask=mask)
     if WRITE_PARTIALS:
         # Summed from the unrounded δ, in the compute dtype.
-        tl.store(partial_ptr + pid_m.to(tl.int64) * N + offs_n, tl.sum(delta, axis=0), mask=offs_n < N)
+        row = tl.program_id(0).to(tl.int64)  # this program's row block
+        tl.store(partial_ptr + row * N + offs_n, tl.sum(delta, axis=0), mask=offs_n < N)
 
 
 @triton.jit
@@ -189,11 +194,7 @@ def _activation_kernel(
 ):
     # A = f(Z) alone: manualbp.MLP(recompute=True) rebuilds each hidden A from the kept Z
     # in the backward, with the same f (and the same compute dtype) as the forward epilogue.
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    offs_m, offs_n, mask = _elementwise_tile(M, N, BLOCK_M, BLOCK_N)
     z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn, mask=mask, other=0.0)
     if COMPUTE_FP64:
         z = z.to(tl.float64)
