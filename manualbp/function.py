@@ -9,7 +9,9 @@ either in Triton kernels or in plain PyTorch, and computes only what
 ``ctx.needs_input_grad`` asks for.
 
 Saved for backward (by reference, nothing is copied):
-    x [M, K] and weight [N, K]   the factors of ∂C/∂W = δᵀ X and ∂C/∂X = δ W
+    x [M, K]                     the factor of ∂C/∂W = δᵀ X; only when the weight needs a
+                                 gradient (a frozen layer keeps no activation it does not need)
+    weight [N, K]                the factor of ∂C/∂X = δ W (a parameter: no memory)
     bias [N] or None             only to recompute Z in a double backward
     A [M, N]                     when f' can be computed from the output
                                  (relu, leaky_relu with slope >= 0, sigmoid, tanh)
@@ -79,14 +81,30 @@ def backward(backend: str, grad_a: Tensor, x: Tensor, weight: Tensor, saved: Opt
     return reference.linear_backward(grad_a, x, weight, f_prime, needs_grad_x, needs_grad_weight, needs_grad_bias)
 
 
-def differentiable_backward(grad_a: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation,
-                            needs_grad_x: bool, needs_grad_weight: bool, needs_grad_bias: bool):
+def differentiable_backward(grad_a: Tensor, x: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+                            activation: Activation, needs_grad_x: bool, needs_grad_weight: bool,
+                            needs_grad_bias: bool, a: Optional[Tensor] = None):
     """The backward for create_graph=True (double backward): what ``backward`` returns, in differentiable torch ops.
 
-    Z is recomputed from the saved inputs so that f'(Z) also depends on x, W and b.
+    f' must depend on x, W and b in the graph being built: Z is recomputed from the
+    saved inputs, or, where x was not kept (frozen weight), f' is read off the
+    layer's output ``a``, which the graph already connects to x, W and b. An
+    activation whose f' needs Z then has nothing to differentiate: a clear error.
     """
-    z = reference.pre_activation(x, weight, bias)
-    f_prime = None if activation.name == "identity" else reference.activation_grad(activation, z, False)
+    if activation.name == "identity":
+        f_prime = None
+    elif x is not None:
+        z = reference.pre_activation(x, weight, bias)
+        f_prime = reference.activation_grad(activation, z, False)
+    elif activation.saves_output and a is not None:
+        f_prime = reference.activation_grad(activation, a, True)
+    else:
+        raise RuntimeError(
+            f"double backward (create_graph=True) through a manualbp layer with activation {activation.name!r} "
+            f"and a frozen weight: f' depends on Z = X Wᵀ + b, and X was not saved because the weight needs no "
+            f"gradient (as nn.Linear does). Set weight.requires_grad_(True) for this computation, or use an "
+            f"activation whose f' comes from its output (identity, relu, leaky_relu with slope >= 0, sigmoid, tanh)."
+        )
     return reference.linear_backward(grad_a, x, weight, f_prime, needs_grad_x, needs_grad_weight, needs_grad_bias)
 
 
@@ -99,7 +117,7 @@ class LinearFunction(torch.autograd.Function):
         need_z = not (identity or activation.saves_output)
         a, z = forward(backend, x, weight, bias, activation, need_z)
         saved = None if identity else (a if activation.saves_output else z)
-        ctx.save_for_backward(x, weight, bias, saved)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, bias, saved)
         ctx.activation = activation
         ctx.backend = backend
         return a
@@ -111,7 +129,7 @@ class LinearFunction(torch.autograd.Function):
         activation = ctx.activation
         if torch.is_grad_enabled():
             grads = differentiable_backward(
-                grad_a, x, weight, bias, activation, needs_grad_x, needs_grad_weight, needs_grad_bias
+                grad_a, x, weight, bias, activation, needs_grad_x, needs_grad_weight, needs_grad_bias, a=saved
             )
         else:
             grads = backward(

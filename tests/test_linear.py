@@ -246,3 +246,44 @@ def test_reference_forward_is_bitwise_pytorch(activation):
     ours = F.linear(x, weight, b, activation, backend="reference")
     theirs = torch_dense(x.reshape(18, 13), weight, b, activation).reshape(2, 9, 11)
     assert torch.equal(ours, theirs), f"out [{activation}] bitwise"
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "identity"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_saves_what_nn_linear_saves(activation, backend, device):
+    """With a frozen weight nn.Linear keeps no copy of x for ∂C/∂W; neither does manualbp."""
+    x = torch.randn(6, 5, device=device, requires_grad=True)
+    layer = manualbp.Linear(5, 4, activation=activation, backend=backend, device=device).requires_grad_(False)
+    eager = torch.nn.Sequential(torch.nn.Linear(5, 4, device=device).requires_grad_(False))
+    if activation != "identity":
+        eager.append(torch.nn.GELU() if activation == "gelu" else torch.nn.ReLU())
+    eager[0].load_state_dict(layer.state_dict())
+    # x is a non-leaf here, as in a real network, so that keeping it would cost memory.
+    h = x * 1.0
+    ours, theirs = manualbp.saved_bytes(layer, h), manualbp.saved_bytes(eager, h)
+    assert ours == theirs, f"saved bytes with a frozen weight: {ours} vs nn.Linear's {theirs}"
+    (ours_dx,) = torch.autograd.grad(layer(h).sum(), x, retain_graph=True)
+    (theirs_dx,) = torch.autograd.grad(eager(h).sum(), x)
+    torch.testing.assert_close(ours_dx, theirs_dx, msg=lambda m: f"dx with a frozen weight: {m}")
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_with_frozen_weight_from_output(activation, backend, device):
+    """x not kept: f' comes from the output A, which the graph connects to x."""
+    x, weight, b, _ = _make((3,), 4, 3, torch.float64, seed=4, device=device)
+    x.requires_grad_(True)
+    fn = lambda x: F.linear(x, weight, b, activation, backend=backend)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (x,)), f"gradgradcheck frozen weight {activation} {backend}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_with_frozen_weight_needing_z_is_an_error(backend, device):
+    x, weight, b, _ = _make((3,), 4, 3, torch.float64, seed=4, device=device)
+    x.requires_grad_(True)
+    out = F.linear(x, weight, b, "gelu", backend=backend)
+    (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=False)  # first order: fine
+    assert grad_x.shape == x.shape, "first-order dx"
+    out = F.linear(x, weight, b, "gelu", backend=backend)
+    with pytest.raises(RuntimeError, match="frozen weight"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
