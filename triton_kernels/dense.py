@@ -244,17 +244,21 @@ _FP64_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}
 _FP64_FMA_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}  # [16, 16, 16] fp64 products in registers
 _DELTA_BLOCK = {"BLOCK_M": 64, "BLOCK_N": 64}
 
-_SMEM_BUDGET = 200 * 1024  # bytes of pipelined operand tiles; H100 has 227 KiB per block (A100: 163 KiB)
+@functools.lru_cache(maxsize=None)
+def _shared_memory_bytes(device_index: int) -> int:
+    """Shared memory one block may use on this GPU (227 KiB on H100, 163 KiB on A100)."""
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles whose pipelined operands would not fit in shared memory."""
-    element_size = named_args["a_ptr"].element_size()
+    """Drop tiles whose pipelined operand tiles would not fit in shared memory (they would fail to compile)."""
+    a = named_args["a_ptr"]
+    budget = _shared_memory_bytes(a.device.index if a.device.index is not None else torch.cuda.current_device())
     kept = [
         cfg
         for cfg in configs
-        if (cfg.kwargs["BLOCK_M"] + cfg.kwargs["BLOCK_N"]) * cfg.kwargs["BLOCK_K"] * element_size * cfg.num_stages
-        <= _SMEM_BUDGET
+        if (cfg.kwargs["BLOCK_M"] + cfg.kwargs["BLOCK_N"]) * cfg.kwargs["BLOCK_K"] * a.element_size() * cfg.num_stages
+        <= budget
     ]
     return kept or configs[-1:]
 
