@@ -208,3 +208,23 @@ def test_activation_kernel_matches_forward_epilogue(activation, device):
     again = dense.activation_forward(z.t().contiguous().t(), act.kernel_id, slope)  # column-major Z: strides
     assert torch.equal(again, a), f"A = f(Z) [{activation}] equals the epilogue's A"
     assert dense.activation_forward(z[:0], act.kernel_id, slope).shape == (0, 41), "empty Z"
+
+
+def test_autotune_pruning_respects_shared_memory(monkeypatch):
+    """Configs whose pipelined tiles exceed the GPU's shared memory are dropped before compiling."""
+    dense._shared_memory_bytes.cache_clear()
+    monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 100 * 1024)
+    a32 = torch.empty(4, 4, dtype=torch.float32)
+    kept = dense._prune_configs(dense.matmul_configs(), {"a_ptr": a32})
+
+    def need(cfg, size):
+        k = cfg.kwargs
+        return (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * size * cfg.num_stages
+
+    assert kept and all(need(cfg, 4) <= 100 * 1024 for cfg in kept), "fp32: only configs that fit"
+    dropped = [cfg for cfg in dense.matmul_configs() if cfg not in kept]
+    assert dropped and all(need(cfg, 4) > 100 * 1024 for cfg in dropped), "fp32: every dropped config is too big"
+    monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 1)
+    assert dense._prune_configs(dense.matmul_configs(), {"a_ptr": a32}) == dense.matmul_configs()[-1:], (
+        "nothing fits: the smallest config is kept rather than none"
+    )

@@ -253,7 +253,7 @@ def _shared_memory_bytes(device_index: int) -> int:
 def _prune_configs(configs, named_args, **kwargs):
     """Drop tiles whose pipelined operand tiles would not fit in shared memory (they would fail to compile)."""
     a = named_args["a_ptr"]
-    budget = _shared_memory_bytes(a.device.index if a.device.index is not None else torch.cuda.current_device())
+    budget = _shared_memory_bytes(a.device.index or 0)  # a CUDA tensor's device always has its index
     kept = [
         cfg
         for cfg in configs
