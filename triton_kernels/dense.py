@@ -355,22 +355,27 @@ def _launch_matmul(a, b, out, bias, z, act_id, negative_slope, use_dot=None):
         INPUT_PRECISION=_input_precision(a.dtype, a.device),
         ACC_FP64=fp64,
     )
-    if not use_dot:
-        config = _FP64_FMA_CONFIG
-    elif is_interpreted():
-        config = _INTERPRETER_CONFIG
-    elif fp64:
-        config = _FP64_CONFIG
-    elif not autotune_enabled():
-        grid = (triton.cdiv(M, _UNTUNED_CONFIG["BLOCK_M"]) * triton.cdiv(N, _UNTUNED_CONFIG["BLOCK_N"]),)
-        _matmul_kernel[grid](*args, **flags, **_UNTUNED_CONFIG, **_UNTUNED_LAUNCH)
-        return
-    else:
+    fixed = _fixed_config(fp64, use_dot)
+    if fixed is None:  # the GPU autotuner picks the tile, once per (M, N, K, epilogue)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         _autotuned_matmul()[grid](*args, **flags)
         return
+    config, launch = fixed
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
-    _matmul_kernel[grid](*args, **flags, **config)
+    _matmul_kernel[grid](*args, **flags, **config, **launch)
+
+
+def _fixed_config(fp64: bool, use_dot: bool):
+    """(tile, launch options) where no autotuning happens, or None where it does."""
+    if not use_dot:
+        return _FP64_FMA_CONFIG, {}
+    if is_interpreted():
+        return _INTERPRETER_CONFIG, {}
+    if fp64:
+        return _FP64_CONFIG, {}
+    if not autotune_enabled():
+        return _UNTUNED_CONFIG, _UNTUNED_LAUNCH
+    return None
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
