@@ -42,3 +42,26 @@ def test_kernels_are_a_subpackage_of_manualbp():
     import manualbp.triton_kernels as kernels
 
     assert kernels.__name__ == "manualbp.triton_kernels", "installed as a subpackage"
+
+
+def test_wheel_installs_the_kernels_under_manualbp_only(tmp_path):
+    """A built wheel holds manualbp/triton_kernels/..., and no top-level triton_kernels package."""
+    import importlib.util
+    import pathlib
+    import zipfile
+
+    import pytest
+
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip("setuptools is not installed: cannot build a wheel without network access")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(root)], capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("manualbp-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "manualbp/triton_kernels/dense.py" in names, "the kernels are in the wheel, under manualbp"
+    assert "manualbp/triton_kernels/activations.py" in names, "the Triton activations are in the wheel"
+    assert not [n for n in names if n.startswith("triton_kernels/")], "no top-level triton_kernels package"
