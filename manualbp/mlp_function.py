@@ -35,7 +35,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import function, reference
+from . import backends, function, reference
 from .activations import Activation
 
 
@@ -119,6 +119,10 @@ def _unpack_kept(activations: Sequence[Activation], recompute: bool, output: Opt
     return kept_a, kept_z
 
 
+def _slope(activation: Activation) -> float:
+    return activation.negative_slope if activation.name == "leaky_relu" else 0.0
+
+
 def backward_stack(backend: str, grad_output: Tensor, x: Tensor, weights: Sequence[Tensor],
                    activations: Sequence[Activation], recompute: bool, output: Optional[Tensor],
                    kept: Sequence[Tensor], needs_grad_x: bool, needs_grad_weights: Sequence[bool],
@@ -127,6 +131,11 @@ def backward_stack(backend: str, grad_output: Tensor, x: Tensor, weights: Sequen
 
     Returns (∂C/∂X₀ or None, [∂C/∂Wₗ or None], [∂C/∂bₗ or None]). Stops at the lowest
     layer below which nothing needs a gradient.
+
+    reference: each layer runs the one-layer backward of ``function.backward``.
+    triton: the same equations, but δₗ₋₁ = (δₗ Wₗ) ⊙ fₗ₋₁'(Zₗ₋₁) and ∂C/∂bₗ₋₁ are formed in
+    the epilogue of the matmul that computes δₗ Wₗ, so only the top layer's δ takes a
+    separate elementwise pass over [M, N].
     """
     count = len(weights)
     kept_a, kept_z = _unpack_kept(activations, recompute, output, kept)
@@ -137,30 +146,66 @@ def backward_stack(backend: str, grad_output: Tensor, x: Tensor, weights: Sequen
     for index in range(count - 1):
         below.append(below[-1] or needs_grad_weights[index] or needs_grad_biases[index])
 
+    def layer_input(index: int) -> Tensor:  # Xₗ, kept or recomputed as f(Zₗ₋₁)
+        if index == 0:
+            return x
+        if kept_a[index - 1] is not None:
+            return kept_a[index - 1]
+        return function.activation(backend, activations[index - 1], kept_z[index - 1])
+
+    def saved_for_f_prime(index: int):  # (what f' is computed from, whether that is A)
+        if activations[index].name == "identity":
+            return None, False
+        if kept_z[index] is not None:
+            return kept_z[index], False
+        return kept_a[index], True
+
+    if backend == "triton":
+        grad_x = _backward_fused(grad_output, weights, activations, needs_grad_weights, needs_grad_biases, below,
+                                 layer_input, saved_for_f_prime, grad_weights, grad_biases)
+        return (grad_x if needs_grad_x else None), grad_weights, grad_biases
+
     grad = grad_output  # Gₗ = ∂C/∂Aₗ
     grad_x = None
     for index in reversed(range(count)):
-        activation = activations[index]
-        if index == 0:
-            x_l = x
-        elif kept_a[index - 1] is not None:
-            x_l = kept_a[index - 1]
-        else:
-            x_l = function.activation(backend, activations[index - 1], kept_z[index - 1])  # Xₗ = f(Zₗ₋₁)
-        if activation.name == "identity":
-            saved, from_output = None, False
-        elif kept_z[index] is not None:
-            saved, from_output = kept_z[index], False
-        else:
-            saved, from_output = kept_a[index], True
+        saved, from_output = saved_for_f_prime(index)
         grad_x, grad_weights[index], grad_biases[index] = function.backward(
-            backend, grad, x_l, weights[index], saved, activation,
+            backend, grad, layer_input(index), weights[index], saved, activations[index],
             below[index], needs_grad_weights[index], needs_grad_biases[index], from_output=from_output,
         )
         if not below[index]:
             break
         grad = grad_x  # ∂C/∂Xₗ is G of layer l-1
     return (grad_x if needs_grad_x else None), grad_weights, grad_biases
+
+
+def _backward_fused(grad_output, weights, activations, needs_grad_weights, needs_grad_biases, below,
+                    layer_input, saved_for_f_prime, grad_weights, grad_biases) -> Optional[Tensor]:
+    """backward_stack on the Triton kernels; fills grad_weights/grad_biases, returns ∂C/∂X₀ or None."""
+    dense = backends.kernels()
+    top = len(weights) - 1
+    saved, from_output = saved_for_f_prime(top)
+    activation = activations[top]
+    # The top layer's δ from the incoming G: the one separate elementwise pass.
+    delta, grad_biases[top] = dense.delta_and_bias_grad(
+        grad_output, saved, activation.kernel_id, _slope(activation), from_output,
+        want_delta=needs_grad_weights[top] or below[top], want_bias=needs_grad_biases[top],
+    )
+    for index in reversed(range(top + 1)):
+        if needs_grad_weights[index]:
+            grad_weights[index] = dense.matmul(delta.t(), layer_input(index))  # ∂C/∂Wₗ = δₗᵀ Xₗ
+        if not below[index]:
+            return None
+        if index == 0:
+            return dense.matmul(delta, weights[0])  # ∂C/∂X₀ = δ₀ W₀
+        saved, from_output = saved_for_f_prime(index - 1)
+        activation = activations[index - 1]
+        # δₗ₋₁ = (δₗ Wₗ) ⊙ fₗ₋₁'(Zₗ₋₁) and ∂C/∂bₗ₋₁ = 1ᵀ δₗ₋₁, in one matmul kernel.
+        delta, grad_biases[index - 1] = dense.matmul_times_activation_grad(
+            delta, weights[index], saved, activation.kernel_id, _slope(activation), from_output,
+            want_bias=needs_grad_biases[index - 1],
+        )
+    return None
 
 
 def differentiable_backward(grad_output: Tensor, x: Tensor, weights: Sequence[Tensor],

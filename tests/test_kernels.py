@@ -35,9 +35,10 @@ def test_every_autotune_config_is_correct(config, device):
     dense._matmul_kernel[grid](
         x, wt, bias, a, z, M, N, K,
         x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), a.stride(0), a.stride(1), z.stride(0), z.stride(1),
-        bias.stride(0),
+        bias.stride(0), a, a.stride(0), a.stride(1), a,
         HAS_BIAS=True, ACTIVATION=manualbp.get_activation("gelu").kernel_id, NEGATIVE_SLOPE=0.0, WRITE_Z=True,
         USE_DOT=True, INPUT_PRECISION="ieee", ACC_FP64=False,
+        GRAD_EPILOGUE=False, FROM_OUTPUT=False, WRITE_PARTIALS=False, PARTIAL_ROWS=dense._PARTIAL_ROWS,
         num_warps=config.num_warps, num_stages=config.num_stages, **kw,
     )
     z_exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
@@ -45,6 +46,24 @@ def test_every_autotune_config_is_correct(config, device):
     torch.testing.assert_close(z.double(), z_exact, **tol, msg=lambda m: f"z with {_config_id(config)}: {m}")
     torch.testing.assert_close(a.double(), torch.nn.functional.gelu(z_exact), **tol,
                                msg=lambda m: f"a with {_config_id(config)}: {m}")
+
+    # The backward epilogue with the same tile: out = (x Wᵀ) ⊙ gelu'(z_below), column sums in 64-row groups.
+    z_below = torch.randn(M, N, generator=g).to(device, dtype)
+    partials = torch.full((triton_cdiv(M, dense._PARTIAL_ROWS), N), float("nan"), device=device)
+    dense._matmul_kernel[grid](
+        x, wt, bias, a, z, M, N, K,
+        x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), a.stride(0), a.stride(1), z.stride(0), z.stride(1),
+        bias.stride(0), z_below, z_below.stride(0), z_below.stride(1), partials,
+        HAS_BIAS=False, ACTIVATION=manualbp.get_activation("gelu").kernel_id, NEGATIVE_SLOPE=0.0, WRITE_Z=False,
+        USE_DOT=True, INPUT_PRECISION="ieee", ACC_FP64=False,
+        GRAD_EPILOGUE=True, FROM_OUTPUT=False, WRITE_PARTIALS=True, PARTIAL_ROWS=dense._PARTIAL_ROWS,
+        num_warps=config.num_warps, num_stages=config.num_stages, **kw,
+    )
+    delta_exact = (x.double() @ weight.double().t()) * manualbp.get_activation("gelu").f_grad(z_below.double())
+    torch.testing.assert_close(a.double(), delta_exact, **tol, msg=lambda m: f"delta with {_config_id(config)}: {m}")
+    assert not partials.isnan().any(), f"every partial row written with {_config_id(config)}"
+    torch.testing.assert_close(partials.double().sum(0), delta_exact.sum(0), rtol=tol["rtol"], atol=tol["atol"] * 10,
+                               msg=lambda m: f"column sums with {_config_id(config)}: {m}")
 
 
 def triton_cdiv(a, b):
@@ -243,3 +262,37 @@ def test_which_launches_autotune(monkeypatch):
     )
     monkeypatch.setattr(dense, "is_interpreted", lambda: True)
     assert dense._fixed_config(fp64=False, use_dot=True)[0] == dense._INTERPRETER_CONFIG, "interpreter"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("activation", manualbp.ACTIVATIONS)
+def test_matmul_times_activation_grad(activation, dtype, device):
+    """δₗ₋₁ = (δₗ Wₗ) ⊙ f'(Zₗ₋₁) and ∂C/∂bₗ₋₁ in one kernel equal the unfused reference steps."""
+    g = torch.Generator().manual_seed(6)
+    M, N, K = 70, 33, 37  # odd, and M crosses the 64-row column-sum groups
+    delta = torch.randn(M, N, generator=g, dtype=torch.float64)
+    weight = torch.randn(N, K, generator=g, dtype=torch.float64) / N ** 0.5
+    z_below = torch.randn(M, K, generator=g, dtype=torch.float64)
+    act = manualbp.get_activation(activation)
+    saved = act.f(z_below) if act.saves_output else z_below  # what the layer below kept
+    slope = act.negative_slope if activation == "leaky_relu" else 0.0
+    ours, grad_bias = dense.matmul_times_activation_grad(
+        delta.to(device, dtype), weight.to(device, dtype), saved.to(device, dtype), act.kernel_id, slope,
+        act.saves_output, want_bias=True)
+    expected = (delta @ weight) * act.f_grad(z_below)  # float64, unfused
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-2}[dtype]
+    torch.testing.assert_close(ours.double().cpu(), expected, rtol=tol, atol=tol,
+                               msg=lambda m: f"delta below [{activation}, {dtype}]: {m}")
+    torch.testing.assert_close(grad_bias.double().cpu(), expected.sum(0), rtol=tol, atol=tol * M ** 0.5,
+                               msg=lambda m: f"db below [{activation}, {dtype}]: {m}")
+    again, grad_bias_again = dense.matmul_times_activation_grad(
+        delta.to(device, dtype), weight.to(device, dtype), saved.to(device, dtype), act.kernel_id, slope,
+        act.saves_output, want_bias=True)
+    assert torch.equal(again, ours) and torch.equal(grad_bias_again, grad_bias), "bitwise reproducible"
+
+
+def test_partial_rows_divide_every_config():
+    """∂C/∂b's column-sum groups must not depend on the tile the autotuner picks."""
+    for config in dense.matmul_configs():
+        assert config.kwargs["BLOCK_M"] % dense._PARTIAL_ROWS == 0, f"{_config_id(config)}: BLOCK_M % rows"
+    assert dense._UNTUNED_CONFIG["BLOCK_M"] % dense._PARTIAL_ROWS == 0, "untuned tile"

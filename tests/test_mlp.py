@@ -255,3 +255,49 @@ def test_mlp_bad_arguments():
         mlp(torch.randn(2, 4))
     with pytest.raises(ValueError, match="one weight, one bias"):
         manualbp.mlp.mlp(torch.randn(2, 4), [torch.randn(3, 4)], [], ["relu"])
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
+@pytest.mark.parametrize("needs", ["all", "bias-only-below", "frozen-middle"])
+def test_triton_backward_fuses_each_lower_delta_into_a_matmul(recompute, needs, monkeypatch):
+    """On the Triton kernels only the top layer's δ is a separate elementwise pass; every lower δ
+    (and its ∂C/∂b) comes out of the epilogue of the matmul δₗ Wₗ. Gradients equal nn.Sequential's."""
+    require("triton", torch.float64)
+    dense = backends.kernels()
+    calls = {"delta": 0, "fused": 0}
+    real_delta, real_fused = dense.delta_and_bias_grad, dense.matmul_times_activation_grad
+
+    def count(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(dense, "delta_and_bias_grad", count("delta", real_delta))
+    monkeypatch.setattr(dense, "matmul_times_activation_grad", count("fused", real_fused))
+    torch.manual_seed(7)
+    sizes = [5, 9, 7, 6, 3]
+    mlp = manualbp.MLP(sizes, activation="silu", last_activation="sigmoid", recompute=recompute,
+                       dtype=torch.float64, device=DEVICE, backend="triton")
+    mlp.layers[1].activation = manualbp.get_activation("identity")  # an identity layer inside the stack
+    sequential = mlp.to_sequential()
+    if needs == "bias-only-below":
+        for model in (mlp, sequential):
+            model.get_submodule("0").weight.requires_grad_(False)
+    if needs == "frozen-middle":
+        for model in (mlp, sequential):
+            model.get_submodule("2").requires_grad_(False)
+    x = torch.randn(11, 5, dtype=torch.float64, device=DEVICE)
+    grad_output = torch.randn(11, 3, dtype=torch.float64, device=DEVICE)
+    out, dx, grads = run(mlp, x, grad_output)
+    out_ref, dx_ref, grads_ref = run(sequential, x, grad_output)
+    assert calls == {"delta": 1, "fused": len(sizes) - 2}, f"one separate δ pass, the rest fused: {calls}"
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12, msg=lambda m: f"out: {m}")
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"dx: {m}")
+    for name in grads:
+        if grads_ref[name] is None:
+            assert grads[name] is None, f"{name}: frozen, no gradient"
+            continue
+        kind = "dw" if name.endswith("weight") else "db"
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-10, atol=1e-12,
+                                   msg=lambda m: f"{kind} {name}: {m}")

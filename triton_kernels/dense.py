@@ -57,6 +57,34 @@ def _elementwise_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _times_activation_grad(grad_a, saved_ptrs, mask, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
+                           FROM_OUTPUT: tl.constexpr):
+    """δ = G ⊙ f'(Z) for one tile: grad_a in the compute dtype, f' from the saved A or Z at saved_ptrs."""
+    if ACTIVATION == act.IDENTITY:
+        return grad_a  # f' = 1: nothing to read
+    saved = tl.load(saved_ptrs, mask=mask, other=0.0).to(grad_a.dtype)
+    if FROM_OUTPUT:
+        f_prime = act.f_grad_from_output(saved, ACTIVATION, NEGATIVE_SLOPE)
+    else:
+        f_prime = act.f_grad(saved, ACTIVATION, NEGATIVE_SLOPE)
+    return grad_a * f_prime  # masked entries stay 0 (G is 0 there)
+
+
+@triton.jit
+def _store_column_sums(delta, partial_ptr, tile_row, offs_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       PARTIAL_ROWS: tl.constexpr):
+    """Column sums of δ over each PARTIAL_ROWS-row group of this [BLOCK_M, BLOCK_N] tile, one partial row each.
+
+    The groups do not depend on the tile: whatever BLOCK_M a launch uses, the partial
+    rows (and their fixed-order sum, ∂C/∂b) are the same, and every row is rewritten.
+    """
+    sums = tl.sum(tl.reshape(delta, (BLOCK_M // PARTIAL_ROWS, PARTIAL_ROWS, BLOCK_N)), axis=1)
+    rows = tile_row.to(tl.int64) * (BLOCK_M // PARTIAL_ROWS) + tl.arange(0, BLOCK_M // PARTIAL_ROWS)
+    mask = (rows[:, None] < tl.cdiv(M, PARTIAL_ROWS)) & (offs_n[None, :] < N)
+    tl.store(partial_ptr + rows[:, None] * N + offs_n[None, :], sums, mask=mask)
+
+
+@triton.jit
 def _matmul_kernel(
     a_ptr,  # left factor A [M, K]
     b_ptr,  # right factor B [K, N]
@@ -71,6 +99,9 @@ def _matmul_kernel(
     stride_om, stride_on,  # output's strides
     stride_zm, stride_zn,  # Z's strides
     stride_bias,  # bias's stride (a sliced bias is not contiguous)
+    saved_ptr,  # A or Z of the layer below [M, N]; read only with GRAD_EPILOGUE
+    stride_sm, stride_sn,  # its strides
+    partial_ptr,  # [cdiv(M, PARTIAL_ROWS), N] column sums of the output; written only with WRITE_PARTIALS
     HAS_BIAS: tl.constexpr,  # add bias[None, :] to every row
     ACTIVATION: tl.constexpr,  # kernel id of f (0 = identity)
     NEGATIVE_SLOPE: tl.constexpr,  # leaky_relu's slope (unused otherwise)
@@ -78,6 +109,10 @@ def _matmul_kernel(
     USE_DOT: tl.constexpr,  # tl.dot, or the fp64 FMA fallback
     INPUT_PRECISION: tl.constexpr,  # "ieee", or "tf32" only when PyTorch allows TF32
     ACC_FP64: tl.constexpr,  # accumulate in float64 (float64 data) instead of float32
+    GRAD_EPILOGUE: tl.constexpr,  # output (A B) ⊙ f'(saved), the δ of the layer below, instead of f(A B + b)
+    FROM_OUTPUT: tl.constexpr,  # with GRAD_EPILOGUE: saved is A (f_grad_from_output), else Z
+    WRITE_PARTIALS: tl.constexpr,  # with GRAD_EPILOGUE: store the output's column sums (that layer's ∂C/∂b)
+    PARTIAL_ROWS: tl.constexpr,  # rows per column-sum group; divides BLOCK_M
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -117,16 +152,24 @@ def _matmul_kernel(
         a_ptrs += a_step
         b_ptrs += b_step
 
-    # Epilogue: Z = acc + b, A = f(Z), both in the accumulator's precision.
-    z = acc
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
-        z = z + bias[None, :].to(acc.dtype)
     mask = mask_m[:, None] & mask_n[None, :]
-    if WRITE_Z:
-        z_ptrs = z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
-        tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask)
-    out = act.f(z, ACTIVATION, NEGATIVE_SLOPE)
+    if GRAD_EPILOGUE:
+        # Backward of a stack: acc = δₗ Wₗ = ∂C/∂Aₗ₋₁ (G of the layer below), so this tile of
+        # δₗ₋₁ = G ⊙ f'(Zₗ₋₁) is formed here instead of in a separate pass, with its column sums.
+        saved_ptrs = saved_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn
+        out = _times_activation_grad(acc, saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, FROM_OUTPUT)
+        if WRITE_PARTIALS:
+            _store_column_sums(out, partial_ptr, pid_m, offs_n, M, N, BLOCK_M, BLOCK_N, PARTIAL_ROWS)
+    else:
+        # Forward: Z = acc + b, A = f(Z), both in the accumulator's precision.
+        z = acc
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
+            z = z + bias[None, :].to(acc.dtype)
+        if WRITE_Z:
+            z_ptrs = z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
+            tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask)
+        out = act.f(z, ACTIVATION, NEGATIVE_SLOPE)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -157,25 +200,16 @@ def _delta_kernel(
     else:
         compute_dtype = tl.float32
     grad_a = tl.load(grad_a_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
-    grad_a = grad_a.to(compute_dtype)
-    if ACTIVATION == act.IDENTITY:
-        delta = grad_a  # f' = 1
-    else:
-        saved = tl.load(saved_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn, mask=mask, other=0.0)
-        saved = saved.to(compute_dtype)
-        if FROM_OUTPUT:
-            f_prime = act.f_grad_from_output(saved, ACTIVATION, NEGATIVE_SLOPE)
-        else:
-            f_prime = act.f_grad(saved, ACTIVATION, NEGATIVE_SLOPE)
-        delta = grad_a * f_prime  # δ = G ⊙ f'(Z); masked entries are 0 (G = 0 there)
+    saved_ptrs = saved_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn
+    delta = _times_activation_grad(grad_a.to(compute_dtype), saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE,
+                                   FROM_OUTPUT)  # δ = G ⊙ f'(Z)
 
     if WRITE_DELTA:
         delta_ptrs = delta_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn
         tl.store(delta_ptrs, delta.to(delta_ptr.dtype.element_ty), mask=mask)
     if WRITE_PARTIALS:
         # Summed from the unrounded δ, in the compute dtype.
-        row = tl.program_id(0).to(tl.int64)  # this program's row block
-        tl.store(partial_ptr + row * N + offs_n, tl.sum(delta, axis=0), mask=offs_n < N)
+        _store_column_sums(delta, partial_ptr, tl.program_id(0), offs_n, M, N, BLOCK_M, BLOCK_N, BLOCK_M)
 
 
 @triton.jit
@@ -243,6 +277,9 @@ _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4
 _FP64_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}
 _FP64_FMA_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}  # [16, 16, 16] fp64 products in registers
 _DELTA_BLOCK = {"BLOCK_M": 64, "BLOCK_N": 64}
+# Rows per column-sum group of ∂C/∂b in an autotuned (or untuned GPU) launch: divides every
+# BLOCK_M of matmul_configs(), so the partial sums do not depend on the tile the tuner picks.
+_PARTIAL_ROWS = 64
 
 @functools.lru_cache(maxsize=None)
 def _shared_memory_bytes(device_index: int) -> int:
@@ -283,7 +320,7 @@ def _autotuned_matmul():
         options["cache_results"] = True  # keep the winners on disk across processes (Triton >= 3.2)
     return triton.autotune(
         configs=matmul_configs(),
-        key=["M", "N", "K", "HAS_BIAS", "ACTIVATION", "WRITE_Z"],
+        key=["M", "N", "K", "HAS_BIAS", "ACTIVATION", "WRITE_Z", "GRAD_EPILOGUE"],
         prune_configs_by={"early_config_prune": _prune_configs},
         **options,
     )(_matmul_kernel)
@@ -316,7 +353,7 @@ def fp64_dot_supported(device: torch.device) -> bool:
     b = torch.randn(16, 16, dtype=torch.float64, device=device)
     out = torch.empty(16, 16, dtype=torch.float64, device=device)
     try:
-        _launch_matmul(a, b, out, None, None, act_id=0, negative_slope=0.0, use_dot=True)
+        _launch_matmul(a, b, out, use_dot=True)
     except Exception:  # any compile/lowering failure means: not supported, use the FMA fallback
         return False
     return bool(torch.allclose(out, a @ b, rtol=1e-12, atol=1e-12))
@@ -332,19 +369,36 @@ def _device_guard(t: torch.Tensor):
 # --------------------------------------------------------------------------------------
 
 
-def _launch_matmul(a, b, out, bias, z, act_id, negative_slope, use_dot=None):
-    """out = f(a @ b + bias) (z = a @ b + bias when z is given); a [M, K], b [K, N], out [M, N]."""
+def _launch_matmul(a, b, out, *, bias=None, z=None, act_id=0, negative_slope=0.0, grad_saved=None,
+                   from_output=False, want_partials=False, use_dot=None):
+    """One matmul launch: a [M, K] @ b [K, N] into out [M, N], with one of two epilogues.
+
+    Forward (grad_saved None): out = f(a @ b + bias), and z = a @ b + bias when z is given.
+    Backward of a stack (grad_saved [M, N], the A or Z of the layer below):
+    out = (a @ b) ⊙ f'(grad_saved); with want_partials, returns the column sums of out
+    per _PARTIAL_ROWS-row group, [cdiv(M, rows), N] in the accumulator's dtype.
+    """
     M, K = a.shape
     N = b.shape[1]
     fp64 = a.dtype == torch.float64
     if use_dot is None:
         use_dot = (not fp64) or fp64_dot_supported(a.device)
+    fixed = _fixed_config(fp64, use_dot)
+    partial_rows = _PARTIAL_ROWS if fixed is None else min(_PARTIAL_ROWS, fixed[0]["BLOCK_M"])
+    partials = None
+    if want_partials:
+        partials = torch.empty((triton.cdiv(M, partial_rows), N), dtype=torch.float64 if fp64 else torch.float32,
+                               device=a.device)
+    grad_epilogue = grad_saved is not None
+    saved = grad_saved if grad_epilogue else out
     args = (
         a, b, bias if bias is not None else out, out, z if z is not None else out,
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
         bias.stride(0) if bias is not None else 0,
+        saved, saved.stride(0), saved.stride(1),
+        partials if partials is not None else out,
     )
     flags = dict(
         HAS_BIAS=bias is not None,
@@ -354,15 +408,19 @@ def _launch_matmul(a, b, out, bias, z, act_id, negative_slope, use_dot=None):
         USE_DOT=use_dot,
         INPUT_PRECISION=_input_precision(a.dtype, a.device),
         ACC_FP64=fp64,
+        GRAD_EPILOGUE=grad_epilogue,
+        FROM_OUTPUT=from_output,
+        WRITE_PARTIALS=want_partials,
+        PARTIAL_ROWS=partial_rows,
     )
-    fixed = _fixed_config(fp64, use_dot)
     if fixed is None:  # the GPU autotuner picks the tile, once per (M, N, K, epilogue)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         _autotuned_matmul()[grid](*args, **flags)
-        return
+        return partials
     config, launch = fixed
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
     _matmul_kernel[grid](*args, **flags, **config, **launch)
+    return partials
 
 
 def _fixed_config(fp64: bool, use_dot: bool):
@@ -385,7 +443,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     with _device_guard(a):
-        _launch_matmul(a, b, out, None, None, act_id=0, negative_slope=0.0)
+        _launch_matmul(a, b, out)
     return out
 
 
@@ -401,7 +459,7 @@ def linear_forward(x, weight, bias, act_id: int, negative_slope: float, write_z:
         return a, z
     with _device_guard(x):
         # B = Wᵀ [K, N] is W read through swapped strides: no copy.
-        _launch_matmul(x, weight.t(), a, bias, z, act_id, negative_slope)
+        _launch_matmul(x, weight.t(), a, bias=bias, z=z, act_id=act_id, negative_slope=negative_slope)
     return a, z
 
 
@@ -466,3 +524,23 @@ def activation_forward(z: torch.Tensor, act_id: int, negative_slope: float) -> t
             ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, COMPUTE_FP64=z.dtype == torch.float64, **_DELTA_BLOCK,
         )
     return a
+
+
+def matmul_times_activation_grad(delta, weight, saved, act_id: int, negative_slope: float, from_output: bool,
+                                 want_bias: bool):
+    """The δ of the layer below and its ∂C/∂b, from this layer's δ, in one matmul kernel.
+
+    delta [M, N] = δₗ, weight [N, K] = Wₗ, saved [M, K] = Aₗ₋₁ (from_output) or Zₗ₋₁ (unused for
+    identity) -> (δₗ₋₁ = (δₗ Wₗ) ⊙ f'(Zₗ₋₁) [M, K], ∂C/∂bₗ₋₁ = 1ᵀ δₗ₋₁ [K] or None).
+    """
+    M, K = delta.shape[0], weight.shape[1]
+    out = torch.empty((M, K), dtype=delta.dtype, device=delta.device)
+    if out.numel() == 0:
+        return out, (torch.zeros(K, dtype=delta.dtype, device=delta.device) if want_bias else None)
+    with _device_guard(delta):
+        partials = _launch_matmul(
+            delta, weight, out, act_id=act_id, negative_slope=negative_slope,
+            grad_saved=saved if act_id != 0 else out, from_output=from_output, want_partials=want_bias,
+        )
+    # Rows of partial sums added in a fixed order: bitwise reproducible.
+    return out, (partials.sum(dim=0).to(delta.dtype) if want_bias else None)
