@@ -30,6 +30,7 @@ for float16/bfloat16, where the two can differ in the last bit.
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -135,7 +136,8 @@ def backward_stack(backend: str, grad_output: Tensor, x: Tensor, weights: Sequen
     reference: each layer runs the one-layer backward of ``function.backward``.
     triton: the same equations, but δₗ₋₁ = (δₗ Wₗ) ⊙ fₗ₋₁'(Zₗ₋₁) and ∂C/∂bₗ₋₁ are formed in
     the epilogue of the matmul that computes δₗ Wₗ, so only the top layer's δ takes a
-    separate elementwise pass over [M, N].
+    separate elementwise pass over [M, N]. MANUALBP_MLP_FUSION=0 runs the per-layer
+    steps instead (for measuring what the fusion buys).
     """
     count = len(weights)
     kept_a, kept_z = _unpack_kept(activations, recompute, output, kept)
@@ -160,7 +162,7 @@ def backward_stack(backend: str, grad_output: Tensor, x: Tensor, weights: Sequen
             return kept_z[index], False
         return kept_a[index], True
 
-    if backend == "triton":
+    if backend == "triton" and os.environ.get("MANUALBP_MLP_FUSION", "1") != "0":
         grad_x = _backward_fused(grad_output, weights, activations, needs_grad_weights, needs_grad_biases, below,
                                  layer_input, saved_for_f_prime, grad_weights, grad_biases)
         return (grad_x if needs_grad_x else None), grad_weights, grad_biases

@@ -257,12 +257,15 @@ def test_mlp_bad_arguments():
         manualbp.mlp.mlp(torch.randn(2, 4), [torch.randn(3, 4)], [], ["relu"])
 
 
+@pytest.mark.parametrize("fusion", [True, False], ids=["fused", "MANUALBP_MLP_FUSION=0"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
 @pytest.mark.parametrize("needs", ["all", "bias-only-below", "frozen-middle"])
-def test_triton_backward_fuses_each_lower_delta_into_a_matmul(recompute, needs, monkeypatch):
+def test_triton_backward_fuses_each_lower_delta_into_a_matmul(recompute, needs, fusion, monkeypatch):
     """On the Triton kernels only the top layer's δ is a separate elementwise pass; every lower δ
-    (and its ∂C/∂b) comes out of the epilogue of the matmul δₗ Wₗ. Gradients equal nn.Sequential's."""
+    (and its ∂C/∂b) comes out of the epilogue of the matmul δₗ Wₗ. Gradients equal nn.Sequential's,
+    and so do those of the per-layer path that MANUALBP_MLP_FUSION=0 selects."""
     require("triton", torch.float64)
+    monkeypatch.setenv("MANUALBP_MLP_FUSION", "1" if fusion else "0")
     dense = backends.kernels()
     calls = {"delta": 0, "fused": 0}
     real_delta, real_fused = dense.delta_and_bias_grad, dense.matmul_times_activation_grad
@@ -291,7 +294,9 @@ def test_triton_backward_fuses_each_lower_delta_into_a_matmul(recompute, needs, 
     grad_output = torch.randn(11, 3, dtype=torch.float64, device=DEVICE)
     out, dx, grads = run(mlp, x, grad_output)
     out_ref, dx_ref, grads_ref = run(sequential, x, grad_output)
-    assert calls == {"delta": 1, "fused": len(sizes) - 2}, f"one separate δ pass, the rest fused: {calls}"
+    layers = len(sizes) - 1  # in every case each layer below the top needs its δ (for a dW, a db or dx)
+    expected = {"delta": 1, "fused": layers - 1} if fusion else {"delta": layers, "fused": 0}
+    assert calls == expected, f"δ passes {calls}, expected {expected}"
     torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12, msg=lambda m: f"out: {m}")
     torch.testing.assert_close(dx, dx_ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"dx: {m}")
     for name in grads:
