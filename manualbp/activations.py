@@ -168,6 +168,12 @@ class Activation:
             raise RuntimeError(f"activation {self.name!r} cannot compute f' from its output; use f_grad(z)")
         return self._f_grad_from_output(a, **self._options())
 
+    @property
+    def kernel_slope(self) -> float:
+        """NEGATIVE_SLOPE as the Triton kernels take it: a compile-time constant, so pinned to 0
+        where unused (any other value would compile a needless kernel variant)."""
+        return self.negative_slope if self.name == "leaky_relu" else 0.0
+
     def extra_repr(self) -> str:
         if self.name == "leaky_relu":
             return f"activation={self.name!r}, negative_slope={self.negative_slope}"

@@ -27,6 +27,11 @@ ENV_VAR = "MANUALBP_BACKEND"
 _setting: Optional[str] = None  # set_backend(); None defers to the environment
 
 
+def check_backend(name: Optional[str], source: str) -> Optional[str]:
+    """name, if it is None (the global setting) or one of BACKENDS; else a ValueError naming source."""
+    return None if name is None else _check_name(name, source)
+
+
 def _check_name(name, source: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r} from {source}; expected one of: {', '.join(BACKENDS)}")

@@ -32,6 +32,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import backends
 from .activations import Activation, get_activation
 from .modules import Linear
 
@@ -246,8 +247,7 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() expects an nn.Module, got {type(model).__name__}")
-    if backend is not None and backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"unknown backend {backend!r}; expected one of: auto, triton, reference")
+    backends.check_backend(backend, "convert(backend=)")
     if not isinstance(include_subclasses, bool):
         include_subclasses = tuple(include_subclasses)
         bad = [c for c in include_subclasses if not (isinstance(c, type) and issubclass(c, nn.Linear))]

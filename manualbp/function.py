@@ -31,16 +31,11 @@ from . import backends, reference
 from .activations import Activation
 
 
-def _kernel_slope(activation: Activation) -> float:
-    # A constexpr of the kernels: pinned to 0 where unused so it never causes a recompile.
-    return activation.negative_slope if activation.name == "leaky_relu" else 0.0
-
-
 def forward(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation, need_z: bool):
     """(A, Z or None) = (f(X Wᵀ + b), X Wᵀ + b) on the chosen backend; x [M, K] -> [M, N]."""
     if backend == "triton":
         return backends.kernels().linear_forward(
-            x, weight, bias, activation.kernel_id, _kernel_slope(activation), write_z=need_z
+            x, weight, bias, activation.kernel_id, activation.kernel_slope, write_z=need_z
         )
     a, z = reference.linear_forward(x, weight, bias, activation)
     return a, (z if need_z else None)
@@ -51,7 +46,7 @@ def activation(backend: str, activation: Activation, z: Tensor) -> Tensor:
     if activation.name == "identity":
         return z
     if backend == "triton":
-        return backends.kernels().activation_forward(z, activation.kernel_id, _kernel_slope(activation))
+        return backends.kernels().activation_forward(z, activation.kernel_id, activation.kernel_slope)
     return reference._elementwise(activation.f, z)
 
 
@@ -71,7 +66,7 @@ def backward(backend: str, grad_a: Tensor, x: Tensor, weight: Tensor, saved: Opt
     if backend == "triton":
         dense = backends.kernels()
         delta, grad_bias = dense.delta_and_bias_grad(
-            grad_a, saved, activation.kernel_id, _kernel_slope(activation), from_output,
+            grad_a, saved, activation.kernel_id, activation.kernel_slope, from_output,
             want_delta=needs_grad_x or needs_grad_weight, want_bias=needs_grad_bias,
         )
         grad_x = dense.matmul(delta, weight) if needs_grad_x else None  # ∂C/∂X = δ W   [M, N] [N, K]

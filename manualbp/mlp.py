@@ -150,8 +150,7 @@ class MLP(nn.Module):
         sizes = _check_sizes(sizes)
         hidden = get_activation(activation)  # bad names fail before any allocation
         last = get_activation(last_activation)
-        if backend is not None and backend not in ("auto", "triton", "reference"):
-            raise ValueError(f"unknown backend {backend!r}; expected one of: auto, triton, reference")
+        backends.check_backend(backend, "MLP(backend=)")
         super().__init__()
         count = len(sizes) - 1
         for index in range(count):

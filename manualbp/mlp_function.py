@@ -120,10 +120,6 @@ def _unpack_kept(activations: Sequence[Activation], recompute: bool, output: Opt
     return kept_a, kept_z
 
 
-def _slope(activation: Activation) -> float:
-    return activation.negative_slope if activation.name == "leaky_relu" else 0.0
-
-
 def backward_stack(backend: str, grad_output: Tensor, x: Tensor, weights: Sequence[Tensor],
                    activations: Sequence[Activation], recompute: bool, output: Optional[Tensor],
                    kept: Sequence[Tensor], needs_grad_x: bool, needs_grad_weights: Sequence[bool],
@@ -190,7 +186,7 @@ def _backward_fused(grad_output, weights, activations, needs_grad_weights, needs
     activation = activations[top]
     # The top layer's δ from the incoming G: the one separate elementwise pass.
     delta, grad_biases[top] = dense.delta_and_bias_grad(
-        grad_output, saved, activation.kernel_id, _slope(activation), from_output,
+        grad_output, saved, activation.kernel_id, activation.kernel_slope, from_output,
         want_delta=needs_grad_weights[top] or below[top], want_bias=needs_grad_biases[top],
     )
     for index in reversed(range(top + 1)):
@@ -204,7 +200,7 @@ def _backward_fused(grad_output, weights, activations, needs_grad_weights, needs
         activation = activations[index - 1]
         # δₗ₋₁ = (δₗ Wₗ) ⊙ fₗ₋₁'(Zₗ₋₁) and ∂C/∂bₗ₋₁ = 1ᵀ δₗ₋₁, in one matmul kernel.
         delta, grad_biases[index - 1] = dense.matmul_times_activation_grad(
-            delta, weights[index], saved, activation.kernel_id, _slope(activation), from_output,
+            delta, weights[index], saved, activation.kernel_id, activation.kernel_slope, from_output,
             want_bias=needs_grad_biases[index - 1],
         )
     return None

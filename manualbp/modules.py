@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import backends
 from . import functional as F
 from .activations import get_activation
 
@@ -35,8 +36,7 @@ class Linear(nn.Linear):
         **activation_options,
     ) -> None:
         bound = get_activation(activation, **activation_options)  # bad names fail before any allocation
-        if backend is not None and backend not in ("auto", "triton", "reference"):
-            raise ValueError(f"unknown backend {backend!r}; expected one of: auto, triton, reference")
+        backends.check_backend(backend, "Linear(backend=)")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = bound
         self.backend = backend

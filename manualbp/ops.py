@@ -63,11 +63,6 @@ def _activations(names: str, negative_slopes: Sequence[float]) -> Tuple[Activati
     return tuple(_activation(name, slope) for name, slope in zip(names, negative_slopes))
 
 
-def _slope(activation: Activation) -> float:
-    # Pinned to 0 where unused, so that graphs and compiled kernels do not differ by a dead argument.
-    return activation.negative_slope if activation.name == "leaky_relu" else 0.0
-
-
 def _resolve(backend: str, t: Tensor) -> str:
     return backends.resolve(backend or None, t.device, t.dtype)
 
@@ -172,7 +167,7 @@ def _linear_backward(ctx, grad_a, grad_z):
         )
     else:
         grad_x, grad_weight, grad_bias = torch.ops.manualbp.linear_backward(
-            grad_a, x, weight, saved, activation.name, _slope(activation),
+            grad_a, x, weight, saved, activation.name, activation.kernel_slope,
             activation.saves_output and saved is not None, [needs_grad_x, needs_grad_weight, needs_grad_bias],
             ctx.backend,
         )
@@ -293,7 +288,7 @@ def _mlp_backward(ctx, grads):
         needs = [needs_x, *needs_weights, *needs_biases]
         flat = torch.ops.manualbp.mlp_backward(
             grad_output, x, list(weights), output, kept,
-            ",".join(a.name for a in activations), [_slope(a) for a in activations], ctx.recompute,
+            ",".join(a.name for a in activations), [a.kernel_slope for a in activations], ctx.recompute,
             needs, ctx.backend,
         )
         flat = [grad if need else None for grad, need in zip(flat, needs)]
@@ -326,7 +321,7 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Ac
     x = input.reshape(input.shape[:-1].numel(), input.shape[-1])
     need_z = _needs_graph(input, weight, bias) and mlp_function._needs_z(activation)
     a, _ = torch.ops.manualbp.linear_forward(
-        x, weight, bias, activation.name, _slope(activation), need_z, _backend_argument(backend)
+        x, weight, bias, activation.name, activation.kernel_slope, need_z, _backend_argument(backend)
     )
     return a.reshape(*input.shape[:-1], weight.shape[0])
 
@@ -339,6 +334,6 @@ def mlp(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     flat = torch.ops.manualbp.mlp_forward(
         x, list(weights), [b for b in biases if b is not None], [b is not None for b in biases],
         ",".join(a.name for a in activations),
-        [_slope(a) for a in activations], recompute, save, _backend_argument(backend),
+        [a.kernel_slope for a in activations], recompute, save, _backend_argument(backend),
     )
     return flat[0].reshape(*input.shape[:-1], weights[-1].shape[0])
