@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -101,48 +102,29 @@ def build(impl: str, problem: Problem, device, dtype):
     raise ValueError(impl)
 
 
-class Timer:
-    def __init__(self, device, rep_ms: float):
-        self.device, self.rep_ms = device, rep_ms
+@dataclass
+class Case:
+    """One implementation on one problem and mode, ready to time."""
 
-    def __call__(self, fn, grad_to_none=None):
-        """(median, p20, p80) in milliseconds."""
-        if self.device.type == "cuda":
-            import triton.testing
-
-            q = triton.testing.do_bench(fn, warmup=max(25, self.rep_ms // 4), rep=self.rep_ms,
-                                        grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
-            return tuple(q)
-        fn()  # warm-up
-        times = []
-        deadline = time.perf_counter() + self.rep_ms / 1000
-        while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 200):
-            if grad_to_none:
-                for t in grad_to_none:
-                    t.grad = None
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1000)
-        times.sort()
-        q = statistics.quantiles(times, n=10)
-        return statistics.median(times), q[1], q[7]
+    fn: Callable[[], object]
+    reset: list  # tensors whose .grad is cleared before every call (fresh accumulation each time)
+    flops: float
+    memory_mib: Callable[[], float]
 
 
-def measure(impl, problem, mode, device, dtype, timer):
-    """One row: timings and memory, or None where impl does not apply."""
+def prepare(impl, problem, mode, device, dtype) -> Optional[Case]:
+    """The Case for impl, or None where impl does not apply to the problem."""
     m, k_in, k_out = problem.m, problem.sizes[0], problem.sizes[-1]
-    x = torch.randn(m, k_in, device=device, dtype=dtype, requires_grad=True)
     if impl == "cublas":
-        if problem.kind != "linear":
+        if problem.kind != "linear" or mode != "fwd":
             return None
         a = torch.randn(m, k_in, device=device, dtype=dtype)
         b = torch.randn(k_in, k_out, device=device, dtype=dtype)
-        med, p20, p80 = timer(lambda: torch.mm(a, b))
-        flops = 2 * m * k_in * k_out
-        return dict(median_ms=med, p20_ms=p20, p80_ms=p80, tflops=flops / med / 1e9, mem_mib=float("nan"))
+        return Case(lambda: torch.mm(a, b), [], 2 * m * k_in * k_out, lambda: float("nan"))
     model = build(impl, problem, device, dtype)
     if model is None:
         return None
+    x = torch.randn(m, k_in, device=device, dtype=dtype, requires_grad=True)
     params = list(model.parameters())
     grad_out = torch.randn(m, k_out, device=device, dtype=dtype)
     if mode == "fwd":
@@ -152,20 +134,61 @@ def measure(impl, problem, mode, device, dtype, timer):
         fn = lambda: out.backward(grad_out, retain_graph=True)  # noqa: E731
     else:
         fn = lambda: model(x).backward(grad_out)  # noqa: E731
-    med, p20, p80 = timer(fn, grad_to_none=[x, *params])
-    if device.type == "cuda":
-        x.grad = None
-        for p in params:
-            p.grad = None
+    reset = [x, *params]
+
+    def memory_mib() -> float:
+        if device.type != "cuda":
+            return manualbp.saved_bytes(model, x, count_inputs=False) / 2**20  # activation memory
+        _clear(reset)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fn()
         torch.cuda.synchronize()
-        mem = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        mem = manualbp.saved_bytes(model, x, count_inputs=False) / 2**20  # activation memory
-    return dict(median_ms=med, p20_ms=p20, p80_ms=p80, tflops=problem.flops(mode) / med / 1e9, mem_mib=mem)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    return Case(fn, reset, problem.flops(mode), memory_mib)
+
+
+def _clear(tensors) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def time_cases(cases: dict, device, rep_ms: float) -> dict:
+    """{impl: (median, p20, p80)} in milliseconds.
+
+    GPU: triton.testing.do_bench per case (warm-up excluded, L2 flushed between calls).
+    CPU: the cases take turns, one call each per round, so that a slow spell of a
+    shared machine hits every implementation alike instead of whichever ran then;
+    rounds go on for rep_ms per case (at least 5, at most 200).
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        return {impl: tuple(triton.testing.do_bench(case.fn, warmup=max(25, rep_ms // 4), rep=rep_ms,
+                                                    grad_to_none=case.reset, quantiles=[0.5, 0.2, 0.8]))
+                for impl, case in cases.items()}
+    for case in cases.values():  # warm-up
+        _clear(case.reset)
+        case.fn()
+    times = {impl: [] for impl in cases}
+    deadline = time.perf_counter() + rep_ms * len(cases) / 1000
+    rounds = 0
+    while rounds < 5 or (time.perf_counter() < deadline and rounds < 200):
+        order = list(cases.items())
+        order = order[rounds % len(order):] + order[:rounds % len(order)]  # rotate who goes first
+        for impl, case in order:
+            _clear(case.reset)
+            start = time.perf_counter()
+            case.fn()
+            times[impl].append((time.perf_counter() - start) * 1000)
+        rounds += 1
+    result = {}
+    for impl, samples in times.items():
+        q = statistics.quantiles(samples, n=10)
+        result[impl] = (statistics.median(samples), q[1], q[7])
+    return result
 
 
 class CsvRows:
@@ -239,6 +262,11 @@ def plot(rows, path):
     print(f"plot: {path}")
 
 
+def _report_failure(problem, dtype_name, mode, impl, error) -> None:
+    print(f"{problem.name:24s} {problem.activation:6s} {dtype_name:9s} {mode:7s} {impl:18s} "
+          f"FAILED: {type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
@@ -280,7 +308,6 @@ def main(argv=None) -> int:
     if args.problems:
         keep = set(args.problems.split(","))
         problems = [p for p in problems if p.name in keep]
-    timer = Timer(device, rep_ms)
     impls = args.impls.split(",")
     os.makedirs(args.out_dir, exist_ok=True)
     stem = args.tag or ("".join(c if c.isalnum() else "_" for c in info["device"]).strip("_")[:40])
@@ -300,19 +327,29 @@ def main(argv=None) -> int:
             continue  # no TF32 on the CPU
         for problem in problems:
             for mode in args.modes.split(","):
-                results = {}
+                cases = {}
                 for impl in impls:
-                    if impl == "cublas" and mode != "fwd":
-                        continue
                     torch.manual_seed(0)
                     try:
-                        result = measure(impl, problem, mode, device, dtype, timer)
+                        case = prepare(impl, problem, mode, device, dtype)
+                        if case is not None and device.type == "cuda":
+                            case.fn()  # compile / autotune now, so that a failure is reported per impl
                     except Exception as error:  # report and go on: one failing impl must not hide the rest
-                        print(f"{problem.name:24s} {problem.activation:6s} {dtype_name:9s} {mode:7s} {impl:18s} "
-                              f"FAILED: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+                        _report_failure(problem, dtype_name, mode, impl, error)
                         continue
-                    if result is not None:
-                        results[impl] = result
+                    if case is not None:
+                        cases[impl] = case
+                results = {}
+                for impl, (med, p20, p80) in time_cases(cases, device, rep_ms).items():
+                    case = cases[impl]
+                    try:
+                        mem = case.memory_mib()
+                    except Exception as error:
+                        _report_failure(problem, dtype_name, mode, impl, error)
+                        continue
+                    results[impl] = dict(median_ms=med, p20_ms=p20, p80_ms=p80, tflops=case.flops / med / 1e9,
+                                         mem_mib=mem)
+                del cases
                 eager = results.get("eager", {}).get("median_ms")
                 compiled = results.get("compile", {}).get("median_ms")
                 for impl, r in results.items():

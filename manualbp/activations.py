@@ -10,19 +10,31 @@ an nn.Linear + activation pair saves nothing extra), a third one
 
     f_grad_from_output(a)   the same f'(z), computed from a = f(z)
 
-The Triton kernels implement the same names in ``triton_kernels/activations.py``.
-Where PyTorch has the forward f as one fused op (gelu, silu, leaky_relu) the
-reference calls it, with the formula beside it: the reference forward is then
-bitwise PyTorch's, and f is not what this package writes by hand; every f' is.
-All functions are plain differentiable torch ops, so the reference backward can
-also be differentiated again (double backward).
+and, beside them, the product the backward actually needs,
+
+    delta(grad_a, z)        δ = G ⊙ f'(z), in one pass
+    delta_from_output(grad_a, a)   the same from a = f(z)
+
+The Triton kernels implement f and f' under the same names in
+``triton_kernels/activations.py``, by the formulas written here.
+
+The PyTorch reference backend runs on PyTorch's own fused elementwise kernels:
+f is PyTorch's activation (gelu, silu, ... as one op), and ``delta`` is the fused
+backward kernel eager autograd runs for that f (``aten.gelu_backward`` and the
+like: one pass over [M, N] where G * f'(z) in separate torch ops takes up to ten).
+The reference backward is then bitwise eager's wherever the matrix products are
+too, and as fast. The formulas f_grad / f_grad_from_output are the math: tests
+check ``delta`` against ``grad_a * f_grad(z)`` and f_grad against autograd of f,
+and double backward (create_graph=True) differentiates them, since not every
+fused kernel has a derivative (``silu_backward`` has none; PyTorch's own silu
+switches to a formula under create_graph in the same way).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -30,6 +42,7 @@ from torch import Tensor
 _SQRT_2_PI = math.sqrt(2.0 / math.pi)  # sqrt(2/pi), for tanh-GELU
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)  # 1/sqrt(2 pi), the normal density's constant
 _GELU_TANH_C = 0.044715  # cubic coefficient of the tanh approximation
+_ATEN = torch.ops.aten  # PyTorch's fused backward kernels, for delta
 
 
 # identity: f(z) = z, f'(z) = 1
@@ -45,6 +58,13 @@ def identity_grad_from_output(a: Tensor) -> Tensor:
     return torch.ones_like(a)
 
 
+def identity_delta(grad_a: Tensor, z: Tensor) -> Tensor:
+    return grad_a  # δ = G ⊙ 1, no pass at all
+
+
+identity_delta_from_output = identity_delta
+
+
 # relu: f(z) = max(z, 0), f'(z) = [z > 0]  (0 at z = 0, as PyTorch)
 def relu(z: Tensor) -> Tensor:
     return torch.relu(z)
@@ -56,6 +76,13 @@ def relu_grad(z: Tensor) -> Tensor:
 
 def relu_grad_from_output(a: Tensor) -> Tensor:
     return (a > 0).to(a.dtype)  # a > 0 exactly when z > 0
+
+
+def relu_delta(grad_a: Tensor, z: Tensor) -> Tensor:
+    return _ATEN.threshold_backward(grad_a, z, 0)  # G where z > 0, else 0
+
+
+relu_delta_from_output = relu_delta  # the same test on a: a > 0 exactly when z > 0
 
 
 # leaky_relu: f(z) = z if z > 0 else s z, f'(z) = 1 if z > 0 else s
@@ -72,6 +99,13 @@ def leaky_relu_grad_from_output(a: Tensor, negative_slope: float = 0.01) -> Tens
     return torch.where(a > 0, torch.ones_like(a), torch.full_like(a, negative_slope))
 
 
+def leaky_relu_delta(grad_a: Tensor, z: Tensor, negative_slope: float = 0.01) -> Tensor:
+    return _ATEN.leaky_relu_backward(grad_a, z, negative_slope, False)  # G if z > 0 else s G
+
+
+leaky_relu_delta_from_output = leaky_relu_delta  # s >= 0 only, as above: the same test on a
+
+
 # gelu (exact): f(z) = z Phi(z), f'(z) = Phi(z) + z phi(z)
 # (Phi, phi: the standard normal CDF and density; Phi(z) = (1 + erf(z / sqrt 2)) / 2)
 def gelu(z: Tensor) -> Tensor:
@@ -81,6 +115,10 @@ def gelu(z: Tensor) -> Tensor:
 def gelu_grad(z: Tensor) -> Tensor:
     pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
     return torch.addcmul(torch.special.ndtr(z), z, pdf)  # Phi(z) + z phi(z), one fused pass for the sum
+
+
+def gelu_delta(grad_a: Tensor, z: Tensor) -> Tensor:
+    return _ATEN.gelu_backward(grad_a, z, approximate="none")
 
 
 # gelu_tanh: f(z) = z/2 (1 + tanh(u)), u = sqrt(2/pi) (z + c z^3)
@@ -96,6 +134,10 @@ def gelu_tanh_grad(z: Tensor) -> Tensor:
     return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du_dz
 
 
+def gelu_tanh_delta(grad_a: Tensor, z: Tensor) -> Tensor:
+    return _ATEN.gelu_backward(grad_a, z, approximate="tanh")
+
+
 # silu: f(z) = z sigma(z), f'(z) = sigma(z) (1 + z (1 - sigma(z)))
 def silu(z: Tensor) -> Tensor:
     return torch.nn.functional.silu(z)  # z sigma(z), in one fused pass
@@ -104,6 +146,10 @@ def silu(z: Tensor) -> Tensor:
 def silu_grad(z: Tensor) -> Tensor:
     s = torch.sigmoid(z)
     return s * (1.0 + z * (1.0 - s))
+
+
+def silu_delta(grad_a: Tensor, z: Tensor) -> Tensor:
+    return _ATEN.silu_backward(grad_a, z)
 
 
 # sigmoid: f(z) = 1 / (1 + e^-z), f'(z) = f(z) (1 - f(z))
@@ -120,6 +166,14 @@ def sigmoid_grad_from_output(a: Tensor) -> Tensor:
     return a * (1.0 - a)
 
 
+def sigmoid_delta_from_output(grad_a: Tensor, a: Tensor) -> Tensor:
+    return _ATEN.sigmoid_backward(grad_a, a)  # G a (1 - a)
+
+
+def sigmoid_delta(grad_a: Tensor, z: Tensor) -> Tensor:
+    return sigmoid_delta_from_output(grad_a, torch.sigmoid(z))  # a recomputed (MLP with recompute=True)
+
+
 # tanh: f(z) = tanh z, f'(z) = 1 - tanh^2 z
 def tanh(z: Tensor) -> Tensor:
     return torch.tanh(z)
@@ -132,6 +186,14 @@ def tanh_grad(z: Tensor) -> Tensor:
 
 def tanh_grad_from_output(a: Tensor) -> Tensor:
     return 1.0 - a * a
+
+
+def tanh_delta_from_output(grad_a: Tensor, a: Tensor) -> Tensor:
+    return _ATEN.tanh_backward(grad_a, a)  # G (1 - a^2)
+
+
+def tanh_delta(grad_a: Tensor, z: Tensor) -> Tensor:
+    return tanh_delta_from_output(grad_a, torch.tanh(z))  # a recomputed (MLP with recompute=True)
 
 
 @dataclass(frozen=True)
@@ -150,9 +212,15 @@ class Activation:
     _f: Callable
     _f_grad: Callable
     _f_grad_from_output: Optional[Callable]
+    _delta: Callable
+    _delta_from_output: Optional[Callable]
 
     def _options(self) -> dict:
         return {"negative_slope": self.negative_slope} if self.name == "leaky_relu" else {}
+
+    def _check_from_output(self) -> None:
+        if not self.saves_output:
+            raise RuntimeError(f"activation {self.name!r} cannot compute f' from its output; use f_grad(z) / delta(z)")
 
     def f(self, z: Tensor) -> Tensor:
         """a = f(z), elementwise."""
@@ -164,9 +232,15 @@ class Activation:
 
     def f_grad_from_output(self, a: Tensor) -> Tensor:
         """f'(z) computed from a = f(z); only where ``saves_output``."""
-        if not self.saves_output:
-            raise RuntimeError(f"activation {self.name!r} cannot compute f' from its output; use f_grad(z)")
+        self._check_from_output()
         return self._f_grad_from_output(a, **self._options())
+
+    def delta(self, grad_a: Tensor, saved: Tensor, from_output: bool) -> Tensor:
+        """δ = grad_a ⊙ f'(z) [M, N] in one fused pass, from saved = a (from_output) or z. Not differentiable."""
+        if from_output:
+            self._check_from_output()
+            return self._delta_from_output(grad_a, saved, **self._options())
+        return self._delta(grad_a, saved, **self._options())
 
     @property
     def kernel_slope(self) -> float:
@@ -180,16 +254,25 @@ class Activation:
         return f"activation={self.name!r}"
 
 
-# name -> (kernel id, f, f', f' from the output or None)
+class _Entry(NamedTuple):
+    kernel_id: int
+    f: Callable
+    f_grad: Callable
+    f_grad_from_output: Optional[Callable]  # None: f' needs z
+    delta: Callable
+    delta_from_output: Optional[Callable]
+
+
 _TABLE = {
-    "identity": (0, identity, identity_grad, identity_grad_from_output),
-    "relu": (1, relu, relu_grad, relu_grad_from_output),
-    "leaky_relu": (2, leaky_relu, leaky_relu_grad, leaky_relu_grad_from_output),
-    "gelu": (3, gelu, gelu_grad, None),
-    "gelu_tanh": (4, gelu_tanh, gelu_tanh_grad, None),
-    "silu": (5, silu, silu_grad, None),
-    "sigmoid": (6, sigmoid, sigmoid_grad, sigmoid_grad_from_output),
-    "tanh": (7, tanh, tanh_grad, tanh_grad_from_output),
+    "identity": _Entry(0, identity, identity_grad, identity_grad_from_output, identity_delta, identity_delta_from_output),
+    "relu": _Entry(1, relu, relu_grad, relu_grad_from_output, relu_delta, relu_delta_from_output),
+    "leaky_relu": _Entry(2, leaky_relu, leaky_relu_grad, leaky_relu_grad_from_output,
+                         leaky_relu_delta, leaky_relu_delta_from_output),
+    "gelu": _Entry(3, gelu, gelu_grad, None, gelu_delta, None),
+    "gelu_tanh": _Entry(4, gelu_tanh, gelu_tanh_grad, None, gelu_tanh_delta, None),
+    "silu": _Entry(5, silu, silu_grad, None, silu_delta, None),
+    "sigmoid": _Entry(6, sigmoid, sigmoid_grad, sigmoid_grad_from_output, sigmoid_delta, sigmoid_delta_from_output),
+    "tanh": _Entry(7, tanh, tanh_grad, tanh_grad_from_output, tanh_delta, tanh_delta_from_output),
 }
 
 ACTIVATIONS: tuple[str, ...] = tuple(_TABLE)
@@ -217,15 +300,17 @@ def get_activation(name: "str | Activation", **options) -> Activation:
     slope = 0.01 if slope is None else slope
     if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not math.isfinite(slope):
         raise ValueError(f"negative_slope must be a finite real number, got {slope!r}")
-    kernel_id, f, f_grad, f_grad_from_output = _TABLE[name]
+    entry = _TABLE[name]
     # leaky_relu's f' can be read off a only when the slope keeps the sign: s >= 0.
-    saves_output = f_grad_from_output is not None and not (name == "leaky_relu" and slope < 0)
+    saves_output = entry.f_grad_from_output is not None and not (name == "leaky_relu" and slope < 0)
     return Activation(
         name=name,
-        kernel_id=kernel_id,
+        kernel_id=entry.kernel_id,
         negative_slope=float(slope),
         saves_output=saves_output,
-        _f=f,
-        _f_grad=f_grad,
-        _f_grad_from_output=f_grad_from_output if saves_output else None,
+        _f=entry.f,
+        _f_grad=entry.f_grad,
+        _f_grad_from_output=entry.f_grad_from_output if saves_output else None,
+        _delta=entry.delta,
+        _delta_from_output=entry.delta_from_output if saves_output else None,
     )

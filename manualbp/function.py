@@ -47,7 +47,7 @@ def activation(backend: str, activation: Activation, z: Tensor) -> Tensor:
         return z
     if backend == "triton":
         return backends.kernels().activation_forward(z, activation.kernel_id, activation.kernel_slope)
-    return reference._elementwise(activation.f, z)
+    return reference.activation_forward(activation, z)
 
 
 def backward(backend: str, grad_a: Tensor, x: Tensor, weight: Tensor, saved: Optional[Tensor],
@@ -72,8 +72,8 @@ def backward(backend: str, grad_a: Tensor, x: Tensor, weight: Tensor, saved: Opt
         grad_x = dense.matmul(delta, weight) if needs_grad_x else None  # ∂C/∂X = δ W   [M, N] [N, K]
         grad_weight = dense.matmul(delta.t(), x) if needs_grad_weight else None  # ∂C/∂W = δᵀ X  [N, M] [M, K]
         return grad_x, grad_weight, grad_bias
-    f_prime = None if saved is None else reference.activation_grad(activation, saved, from_output)
-    return reference.linear_backward(grad_a, x, weight, f_prime, needs_grad_x, needs_grad_weight, needs_grad_bias)
+    delta = reference.delta(grad_a, saved, activation, from_output)  # δ = G ⊙ f'(Z)  [M, N]
+    return reference.linear_backward(delta, x, weight, needs_grad_x, needs_grad_weight, needs_grad_bias)
 
 
 def differentiable_backward(grad_a: Tensor, x: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
@@ -87,12 +87,12 @@ def differentiable_backward(grad_a: Tensor, x: Optional[Tensor], weight: Tensor,
     activation whose f' needs Z then has nothing to differentiate: a clear error.
     """
     if activation.name == "identity":
-        f_prime = None
+        delta = grad_a
     elif x is not None:
         z = reference.pre_activation(x, weight, bias)
-        f_prime = reference.activation_grad(activation, z, False)
+        delta = reference.differentiable_delta(grad_a, z, activation, False)
     elif activation.saves_output and a is not None:
-        f_prime = reference.activation_grad(activation, a, True)
+        delta = reference.differentiable_delta(grad_a, a, activation, True)
     else:
         raise RuntimeError(
             f"double backward (create_graph=True) through a manualbp layer with activation {activation.name!r} "
@@ -100,7 +100,7 @@ def differentiable_backward(grad_a: Tensor, x: Optional[Tensor], weight: Tensor,
             f"gradient (as nn.Linear does). Set weight.requires_grad_(True) for this computation, or use an "
             f"activation whose f' comes from its output (identity, relu, leaky_relu with slope >= 0, sigmoid, tanh)."
         )
-    return reference.linear_backward(grad_a, x, weight, f_prime, needs_grad_x, needs_grad_weight, needs_grad_bias)
+    return reference.linear_backward(delta, x, weight, needs_grad_x, needs_grad_weight, needs_grad_bias)
 
 
 class LinearFunction(torch.autograd.Function):

@@ -228,10 +228,9 @@ def differentiable_backward(grad_output: Tensor, x: Tensor, weights: Sequence[Te
     grad = grad_output
     for index in reversed(range(count)):
         activation = activations[index]
-        f_prime = None if activation.name == "identity" else reference.activation_grad(activation, zs[index], False)
+        delta = reference.differentiable_delta(grad, zs[index], activation, False)  # δₗ = Gₗ ⊙ fₗ'(Zₗ)
         grad, grad_weights[index], grad_biases[index] = reference.linear_backward(
-            grad, xs[index], weights[index], f_prime,
-            True, needs_grad_weights[index], needs_grad_biases[index],
+            delta, xs[index], weights[index], True, needs_grad_weights[index], needs_grad_biases[index],
         )
     return (grad if needs_grad_x else None), grad_weights, grad_biases
 

@@ -20,8 +20,9 @@ is read off the differential: dZ = X dWᵀ, so dC = tr(δᵀ dZ) = tr(δᵀ X dW
 = tr((δᵀ X)ᵀ dW), hence ∂C/∂W = δᵀ X, the sum over samples of δᵢ xᵢᵀ.
 
 This module is the ``reference`` backend: plain PyTorch, no autograd in the
-backward (each line below is one of the equations above). Because the same ops
-are differentiable, it also serves double backward (``create_graph=True``).
+backward (each line below is one of the equations above). δ comes from PyTorch's
+fused kernel for G ⊙ f'(Z) (``delta``); for double backward (``create_graph=True``)
+``differentiable_delta`` forms it from the formula for f' in differentiable ops.
 The Triton kernels (``triton_kernels/dense.py``) compute the same equations.
 """
 
@@ -38,7 +39,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _elementwise(fn, t: Tensor) -> Tensor:
-    # Activations of float16/bfloat16 run in float32 and are rounded once, as PyTorch's own do.
+    # A formula of several ops runs in float32 for float16/bfloat16 and is rounded once, as PyTorch's fused ops do.
     return fn(t.float()).to(t.dtype) if t.dtype in _HALF else fn(t)
 
 
@@ -52,40 +53,56 @@ def pre_activation(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation):
     """A = f(X Wᵀ + b): x [M, K], weight [N, K], bias [N] or None -> (a [M, N], z [M, N])."""
     z = pre_activation(x, weight, bias)  # Z = X Wᵀ + b      [M, N]
+    return activation_forward(activation, z), z  # A = f(Z)   [M, N]
+
+
+def activation_forward(activation: Activation, z: Tensor) -> Tensor:
+    """A = f(Z) [M, N]: PyTorch's fused op (half types computed in float32, rounded once)."""
+    return activation.f(z)
+
+
+def delta(grad_a: Tensor, saved: Optional[Tensor], activation: Activation, from_output: bool) -> Tensor:
+    """δ = G ⊙ f'(Z) [M, N], from saved = A (from_output) or Z; None for the identity.
+
+    One fused pass (``Activation.delta``: PyTorch's backward kernel for f, as eager
+    autograd runs it). Not differentiable; ``differentiable_delta`` is.
+    """
     if activation.name == "identity":
-        return z, z
-    a = _elementwise(activation.f, z)  # A = f(Z)          [M, N]
-    return a, z
+        return grad_a  # δ = G ⊙ 1
+    return activation.delta(grad_a, saved, from_output)
 
 
 def activation_grad(activation: Activation, saved: Tensor, from_output: bool) -> Tensor:
-    """f'(Z) [M, N], from saved = A (from_output) or saved = Z."""
+    """f'(Z) [M, N] by the formulas of activations.py, from saved = A (from_output) or saved = Z."""
     if from_output:
         return _elementwise(activation.f_grad_from_output, saved)
     return _elementwise(activation.f_grad, saved)
 
 
+def differentiable_delta(grad_a: Tensor, saved: Optional[Tensor], activation: Activation, from_output: bool) -> Tensor:
+    """δ = G ⊙ f'(Z) in differentiable torch ops (double backward): f' by its formula, then the product."""
+    if activation.name == "identity":
+        return grad_a
+    f_prime = activation_grad(activation, saved, from_output)
+    if grad_a.dtype in _HALF:
+        return (grad_a.float() * f_prime.float()).to(grad_a.dtype)  # in float32, rounded once more
+    return grad_a * f_prime
+
+
 def linear_backward(
-    grad_a: Tensor,
-    x: Tensor,
+    delta: Tensor,
+    x: Optional[Tensor],
     weight: Tensor,
-    f_prime: Optional[Tensor],
     needs_grad_x: bool,
     needs_grad_weight: bool,
     needs_grad_bias: bool,
 ):
-    """The backward of A = f(X Wᵀ + b), in denominator layout.
+    """The backward of A = f(X Wᵀ + b), in denominator layout, from δ = G ⊙ f'(Z).
 
-    grad_a [M, N] = G = ∂C/∂A; x [M, K]; weight [N, K]; f_prime [M, N] = f'(Z),
-    or None for the identity (f' = 1). Returns (grad_x [M, K], grad_weight [N, K],
+    delta [M, N] = ∂C/∂Z (``delta`` or ``differentiable_delta``); x [M, K] (None when
+    ∂C/∂W is not needed); weight [N, K]. Returns (grad_x [M, K], grad_weight [N, K],
     grad_bias [N]), each None when not needed.
     """
-    if f_prime is None:
-        delta = grad_a  # δ = G ⊙ 1             [M, N]
-    elif grad_a.dtype in _HALF:
-        delta = (grad_a.float() * f_prime.float()).to(grad_a.dtype)  # δ = G ⊙ f'(Z), in float32
-    else:
-        delta = grad_a * f_prime  # δ = G ⊙ f'(Z)         [M, N]
     grad_x = delta.mm(weight) if needs_grad_x else None  # ∂C/∂X = δ W   [M, K] = [M, N] [N, K]
     grad_weight = delta.t().mm(x) if needs_grad_weight else None  # ∂C/∂W = δᵀ X  [N, K] = [N, M] [M, K]
     grad_bias = delta.sum(dim=0) if needs_grad_bias else None  # ∂C/∂b = 1ᵀ δ  [N]

@@ -93,6 +93,28 @@ def test_mlp_matches_torch_sequential(backend, recompute, hidden, last):
     assert_same_training_step(mlp, sequential, x, f"{backend} {hidden}/{last} recompute={recompute}")
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
+@pytest.mark.parametrize("hidden,last", ACTIVATION_PAIRS)
+def test_reference_mlp_is_bitwise_eager(recompute, hidden, last):
+    """float32 on the CPU: the reference MLP runs eager's kernels in eager's order (a recomputed A is
+    f of the kept Z, as the forward's was), so output and every gradient are bitwise nn.Sequential's."""
+    sizes = [9, 17, 13, 5]
+    torch.manual_seed(0)
+    mlp = manualbp.MLP(sizes, activation=activation(hidden), last_activation=activation(last), recompute=recompute,
+                       backend="reference")
+    sequential = torch_sequential(sizes, hidden, last, dtype=torch.float32, device="cpu")
+    sequential.load_state_dict(mlp.state_dict())
+    x = torch.randn(11, sizes[0])
+    grad_output = torch.randn(11, sizes[-1])
+    out, dx, grads = run(mlp, x, grad_output)
+    out_ref, dx_ref, grads_ref = run(sequential, x, grad_output)
+    assert torch.equal(out, out_ref), f"out [{hidden}/{last}] bitwise"
+    assert torch.equal(dx, dx_ref), f"dx [{hidden}/{last}] bitwise"
+    for name in grads:
+        kind = "dw" if name.endswith("weight") else "db"
+        assert torch.equal(grads[name], grads_ref[name]), f"{kind} of {name} [{hidden}/{last}] bitwise"
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_mlp_without_bias_single_layer_and_frozen_layers(backend):
     require(backend)
