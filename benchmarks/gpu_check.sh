@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The one command a session with a GPU runs (device tool); its timeouts add up to 9 min 10 s (240 + 80 + 180 + 50 s) of
-# commands on an H100 (give the device call timeout_s=600):
+# The one command a session with a GPU runs (device tool); its timeouts add up to 9 min 10 s (220 + 70 + 170 + 45 + 45 s)
+# of commands on an H100 (give the device call timeout_s=600):
 #   1. install manualbp (editable, no network needed: the machine has torch and triton);
 #   2. the whole test suite on the compiled Triton kernels (fp16/bf16 and TF32 included);
 #   3. Triton's matmul against cuBLAS at 4096^3 (the ceiling; first-call tuning time);
 #   4. the benchmark at the issue's shapes in bf16, forward+backward, against eager,
-#      torch.compile and cuBLAS; CSV and PNG written to $OUT (or benchmarks/results).
+#      torch.compile and cuBLAS; CSV and PNG written to $OUT (or benchmarks/results);
+#   5. the two fusions against what they replace: MLP backward fusion off (MANUALBP_MLP_FUSION=0),
+#      δ formed in the matmuls' loads off (MANUALBP_DELTA_PROLOGUE=0).
 # Usage (device tool):  bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,22 +26,27 @@ $py -m pip install --quiet --no-deps --no-build-isolation -e . || { echo "instal
 xdist=""
 $py -c "import xdist" 2>/dev/null && xdist="-n 8"
 start=$(date +%s)
-MANUALBP_AUTOTUNE=0 timeout 240 $py -m pytest -q $xdist -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -25
+MANUALBP_AUTOTUNE=0 timeout 220 $py -m pytest -q $xdist -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
 echo "tests: exit $tests_rc in $(( $(date +%s) - start )) s"
 
 # The matmul ceiling: Triton vs cuBLAS at 4096^3 (first call = compile + autotune).
-timeout 80 $py benchmarks/bench_matmul.py --size 4096 --dtypes bf16,fp32,fp32-tf32 2>&1 | tee "$out/bench_matmul.log"
+timeout 70 $py benchmarks/bench_matmul.py --size 4096 --dtypes bf16,fp32,fp32-tf32 2>&1 | tee "$out/bench_matmul.log"
 
 # Benchmark: bf16 fwd+bwd at every target shape (autotuning on; first-call tuning is
 # excluded from the timings by do_bench's warm-up).
 start=$(date +%s)
-timeout 180 $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
+timeout 170 $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
     --impls cublas,eager,compile,manualbp,manualbp-recompute --activations relu,gelu --out-dir "$out" \
     2>&1 | tee "$out/bench.log" | grep -v "^#" | tail -40
 echo "bench: exit ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s"
 
 # The MLP backward fusion against the per-layer path (MANUALBP_MLP_FUSION=0), same shapes.
-MANUALBP_MLP_FUSION=0 timeout 50 $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd --impls manualbp \
+MANUALBP_MLP_FUSION=0 timeout 45 $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd --impls manualbp \
     --problems mlp8192x1024x4096,mlp8192x4096x16384 --out-dir "$out" --tag mlp_fusion_off 2>&1 | grep -v "^#" | tail -4
+
+# A single layer's δ formed in its two backward matmuls against a separate δ pass (MANUALBP_DELTA_PROLOGUE=0).
+MANUALBP_DELTA_PROLOGUE=0 timeout 45 $py benchmarks/bench_dense.py --dtypes bf16 --modes bwd,fwd+bwd \
+    --impls eager,manualbp --activations relu,gelu --problems linear8192x1024x4096,linear8192x4096x1024 \
+    --out-dir "$out" --tag delta_prologue_off 2>&1 | grep -v "^#" | tail -12
 exit "$tests_rc"

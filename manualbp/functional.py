@@ -98,5 +98,5 @@ def linear(
         a = LinearFunction.apply(x, weight, bias, activation, name)
     else:
         # no_grad / inference_mode / nothing requires grad: compute A only, save nothing.
-        a, _ = forward(name, x, weight, bias, activation, need_z=False)
+        a, _ = forward(name, x, weight, bias, activation)
     return a.reshape(*input.shape[:-1], weight.shape[0])

@@ -85,7 +85,7 @@ def forward_stack(backend: str, x: Tensor, weights: Sequence[Tensor], biases: Se
     for index, (weight, bias, activation) in enumerate(zip(weights, biases, activations)):
         identity = activation.name == "identity"
         keep_a, keep_z = plan[index] if save else (False, False)
-        a, z = function.forward(backend, h, weight, bias, activation, need_z=keep_z and not identity)
+        a, z = function.forward(backend, h, weight, bias, activation, save="z" if keep_z and not identity else None)
         if keep_a and index < last:
             kept.append(a)
         if keep_z:
@@ -151,12 +151,12 @@ def backward_stack(backend: str, grad_output: Tensor, x: Tensor, weights: Sequen
             return kept_a[index - 1]
         return function.activation(backend, activations[index - 1], kept_z[index - 1])
 
-    def saved_for_f_prime(index: int):  # (what f' is computed from, whether that is A)
+    def saved_for_f_prime(index: int):  # (what f' is computed from, its kind: "z" or "a")
         if activations[index].name == "identity":
-            return None, False
+            return None, "z"
         if kept_z[index] is not None:
-            return kept_z[index], False
-        return kept_a[index], True
+            return kept_z[index], "z"
+        return kept_a[index], "a"
 
     if backend == "triton" and os.environ.get("MANUALBP_MLP_FUSION", "1") != "0":
         grad_x = _backward_fused(grad_output, weights, activations, needs_grad_weights, needs_grad_biases, below,
@@ -166,10 +166,10 @@ def backward_stack(backend: str, grad_output: Tensor, x: Tensor, weights: Sequen
     grad = grad_output  # Gₗ = ∂C/∂Aₗ
     grad_x = None
     for index in reversed(range(count)):
-        saved, from_output = saved_for_f_prime(index)
+        saved, kind = saved_for_f_prime(index)
         grad_x, grad_weights[index], grad_biases[index] = function.backward(
             backend, grad, layer_input(index), weights[index], saved, activations[index],
-            below[index], needs_grad_weights[index], needs_grad_biases[index], from_output=from_output,
+            below[index], needs_grad_weights[index], needs_grad_biases[index], kind=kind,
         )
         if not below[index]:
             break
@@ -182,11 +182,11 @@ def _backward_fused(grad_output, weights, activations, needs_grad_weights, needs
     """backward_stack on the Triton kernels; fills grad_weights/grad_biases, returns ∂C/∂X₀ or None."""
     dense = backends.kernels()
     top = len(weights) - 1
-    saved, from_output = saved_for_f_prime(top)
+    saved, kind = saved_for_f_prime(top)
     activation = activations[top]
     # The top layer's δ from the incoming G: the one separate elementwise pass.
     delta, grad_biases[top] = dense.delta_and_bias_grad(
-        grad_output, saved, activation.kernel_id, activation.kernel_slope, from_output,
+        grad_output, saved, activation.kernel_id, activation.kernel_slope, kind,
         want_delta=needs_grad_weights[top] or below[top], want_bias=needs_grad_biases[top],
     )
     for index in reversed(range(top + 1)):
@@ -196,11 +196,11 @@ def _backward_fused(grad_output, weights, activations, needs_grad_weights, needs
             return None
         if index == 0:
             return dense.matmul(delta, weights[0])  # ∂C/∂X₀ = δ₀ W₀
-        saved, from_output = saved_for_f_prime(index - 1)
+        saved, kind = saved_for_f_prime(index - 1)
         activation = activations[index - 1]
         # δₗ₋₁ = (δₗ Wₗ) ⊙ fₗ₋₁'(Zₗ₋₁) and ∂C/∂bₗ₋₁ = 1ᵀ δₗ₋₁, in one matmul kernel.
         delta, grad_biases[index - 1] = dense.matmul_times_activation_grad(
-            delta, weights[index], saved, activation.kernel_id, activation.kernel_slope, from_output,
+            delta, weights[index], saved, activation.kernel_id, activation.kernel_slope, kind,
             want_bias=needs_grad_biases[index - 1],
         )
     return None

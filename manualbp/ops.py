@@ -1,7 +1,7 @@
 """PyTorch custom operators of manualbp: what torch.compile and torch.export see.
 
-    manualbp::linear_forward(x, weight, bias, activation, negative_slope, need_z, backend) -> (a, z)
-    manualbp::linear_backward(grad_a, x, weight, saved, activation, negative_slope, from_output,
+    manualbp::linear_forward(x, weight, bias, activation, negative_slope, save, backend) -> (a, z or f'(z))
+    manualbp::linear_backward(grad_a, x, weight, saved, activation, negative_slope, saved_kind,
                               needs_grad, backend) -> (grad_x, grad_weight, grad_bias)
     manualbp::mlp_forward(x, weights, biases, has_bias, activations, negative_slopes, recompute, save, backend)
                               -> [output, *kept]
@@ -26,6 +26,12 @@ tensors, which is what breaks a ``triton_op`` under TRITON_INTERPRET=1.
 
 Operators cannot return None: an output that is not computed (Z when not needed,
 a gradient nobody asked for) is an empty tensor of shape [0].
+
+What a layer keeps for f' (``save``: "z" or "f_prime", see ``function.saved_kind``)
+is decided by the wrapper when the graph is traced, from the backend that would run
+then, so that a compiled graph keeps what eager keeps (and its gradients are bitwise
+eager's); the backward operator is told what it gets (``saved_kind``), so either
+backend computes right gradients from either kind, whatever runs later.
 
 Double backward (create_graph=True): the registered backward then runs the same
 equations in differentiable torch ops (``function.differentiable_backward``,
@@ -91,10 +97,12 @@ def _check_2d(op: str, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Op
 
 @torch.library.custom_op("manualbp::linear_forward", mutates_args=())
 def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, negative_slope: float,
-                   need_z: bool, backend: str) -> Tuple[Tensor, Tensor]:
-    """(A, Z) = (f(X Wᵀ + b), X Wᵀ + b): x [M, K] -> a [M, N], z [M, N] (need_z) or [0]."""
+                   save: str, backend: str) -> Tuple[Tensor, Tensor]:
+    """(A, Z or f'(Z)): x [M, K] -> a [M, N] and, as save says ("z", "f_prime", or "" for none), [M, N] or [0]."""
     _check_2d("manualbp::linear_forward", x, [weight], [bias])
-    a, z = function.forward(_resolve(backend, x), x, weight, bias, _activation(activation, negative_slope), need_z)
+    _check_save(save)
+    a, z = function.forward(_resolve(backend, x), x, weight, bias, _activation(activation, negative_slope),
+                            save=save or None)
     if z is None:
         z = _placeholder(x)
     elif z is a:
@@ -103,30 +111,40 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation
 
 
 @linear_forward.register_fake
-def _(x, weight, bias, activation, negative_slope, need_z, backend):
+def _(x, weight, bias, activation, negative_slope, save, backend):
     _check_2d("manualbp::linear_forward", x, [weight], [bias])
+    _check_save(save)
     rows, columns = x.shape[0], weight.shape[0]
-    return x.new_empty((rows, columns)), x.new_empty((rows, columns) if need_z else (0,))
+    return x.new_empty((rows, columns)), x.new_empty((rows, columns) if save else (0,))
+
+
+def _check_save(save: str) -> None:
+    if save not in ("", "z", "f_prime"):
+        raise ValueError(f"manualbp::linear_forward: save must be '', 'z' or 'f_prime', got {save!r}")
 
 
 @torch.library.custom_op("manualbp::linear_backward", mutates_args=())
 def linear_backward(grad_a: Tensor, x: Tensor, weight: Tensor, saved: Optional[Tensor], activation: str,
-                    negative_slope: float, from_output: bool, needs_grad: List[bool],
+                    negative_slope: float, saved_kind: str, needs_grad: List[bool],
                     backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """(∂C/∂X [M, K], ∂C/∂W [N, K], ∂C/∂b [N]), each [0] where needs_grad says no. saved: A or Z [M, N]."""
+    """(∂C/∂X [M, K], ∂C/∂W [N, K], ∂C/∂b [N]), each [0] where needs_grad says no.
+
+    saved [M, N]: A, Z or f'(Z), as saved_kind says ("a", "z", "f_prime"); None for identity.
+    """
     needs_grad_x, needs_grad_weight, needs_grad_bias = needs_grad
     bound = _activation(activation, negative_slope)
     if saved is None and bound.name != "identity":
-        raise ValueError(f"manualbp::linear_backward: activation {activation!r} needs saved = A or Z, got None")
+        raise ValueError(f"manualbp::linear_backward: activation {activation!r} needs saved = A, Z or f'(Z), "
+                         f"got None")
     grads = function.backward(
         _resolve(backend, grad_a), grad_a, x, weight, saved, bound,
-        needs_grad_x, needs_grad_weight, needs_grad_bias, from_output=from_output,
+        needs_grad_x, needs_grad_weight, needs_grad_bias, kind=saved_kind,
     )
     return tuple(_placeholder(grad_a) if grad is None else grad for grad in grads)
 
 
 @linear_backward.register_fake
-def _(grad_a, x, weight, saved, activation, negative_slope, from_output, needs_grad, backend):
+def _(grad_a, x, weight, saved, activation, negative_slope, saved_kind, needs_grad, backend):
     needs_grad_x, needs_grad_weight, needs_grad_bias = needs_grad
     return (
         grad_a.new_empty(tuple(x.shape) if needs_grad_x else (0,)),
@@ -136,23 +154,24 @@ def _(grad_a, x, weight, saved, activation, negative_slope, from_output, needs_g
 
 
 def _linear_setup_context(ctx, inputs, output):
-    x, weight, bias, activation, negative_slope, need_z, backend = inputs
+    x, weight, bias, activation, negative_slope, save, backend = inputs
     a, z = output
     bound = _activation(activation, negative_slope)
     if bound.name == "identity":
-        saved = None
+        saved, kind = None, "z"  # nothing is read
     elif bound.saves_output:
-        saved = a
-    elif need_z:
-        saved = z
+        saved, kind = a, "a"
+    elif save:
+        saved, kind = z, save
     else:
         raise ValueError(
-            f"manualbp::linear_forward with activation {activation!r} and need_z=False cannot be differentiated: "
-            f"its f' needs Z. Call it with need_z=True when a gradient is wanted."
+            f"manualbp::linear_forward with activation {activation!r} and save='' cannot be differentiated: "
+            f"its f' needs Z. Call it with save='z' or 'f_prime' when a gradient is wanted."
         )
     ctx.save_for_backward(x, weight, bias, saved)
     ctx.activation = bound
     ctx.backend = backend
+    ctx.kind = kind
     ctx.mark_non_differentiable(z)
 
 
@@ -168,8 +187,7 @@ def _linear_backward(ctx, grad_a, grad_z):
     else:
         grad_x, grad_weight, grad_bias = torch.ops.manualbp.linear_backward(
             grad_a, x, weight, saved, activation.name, activation.kernel_slope,
-            activation.saves_output and saved is not None, [needs_grad_x, needs_grad_weight, needs_grad_bias],
-            ctx.backend,
+            ctx.kind, [needs_grad_x, needs_grad_weight, needs_grad_bias], ctx.backend,
         )
         grad_x = grad_x if needs_grad_x else None
         grad_weight = grad_weight if needs_grad_weight else None
@@ -315,13 +333,21 @@ def _backend_argument(backend: Optional[str]) -> str:
     return backends._check_name(backend, "the backend= argument")
 
 
+@torch.compiler.assume_constant_result
+def _save_for(backend: Optional[str], device: torch.device, dtype: torch.dtype, activation: Activation) -> str:
+    # What eager's LinearFunction keeps on the backend that would run now: evaluated once, when the graph is
+    # traced (the compiler does not trace the backend choice itself: it imports modules and reads settings).
+    kind = function.saved_kind(backends.resolve(backend, device, dtype), activation)
+    return kind if kind in ("z", "f_prime") else ""
+
+
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation,
            backend: Optional[str] = None) -> Tensor:
     """``functional.linear`` through the operators: input [..., K] -> [..., N]. Inputs already validated."""
     x = input.reshape(input.shape[:-1].numel(), input.shape[-1])
-    need_z = _needs_graph(input, weight, bias) and mlp_function._needs_z(activation)
+    save = _save_for(backend, input.device, input.dtype, activation) if _needs_graph(input, weight, bias) else ""
     a, _ = torch.ops.manualbp.linear_forward(
-        x, weight, bias, activation.name, activation.kernel_slope, need_z, _backend_argument(backend)
+        x, weight, bias, activation.name, activation.kernel_slope, save, _backend_argument(backend)
     )
     return a.reshape(*input.shape[:-1], weight.shape[0])
 

@@ -61,31 +61,36 @@ def activation_forward(activation: Activation, z: Tensor) -> Tensor:
     return activation.f(z)
 
 
-def delta(grad_a: Tensor, saved: Optional[Tensor], activation: Activation, from_output: bool) -> Tensor:
-    """δ = G ⊙ f'(Z) [M, N], from saved = A (from_output) or Z; None for the identity.
+def delta(grad_a: Tensor, saved: Optional[Tensor], activation: Activation, kind: str) -> Tensor:
+    """δ = G ⊙ f'(Z) [M, N] from saved = A (kind "a"), Z ("z") or f'(Z) ("f_prime"); saved is None for identity.
 
-    One fused pass (``Activation.delta``: PyTorch's backward kernel for f, as eager
-    autograd runs it). Not differentiable; ``differentiable_delta`` is.
+    From A or Z: one fused pass (``Activation.delta``: PyTorch's backward kernel for
+    f, as eager autograd runs it). Not differentiable; ``differentiable_delta`` is.
     """
     if activation.name == "identity":
         return grad_a  # δ = G ⊙ 1
-    return activation.delta(grad_a, saved, from_output)
+    if kind == "f_prime":
+        return _times(grad_a, saved)
+    return activation.delta(grad_a, saved, from_output=kind == "a")
 
 
-def activation_grad(activation: Activation, saved: Tensor, from_output: bool) -> Tensor:
-    """f'(Z) [M, N] by the formulas of activations.py, from saved = A (from_output) or saved = Z."""
-    if from_output:
+def activation_grad(activation: Activation, saved: Tensor, kind: str) -> Tensor:
+    """f'(Z) [M, N] by the formulas of activations.py, from saved = A (kind "a") or Z ("z")."""
+    if kind == "a":
         return _elementwise(activation.f_grad_from_output, saved)
     return _elementwise(activation.f_grad, saved)
 
 
-def differentiable_delta(grad_a: Tensor, saved: Optional[Tensor], activation: Activation, from_output: bool) -> Tensor:
-    """δ = G ⊙ f'(Z) in differentiable torch ops (double backward): f' by its formula, then the product."""
+def differentiable_delta(grad_a: Tensor, saved: Optional[Tensor], activation: Activation, kind: str) -> Tensor:
+    """δ = G ⊙ f'(Z) in differentiable torch ops (double backward): f' by its formula from A or Z, then the product."""
     if activation.name == "identity":
         return grad_a
-    f_prime = activation_grad(activation, saved, from_output)
+    return _times(grad_a, activation_grad(activation, saved, kind))
+
+
+def _times(grad_a: Tensor, f_prime: Tensor) -> Tensor:
     if grad_a.dtype in _HALF:
-        return (grad_a.float() * f_prime.float()).to(grad_a.dtype)  # in float32, rounded once more
+        return (grad_a.float() * f_prime.float()).to(grad_a.dtype)  # in float32, rounded once
     return grad_a * f_prime
 
 

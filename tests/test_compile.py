@@ -44,19 +44,20 @@ def test_opcheck_linear_operators(backend, name, slope):
     torch.manual_seed(0)
     activation = manualbp.get_activation(name, negative_slope=slope) if name == "leaky_relu" else \
         manualbp.get_activation(name)
-    need_z = name != "identity" and not activation.saves_output
+    saves = ["z", "f_prime"] if name != "identity" and not activation.saves_output else [""]
     x, weight, bias = tensors((5, 4), (3, 4), (3,))
-    for b in (bias, None):
-        torch.library.opcheck(OPS.linear_forward.default, (x, weight, b, name, slope, need_z, backend))
-    a, z = OPS.linear_forward(x, weight, bias, name, slope, True, backend)
-    saved = None if name == "identity" else (a if activation.saves_output else z)
     grad_a = torch.randn(5, 3, dtype=torch.float64, device=DEVICE)
-    for needs in ([True, True, True], [False, True, False]):
-        torch.library.opcheck(
-            OPS.linear_backward.default,
-            (grad_a, x.detach(), weight.detach(), None if saved is None else saved.detach(), name, slope,
-             activation.saves_output and saved is not None, needs, backend),
-        )
+    for save in saves:
+        for b in (bias, None):
+            torch.library.opcheck(OPS.linear_forward.default, (x, weight, b, name, slope, save, backend))
+        a, z = OPS.linear_forward(x, weight, bias, name, slope, save or "z", backend)
+        saved, kind = (None, "z") if name == "identity" else ((a, "a") if activation.saves_output else (z, save or "z"))
+        for needs in ([True, True, True], [False, True, False]):
+            torch.library.opcheck(
+                OPS.linear_backward.default,
+                (grad_a, x.detach(), weight.detach(), None if saved is None else saved.detach(), name, slope,
+                 kind, needs, backend),
+            )
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -105,12 +106,14 @@ def test_gradcheck_through_the_operators(backend):
 def test_operator_errors_are_clear():
     x, weight = torch.randn(3, 4), torch.randn(2, 5)  # errors come before any device work: the CPU will do
     with pytest.raises(ValueError, match=r"weight 0 must have shape \[N, 4\]"):
-        OPS.linear_forward(x, weight, None, "relu", 0.0, False, "reference")
+        OPS.linear_forward(x, weight, None, "relu", 0.0, "", "reference")
     x, weight = torch.randn(3, 4, requires_grad=True), torch.randn(2, 4)
-    with pytest.raises(ValueError, match="need_z=False cannot be differentiated"):
-        OPS.linear_forward(x, weight, None, "gelu", 0.0, False, "reference")
+    with pytest.raises(ValueError, match="save='' cannot be differentiated"):
+        OPS.linear_forward(x, weight, None, "gelu", 0.0, "", "reference")
+    with pytest.raises(ValueError, match="save must be '', 'z' or 'f_prime'"):
+        OPS.linear_forward(x.detach(), weight, None, "gelu", 0.0, "a", "reference")
     with pytest.raises(ValueError, match="unknown backend"):
-        OPS.linear_forward(x.detach(), weight, None, "relu", 0.0, False, "fast")
+        OPS.linear_forward(x.detach(), weight, None, "relu", 0.0, "", "fast")
 
 
 # --------------------------------------------------------------------------------------

@@ -18,9 +18,34 @@ def _config_id(cfg):
     return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-s{cfg.num_stages}-w{cfg.num_warps}"
 
 
+def _launch_with(config, a, b, out, *, bias=None, z=None, saved=None, partials=None, row_sums=None, **flags):
+    """One _matmul_kernel launch with this config's tile (not the autotuner's pick): out = a @ b, plus the
+    epilogue or prologue that flags ask for (by default the forward epilogue with gelu)."""
+    M, K = a.shape
+    N = b.shape[1]
+    kw = dict(config.kwargs)
+    grid = (triton_cdiv(M, kw["BLOCK_M"]) * triton_cdiv(N, kw["BLOCK_N"]),)
+    saved = out if saved is None else saved
+    options = dict(HAS_BIAS=bias is not None, ACTIVATION=manualbp.get_activation("gelu").kernel_id,
+                   NEGATIVE_SLOPE=0.0, WRITE_Z=z is not None, F_PRIME_AS_Z=False, USE_DOT=True,
+                   INPUT_PRECISION="ieee", ACC_FP64=False, GRAD_EPILOGUE=False, A_PROLOGUE=False,
+                   SAVED_KIND=dense.SAVED_KINDS["z"], WRITE_PARTIALS=partials is not None,
+                   ROW_SUMS=row_sums is not None, PARTIAL_ROWS=dense._PARTIAL_ROWS)
+    options.update(flags)
+    dense._matmul_kernel[grid](
+        a, b, out if bias is None else bias, out, out if z is None else z, M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        0 if z is None else z.stride(0), 0 if z is None else z.stride(1), 0 if bias is None else bias.stride(0),
+        saved, saved.stride(0), saved.stride(1), out if partials is None else partials,
+        out if row_sums is None else row_sums,
+        **options, num_warps=config.num_warps, num_stages=config.num_stages, **kw,
+    )
+
+
 @pytest.mark.parametrize("config", dense.matmul_configs(), ids=_config_id)
 def test_every_autotune_config_is_correct(config, device):
-    """Each config on its own (not just the autotuner's winner), with the full epilogue."""
+    """Each config on its own (not just the autotuner's winner): the forward epilogue, the MLP's
+    backward epilogue and the layer backward's prologue."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
     M, N, K = 70, 300, 100  # not multiples of any tile
@@ -29,41 +54,34 @@ def test_every_autotune_config_is_correct(config, device):
     bias = torch.randn(N, generator=g).to(device, dtype)
     a = torch.empty(M, N, device=device, dtype=dtype)
     z = torch.empty(M, N, device=device, dtype=dtype)
-    kw = dict(config.kwargs)
-    grid = (triton_cdiv(M, kw["BLOCK_M"]) * triton_cdiv(N, kw["BLOCK_N"]),)
-    wt = weight.t()
-    dense._matmul_kernel[grid](
-        x, wt, bias, a, z, M, N, K,
-        x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), a.stride(0), a.stride(1), z.stride(0), z.stride(1),
-        bias.stride(0), a, a.stride(0), a.stride(1), a,
-        HAS_BIAS=True, ACTIVATION=manualbp.get_activation("gelu").kernel_id, NEGATIVE_SLOPE=0.0, WRITE_Z=True,
-        USE_DOT=True, INPUT_PRECISION="ieee", ACC_FP64=False,
-        GRAD_EPILOGUE=False, FROM_OUTPUT=False, WRITE_PARTIALS=False, PARTIAL_ROWS=dense._PARTIAL_ROWS,
-        num_warps=config.num_warps, num_stages=config.num_stages, **kw,
-    )
+    name = _config_id(config)
+    _launch_with(config, x, weight.t(), a, bias=bias, z=z)
     z_exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(z.double(), z_exact, **tol, msg=lambda m: f"z with {_config_id(config)}: {m}")
-    torch.testing.assert_close(a.double(), torch.nn.functional.gelu(z_exact), **tol,
-                               msg=lambda m: f"a with {_config_id(config)}: {m}")
+    torch.testing.assert_close(z.double(), z_exact, **tol, msg=lambda m: f"z with {name}: {m}")
+    torch.testing.assert_close(a.double(), torch.nn.functional.gelu(z_exact), **tol, msg=lambda m: f"a with {name}: {m}")
 
     # The backward epilogue with the same tile: out = (x Wᵀ) ⊙ gelu'(z_below), column sums in 64-row groups.
     z_below = torch.randn(M, N, generator=g).to(device, dtype)
     partials = torch.full((triton_cdiv(M, dense._PARTIAL_ROWS), N), float("nan"), device=device)
-    dense._matmul_kernel[grid](
-        x, wt, bias, a, z, M, N, K,
-        x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), a.stride(0), a.stride(1), z.stride(0), z.stride(1),
-        bias.stride(0), z_below, z_below.stride(0), z_below.stride(1), partials,
-        HAS_BIAS=False, ACTIVATION=manualbp.get_activation("gelu").kernel_id, NEGATIVE_SLOPE=0.0, WRITE_Z=False,
-        USE_DOT=True, INPUT_PRECISION="ieee", ACC_FP64=False,
-        GRAD_EPILOGUE=True, FROM_OUTPUT=False, WRITE_PARTIALS=True, PARTIAL_ROWS=dense._PARTIAL_ROWS,
-        num_warps=config.num_warps, num_stages=config.num_stages, **kw,
-    )
+    _launch_with(config, x, weight.t(), a, saved=z_below, partials=partials, GRAD_EPILOGUE=True)
     delta_exact = (x.double() @ weight.double().t()) * manualbp.get_activation("gelu").f_grad(z_below.double())
-    torch.testing.assert_close(a.double(), delta_exact, **tol, msg=lambda m: f"delta with {_config_id(config)}: {m}")
-    assert not partials.isnan().any(), f"every partial row written with {_config_id(config)}"
+    torch.testing.assert_close(a.double(), delta_exact, **tol, msg=lambda m: f"delta with {name}: {m}")
+    assert not partials.isnan().any(), f"every partial row written with {name}"
     torch.testing.assert_close(partials.double().sum(0), delta_exact.sum(0), rtol=tol["rtol"], atol=tol["atol"] * 10,
-                               msg=lambda m: f"column sums with {_config_id(config)}: {m}")
+                               msg=lambda m: f"column sums with {name}: {m}")
+
+    # The backward prologue with the same tile: out = (G ⊙ f'(Z)) Wᵀ with f'(Z) saved, and the row sums of G ⊙ f'(Z).
+    grad_a = torch.randn(M, K, generator=g).to(device, dtype)
+    f_prime = torch.rand(M, K, generator=g).to(device, dtype)
+    row_sums = torch.full((M,), float("nan"), device=device)
+    _launch_with(config, grad_a, weight.t(), a, saved=f_prime, row_sums=row_sums, A_PROLOGUE=True,
+                 SAVED_KIND=dense.SAVED_KINDS["f_prime"])
+    delta = grad_a.double() * f_prime.double()
+    torch.testing.assert_close(a.double(), delta.to(dtype).double() @ weight.double().t(), **tol,
+                               msg=lambda m: f"prologue product with {name}: {m}")
+    torch.testing.assert_close(row_sums.double(), delta.sum(1), rtol=tol["rtol"], atol=tol["atol"] * 10,
+                               msg=lambda m: f"prologue row sums with {name}: {m}")
 
 
 def triton_cdiv(a, b):
@@ -208,7 +226,7 @@ def test_gelu_tanh_float16_large_inputs_do_not_overflow(device):
 
 def test_delta_kernel_empty_batch(device):
     grad_a = torch.empty(0, 5, device=device)
-    delta, grad_bias = dense.delta_and_bias_grad(grad_a, torch.empty(0, 5, device=device), 3, 0.0, False,
+    delta, grad_bias = dense.delta_and_bias_grad(grad_a, torch.empty(0, 5, device=device), 3, 0.0, "z",
                                                  want_delta=True, want_bias=True)
     assert delta.shape == (0, 5), "delta shape"
     assert torch.equal(grad_bias, torch.zeros(5, device=device)), "db zero-filled"
@@ -278,7 +296,7 @@ def test_matmul_times_activation_grad(activation, dtype, device):
     slope = act.negative_slope if activation == "leaky_relu" else 0.0
     ours, grad_bias = dense.matmul_times_activation_grad(
         delta.to(device, dtype), weight.to(device, dtype), saved.to(device, dtype), act.kernel_id, slope,
-        act.saves_output, want_bias=True)
+        "a" if act.saves_output else "z", want_bias=True)
     expected = (delta @ weight) * act.f_grad(z_below)  # float64, unfused
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-2}[dtype]
     torch.testing.assert_close(ours.double().cpu(), expected, rtol=tol, atol=tol,
@@ -287,7 +305,7 @@ def test_matmul_times_activation_grad(activation, dtype, device):
                                msg=lambda m: f"db below [{activation}, {dtype}]: {m}")
     again, grad_bias_again = dense.matmul_times_activation_grad(
         delta.to(device, dtype), weight.to(device, dtype), saved.to(device, dtype), act.kernel_id, slope,
-        act.saves_output, want_bias=True)
+        "a" if act.saves_output else "z", want_bias=True)
     assert torch.equal(again, ours) and torch.equal(grad_bias_again, grad_bias), "bitwise reproducible"
 
 
@@ -296,3 +314,87 @@ def test_partial_rows_divide_every_config():
     for config in dense.matmul_configs():
         assert config.kwargs["BLOCK_M"] % dense._PARTIAL_ROWS == 0, f"{_config_id(config)}: BLOCK_M % rows"
     assert dense._UNTUNED_CONFIG["BLOCK_M"] % dense._PARTIAL_ROWS == 0, "untuned tile"
+
+
+def _kinds(act):
+    """The saved kinds a backward can be given for this activation."""
+    return (["a"] if act.saves_output else []) + ["z", "f_prime"]
+
+
+def _saved(act, z, kind):
+    return {"a": act.f, "z": lambda t: t, "f_prime": act.f_grad}[kind](z)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("activation", manualbp.ACTIVATIONS)
+def test_linear_backward_forms_delta_in_the_matmuls(activation, dtype, device):
+    """dense.linear_backward (δ in both matmuls' operand loads, ∂C/∂b from the ∂C/∂W matmul's row sums)
+    against float64 for every saved kind, with strided G and saved tensors and M across tiles."""
+    g = torch.Generator().manual_seed(7)
+    M, N, K = 70, 33, 37
+    act = manualbp.get_activation(activation)
+    z = torch.randn(M, N, generator=g, dtype=torch.float64)
+    grad_a = torch.randn(N, M, generator=g, dtype=torch.float64).t()  # column-major G
+    x = torch.randn(M, K, generator=g, dtype=torch.float64)
+    weight = torch.randn(N, K, generator=g, dtype=torch.float64) / N ** 0.5
+    delta = grad_a * act.f_grad(z)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-2}[dtype]
+    for kind in _kinds(act):
+        wide = torch.zeros(M, 2 * N, dtype=dtype)
+        wide[:, ::2] = _saved(act, z, kind).to(dtype)
+        saved = wide[:, ::2].to(device)  # every other column: strides (2N, 2)
+        grad_x, grad_weight, grad_bias = dense.linear_backward(
+            grad_a.to(device, dtype), x.to(device, dtype), weight.to(device, dtype), saved, act.kernel_id,
+            act.kernel_slope, kind, want_x=True, want_weight=True, want_bias=True)
+        label = f"[{activation}, {kind}, {dtype}]"
+        for name, ours, exact, scale in (("dx", grad_x, delta @ weight, 1), ("dw", grad_weight, delta.t() @ x, 1),
+                                         ("db", grad_bias, delta.sum(0), M ** 0.5)):
+            torch.testing.assert_close(ours.double().cpu(), exact, rtol=tol, atol=tol * scale,
+                                       msg=lambda m: f"{name} {label}: {m}")
+
+
+@pytest.mark.parametrize("wants", [(True, False, True), (False, False, True), (True, True, False)],
+                         ids=["no-dw", "db-only", "no-db"])
+@pytest.mark.parametrize("shape", [(70, 33, 37), (0, 5, 4), (6, 0, 4), (6, 5, 0)], ids=str)
+def test_linear_backward_edge_cases(shape, wants, device):
+    """∂C/∂b without the ∂C/∂W matmul (frozen weight, K = 0) and empty dimensions: the same answers."""
+    M, N, K = shape
+    want_x, want_weight, want_bias = wants
+    g = torch.Generator().manual_seed(8)
+    act = manualbp.get_activation("relu")
+    z = torch.randn(M, N, generator=g, dtype=torch.float64)
+    grad_a = torch.randn(M, N, generator=g, dtype=torch.float64)
+    x = torch.randn(M, K, generator=g, dtype=torch.float64)
+    weight = torch.randn(N, K, generator=g, dtype=torch.float64)
+    delta = grad_a * act.f_grad(z)
+    grads = dense.linear_backward(grad_a.to(device), x.to(device), weight.to(device), act.f(z).to(device),
+                                  act.kernel_id, 0.0, "a", want_x=want_x, want_weight=want_weight,
+                                  want_bias=want_bias)
+    for name, want, ours, exact in zip(("dx", "dw", "db"), wants, grads, (delta @ weight, delta.t() @ x,
+                                                                            delta.sum(0))):
+        if not want:
+            assert ours is None, f"{name} not wanted: None"
+            continue
+        torch.testing.assert_close(ours.cpu(), exact, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name} {shape}: {m}")
+
+
+@pytest.mark.parametrize("activation", manualbp.ACTIVATIONS)
+def test_forward_can_write_f_prime_instead_of_z(activation, device):
+    """With f_prime_as_z the forward epilogue stores f'(Z) of the unrounded Z where it would store Z."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(37, 19, generator=g, dtype=torch.float64)
+    weight = torch.randn(41, 19, generator=g, dtype=torch.float64) / 19 ** 0.5
+    bias = torch.randn(41, generator=g, dtype=torch.float64)
+    act = manualbp.get_activation(activation)
+    a, f_prime = dense.linear_forward(x.float().to(device), weight.float().to(device), bias.float().to(device),
+                                      act.kernel_id, act.kernel_slope, write_z=True, f_prime_as_z=True)
+    z = torch.nn.functional.linear(x.float(), weight.float(), bias.float()).double()
+    torch.testing.assert_close(f_prime.double().cpu(), act.f_grad(z), rtol=1e-5, atol=1e-6,
+                               msg=lambda m: f"f'(Z) [{activation}]: {m}")
+    torch.testing.assert_close(a.double().cpu(), act.f(z), rtol=1e-5, atol=1e-6, msg=lambda m: f"A [{activation}]: {m}")
+
+
+def test_bad_saved_kind_is_refused(device):
+    grad_a = torch.randn(4, 3, device=device)
+    with pytest.raises(ValueError, match="saved_kind must be one of"):
+        dense.delta_and_bias_grad(grad_a, grad_a, 1, 0.0, "output", want_delta=True, want_bias=True)

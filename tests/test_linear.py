@@ -177,24 +177,35 @@ def test_frozen_weight_and_input_without_grad(backend, device):
 
 
 def test_needs_input_grad_skips_work(monkeypatch, device):
-    """The triton backward launches only the matmuls that are needed."""
+    """The triton backward launches only the matmuls that are needed, and no δ pass beside them."""
     dense = manualbp.backends.kernels()
     calls = []
-    real_matmul = dense.matmul
-    monkeypatch.setattr(dense, "matmul", lambda a, b: calls.append((tuple(a.shape), tuple(b.shape))) or real_matmul(a, b))
+    real_launch, real_delta = dense._launch_matmul, dense.delta_and_bias_grad
+
+    def launch(a, b, out, **kwargs):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return real_launch(a, b, out, **kwargs)
+
+    def delta_pass(*args, **kwargs):
+        calls.append("delta pass")
+        return real_delta(*args, **kwargs)
+
+    monkeypatch.setattr(dense, "_launch_matmul", launch)
+    monkeypatch.setattr(dense, "delta_and_bias_grad", delta_pass)
     x, weight, b, grad_out = _make((6,), 5, 4, torch.float32, device=device)
 
     def run(x_grad, w_grad, b_grad):
-        calls.clear()
         leaves = [x.clone().requires_grad_(x_grad), weight.clone().requires_grad_(w_grad),
                   b.clone().requires_grad_(b_grad)]
-        F.linear(*leaves, "gelu", backend="triton").backward(grad_out)
+        out = F.linear(*leaves, "gelu", backend="triton")
+        calls.clear()
+        out.backward(grad_out)
         return list(calls)
 
     assert run(True, False, False) == [((6, 4), (4, 5))], "frozen weight: only dx = delta W"
     assert run(False, True, False) == [((4, 6), (6, 5))], "input without grad: only dw = delta^T x"
-    assert run(False, False, True) == [], "bias only: no matmul"
-    assert len(run(True, True, True)) == 2, "all three: two matmuls"
+    assert run(False, False, True) == ["delta pass"], "bias only: no matmul, one reading pass for db"
+    assert run(True, True, True) == [((6, 4), (4, 5)), ((4, 6), (6, 5))], "all three: two matmuls, db from dw's"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -287,3 +298,47 @@ def test_double_backward_with_frozen_weight_needing_z_is_an_error(backend, devic
     out = F.linear(x, weight, b, "gelu", backend=backend)
     with pytest.raises(RuntimeError, match="frozen weight"):
         torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_triton_backward_has_no_delta_pass(activation, monkeypatch, device):
+    """On the Triton backend a layer's backward forms δ inside its two matmuls (f' from A or from the
+    f'(Z) its forward wrote): no elementwise pass over [M, N]. MANUALBP_DELTA_PROLOGUE=0 brings the
+    pass back, for A/B timing; both give the same gradients."""
+    dense = manualbp.backends.kernels()
+    passes = []
+    real_delta = dense.delta_and_bias_grad
+    monkeypatch.setattr(dense, "delta_and_bias_grad", lambda *a, **k: passes.append(1) or real_delta(*a, **k))
+    x, weight, b, grad_out = _make((2, 35), 33, 37, torch.float64, device=device)
+    results = {}
+    for prologue in ("1", "0"):
+        monkeypatch.setenv("MANUALBP_DELTA_PROLOGUE", prologue)
+        passes.clear()
+        results[prologue] = run_and_grad(lambda *t: F.linear(*t, activation, backend="triton"), x, weight, b, grad_out)
+        expected = [] if prologue == "1" else [1]
+        assert passes == expected, f"[{activation}] MANUALBP_DELTA_PROLOGUE={prologue}: δ passes {passes}"
+    for label, ours, other in zip(("out", "dx", "dw", "db"), results["1"], results["0"]):
+        torch.testing.assert_close(ours, other, rtol=1e-12, atol=1e-12, msg=lambda m: f"{label} [{activation}]: {m}")
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", "relu"])
+def test_what_each_backend_keeps_for_f_prime(activation, device):
+    """reference keeps Z (PyTorch's fused kernels take Z), triton keeps f'(Z) (one multiply in the backward);
+    both keep A where f' comes from it. The same number of bytes either way."""
+    x, weight, b, _ = _make((4,), 5, 3, torch.float64, device=device)
+    kept = {}
+    for backend in BACKENDS:
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = F.linear(x.requires_grad_(True), weight, b, activation, backend=backend)
+        z = torch.nn.functional.linear(x.detach(), weight, b)
+        act = manualbp.get_activation(activation)
+        big = [t for t in saved if t.shape == (4, 3)]
+        assert len(big) == 1, f"[{activation} {backend}] one [M, N] tensor kept, got {len(big)}"
+        kept[backend] = big[0].detach()
+        if act.saves_output:
+            assert torch.equal(kept[backend], out.detach()), f"[{activation} {backend}] keeps A"
+    if not manualbp.get_activation(activation).saves_output:
+        torch.testing.assert_close(kept["reference"], z, rtol=0, atol=0, msg=lambda m: f"reference keeps Z: {m}")
+        torch.testing.assert_close(kept["triton"], act.f_grad(z), rtol=1e-12, atol=1e-13,
+                                   msg=lambda m: f"triton keeps f'(Z): {m}")

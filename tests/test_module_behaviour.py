@@ -143,9 +143,9 @@ def forward_calls(monkeypatch):
     calls = []
     original = function.forward
 
-    def recording(backend, x, weight, bias, activation, need_z):
-        calls.append(need_z)
-        return original(backend, x, weight, bias, activation, need_z)
+    def recording(backend, x, weight, bias, activation, save=None):
+        calls.append(save)  # None: A only; "z" or "f_prime": one more [M, N] tensor for the backward
+        return original(backend, x, weight, bias, activation, save)
 
     monkeypatch.setattr(function, "forward", recording)
     monkeypatch.setattr(functional, "forward", recording)
@@ -182,7 +182,7 @@ def test_eval_no_grad_and_inference_mode_save_nothing(name, forward_calls):
             out, saved = count_saved(model, x)
         assert saved == 0, f"{label}: {saved} tensors saved for a backward that cannot happen"
         assert not out.requires_grad and out.grad_fn is None, f"{label}: output has a graph"
-        assert forward_calls and not any(forward_calls), f"{label}: Z was computed (need_z={forward_calls})"
+        assert forward_calls and not any(forward_calls), f"{label}: Z or f'(Z) was computed (save={forward_calls})"
         torch.testing.assert_close(out, out_train.detach(), rtol=0, atol=0, msg=lambda m: f"{label}: output\n{m}")
         forward_calls.clear()
     # Parameters that do not require grad, input neither: the same, without no_grad.

@@ -6,12 +6,22 @@ shape of its variable). With x [M, K], weight [N, K], bias [N]:
 
     forward     Z = X Wᵀ + b      [M, N] = [M, K] [K, N] + [N]   _matmul_kernel, A = X, B = Wᵀ (strides only),
                 A = f(Z)                                          bias and f fused in the epilogue
-    backward    δ = G ⊙ f'(Z)     [M, N]                         _delta_kernel (f' from A where it can be)
-                ∂C/∂b = 1ᵀ δ      [N]                            _delta_kernel's per-block column sums, then a
-                                                                  fixed-order sum of those: deterministic, no atomics
+    backward    δ = G ⊙ f'(Z)     [M, N]                         formed as the two matmuls below load their
+                                                                  left factor (A_PROLOGUE): never in memory
                 ∂C/∂X = δ W       [M, K] = [M, N] [N, K]         _matmul_kernel, A = δ, B = W
                 ∂C/∂W = δᵀ X      [N, K] = [N, M] [M, K]         _matmul_kernel, A = δᵀ (strides only), B = X
+                ∂C/∂b = 1ᵀ δ      [N]                            row sums of the δᵀ tiles the ∂C/∂W matmul loads
     recompute   A = f(Z)          [M, N]                         _activation_kernel (manualbp.MLP, recompute=True)
+
+What the backward reads for f' (the "saved kind"): A where f' can be computed from
+it (relu, leaky_relu with slope >= 0, sigmoid, tanh); otherwise f'(Z) itself, which
+the forward epilogue writes in place of Z (F_PRIME_AS_Z): then δ costs one multiply
+in the operand load, however expensive f' is (gelu's erf, silu's exp), because it
+was evaluated once, in the forward. Since a prologue is evaluated once per output
+tile of each matmul, the same element many times, f' from Z is formed there only
+where it is a select (relu, leaky_relu); otherwise (manualbp.MLP keeps Z, to
+recompute A) δ takes one elementwise pass, _delta_kernel, which also writes
+per-block column sums for ∂C/∂b (summed in a fixed order: deterministic, no atomics).
 
 No operand is copied to make it contiguous: every kernel takes both strides of
 every matrix, so transposes are free. Offsets are 64-bit. Accumulation is in
@@ -56,14 +66,22 @@ def _elementwise_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     return offs_m, offs_n, mask
 
 
+# What a backward kernel reads to get f' (SAVED_KIND); launchers take the names in SAVED_KINDS.
+SAVED_Z = tl.constexpr(0)  # Z: f' = f_grad(Z)
+SAVED_A = tl.constexpr(1)  # A = f(Z): f' = f_grad_from_output(A)
+SAVED_F_PRIME = tl.constexpr(2)  # f'(Z) itself, written by the forward epilogue
+
+
 @triton.jit
 def _times_activation_grad(grad_a, saved_ptrs, mask, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
-                           FROM_OUTPUT: tl.constexpr):
-    """δ = G ⊙ f'(Z) for one tile: grad_a in the compute dtype, f' from the saved A or Z at saved_ptrs."""
+                           SAVED_KIND: tl.constexpr):
+    """δ = G ⊙ f'(Z) for one tile: grad_a in the compute dtype, f' from what saved_ptrs point at (SAVED_KIND)."""
     if ACTIVATION == act.IDENTITY:
         return grad_a  # f' = 1: nothing to read
     saved = tl.load(saved_ptrs, mask=mask, other=0.0).to(grad_a.dtype)
-    if FROM_OUTPUT:
+    if SAVED_KIND == SAVED_F_PRIME:
+        f_prime = saved
+    elif SAVED_KIND == SAVED_A:
         f_prime = act.f_grad_from_output(saved, ACTIVATION, NEGATIVE_SLOPE)
     else:
         f_prime = act.f_grad(saved, ACTIVATION, NEGATIVE_SLOPE)
@@ -86,11 +104,11 @@ def _store_column_sums(delta, partial_ptr, tile_row, offs_n, M, N, BLOCK_M: tl.c
 
 @triton.jit
 def _matmul_kernel(
-    a_ptr,  # left factor A [M, K]
+    a_ptr,  # left factor A [M, K]; with A_PROLOGUE, G, and the factor is G ⊙ f'(saved)
     b_ptr,  # right factor B [K, N]
     bias_ptr,  # bias [N]; read only when HAS_BIAS
     out_ptr,  # output [M, N]: f(A B + bias) with the epilogue, A B without
-    z_ptr,  # pre-activation Z = A B + bias [M, N]; written only when WRITE_Z
+    z_ptr,  # pre-activation Z = A B + bias [M, N], or f'(Z) with F_PRIME_AS_Z; written only when WRITE_Z
     M,  # rows of A and of the output
     N,  # columns of B and of the output
     K,  # the contracted dimension
@@ -99,19 +117,24 @@ def _matmul_kernel(
     stride_om, stride_on,  # output's strides
     stride_zm, stride_zn,  # Z's strides
     stride_bias,  # bias's stride (a sliced bias is not contiguous)
-    saved_ptr,  # A or Z of the layer below [M, N]; read only with GRAD_EPILOGUE
-    stride_sm, stride_sn,  # its strides
+    saved_ptr,  # what f' comes from (SAVED_KIND): [M, N] like the output with GRAD_EPILOGUE, [M, K] like A
+                # with A_PROLOGUE; not read otherwise
+    stride_s0, stride_s1,  # its strides (rows, columns)
     partial_ptr,  # [cdiv(M, PARTIAL_ROWS), N] column sums of the output; written only with WRITE_PARTIALS
+    row_sum_ptr,  # [M] row sums of the prologue's factor over K; written only with ROW_SUMS
     HAS_BIAS: tl.constexpr,  # add bias[None, :] to every row
     ACTIVATION: tl.constexpr,  # kernel id of f (0 = identity)
     NEGATIVE_SLOPE: tl.constexpr,  # leaky_relu's slope (unused otherwise)
     WRITE_Z: tl.constexpr,  # also store Z (needed when f' must be computed from Z)
+    F_PRIME_AS_Z: tl.constexpr,  # with WRITE_Z: store f'(Z) instead of Z (what the backward needs of it)
     USE_DOT: tl.constexpr,  # tl.dot, or the fp64 FMA fallback
     INPUT_PRECISION: tl.constexpr,  # "ieee", or "tf32" only when PyTorch allows TF32
     ACC_FP64: tl.constexpr,  # accumulate in float64 (float64 data) instead of float32
     GRAD_EPILOGUE: tl.constexpr,  # output (A B) ⊙ f'(saved), the δ of the layer below, instead of f(A B + b)
-    FROM_OUTPUT: tl.constexpr,  # with GRAD_EPILOGUE: saved is A (f_grad_from_output), else Z
+    A_PROLOGUE: tl.constexpr,  # the left factor is δ = G ⊙ f'(saved), formed as each G tile is loaded
+    SAVED_KIND: tl.constexpr,  # with GRAD_EPILOGUE or A_PROLOGUE: saved is Z, A or f'(Z) (SAVED_*)
     WRITE_PARTIALS: tl.constexpr,  # with GRAD_EPILOGUE: store the output's column sums (that layer's ∂C/∂b)
+    ROW_SUMS: tl.constexpr,  # with A_PROLOGUE: store the row sums of δ (of δᵀ in the ∂C/∂W matmul: ∂C/∂b)
     PARTIAL_ROWS: tl.constexpr,  # rows per column-sum group; divides BLOCK_M
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -139,27 +162,45 @@ def _matmul_kernel(
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
     a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
     b_step = tl.cast(stride_bk, tl.int64) * BLOCK_K
+    # The prologue's saved tensor walks along with A (used only with A_PROLOGUE).
+    s_ptrs = saved_ptr + offs_m[:, None] * stride_s0 + offs_k[None, :] * stride_s1
+    s_step = tl.cast(stride_s1, tl.int64) * BLOCK_K
 
     if ACC_FP64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_sums = tl.zeros((BLOCK_M,), dtype=acc.dtype)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         mask_k = offs_k < K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        mask_a = mask_m[:, None] & mask_k[None, :]
+        a = tl.load(a_ptrs, mask=mask_a, other=0.0)
+        if A_PROLOGUE:
+            # δ = G ⊙ f'(saved) for this tile, in the accumulator's precision; it is never stored.
+            delta = _times_activation_grad(a.to(acc.dtype), s_ptrs, mask_a, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
+            if ROW_SUMS:
+                row_sums += tl.sum(delta, axis=1)  # from the unrounded δ, as _delta_kernel's sums
+            a = delta.to(a_ptr.dtype.element_ty)  # the factor rounded to the data dtype, as a stored δ would be
+            s_ptrs += s_step
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = _tile_dot(a, b, acc, USE_DOT, INPUT_PRECISION)
         a_ptrs += a_step
         b_ptrs += b_step
+    if ROW_SUMS:
+        # Every column tile has the same row sums; the first one stores them.
+        if pid_n == 0:
+            tl.store(row_sum_ptr + offs_m, row_sums, mask=mask_m)
 
     mask = mask_m[:, None] & mask_n[None, :]
     if GRAD_EPILOGUE:
         # Backward of a stack: acc = δₗ Wₗ = ∂C/∂Aₗ₋₁ (G of the layer below), so this tile of
         # δₗ₋₁ = G ⊙ f'(Zₗ₋₁) is formed here instead of in a separate pass, with its column sums.
-        saved_ptrs = saved_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn
-        out = _times_activation_grad(acc, saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, FROM_OUTPUT)
+        saved_ptrs = saved_ptr + offs_m[:, None] * stride_s0 + offs_n[None, :] * stride_s1
+        out = _times_activation_grad(acc, saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
         if WRITE_PARTIALS:
             _store_column_sums(out, partial_ptr, pid_m, offs_n, M, N, BLOCK_M, BLOCK_N, PARTIAL_ROWS)
+    elif A_PROLOGUE:
+        out = acc  # δ W or δᵀ X: f' was applied to the left factor, nothing is left to do
     else:
         # Forward: Z = acc + b, A = f(Z), both in the accumulator's precision.
         z = acc
@@ -168,7 +209,11 @@ def _matmul_kernel(
             z = z + bias[None, :].to(acc.dtype)
         if WRITE_Z:
             z_ptrs = z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
-            tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask)
+            if F_PRIME_AS_Z:
+                # f'(Z) from the unrounded Z: the backward then multiplies, whatever f' costs.
+                tl.store(z_ptrs, act.f_grad(z, ACTIVATION, NEGATIVE_SLOPE).to(z_ptr.dtype.element_ty), mask=mask)
+            else:
+                tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask)
         out = act.f(z, ACTIVATION, NEGATIVE_SLOPE)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -177,7 +222,7 @@ def _matmul_kernel(
 @triton.jit
 def _delta_kernel(
     grad_a_ptr,  # G = dC/dA [M, N] (any strides, stride 0 included)
-    saved_ptr,  # what the forward saved [M, N]: A when FROM_OUTPUT, else Z
+    saved_ptr,  # what f' comes from [M, N] (SAVED_KIND): Z, A or f'(Z)
     delta_ptr,  # δ [M, N]; written only when WRITE_DELTA
     partial_ptr,  # [cdiv(M, BLOCK_M), N] column sums of δ per row block; written when WRITE_PARTIALS
     M,
@@ -187,7 +232,7 @@ def _delta_kernel(
     stride_dm, stride_dn,  # δ's strides
     ACTIVATION: tl.constexpr,  # kernel id of f; identity reads no saved tensor
     NEGATIVE_SLOPE: tl.constexpr,
-    FROM_OUTPUT: tl.constexpr,  # f' from A (f_grad_from_output) instead of from Z (f_grad)
+    SAVED_KIND: tl.constexpr,  # SAVED_Z, SAVED_A or SAVED_F_PRIME
     WRITE_DELTA: tl.constexpr,  # store δ (not needed when only the bias needs a gradient)
     WRITE_PARTIALS: tl.constexpr,  # store the column sums for dC/db
     COMPUTE_FP64: tl.constexpr,  # float64 data computes in float64, everything else in float32
@@ -202,7 +247,7 @@ def _delta_kernel(
     grad_a = tl.load(grad_a_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
     saved_ptrs = saved_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn
     delta = _times_activation_grad(grad_a.to(compute_dtype), saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE,
-                                   FROM_OUTPUT)  # δ = G ⊙ f'(Z)
+                                   SAVED_KIND)  # δ = G ⊙ f'(Z)
 
     if WRITE_DELTA:
         delta_ptrs = delta_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn
@@ -320,7 +365,7 @@ def _autotuned_matmul():
         options["cache_results"] = True  # keep the winners on disk across processes (Triton >= 3.2)
     return triton.autotune(
         configs=matmul_configs(),
-        key=["M", "N", "K", "HAS_BIAS", "ACTIVATION", "WRITE_Z", "GRAD_EPILOGUE"],
+        key=["M", "N", "K", "HAS_BIAS", "ACTIVATION", "WRITE_Z", "GRAD_EPILOGUE", "A_PROLOGUE", "SAVED_KIND"],
         prune_configs_by={"early_config_prune": _prune_configs},
         **options,
     )(_matmul_kernel)
@@ -369,14 +414,27 @@ def _device_guard(t: torch.Tensor):
 # --------------------------------------------------------------------------------------
 
 
-def _launch_matmul(a, b, out, *, bias=None, z=None, act_id=0, negative_slope=0.0, grad_saved=None,
-                   from_output=False, want_partials=False, use_dot=None):
-    """One matmul launch: a [M, K] @ b [K, N] into out [M, N], with one of two epilogues.
+SAVED_KINDS = {"z": 0, "a": 1, "f_prime": 2}  # a launcher's saved_kind -> SAVED_Z, SAVED_A, SAVED_F_PRIME
 
-    Forward (grad_saved None): out = f(a @ b + bias), and z = a @ b + bias when z is given.
-    Backward of a stack (grad_saved [M, N], the A or Z of the layer below):
-    out = (a @ b) ⊙ f'(grad_saved); with want_partials, returns the column sums of out
-    per _PARTIAL_ROWS-row group, [cdiv(M, rows), N] in the accumulator's dtype.
+
+def _saved_kind_id(saved_kind: str) -> int:
+    if saved_kind not in SAVED_KINDS:
+        raise ValueError(f"saved_kind must be one of {sorted(SAVED_KINDS)}, got {saved_kind!r}")
+    return SAVED_KINDS[saved_kind]
+
+
+def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0, negative_slope=0.0,
+                   grad_saved=None, prologue_saved=None, saved_kind="z", want_partials=False, row_sums=None,
+                   use_dot=None):
+    """One matmul launch: a [M, K] @ b [K, N] into out [M, N], with a prologue or one of two epilogues.
+
+    Forward (default): out = f(a @ b + bias), and z = a @ b + bias when z is given
+    (f'(a @ b + bias) instead with f_prime_as_z).
+    Backward of a stack (grad_saved [M, N], what the layer below kept, of saved_kind):
+    out = (a @ b) ⊙ f'(...); with want_partials, returns the column sums of out per
+    _PARTIAL_ROWS-row group, [cdiv(M, rows), N] in the accumulator's dtype.
+    Backward of a layer (prologue_saved [M, K] of saved_kind, a = G): out = (a ⊙ f'(...)) @ b;
+    row_sums [M] (accumulator dtype), when given, receives the row sums of a ⊙ f'(...).
     """
     M, K = a.shape
     N = b.shape[1]
@@ -390,7 +448,8 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, act_id=0, negative_slope=0.0
         partials = torch.empty((triton.cdiv(M, partial_rows), N), dtype=torch.float64 if fp64 else torch.float32,
                                device=a.device)
     grad_epilogue = grad_saved is not None
-    saved = grad_saved if grad_epilogue else out
+    prologue = prologue_saved is not None
+    saved = grad_saved if grad_epilogue else (prologue_saved if prologue else out)
     args = (
         a, b, bias if bias is not None else out, out, z if z is not None else out,
         M, N, K,
@@ -399,18 +458,22 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, act_id=0, negative_slope=0.0
         bias.stride(0) if bias is not None else 0,
         saved, saved.stride(0), saved.stride(1),
         partials if partials is not None else out,
+        row_sums if row_sums is not None else out,
     )
     flags = dict(
         HAS_BIAS=bias is not None,
         ACTIVATION=act_id,
         NEGATIVE_SLOPE=negative_slope,
         WRITE_Z=z is not None,
+        F_PRIME_AS_Z=f_prime_as_z,
         USE_DOT=use_dot,
         INPUT_PRECISION=_input_precision(a.dtype, a.device),
         ACC_FP64=fp64,
         GRAD_EPILOGUE=grad_epilogue,
-        FROM_OUTPUT=from_output,
+        A_PROLOGUE=prologue,
+        SAVED_KIND=_saved_kind_id(saved_kind),
         WRITE_PARTIALS=want_partials,
+        ROW_SUMS=row_sums is not None,
         PARTIAL_ROWS=partial_rows,
     )
     if fixed is None:  # the GPU autotuner picks the tile, once per (M, N, K, epilogue)
@@ -447,10 +510,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def linear_forward(x, weight, bias, act_id: int, negative_slope: float, write_z: bool):
-    """A = f(X Wᵀ + b), and Z = X Wᵀ + b when write_z.
+def linear_forward(x, weight, bias, act_id: int, negative_slope: float, write_z: bool, f_prime_as_z: bool = False):
+    """A = f(X Wᵀ + b), and Z = X Wᵀ + b when write_z (f'(Z) instead, with f_prime_as_z).
 
-    x [M, K], weight [N, K], bias [N] or None -> (a [M, N], z [M, N] or None).
+    x [M, K], weight [N, K], bias [N] or None -> (a [M, N], z or f'(z) [M, N] or None).
     """
     M, N = x.shape[0], weight.shape[0]
     a = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -459,17 +522,18 @@ def linear_forward(x, weight, bias, act_id: int, negative_slope: float, write_z:
         return a, z
     with _device_guard(x):
         # B = Wᵀ [K, N] is W read through swapped strides: no copy.
-        _launch_matmul(x, weight.t(), a, bias=bias, z=z, act_id=act_id, negative_slope=negative_slope)
+        _launch_matmul(x, weight.t(), a, bias=bias, z=z, f_prime_as_z=f_prime_as_z, act_id=act_id,
+                       negative_slope=negative_slope)
     return a, z
 
 
-def delta_and_bias_grad(grad_a, saved, act_id: int, negative_slope: float, from_output: bool,
+def delta_and_bias_grad(grad_a, saved, act_id: int, negative_slope: float, saved_kind: str,
                         want_delta: bool, want_bias: bool):
-    """δ = G ⊙ f'(Z) and ∂C/∂b = 1ᵀ δ.
+    """δ = G ⊙ f'(Z) and ∂C/∂b = 1ᵀ δ, in one elementwise pass.
 
-    grad_a [M, N] (any strides), saved [M, N] (A if from_output else Z; unused for
-    identity) -> (delta [M, N] or None, grad_bias [N] or None). For identity with
-    want_delta, δ is G itself and no copy is made.
+    grad_a [M, N] (any strides), saved [M, N] (Z, A or f'(Z), as saved_kind says: "z",
+    "a", "f_prime"; unused for identity) -> (delta [M, N] or None, grad_bias [N] or None).
+    For identity with want_delta, δ is G itself and no copy is made.
     """
     M, N = grad_a.shape
     identity = act_id == 0
@@ -498,7 +562,7 @@ def delta_and_bias_grad(grad_a, saved, act_id: int, negative_slope: float, from_
                 delta.stride(0) if write_delta else 0, delta.stride(1) if write_delta else 0,
                 ACTIVATION=act_id,
                 NEGATIVE_SLOPE=negative_slope,
-                FROM_OUTPUT=from_output,
+                SAVED_KIND=_saved_kind_id(saved_kind),
                 WRITE_DELTA=write_delta,
                 WRITE_PARTIALS=want_bias,
                 COMPUTE_FP64=fp64,
@@ -526,12 +590,12 @@ def activation_forward(z: torch.Tensor, act_id: int, negative_slope: float) -> t
     return a
 
 
-def matmul_times_activation_grad(delta, weight, saved, act_id: int, negative_slope: float, from_output: bool,
+def matmul_times_activation_grad(delta, weight, saved, act_id: int, negative_slope: float, saved_kind: str,
                                  want_bias: bool):
     """The δ of the layer below and its ∂C/∂b, from this layer's δ, in one matmul kernel.
 
-    delta [M, N] = δₗ, weight [N, K] = Wₗ, saved [M, K] = Aₗ₋₁ (from_output) or Zₗ₋₁ (unused for
-    identity) -> (δₗ₋₁ = (δₗ Wₗ) ⊙ f'(Zₗ₋₁) [M, K], ∂C/∂bₗ₋₁ = 1ᵀ δₗ₋₁ [K] or None).
+    delta [M, N] = δₗ, weight [N, K] = Wₗ, saved [M, K] = Zₗ₋₁, Aₗ₋₁ or fₗ₋₁'(Zₗ₋₁) as saved_kind
+    says (unused for identity) -> (δₗ₋₁ = (δₗ Wₗ) ⊙ f'(Zₗ₋₁) [M, K], ∂C/∂bₗ₋₁ = 1ᵀ δₗ₋₁ [K] or None).
     """
     M, K = delta.shape[0], weight.shape[1]
     out = torch.empty((M, K), dtype=delta.dtype, device=delta.device)
@@ -540,7 +604,47 @@ def matmul_times_activation_grad(delta, weight, saved, act_id: int, negative_slo
     with _device_guard(delta):
         partials = _launch_matmul(
             delta, weight, out, act_id=act_id, negative_slope=negative_slope,
-            grad_saved=saved if act_id != 0 else out, from_output=from_output, want_partials=want_bias,
+            grad_saved=saved if act_id != 0 else out, saved_kind=saved_kind, want_partials=want_bias,
         )
     # Rows of partial sums added in a fixed order: bitwise reproducible.
     return out, (partials.sum(dim=0).to(delta.dtype) if want_bias else None)
+
+
+def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float, saved_kind: str,
+                    want_x: bool, want_weight: bool, want_bias: bool):
+    """∂C/∂X = δ W, ∂C/∂W = δᵀ X, ∂C/∂b = 1ᵀ δ, with δ = G ⊙ f'(Z) formed as the matmuls load it.
+
+    grad_a [M, N] = G (any strides), x [M, K] (used only for ∂C/∂W), weight [N, K],
+    saved [M, N] (Z, A or f'(Z) as saved_kind says; unused for identity) ->
+    (grad_x [M, K], grad_weight [N, K], grad_bias [N]), each None when not wanted.
+
+    No δ is written: each matmul multiplies its G tiles by f' on load. ∂C/∂b is the
+    row sums of the δᵀ tiles of the ∂C/∂W matmul (per output row, over all of M, in
+    the tile's order: bitwise reproducible for a given tile configuration). Without
+    that matmul (weight frozen, or K = 0) it takes a reading pass of _delta_kernel.
+    """
+    M, N = grad_a.shape
+    K = weight.shape[1]
+    saved = saved if act_id != 0 else grad_a  # identity reads nothing; any tensor of the right shape
+    acc_dtype = torch.float64 if grad_a.dtype == torch.float64 else torch.float32
+    grad_x = grad_weight = grad_bias = None
+    with _device_guard(grad_a):
+        if want_x:
+            grad_x = torch.empty((M, K), dtype=grad_a.dtype, device=grad_a.device)
+            if grad_x.numel() > 0:
+                _launch_matmul(grad_a, weight, grad_x, act_id=act_id, negative_slope=negative_slope,
+                               prologue_saved=saved, saved_kind=saved_kind)  # ∂C/∂X = δ W   [M, N] [N, K]
+        bias_from_matmul = want_bias and want_weight and K > 0 and N > 0
+        if want_weight:
+            grad_weight = torch.empty((N, K), dtype=grad_a.dtype, device=grad_a.device)
+            row_sums = torch.empty((N,), dtype=acc_dtype, device=grad_a.device) if bias_from_matmul else None
+            if grad_weight.numel() > 0:
+                # ∂C/∂W = δᵀ X  [N, M] [M, K]: δᵀ and its saved factor read through swapped strides.
+                _launch_matmul(grad_a.t(), x, grad_weight, act_id=act_id, negative_slope=negative_slope,
+                               prologue_saved=saved.t(), saved_kind=saved_kind, row_sums=row_sums)
+            if bias_from_matmul:
+                grad_bias = row_sums.to(grad_a.dtype)  # ∂C/∂b = 1ᵀ δ  [N]
+    if want_bias and not bias_from_matmul:
+        _, grad_bias = delta_and_bias_grad(grad_a, saved, act_id, negative_slope, saved_kind,
+                                           want_delta=False, want_bias=True)
+    return grad_x, grad_weight, grad_bias
