@@ -293,8 +293,9 @@ def main(argv=None) -> int:
         met = "met" if acc >= TARGET_ACCURACY else "NOT met"
         print(f"{label:>9}: test accuracy {acc:.2%} (target {TARGET_ACCURACY:.0%}: {met}), "
               f"final training loss {losses[-1]:.6f}, {seconds:.1f} s")
+    where = f"at step {worst + 1}" if differences[worst] > 0 else "(identical at every step)"
     print(f"loss curves: {len(differences)} steps, max |loss(nn.Linear) - loss(manualbp)| = "
-          f"{differences[worst]:.3g} at step {worst + 1} (tolerance {args.tolerance:g})")
+          f"{differences[worst]:.3g} {where} (tolerance {args.tolerance:g})")
     print(f"trained parameters: max |nn.Linear - manualbp| = {parameter_difference:.3g}")
     if not args.no_plot:
         title = (f"digits MLP {sizes}, {activation.name}, float32, {device}; manualbp backend {ran_on}; "
