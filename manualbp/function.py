@@ -17,9 +17,10 @@ Saved for backward (by reference, nothing is copied):
       "a"  A                     when f' can be computed from the output
                                  (relu, leaky_relu with slope >= 0, sigmoid, tanh)
       "z"  Z                     otherwise, on the reference backend (PyTorch's fused
-                                 backward kernels take Z)
-      "f_prime"  f'(Z)           otherwise, on the Triton backend: the forward epilogue
-                                 evaluates f' once, so the backward's δ is one multiply
+                                 backward kernels take Z), and for leaky_relu with slope < 0
+                                 (f' is a select on Z, exact where a rounded slope would not be)
+      "f_prime"  f'(Z)           otherwise (gelu, gelu_tanh, silu) on the Triton backend: the
+                                 forward epilogue evaluates f' once, so the backward's δ is one multiply
     nothing else                 for identity (f' = 1)
 As many bytes as nn.Linear followed by the PyTorch activation module saves.
 """
@@ -49,7 +50,9 @@ def saved_kind(backend: str, activation: Activation) -> Optional[str]:
         return None
     if activation.saves_output:
         return "a"
-    return "f_prime" if backend == "triton" else "z"
+    if backend == "triton" and activation.name not in _SELECT_FROM_Z:
+        return "f_prime"  # gelu, gelu_tanh, silu: f' evaluated once, in the forward epilogue
+    return "z"  # the reference's fused kernels take Z; leaky_relu < 0: f' is a select on Z, exact
 
 
 def prologue_enabled() -> bool:

@@ -321,24 +321,26 @@ def test_triton_backward_has_no_delta_pass(activation, monkeypatch, device):
         torch.testing.assert_close(ours, other, rtol=1e-12, atol=1e-12, msg=lambda m: f"{label} [{activation}]: {m}")
 
 
-@pytest.mark.parametrize("activation", ["gelu", "silu", "relu"])
-def test_what_each_backend_keeps_for_f_prime(activation, device):
-    """reference keeps Z (PyTorch's fused kernels take Z), triton keeps f'(Z) (one multiply in the backward);
-    both keep A where f' comes from it. The same number of bytes either way."""
+@pytest.mark.parametrize("activation,slope", [("gelu", None), ("silu", None), ("relu", None), ("leaky_relu", -0.3)])
+def test_what_each_backend_keeps_for_f_prime(activation, slope, device):
+    """reference keeps Z (PyTorch's fused kernels take Z), triton keeps f'(Z) (one multiply in the backward)
+    except where f' is a select on Z (leaky_relu < 0); both keep A where f' comes from it. Same bytes."""
     x, weight, b, _ = _make((4,), 5, 3, torch.float64, device=device)
+    options = {} if slope is None else {"negative_slope": slope}
+    act = manualbp.get_activation(activation, **options)
     kept = {}
     for backend in BACKENDS:
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            out = F.linear(x.requires_grad_(True), weight, b, activation, backend=backend)
+            out = F.linear(x.requires_grad_(True), weight, b, act, backend=backend)
         z = torch.nn.functional.linear(x.detach(), weight, b)
-        act = manualbp.get_activation(activation)
         big = [t for t in saved if t.shape == (4, 3)]
         assert len(big) == 1, f"[{activation} {backend}] one [M, N] tensor kept, got {len(big)}"
         kept[backend] = big[0].detach()
         if act.saves_output:
             assert torch.equal(kept[backend], out.detach()), f"[{activation} {backend}] keeps A"
-    if not manualbp.get_activation(activation).saves_output:
+    if not act.saves_output:
         torch.testing.assert_close(kept["reference"], z, rtol=0, atol=0, msg=lambda m: f"reference keeps Z: {m}")
-        torch.testing.assert_close(kept["triton"], act.f_grad(z), rtol=1e-12, atol=1e-13,
-                                   msg=lambda m: f"triton keeps f'(Z): {m}")
+        expected = z if activation == "leaky_relu" else act.f_grad(z)
+        torch.testing.assert_close(kept["triton"], expected, rtol=1e-12, atol=1e-13,
+                                   msg=lambda m: f"triton keeps Z or f'(Z) [{activation}]: {m}")

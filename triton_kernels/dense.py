@@ -13,13 +13,14 @@ shape of its variable). With x [M, K], weight [N, K], bias [N]:
                 ∂C/∂b = 1ᵀ δ      [N]                            row sums of the δᵀ tiles the ∂C/∂W matmul loads
     recompute   A = f(Z)          [M, N]                         _activation_kernel (manualbp.MLP, recompute=True)
 
-What the backward reads for f' (the "saved kind"): A where f' can be computed from
-it (relu, leaky_relu with slope >= 0, sigmoid, tanh); otherwise f'(Z) itself, which
-the forward epilogue writes in place of Z (F_PRIME_AS_Z): then δ costs one multiply
-in the operand load, however expensive f' is (gelu's erf, silu's exp), because it
-was evaluated once, in the forward. Since a prologue is evaluated once per output
-tile of each matmul, the same element many times, f' from Z is formed there only
-where it is a select (relu, leaky_relu); otherwise (manualbp.MLP keeps Z, to
+What the backward reads for f' (the "saved kind", chosen in manualbp/function.py):
+A where f' can be computed from it (relu, leaky_relu with slope >= 0, sigmoid,
+tanh); for gelu, gelu_tanh and silu f'(Z) itself, which the forward epilogue writes
+in place of Z (F_PRIME_AS_Z): then δ costs one multiply in the operand load, however
+expensive f' is (erf, exp), because it was evaluated once, in the forward; Z for
+leaky_relu with a negative slope (a select). Since a prologue is evaluated once per
+output tile of each matmul, the same element many times, f' from Z is formed there
+only where it is a select (relu, leaky_relu); otherwise (manualbp.MLP keeps Z, to
 recompute A) δ takes one elementwise pass, _delta_kernel, which also writes
 per-block column sums for ∂C/∂b (summed in a fixed order: deterministic, no atomics).
 
