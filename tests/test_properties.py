@@ -3,14 +3,18 @@ bias or not, dtypes. triton, reference and nn.Linear + activation must agree (to
 
 import os
 
+import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-import manualbp
-from manualbp import functional as F
+# A test dependency (pip install .[test]); skipped where it is missing, e.g. on a GPU machine without network.
+pytest.importorskip("hypothesis", reason="hypothesis is a test dependency (pip install .[test])")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
-from checks import assert_close_to_float64, torch_dense
+import manualbp  # noqa: E402
+from manualbp import functional as F  # noqa: E402
+
+from checks import assert_close_to_float64, torch_dense  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64] + ([torch.float16, torch.bfloat16] if torch.cuda.is_available() else [])
 
