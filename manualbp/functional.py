@@ -89,8 +89,10 @@ def linear(
         return ops.linear(input, weight, bias, activation, backend)
     name = backends.resolve(backend, input.device, input.dtype)
 
-    # Flatten the leading dimensions: the kernels see x [M, K]. A view whenever the strides allow.
-    x = input.reshape(input.shape[:-1].numel(), input.shape[-1])  # numel, not -1: in_features may be 0
+    # Flatten the leading dimensions: the kernels see x [M, K]. A view whenever the strides allow;
+    # a 2-D input is used as it is (a view would add two autograd nodes to every step).
+    flat = input.dim() == 2
+    x = input if flat else input.reshape(input.shape[:-1].numel(), input.shape[-1])  # numel: in_features may be 0
     needs_graph = torch.is_grad_enabled() and (
         input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
@@ -99,4 +101,4 @@ def linear(
     else:
         # no_grad / inference_mode / nothing requires grad: compute A only, save nothing.
         a, _ = forward(name, x, weight, bias, activation)
-    return a.reshape(*input.shape[:-1], weight.shape[0])
+    return a if flat else a.reshape(*input.shape[:-1], weight.shape[0])

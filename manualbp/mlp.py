@@ -92,7 +92,8 @@ def mlp(
         return ops.mlp(input, weights, biases, activations, recompute, backend)
     name = backends.resolve(backend, input.device, input.dtype)
 
-    x = input.reshape(input.shape[:-1].numel(), input.shape[-1])  # the kernels see x [M, K]
+    flat = input.dim() == 2  # used as it is: a view would add two autograd nodes to every step
+    x = input if flat else input.reshape(input.shape[:-1].numel(), input.shape[-1])  # the kernels see x [M, K]
     params = [t for pair in zip(weights, biases) for t in pair]  # w0, b0, w1, b1, ...
     needs_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, *params))
     if needs_graph:
@@ -100,7 +101,7 @@ def mlp(
     else:
         # no_grad / inference_mode / nothing requires grad: keep nothing.
         output, _ = forward_stack(name, x, weights, biases, activations, recompute, save=False)
-    return output.reshape(*input.shape[:-1], weights[-1].shape[0])
+    return output if flat else output.reshape(*input.shape[:-1], weights[-1].shape[0])
 
 
 def _check_sizes(sizes) -> List[int]:

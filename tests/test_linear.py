@@ -344,3 +344,20 @@ def test_what_each_backend_keeps_for_f_prime(activation, slope, device):
         expected = z if activation == "leaky_relu" else act.f_grad(z)
         torch.testing.assert_close(kept["triton"], expected, rtol=1e-12, atol=1e-13,
                                    msg=lambda m: f"triton keeps Z or f'(Z) [{activation}]: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_dimensional_input_adds_no_view_nodes(backend, device):
+    """A 2-D input goes to the Function as it is: the graph holds the layer's node and nothing around it
+    (each reshape would add a node to every forward and backward); other shapes are flattened and restored."""
+    x, weight, b, _ = _make((6,), 5, 4, torch.float64, device=device)
+    out = F.linear(x.requires_grad_(True), weight, b, "relu", backend=backend)
+    assert type(out.grad_fn).__name__ == "LinearFunctionBackward", f"2-D: {type(out.grad_fn).__name__}"
+    assert out.grad_fn.next_functions[0][0].variable is x, "2-D: the node's input is x itself"
+    x3, _, _, _ = _make((2, 3), 5, 4, torch.float64, device=device)
+    out3 = F.linear(x3.requires_grad_(True), weight, b, "relu", backend=backend)
+    assert out3.shape == (2, 3, 4) and type(out3.grad_fn).__name__.startswith(("View", "Reshape", "Unsafe")), (
+        f"3-D: flattened and restored, got {type(out3.grad_fn).__name__}"
+    )
+    mlp = manualbp.MLP([5, 7, 4], backend=backend, dtype=torch.float64, device=device)
+    assert type(mlp(x).grad_fn).__name__ == "MLPFunctionBackward", "MLP, 2-D: no view node"
