@@ -248,19 +248,27 @@ def test_activation_kernel_matches_forward_epilogue(activation, device):
 
 
 def test_autotune_pruning_respects_shared_memory(monkeypatch):
-    """Configs whose pipelined tiles exceed the GPU's shared memory are dropped before compiling."""
+    """Configs whose pipelined tiles exceed the GPU's shared memory are dropped before compiling;
+    with the backward prologue the saved tensor's tile is pipelined too, and counted."""
     dense._shared_memory_bytes.cache_clear()
-    monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 100 * 1024)
+    monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 160 * 1024)
     a32 = torch.empty(4, 4, dtype=torch.float32)
-    kept = dense._prune_configs(dense.matmul_configs(), {"a_ptr": a32})
 
-    def need(cfg, size):
+    def need(cfg, size, prologue=False):
         k = cfg.kwargs
-        return (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * size * cfg.num_stages
+        return (k["BLOCK_M"] * (2 if prologue else 1) + k["BLOCK_N"]) * k["BLOCK_K"] * size * cfg.num_stages
 
-    assert kept and all(need(cfg, 4) <= 100 * 1024 for cfg in kept), "fp32: only configs that fit"
-    dropped = [cfg for cfg in dense.matmul_configs() if cfg not in kept]
-    assert dropped and all(need(cfg, 4) > 100 * 1024 for cfg in dropped), "fp32: every dropped config is too big"
+    for prologue in (False, True):
+        label = "prologue" if prologue else "plain"
+        kept = dense._prune_configs(dense.matmul_configs(), {"a_ptr": a32}, A_PROLOGUE=prologue)
+        assert kept and all(need(cfg, 4, prologue) <= 160 * 1024 for cfg in kept), f"fp32 {label}: only configs that fit"
+        dropped = [cfg for cfg in dense.matmul_configs() if cfg not in kept]
+        assert dropped and all(need(cfg, 4, prologue) > 160 * 1024 for cfg in dropped), (
+            f"fp32 {label}: every dropped config is too big"
+        )
+    plain = dense._prune_configs(dense.matmul_configs(), {"a_ptr": a32}, A_PROLOGUE=False)
+    with_prologue = dense._prune_configs(dense.matmul_configs(), {"a_ptr": a32}, A_PROLOGUE=True)
+    assert set(map(_config_id, with_prologue)) < set(map(_config_id, plain)), "the prologue's third tile drops more"
     monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 1)
     assert dense._prune_configs(dense.matmul_configs(), {"a_ptr": a32}) == dense.matmul_configs()[-1:], (
         "nothing fits: the smallest config is kept rather than none"

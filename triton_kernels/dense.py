@@ -51,7 +51,8 @@ from . import activations as act
 def _tile_dot(a, b, acc, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """acc + a @ b for one tile: a [BLOCK_M, BLOCK_K], b [BLOCK_K, BLOCK_N]."""
     if USE_DOT:
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        # out_dtype explicit: Triton 3.6 defaults it to float32 and then refuses a float64 acc.
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     else:
         # Fallback for float64 where this Triton cannot lower tl.dot: exact fp64 FMAs.
         acc += tl.sum(a[:, :, None].to(acc.dtype) * b[None, :, :].to(acc.dtype), axis=1)
@@ -333,16 +334,20 @@ def _shared_memory_bytes(device_index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
+def _pipelined_bytes(config, element_size: int, prologue: bool) -> int:
+    """Shared memory of a config's pipelined operand tiles: A [BLOCK_M, BLOCK_K] and B [BLOCK_K, BLOCK_N] per
+    stage, and with the prologue the saved tensor's [BLOCK_M, BLOCK_K] tile beside A."""
+    k = config.kwargs
+    rows = k["BLOCK_M"] * (2 if prologue else 1) + k["BLOCK_N"]
+    return rows * k["BLOCK_K"] * element_size * config.num_stages
+
+
 def _prune_configs(configs, named_args, **kwargs):
     """Drop tiles whose pipelined operand tiles would not fit in shared memory (they would fail to compile)."""
     a = named_args["a_ptr"]
     budget = _shared_memory_bytes(a.device.index or 0)  # a CUDA tensor's device always has its index
-    kept = [
-        cfg
-        for cfg in configs
-        if (cfg.kwargs["BLOCK_M"] + cfg.kwargs["BLOCK_N"]) * cfg.kwargs["BLOCK_K"] * a.element_size() * cfg.num_stages
-        <= budget
-    ]
+    prologue = bool(kwargs.get("A_PROLOGUE", named_args.get("A_PROLOGUE", False)))
+    kept = [cfg for cfg in configs if _pipelined_bytes(cfg, a.element_size(), prologue) <= budget]
     return kept or configs[-1:]
 
 
@@ -366,7 +371,9 @@ def _autotuned_matmul():
         options["cache_results"] = True  # keep the winners on disk across processes (Triton >= 3.2)
     return triton.autotune(
         configs=matmul_configs(),
-        key=["M", "N", "K", "HAS_BIAS", "ACTIVATION", "WRITE_Z", "GRAD_EPILOGUE", "A_PROLOGUE", "SAVED_KIND"],
+        # Every flag that changes the kernel's work or shared memory; Triton adds the tensors' dtypes.
+        key=["M", "N", "K", "HAS_BIAS", "ACTIVATION", "WRITE_Z", "F_PRIME_AS_Z", "INPUT_PRECISION", "GRAD_EPILOGUE",
+             "WRITE_PARTIALS", "A_PROLOGUE", "SAVED_KIND", "ROW_SUMS"],
         prune_configs_by={"early_config_prune": _prune_configs},
         **options,
     )(_matmul_kernel)
