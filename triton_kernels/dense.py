@@ -160,12 +160,16 @@ def _matmul_kernel(
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    # Rows and columns past the edge are wrapped onto valid ones (Triton's matmul tutorial): the main
+    # loop then masks only K, and what they compute is never stored.
+    rows = offs_m % M
+    cols = offs_n % N
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
     a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
     b_step = tl.cast(stride_bk, tl.int64) * BLOCK_K
     # The prologue's saved tensor walks along with A (used only with A_PROLOGUE).
-    s_ptrs = saved_ptr + offs_m[:, None] * stride_s0 + offs_k[None, :] * stride_s1
+    s_ptrs = saved_ptr + rows[:, None] * stride_s0 + offs_k[None, :] * stride_s1
     s_step = tl.cast(stride_s1, tl.int64) * BLOCK_K
 
     if ACC_FP64:
@@ -175,7 +179,7 @@ def _matmul_kernel(
     row_sums = tl.zeros((BLOCK_M,), dtype=acc.dtype)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         mask_k = offs_k < K - k * BLOCK_K
-        mask_a = mask_m[:, None] & mask_k[None, :]
+        mask_a = mask_k[None, :]
         a = tl.load(a_ptrs, mask=mask_a, other=0.0)
         if A_PROLOGUE:
             # δ = G ⊙ f'(saved) for this tile, in the accumulator's precision; it is never stored.
@@ -184,7 +188,7 @@ def _matmul_kernel(
                 row_sums += tl.sum(delta, axis=1)  # from the unrounded δ, as _delta_kernel's sums
             a = delta.to(a_ptr.dtype.element_ty)  # the factor rounded to the data dtype, as a stored δ would be
             s_ptrs += s_step
-        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
         acc = _tile_dot(a, b, acc, USE_DOT, INPUT_PRECISION)
         a_ptrs += a_step
         b_ptrs += b_step
@@ -200,6 +204,7 @@ def _matmul_kernel(
         saved_ptrs = saved_ptr + offs_m[:, None] * stride_s0 + offs_n[None, :] * stride_s1
         out = _times_activation_grad(acc, saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
         if WRITE_PARTIALS:
+            out = tl.where(mask, out, 0.0)  # the wrapped rows and columns must not reach the sums
             _store_column_sums(out, partial_ptr, pid_m, offs_n, M, N, BLOCK_M, BLOCK_N, PARTIAL_ROWS)
     elif A_PROLOGUE:
         out = acc  # δ W or δᵀ X: f' was applied to the left factor, nothing is left to do
