@@ -361,3 +361,27 @@ def test_two_dimensional_input_adds_no_view_nodes(backend, device):
     )
     mlp = manualbp.MLP([5, 7, 4], backend=backend, dtype=torch.float64, device=device)
     assert type(mlp(x).grad_fn).__name__ == "MLPFunctionBackward", "MLP, 2-D: no view node"
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "leaky_relu", "tanh"])
+def test_either_backend_takes_either_saved_kind(activation, device):
+    """function.backward is told what it gets (A, Z or f'(Z)); each backend gives the same gradients from each,
+    so a graph traced for one backend and run on the other (the custom operators) stays right."""
+    from manualbp import function
+
+    act = manualbp.get_activation(activation)
+    x, weight, _, grad_a = _make((9,), 7, 5, torch.float64, device=device)
+    z = torch.nn.functional.linear(x, weight)
+    delta = grad_a * act.f_grad(z)
+    expected = (delta @ weight, delta.t() @ x, delta.sum(0))
+    kinds = {"z": z, "f_prime": act.f_grad(z)}
+    if act.saves_output:
+        kinds["a"] = act.f(z)
+    for backend in BACKENDS:
+        for kind, saved in kinds.items():
+            grads = function.backward(backend, grad_a, x, weight, saved, act, True, True, True, kind=kind)
+            for label, ours, exact in zip(("dx", "dw", "db"), grads, expected):
+                torch.testing.assert_close(ours, exact, rtol=1e-12, atol=1e-12,
+                                           msg=lambda m: f"{label} [{activation}, {backend}, saved {kind}]: {m}")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        function.backward("reference", grad_a, x, weight, z, act, True, True, True, kind="output")
