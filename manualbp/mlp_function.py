@@ -228,7 +228,7 @@ def differentiable_backward(grad_output: Tensor, x: Tensor, weights: Sequence[Te
     grad = grad_output
     for index in reversed(range(count)):
         activation = activations[index]
-        delta = reference.differentiable_delta(grad, zs[index], activation, False)  # δₗ = Gₗ ⊙ fₗ'(Zₗ)
+        delta = reference.differentiable_delta(grad, zs[index], activation, "z")  # δₗ = Gₗ ⊙ fₗ'(Zₗ)
         grad, grad_weights[index], grad_biases[index] = reference.linear_backward(
             delta, xs[index], weights[index], True, needs_grad_weights[index], needs_grad_biases[index],
         )
