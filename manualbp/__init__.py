@@ -8,11 +8,18 @@ The equations live in ``manualbp.reference``; the Triton kernels in
 
 Beyond one layer: ``manualbp.MLP`` (a stack as one autograd node, ``mlp.py`` and
 ``mlp_function.py``), ``manualbp.convert`` (nn.Linear -> manualbp.Linear in any
-model, ``conversion.py``), and the custom operators that torch.compile and
-torch.export see (``ops.py``).
+model, ``conversion.py``).
+
+The layers, bottom up: the Triton kernels and their launchers (``triton_kernels/``)
+and the reference (``reference.py``), both reached as PyTorch operators
+(``ops.py``: torch.ops.manualbp.*, with fake, vmap, FLOP and DTensor rules); one
+autograd Function per layer over them (``function.py``, ``mlp_function.py``), for
+eager code, torch.func and torch.compile alike; the modules (``modules.py``,
+``mlp.py``) and ``functional.py``, whose one entry path validates, applies autocast
+and chooses the backend. Settings: ``manualbp.config``.
 """
 
-from . import functional, ops
+from . import config, functional, ops
 from .activations import ACTIVATIONS, Activation, get_activation
 from .backends import BACKENDS, get_backend, set_backend, use_backend
 from .conversion import ConversionReport, convert
@@ -33,6 +40,7 @@ __all__ = [
     "LinearFunction",
     "MLP",
     "MLPFunction",
+    "config",
     "convert",
     "functional",
     "get_activation",

@@ -5,65 +5,52 @@
 ``reference``  plain PyTorch (manualbp/reference.py): any device, no Triton needed.
 ``auto``       (default) triton where it can run these tensors, reference otherwise.
 
-The choice comes from, in order: the ``backend=`` argument of
-``manualbp.functional.linear``, :func:`set_backend` / :func:`use_backend`, the
-environment variable ``MANUALBP_BACKEND``, and finally ``auto``. Asking for
-``triton`` where it cannot run raises; it never falls back silently.
+The choice comes from, in order: the ``backend=`` argument of a layer or of
+``manualbp.functional.linear``, :func:`set_backend` / :func:`use_backend` (the
+``backend`` setting of ``manualbp.config``), the environment variable
+``MANUALBP_BACKEND`` read at import, and finally ``auto``. It is made once per
+call, by :func:`resolve`, before the operators run; asking for ``triton`` where
+it cannot run raises, it never falls back silently. Meta tensors take any
+backend (no kernel runs on them); DTensors and fake tensors are judged by their
+device and dtype, like any tensor (the operators run on the local shards).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import os
+import sys
 from typing import Iterator, Optional
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
-ENV_VAR = "MANUALBP_BACKEND"
+from . import config
 
-_setting: Optional[str] = None  # set_backend(); None defers to the environment
+BACKENDS = config.BACKENDS
 
 
 def check_backend(name: Optional[str], source: str) -> Optional[str]:
     """name, if it is None (the global setting) or one of BACKENDS; else a ValueError naming source."""
-    return None if name is None else _check_name(name, source)
-
-
-def _check_name(name, source: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r} from {source}; expected one of: {', '.join(BACKENDS)}")
-    return name
+    return None if name is None else config.check_backend(name, source)
 
 
 def set_backend(name: Optional[str]) -> None:
     """Choose the backend for every layer: 'auto', 'triton' or 'reference' (None: back to MANUALBP_BACKEND/auto)."""
-    global _setting
-    _setting = None if name is None else _check_name(name, "set_backend()")
+    if name is None:
+        config.restore("backend")
+    else:
+        config.set(backend=check_backend(name, "set_backend()"))
 
 
 def get_backend() -> str:
     """The backend currently asked for: 'auto', 'triton' or 'reference'."""
-    if _setting is not None:
-        return _setting
-    env = os.environ.get(ENV_VAR)
-    if env is None or env.strip() == "":
-        return "auto"
-    return _check_name(env.strip().lower(), f"the environment variable {ENV_VAR}")
+    return config.backend()
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
+def use_backend(name: str) -> "Iterator[config.Settings]":
     """``with use_backend('reference'): ...`` sets the backend for the block, then restores it."""
-    global _setting
-    previous = _setting
-    set_backend(name)
-    try:
-        yield
-    finally:
-        _setting = previous
+    return config.override(backend=config.check_backend(name, "use_backend()"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,8 +71,6 @@ def kernels():
 
 def _interpreting() -> bool:
     # Once the kernels exist, what counts is how they were created; before, the variable.
-    import sys
-
     dense = sys.modules.get(f"{__package__}.triton_kernels.dense")
     if dense is not None:
         return dense.is_interpreted()
@@ -114,11 +99,17 @@ def triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optio
     return None
 
 
+@torch.compiler.assume_constant_result
 def resolve(requested: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that will run: 'triton' or 'reference'. Raises if 'triton' is asked for and cannot run."""
-    name = get_backend() if requested is None else _check_name(requested, "the backend= argument")
+    """The backend that will run: 'triton' or 'reference'. Raises if 'triton' is asked for and cannot run.
+
+    Evaluated once when torch.compile / torch.export trace a call: the graph keeps the answer.
+    """
+    name = get_backend() if requested is None else config.check_backend(requested, "the backend= argument")
     if name == "reference":
         return "reference"
+    if device.type == "meta":
+        return "triton" if name == "triton" else "reference"  # shapes only: nothing runs
     reason = triton_unavailable_reason(device, dtype)
     if name == "triton":
         if reason is not None:

@@ -1,138 +1,106 @@
-"""The autograd Function of the dense layer, and the two backends behind it.
+"""The autograd Function of the dense layer: one for eager code, torch.func and torch.compile alike.
 
-One ``torch.autograd.Function`` per layer. Its backward does not ask autograd
-for anything: it evaluates the equations of ``reference.py``,
+    forward   A = f(X Wᵀ + b)                                    manualbp::linear_forward
+    backward  δ = G ⊙ f'(Z), ∂C/∂X = δ W, ∂C/∂W = δᵀ X, ∂C/∂b = 1ᵀ δ   manualbp::linear_backward
+    jvp       dA = f'(Z) ⊙ (dX Wᵀ + X dWᵀ + db)                   manualbp::linear_jvp
 
-    δ = G ⊙ f'(Z),   ∂C/∂X = δ W,   ∂C/∂W = δᵀ X,   ∂C/∂b = 1ᵀ δ,
+The equations are in ``reference.py``; the operators in ``ops.py``. The backward
+asks autograd for nothing: it evaluates those equations and computes only what
+``ctx.needs_input_grad`` asks for. Under ``create_graph=True`` (double backward,
+Hessians) it runs the same equations in differentiable torch ops instead
+(:func:`differentiable_backward`). vmap is generated from the operators' vmap rules.
 
-either in Triton kernels or in plain PyTorch, and computes only what
-``ctx.needs_input_grad`` asks for.
-
-Saved for backward (by reference, nothing is copied):
-    x [M, K]                     the factor of ∂C/∂W = δᵀ X; only when the weight needs a
-                                 gradient (a frozen layer keeps no activation it does not need)
-    weight [N, K]                the factor of ∂C/∂X = δ W (a parameter: no memory)
-    bias [N] or None             only to recompute Z in a double backward
-    one [M, N] tensor for f', its "saved kind":
-      "a"  A                     when f' can be computed from the output
-                                 (relu, leaky_relu with slope >= 0, sigmoid, tanh)
-      "z"  Z                     otherwise, on the reference backend (PyTorch's fused
-                                 backward kernels take Z), and for leaky_relu with slope < 0
-                                 (f' is a select on Z, exact where a rounded slope would not be)
-      "f_prime"  f'(Z)           otherwise (gelu, gelu_tanh, silu) on the Triton backend: the
-                                 forward epilogue evaluates f' once, so the backward's δ is one multiply
-    nothing else                 for identity (f' = 1)
-As many bytes as nn.Linear followed by the PyTorch activation module saves.
+What the layer keeps, decided in one place (:func:`saved_kind` and
+``LinearFunction.setup_context``) — the tensors nn.Linear followed by the PyTorch
+activation module keeps, no more:
+    x [M, K]          the factor of ∂C/∂W = δᵀ X: only when the weight needs a gradient
+                      (or inside a torch.func transform, where backward is always differentiable)
+    weight [N, K]     the factor of ∂C/∂X = δ W: only when x needs a gradient (a parameter: no memory)
+    one [M, N] tensor for f', its "saved kind" (:func:`saved_kind`):
+      "a"        A, where f' can be computed from the output (relu, leaky_relu with slope >= 0,
+                 sigmoid, tanh)
+      "z"        Z, on the reference backend (PyTorch's fused backward kernels take Z), and for
+                 leaky_relu with slope < 0 (f' is a select on Z, exact where a rounded slope is not)
+      "f_prime"  f'(Z) on the Triton backend for gelu, gelu_tanh, silu: the forward epilogue
+                 evaluates f' once, so δ is one multiply in the backward matmuls' operand loads
+    nothing for identity (f' = 1)
+The bias is never saved (∂C/∂b = 1ᵀ δ does not read it), so changing it in place
+between forward and backward is as harmless as with nn.Linear. A double backward
+recomputes Z = X Wᵀ + b, reading the weight and bias the forward used (it raises
+if they were changed in place since); for forward mode, x and the weight are kept
+only while a forward-mode transform is active.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-from . import backends, reference
+from . import ops, reference
 from .activations import Activation
 
-SAVED_KINDS = ("a", "z", "f_prime")
-
-# f' formed inside the backward matmuls' operand loads is evaluated once per output tile of
-# each matmul (the same element many times): done where it is a multiply or a select, from
-# A, from f'(Z), or for relu / leaky_relu from Z; otherwise δ takes one elementwise pass.
-_SELECT_FROM_Z = ("identity", "relu", "leaky_relu")
+_OPS = torch.ops.manualbp
 
 
 def saved_kind(backend: str, activation: Activation) -> Optional[str]:
-    """What a layer's forward keeps for f' (see the module docstring): "a", "z", "f_prime", or None (identity)."""
+    """What a layer keeps for f' (see the module docstring): "a", "z", "f_prime", or None (identity)."""
     if activation.name == "identity":
         return None
     if activation.saves_output:
         return "a"
-    if backend == "triton" and activation.name not in _SELECT_FROM_Z:
+    if backend == "triton" and activation.name not in ops._SELECT_FROM_Z:
         return "f_prime"  # gelu, gelu_tanh, silu: f' evaluated once, in the forward epilogue
     return "z"  # the reference's fused kernels take Z; leaky_relu < 0: f' is a select on Z, exact
 
 
-def prologue_enabled() -> bool:
-    """False when the environment sets MANUALBP_DELTA_PROLOGUE=0: δ then always takes its own pass (for A/B timing)."""
-    return os.environ.get("MANUALBP_DELTA_PROLOGUE", "1") != "0"
+def forward_save(backend: str, activation: Activation) -> str:
+    """The ``save`` argument of manualbp::linear_forward for a layer that will be differentiated."""
+    kind = saved_kind(backend, activation)
+    return kind if kind in ("z", "f_prime") else ""
 
 
-def forward(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation,
-            save: Optional[str] = None):
-    """(A, saved or None) on the chosen backend: A = f(X Wᵀ + b), x [M, K] -> [M, N].
+def transforms_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...) is running."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
-    ``save``: None (A only), "z" (also Z = X Wᵀ + b) or "f_prime" (also f'(Z)).
-    """
-    if save not in (None, "z", "f_prime"):
-        raise ValueError(f"save must be None, 'z' or 'f_prime', got {save!r}")
-    if backend == "triton":
-        return backends.kernels().linear_forward(
-            x, weight, bias, activation.kernel_id, activation.kernel_slope,
-            write_z=save is not None, f_prime_as_z=save == "f_prime",
+
+def forward_mode_active() -> bool:
+    """Whether a forward-mode tangent may reach a Function now (torch.func transforms, dual levels)."""
+    return transforms_active() or forward_ad._current_level >= 0
+
+
+def _check_unchanged(tensor: Optional[Tensor], version: Optional[int], name: str) -> Optional[Tensor]:
+    if tensor is not None and version is not None and tensor._version != version:
+        raise RuntimeError(
+            f"double backward (create_graph=True) through a manualbp layer recomputes Z = X Wᵀ + b from the "
+            f"{name} the forward used, but {name} was modified in place after the forward. Compute the first "
+            f"gradient before changing it (first-order backward does not read it)."
         )
-    a, z = reference.linear_forward(x, weight, bias, activation)
-    if save == "f_prime":
-        return a, reference.activation_grad(activation, z, "z")
-    return a, (z if save == "z" else None)
+    return tensor
 
 
-def activation(backend: str, activation: Activation, z: Tensor) -> Tensor:
-    """A = f(Z) [M, N] from a kept Z, on the chosen backend (manualbp.MLP with recompute=True)."""
-    if activation.name == "identity":
-        return z
-    if backend == "triton":
-        return backends.kernels().activation_forward(z, activation.kernel_id, activation.kernel_slope)
-    return reference.activation_forward(activation, z)
-
-
-def backward(backend: str, grad_a: Tensor, x: Tensor, weight: Tensor, saved: Optional[Tensor],
-             activation: Activation, needs_grad_x: bool, needs_grad_weight: bool, needs_grad_bias: bool,
-             kind: Optional[str] = None):
-    """(∂C/∂X, ∂C/∂W, ∂C/∂b), each None when not needed. grad_a [M, N]; saved [M, N], None for identity.
-
-    ``kind`` says what ``saved`` is: "a", "z" or "f_prime"; None means what this
-    layer's forward saves on this backend (``saved_kind``). manualbp.MLP passes "z"
-    or "a" for what it keeps.
-    """
-    if kind is None:
-        kind = saved_kind(backend, activation)
-    elif kind not in SAVED_KINDS:
-        raise ValueError(f"kind must be one of {SAVED_KINDS}, got {kind!r}")
-    elif kind == "a" and not activation.saves_output:
-        raise ValueError(f"activation {activation.name!r} cannot compute f' from its output A; pass Z or f'(Z)")
-    kind = kind or "z"  # identity: nothing is read
-    if backend == "triton":
-        dense = backends.kernels()
-        if prologue_enabled() and (kind != "z" or activation.name in _SELECT_FROM_Z):
-            # δ formed in both matmuls' operand loads, ∂C/∂b from the ∂C/∂W matmul: no pass over [M, N] of its own.
-            return dense.linear_backward(
-                grad_a, x, weight, saved, activation.kernel_id, activation.kernel_slope, kind,
-                want_x=needs_grad_x, want_weight=needs_grad_weight, want_bias=needs_grad_bias,
-            )
-        delta, grad_bias = dense.delta_and_bias_grad(
-            grad_a, saved, activation.kernel_id, activation.kernel_slope, kind,
-            want_delta=needs_grad_x or needs_grad_weight, want_bias=needs_grad_bias,
-        )
-        grad_x = dense.matmul(delta, weight) if needs_grad_x else None  # ∂C/∂X = δ W   [M, N] [N, K]
-        grad_weight = dense.matmul(delta.t(), x) if needs_grad_weight else None  # ∂C/∂W = δᵀ X  [N, M] [M, K]
-        return grad_x, grad_weight, grad_bias
-    delta = reference.delta(grad_a, saved, activation, kind)  # δ = G ⊙ f'(Z)  [M, N]
-    return reference.linear_backward(delta, x, weight, needs_grad_x, needs_grad_weight, needs_grad_bias)
+def _version(tensor: Optional[Tensor]) -> Optional[int]:
+    if tensor is None or torch.compiler.is_compiling():  # a traced graph has no version counters to compare
+        return None
+    try:
+        return tensor._version
+    except (RuntimeError, NotImplementedError):  # a functorch wrapper without a version counter
+        return None
 
 
 def differentiable_backward(grad_a: Tensor, x: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
                             activation: Activation, needs_grad_x: bool, needs_grad_weight: bool,
                             needs_grad_bias: bool, a: Optional[Tensor] = None):
-    """The backward for create_graph=True (double backward): what ``backward`` returns, in differentiable torch ops.
+    """The backward for create_graph=True (double backward): what linear_backward returns, in differentiable ops.
 
     f' must depend on x, W and b in the graph being built: Z is recomputed from the
-    saved inputs, or, where x was not kept (frozen weight), f' is read off the
-    layer's output ``a`` (pass it only where it is what was saved), which the graph
-    already connects to x, W and b. An activation whose f' needs Z then has nothing
-    to differentiate: a clear error.
+    inputs, or, where x was not kept (frozen weight), f' is read off the layer's
+    output ``a`` (pass it only where it is what was saved), which the graph already
+    connects to x, W and b. An activation whose f' needs Z then has nothing to
+    differentiate: a clear error.
     """
     if activation.name == "identity":
         delta = grad_a
@@ -152,33 +120,79 @@ def differentiable_backward(grad_a: Tensor, x: Optional[Tensor], weight: Tensor,
 
 
 class LinearFunction(torch.autograd.Function):
-    """A = f(X Wᵀ + b) with a hand-written backward. x [M, K], weight [N, K], bias [N] or None -> [M, N]."""
+    """A = f(X Wᵀ + b) with a hand-written backward and jvp.
+
+    ``LinearFunction.apply(x, weight, bias, activation, backend, save)``: x [M, K],
+    weight [N, K], bias [N] or None, activation an Activation, backend 'triton' or
+    'reference' (resolved), save = :func:`forward_save` -> (a [M, N], saved), where
+    saved is Z or f'(Z) as save says ([0] for "") and is not differentiable.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation, backend: str):
+    def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation, backend: str, save: str):
+        return _OPS.linear_forward(x, weight, bias, activation.name, activation.kernel_slope, save, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, activation, backend, save = inputs
+        a, extra = output
         kind = saved_kind(backend, activation)
-        a, extra = forward(backend, x, weight, bias, activation, save=None if kind in (None, "a") else kind)
-        saved = a if kind == "a" else extra  # None for identity
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, bias, saved)
-        ctx.activation = activation
-        ctx.backend = backend
-        ctx.kind = kind
-        return a
+        if kind in ("z", "f_prime") and save != kind:
+            raise ValueError(f"LinearFunction: activation {activation.name!r} on the {backend} backend keeps "
+                             f"{kind!r}; call it with save={kind!r} (function.forward_save)")
+        saved = a if kind == "a" else (extra if kind is not None else None)
+        needs_grad_x, needs_grad_weight = ctx.needs_input_grad[:2]
+        # Under torch.func, every backward is differentiable (jacrev, hessian): keep x to recompute Z.
+        keep_x = needs_grad_weight or transforms_active()
+        ctx.save_for_backward(x if keep_x else None, weight if needs_grad_x else None, saved)
+        ctx.mark_non_differentiable(extra)
+        ctx.activation, ctx.backend, ctx.kind = activation, backend, kind
+        # For a double backward only (it recomputes Z): parameters, so no memory; versions to detect changes.
+        ctx.parameters = (weight, bias)
+        ctx.versions = (_version(weight), _version(bias))
+        if forward_mode_active():
+            ctx.save_for_forward(x, weight, saved)
 
     @staticmethod
-    def backward(ctx, grad_a: Tensor):
-        x, weight, bias, saved = ctx.saved_tensors
+    def backward(ctx, grad_a: Tensor, grad_extra: Optional[Tensor]):
+        x, weight_for_x, saved = ctx.saved_tensors
         needs_grad_x, needs_grad_weight, needs_grad_bias = ctx.needs_input_grad[:3]
         activation = ctx.activation
         if torch.is_grad_enabled():
-            grads = differentiable_backward(
+            weight = _check_unchanged(ctx.parameters[0], ctx.versions[0], "weight")
+            bias = _check_unchanged(ctx.parameters[1], ctx.versions[1], "bias")
+            grad_x, grad_weight, grad_bias = differentiable_backward(
                 grad_a, x, weight, bias, activation, needs_grad_x, needs_grad_weight, needs_grad_bias,
                 a=saved if ctx.kind == "a" else None,
             )
         else:
-            grads = backward(
-                ctx.backend, grad_a, x, weight, saved, activation, needs_grad_x, needs_grad_weight, needs_grad_bias,
-                kind=ctx.kind,
-            )
-        grad_x, grad_weight, grad_bias = grads
-        return grad_x, grad_weight, grad_bias, None, None
+            needs = [needs_grad_x, needs_grad_weight, needs_grad_bias]
+            grads = _OPS.linear_backward(grad_a, x, weight_for_x, saved, activation.name, activation.kernel_slope,
+                                         ctx.kind or "z", needs, ctx.backend)
+            grad_x, grad_weight, grad_bias = (grad if need else None for grad, need in zip(grads, needs))
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tangent_x, tangent_weight, tangent_bias, *_):
+        x, weight, saved = ctx.saved_tensors  # in jvp: what save_for_forward kept
+        activation = ctx.activation
+        tangent_a = _OPS.linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, activation.name,
+                                    activation.kernel_slope, ctx.kind or "z", ctx.backend)
+        return tangent_a, None
+
+
+class TracedLinearFunction(LinearFunction):
+    """LinearFunction as torch.compile traces it: the same forward, setup_context and backward.
+
+    Dynamo does not trace an autograd.Function with a custom jvp (forward-mode AD does not
+    compile), so the compiled path uses this subclass, whose jvp is Function's default.
+    """
+
+    jvp = torch.autograd.Function.jvp
+
+
+def linear_function():
+    """The Function a call should apply: LinearFunction, or its traceable twin while torch.compile traces."""
+    return TracedLinearFunction if torch.compiler.is_compiling() else LinearFunction

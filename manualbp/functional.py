@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import backends, ops
+from . import backends, ops  # noqa: F401 - ops registers the operators
 from .activations import Activation, get_activation
-from .function import LinearFunction, forward
+from .function import forward_mode_active, forward_save, linear_function
+
+_OPS = torch.ops.manualbp
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -46,6 +49,31 @@ def _check_inputs(input, weight, bias) -> None:
             raise ValueError(f"{name} is on {t.device} but input is on {input.device}; expected the same device")
 
 
+def check_layers(input, weights: Sequence, biases: Sequence) -> None:
+    """Every bad-input error of a stack of layers (one layer: functional.linear), before anything runs."""
+    _check_inputs(input, weights[0], biases[0])
+    for index in range(1, len(weights)):
+        weight, bias, previous = weights[index], biases[index], weights[index - 1]
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"layer {index}: weight must be a torch.Tensor, got {type(weight).__name__}")
+        if bias is not None and not isinstance(bias, Tensor):
+            raise TypeError(f"layer {index}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if weight.dim() != 2 or weight.shape[1] != previous.shape[0]:
+            raise ValueError(
+                f"layer {index}: weight must have shape [out_features, {previous.shape[0]}] (layer {index - 1} "
+                f"has out_features = {previous.shape[0]}), got {tuple(weight.shape)}"
+            )
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"layer {index}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.dtype != input.dtype:
+                raise TypeError(f"layer {index}: {name} has dtype {t.dtype} but input has dtype {input.dtype}; "
+                                f"expected the same dtype")
+            if t is not None and t.device != input.device:
+                raise ValueError(f"layer {index}: {name} is on {t.device} but input is on {input.device}; "
+                                 f"expected the same device")
+
+
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -57,6 +85,50 @@ def _autocast(t, dtype: torch.dtype):
     return t.to(dtype) if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
 
 
+def enter(input, weights: Sequence, biases: Sequence, backend: Optional[str]):
+    """The one entry path of functional.linear and manualbp.MLP: autocast, validation, backend choice.
+
+    Returns (input, weights, biases, backend, autocast): the tensors cast as autocast casts
+    nn.Linear's inputs, checked; the backend resolved ('triton' or 'reference'); and a
+    context manager to run the layer in (autocast off after the cast, as in nn.Linear's matmul).
+    """
+    weights, biases = list(weights), list(biases)
+    cast_to = None
+    if isinstance(input, Tensor) and all(isinstance(w, Tensor) for w in weights):
+        cast_to = _autocast_dtype(input.device.type)
+        if cast_to is not None:
+            input = _autocast(input, cast_to)
+            weights = [_autocast(w, cast_to) for w in weights]
+            biases = [_autocast(b, cast_to) for b in biases]
+    check_layers(input, weights, biases)
+    name = backends.resolve(backend, input.device, input.dtype)
+    context = torch.autocast(input.device.type, enabled=False) if cast_to is not None else contextlib.nullcontext()
+    return input, weights, biases, name, context
+
+
+def differentiable(*tensors: Optional[Tensor]) -> bool:
+    """Whether this call needs the autograd Function: reverse mode wants a graph, or a forward-mode tangent
+    or a torch.func transform may be present. Otherwise the forward operator runs alone and keeps nothing."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return True
+    return forward_mode_active()
+
+
+def as_rows(input: Tensor) -> Tensor:
+    """input [..., K] as x [M, K], the leading dimensions flattened (a view where the strides allow).
+
+    A 2-D input is used as it is: a view would add two autograd nodes to every step.
+    """
+    if input.dim() == 2:
+        return input
+    return input.unsqueeze(0) if input.dim() == 1 else input.flatten(0, -2)
+
+
+def from_rows(a: Tensor, input: Tensor) -> Tensor:
+    """a [M, N] back to [..., N] with the leading dimensions of input."""
+    return a if input.dim() == 2 else a.reshape(*input.shape[:-1], a.shape[-1])
+
+
 def linear(
     input: Tensor,
     weight: Tensor,
@@ -66,7 +138,7 @@ def linear(
     backend: Optional[str] = None,
     **activation_options,
 ) -> Tensor:
-    """A = f(input Wᵀ + b) with the hand-written backward.
+    """A = f(input Wᵀ + b) with the hand-written backward and jvp.
 
     input [..., in_features], weight [out_features, in_features], bias [out_features]
     or None -> [..., out_features]. ``activation`` is one of manualbp.ACTIVATIONS
@@ -75,30 +147,11 @@ def linear(
     Under ``torch.autocast`` the inputs are cast to the autocast dtype, as nn.Linear's are.
     """
     activation = get_activation(activation, **activation_options)
-    if isinstance(input, Tensor) and isinstance(weight, Tensor):
-        cast_to = _autocast_dtype(input.device.type)
-        if cast_to is not None:
-            with torch.autocast(input.device.type, enabled=False):
-                return linear(
-                    _autocast(input, cast_to), _autocast(weight, cast_to), _autocast(bias, cast_to),
-                    activation, backend=backend,
-                )
-    _check_inputs(input, weight, bias)
-    if torch.compiler.is_compiling():
-        # torch.compile / torch.export: the layer as custom operators, opaque to the compiler (see manualbp/ops.py).
-        return ops.linear(input, weight, bias, activation, backend)
-    name = backends.resolve(backend, input.device, input.dtype)
-
-    # Flatten the leading dimensions: the kernels see x [M, K]. A view whenever the strides allow;
-    # a 2-D input is used as it is (a view would add two autograd nodes to every step).
-    flat = input.dim() == 2
-    x = input if flat else input.reshape(input.shape[:-1].numel(), input.shape[-1])  # numel: in_features may be 0
-    needs_graph = torch.is_grad_enabled() and (
-        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    if needs_graph:
-        a = LinearFunction.apply(x, weight, bias, activation, name)
-    else:
-        # no_grad / inference_mode / nothing requires grad: compute A only, save nothing.
-        a, _ = forward(name, x, weight, bias, activation)
-    return a if flat else a.reshape(*input.shape[:-1], weight.shape[0])
+    input, (weight,), (bias,), name, context = enter(input, [weight], [bias], backend)
+    x = as_rows(input)
+    with context:
+        if differentiable(input, weight, bias):
+            a, _ = linear_function().apply(x, weight, bias, activation, name, forward_save(name, activation))
+        else:  # no_grad / inference_mode / nothing requires grad: compute A only, keep nothing
+            a, _ = _OPS.linear_forward(x, weight, bias, activation.name, activation.kernel_slope, "", name)
+    return from_rows(a, input)

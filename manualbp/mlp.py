@@ -22,37 +22,12 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from . import backends, ops
+from . import backends
 from .activations import Activation, get_activation
 from .conversion import module_for_activation
-from .functional import _autocast, _autocast_dtype, _check_inputs
-from .mlp_function import MLPFunction, forward_stack
+from .functional import as_rows, differentiable, enter, from_rows
+from .mlp_function import forward_stack, mlp_function
 from .modules import Linear
-
-
-def _check_layers(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> None:
-    """Every bad-input error, raised before anything runs; layer 0 is checked as functional.linear checks it."""
-    _check_inputs(input, weights[0], biases[0])
-    for index in range(1, len(weights)):
-        weight, bias, previous = weights[index], biases[index], weights[index - 1]
-        if not isinstance(weight, Tensor):
-            raise TypeError(f"layer {index}: weight must be a torch.Tensor, got {type(weight).__name__}")
-        if bias is not None and not isinstance(bias, Tensor):
-            raise TypeError(f"layer {index}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if weight.dim() != 2 or weight.shape[1] != previous.shape[0]:
-            raise ValueError(
-                f"layer {index}: weight must have shape [out_features, {previous.shape[0]}] (layer {index - 1} "
-                f"has out_features = {previous.shape[0]}), got {tuple(weight.shape)}"
-            )
-        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"layer {index}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        for name, t in (("weight", weight), ("bias", bias)):
-            if t is not None and t.dtype != input.dtype:
-                raise TypeError(f"layer {index}: {name} has dtype {t.dtype} but input has dtype {input.dtype}; "
-                                f"expected the same dtype")
-            if t is not None and t.device != input.device:
-                raise ValueError(f"layer {index}: {name} is on {t.device} but input is on {input.device}; "
-                                 f"expected the same device")
 
 
 def mlp(
@@ -78,30 +53,15 @@ def mlp(
             f"got {len(weights)} weights, {len(biases)} biases, {len(activations)} activations"
         )
     activations = tuple(get_activation(a) for a in activations)
-    if isinstance(input, Tensor) and all(isinstance(w, Tensor) for w in weights):
-        cast_to = _autocast_dtype(input.device.type)
-        if cast_to is not None:
-            with torch.autocast(input.device.type, enabled=False):
-                return mlp(
-                    _autocast(input, cast_to), [_autocast(w, cast_to) for w in weights],
-                    [_autocast(b, cast_to) for b in biases], activations, recompute=recompute, backend=backend,
-                )
-    _check_layers(input, weights, biases)
-    if torch.compiler.is_compiling():
-        # torch.compile / torch.export: the stack as custom operators, opaque to the compiler (see manualbp/ops.py).
-        return ops.mlp(input, weights, biases, activations, recompute, backend)
-    name = backends.resolve(backend, input.device, input.dtype)
-
-    flat = input.dim() == 2  # used as it is: a view would add two autograd nodes to every step
-    x = input if flat else input.reshape(input.shape[:-1].numel(), input.shape[-1])  # the kernels see x [M, K]
-    params = [t for pair in zip(weights, biases) for t in pair]  # w0, b0, w1, b1, ...
-    needs_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, *params))
-    if needs_graph:
-        output = MLPFunction.apply(x, activations, bool(recompute), name, *params)
-    else:
-        # no_grad / inference_mode / nothing requires grad: keep nothing.
-        output, _ = forward_stack(name, x, weights, biases, activations, recompute, save=False)
-    return output if flat else output.reshape(*input.shape[:-1], weights[-1].shape[0])
+    input, weights, biases, name, context = enter(input, weights, biases, backend)
+    x = as_rows(input)
+    with context:
+        if differentiable(input, *weights, *biases):
+            params = [t for pair in zip(weights, biases) for t in pair]  # w0, b0, w1, b1, ...
+            output = mlp_function().apply(x, activations, bool(recompute), name, *params)[0]
+        else:  # no_grad / inference_mode / nothing requires grad: keep nothing
+            output, _ = forward_stack(name, x, weights, biases, activations, recompute, save=False)
+    return from_rows(output, input)
 
 
 def _check_sizes(sizes) -> List[int]:
@@ -117,6 +77,26 @@ def _check_sizes(sizes) -> List[int]:
     return sizes
 
 
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _has_hooks(module: Optional[nn.Module]) -> bool:
+    """Whether module has hooks of its own (None: whether global module hooks are registered)."""
+    if module is None:
+        from torch.nn.modules import module as torch_module
+
+        return any(len(getattr(torch_module, f"_global{name}", ())) for name in _HOOKS)
+    return any(len(getattr(module, name, ())) for name in _HOOKS)
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a PyTorch built without distributed
+        return ()
+    return DTensor
+
+
 class MLP(nn.Module):
     """A stack of dense layers with a hand-written backward, run as one autograd node.
 
@@ -129,6 +109,12 @@ class MLP(nn.Module):
     Z, and recomputes every hidden A = f(Z) in the backward: less memory than
     nn.Linear + activation modules, which keep both A and (for gelu, silu, ...) Z.
     ``backend`` pins the stack to 'triton' or 'reference' (None: the global setting).
+
+    Where a layer has hooks (tensor parallel plans, FSDP2's ``fully_shard`` on each
+    layer, user hooks) or a parameter is a DTensor, the stack runs layer by layer,
+    each ``manualbp.Linear`` called as a module so that its hooks fire: the same
+    outputs and gradients, one autograd node per layer, and ``recompute`` does not
+    apply (each layer keeps what a manualbp.Linear keeps).
 
     Layer l is the ``manualbp.Linear`` ``self[str(2*l)]`` — see :attr:`layers` — so the
     state_dict keys (``0.weight``, ``0.bias``, ``2.weight``, ...) are those of the
@@ -167,8 +153,18 @@ class MLP(nn.Module):
         """The dense layers, first to last."""
         return [self._modules[str(2 * index)] for index in range(len(self.sizes) - 1)]
 
+    def _per_layer(self, layers: List[Linear]) -> bool:
+        # Hooks on a layer (tensor parallel, FSDP2's fully_shard per layer, user hooks) and DTensor
+        # parameters need each layer called as a module: the fused stack reads parameters directly.
+        hooked = any(_has_hooks(layer) for layer in layers) or _has_hooks(None)
+        return hooked or any(isinstance(p, _dtensor_type()) for p in self.parameters())
+
     def forward(self, input: Tensor) -> Tensor:
         layers = self.layers
+        if self._per_layer(layers):
+            for layer in layers:
+                input = layer(input)
+            return input
         return mlp(
             input,
             [layer.weight for layer in layers],

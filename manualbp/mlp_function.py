@@ -9,8 +9,9 @@ and the backward walks the layers in reverse with the one-layer equations of
 
     δₗ = Gₗ ⊙ fₗ'(Zₗ),  ∂C/∂Wₗ = δₗᵀ Xₗ,  ∂C/∂bₗ = 1ᵀ δₗ,  Gₗ₋₁ = ∂C/∂Xₗ = δₗ Wₗ
 
-each step on the chosen backend through ``function.forward`` / ``function.backward``,
-the helpers of the one-layer ``LinearFunction``.
+each step on the chosen backend through the operators of ``ops.py``, as the
+one-layer ``LinearFunction``. Forward mode (jvp) pushes a tangent up the stack,
+layer by layer: dAₗ = fₗ'(Zₗ) ⊙ (dXₗ Wₗᵀ + Xₗ dWₗᵀ + dbₗ), dXₗ₊₁ = dAₗ.
 
 What is kept for the backward, besides X₀ and the parameters:
 
@@ -30,14 +31,15 @@ for float16/bfloat16, where the two can differ in the last bit.
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import backends, function, reference
+from . import config, function, reference
 from .activations import Activation
+
+_OPS = torch.ops.manualbp
 
 
 def _needs_z(activation: Activation) -> bool:
@@ -68,7 +70,14 @@ def kept_plan(activations: Sequence[Activation], recompute: bool) -> List[Tuple[
 
 def recompute_activation(activation: Activation, z: Tensor) -> Tensor:
     """A = f(Z) in differentiable torch ops (double backward), with the reference's rule for half precision."""
-    return function.activation("reference", activation, z)
+    return reference.activation_forward(activation, z)
+
+
+def _activation(backend: str, activation: Activation, z: Tensor) -> Tensor:
+    """A = f(Z) from a kept Z, on the backend (identity: Z itself, no copy)."""
+    if activation.name == "identity":
+        return z
+    return _OPS.activation_forward(z, activation.name, activation.kernel_slope, backend)
 
 
 def forward_stack(backend: str, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
@@ -85,7 +94,8 @@ def forward_stack(backend: str, x: Tensor, weights: Sequence[Tensor], biases: Se
     for index, (weight, bias, activation) in enumerate(zip(weights, biases, activations)):
         identity = activation.name == "identity"
         keep_a, keep_z = plan[index] if save else (False, False)
-        a, z = function.forward(backend, h, weight, bias, activation, save="z" if keep_z and not identity else None)
+        a, z = _OPS.linear_forward(h, weight, bias, activation.name, activation.kernel_slope,
+                                   "z" if keep_z and not identity else "", backend)
         if keep_a and index < last:
             kept.append(a)
         if keep_z:
@@ -129,11 +139,12 @@ def backward_stack(backend: str, grad_output: Tensor, x: Tensor, weights: Sequen
     Returns (∂C/∂X₀ or None, [∂C/∂Wₗ or None], [∂C/∂bₗ or None]). Stops at the lowest
     layer below which nothing needs a gradient.
 
-    reference: each layer runs the one-layer backward of ``function.backward``.
+    reference: each layer runs the one-layer backward (manualbp::linear_backward).
     triton: the same equations, but δₗ₋₁ = (δₗ Wₗ) ⊙ fₗ₋₁'(Zₗ₋₁) and ∂C/∂bₗ₋₁ are formed in
     the epilogue of the matmul that computes δₗ Wₗ, so only the top layer's δ takes a
-    separate elementwise pass over [M, N]. MANUALBP_MLP_FUSION=0 runs the per-layer
-    steps instead (for measuring what the fusion buys).
+    separate elementwise pass over [M, N]. The setting ``mlp_fusion=False``
+    (manualbp.config; MANUALBP_MLP_FUSION=0) runs the per-layer steps instead, to measure
+    what the fusion buys.
     """
     count = len(weights)
     kept_a, kept_z = _unpack_kept(activations, recompute, output, kept)
@@ -149,7 +160,7 @@ def backward_stack(backend: str, grad_output: Tensor, x: Tensor, weights: Sequen
             return x
         if kept_a[index - 1] is not None:
             return kept_a[index - 1]
-        return function.activation(backend, activations[index - 1], kept_z[index - 1])
+        return _activation(backend, activations[index - 1], kept_z[index - 1])
 
     def saved_for_f_prime(index: int):  # (what f' is computed from, its kind: "z" or "a")
         if activations[index].name == "identity":
@@ -158,7 +169,7 @@ def backward_stack(backend: str, grad_output: Tensor, x: Tensor, weights: Sequen
             return kept_z[index], "z"
         return kept_a[index], "a"
 
-    if backend == "triton" and os.environ.get("MANUALBP_MLP_FUSION", "1") != "0":
+    if backend == "triton" and config.get().mlp_fusion:
         grad_x = _backward_fused(grad_output, weights, activations, needs_grad_weights, needs_grad_biases, below,
                                  layer_input, saved_for_f_prime, grad_weights, grad_biases)
         return (grad_x if needs_grad_x else None), grad_weights, grad_biases
@@ -167,10 +178,11 @@ def backward_stack(backend: str, grad_output: Tensor, x: Tensor, weights: Sequen
     grad_x = None
     for index in reversed(range(count)):
         saved, kind = saved_for_f_prime(index)
-        grad_x, grad_weights[index], grad_biases[index] = function.backward(
-            backend, grad, layer_input(index), weights[index], saved, activations[index],
-            below[index], needs_grad_weights[index], needs_grad_biases[index], kind=kind,
-        )
+        activation = activations[index]
+        needs = [below[index], needs_grad_weights[index], needs_grad_biases[index]]
+        grads = _OPS.linear_backward(grad, layer_input(index) if needs[1] else None, weights[index], saved,
+                                     activation.name, activation.kernel_slope, kind, needs, backend)
+        grad_x, grad_weights[index], grad_biases[index] = (g if need else None for g, need in zip(grads, needs))
         if not below[index]:
             break
         grad = grad_x  # ∂C/∂Xₗ is G of layer l-1
@@ -180,30 +192,58 @@ def backward_stack(backend: str, grad_output: Tensor, x: Tensor, weights: Sequen
 def _backward_fused(grad_output, weights, activations, needs_grad_weights, needs_grad_biases, below,
                     layer_input, saved_for_f_prime, grad_weights, grad_biases) -> Optional[Tensor]:
     """backward_stack on the Triton kernels; fills grad_weights/grad_biases, returns ∂C/∂X₀ or None."""
-    dense = backends.kernels()
     top = len(weights) - 1
     saved, kind = saved_for_f_prime(top)
     activation = activations[top]
     # The top layer's δ from the incoming G: the one separate elementwise pass.
-    delta, grad_biases[top] = dense.delta_and_bias_grad(
-        grad_output, saved, activation.kernel_id, activation.kernel_slope, kind,
-        want_delta=needs_grad_weights[top] or below[top], want_bias=needs_grad_biases[top],
-    )
+    want_bias = needs_grad_biases[top]
+    delta, grad_bias = _OPS.delta(grad_output, saved, activation.name, activation.kernel_slope, kind,
+                                  needs_grad_weights[top] or below[top], want_bias, "triton")
+    grad_biases[top] = grad_bias if want_bias else None
     for index in reversed(range(top + 1)):
         if needs_grad_weights[index]:
-            grad_weights[index] = dense.matmul(delta.t(), layer_input(index))  # ∂C/∂Wₗ = δₗᵀ Xₗ
+            grad_weights[index] = _OPS.matmul(delta.t(), layer_input(index), "triton")  # ∂C/∂Wₗ = δₗᵀ Xₗ
         if not below[index]:
             return None
         if index == 0:
-            return dense.matmul(delta, weights[0])  # ∂C/∂X₀ = δ₀ W₀
+            return _OPS.matmul(delta, weights[0], "triton")  # ∂C/∂X₀ = δ₀ W₀
         saved, kind = saved_for_f_prime(index - 1)
         activation = activations[index - 1]
         # δₗ₋₁ = (δₗ Wₗ) ⊙ fₗ₋₁'(Zₗ₋₁) and ∂C/∂bₗ₋₁ = 1ᵀ δₗ₋₁, in one matmul kernel.
-        delta, grad_biases[index - 1] = dense.matmul_times_activation_grad(
-            delta, weights[index], saved, activation.kernel_id, activation.kernel_slope, kind,
-            want_bias=needs_grad_biases[index - 1],
-        )
+        want_bias = needs_grad_biases[index - 1]
+        delta, grad_bias = _OPS.matmul_times_activation_grad(
+            delta, weights[index], saved, activation.name, activation.kernel_slope, kind, want_bias, "triton")
+        grad_biases[index - 1] = grad_bias if want_bias else None
     return None
+
+
+def jvp_stack(backend: str, x: Tensor, weights: Sequence[Tensor], activations: Sequence[Activation],
+              recompute: bool, output: Optional[Tensor], kept: Sequence[Tensor], tangent_x: Optional[Tensor],
+              tangent_weights: Sequence[Optional[Tensor]], tangent_biases: Sequence[Optional[Tensor]]) -> Tensor:
+    """The stack's forward mode: dA_{L-1} [M, sizes[-1]] from tangents of x and of the parameters (None: zero).
+
+    Layer by layer, innermost first (numerator layout): dAₗ = fₗ'(Zₗ) ⊙ (dXₗ Wₗᵀ + Xₗ dWₗᵀ + dbₗ), dXₗ₊₁ = dAₗ.
+    """
+    kept_a, kept_z = _unpack_kept(activations, recompute, output, kept)
+    tangent = tangent_x
+    for index, (weight, activation) in enumerate(zip(weights, activations)):
+        if tangent is None and tangent_weights[index] is None and tangent_biases[index] is None:
+            continue  # nothing below carries a tangent yet
+        if index == 0:
+            h = x
+        elif kept_a[index - 1] is not None:
+            h = kept_a[index - 1]
+        else:
+            h = _activation(backend, activations[index - 1], kept_z[index - 1])  # Xₗ = fₗ₋₁(Zₗ₋₁)
+        if activation.name == "identity":
+            saved, kind = None, "z"
+        elif kept_z[index] is not None:
+            saved, kind = kept_z[index], "z"
+        else:
+            saved, kind = kept_a[index], "a"
+        tangent = _OPS.linear_jvp(h, weight, saved, tangent, tangent_weights[index], tangent_biases[index],
+                                  activation.name, activation.kernel_slope, kind, backend)
+    return tangent
 
 
 def differentiable_backward(grad_output: Tensor, x: Tensor, weights: Sequence[Tensor],
@@ -236,36 +276,50 @@ def differentiable_backward(grad_output: Tensor, x: Tensor, weights: Sequence[Te
 
 
 class MLPFunction(torch.autograd.Function):
-    """A stack of dense layers as one autograd node.
+    """A stack of dense layers as one autograd node, with a hand-written backward and jvp.
 
     ``MLPFunction.apply(x, activations, recompute, backend, w0, b0, w1, b1, ...)``:
     x [M, sizes[0]], wₗ [sizes[l+1], sizes[l]], bₗ [sizes[l+1]] or None, activations a
     tuple of Activation (one per layer), backend 'triton' or 'reference' (resolved)
-    -> A_{L-1} [M, sizes[-1]].
+    -> (A_{L-1} [M, sizes[-1]], *kept), the kept tensors not differentiable.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: Tensor, activations: Tuple[Activation, ...], recompute: bool, backend: str, *params):
-        weights, biases = params[0::2], params[1::2]
-        output, kept = forward_stack(backend, x, weights, biases, activations, recompute, save=True)
+    def forward(x: Tensor, activations: Tuple[Activation, ...], recompute: bool, backend: str, *params):
+        output, kept = forward_stack(backend, x, params[0::2], params[1::2], activations, recompute, save=True)
+        return (output, *kept)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, activations, recompute, backend, *params = inputs
+        result, kept = output[0], output[1:]
         last_keeps_output = kept_plan(activations, recompute)[-1][0]
         # Everything through save_for_backward, so that saved-tensor hooks (checkpointing,
         # offloading, memory measurement) see all of it. Parameters cost nothing extra.
-        ctx.save_for_backward(x, output if last_keeps_output else None, *params, *kept)
+        saved = (x, result if last_keeps_output else None, *params, *kept)
+        ctx.save_for_backward(*saved)
+        if function.forward_mode_active():
+            ctx.save_for_forward(*saved)
+        if kept:
+            ctx.mark_non_differentiable(*kept)
         ctx.activations = activations
         ctx.recompute = recompute
         ctx.backend = backend
-        ctx.layers = len(weights)
-        return output
+        ctx.layers = len(params) // 2
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor):
+    def _unpack(ctx):
         saved = ctx.saved_tensors
         count = ctx.layers
-        x, output = saved[0], saved[1]
         params = saved[2:2 + 2 * count]
-        kept = saved[2 + 2 * count:]
-        weights, biases = params[0::2], params[1::2]
+        return saved[0], saved[1], params[0::2], params[1::2], saved[2 + 2 * count:]
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor, *grad_kept):
+        x, output, weights, biases, kept = MLPFunction._unpack(ctx)
+        count = ctx.layers
         needs = ctx.needs_input_grad
         needs_grad_x = needs[0]
         needs_grad_weights = needs[4::2]
@@ -284,3 +338,21 @@ class MLPFunction(torch.autograd.Function):
         for grad_weight, grad_bias in zip(grad_weights, grad_biases):
             grads += [grad_weight, grad_bias]
         return tuple(grads)
+
+    @staticmethod
+    def jvp(ctx, tangent_x, _activations, _recompute, _backend, *tangent_params):
+        x, output, weights, _, kept = MLPFunction._unpack(ctx)  # in jvp: what save_for_forward kept
+        tangent = jvp_stack(ctx.backend, x, weights, ctx.activations, ctx.recompute, output, kept, tangent_x,
+                            tangent_params[0::2], tangent_params[1::2])
+        return (tangent, *([None] * len(kept)))
+
+
+class TracedMLPFunction(MLPFunction):
+    """MLPFunction as torch.compile traces it (Dynamo does not trace a custom jvp; see TracedLinearFunction)."""
+
+    jvp = torch.autograd.Function.jvp
+
+
+def mlp_function():
+    """The Function a call should apply: MLPFunction, or its traceable twin while torch.compile traces."""
+    return TracedMLPFunction if torch.compiler.is_compiling() else MLPFunction

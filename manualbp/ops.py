@@ -1,365 +1,439 @@
-"""PyTorch custom operators of manualbp: what torch.compile and torch.export see.
+"""manualbp's operators: each kernel launcher, and its reference twin, as one PyTorch operator.
 
-    manualbp::linear_forward(x, weight, bias, activation, negative_slope, save, backend) -> (a, z or f'(z))
-    manualbp::linear_backward(grad_a, x, weight, saved, activation, negative_slope, saved_kind,
-                              needs_grad, backend) -> (grad_x, grad_weight, grad_bias)
-    manualbp::mlp_forward(x, weights, biases, has_bias, activations, negative_slopes, recompute, save, backend)
-                              -> [output, *kept]
-    manualbp::mlp_backward(grad_output, x, weights, output, kept, activations, negative_slopes, recompute,
-                           needs_grad, backend) -> [grad_x, *grad_weights, *grad_biases]
+    linear_forward(x, weight, bias?, activation, negative_slope, save, backend) -> (a, saved)
+        A = f(X Wᵀ + b) [M, N]; saved = Z ("z"), f'(Z) ("f_prime") or [0] ("")
+    linear_backward(grad_a, x?, weight?, saved?, activation, negative_slope, saved_kind, needs, backend)
+        -> (∂C/∂X [M, K], ∂C/∂W [N, K], ∂C/∂b [N]), [0] where needs says no
+    linear_jvp(x, weight, saved?, tangent_x?, tangent_weight?, tangent_bias?, activation, negative_slope,
+               saved_kind, backend) -> dA = f'(Z) ⊙ (dX Wᵀ + X dWᵀ + db) [M, N]
+    activation_forward(z, activation, negative_slope, backend) -> A = f(Z)            (MLP, recompute=True)
+    delta(grad_a, saved?, activation, negative_slope, saved_kind, want_delta, want_bias, backend)
+        -> (δ = G ⊙ f'(Z) [M, N], ∂C/∂b = 1ᵀ δ [N])                                   (MLP, top layer)
+    matmul(a, b, backend) -> a b                                                       (MLP, δᵀ X)
+    matmul_times_activation_grad(delta, weight, saved?, activation, negative_slope, saved_kind, want_bias,
+                                 backend) -> (δₗ₋₁ = (δₗ Wₗ) ⊙ f'(Zₗ₋₁), 1ᵀ δₗ₋₁)           (MLP, fused)
 
-Why operators: a plain autograd.Function that launches Triton kernels is traced
-by torch.compile into AOTAutograd, whose partitioner and fake-tensor tracing then
-have to see through the launches (and have failed to in real projects). An
-operator is opaque instead: the compiler sees one node with a fake (shape-only)
-implementation, and the autograd formula registered below, which calls the
-backward operator. Eager code keeps using ``LinearFunction``/``MLPFunction``;
-``functional.linear`` and ``manualbp.MLP`` route here only while
-``torch.compiler.is_compiling()``.
+x [M, K], weight [N, K], bias [N]; the equations are in ``reference.py``. ``backend``
+is already resolved ('triton' or 'reference', by ``backends.resolve``); ``saved``
+is what f' comes from: A ("a"), Z ("z") or f'(Z) ("f_prime"), None for identity.
+Operators cannot return None: an output nobody asked for is an empty tensor [0].
 
-These are ``custom_op``s, not ``triton_op``s: their implementation picks the
-backend when it runs, from its real tensors (``backend`` is 'auto', 'triton',
-'reference', or '' for the global setting), so the compiled graph runs the Triton
-kernels wherever eager would (CUDA, or the CPU interpreter with TRITON_INTERPRET=1),
-and the fake implementations never touch Triton: no interpreter runs on fake
-tensors, which is what breaks a ``triton_op`` under TRITON_INTERPRET=1.
-
-Operators cannot return None: an output that is not computed (Z when not needed,
-a gradient nobody asked for) is an empty tensor of shape [0].
-
-What a layer keeps for f' (``save``: "z" or "f_prime", see ``function.saved_kind``)
-is decided by the wrapper when the graph is traced, from the backend that would run
-then, so that a compiled graph keeps what eager keeps (and its gradients are bitwise
-eager's); the backward operator is told what it gets (``saved_kind``), so either
-backend computes right gradients from either kind, whatever runs later.
-
-Double backward (create_graph=True): the registered backward then runs the same
-equations in differentiable torch ops (``function.differentiable_backward``,
-``mlp_function.differentiable_backward``), as LinearFunction and MLPFunction do.
-
-The arguments are 2-D: x [M, K], weight [N, K], bias [N]. The Python wrappers
-:func:`linear` and :func:`mlp` flatten leading dimensions as ``functional.linear``
-does; they expect inputs already validated (functional.linear / mlp.mlp do that).
+Each operator has, beside its implementation:
+  a fake implementation   shapes only: FakeTensorMode, meta tensors, torch.compile/export tracing
+  a vmap rule             batched rows folded into M where the math allows, else one call per batch entry
+  a FLOP formula          the matmuls, as FlopCounterMode counts nn.Linear's (2MNK per product)
+  a DTensor sharding rule (the matmul operators): data parallel (rows sharded), column-wise
+                          (weight rows sharded), row-wise (contracted dimension sharded, identity only:
+                          the output is a partial sum, and f of a partial sum is not the sum of f's)
+No autograd formula is registered: the layers' autograd Functions (function.py,
+mlp_function.py) call these operators from their forward, backward and jvp, so
+eager code, torch.func and torch.compile all run the same Function.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import backends, function, mlp_function
+from . import backends, config, reference
 from .activations import Activation, get_activation
 
-# --------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------
+_LIB = "manualbp"
+SAVES = ("", "z", "f_prime")
+SAVED_KINDS = ("a", "z", "f_prime")
+
+# f' formed inside the backward matmuls' operand loads is evaluated once per output tile of
+# each matmul (the same element many times): done where it is a multiply or a select, from
+# A, from f'(Z), or for relu / leaky_relu from Z; otherwise δ takes one elementwise pass.
+_SELECT_FROM_Z = ("identity", "relu", "leaky_relu")
 
 
-def _activation(name: str, negative_slope: float) -> Activation:
+def activation(name: str, negative_slope: float) -> Activation:
+    """The Activation an operator's (name, negative_slope) arguments describe."""
     return get_activation(name, negative_slope=negative_slope) if name == "leaky_relu" else get_activation(name)
-
-
-def _activations(names: str, negative_slopes: Sequence[float]) -> Tuple[Activation, ...]:
-    # A schema has no str[]: the names travel as one comma-separated string.
-    names = names.split(",")
-    if len(names) != len(negative_slopes):
-        raise ValueError(f"{len(names)} activations but {len(negative_slopes)} negative slopes; expected one per layer")
-    return tuple(_activation(name, slope) for name, slope in zip(names, negative_slopes))
-
-
-def _resolve(backend: str, t: Tensor) -> str:
-    return backends.resolve(backend or None, t.device, t.dtype)
 
 
 def _placeholder(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
-def _check_2d(op: str, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> None:
-    # The wrappers validate everything before this point; these are for direct calls of torch.ops.manualbp.*.
-    if x.dim() != 2:
-        raise ValueError(f"{op}: x must be 2-D [M, K], got shape {tuple(x.shape)}")
-    width = x.shape[1]
-    for index, (weight, bias) in enumerate(zip(weights, biases)):
-        if weight.dim() != 2 or weight.shape[1] != width:
-            raise ValueError(f"{op}: weight {index} must have shape [N, {width}], got {tuple(weight.shape)}")
-        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"{op}: bias {index} must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        width = weight.shape[0]
+def _check_choice(op: str, argument: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"manualbp::{op}: {argument} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_backend(op: str, backend: str) -> None:
+    _check_choice(op, "backend", backend, ("triton", "reference"))
+
+
+def _check_linear(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    # functional.linear validates before this point; these are for direct calls of torch.ops.manualbp.*.
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"manualbp::{op}: expected x [M, K] and weight [N, K], got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"manualbp::{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def _check_saved(op: str, act: Activation, saved: Optional[Tensor], saved_kind: str) -> None:
+    _check_choice(op, "saved_kind", saved_kind, SAVED_KINDS)
+    if act.name == "identity":
+        return
+    if saved is None:
+        raise ValueError(f"manualbp::{op}: activation {act.name!r} needs saved = A, Z or f'(Z), got None")
+    if saved_kind == "a" and not act.saves_output:
+        raise ValueError(f"manualbp::{op}: activation {act.name!r} cannot compute f' from its output A; "
+                         f"pass Z or f'(Z)")
+
+
+def _register(name: str, schema_fn, fake_fn):
+    op = torch.library.custom_op(f"{_LIB}::{name}", mutates_args=())(schema_fn)
+    op.register_fake(fake_fn)
+    return op
 
 
 # --------------------------------------------------------------------------------------
-# One dense layer
+# Implementations: the Triton launcher or the reference, by the resolved backend
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("manualbp::linear_forward", mutates_args=())
-def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, negative_slope: float,
-                   save: str, backend: str) -> Tuple[Tensor, Tensor]:
-    """(A, Z or f'(Z)): x [M, K] -> a [M, N] and, as save says ("z", "f_prime", or "" for none), [M, N] or [0]."""
-    _check_2d("manualbp::linear_forward", x, [weight], [bias])
-    _check_save(save)
-    a, z = function.forward(_resolve(backend, x), x, weight, bias, _activation(activation, negative_slope),
-                            save=save or None)
-    if z is None:
-        z = _placeholder(x)
-    elif z is a:
-        z = z.clone()  # identity: an operator's outputs may not alias each other
-    return a, z
+def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation_name: str,
+                    negative_slope: float, save: str, backend: str) -> tuple[Tensor, Tensor]:
+    """A = f(X Wᵀ + b) [M, N] and, as save says, Z or f'(Z) [M, N] (or [0])."""
+    _check_linear("linear_forward", x, weight, bias)
+    _check_choice("linear_forward", "save", save, SAVES)
+    _check_backend("linear_forward", backend)
+    act = activation(activation_name, negative_slope)
+    if backend == "triton":
+        a, saved = backends.kernels().linear_forward(
+            x, weight, bias, act.kernel_id, act.kernel_slope, write_z=bool(save), f_prime_as_z=save == "f_prime")
+    else:
+        a, z = reference.linear_forward(x, weight, bias, act)
+        saved = reference.activation_grad(act, z, "z") if save == "f_prime" else (z if save == "z" else None)
+    if saved is None:
+        return a, _placeholder(x)
+    return a, (saved.clone() if saved is a else saved)  # identity: outputs may not alias each other
 
 
-@linear_forward.register_fake
-def _(x, weight, bias, activation, negative_slope, save, backend):
-    _check_2d("manualbp::linear_forward", x, [weight], [bias])
-    _check_save(save)
+def _linear_forward_fake(x, weight, bias, activation_name, negative_slope, save, backend):
+    _check_linear("linear_forward", x, weight, bias)
+    _check_choice("linear_forward", "save", save, SAVES)
     rows, columns = x.shape[0], weight.shape[0]
     return x.new_empty((rows, columns)), x.new_empty((rows, columns) if save else (0,))
 
 
-def _check_save(save: str) -> None:
-    if save not in ("", "z", "f_prime"):
-        raise ValueError(f"manualbp::linear_forward: save must be '', 'z' or 'f_prime', got {save!r}")
-
-
-@torch.library.custom_op("manualbp::linear_backward", mutates_args=())
-def linear_backward(grad_a: Tensor, x: Tensor, weight: Tensor, saved: Optional[Tensor], activation: str,
-                    negative_slope: float, saved_kind: str, needs_grad: List[bool],
-                    backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """(∂C/∂X [M, K], ∂C/∂W [N, K], ∂C/∂b [N]), each [0] where needs_grad says no.
-
-    saved [M, N]: A, Z or f'(Z), as saved_kind says ("a", "z", "f_prime"); None for identity.
-    """
-    needs_grad_x, needs_grad_weight, needs_grad_bias = needs_grad
-    bound = _activation(activation, negative_slope)
-    if saved is None and bound.name != "identity":
-        raise ValueError(f"manualbp::linear_backward: activation {activation!r} needs saved = A, Z or f'(Z), "
-                         f"got None")
-    grads = function.backward(
-        _resolve(backend, grad_a), grad_a, x, weight, saved, bound,
-        needs_grad_x, needs_grad_weight, needs_grad_bias, kind=saved_kind,
-    )
+def _linear_backward(grad_a: Tensor, x: Optional[Tensor], weight: Optional[Tensor], saved: Optional[Tensor],
+                     activation_name: str, negative_slope: float, saved_kind: str, needs: List[bool],
+                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(∂C/∂X, ∂C/∂W, ∂C/∂b); needs = [x, weight, bias]. x is read only for ∂C/∂W, weight only for ∂C/∂X."""
+    needs_x, needs_weight, needs_bias = needs
+    act = activation(activation_name, negative_slope)
+    _check_saved("linear_backward", act, saved, saved_kind)
+    _check_backend("linear_backward", backend)
+    if needs_x and weight is None or needs_weight and x is None:
+        raise ValueError("manualbp::linear_backward: ∂C/∂X needs weight and ∂C/∂W needs x; got None")
+    if backend == "triton":
+        grads = _linear_backward_triton(grad_a, x, weight, saved, act, saved_kind, needs_x, needs_weight,
+                                        needs_bias)
+    else:
+        delta = reference.delta(grad_a, saved, act, saved_kind)  # δ = G ⊙ f'(Z)  [M, N]
+        grads = reference.linear_backward(delta, x, weight, needs_x, needs_weight, needs_bias)
     return tuple(_placeholder(grad_a) if grad is None else grad for grad in grads)
 
 
-@linear_backward.register_fake
-def _(grad_a, x, weight, saved, activation, negative_slope, saved_kind, needs_grad, backend):
-    needs_grad_x, needs_grad_weight, needs_grad_bias = needs_grad
-    return (
-        grad_a.new_empty(tuple(x.shape) if needs_grad_x else (0,)),
-        grad_a.new_empty(tuple(weight.shape) if needs_grad_weight else (0,)),
-        grad_a.new_empty((weight.shape[0],) if needs_grad_bias else (0,)),
-    )
+def _linear_backward_triton(grad_a, x, weight, saved, act, saved_kind, needs_x, needs_weight, needs_bias):
+    dense = backends.kernels()
+    if weight is None:
+        # Only the shape [N, K] is read when ∂C/∂X is not wanted: a stride-0 view, no memory.
+        weight = grad_a.new_empty(()).expand(grad_a.shape[1], x.shape[1] if x is not None else 0)
+    if config.get().delta_prologue and (saved_kind != "z" or act.name in _SELECT_FROM_Z):
+        # δ formed in both matmuls' operand loads, ∂C/∂b from the ∂C/∂W matmul: no pass over [M, N] of its own.
+        return dense.linear_backward(grad_a, x, weight, saved, act.kernel_id, act.kernel_slope, saved_kind,
+                                     want_x=needs_x, want_weight=needs_weight, want_bias=needs_bias)
+    delta, grad_bias = dense.delta_and_bias_grad(grad_a, saved, act.kernel_id, act.kernel_slope, saved_kind,
+                                                 want_delta=needs_x or needs_weight, want_bias=needs_bias)
+    grad_x = dense.matmul(delta, weight) if needs_x else None  # ∂C/∂X = δ W   [M, N] [N, K]
+    grad_weight = dense.matmul(delta.t(), x) if needs_weight else None  # ∂C/∂W = δᵀ X  [N, M] [M, K]
+    return grad_x, grad_weight, grad_bias
 
 
-def _linear_setup_context(ctx, inputs, output):
-    x, weight, bias, activation, negative_slope, save, backend = inputs
-    a, z = output
-    bound = _activation(activation, negative_slope)
-    if bound.name == "identity":
-        saved, kind = None, "z"  # nothing is read
-    elif bound.saves_output:
-        saved, kind = a, "a"
-    elif save:
-        saved, kind = z, save
+def _linear_backward_fake(grad_a, x, weight, saved, activation_name, negative_slope, saved_kind, needs, backend):
+    needs_x, needs_weight, needs_bias = needs
+    rows, columns = grad_a.shape
+    width = x.shape[1] if x is not None else weight.shape[1]
+    return (grad_a.new_empty((rows, width) if needs_x else (0,)),
+            grad_a.new_empty((columns, width) if needs_weight else (0,)),
+            grad_a.new_empty((columns,) if needs_bias else (0,)))
+
+
+def _linear_jvp(x: Tensor, weight: Tensor, saved: Optional[Tensor], tangent_x: Optional[Tensor],
+                tangent_weight: Optional[Tensor], tangent_bias: Optional[Tensor], activation_name: str,
+                negative_slope: float, saved_kind: str, backend: str) -> Tensor:
+    """dA = f'(Z) ⊙ (dX Wᵀ + X dWᵀ + db) [M, N]; a None tangent is zero."""
+    act = activation(activation_name, negative_slope)
+    _check_saved("linear_jvp", act, saved, saved_kind)
+    _check_backend("linear_jvp", backend)
+    _check_linear("linear_jvp", x, weight, tangent_bias)
+    rows, columns = _jvp_shape(x, weight, tangent_x, tangent_weight, tangent_bias)
+    if backend == "triton":
+        from .triton_kernels import jvp
+
+        return jvp.linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, act.kernel_id,
+                              act.kernel_slope, saved_kind, rows, columns)
+    return reference.linear_jvp(x, weight, saved, act, saved_kind, tangent_x, tangent_weight, tangent_bias, rows)
+
+
+def _jvp_shape(x, weight, tangent_x, tangent_weight, tangent_bias):
+    if all(t is None for t in (tangent_x, tangent_weight, tangent_bias)):
+        raise ValueError("manualbp::linear_jvp: at least one of tangent_x, tangent_weight, tangent_bias is needed")
+    for name, tangent, primal in (("tangent_x", tangent_x, x), ("tangent_weight", tangent_weight, weight)):
+        if tangent is not None and tangent.shape != primal.shape:
+            raise ValueError(f"manualbp::linear_jvp: {name} must have the shape of its primal "
+                             f"{tuple(primal.shape)}, got {tuple(tangent.shape)}")
+    return x.shape[0], weight.shape[0]
+
+
+def _linear_jvp_fake(x, weight, saved, tangent_x, tangent_weight, tangent_bias, activation_name, negative_slope,
+                     saved_kind, backend):
+    like = next(t for t in (tangent_x, tangent_weight, tangent_bias) if t is not None)
+    return like.new_empty(_jvp_shape(x, weight, tangent_x, tangent_weight, tangent_bias))
+
+
+def _activation_forward(z: Tensor, activation_name: str, negative_slope: float, backend: str) -> Tensor:
+    """A = f(Z) [M, N] from a kept Z."""
+    act = activation(activation_name, negative_slope)
+    _check_backend("activation_forward", backend)
+    if act.name == "identity":
+        return z.clone()
+    if backend == "triton":
+        return backends.kernels().activation_forward(z, act.kernel_id, act.kernel_slope)
+    return reference.activation_forward(act, z)
+
+
+def _activation_forward_fake(z, activation_name, negative_slope, backend):
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
+def _delta(grad_a: Tensor, saved: Optional[Tensor], activation_name: str, negative_slope: float, saved_kind: str,
+           want_delta: bool, want_bias: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """(δ = G ⊙ f'(Z) [M, N], ∂C/∂b = 1ᵀ δ [N]), [0] where not wanted."""
+    act = activation(activation_name, negative_slope)
+    _check_saved("delta", act, saved, saved_kind)
+    _check_backend("delta", backend)
+    if backend == "triton":
+        delta, grad_bias = backends.kernels().delta_and_bias_grad(
+            grad_a, saved, act.kernel_id, act.kernel_slope, saved_kind, want_delta=want_delta, want_bias=want_bias)
     else:
-        raise ValueError(
-            f"manualbp::linear_forward with activation {activation!r} and save='' cannot be differentiated: "
-            f"its f' needs Z. Call it with save='z' or 'f_prime' when a gradient is wanted."
-        )
-    ctx.save_for_backward(x, weight, bias, saved)
-    ctx.activation = bound
-    ctx.backend = backend
-    ctx.kind = kind
-    ctx.mark_non_differentiable(z)
+        delta = reference.delta(grad_a, saved, act, saved_kind)
+        grad_bias = delta.sum(dim=0) if want_bias else None
+    delta = delta if want_delta else None
+    if delta is grad_a:
+        delta = delta.clone()  # identity: an operator's output may not alias its input
+    return (_placeholder(grad_a) if delta is None else delta,
+            _placeholder(grad_a) if grad_bias is None else grad_bias)
 
 
-def _linear_backward(ctx, grad_a, grad_z):
-    x, weight, bias, saved = ctx.saved_tensors
-    needs_grad_x, needs_grad_weight, needs_grad_bias = ctx.needs_input_grad[:3]
-    needs_grad_bias = needs_grad_bias and bias is not None
-    activation = ctx.activation
-    if torch.is_grad_enabled():
-        grad_x, grad_weight, grad_bias = function.differentiable_backward(
-            grad_a, x, weight, bias, activation, needs_grad_x, needs_grad_weight, needs_grad_bias
-        )
+def _delta_fake(grad_a, saved, activation_name, negative_slope, saved_kind, want_delta, want_bias, backend):
+    return (grad_a.new_empty(tuple(grad_a.shape) if want_delta else (0,)),
+            grad_a.new_empty((grad_a.shape[1],) if want_bias else (0,)))
+
+
+def _matmul(a: Tensor, b: Tensor, backend: str) -> Tensor:
+    """a b: a [M, K], b [K, N] (any strides) -> [M, N]."""
+    _check_backend("matmul", backend)
+    return backends.kernels().matmul(a, b) if backend == "triton" else a.mm(b)
+
+
+def _matmul_fake(a, b, backend):
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+def _matmul_times_activation_grad(delta: Tensor, weight: Tensor, saved: Optional[Tensor], activation_name: str,
+                                  negative_slope: float, saved_kind: str, want_bias: bool,
+                                  backend: str) -> tuple[Tensor, Tensor]:
+    """(δₗ₋₁ = (δₗ Wₗ) ⊙ fₗ₋₁'(Zₗ₋₁) [M, K], ∂C/∂bₗ₋₁ = 1ᵀ δₗ₋₁ [K] or [0]): delta [M, N], weight [N, K]."""
+    act = activation(activation_name, negative_slope)
+    _check_saved("matmul_times_activation_grad", act, saved, saved_kind)
+    _check_backend("matmul_times_activation_grad", backend)
+    if backend == "triton":
+        below, grad_bias = backends.kernels().matmul_times_activation_grad(
+            delta, weight, saved, act.kernel_id, act.kernel_slope, saved_kind, want_bias=want_bias)
     else:
-        grad_x, grad_weight, grad_bias = torch.ops.manualbp.linear_backward(
-            grad_a, x, weight, saved, activation.name, activation.kernel_slope,
-            ctx.kind, [needs_grad_x, needs_grad_weight, needs_grad_bias], ctx.backend,
-        )
-        grad_x = grad_x if needs_grad_x else None
-        grad_weight = grad_weight if needs_grad_weight else None
-        grad_bias = grad_bias if needs_grad_bias else None
-    return grad_x, grad_weight, grad_bias, None, None, None, None
+        below = reference.delta(delta.mm(weight), saved, act, saved_kind)
+        grad_bias = below.sum(dim=0) if want_bias else None
+    return below, (_placeholder(delta) if grad_bias is None else grad_bias)
 
 
-torch.library.register_autograd(
-    "manualbp::linear_forward", _linear_backward, setup_context=_linear_setup_context
-)
+def _matmul_times_activation_grad_fake(delta, weight, saved, activation_name, negative_slope, saved_kind, want_bias,
+                                       backend):
+    return (delta.new_empty((delta.shape[0], weight.shape[1])),
+            delta.new_empty((weight.shape[1],) if want_bias else (0,)))
 
+
+linear_forward = _register("linear_forward", _linear_forward, _linear_forward_fake)
+linear_backward = _register("linear_backward", _linear_backward, _linear_backward_fake)
+linear_jvp = _register("linear_jvp", _linear_jvp, _linear_jvp_fake)
+activation_forward = _register("activation_forward", _activation_forward, _activation_forward_fake)
+delta = _register("delta", _delta, _delta_fake)
+matmul = _register("matmul", _matmul, _matmul_fake)
+matmul_times_activation_grad = _register("matmul_times_activation_grad", _matmul_times_activation_grad,
+                                         _matmul_times_activation_grad_fake)
+OPERATORS = (linear_forward, linear_backward, linear_jvp, activation_forward, delta, matmul,
+             matmul_times_activation_grad)
 
 # --------------------------------------------------------------------------------------
-# A stack of dense layers (manualbp.MLP)
+# vmap rules
 # --------------------------------------------------------------------------------------
 
 
-def _kept_shapes(rows: int, weights: Sequence[Tensor], activations: Sequence[Activation], recompute: bool):
-    shapes = []
-    last = len(weights) - 1
-    for index, (keep_a, keep_z) in enumerate(mlp_function.kept_plan(activations, recompute)):
-        columns = weights[index].shape[0]
-        if keep_a and index < last:
-            shapes.append((rows, columns))
-        if keep_z:
-            shapes.append((rows, columns))
-    return shapes
+def _batched_first(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor]:
+    """t with its batch dimension first ([B, ...]); an unbatched t repeated B times."""
+    if t is None:
+        return None
+    return t.movedim(dim, 0) if dim is not None else t.unsqueeze(0).expand(size, *t.shape)
 
 
-def _per_layer(biases: Sequence[Tensor], has_bias: Sequence[bool]) -> List[Optional[Tensor]]:
-    # The operators take the biases that exist (a Tensor[] with None in it would not be
-    # differentiable) and has_bias, one flag per layer.
-    if sum(has_bias) != len(biases):
-        raise ValueError(f"{len(biases)} biases given but has_bias marks {sum(has_bias)} layers")
-    present = iter(biases)
-    return [next(present) if flag else None for flag in has_bias]
+def _by_loop(op):
+    """vmap rule of last resort: one call per batch entry, outputs stacked (correct for any batched argument)."""
+    def rule(info, in_dims, *args):
+        calls = []
+        for index in range(info.batch_size):
+            calls.append(op(*[arg.select(dim, index) if dim is not None else arg for arg, dim in zip(args, in_dims)]))
+        if isinstance(calls[0], Tensor):
+            return torch.stack(calls), 0
+        outputs = tuple(torch.stack(parts) for parts in zip(*calls))
+        return outputs, (0,) * len(outputs)
+    return rule
 
 
-@torch.library.custom_op("manualbp::mlp_forward", mutates_args=())
-def mlp_forward(x: Tensor, weights: List[Tensor], biases: List[Tensor], has_bias: List[bool], activations: str,
-                negative_slopes: List[float], recompute: bool, save: bool, backend: str) -> List[Tensor]:
-    """[A_{L-1} [M, sizes[-1]], *kept]: the stack's output and what its backward needs (nothing if not save)."""
-    per_layer = _per_layer(biases, has_bias)
-    _check_2d("manualbp::mlp_forward", x, weights, per_layer)
-    bound = _activations(activations, negative_slopes)
-    output, kept = mlp_function.forward_stack(_resolve(backend, x), x, weights, per_layer, bound, recompute, save)
-    return [output, *kept]
-
-
-@mlp_forward.register_fake
-def _(x, weights, biases, has_bias, activations, negative_slopes, recompute, save, backend):
-    _check_2d("manualbp::mlp_forward", x, weights, _per_layer(biases, has_bias))
-    bound = _activations(activations, negative_slopes)
-    rows = x.shape[0]
-    shapes = [(rows, weights[-1].shape[0])]
+def _linear_forward_vmap(info, in_dims, x, weight, bias, activation_name, negative_slope, save, backend):
+    x_dim, weight_dim, bias_dim = in_dims[:3]
+    if weight_dim is not None or bias_dim is not None:  # a batch of weights (model ensembling): one call each
+        return _by_loop(linear_forward)(info, in_dims, x, weight, bias, activation_name, negative_slope, save,
+                                        backend)
+    x = x.movedim(x_dim, 0)
+    size, rows = x.shape[0], x.shape[1]
+    a, saved = linear_forward(x.reshape(size * rows, x.shape[2]), weight, bias, activation_name, negative_slope,
+                              save, backend)  # the batch folded into M
+    a = a.view(size, rows, a.shape[1])
     if save:
-        shapes += _kept_shapes(rows, weights, bound, recompute)
-    return [x.new_empty(shape) for shape in shapes]
+        return (a, saved.view(size, rows, saved.shape[1])), (0, 0)
+    return (a, saved), (0, None)
 
 
-@torch.library.custom_op("manualbp::mlp_backward", mutates_args=())
-def mlp_backward(grad_output: Tensor, x: Tensor, weights: List[Tensor], output: Optional[Tensor],
-                 kept: List[Tensor], activations: str, negative_slopes: List[float], recompute: bool,
-                 needs_grad: List[bool], backend: str) -> List[Tensor]:
-    """[∂C/∂X₀, ∂C/∂W₀ .. ∂C/∂W_{L-1}, ∂C/∂b₀ .. ∂C/∂b_{L-1}]; [0] where needs_grad (same order) says no."""
-    count = len(weights)
-    bound = _activations(activations, negative_slopes)
-    grad_x, grad_weights, grad_biases = mlp_function.backward_stack(
-        _resolve(backend, grad_output), grad_output, x, weights, bound, recompute, output, kept,
-        needs_grad[0], needs_grad[1:1 + count], needs_grad[1 + count:],
-    )
-    grads = [grad_x, *grad_weights, *grad_biases]
-    return [_placeholder(grad_output) if grad is None else grad for grad in grads]
+def _linear_jvp_vmap(info, in_dims, x, weight, saved, tangent_x, tangent_weight, tangent_bias, *options):
+    x_dim, weight_dim, saved_dim, tx_dim, tw_dim, tb_dim = in_dims[:6]
+    if weight_dim is not None or tw_dim is not None or tb_dim is not None:
+        return _by_loop(linear_jvp)(info, in_dims, x, weight, saved, tangent_x, tangent_weight, tangent_bias,
+                                    *options)
+    # Only row tensors (x, saved, dX) are batched: fold the batch into M (an unbatched one repeated).
+    rows = _batched_first(x, x_dim, info.batch_size).shape[1]
+    x, saved, tangent_x = [None if t is None else _batched_first(t, d, info.batch_size).reshape(-1, t.shape[-1])
+                           for t, d in ((x, x_dim), (saved, saved_dim), (tangent_x, tx_dim))]
+    out = linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, *options)
+    return out.view(info.batch_size, rows, out.shape[1]), 0
 
 
-@mlp_backward.register_fake
-def _(grad_output, x, weights, output, kept, activations, negative_slopes, recompute, needs_grad, backend):
-    shapes = [tuple(x.shape)] + [tuple(w.shape) for w in weights] + [(w.shape[0],) for w in weights]
-    return [grad_output.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs_grad)]
-
-
-def _mlp_setup_context(ctx, inputs, output):
-    x, weights, biases, has_bias, activations, negative_slopes, recompute, save, backend = inputs
-    bound = _activations(activations, negative_slopes)
-    if not save:
-        raise ValueError("manualbp::mlp_forward with save=False cannot be differentiated; call it with save=True")
-    result, kept = output[0], output[1:]
-    last_keeps_output = mlp_function.kept_plan(bound, recompute)[-1][0]
-    ctx.save_for_backward(x, result if last_keeps_output else None, *weights, *biases, *kept)
-    ctx.activations = bound
-    ctx.recompute = recompute
-    ctx.backend = backend
-    ctx.has_bias = list(has_bias)
-    if kept:
-        ctx.mark_non_differentiable(*kept)
-
-
-def _mlp_backward(ctx, grads):
-    saved = ctx.saved_tensors
-    count = len(ctx.has_bias)
-    x, output = saved[0], saved[1]
-    weights = saved[2:2 + count]
-    present = sum(ctx.has_bias)
-    biases = _per_layer(saved[2 + count:2 + count + present], ctx.has_bias)
-    kept = list(saved[2 + count + present:])
-    needs_x, needs_weights, needs_present = ctx.needs_input_grad[:3]
-    needs_biases = _per_layer(needs_present, ctx.has_bias)
-    needs_biases = [bool(need) for need in needs_biases]  # None (no bias) -> False
-    grad_output = grads[0]
-    activations = ctx.activations
-    if torch.is_grad_enabled():
-        grad_x, grad_weights, grad_biases = mlp_function.differentiable_backward(
-            grad_output, x, weights, biases, activations, needs_x, needs_weights, needs_biases
-        )
-    else:
-        needs = [needs_x, *needs_weights, *needs_biases]
-        flat = torch.ops.manualbp.mlp_backward(
-            grad_output, x, list(weights), output, kept,
-            ",".join(a.name for a in activations), [a.kernel_slope for a in activations], ctx.recompute,
-            needs, ctx.backend,
-        )
-        flat = [grad if need else None for grad, need in zip(flat, needs)]
-        grad_x, grad_weights, grad_biases = flat[0], flat[1:1 + count], flat[1 + count:]
-    grad_present = [grad for grad, flag in zip(grad_biases, ctx.has_bias) if flag]
-    return grad_x, list(grad_weights), grad_present, None, None, None, None, None, None
-
-
-torch.library.register_autograd("manualbp::mlp_forward", _mlp_backward, setup_context=_mlp_setup_context)
-
+torch.library.register_vmap(linear_forward, _linear_forward_vmap)
+torch.library.register_vmap(linear_jvp, _linear_jvp_vmap)
+for _op in (linear_backward, activation_forward, delta, matmul, matmul_times_activation_grad):
+    torch.library.register_vmap(_op, _by_loop(_op))
 
 # --------------------------------------------------------------------------------------
-# Wrappers used by functional.linear and manualbp.MLP while compiling
+# FLOP formulas: 2MNK per matrix product, as FlopCounterMode counts nn.Linear's (addmm, mm)
 # --------------------------------------------------------------------------------------
 
 
-def _needs_graph(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _register_flops():
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.manualbp.linear_forward)
+    def _(x_shape, weight_shape, *args, **kwargs) -> int:
+        return 2 * x_shape[0] * weight_shape[0] * x_shape[1]
+
+    @register_flop_formula(torch.ops.manualbp.linear_backward)
+    def _(grad_a_shape, x_shape, weight_shape, saved_shape, activation_name, negative_slope, saved_kind, needs,
+          *args, **kwargs) -> int:
+        rows, columns = grad_a_shape
+        width = x_shape[1] if x_shape is not None else weight_shape[1]
+        return 2 * rows * columns * width * (int(needs[0]) + int(needs[1]))  # δ W and δᵀ X
+
+    @register_flop_formula(torch.ops.manualbp.linear_jvp)
+    def _(x_shape, weight_shape, saved_shape, tangent_x_shape, tangent_weight_shape, *args, out_shape=None,
+          **kwargs) -> int:
+        rows, columns = out_shape
+        width = x_shape[1]
+        return 2 * rows * columns * width * ((tangent_x_shape is not None) + (tangent_weight_shape is not None))
+
+    @register_flop_formula(torch.ops.manualbp.matmul)
+    def _(a_shape, b_shape, *args, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    @register_flop_formula(torch.ops.manualbp.matmul_times_activation_grad)
+    def _(delta_shape, weight_shape, *args, **kwargs) -> int:
+        return 2 * delta_shape[0] * delta_shape[1] * weight_shape[1]
 
 
-def _backend_argument(backend: Optional[str]) -> str:
-    if backend is None:
-        return ""  # the global setting, read when the operator runs
-    return backends._check_name(backend, "the backend= argument")
+_register_flops()
+
+# --------------------------------------------------------------------------------------
+# DTensor sharding rules (torch.distributed.tensor): the operators run on local shards
+# --------------------------------------------------------------------------------------
 
 
-@torch.compiler.assume_constant_result
-def _save_for(backend: Optional[str], device: torch.device, dtype: torch.dtype, activation: Activation) -> str:
-    # What eager's LinearFunction keeps on the backend that would run now: evaluated once, when the graph is
-    # traced (the compiler does not trace the backend choice itself: it imports modules and reads settings).
-    kind = function.saved_kind(backends.resolve(backend, device, dtype), activation)
-    return kind if kind in ("z", "f_prime") else ""
+def _register_sharding():
+    try:
+        from torch.distributed.tensor import Partial, Replicate, Shard
+        from torch.distributed.tensor.experimental import register_sharding
+    except ImportError:  # a PyTorch built without distributed: no DTensor to serve
+        return
+    R = Replicate()
+
+    def spec(t, placement):
+        return None if t is None else placement
+
+    def empty_or(present: bool, placement):
+        return placement if present else R  # an unrequested output is a replicated [0]
+
+    @register_sharding(linear_forward._opoverload)
+    def _(x, weight, bias, activation_name, negative_slope, save, backend):
+        def plan(x_p, w_p, b_p, out_p):
+            return [out_p, empty_or(bool(save), out_p)], [x_p, w_p, spec(bias, b_p), None, None, None, None]
+        strategies = [
+            plan(Shard(0), R, R, Shard(0)),  # rows (samples) sharded
+            plan(R, Shard(0), Shard(0), Shard(1)),  # column-wise: weight rows = output features sharded
+            plan(R, R, R, R),
+        ]
+        if activation_name == "identity":
+            strategies.append(plan(Shard(1), Shard(1), Partial(), Partial()))  # row-wise: a partial sum
+        return strategies
+
+    @register_sharding(linear_backward._opoverload)
+    def _(grad_a, x, weight, saved, activation_name, negative_slope, saved_kind, needs, backend):
+        needs_x, needs_weight, needs_bias = needs
+
+        def plan(g_p, x_p, w_p, s_p, gx_p, gw_p, gb_p):
+            outputs = [empty_or(needs_x, gx_p), empty_or(needs_weight, gw_p), empty_or(needs_bias, gb_p)]
+            return outputs, [g_p, spec(x, x_p), spec(weight, w_p), spec(saved, s_p), None, None, None, None, None]
+        strategies = [
+            plan(Shard(0), Shard(0), R, Shard(0), Shard(0), Partial(), Partial()),
+            plan(Shard(1), R, Shard(0), Shard(1), Partial(), Shard(0), Shard(0)),
+            plan(R, R, R, R, R, R, R),
+        ]
+        if activation_name == "identity":
+            strategies.append(plan(R, Shard(1), Shard(1), R, Shard(1), Shard(1), R))
+        return strategies
+
+    @register_sharding(linear_jvp._opoverload)
+    def _(x, weight, saved, tangent_x, tangent_weight, tangent_bias, activation_name, negative_slope, saved_kind,
+          backend):
+        def plan(row_p, w_p, b_p, out_p):
+            inputs = [spec(x, row_p), spec(weight, w_p), spec(saved, out_p), spec(tangent_x, row_p),
+                      spec(tangent_weight, w_p), spec(tangent_bias, b_p), None, None, None, None]
+            return [out_p], inputs
+        return [plan(Shard(0), R, R, Shard(0)), plan(R, Shard(0), Shard(0), Shard(1)), plan(R, R, R, R)]
 
 
-def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation,
-           backend: Optional[str] = None) -> Tensor:
-    """``functional.linear`` through the operators: input [..., K] -> [..., N]. Inputs already validated."""
-    x = input.reshape(input.shape[:-1].numel(), input.shape[-1])
-    save = _save_for(backend, input.device, input.dtype, activation) if _needs_graph(input, weight, bias) else ""
-    a, _ = torch.ops.manualbp.linear_forward(
-        x, weight, bias, activation.name, activation.kernel_slope, save, _backend_argument(backend)
-    )
-    return a.reshape(*input.shape[:-1], weight.shape[0])
-
-
-def mlp(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
-        activations: Sequence[Activation], recompute: bool, backend: Optional[str] = None) -> Tensor:
-    """``mlp.mlp`` through the operators: input [..., sizes[0]] -> [..., sizes[-1]]. Inputs already validated."""
-    x = input.reshape(input.shape[:-1].numel(), input.shape[-1])
-    save = _needs_graph(input, *weights, *biases)
-    flat = torch.ops.manualbp.mlp_forward(
-        x, list(weights), [b for b in biases if b is not None], [b is not None for b in biases],
-        ",".join(a.name for a in activations),
-        [a.kernel_slope for a in activations], recompute, save, _backend_argument(backend),
-    )
-    return flat[0].reshape(*input.shape[:-1], weights[-1].shape[0])
+_register_sharding()

@@ -11,6 +11,8 @@ are in denominator layout: each has the shape of its variable, so ∂C/∂W is
                 ∂C/∂X = δ W           [M, K] = [M, N] [N, K]
                 ∂C/∂W = δᵀ X          [N, K] = [N, M] [M, K]
                 ∂C/∂b = 1ᵀ δ          [N]    = column sums of δ
+    forward     dZ = dX Wᵀ + X dWᵀ + db   [M, N] = [M, K] [K, N] + [M, K] [K, N] + [N]
+    mode (jvp)  dA = f'(Z) ⊙ dZ            [M, N], elementwise       (the tangent of A)
 
 Why this order (docs/derivation.md derives it): in denominator layout the chain
 rule multiplies the transposed Jacobians innermost-first. For one sample,
@@ -18,6 +20,12 @@ rule multiplies the transposed Jacobians innermost-first. For one sample,
 rows transposes every product, (Wᵀ δ)ᵀ = δᵀ W, which is the row-wise δ W. ∂C/∂W
 is read off the differential: dZ = X dWᵀ, so dC = tr(δᵀ dZ) = tr(δᵀ X dWᵀ)
 = tr((δᵀ X)ᵀ dW), hence ∂C/∂W = δᵀ X, the sum over samples of δᵢ xᵢᵀ.
+
+Forward mode runs the chain the other way: a tangent (dX, dW, db) of the inputs is
+pushed through the Jacobians innermost first, dZ = (∂Z/∂X) dX + (∂Z/∂W) dW + db, then
+dA = (∂A/∂Z) dZ = f'(Z) ⊙ dZ: the numerator-layout order (docs/derivation.md). It is
+the differential of the forward, read left to right: dZ = dX Wᵀ + X dWᵀ + db. Any of
+dX, dW, db may be absent (zero).
 
 This module is the ``reference`` backend: plain PyTorch, no autograd in the
 backward (each line below is one of the equations above). δ comes from PyTorch's
@@ -92,6 +100,28 @@ def _times(grad_a: Tensor, f_prime: Tensor) -> Tensor:
     if grad_a.dtype in _HALF:
         return (grad_a.float() * f_prime.float()).to(grad_a.dtype)  # in float32, rounded once
     return grad_a * f_prime
+
+
+def linear_jvp(x: Optional[Tensor], weight: Optional[Tensor], saved: Optional[Tensor], activation: Activation,
+               kind: str, tangent_x: Optional[Tensor], tangent_weight: Optional[Tensor],
+               tangent_bias: Optional[Tensor], rows: int) -> Tensor:
+    """dA = f'(Z) ⊙ (dX Wᵀ + X dWᵀ + db) [M, N], the tangent of A (forward mode).
+
+    tangent_x [M, K] (needs weight [N, K]), tangent_weight [N, K] (needs x [M, K]),
+    tangent_bias [N]: each may be None (a zero tangent). saved: A, Z or f'(Z) as kind
+    says ("a", "z", "f_prime"); None for identity. rows = M.
+    """
+    like = tangent_x if tangent_x is not None else (tangent_weight if tangent_weight is not None else tangent_bias)
+    columns = (weight if weight is not None else tangent_weight).shape[0]
+    tangent_z = like.new_zeros((rows, columns))
+    if tangent_x is not None:
+        tangent_z = tangent_z + tangent_x.mm(weight.t())  # dX Wᵀ   [M, K] [K, N]
+    if tangent_weight is not None:
+        tangent_z = tangent_z + x.mm(tangent_weight.t())  # X dWᵀ   [M, K] [K, N]
+    if tangent_bias is not None:
+        tangent_z = tangent_z + tangent_bias  # db, added to every row
+    # f'(Z) ⊙ dZ is the same elementwise product as δ = G ⊙ f'(Z): the same fused kernel.
+    return delta(tangent_z, saved, activation, kind)
 
 
 def linear_backward(

@@ -9,7 +9,10 @@ last place of the result's magnitude (for results PyTorch happens to get exact).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.utils._python_dispatch
 import torch.nn.functional as TF
 
 import manualbp
@@ -96,3 +99,23 @@ def compare_with_pytorch(x, weight, bias, activation, grad_out, backend, negativ
     for label, o, t, e in zip(("out", "dx", "dw", "db"), ours, theirs, exact):
         assert_close_to_float64(f"{label} [{activation}, {backend}, {x.dtype}]", o, t, e)
     return ours
+
+
+class _OperatorLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "manualbp":
+            self.calls.append((func._opname, args))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def operator_calls():
+    """Every torch.ops.manualbp operator that runs inside the block (backward included), in order:
+    a list of (name, args); an operator's ``backend`` argument is its last."""
+    log = _OperatorLog()
+    with log:
+        yield log.calls

@@ -18,11 +18,10 @@ import manualbp  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _restore_backend_setting():
-    """Each test starts and ends with the backend setting it found."""
-    previous = manualbp.backends._setting
-    yield
-    manualbp.backends._setting = previous
+def _restore_settings():
+    """Each test starts and ends with the manualbp settings it found."""
+    with manualbp.config.override():
+        yield
 
 
 @pytest.fixture

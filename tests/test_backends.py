@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import manualbp
+from checks import operator_calls
 from manualbp import backends
 from manualbp import functional as F
 
@@ -26,26 +27,51 @@ def _run(code: str, **env_changes) -> subprocess.CompletedProcess:
 
 
 def _used_backend(monkeypatch, fn):
-    """Which backend ran fn: records the name that reached function.forward."""
-    seen = []
-    real = manualbp.function.forward
+    """Which backend ran fn: the backend argument of every manualbp operator it called."""
+    with operator_calls() as calls:
+        fn()
+    return [args[-1] for _, args in calls]
 
-    def spy(backend, *args, **kwargs):
-        seen.append(backend)
-        return real(backend, *args, **kwargs)
 
-    monkeypatch.setattr(manualbp.function, "forward", spy)
-    monkeypatch.setattr(manualbp.functional, "forward", spy)
-    fn()
-    return seen
+def test_environment_is_read_once_at_import():
+    """MANUALBP_BACKEND / _DELTA_PROLOGUE / _MLP_FUSION / _AUTOTUNE: read when manualbp is imported, then only
+    manualbp.config changes the settings (a later os.environ change does nothing)."""
+    result = _run(
+        """
+        import os, torch, manualbp
+        print("settings", manualbp.config.get())
+        os.environ["MANUALBP_BACKEND"] = "triton"
+        print("after env change", manualbp.get_backend())
+        manualbp.set_backend("triton")
+        manualbp.set_backend(None)
+        print("back to env", manualbp.get_backend())
+        """,
+        MANUALBP_BACKEND="reference", MANUALBP_DELTA_PROLOGUE="0", MANUALBP_MLP_FUSION="0", MANUALBP_AUTOTUNE="0",
+    )
+    assert result.returncode == 0, result.stderr
+    assert ("settings Settings(backend='reference', delta_prologue=False, mlp_fusion=False, autotune=False)"
+            in result.stdout), result.stdout
+    assert "after env change reference" in result.stdout, "a later os.environ change is not read"
+    assert "back to env reference" in result.stdout, "set_backend(None) restores the environment's value"
+
+
+def test_settings_override_and_bad_values():
+    with manualbp.config.override(mlp_fusion=False, backend="reference"):
+        assert manualbp.config.get().mlp_fusion is False and manualbp.get_backend() == "reference", "override"
+    assert manualbp.config.get().mlp_fusion is True, "restored"
+    with pytest.raises(TypeError, match="unknown manualbp setting"):
+        manualbp.config.set(fusion=False)
+    with pytest.raises(TypeError, match="must be True or False"):
+        manualbp.config.set(mlp_fusion="no")
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        manualbp.config.set(backend="gpu")
 
 
 def test_precedence_argument_setting_environment(monkeypatch, device):
     x, w = torch.randn(3, 4, device=device), torch.randn(2, 4, device=device)
-    monkeypatch.setenv("MANUALBP_BACKEND", "reference")
-    manualbp.set_backend(None)
-    assert manualbp.get_backend() == "reference", "environment variable"
-    assert _used_backend(monkeypatch, lambda: F.linear(x, w)) == ["reference"], "env selects reference"
+    manualbp.config.set(backend="reference")  # what MANUALBP_BACKEND=reference gives at import
+    assert manualbp.get_backend() == "reference", "setting"
+    assert _used_backend(monkeypatch, lambda: F.linear(x, w)) == ["reference"], "setting selects reference"
     manualbp.set_backend("triton")
     assert _used_backend(monkeypatch, lambda: F.linear(x, w)) == ["triton"], "set_backend beats env"
     with manualbp.use_backend("reference"):
@@ -60,11 +86,22 @@ def test_auto_picks_triton_where_it_runs(monkeypatch, device):
     assert _used_backend(monkeypatch, lambda: F.linear(x, w)) == ["triton"], "auto -> triton (GPU or interpreter)"
 
 
-def test_bad_environment_value(monkeypatch):
-    monkeypatch.setenv("MANUALBP_BACKEND", "gpu")
-    manualbp.set_backend(None)
-    with pytest.raises(ValueError, match="MANUALBP_BACKEND"):
-        F.linear(torch.randn(2, 3), torch.randn(4, 3))
+def test_bad_environment_value():
+    result = _run(
+        """
+        import torch, manualbp
+        print("imported")
+        try:
+            manualbp.functional.linear(torch.randn(2, 3), torch.randn(4, 3))
+        except ValueError as error:
+            print("error:", error)
+        """,
+        MANUALBP_BACKEND="gpu",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "imported" in result.stdout, "a bad value does not break the import"
+    assert "error: unknown backend 'gpu' from the environment variable MANUALBP_BACKEND" in result.stdout, \
+        result.stdout
 
 
 def test_tensors_triton_never_runs():

@@ -312,11 +312,12 @@ def test_triton_backward_has_no_delta_pass(activation, monkeypatch, device):
     x, weight, b, grad_out = _make((2, 35), 33, 37, torch.float64, device=device)
     results = {}
     for prologue in ("1", "0"):
-        monkeypatch.setenv("MANUALBP_DELTA_PROLOGUE", prologue)
         passes.clear()
-        results[prologue] = run_and_grad(lambda *t: F.linear(*t, activation, backend="triton"), x, weight, b, grad_out)
+        with manualbp.config.override(delta_prologue=prologue == "1"):
+            results[prologue] = run_and_grad(lambda *t: F.linear(*t, activation, backend="triton"), x, weight, b,
+                                             grad_out)
         expected = [] if prologue == "1" else [1]
-        assert passes == expected, f"[{activation}] MANUALBP_DELTA_PROLOGUE={prologue}: δ passes {passes}"
+        assert passes == expected, f"[{activation}] delta_prologue={prologue == '1'}: δ passes {passes}"
     for label, ours, other in zip(("out", "dx", "dw", "db"), results["1"], results["0"]):
         torch.testing.assert_close(ours, other, rtol=1e-12, atol=1e-12, msg=lambda m: f"{label} [{activation}]: {m}")
 
@@ -365,10 +366,8 @@ def test_two_dimensional_input_adds_no_view_nodes(backend, device):
 
 @pytest.mark.parametrize("activation", ["gelu", "relu", "leaky_relu", "tanh"])
 def test_either_backend_takes_either_saved_kind(activation, device):
-    """function.backward is told what it gets (A, Z or f'(Z)); each backend gives the same gradients from each,
-    so a graph traced for one backend and run on the other (the custom operators) stays right."""
-    from manualbp import function
-
+    """manualbp::linear_backward is told what it gets (A, Z or f'(Z)); each backend gives the same gradients
+    from each."""
     act = manualbp.get_activation(activation)
     x, weight, _, grad_a = _make((9,), 7, 5, torch.float64, device=device)
     z = torch.nn.functional.linear(x, weight)
@@ -379,9 +378,11 @@ def test_either_backend_takes_either_saved_kind(activation, device):
         kinds["a"] = act.f(z)
     for backend in BACKENDS:
         for kind, saved in kinds.items():
-            grads = function.backward(backend, grad_a, x, weight, saved, act, True, True, True, kind=kind)
+            grads = torch.ops.manualbp.linear_backward(grad_a, x, weight, saved, activation, 0.01, kind,
+                                                       [True, True, True], backend)
             for label, ours, exact in zip(("dx", "dw", "db"), grads, expected):
                 torch.testing.assert_close(ours, exact, rtol=1e-12, atol=1e-12,
                                            msg=lambda m: f"{label} [{activation}, {backend}, saved {kind}]: {m}")
-    with pytest.raises(ValueError, match="kind must be one of"):
-        function.backward("reference", grad_a, x, weight, z, act, True, True, True, kind="output")
+    with pytest.raises(ValueError, match="saved_kind must be one of"):
+        torch.ops.manualbp.linear_backward(grad_a, x, weight, z, activation, 0.01, "output", [True, True, True],
+                                           "reference")

@@ -279,15 +279,15 @@ def test_mlp_bad_arguments():
         manualbp.mlp.mlp(torch.randn(2, 4), [torch.randn(3, 4)], [], ["relu"])
 
 
-@pytest.mark.parametrize("fusion", [True, False], ids=["fused", "MANUALBP_MLP_FUSION=0"])
+@pytest.mark.parametrize("fusion", [True, False], ids=["fused", "mlp_fusion=False"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
 @pytest.mark.parametrize("needs", ["all", "bias-only-below", "frozen-middle"])
 def test_triton_backward_fuses_each_lower_delta_into_a_matmul(recompute, needs, fusion, monkeypatch):
     """On the Triton kernels only the top layer's δ is a separate elementwise pass; every lower δ
     (and its ∂C/∂b) comes out of the epilogue of the matmul δₗ Wₗ. Gradients equal nn.Sequential's,
-    and so do those of the per-layer path that MANUALBP_MLP_FUSION=0 selects."""
+    and so do those of the per-layer path that the setting mlp_fusion=False selects."""
     require("triton", torch.float64)
-    monkeypatch.setenv("MANUALBP_MLP_FUSION", "1" if fusion else "0")
+    manualbp.config.set(mlp_fusion=fusion)  # restored after the test (conftest)
     dense = backends.kernels()
     calls = {"delta": 0, "fused": 0}
     real_delta, real_fused = dense.delta_and_bias_grad, dense.matmul_times_activation_grad

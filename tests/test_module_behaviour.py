@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import manualbp
+from checks import operator_calls
 from manualbp import backends
 
 RTOL, ATOL = 1e-10, 1e-12  # float64
@@ -136,20 +137,30 @@ def test_gradient_accumulation_and_zero_grad(name):
 
 
 @pytest.fixture
-def forward_calls(monkeypatch):
-    """Records need_z of every layer forward (functional.linear and the MLP call the same helper)."""
-    from manualbp import function, functional
+def forward_calls():
+    """Records the save argument of every layer forward (manualbp::linear_forward): "" for A only,
+    "z" or "f_prime" for one more [M, N] tensor kept for the backward."""
+    class Saves:
+        def __init__(self, calls):
+            self.calls = calls
 
-    calls = []
-    original = function.forward
+        def values(self):
+            return [args[5] for name, args in self.calls if name == "linear_forward"]
 
-    def recording(backend, x, weight, bias, activation, save=None):
-        calls.append(save)  # None: A only; "z" or "f_prime": one more [M, N] tensor for the backward
-        return original(backend, x, weight, bias, activation, save)
+        def __iter__(self):
+            return iter(self.values())
 
-    monkeypatch.setattr(function, "forward", recording)
-    monkeypatch.setattr(functional, "forward", recording)
-    return calls
+        def __bool__(self):
+            return bool(self.values())
+
+        def __repr__(self):
+            return repr(self.values())
+
+        def clear(self):
+            self.calls.clear()
+
+    with operator_calls() as calls:
+        yield Saves(calls)
 
 
 def count_saved(model, x):

@@ -1,0 +1,107 @@
+"""manualbp's settings, in one place.
+
+    backend         'auto' | 'triton' | 'reference'   MANUALBP_BACKEND          (default 'auto')
+    delta_prologue  bool   δ formed in the backward matmuls' operand loads      MANUALBP_DELTA_PROLOGUE=0 turns off
+    mlp_fusion      bool   MLP backward: δ of the layer below in a matmul's epilogue   MANUALBP_MLP_FUSION=0 turns off
+    autotune        bool   GPU matmuls autotune their tile                      MANUALBP_AUTOTUNE=0 turns off
+
+The environment is read once, when manualbp is imported; afterwards only
+:func:`set` and :func:`override` change a setting. A bad MANUALBP_BACKEND is
+reported (naming the variable) when the backend is first needed, not at import.
+The two switches off are for measuring what the fusions buy (benchmarks/), not for users.
+Compiled graphs (torch.compile, torch.export) bake in the settings they were traced with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Iterator
+
+BACKENDS = ("auto", "triton", "reference")
+ENVIRONMENT = {
+    "backend": "MANUALBP_BACKEND",
+    "delta_prologue": "MANUALBP_DELTA_PROLOGUE",
+    "mlp_fusion": "MANUALBP_MLP_FUSION",
+    "autotune": "MANUALBP_AUTOTUNE",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    backend: str = "auto"
+    delta_prologue: bool = True
+    mlp_fusion: bool = True
+    autotune: bool = True
+
+
+def check_backend(name, source: str) -> str:
+    """name if it is one of BACKENDS, else a ValueError naming where it came from."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r} from {source}; expected one of: {', '.join(BACKENDS)}")
+    return name
+
+
+def _from_environment() -> Settings:
+    values = {}
+    backend = os.environ.get(ENVIRONMENT["backend"], "").strip().lower()
+    if backend:
+        values["backend"] = backend  # checked when first read (see backend())
+    for field in ("delta_prologue", "mlp_fusion", "autotune"):
+        values[field] = os.environ.get(ENVIRONMENT[field], "1").strip() != "0"
+    return Settings(**values)
+
+
+_AT_IMPORT = _from_environment()
+_current = _AT_IMPORT
+
+
+def get() -> Settings:
+    """The settings now in force."""
+    return _current
+
+
+def backend() -> str:
+    """The backend asked for: 'auto', 'triton' or 'reference' (a bad MANUALBP_BACKEND raises here)."""
+    # set() and override() check their values, so a bad name can only have come from the environment.
+    return check_backend(_current.backend, "the environment variable MANUALBP_BACKEND")
+
+
+def _checked(changes: dict) -> dict:
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    unknown = sorted(frozenset(changes) - fields)
+    if unknown:
+        raise TypeError(f"unknown manualbp setting(s) {unknown}; expected some of {sorted(fields)}")
+    for name, value in changes.items():
+        if name == "backend":
+            check_backend(value, "manualbp.config")
+        elif not isinstance(value, bool):
+            raise TypeError(f"manualbp setting {name!r} must be True or False, got {value!r}")
+    return changes
+
+
+def set(**changes) -> None:  # noqa: A001 - manualbp.config.set(backend=...) reads as intended
+    """Change settings for the rest of the process: ``manualbp.config.set(backend='reference')``."""
+    global _current
+    _current = dataclasses.replace(_current, **_checked(changes))
+
+
+def restore(*names: str) -> None:
+    """Back to what the environment said at import: the named settings, or all of them."""
+    global _current
+    names = names or tuple(f.name for f in dataclasses.fields(Settings))
+    _checked({name: getattr(_AT_IMPORT, name) for name in names if name != "backend"})
+    _current = dataclasses.replace(_current, **{name: getattr(_AT_IMPORT, name) for name in names})
+
+
+@contextlib.contextmanager
+def override(**changes) -> Iterator[Settings]:
+    """``with manualbp.config.override(mlp_fusion=False): ...``: settings for the block, then restored."""
+    global _current
+    previous = _current
+    _current = dataclasses.replace(_current, **_checked(changes))
+    try:
+        yield _current
+    finally:
+        _current = previous
