@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from manualbp import explain, layouts
+from manualbp.derivation import explain, layouts
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "derivation.md"
@@ -156,7 +156,7 @@ def test_reversed_order_fails_the_check_and_exits_1(runs):
         (["explain", "--sizes", "4,3", "--negative-slope", "0.2"], "--negative-slope"),
         (["explain", "--sizes", "4,3", "--seed", "-1"], "--seed"),
         (["explain", "--sizes", "4,3", "--tol", "0"], "--tol"),
-        (["explain", "--sizes", f"4,{explain.MAX_WIDTH + 1}"], "at most"),
+        (["explain", "--sizes", f"4,{explain.MAX_WIDTH + 1}"], f"[1, {explain.MAX_WIDTH}]"),
         (["explain", "--sizes", "2.5,3"], "positive integers"),
         (["explain", "--sizes", "4,-2"], "positive integers"),
         (["frobnicate"], "invalid choice"),

@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from manualbp import layouts as lo
-from manualbp.layouts import DTYPE, Network, column, row
+from manualbp.derivation import layouts as lo
+from manualbp.derivation.layouts import DTYPE, Network, column, row
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "derivation.md"
 
