@@ -722,7 +722,9 @@ def forward_chain_factors(
         path = path[1:]  # without dC/da^(L)
     if check_layout(layout) == "numerator":
         return [Factor(s.name, s.numerator, s.jacobian) for s in path]
-    return [Factor(s.name, s.denominator, reverse_dims(s.jacobian)) for s in reversed(path)]
+    # the tangent is no derivative: its name is its formula, dx^T (the weight's seed keeps its name)
+    named = lambda s: s.denominator if s.name == "dx" else s.name  # noqa: E731
+    return [Factor(named(s), s.denominator, reverse_dims(s.jacobian)) for s in reversed(path)]
 
 
 def multiply_forward_chain(factors: Sequence[Factor], layout: str) -> Tensor:
