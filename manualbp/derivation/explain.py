@@ -254,8 +254,8 @@ def describe_forward(net: layouts.Network, x: Tensor, y: Tensor, layout: str, ta
         out.append(f"Tangent: dx, {fmt_shape(vec(tangent))} (random); every W^(l), b^(l) held fixed.")
     else:
         l0 = target[1]
-        out.append(f"Tangent: dW^({l0}), {fmt_shape(tangent)} (random); x and every other parameter held fixed, so")
-        out.append(f"the tangents of the layers below {l0} are zero and are not shown.")
+        out.append(f"Tangent: dW^({l0}), {fmt_shape(tangent)} (random); x and every other parameter held fixed"
+                   + (f", so the tangents of layers 1..{l0 - 1} are zero and are not shown." if l0 > 1 else "."))
     out.append("Tangents, layer by layer (V1, V2):")
     tan = layouts.tangent_recursion(net, x, y, **({"dx": tangent} if target == "x" else {"dW": {target[1]: tangent}}))
     if target == "x":
