@@ -80,6 +80,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.hidden_size % args.heads:
         parser.error("--hidden-size must be a multiple of --heads")
+    for name, ok, allowed in (  # nan fails every comparison
+        ("--lr", 0 < args.lr <= 1, "a number in (0, 1]"),
+        ("--seed", 0 <= args.seed <= 2**32 - 1, f"an integer in [0, {2**32 - 1}]"),
+        ("--threads", args.threads >= 1, "an integer >= 1"),
+        ("--tolerance", args.tolerance is None or 0 < args.tolerance <= 1e-3, "a number in (0, 0.001]"),
+    ):
+        if not ok:
+            parser.error(f"{name} must be {allowed}, got {getattr(args, name[2:])}")
     if args.tolerance is None:
         args.tolerance = DEFAULT_TOLERANCE[args.dtype]
     args.parser = parser

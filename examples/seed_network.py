@@ -33,6 +33,10 @@ import sys
 import numpy as np
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
+MAX_SEED = 2**32 - 1  # numpy's and torch's generators take it; seed + 1 seeds the sample order
+MAX_LR = 100.0  # far above any useful rate (the default is 2); nan, inf or 1e300 would make every parameter nan
+# float64 gradients agree to ~1e-16; a tolerance above this would let a wrong gradient through
+MAX_TOLERANCE = 1e-6
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -75,10 +79,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
     if len(args.layer_sizes) < 2 or any(s <= 0 for s in args.layer_sizes):
         parser.error(f"--sizes needs at least two positive widths (inputs, outputs), got {args.sizes!r}")
-    if args.samples <= 0 or args.epochs < 0:
-        parser.error("--samples must be positive and --epochs non-negative")
-    if not 0 <= args.sample < args.samples:
-        parser.error(f"--sample must be an index into the {args.samples} samples")
+    # Every number in its range, or a usage error naming it (nan fails every comparison).
+    for name, ok, allowed in (
+        ("--samples", args.samples >= 1, "an integer >= 1"),
+        ("--epochs", args.epochs >= 0, "an integer >= 0"),
+        ("--lr", 0 < args.lr <= MAX_LR, f"a number in (0, {MAX_LR:g}]"),
+        ("--seed", 0 <= args.seed <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
+        ("--sample", 0 <= args.sample < args.samples, f"an integer in [0, {args.samples - 1}] (an index into --samples)"),
+        ("--threads", args.threads >= 1, "an integer >= 1"),
+        ("--tolerance", 0 < args.tolerance <= MAX_TOLERANCE, f"a number in (0, {MAX_TOLERANCE:g}]"),
+    ):
+        if not ok:
+            parser.error(f"{name} must be {allowed}, got {getattr(args, name[2:])}")
     args.parser = parser
     return args
 
@@ -151,7 +163,7 @@ def main(argv=None) -> int:
 
     import manualbp
 
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(args.threads)
     dtype = torch.float64
     sizes, L = args.layer_sizes, len(args.layer_sizes) - 1
     try:

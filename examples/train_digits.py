@@ -89,6 +89,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if not 0.0 < args.test_fraction < 1.0:
         parser.error("--test-fraction must be between 0 and 1")
+    for name, ok, allowed in (  # nan fails every comparison
+        ("--lr", 0 < args.lr <= 10, "a number in (0, 10]"),
+        ("--momentum", 0 <= args.momentum < 1, "a number in [0, 1)"),
+        ("--seed", 0 <= args.seed <= 2**32 - 1, f"an integer in [0, {2**32 - 1}] (scikit-learn's random_state)"),
+        ("--tolerance", 0 < args.tolerance <= 1e-2, "a number in (0, 0.01]"),
+    ):
+        if not ok:
+            parser.error(f"{name} must be {allowed}, got {getattr(args, name[2:])}")
     args.parser = parser
     return args
 

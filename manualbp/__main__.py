@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from manualbp import explain
+    from manualbp.derivation import explain
 
     parser = argparse.ArgumentParser(prog="python -m manualbp", description="manualbp: dense layers with a hand-written backward.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

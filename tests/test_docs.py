@@ -1,4 +1,4 @@
-"""The README's Python snippets run as written, so the documentation cannot rot."""
+"""The README's and docs/derivation.md's Python snippets and commands run as written, so the documentation cannot rot."""
 
 import pathlib
 import re
@@ -27,3 +27,31 @@ def test_readme_names_the_ci_test_command():
     command = 'pip install -e ".[test]" && python -m pytest'
     assert command in readme, "README shows the test command"
     assert command in ci, ".ci/run runs the README's test command"
+
+
+DERIVATION = ROOT / "docs" / "derivation.md"
+
+
+@pytest.mark.parametrize("index", range(len(_python_blocks(DERIVATION))))
+def test_derivation_python_block_runs(index):
+    code = _python_blocks(DERIVATION)[index]
+    assert "assert " in code, "each docs/derivation.md snippet checks its own result"
+    exec(compile(code, f"docs/derivation.md[python block {index}]", "exec"), {"__name__": f"derivation_block_{index}"})
+
+
+def _explain_commands():
+    """Every concrete `python -m manualbp explain ...` command shown in the docs (not the placeholder forms)."""
+    commands = []
+    for path in (ROOT / "README.md", ROOT / "docs" / "usage.md", DERIVATION):
+        for command in re.findall(r"python -m manualbp explain ([^`\n]*)", path.read_text()):
+            if "N0,N1" not in command and "..." not in command and "|" not in command:
+                commands.append(command.strip())
+    return sorted(set(commands))
+
+
+@pytest.mark.parametrize("command", _explain_commands())
+def test_docs_explain_command_runs(command, capsys):
+    from manualbp.__main__ import main
+
+    assert main(["explain", *command.split()]) == 0, f"`python -m manualbp explain {command}` exits 0"
+    assert re.search(r"all \d+ checks hold", capsys.readouterr().out), f"{command}: every check holds"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from manualbp import explain, layouts
+from manualbp.derivation import explain, layouts
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "derivation.md"
@@ -40,6 +40,7 @@ BAD = {
     "one-size": (["--sizes", "4"], ["--sizes", "at least two sizes"]),
 }
 WRONG_ORDER = ["--sizes", "4,5,3", "--activation", "sigmoid", "--order", "reversed"]
+FORWARD = ["--sizes", "4,5,3", "--activation", "tanh", "--mode", "forward", "--tangent", "W2", "--layout", "numerator"]
 
 
 def _launch(args: list[str]) -> subprocess.Popen:
@@ -52,6 +53,7 @@ def runs() -> dict[str, tuple[int, str, str]]:
     cases = {f"good:{k}": ["explain", *v] for k, v in GOOD.items()}
     cases.update({f"bad:{k}": ["explain", *argv] for k, (argv, _) in BAD.items()})
     cases["wrong-order"] = ["explain", *WRONG_ORDER]
+    cases["forward"] = ["explain", *FORWARD]
     procs = {name: _launch(args) for name, args in cases.items()}
     out = {}
     for name, p in procs.items():
@@ -156,7 +158,7 @@ def test_reversed_order_fails_the_check_and_exits_1(runs):
         (["explain", "--sizes", "4,3", "--negative-slope", "0.2"], "--negative-slope"),
         (["explain", "--sizes", "4,3", "--seed", "-1"], "--seed"),
         (["explain", "--sizes", "4,3", "--tol", "0"], "--tol"),
-        (["explain", "--sizes", f"4,{explain.MAX_WIDTH + 1}"], "at most"),
+        (["explain", "--sizes", f"4,{explain.MAX_WIDTH + 1}"], f"[1, {explain.MAX_WIDTH}]"),
         (["explain", "--sizes", "2.5,3"], "positive integers"),
         (["explain", "--sizes", "4,-2"], "positive integers"),
         (["frobnicate"], "invalid choice"),
@@ -241,3 +243,140 @@ def test_negative_slope_reaches_the_network():
     net = layouts.Network.random([2, 3], "leaky_relu", seed=0, negative_slope=0.2)
     z = torch.tensor([-1.0, 2.0], dtype=torch.float64)
     assert torch.equal(net.activation.f_grad(z), torch.tensor([0.2, 1.0], dtype=torch.float64)), "f' uses the given slope"
+
+
+# ---------------------------------------------------------------------------
+# Forward mode (--mode forward, docs/derivation.md section 11)
+
+FORWARD_NETS = {"4x5x3": [4, 5, 3], "3x7x2x5": [3, 7, 2, 5], "2x3x2": [2, 3, 2], "5x1": [5, 1]}
+FORWARD_ACTIVATIONS = ["sigmoid", "tanh", "relu", "gelu"]
+
+
+def test_forward_mode_command_runs(runs):
+    rc, stdout, stderr = runs["forward"]
+    assert rc == 0, f"--mode forward: exit status {rc}\n{stdout}\n{stderr}"
+    assert "Check against torch.func.jvp" in stdout and re.search(r"all \d+ checks hold", stdout), "checked against jvp"
+    assert "Tangent: dW^(2), [3,5]" in stdout, "the tangent and its shape are printed"
+    assert re.search(r"dz\^\(2\) = dz\^\(2\)/dW\^\(2\) : dW\^\(2\) = dW\^\(2\) a\^\(1\)\s+\[3,5\] \[5,1\] -> \[3,1\]", stdout), "(V4) seed"
+    assert "dz^(1)" not in stdout.split("Tangents, layer by layer", 1)[1], "layers below the weight's have no tangent"
+
+
+@pytest.mark.parametrize("layout", layouts.LAYOUTS)
+@pytest.mark.parametrize("activation", FORWARD_ACTIVATIONS)
+@pytest.mark.parametrize("net", list(FORWARD_NETS))
+def test_forward_mode_on_networks_activations_layouts(net, activation, layout, capsys):
+    """``explain --mode forward`` passes for a tangent on x and on W1, and prints the chain's shapes in the layout."""
+    from manualbp.__main__ import main
+
+    sizes = FORWARD_NETS[net]
+    n0, nl = sizes[0], sizes[-1]
+    for tangent in ("x", "W1"):
+        argv = ["explain", "--sizes", ",".join(map(str, sizes)), "--activation", activation, "--layout", layout]
+        rc = main([*argv, "--mode", "forward", "--tangent", tangent])
+        out = capsys.readouterr().out
+        assert rc == 0, f"{net} {activation} {layout} tangent {tangent}: exit {rc}\n{out}"
+        n_checks = 2 * (len(sizes) - 1) + 4  # dz, da per layer from the tangent's up; 2 chains, dC, <dC/dv, dv>
+        assert f"all {n_checks} checks hold" in out, f"{net} {activation} {layout} {tangent}: every check holds\n{out}"
+        chain = out.split("The forward-mode chain", 1)[1]
+        shapes = re.findall(r"^\s+((?:\[[\d,]+\] )+)-> (\[[\d,]+\])$", chain, flags=re.M)
+        assert len(shapes) == 2, f"two chains (da^(L) and dC) with shapes: {shapes}"
+        (a_factors, a_result), (c_factors, c_result) = shapes
+        assert c_result == "[1,1]", f"dC is a scalar, got {c_result}"
+        assert a_result == (f"[{nl},1]" if layout == "numerator" else f"[1,{nl}]"), f"da^(L) in {layout} layout: {a_result}"
+        n_seed = n0 if tangent == "x" else sizes[1]  # dx, or dz^(1)/dW^(1) : dW^(1) = dW^(1) a^(0)
+        first, last = c_factors.split()[0], c_factors.split()[-1]
+        if layout == "numerator":  # the Jacobians, dC/da^(L) first, the tangent a column last
+            assert (first, last) == (f"[1,{nl}]", f"[{n_seed},1]"), f"numerator chain ends with the tangent: {c_factors}"
+        else:  # transposed, the tangent a row first, dC/da^(L) last
+            assert (first, last) == (f"[1,{n_seed}]", f"[{nl},1]"), f"denominator chain starts with the tangent: {c_factors}"
+
+
+def test_forward_check_fails_on_a_wrong_recursion():
+    """The reference is independent: with f in place of f' (E7) the recursion and chains fail, jvp does not move."""
+    net = layouts.Network.random([3, 4, 2], "tanh", seed=3)
+    x, y, _ = explain.choose_data(net, 4)
+    dx = torch.randn(3, dtype=layouts.DTYPE, generator=torch.Generator().manual_seed(5))
+    assert explain.check_forward(net, x, y, "numerator", "x", dx).ok, "the right f' passes"
+    wrong = layouts.Network(net.weight, net.bias, net.activation)
+    object.__setattr__(wrong.activation, "_f_grad", lambda z, **_: torch.tanh(z))  # f instead of f'
+    report = explain.check_forward(wrong, x, y, "numerator", "x", dx)
+    failed = {c.name for c in report.checks if not c.ok}
+    assert "dC chain (V3)" in failed and "da^(2) recursion (V1)" in failed, f"a wrong f' fails: {failed}"
+
+
+def test_forward_reversed_order_fails_on_shapes(capsys):
+    from manualbp.__main__ import main
+
+    rc = main(["explain", "--sizes", "4,5,3", "--mode", "forward", "--order", "reversed"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "factors do not conform" in out, f"reversed forward chain: exit {rc}\n{out}"
+
+
+# ---------------------------------------------------------------------------
+# Checks that would prove nothing
+
+
+def test_all_widths_one_reversed_says_scalars_commute(capsys):
+    """[1,1]: every factor is 1x1, the reversed order gives the same numbers, and the output says why."""
+    from manualbp.__main__ import main
+
+    rc = main(["explain", "--sizes", "1,1", "--order", "reversed"])
+    out = capsys.readouterr().out
+    assert rc == 0, f"no check fails (scalars commute), exit {rc}\n{out}"
+    assert "4 chain checks held in the REVERSED order only because every factor but one is 1x1 and scalars commute" in out
+    assert out.count(explain.COMMUTE_NOTE) == 4, "each chain check that held reversed says why"
+
+
+def test_partly_scalar_chains_reversed(capsys):
+    """[3,1]: the chains to b^(1) and z^(1) are all 1x1 and hold reversed (said so); dC/dx does not conform."""
+    from manualbp.__main__ import main
+
+    rc = main(["explain", "--sizes", "3,1", "--order", "reversed"])
+    out = capsys.readouterr().out
+    assert rc == 1, f"dC/dx reversed does not conform: exit {rc}\n{out}"
+    assert re.search(r"dC/db\^\(1\) chain \(D4\).*ok\s+\(" + re.escape(explain.COMMUTE_NOTE), out), "b^(1) chain holds, noted"
+    assert re.search(r"dC/dx chain \(D6\).*FAILED", out), "dC/dx reversed fails"
+
+
+def test_relu_data_are_chosen_with_fewest_flat_units(capsys):
+    """relu on 3,7,2,5 (seed 0): the issue found 4 of 5 top-layer delta entries zero; the chosen input has the fewest."""
+    net = layouts.Network.random([3, 7, 2, 5], "relu", seed=0)
+    X, _ = net.random_data(n=explain.DATA_DRAWS, seed=1)
+    fwd = layouts.batched_forward(net, X)
+    flat = sum((fwd.z[l] <= 0).sum(dim=1) for l in range(1, net.L + 1))
+    x, y, k = explain.choose_data(net, 1)
+    assert flat[k] == flat.min() and (flat[:k] > flat.min()).all(), f"draw {k}: the first with fewest flat units"
+    assert torch.equal(x, X[k]), "x is that draw"
+    top = layouts.delta_recursion(net, x, y).delta[net.L]
+    assert int((top == 0).sum()) <= 2, f"at most 2 of 5 top-layer delta entries are zero: {top.flatten()}"
+    from manualbp.__main__ import main
+
+    assert main(["explain", "--sizes", "3,7,2,5", "--activation", "relu"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"Note: f'\(z\^\(\d\)\) = 0 at \d of \d units", out), "the remaining flat units are reported"
+
+
+def test_all_zero_reference_is_not_a_pass():
+    check = explain._compare("zeros", lambda: torch.zeros(3), torch.zeros(3), 1e-10)
+    assert not check.ok and "prove nothing" in check.note, f"zeros against zeros is not a pass: {check}"
+
+
+def test_largest_seed_runs(capsys):
+    from manualbp.__main__ import main
+
+    assert main(["explain", "--sizes", "2,2", "--seed", str(explain.MAX_SEED)]) == 0, "the largest seed is valid"
+    assert main(["explain", "--sizes", "2,2", "--seed", str(explain.MAX_SEED), "--mode", "forward"]) == 0
+
+
+@pytest.mark.parametrize("layout", layouts.LAYOUTS)
+def test_doc_forward_excerpts_are_what_the_command_prints(layout):
+    """The forward-mode output quoted in docs/derivation.md section 11 is the command's own."""
+    blocks = re.findall(r"```text\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)
+    marker = "dC = dC/da^(2) ." if layout == "numerator" else "dC = dx^T ."
+    block = next((b for b in blocks if marker in b), None)
+    assert block is not None, f"docs/derivation.md should quote the forward-mode {layout} output"
+    net = layouts.Network.random([4, 5, 3], "sigmoid", seed=0)
+    x, y = net.random_data(seed=1)
+    printed = explain.describe_forward(net, x, y, layout, "x", torch.zeros(4, dtype=layouts.DTYPE))
+    for line in block.rstrip("\n").splitlines():
+        assert line in printed, f"doc line not printed by `explain --mode forward --layout {layout}`: {line!r}"

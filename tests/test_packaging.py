@@ -65,3 +65,24 @@ def test_wheel_installs_the_kernels_under_manualbp_only(tmp_path):
     assert "manualbp/triton_kernels/dense.py" in names, "the kernels are in the wheel, under manualbp"
     assert "manualbp/triton_kernels/activations.py" in names, "the Triton activations are in the wheel"
     assert not [n for n in names if n.startswith("triton_kernels/")], "no top-level triton_kernels package"
+    assert "manualbp/derivation/layouts.py" in names, "the teaching code (python -m manualbp explain) is in the wheel"
+    assert "manualbp/derivation/explain.py" in names, "explain is in the wheel"
+
+
+def test_runtime_does_not_import_the_derivation_subpackage():
+    """manualbp.derivation is teaching code: the runtime (manualbp/*.py but the CLI, the kernels) never imports it."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    runtime = [p for p in (root / "manualbp").glob("*.py") if p.name != "__main__.py"] + list((root / "triton_kernels").glob("*.py"))
+    assert runtime, "the runtime's modules are found"
+    for path in runtime:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [f"{'.' * node.level}{node.module or ''}"] + [a.name for a in node.names]
+            assert not any("derivation" in n or n in ("layouts", "explain") for n in names), f"{path.name} imports {names}"
+    code = "import sys, manualbp, manualbp.functional; print(sorted(m for m in sys.modules if 'derivation' in m))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", f"import manualbp loads no derivation module: {result}"

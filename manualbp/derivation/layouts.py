@@ -592,3 +592,180 @@ def batched_autograd_gradients(net: Network, X: Tensor, Y: Tensor, reduction: st
         {l: g_w[l - 1] for l in range(1, L + 1)},
         {l: g_b[l - 1] for l in range(1, L + 1)},
     )
+
+
+# ---------------------------------------------------------------------------
+# Forward mode (V1-V9): the Jacobians applied to a tangent, innermost first.
+
+# The reference for every forward-mode check: plain PyTorch functions, not manualbp's
+# activations, so that torch.func.jvp differentiates code this module did not write.
+TORCH_ACTIVATIONS = {
+    "identity": lambda z, s: z,
+    "relu": lambda z, s: torch.relu(z),
+    "leaky_relu": lambda z, s: torch.nn.functional.leaky_relu(z, s),
+    "gelu": lambda z, s: torch.nn.functional.gelu(z),
+    "gelu_tanh": lambda z, s: torch.nn.functional.gelu(z, approximate="tanh"),
+    "silu": lambda z, s: torch.nn.functional.silu(z),
+    "sigmoid": lambda z, s: torch.sigmoid(z),
+    "tanh": lambda z, s: torch.tanh(z),
+}
+
+
+def torch_activation(activation: Activation):
+    """The plain PyTorch function of ``activation`` (with its negative_slope bound), z -> f(z)."""
+    f = TORCH_ACTIVATIONS[activation.name]
+    return lambda z: f(z, activation.negative_slope)
+
+
+@dataclass(frozen=True)
+class Tangents:
+    """The tangents of one forward-mode pass, one sample, vectors as [N_l] (V1, V2).
+
+    dz: {l: dz^(l)} for l = 1..L;  da: {l: da^(l)} for l = 0..L, da[0] = dx;  dC: the scalar dC.
+    """
+
+    dz: dict[int, Tensor]
+    da: dict[int, Tensor]
+    dC: Tensor
+
+
+def _zero_tangents(net: Network, dx: Optional[Tensor], dW: Optional[dict], db: Optional[dict]):
+    dx = torch.zeros(net.sizes[0], dtype=DTYPE) if dx is None else torch.as_tensor(dx, dtype=DTYPE)
+    dW = {l: torch.as_tensor((dW or {}).get(l, torch.zeros_like(net.W(l))), dtype=DTYPE) for l in range(1, net.L + 1)}
+    db = {l: torch.as_tensor((db or {}).get(l, torch.zeros_like(net.b(l))), dtype=DTYPE) for l in range(1, net.L + 1)}
+    return dx, dW, db
+
+
+def tangent_recursion(
+    net: Network, x: Tensor, y: Tensor, dx: Optional[Tensor] = None, dW: Optional[dict] = None, db: Optional[dict] = None
+) -> Tangents:
+    """Forward mode as a recursion, from the input towards C, beside the forward pass (V1, V2).
+
+        da^(0) = dx
+        dz^(l) = W^(l) da^(l-1) + dW^(l) a^(l-1) + db^(l)     [N_l]
+        da^(l) = f'(z^(l)) * dz^(l)                            [N_l]
+        dC     = (1/N_L)(a^(L) - y)^T da^(L)                   scalar
+
+    dx [N_0], dW {l: [N_l, N_{l-1}]}, db {l: [N_l]}: the tangents of the inputs; any left out is zero.
+    """
+    fwd = forward(net, x)
+    dx, dW, db = _zero_tangents(net, dx, dW, db)
+    da = {0: dx}
+    dz: dict[int, Tensor] = {}
+    for l in range(1, net.L + 1):
+        dz[l] = net.W(l) @ da[l - 1] + dW[l] @ fwd.a[l - 1] + db[l]
+        da[l] = net.activation.f_grad(fwd.z[l]) * dz[l]
+    dC = grad_cost(fwd.a[net.L], torch.as_tensor(y, dtype=DTYPE)) @ da[net.L]
+    return Tangents(dz, da, dC)
+
+
+def jvp_reference(
+    net: Network, x: Tensor, y: Tensor, dx: Optional[Tensor] = None, dW: Optional[dict] = None, db: Optional[dict] = None
+) -> Tangents:
+    """The same tangents by ``torch.func.jvp`` of a plain PyTorch network (F.linear + the torch activation)."""
+    f = torch_activation(net.activation)
+    L = net.L
+    dx, dW, db = _zero_tangents(net, dx, dW, db)
+    y = torch.as_tensor(y, dtype=DTYPE)
+
+    def network(x, *params):
+        a, z = [x], []
+        for l in range(1, L + 1):
+            z.append(torch.nn.functional.linear(a[-1], params[l - 1], params[L + l - 1]))
+            a.append(f(z[-1]))
+        return (*z, *a, 0.5 * ((a[-1] - y) ** 2).mean())
+
+    primals = (torch.as_tensor(x, dtype=DTYPE), *net.weight, *net.bias)
+    tangents = (dx, *(dW[l] for l in range(1, L + 1)), *(db[l] for l in range(1, L + 1)))
+    _, out = torch.func.jvp(network, primals, tangents)
+    return Tangents({l: out[l - 1] for l in range(1, L + 1)}, {l: out[L + l] for l in range(0, L + 1)}, out[-1])
+
+
+def weight_tangent_seed(net: Network, fwd: Forward, l: int, dW: Tensor) -> Tensor:
+    """dz^(l)/dW^(l) : dW^(l), the 3rd-order dz/dW (T1) contracted with dW over both of W's indices (V4).
+
+    T[i, k, j] = [i = j] a^(l-1)_k and dW [N_l, N_{l-1}]: sum_jk T[i, k, j] dW_jk = (dW a^(l-1))_i, [N_l].
+    """
+    return torch.tensordot(jacobian_z_W(net, fwd, l), torch.as_tensor(dW, dtype=DTYPE).T, dims=2)
+
+
+TangentTarget = Union[str, tuple[str, int]]  # "x" or ("W", l)
+
+
+def forward_chain_factors(
+    net: Network, fwd: Forward, y: Tensor, target: TangentTarget, tangent: Tensor, layout: str, to: str = "C"
+) -> list[Factor]:
+    """The factors of the forward-mode chain for a tangent on ``target``, in ``layout``'s order (V3-V5).
+
+    target "x" (tangent dx [N_0]) or ("W", l) (tangent dW^(l) [N_l, N_{l-1}]); ``to`` "C" for the chain
+    ending in dC [1, 1], "a" for the one ending in da^(L) (without the factor dC/da^(L)).
+    numerator:   dC/da^(L) . da^(L)/dz^(L) . ... . dz^(1)/da^(0) . dx        (the Jacobians, tangent a column)
+    denominator: dx^T . dz^(1)/da^(0) . ... . da^(L)/dz^(L) . dC/da^(L)      (each transposed, tangent a row)
+    For a weight tangent the innermost factor is dz^(l)/dW^(l) : dW^(l) = dW^(l) a^(l-1) (V4), and the
+    chain stops at z^(l): the layers below do not depend on W^(l).
+    """
+    if to not in ("C", "a"):
+        raise ValueError(f"to must be 'C' or 'a', got {to!r}")
+    if target == "x":
+        path = _jacobian_path(net, fwd, y, "x")
+        seed = _Step("dx", "dx", "dx^T", column(torch.as_tensor(tangent, dtype=DTYPE)))
+    elif isinstance(target, tuple) and len(target) == 2 and target[0] == "W":
+        l = target[1]
+        net.W(l)  # raises IndexError for a layer that does not exist
+        path = _jacobian_path(net, fwd, y, ("z", l))
+        name, formula = f"dz^({l})/dW^({l}) : dW^({l})", f"dW^({l}) a^({l - 1})"
+        seed = _Step(name, formula, f"(a^({l - 1}))^T (dW^({l}))^T", column(weight_tangent_seed(net, fwd, l, tangent)))
+    else:
+        raise ValueError(f"unknown tangent target {target!r}; expected 'x' or ('W', l)")
+    path = path + [seed]
+    if to == "a":
+        path = path[1:]  # without dC/da^(L)
+    if check_layout(layout) == "numerator":
+        return [Factor(s.name, s.numerator, s.jacobian) for s in path]
+    # the tangent is no derivative: its name is its formula, dx^T (the weight's seed keeps its name)
+    named = lambda s: s.denominator if s.name == "dx" else s.name  # noqa: E731
+    return [Factor(named(s), s.denominator, reverse_dims(s.jacobian)) for s in reversed(path)]
+
+
+def multiply_forward_chain(factors: Sequence[Factor], layout: str) -> Tensor:
+    """Multiply a chain from ``forward_chain_factors`` starting at the tangent's end (forward mode):
+    from the right in numerator layout, from the left in denominator layout (V3, V5)."""
+    return multiply([f.value for f in factors], start="right" if check_layout(layout) == "numerator" else "left")
+
+
+def jacobian_by_forward_mode(net: Network, x: Tensor) -> Tensor:
+    """The Jacobian of x -> a^(L), [N_L, N_0], one column per forward pass: J e_j (V8)."""
+    y = torch.zeros(net.sizes[-1], dtype=DTYPE)  # C is not used; da^(L) does not depend on y
+    eye = torch.eye(net.sizes[0], dtype=DTYPE)
+    return torch.stack([tangent_recursion(net, x, y, dx=eye[j]).da[net.L] for j in range(net.sizes[0])], dim=1)
+
+
+def jacobian_by_reverse_mode(net: Network, x: Tensor) -> Tensor:
+    """The same Jacobian, one row per reverse pass: e_i^T J, by the delta recursion (D2) from e_i (V8)."""
+    fwd = forward(net, x)
+    rows = []
+    for i in range(net.sizes[-1]):
+        grad_a = torch.eye(net.sizes[-1], dtype=DTYPE)[i]  # the cotangent e_i of a^(L)
+        for l in range(net.L, 0, -1):
+            grad_a = net.W(l).T @ (net.activation.f_grad(fwd.z[l]) * grad_a)
+        rows.append(grad_a)
+    return torch.stack(rows, dim=0)
+
+
+class DenseTangent(NamedTuple):
+    """One layer's forward-mode step, rows = samples (V7)."""
+
+    grad_z: Tensor  # dZ = dX W^T + X dW^T + 1 db^T, [N, out]
+    grad_a: Tensor  # dA = f'(Z) * dZ, [N, out]
+
+
+def dense_tangent_rowwise(
+    x: Tensor, weight: Tensor, bias: Tensor, dx: Tensor, dweight: Tensor, dbias: Tensor, activation: Activation
+) -> DenseTangent:
+    """The tangent of A = f(X W^T + 1 b^T) along (dX, dW, db): what a layer's ``jvp`` computes (V7).
+
+    x, dx: [N, in]; weight, dweight: [out, in]; bias, dbias: [out].
+    """
+    z = x @ weight.T + bias
+    dz = dx @ weight.T + x @ dweight.T + dbias  # + db broadcasts as 1 db^T
+    return DenseTangent(dz, activation.f_grad(z) * dz)
