@@ -8,10 +8,11 @@
 - ``torch.ao.quantization`` (``quantize_dynamic``, ``prepare``, ``prepare_qat``,
   ``quantize``) swaps modules by their exact class, so it would skip a
   manualbp.Linear and return the layer unquantized without a word. It reads every
-  module's ``qconfig`` first; on a manualbp.Linear that read raises
-  :class:`QuantizationError` pointing to ``manualbp.revert`` unless a ``qconfig``
-  was set on the layer by hand (``layer.qconfig = None`` leaves it unquantized
-  on purpose).
+  module's ``qconfig`` first; on a manualbp.Linear that read, from
+  torch.ao.quantization's own code, raises :class:`QuantizationError` pointing to
+  ``manualbp.revert``, unless a ``qconfig`` was set on the layer by hand
+  (``layer.qconfig = None`` leaves it unquantized on purpose). To any other reader an
+  unset ``qconfig`` is simply absent (AttributeError), as on nn.Linear.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ def _qconfig_error(layer) -> QuantizationError:
 def _get_qconfig(layer):
     if "qconfig" in layer.__dict__:  # set by hand (or by torch.ao.quantization after it read None)
         return layer.__dict__["qconfig"]
-    raise _qconfig_error(layer)
+    reader = sys._getframe(1).f_globals.get("__name__", "")  # who reads it (getattr adds no Python frame)
+    if reader.startswith(_QUANTIZATION_MODULES):
+        raise _qconfig_error(layer)
+    raise AttributeError(f"'{type(layer).__name__}' object has no attribute 'qconfig'")  # to anyone else: unset
 
 
 def _set_qconfig(layer, value) -> None:
@@ -54,10 +58,12 @@ def _del_qconfig(layer) -> None:
 
 
 _MISSING = object()
+_QUANTIZATION_MODULES = ("torch.ao.quantization", "torch.quantization")  # eager mode quantization's modules
 
 # manualbp.Linear's ``qconfig``: what torch.ao.quantization reads before it decides to skip the layer.
 qconfig_guard = property(_get_qconfig, _set_qconfig, _del_qconfig,
-                         doc="raises QuantizationError unless set by hand: torch.ao.quantization would skip this layer")
+                         doc="unless set by hand: raises QuantizationError to torch.ao.quantization, which would "
+                             "skip this layer, and is absent to anyone else")
 
 
 def is_quantized(weight: Optional[Tensor]) -> bool:

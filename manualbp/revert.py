@@ -98,6 +98,8 @@ class _Reverter:
         if type(child) is MLP or type(child) is Linear:
             if type(child) is MLP and _has_hooks(child):
                 return "the MLP has hooks; the nn.Sequential replacing it would not run them"
+            if type(child) is MLP and any(_has_hooks(layer) for layer in child.layers):
+                return "a layer of the MLP has hooks, which MLP.forward never runs and nn.Sequential would"
             if type(child) is Linear and child.activation.name != "identity" and _has_hooks(child):
                 return "it has hooks that see f(x Wᵀ + b); as an nn.Linear they would see x Wᵀ + b"
             return None

@@ -214,3 +214,22 @@ def test_converted_transformers_model_fine_tuned_with_lora():
     assert sum(isinstance(m, manualbp.Linear) and m.activation.name == "relu" for m in merged.modules()) == 2
     ids = torch.randint(0, config.vocab_size, (2, 12), generator=generator)
     close(merged(input_ids=ids).logits, original(input_ids=ids).logits, "merged converted model vs unmerged original")
+
+
+def test_saved_adapter_loads_with_manualbp_layer(tmp_path):
+    model = lora_model("gelu")
+    x = torch.randn(4, 6, dtype=torch.float64, device=DEVICE)
+    expected = model(x).detach()
+    model.save_pretrained(tmp_path)
+
+    def fresh():
+        torch.manual_seed(10)  # lora_model's base weights
+        return nn.Sequential(
+            manualbp.Linear(6, 5, activation="gelu", dtype=torch.float64, device=DEVICE, backend="reference"),
+            manualbp.Linear(5, 3, dtype=torch.float64, device=DEVICE, backend="reference"))
+
+    loaded = mpeft.from_pretrained(fresh(), tmp_path)
+    assert type(loaded.base_model.model[0]) is mpeft.LoraLinear
+    close(loaded(x), expected, "adapter saved and loaded through manualbp.peft.from_pretrained")
+    with pytest.raises(RuntimeError, match="manualbp.peft"):
+        mpeft.check(peft.PeftModel.from_pretrained(fresh(), tmp_path))  # peft's own loader: its nn.Linear layer

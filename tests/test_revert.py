@@ -183,8 +183,11 @@ def test_copies_subclasses_skips_and_bad_arguments():
 
     hooked = manualbp.Linear(3, 3, activation="relu")
     hooked.register_forward_hook(lambda module, args, output: None)
-    model = nn.Sequential(Custom(3, 3), hooked, nn.Identity())
+    mlp = manualbp.MLP([3, 3, 3])
+    mlp.layers[0].register_forward_pre_hook(lambda module, args: None)
+    model = nn.Sequential(Custom(3, 3), hooked, nn.Identity(), mlp)
     model, report = manualbp.revert(model, return_report=True)
-    assert type(model[0]) is Custom and type(model[1]) is manualbp.Linear, "left alone"
-    assert [s.name for s in report.skipped] == ["0", "1"]
+    assert type(model[0]) is Custom and type(model[1]) is manualbp.Linear and model[3] is mlp, "left alone"
+    assert [s.name for s in report.skipped] == ["0", "1", "3"]
     assert "whose forward may differ" in report.skipped[0].reason and "hooks" in report.skipped[1].reason
+    assert "MLP.forward never runs" in report.skipped[2].reason
