@@ -34,6 +34,7 @@ except ImportError as error:  # pragma: no cover - the message is the point
     raise ImportError('manualbp.peft needs peft: pip install peft (or pip install -e ".[test]")') from error
 
 from . import functional, quantization
+from .conversion import _has_hooks
 from .modules import Linear
 
 __all__ = ["LoraLinear", "check", "from_pretrained", "get_peft_model", "register"]
@@ -80,6 +81,10 @@ class LoraLinear(_PeftLoraLinear):
             return base(x, *args, **kwargs)
         if self.merged:
             return base(x, *args, **kwargs)  # f(x (W + s B A)ᵀ + b): the weights hold the update
+        if _has_hooks(base):
+            raise NotImplementedError(
+                "the manualbp.Linear under this LoRA layer has hooks: the unmerged forward computes "
+                "f(x Wᵀ + b + s x Aᵀ Bᵀ) without calling it, so they would not run; remove them, or merge the adapter")
         z = functional.linear(x, base.weight, base.bias, "identity", backend=base.backend)  # [..., out_features]
         dtype = z.dtype
         for adapter in self.active_adapters:
@@ -106,7 +111,7 @@ def register(config):
 def check(model: nn.Module) -> nn.Module:
     """Raise if a peft adapter layer of ``model`` other than :class:`LoraLinear` wraps a manualbp.Linear with
     an activation (peft's LoRA, LoHa, VeRA, ... layers act on the layer's output f(x Wᵀ + b)); returns the model."""
-    wrong = [f"{name} ({type(module).__module__.split('.')[2]}.{type(module).__name__})"
+    wrong = [f"{name} ({type(module).__module__}.{type(module).__qualname__})"
              for name, module in model.named_modules()
              if isinstance(module, BaseTunerLayer) and not isinstance(module, LoraLinear)
              and _activated(module.get_base_layer())]

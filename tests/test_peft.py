@@ -131,6 +131,10 @@ def test_unsupported_features_raise():
     x = torch.randn(2, 6, dtype=torch.float64, device=DEVICE)
     with pytest.raises(NotImplementedError, match="adapter_names"):
         model.base_model.model[0](x, adapter_names=["default", "default"])
+    handle = model.base_model.model[0].base_layer.register_forward_hook(lambda module, args, output: None)
+    with pytest.raises(NotImplementedError, match="has hooks"):
+        model(x)
+    handle.remove()
 
     # With activation identity peft's own code is right, DoRA included: the same model as on a plain nn.Linear.
     torch.manual_seed(13)
