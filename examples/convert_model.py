@@ -11,6 +11,8 @@ Parameters (so optimizers and tied weights carry over) and, inside an nn.Sequent
 fuses a following activation module into it. It prints that report, then trains
 the original and the converted model for a few steps with the same optimizer on
 the same batches and prints both losses at every step and their largest difference.
+Last, ``manualbp.revert`` turns a copy of the trained model back into plain PyTorch
+(nn.Linear + activation modules, the original state_dict keys) and checks its loss.
 
     ctrl   CTRLLMHeadModel (GPT-like): attention projections, nn.Sequential(Linear,
            ReLU, Linear) feed-forward blocks (ReLU fused), lm_head tied to the embedding
@@ -215,7 +217,22 @@ def main(argv=None) -> int:
         worst = max(worst, difference)
         print(f"{step:>4}  {losses[0]:>22.15f}  {losses[1]:>22.15f}  {difference:>12.3e}")
     parameters = max((a - b).abs().max().item() for a, b in zip(original.parameters(), converted.parameters()))
-    ok = worst <= args.tolerance and left == 0 and len(report.replaced) > 0
+
+    # Shipping: back to plain PyTorch (nn.Linear + the activation modules, the original state_dict keys).
+    reverted, revert_report = manualbp.revert(converted, inplace=False, return_report=True)
+    left_manualbp = sum(isinstance(m, (manualbp.Linear, manualbp.MLP)) for m in reverted.modules())
+    same_keys = list(reverted.state_dict()) == list(original.state_dict())
+    inputs, targets = make_batch(generator)
+    inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
+    with torch.no_grad():
+        losses = [loss_fn(model(**inputs).logits, targets).item() for model in (converted, reverted)]
+    reverted_difference = abs(losses[0] - losses[1])
+    print(f"\n{str(revert_report).splitlines()[0]}; manualbp modules left: {left_manualbp}; "
+          f"state_dict keys of the original: {same_keys}; |loss (converted) - loss (reverted)| on a new batch = "
+          f"{reverted_difference:.3e}")
+
+    ok = (worst <= args.tolerance and left == 0 and len(report.replaced) > 0 and left_manualbp == 0 and same_keys
+          and reverted_difference <= args.tolerance)
     print(f"\nmax |loss difference| = {worst:.3e} (tolerance {args.tolerance:g}); "
           f"max |parameter difference| after training = {parameters:.3e}: {'OK' if ok else 'MISMATCH'}")
     return EXIT_OK if ok else EXIT_MISMATCH

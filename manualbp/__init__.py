@@ -28,6 +28,7 @@ from .memory import saved_bytes
 from .mlp import MLP
 from .mlp_function import MLPFunction
 from .modules import Linear
+from .revert import RevertReport, revert
 
 __version__ = "0.1.0"
 
@@ -40,12 +41,14 @@ __all__ = [
     "LinearFunction",
     "MLP",
     "MLPFunction",
+    "RevertReport",
     "config",
     "convert",
     "functional",
     "get_activation",
     "get_backend",
     "ops",
+    "revert",
     "saved_bytes",
     "set_backend",
     "use_backend",

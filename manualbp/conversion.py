@@ -127,9 +127,12 @@ class ConversionReport:
         for r in self.replaced:
             fused = f" + {r.fused} (now nn.Identity)" if r.fused else ""
             lines.append(f"  replaced {r.name or '<model>'} ({r.original}{fused}) -> manualbp.Linear({r.activation})")
-        for s in self.skipped:
-            lines.append(f"  skipped  {s.name or '<model>'} ({s.original}): {s.reason}")
-        return "\n".join(lines)
+        return "\n".join(lines + _skipped_lines(self.skipped))
+
+
+def _skipped_lines(skipped: List[Skipped]) -> List[str]:
+    """The report's lines for modules left alone (convert's and revert's)."""
+    return [f"  skipped  {s.name or '<model>'} ({s.original}): {s.reason}" for s in skipped]
 
 
 # --------------------------------------------------------------------------------------
@@ -185,6 +188,8 @@ class _Converter:
 
     def make(self, module: nn.Linear, activation: Activation, name: str, fused: Optional[str]) -> None:
         original = type(module).__qualname__
+        if type(module) is not nn.Linear:
+            module._manualbp_original_class = type(module)  # for manualbp.revert
         module.__class__ = Linear  # same object: Parameters, hooks, attributes and references stay valid
         module.activation = activation
         module.backend = self.backend

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import backends
+from . import backends, quantization
 from . import functional as F
 from .activations import get_activation
 
@@ -41,7 +41,12 @@ class Linear(nn.Linear):
         self.activation = bound
         self.backend = backend
 
+    # torch.ao.quantization would skip this layer silently: reading its qconfig raises instead (quantization.py).
+    qconfig = quantization.qconfig_guard
+
     def forward(self, input: Tensor) -> Tensor:
+        if quantization.is_quantized(self.weight):  # torchao's quantize_ swapped in a quantized weight
+            return quantization.linear(input, self.weight, self.bias, self.activation)
         return F.linear(input, self.weight, self.bias, self.activation, backend=self.backend)
 
     def extra_repr(self) -> str:

@@ -1,4 +1,5 @@
-"""The README's and docs/derivation.md's Python snippets and commands run as written, so the documentation cannot rot."""
+"""The Python snippets and commands of README.md, docs/usage.md and docs/derivation.md run as written, so the
+documentation cannot rot."""
 
 import pathlib
 import re
@@ -13,12 +14,21 @@ def _python_blocks(path):
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
+def _run_block(name, index):
+    code = _python_blocks(ROOT / name)[index]
+    assert "assert " in code, f"each {name} snippet checks its own result"
+    namespace = {"__name__": f"{name.replace('/', '_').replace('.', '_')}_block_{index}"}
+    exec(compile(code, f"{name}[python block {index}]", "exec"), namespace)  # its asserts must hold
+
+
 @pytest.mark.parametrize("index", range(len(_python_blocks(ROOT / "README.md"))))
 def test_readme_python_block_runs(index):
-    code = _python_blocks(ROOT / "README.md")[index]
-    assert "assert " in code, "each README snippet checks its own result"
-    namespace = {"__name__": f"readme_block_{index}"}
-    exec(compile(code, f"README.md[python block {index}]", "exec"), namespace)  # its asserts must hold
+    _run_block("README.md", index)
+
+
+@pytest.mark.parametrize("index", range(len(_python_blocks(ROOT / "docs" / "usage.md"))))
+def test_usage_python_block_runs(index):
+    _run_block("docs/usage.md", index)
 
 
 def test_readme_names_the_ci_test_command():

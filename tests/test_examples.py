@@ -190,6 +190,9 @@ def test_convert_model_reports_and_trains_alike(tmp_path):
     for _, original, converted, _ in steps:
         assert abs(float(original) - float(converted)) <= 1e-9, f"float64 losses agree: {original} vs {converted}"
     assert number_after("max |loss difference| =", out) <= 1e-9
+    assert re.search(r"manualbp\.revert: \d+ reverted, 0 left alone; manualbp modules left: 0; "
+                     r"state_dict keys of the original: True;", out), "revert back to plain PyTorch"
+    assert number_after("|loss (converted) - loss (reverted)| on a new batch =", out) <= 1e-9
 
 
 # --------------------------------------------------------------------------------------
