@@ -1,4 +1,4 @@
-"""The examples run, with tiny settings, and docs/usage.md's snippets run, so that neither can rot.
+"""The examples run, with tiny settings, so that they cannot rot (docs/usage.md's snippets: tests/test_docs.py).
 
 Each example runs as a user would run it: ``python examples/NAME.py ...`` in a
 subprocess, in a temporary directory. Their optional packages (scikit-learn, tqdm,
@@ -229,12 +229,7 @@ def _python_blocks(path: pathlib.Path):
 USAGE = ROOT / "docs" / "usage.md"
 
 
-@pytest.mark.parametrize("index", range(len(_python_blocks(USAGE))))
-def test_usage_python_block_runs(index):
-    code = _python_blocks(USAGE)[index]
-    assert "assert " in code, "each docs/usage.md snippet checks its own result"
-    namespace = {"__name__": f"usage_block_{index}"}
-    exec(compile(code, f"docs/usage.md[python block {index}]", "exec"), namespace)  # its asserts must hold
+# docs/usage.md's Python blocks run in tests/test_docs.py.
 
 
 def test_usage_names_every_example_and_activation():
