@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 _SQRT_2_PI = math.sqrt(2.0 / math.pi)  # sqrt(2/pi), for tanh-GELU
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)  # 1/sqrt(2 pi), the normal density's constant
@@ -255,27 +255,60 @@ class Activation:
 
 
 class _Entry(NamedTuple):
-    kernel_id: int
+    kernel_id: int  # the number the Triton kernels use (triton_kernels/activations.py reads it here)
     f: Callable
     f_grad: Callable
     f_grad_from_output: Optional[Callable]  # None: f' needs z
     delta: Callable
     delta_from_output: Optional[Callable]
+    module: Callable[..., nn.Module]  # the PyTorch module computing f, from the activation's options
 
 
+# The activation catalogue: every fact about an activation, in one place. Everything else
+# (the kernels' ids, convert/revert's modules, MLP.to_sequential, the tests) reads it.
 _TABLE = {
-    "identity": _Entry(0, identity, identity_grad, identity_grad_from_output, identity_delta, identity_delta_from_output),
-    "relu": _Entry(1, relu, relu_grad, relu_grad_from_output, relu_delta, relu_delta_from_output),
+    "identity": _Entry(0, identity, identity_grad, identity_grad_from_output, identity_delta,
+                       identity_delta_from_output, nn.Identity),
+    "relu": _Entry(1, relu, relu_grad, relu_grad_from_output, relu_delta, relu_delta_from_output, nn.ReLU),
     "leaky_relu": _Entry(2, leaky_relu, leaky_relu_grad, leaky_relu_grad_from_output,
-                         leaky_relu_delta, leaky_relu_delta_from_output),
-    "gelu": _Entry(3, gelu, gelu_grad, None, gelu_delta, None),
-    "gelu_tanh": _Entry(4, gelu_tanh, gelu_tanh_grad, None, gelu_tanh_delta, None),
-    "silu": _Entry(5, silu, silu_grad, None, silu_delta, None),
-    "sigmoid": _Entry(6, sigmoid, sigmoid_grad, sigmoid_grad_from_output, sigmoid_delta, sigmoid_delta_from_output),
-    "tanh": _Entry(7, tanh, tanh_grad, tanh_grad_from_output, tanh_delta, tanh_delta_from_output),
+                         leaky_relu_delta, leaky_relu_delta_from_output, nn.LeakyReLU),
+    "gelu": _Entry(3, gelu, gelu_grad, None, gelu_delta, None, lambda: nn.GELU(approximate="none")),
+    "gelu_tanh": _Entry(4, gelu_tanh, gelu_tanh_grad, None, gelu_tanh_delta, None,
+                        lambda: nn.GELU(approximate="tanh")),
+    "silu": _Entry(5, silu, silu_grad, None, silu_delta, None, nn.SiLU),
+    "sigmoid": _Entry(6, sigmoid, sigmoid_grad, sigmoid_grad_from_output, sigmoid_delta,
+                      sigmoid_delta_from_output, nn.Sigmoid),
+    "tanh": _Entry(7, tanh, tanh_grad, tanh_grad_from_output, tanh_delta, tanh_delta_from_output, nn.Tanh),
 }
 
 ACTIVATIONS: tuple[str, ...] = tuple(_TABLE)
+
+
+def kernel_id(name: str) -> int:
+    """The number of activation ``name`` in the Triton kernels."""
+    return _TABLE[name].kernel_id
+
+
+def torch_module(activation: "str | Activation") -> nn.Module:
+    """The PyTorch module computing the same activation (nn.Identity for 'identity')."""
+    activation = get_activation(activation)
+    return _TABLE[activation.name].module(**activation._options())
+
+
+def from_torch_module(module: Optional[nn.Module]) -> Optional["Activation"]:
+    """The activation that ``module`` computes, or None if the catalogue has none for it.
+
+    Exact classes only (a subclass may compute something else); nn.Identity is not an activation here.
+    """
+    for name, entry in _TABLE.items():
+        options = {"negative_slope": getattr(module, "negative_slope", None)} if name == "leaky_relu" else {}
+        if name == "identity" or None in options.values():
+            continue
+        candidate = entry.module(**options)
+        if type(module) is type(candidate) and getattr(module, "approximate", None) == getattr(
+                candidate, "approximate", None):
+            return get_activation(name, **options)
+    return None
 
 
 def get_activation(name: "str | Activation", **options) -> Activation:
@@ -293,9 +326,9 @@ def get_activation(name: "str | Activation", **options) -> Activation:
         raise ValueError(f"unknown activation {name!r}; expected one of: {', '.join(ACTIVATIONS)}")
     allowed = {"negative_slope"} if name == "leaky_relu" else set()
     unknown = sorted(set(options) - allowed)
-    if unknown:
+    if unknown:  # an unexpected keyword argument, as Python reports one: TypeError
         takes = f"takes only {sorted(allowed)}" if allowed else "takes no options"
-        raise ValueError(f"activation {name!r} {takes}; got {unknown}")
+        raise TypeError(f"activation {name!r} {takes}; got {unknown}")
     slope = options.get("negative_slope")
     slope = 0.01 if slope is None else slope
     if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not math.isfinite(slope):

@@ -43,6 +43,13 @@ def check_backend(name, source: str) -> str:
     return name
 
 
+def check_flag(value, argument: str, hint: str = "") -> bool:
+    """value if it is True or False, else a TypeError naming the argument (a truthy string is not a flag)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{argument} must be True or False, got {value!r}{hint}")
+    return value
+
+
 def _from_environment() -> Settings:
     values = {}
     backend = os.environ.get(ENVIRONMENT["backend"], "").strip().lower()
@@ -76,8 +83,8 @@ def _checked(changes: dict) -> dict:
     for name, value in changes.items():
         if name == "backend":
             check_backend(value, "manualbp.config")
-        elif not isinstance(value, bool):
-            raise TypeError(f"manualbp setting {name!r} must be True or False, got {value!r}")
+        else:
+            check_flag(value, f"manualbp setting {name!r}")
     return changes
 
 

@@ -32,8 +32,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import backends
-from .activations import Activation, get_activation
+from . import backends, config
+from .activations import Activation, from_torch_module, get_activation, torch_module
 from .modules import Linear
 
 # --------------------------------------------------------------------------------------
@@ -42,51 +42,14 @@ from .modules import Linear
 
 
 def activation_from_module(module: Optional[nn.Module]) -> Optional[Activation]:
-    """The manualbp activation that ``module`` computes, or None if it is not one fusion supports.
-
-    Exact classes only: a subclass of nn.ReLU may compute something else.
-    """
-    kind = type(module)
-    if kind is nn.ReLU:
-        return get_activation("relu")
-    if kind is nn.LeakyReLU:
-        return get_activation("leaky_relu", negative_slope=module.negative_slope)
-    if kind is nn.GELU:
-        if module.approximate == "none":
-            return get_activation("gelu")
-        if module.approximate == "tanh":
-            return get_activation("gelu_tanh")
-        return None
-    if kind is nn.SiLU:
-        return get_activation("silu")
-    if kind is nn.Sigmoid:
-        return get_activation("sigmoid")
-    if kind is nn.Tanh:
-        return get_activation("tanh")
-    return None
+    """The manualbp activation that ``module`` computes, or None if it is not one fusion supports
+    (the activation catalogue, ``activations.from_torch_module``: exact classes only)."""
+    return from_torch_module(module)
 
 
 def module_for_activation(activation: Union[str, Activation]) -> nn.Module:
-    """The PyTorch module computing the same activation (nn.Identity for 'identity')."""
-    activation = get_activation(activation)
-    name = activation.name
-    if name == "identity":
-        return nn.Identity()
-    if name == "relu":
-        return nn.ReLU()
-    if name == "leaky_relu":
-        return nn.LeakyReLU(activation.negative_slope)
-    if name == "gelu":
-        return nn.GELU()
-    if name == "gelu_tanh":
-        return nn.GELU(approximate="tanh")
-    if name == "silu":
-        return nn.SiLU()
-    if name == "sigmoid":
-        return nn.Sigmoid()
-    if name == "tanh":
-        return nn.Tanh()
-    raise ValueError(f"no PyTorch module for activation {name!r}")  # a new activation without a mapping here
+    """The PyTorch module computing the same activation (nn.Identity for 'identity'): the catalogue's."""
+    return torch_module(activation)
 
 
 # --------------------------------------------------------------------------------------
@@ -253,6 +216,8 @@ def convert(
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() expects an nn.Module, got {type(model).__name__}")
     backends.check_backend(backend, "convert(backend=)")
+    for argument, value in (("inplace", inplace), ("fuse", fuse), ("return_report", return_report)):
+        config.check_flag(value, f"convert({argument}=)")
     if not isinstance(include_subclasses, bool):
         include_subclasses = tuple(include_subclasses)
         bad = [c for c in include_subclasses if not (isinstance(c, type) and issubclass(c, nn.Linear))]

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
-from . import backends
-from .activations import Activation, get_activation
-from .conversion import module_for_activation
+from . import backends, config
+from .activations import Activation, get_activation, torch_module
 from .functional import as_rows, differentiable, enter, from_rows
 from .mlp_function import forward_stack, mlp_function
 from .modules import Linear
@@ -52,6 +50,7 @@ def mlp(
             f"expected one weight, one bias (or None) and one activation per layer, and at least one layer; "
             f"got {len(weights)} weights, {len(biases)} biases, {len(activations)} activations"
         )
+    config.check_flag(recompute, "mlp(recompute=)")
     activations = tuple(get_activation(a) for a in activations)
     input, weights, biases, name, context = enter(input, weights, biases, backend)
     x = as_rows(input)
@@ -83,9 +82,9 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 def _has_hooks(module: Optional[nn.Module]) -> bool:
     """Whether module has hooks of its own (None: whether global module hooks are registered)."""
     if module is None:
-        from torch.nn.modules import module as torch_module
+        from torch.nn.modules import module as module_globals
 
-        return any(len(getattr(torch_module, f"_global{name}", ())) for name in _HOOKS)
+        return any(len(getattr(module_globals, f"_global{name}", ())) for name in _HOOKS)
     return any(len(getattr(module, name, ())) for name in _HOOKS)
 
 
@@ -135,6 +134,8 @@ class MLP(nn.Module):
         backend: Optional[str] = None,
     ) -> None:
         sizes = _check_sizes(sizes)
+        config.check_flag(bias, "MLP(bias=)")
+        config.check_flag(recompute, "MLP(recompute=)")
         hidden = get_activation(activation)  # bad names fail before any allocation
         last = get_activation(last_activation)
         backends.check_backend(backend, "MLP(backend=)")
@@ -189,7 +190,7 @@ class MLP(nn.Module):
                                device=weight.device, dtype=weight.dtype)
             modules.append(linear)
             if index < len(layers) - 1 or layer.activation.name != "identity":
-                modules.append(module_for_activation(layer.activation))
+                modules.append(torch_module(layer.activation))
         sequential = nn.Sequential(*modules)
         sequential.load_state_dict(self.state_dict())
         for copy_, original in zip(sequential.parameters(), self.parameters()):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
-from . import backends, quantization
+from . import backends, config, quantization
 from . import functional as F
 from .activations import get_activation
 
@@ -35,6 +34,9 @@ class Linear(nn.Linear):
         backend: Optional[str] = None,
         **activation_options,
     ) -> None:
+        hint = (f"; the third argument is bias, as in nn.Linear: to choose the activation pass "
+                f"activation={bias!r}") if isinstance(bias, str) else ""
+        config.check_flag(bias, "Linear(bias=)", hint)
         bound = get_activation(activation, **activation_options)  # bad names fail before any allocation
         backends.check_backend(backend, "Linear(backend=)")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)

@@ -19,24 +19,10 @@ import manualbp
 
 
 def torch_activation(name: str, z: torch.Tensor, negative_slope: float = 0.01) -> torch.Tensor:
-    """The PyTorch activation that manualbp's `name` must reproduce."""
-    if name == "identity":
-        return z
-    if name == "relu":
-        return TF.relu(z)
-    if name == "leaky_relu":
-        return TF.leaky_relu(z, negative_slope)
-    if name == "gelu":
-        return TF.gelu(z)
-    if name == "gelu_tanh":
-        return TF.gelu(z, approximate="tanh")
-    if name == "silu":
-        return TF.silu(z)
-    if name == "sigmoid":
-        return torch.sigmoid(z)
-    if name == "tanh":
-        return torch.tanh(z)
-    raise AssertionError(f"no PyTorch activation for {name!r}")
+    """The PyTorch activation module that manualbp's `name` must reproduce (from the activation catalogue;
+    tests/test_activations.py checks the catalogue's modules against PyTorch's classes, written out)."""
+    options = {"negative_slope": negative_slope} if name == "leaky_relu" else {}
+    return manualbp.activations.torch_module(manualbp.get_activation(name, **options))(z)
 
 
 def torch_dense(x, weight, bias, activation: str, negative_slope: float = 0.01):

@@ -67,3 +67,23 @@ def test_reference_backward_is_bitwise_eager(name, options, dtype):
     theirs = run_and_grad(lambda *t: torch_dense(*t, name, slope), x, weight, bias, grad_out)
     for label, mine, eager in zip(("out", "dx", "dw", "db"), ours, theirs):
         assert torch.equal(mine, eager), f"{label} [{name} {dtype}] bitwise eager"
+
+
+def test_catalogue_names_the_pytorch_modules():
+    """The catalogue's PyTorch module for each activation, written out here independently, and back."""
+    from torch import nn
+
+    expected = {
+        "identity": nn.Identity(), "relu": nn.ReLU(), "leaky_relu": nn.LeakyReLU(0.01),
+        "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "silu": nn.SiLU(), "sigmoid": nn.Sigmoid(),
+        "tanh": nn.Tanh(),
+    }
+    assert set(expected) == set(manualbp.ACTIVATIONS), "every activation has its PyTorch module here"
+    for name, module in expected.items():
+        ours = manualbp.activations.torch_module(name)
+        assert type(ours) is type(module) and repr(ours) == repr(module), f"{name}: {ours!r}, expected {module!r}"
+        back = manualbp.activations.from_torch_module(module)
+        assert (back is None) if name == "identity" else back.name == name, f"{name}: read back as {back}"
+    slope = manualbp.activations.from_torch_module(nn.LeakyReLU(-0.25))
+    assert slope.name == "leaky_relu" and slope.negative_slope == -0.25, "leaky_relu keeps its slope"
+    assert manualbp.activations.from_torch_module(nn.Softplus()) is None, "not in the catalogue"

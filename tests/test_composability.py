@@ -145,7 +145,7 @@ def test_mlp_gradcheck_forward_mode(recompute, backend):
 
     assert torch.autograd.gradcheck(stack, (x, w0, b0, w1), check_forward_ad=True, check_batched_grad=True,
                                     check_batched_forward_grad=True), f"MLP gradcheck [{backend}]"
-    assert torch.autograd.gradgradcheck(stack, (x, w0, b0, w1), check_fwd_over_rev=True), f"MLP gradgradcheck"
+    assert torch.autograd.gradgradcheck(stack, (x, w0, b0, w1), check_fwd_over_rev=True), "MLP gradgradcheck"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -81,7 +81,7 @@ def test_activation_options_are_checked():
         manualbp.Linear(3, 2, activation="relu", negative_slope=0.1)
     with pytest.raises(ValueError, match="finite"):
         manualbp.Linear(3, 2, activation="leaky_relu", negative_slope=float("nan"))
-    with pytest.raises(ValueError, match="takes only"):
+    with pytest.raises(TypeError, match="takes only"):
         manualbp.Linear(3, 2, activation="leaky_relu", slope=0.1)
     with pytest.raises(ValueError, match="unknown backend"):
         manualbp.Linear(3, 2, backend="cuda")

@@ -13,15 +13,17 @@ float16/bfloat16/float32 data and float64 for float64 data.
 import triton
 import triton.language as tl
 
-# Numbers of the activations: the ``kernel_id`` of manualbp.activations.
-IDENTITY = tl.constexpr(0)
-RELU = tl.constexpr(1)
-LEAKY_RELU = tl.constexpr(2)
-GELU = tl.constexpr(3)
-GELU_TANH = tl.constexpr(4)
-SILU = tl.constexpr(5)
-SIGMOID = tl.constexpr(6)
-TANH = tl.constexpr(7)
+from ..activations import kernel_id
+
+# Numbers of the activations, from the activation catalogue (manualbp/activations.py).
+IDENTITY = tl.constexpr(kernel_id("identity"))
+RELU = tl.constexpr(kernel_id("relu"))
+LEAKY_RELU = tl.constexpr(kernel_id("leaky_relu"))
+GELU = tl.constexpr(kernel_id("gelu"))
+GELU_TANH = tl.constexpr(kernel_id("gelu_tanh"))
+SILU = tl.constexpr(kernel_id("silu"))
+SIGMOID = tl.constexpr(kernel_id("sigmoid"))
+TANH = tl.constexpr(kernel_id("tanh"))
 
 _SQRT_1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2)
 _SQRT_2_PI = tl.constexpr(0.7978845608028654)  # sqrt(2/pi)
