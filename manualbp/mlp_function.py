@@ -197,8 +197,11 @@ def _backward_fused(grad_output, weights, activations, needs_grad_weights, needs
     activation = activations[top]
     # The top layer's δ from the incoming G: the one separate elementwise pass.
     want_bias = needs_grad_biases[top]
+    identity = activation.name == "identity"  # δ = G itself: no copy (an operator's output cannot alias G)
+    want_delta = (needs_grad_weights[top] or below[top]) and not identity
     delta, grad_bias = _OPS.delta(grad_output, saved, activation.name, activation.kernel_slope, kind,
-                                  needs_grad_weights[top] or below[top], want_bias, "triton")
+                                  want_delta, want_bias, "triton") if want_delta or want_bias else (None, None)
+    delta = grad_output if identity else delta
     grad_biases[top] = grad_bias if want_bias else None
     for index in reversed(range(top + 1)):
         if needs_grad_weights[index]:
