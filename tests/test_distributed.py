@@ -13,7 +13,6 @@ This file is also the worker: ``python test_distributed.py WORLD_SIZE RANK INIT_
 from __future__ import annotations
 
 import copy
-import datetime
 import os
 import sys
 
@@ -23,7 +22,7 @@ from torch import nn
 
 import manualbp
 
-from workers import fully_shard_function, run_workers, skip_without_gloo
+from workers import fully_shard_function, process_group, run_workers, skip_without_gloo
 
 WORLD_SIZE = 2
 STEPS = 3
@@ -81,17 +80,12 @@ def full_state(model: nn.Module) -> dict:
 
 
 def worker(world_size: int, rank: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel
 
     fully_shard = fully_shard_function()
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S // 2),
-    )
-    try:
+    with process_group(world_size, rank, init_file, TIMEOUT_S // 2):
         results = {}
         for kind, model in manualbp_models().items():
             ddp = DistributedDataParallel(copy.deepcopy(model))
@@ -108,8 +102,6 @@ def worker(world_size: int, rank: int, init_file: str, out_dir: str) -> None:
             train(sharded, rank, world_size)
             results[f"fsdp2/{kind}"] = full_state(sharded)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

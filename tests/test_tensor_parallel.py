@@ -24,7 +24,8 @@ importing manualbp):
                           it fails if DTensor's cache of sharding decisions ignores the operators'
                           activation or ``needs`` arguments (as torch's register_sharding alone does)
   2×2 mesh ("dp", "tp"), 4 processes (one launch):
-    fsdp2_tp              tp/act_on_colwise's plan on "tp", fully_shard on every layer and the root
+    fsdp2_tp/act_on_colwise, fsdp2_tp/act_on_rowwise
+                          the tp/ cases' plan on "tp", fully_shard on every layer and on the root
                           on "dp"; each dp rank its half of the batch
 
 Processes on the CPU, gloo over loopback only (GLOO_SOCKET_IFNAME=lo, a file
@@ -37,7 +38,6 @@ fails its test with the error; the other cases still run. This file is also the 
 from __future__ import annotations
 
 import copy
-import datetime
 import os
 import sys
 import traceback
@@ -52,13 +52,13 @@ from torch import nn
 
 import manualbp
 
-from workers import fully_shard_function, run_workers, skip_without_gloo
+from workers import fully_shard_function, process_group, run_workers, skip_without_gloo
 
 BACKENDS = ("reference", "triton")
 FAMILIES = ("linear", "mlp")
 ONE_D_CASES = ("tp/act_on_colwise", "tp/act_on_rowwise", "tp/sequence_sharded", "dtensor/rows",
                "dtensor/sequence", "dtensor/col_row", "dtensor/col_row_act")
-TWO_D_CASES = ("fsdp2_tp",)
+TWO_D_CASES = ("fsdp2_tp/act_on_colwise", "fsdp2_tp/act_on_rowwise")
 ACTIVATIONS = {  # (first layer's, second layer's)
     "tp/act_on_colwise": ("gelu", "identity"),
     "tp/act_on_rowwise": ("identity", "tanh"),
@@ -67,7 +67,8 @@ ACTIVATIONS = {  # (first layer's, second layer's)
     "dtensor/sequence": ("relu", "sigmoid"),
     "dtensor/col_row": ("gelu", "identity"),
     "dtensor/col_row_act": ("gelu", "tanh"),
-    "fsdp2_tp": ("gelu", "identity"),
+    "fsdp2_tp/act_on_colwise": ("gelu", "identity"),
+    "fsdp2_tp/act_on_rowwise": ("identity", "tanh"),
 }
 SIZES = (6, 8, 4)  # in, hidden, out: even, so that every shard has the same size
 ROWS = 4  # per data-parallel rank
@@ -190,14 +191,9 @@ def two_d_case(model: nn.Module, mesh, rank: int):
 
 
 def worker(world_size: int, rank: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S // 3),
-    )
-    try:
+    with process_group(world_size, rank, init_file, TIMEOUT_S // 3):
         if world_size == 2:
             mesh = init_device_mesh("cpu", (2,))
             cases = [(case, lambda model, case=case: one_d_case(case, model, mesh, rank)) for case in ONE_D_CASES]
@@ -219,8 +215,6 @@ def worker(world_size: int, rank: int, init_file: str, out_dir: str) -> None:
                         results[key] = {"error": f"{type(error).__name__}: {error}"}
                     print(f"rank {rank}: {key}: {'error' if 'error' in results[key] else 'ran'}", flush=True)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------
@@ -273,8 +267,9 @@ def test_one_d_mesh(one_d_results, case, family, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fsdp2_with_tensor_parallel_on_2x2_mesh(two_d_results, family, backend):
-    check_case(two_d_results, "fsdp2_tp", family, backend)
+@pytest.mark.parametrize("case", TWO_D_CASES)
+def test_fsdp2_with_tensor_parallel_on_2x2_mesh(two_d_results, case, family, backend):
+    check_case(two_d_results, case, family, backend)
 
 
 if __name__ == "__main__":

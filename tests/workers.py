@@ -8,6 +8,8 @@ log if one did not finish or exited with an error.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 import subprocess
 import sys
@@ -48,6 +50,19 @@ def run_workers(script: str, world_size: int, tmp_path, timeout_s: float, **env_
     if any(codes):
         pytest.fail(f"{world_size} distributed workers failed with exit codes {codes}\n{output}")
     return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)], output
+
+
+@contextlib.contextmanager
+def process_group(world_size: int, rank: int, init_file: str, timeout_s: float):
+    """In a worker: the gloo process group of the file rendezvous, destroyed on the way out."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def skip_without_gloo() -> None:
