@@ -24,7 +24,7 @@ importing manualbp):
     dtensor/col_row_act   the same placements and shapes, an activation on the row-wise layer and an
                           input that needs a gradient: run after dtensor/col_row in the same process,
                           it fails if DTensor's cache of sharding decisions ignores the operators'
-                          activation or ``needs`` arguments (as torch's register_sharding alone does)
+                          activation argument (as with torch's register_sharding alone: see ops.py)
   2×2 mesh ("dp", "tp"), 4 processes (one launch):
     fsdp2_tp/act_on_colwise, fsdp2_tp/act_on_rowwise
                           the tp/ cases' plan on "tp", fully_shard on every layer and on the root
