@@ -383,13 +383,41 @@ _register_flops()
 # --------------------------------------------------------------------------------------
 
 
+def _is_tensor_argument(argument) -> bool:
+    kind = argument.type
+    if isinstance(kind, torch.OptionalType):
+        kind = kind.getElementType()
+    return isinstance(kind, torch.TensorType)
+
+
 def _register_sharding():
     try:
-        from torch.distributed.tensor import Partial, Replicate, Shard
-        from torch.distributed.tensor.experimental import register_sharding
-    except ImportError:  # a PyTorch built without distributed: no DTensor to serve
+        from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+        from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
+        from torch.distributed.tensor.experimental import register_sharding as torch_register_sharding
+
+        schema_infos = DTensor._op_dispatcher.sharding_propagator.op_to_schema_info
+    except (ImportError, AttributeError):
+        # No distributed, or a PyTorch whose DTensor internals differ: no rules (a DTensor call then
+        # raises DTensor's "no sharding strategy" error, never a rule cached under the wrong key).
         return
     R = Replicate()
+
+    def register_sharding(overload):
+        """torch's register_sharding, with every argument after the tensors in DTensor's cache key.
+
+        register_sharding keys DTensor's cache of sharding decisions on the tensors' specs and on
+        int arguments only. Ours are str, float and bool: a decision made for an identity layer
+        (a Partial output) was reused for tanh on the same shapes -- wrong values, silently
+        (tests/test_tensor_parallel.py) -- and one made for a ``needs`` could be reused for another.
+        """
+        def decorate(rule):
+            torch_register_sharding(overload)(rule)
+            arguments = overload._schema.arguments
+            first_option = next(i for i, a in enumerate(arguments) if not _is_tensor_argument(a))
+            schema_infos[overload] = RuntimeSchemaInfo(static_argnum=first_option, needs_pytree=True)
+            return rule
+        return decorate
 
     def spec(t, placement):
         return None if t is None else placement

@@ -13,9 +13,7 @@ This file is also the worker: ``python test_distributed.py WORLD_SIZE RANK INIT_
 from __future__ import annotations
 
 import copy
-import datetime
 import os
-import subprocess
 import sys
 
 import pytest
@@ -23,6 +21,8 @@ import torch
 from torch import nn
 
 import manualbp
+
+from workers import fully_shard_function, process_group, run_workers, skip_without_gloo
 
 WORLD_SIZE = 2
 STEPS = 3
@@ -79,27 +79,13 @@ def full_state(model: nn.Module) -> dict:
     return state
 
 
-def fully_shard_function():
-    """FSDP2's fully_shard: public in torch >= 2.6, under torch.distributed._composable before."""
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:
-        from torch.distributed._composable.fsdp import fully_shard
-    return fully_shard
-
-
 def worker(world_size: int, rank: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel
 
     fully_shard = fully_shard_function()
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S // 2),
-    )
-    try:
+    with process_group(world_size, rank, init_file, TIMEOUT_S // 2):
         results = {}
         for kind, model in manualbp_models().items():
             ddp = DistributedDataParallel(copy.deepcopy(model))
@@ -116,56 +102,18 @@ def worker(world_size: int, rank: int, init_file: str, out_dir: str) -> None:
             train(sharded, rank, world_size)
             results[f"fsdp2/{kind}"] = full_state(sharded)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def run_workers(tmp_path) -> list:
-    env = dict(os.environ)
-    env.update(MANUALBP_BACKEND="reference", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
-    init_file = tmp_path / "rendezvous"
-    logs = [open(tmp_path / f"rank{rank}.log", "w+") for rank in range(WORLD_SIZE)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(WORLD_SIZE), str(rank), str(init_file), str(tmp_path)],
-            env=env, stdout=logs[rank], stderr=subprocess.STDOUT,
-        )
-        for rank in range(WORLD_SIZE)
-    ]
-    try:
-        codes = [proc.wait(timeout=TIMEOUT_S) for proc in procs]
-    except subprocess.TimeoutExpired:
-        codes = None
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    output = ""
-    for rank, log in enumerate(logs):
-        log.seek(0)
-        output += f"--- rank {rank} ---\n{log.read()[-4000:]}\n"
-        log.close()
-    if codes is None:
-        pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s\n{output}")
-    if any(codes):
-        pytest.fail(f"distributed workers failed with exit codes {codes}\n{output}")
-    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
 
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this PyTorch build")
-    if not dist.is_gloo_available():
-        pytest.skip("the gloo backend of torch.distributed is not available in this PyTorch build")
+    skip_without_gloo()
     try:
         fully_shard_function()
     except ImportError as error:
         pytest.skip(f"this PyTorch has no FSDP2 fully_shard: {error}")
-    return run_workers(tmp_path_factory.mktemp("distributed"))
+    results, _ = run_workers(__file__, WORLD_SIZE, tmp_path_factory.mktemp("distributed"), TIMEOUT_S,
+                             MANUALBP_BACKEND="reference")
+    return results
 
 
 @pytest.fixture(scope="module")
