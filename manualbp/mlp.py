@@ -157,8 +157,10 @@ class MLP(nn.Module):
     def _per_layer(self, layers: List[Linear]) -> bool:
         # Hooks on a layer (tensor parallel, FSDP2's fully_shard per layer, user hooks) and DTensor
         # parameters need each layer called as a module: the fused stack reads parameters directly.
-        hooked = any(_has_hooks(layer) for layer in layers) or _has_hooks(None)
-        return hooked or any(isinstance(p, _dtensor_type()) for p in self.parameters())
+        if any(_has_hooks(layer) for layer in layers) or _has_hooks(None):
+            return True
+        dtensor = _dtensor_type()  # looked up once per call, not per parameter
+        return any(isinstance(p, dtensor) for layer in layers for p in (layer.weight, layer.bias))
 
     def forward(self, input: Tensor) -> Tensor:
         layers = self.layers
