@@ -2,6 +2,7 @@
 
     python benchmarks/bench_overhead.py                  # CPU: reference backend; GPU: triton
     python benchmarks/bench_overhead.py --rounds 4000 --tag cpu_2core
+    python benchmarks/bench_overhead.py --depth          # the call chain from Linear.forward to the first kernel
 
 Problems: one layer, x [4, 16] -> 16 with gelu, and a 3-layer MLP 16 -> 16 -> 16 -> 16
 (gelu, gelu, identity), each beside the same model of ``nn.Linear`` + ``nn.GELU``
@@ -127,6 +128,37 @@ def time_turns(cases: dict, rounds: int, calls: int, sync, clock) -> dict:
     return result
 
 
+def call_chain(device, dtype) -> list:
+    """The Python frames from manualbp.Linear.forward down to the first torch kernel (addmm/mm), forward with grad.
+
+    C++ frames (Function.apply's, the dispatcher's) do not show; the first kernel call is
+    the first of torch.addmm, torch.mm or torch._C._nn.linear seen by sys.setprofile.
+    """
+    layer = manualbp.Linear(WIDTH, WIDTH, activation="gelu", device=device, dtype=dtype)
+    x = torch.randn(ROWS, WIDTH, device=device, dtype=dtype, requires_grad=True)
+    layer(x)  # first-call work (imports, caches) out of the way
+    chains = []
+
+    def watch(frame, event, arg):
+        if event == "c_call" and not chains and getattr(arg, "__name__", "") in ("addmm", "mm", "linear"):
+            chain = []
+            while frame is not None:
+                code = frame.f_code
+                chain.append(f"{os.path.basename(os.path.dirname(code.co_filename))}/"
+                             f"{os.path.basename(code.co_filename)}:{code.co_name}")
+                if code.co_name == "forward" and code.co_filename.endswith(os.path.join("manualbp", "modules.py")):
+                    break
+                frame = frame.f_back
+            chains.append(chain[::-1])
+
+    sys.setprofile(watch)
+    try:
+        layer(x)
+    finally:
+        sys.setprofile(None)
+    return chains[0] if chains else []
+
+
 def header(device, dtype_name: str, backend: str, clock_name: str, args) -> dict:
     info = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
@@ -182,6 +214,8 @@ def main(argv=None) -> int:
     parser.add_argument("--clock", default="auto", choices=["auto", "thread", "wall"],
                         help="auto: thread CPU time on the CPU, wall time on a GPU")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on the CPU")
+    parser.add_argument("--depth", action="store_true",
+                        help="print the Python frames from Linear.forward to the first kernel, and stop")
     parser.add_argument("--label", default="", help="free text for the CSV's label column (e.g. the commit)")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--tag", default=None, help="file name stem (default: from the device name)")
@@ -204,6 +238,13 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
 
+    if args.depth:
+        chain = call_chain(device, dtype)
+        print(f"# {len(chain)} Python frames from manualbp.Linear.forward to the first kernel "
+              f"(manualbp at {os.path.dirname(manualbp.__file__)}, torch {torch.__version__}, backend {backend}):")
+        for index, frame in enumerate(chain, 1):
+            print(f"  {index:2d} {frame}")
+        return 0
     info = header(device, args.dtype, backend, clock_name, args)
     os.makedirs(args.out_dir, exist_ok=True)
     stem = args.tag or ("".join(c if c.isalnum() else "_" for c in info["device"]).strip("_")[:40])
