@@ -33,6 +33,7 @@ versions and date, and draws a PNG of the ratios.
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import os
 import platform
@@ -188,7 +189,7 @@ def plot(rows, path):
     wanted = [r for r in rows if r["impl"] == "manualbp"]
     if not wanted:
         return
-    labels = [f"{r['problem']} {r['mode']}\n{r['label']}" for r in wanted]
+    labels = [f"{r['problem']} {r['mode']}\n{r['label']} {r['date'][11:]}" for r in wanted]
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(wanted)), 4))
     xs = range(len(wanted))
     ax.bar(list(xs), [r["ratio_to_nn"] for r in wanted], width=0.6)
@@ -274,8 +275,11 @@ def main(argv=None) -> int:
                 print(f"{problem:8s} {mode:8s} {impl:9s} {median:10.1f} {p20:8.1f} {p80:8.1f} {median / base:7.3f}")
             sys.stdout.flush()
     print(f"csv: {csv_path} (+{len(rows)} rows)")
-    if rows:
-        plot(rows, os.path.join(args.out_dir, f"bench_overhead_{stem}.png"))
+    if rows:  # every run in the CSV, labelled, so that before/after sit side by side
+        with open(csv_path, newline="") as handle:
+            every_run = [dict(r, ratio_to_nn=float(r["ratio_to_nn"])) for r in csv.DictReader(handle)]
+        plot([r for r in every_run if r["mode"] == "fwd+bwd" or r["problem"] == "op"],
+             os.path.join(args.out_dir, f"bench_overhead_{stem}.png"))
     return 0
 
 
