@@ -32,6 +32,7 @@ eager code, torch.func and torch.compile all run the same Function.
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence
 
 import torch
@@ -50,8 +51,13 @@ SAVED_KINDS = ("a", "z", "f_prime")
 _SELECT_FROM_Z = ("identity", "relu", "leaky_relu")
 
 
+@functools.lru_cache(maxsize=None)
 def activation(name: str, negative_slope: float) -> Activation:
-    """The Activation an operator's (name, negative_slope) arguments describe."""
+    """The Activation an operator's (name, negative_slope) arguments describe.
+
+    Cached: every operator call needs it, and building the (frozen) Activation costs more
+    than a small layer's matmul. A bad name or slope raises every time (errors are not cached).
+    """
     return get_activation(name, negative_slope=negative_slope) if name == "leaky_relu" else get_activation(name)
 
 
