@@ -338,7 +338,8 @@ def configs_for(dense, kernel_args, kwargs, arch):
 
 def config_label(config):
     k = config.kwargs
-    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
+    split = f" e{k['EPILOGUE_SPLIT']}" if "EPILOGUE_SPLIT" in k else ""  # the forward epilogue's column slices
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{config.num_warps} s{config.num_stages}{split}"
 
 
 def issue_pressure(row, config):
@@ -385,11 +386,11 @@ def run(arch, only, quick, M, K, N, dtype, progress=print):
             row["compile_s"] = round(time.perf_counter() - start, 1)
             if config is not None and "loop_instr" in row:
                 row["press"] = issue_pressure(row, config)
-                key = (layout, row["config"])
+                key = (layout, row["config"].split(" e")[0])
                 if key not in tutorial_rows:
                     rows_, cols_, inner_ = problem_of(label, M, K, N)
-                    tile = {TUTORIAL_TILE_KEYS[k]: v for k, v in config.kwargs.items()}
-                    tut = dict(kernel=f"tutorial 03 {layout}", config=row["config"])
+                    tile = {TUTORIAL_TILE_KEYS[k]: v for k, v in config.kwargs.items() if k in TUTORIAL_TILE_KEYS}
+                    tut = dict(kernel=f"tutorial 03 {layout}", config=key[1])
                     try:
                         tut.update(analyse(*compiler.compile(
                             tutorial, tutorial_args(layout, rows_, inner_, cols_, dtype),
@@ -408,7 +409,7 @@ def run(arch, only, quick, M, K, N, dtype, progress=print):
 
 
 COLUMNS = [  # (title, width, key, format)
-    ("kernel", 28, "kernel", "s"), ("config", 17, "config", "s"), ("mma", 17, "mma", "s"), ("A", 2, "A", "s"),
+    ("kernel", 28, "kernel", "s"), ("config", 20, "config", "s"), ("mma", 17, "mma", "s"), ("A", 2, "A", "s"),
     ("cp.async/TMA/ld", 15, None, None), ("bufs", 5, None, None), ("regs", 4, "regs", "d"),
     ("spill", 5, "spill", "d"), ("smem KiB", 8, None, None), ("loop", 4, "loop_instr", "d"), ("bar", 3, "loop_bar", "d"),
     ("shfl", 4, "loop_shfl", "d"), ("x tut", 5, "x_tut", ".2f"), ("press", 5, "press", ".2f"), ("s", 4, "compile_s", ".1f"),
@@ -417,7 +418,7 @@ COLUMNS = [  # (title, width, key, format)
 
 def format_row(row):
     if "error" in row:
-        return f"{row['kernel'][:28]:28s} {row['config']:17s} ERROR {row['error']}"
+        return f"{row['kernel'][:28]:28s} {row['config']:20s} ERROR {row['error']}"
     cells = []
     for title, width, key, fmt in COLUMNS:
         if title == "cp.async/TMA/ld":
