@@ -439,9 +439,40 @@ def table(header, rows):
     lines = [f"# compile report: {header['problem']} {header['dtype']}, target {header['target']}, "
              f"triton {header['triton']}, ptxas {header['ptxas']}, torch {header['torch']}",
              f"# {header['figures']}"] + [f"# note: {note}" for note in header["notes"]]
+    if "code" in header:
+        lines.append(f"# code: {header['code']}")
     titles = " ".join(f"{t:{'<' if f == 's' else '>'}{w}s}" for t, w, _, f in COLUMNS)
     lines += [titles, "-" * len(titles)] + [format_row(row) for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def summary(rows):
+    """Per kernel over its configs: the best issue pressure (and where), the most spill bytes, bar.sync per iteration."""
+    kernels = {}
+    for row in rows:
+        if "error" not in row and not row["kernel"].startswith("tutorial"):
+            kernels.setdefault(row["kernel"], []).append(row)
+    lines = ["", "# per kernel, over its configs (compiler output)",
+             f"{'kernel':28s} {'configs':>7s} {'wgmma':>5s} {'max spill':>9s} {'max bar':>7s} {'max shfl':>8s} "
+             f"{'best press':>10s}  best config"]
+    for name, group in kernels.items():
+        pressed = [r for r in group if r.get("press") is not None]
+        best = min(pressed, key=lambda r: r["press"]) if pressed else None
+        worst = lambda key: max((r.get(key) or 0) for r in group)  # noqa: E731
+        wgmma = "all" if all(r["mma"].startswith("wgmma") for r in group) else (
+            "-" if not pressed else "NOT all")
+        lines.append(f"{name[:28]:28s} {len(group):7d} {wgmma:>5s} {worst('spill'):9d} {worst('loop_bar'):7d} "
+                     f"{worst('loop_shfl'):8d} {best['press'] if best else '-':>10}  {best['config'] if best else ''}")
+    return "\n".join(lines) + "\n"
+
+
+def write(stem, header, rows):
+    text = table(header, rows) + summary(rows)
+    with open(stem + ".txt", "w") as f:
+        f.write(text)
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(header=header, rows=rows), f, indent=1, ensure_ascii=False)
+    return text
 
 
 def main(argv=None) -> int:
@@ -454,7 +485,16 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default="", help="write the header and rows as JSON to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--out-dir", default="", help="write compile_report_sm<arch>_triton-<version>.{txt,json} here")
+    parser.add_argument("--from-json", default="", help="print (and with --out-dir rewrite) a saved report's table")
     args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        print(table(saved["header"], saved["rows"]) + summary(saved["rows"]))
+        if args.out_dir:
+            write(os.path.join(args.out_dir, os.path.basename(args.from_json)[:-len(".json")]), saved["header"],
+                  saved["rows"])
+        return 0
     M, K, N = (int(v) for v in args.shape.split(","))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     progress = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
@@ -468,16 +508,11 @@ def main(argv=None) -> int:
                 with open(args.json, "w") as f:
                     json.dump(dict(unavailable=str(reason)), f)
             return 0
-        text = table(header, rows)
-        print(text, flush=True)
+        print(table(header, rows) + summary(rows), flush=True)
         results.append(dict(header=header, rows=rows))
         if args.out_dir:
             os.makedirs(args.out_dir, exist_ok=True)
-            stem = os.path.join(args.out_dir, f"compile_report_sm{arch}_triton-{header['triton']}")
-            with open(stem + ".txt", "w") as f:
-                f.write(text)
-            with open(stem + ".json", "w") as f:
-                json.dump(dict(header=header, rows=rows), f, indent=1, ensure_ascii=False)
+            write(os.path.join(args.out_dir, f"compile_report_sm{arch}_triton-{header['triton']}"), header, rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results if len(results) > 1 else results[0], f, indent=1, ensure_ascii=False)

@@ -182,8 +182,8 @@ def _matmul_kernel(
     WRITE_PARTIALS: tl.constexpr,  # with GRAD_EPILOGUE: store the output's column sums (that layer's ∂C/∂b)
     ROW_SUMS: tl.constexpr,  # with A_PROLOGUE: store the row sums of δ (of δᵀ in the ∂C/∂W matmul: ∂C/∂b),
                              # summed in registers, reduced after the loop; needs BLOCK_K == SUM_BLOCK_K
-    EPILOGUE_SPLIT: tl.constexpr,  # the forward epilogue works on this many column slices of the tile, one at a
-                                   # time (1, 2 or 4): f and f' of a whole tile at once would spill registers
+    EPILOGUE_SPLIT: tl.constexpr,  # the epilogue (forward, or GRAD_EPILOGUE) works on this many column slices of
+                                   # the tile, one at a time (1, 2, 4 or 8): a whole large tile at once would spill
     PARTIAL_ROWS: tl.constexpr,  # rows per column-sum group; divides BLOCK_M
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -206,7 +206,6 @@ def _matmul_kernel(
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     mask_m = offs_m < M
-    mask_n = offs_n < N
     # Rows and columns past the edge are wrapped onto valid ones (Triton's matmul tutorial): the main
     # loop then masks only K, and what they compute is never stored.
     rows = offs_m % M
@@ -249,39 +248,48 @@ def _matmul_kernel(
         if pid_n == 0:  # every column tile has the same row sums; the first one stores them
             tl.store(row_sum_ptr + offs_m, row_sums, mask=mask_m)
 
-    if GRAD_EPILOGUE:
-        # Backward of a stack: acc = δₗ Wₗ = ∂C/∂Aₗ₋₁ (G of the layer below), so this tile of
-        # δₗ₋₁ = G ⊙ f'(Zₗ₋₁) is formed here instead of in a separate pass, with its column sums.
-        mask = mask_m[:, None] & mask_n[None, :]
-        saved_ptrs = saved_ptr + offs_m[:, None] * stride_s0 + offs_n[None, :] * stride_s1
-        out = _times_activation_grad(acc, saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
-        if WRITE_PARTIALS:
-            out = tl.where(mask, out, 0.0)  # the wrapped rows and columns must not reach the sums
-            _store_column_sums(out, partial_ptr, pid_m, offs_n, M, N, BLOCK_M, BLOCK_N, PARTIAL_ROWS)
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
-    elif A_PROLOGUE:
+    if A_PROLOGUE:
         # δ W or δᵀ X: f' was applied to the left factor, nothing is left to do.
         _forward_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, stride_bias, z_ptr, stride_zm, stride_zn, out_ptr,
                           stride_om, stride_on, False, act.IDENTITY, 0.0, False, False)
-    elif EPILOGUE_SPLIT == 1:
-        _forward_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, stride_bias, z_ptr, stride_zm, stride_zn, out_ptr,
-                          stride_om, stride_on, HAS_BIAS, ACTIVATION, NEGATIVE_SLOPE, WRITE_Z, F_PRIME_AS_Z)
     else:
-        # In column slices, one after the other, as Triton's tutorial 09 splits its epilogue.
+        # The epilogue in EPILOGUE_SPLIT column slices, one after the other, as Triton's tutorial 09 splits its
+        # own: f and f' (or f' and the column sums) of a whole large tile at once would spill registers.
         slice_n: tl.constexpr = BLOCK_N // EPILOGUE_SPLIT
-        left, right = _column_halves(acc)
-        if EPILOGUE_SPLIT == 2:
-            parts = (left, right)
+        if EPILOGUE_SPLIT == 1:
+            parts = (acc,)
         else:
-            left_left, left_right = _column_halves(left)
-            right_left, right_right = _column_halves(right)
-            parts = (left_left, left_right, right_left, right_right)
+            left, right = _column_halves(acc)
+            if EPILOGUE_SPLIT == 2:
+                parts = (left, right)
+            else:
+                q0, q1 = _column_halves(left)
+                q2, q3 = _column_halves(right)
+                if EPILOGUE_SPLIT == 4:
+                    parts = (q0, q1, q2, q3)
+                else:
+                    e0, e1 = _column_halves(q0)
+                    e2, e3 = _column_halves(q1)
+                    e4, e5 = _column_halves(q2)
+                    e6, e7 = _column_halves(q3)
+                    parts = (e0, e1, e2, e3, e4, e5, e6, e7)
         for i in tl.static_range(EPILOGUE_SPLIT):
             part_n = pid_n.to(tl.int64) * BLOCK_N + i * slice_n + tl.arange(0, slice_n)
-            _forward_epilogue(parts[i], offs_m, part_n, M, N, bias_ptr, stride_bias, z_ptr, stride_zm, stride_zn,
-                              out_ptr, stride_om, stride_on, HAS_BIAS, ACTIVATION, NEGATIVE_SLOPE, WRITE_Z,
-                              F_PRIME_AS_Z)
+            if GRAD_EPILOGUE:
+                # Backward of a stack: acc = δₗ Wₗ = ∂C/∂Aₗ₋₁ (G of the layer below), so this tile of
+                # δₗ₋₁ = G ⊙ f'(Zₗ₋₁) is formed here instead of in a separate pass, with its column sums.
+                mask = mask_m[:, None] & (part_n < N)[None, :]
+                saved_ptrs = saved_ptr + offs_m[:, None] * stride_s0 + part_n[None, :] * stride_s1
+                out = _times_activation_grad(parts[i], saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
+                if WRITE_PARTIALS:
+                    out = tl.where(mask, out, 0.0)  # the wrapped rows and columns must not reach the sums
+                    _store_column_sums(out, partial_ptr, pid_m, part_n, M, N, BLOCK_M, slice_n, PARTIAL_ROWS)
+                out_ptrs = out_ptr + offs_m[:, None] * stride_om + part_n[None, :] * stride_on
+                tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+            else:
+                _forward_epilogue(parts[i], offs_m, part_n, M, N, bias_ptr, stride_bias, z_ptr, stride_zm, stride_zn,
+                                  out_ptr, stride_om, stride_on, HAS_BIAS, ACTIVATION, NEGATIVE_SLOPE, WRITE_Z,
+                                  F_PRIME_AS_Z)
 
 
 @triton.jit
@@ -402,8 +410,8 @@ def matmul_configs() -> list:
     c = triton.Config
     return [
         # Large tiles: big bf16/fp16 problems on Hopper/Ampere.
-        c({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 4}, num_stages=3, num_warps=8),
-        c({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 4}, num_stages=3, num_warps=8),
+        c({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 8}, num_stages=3, num_warps=8),
+        c({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 8}, num_stages=3, num_warps=8),
         # Square, deep pipeline: the all-round choice.
         c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 2}, num_stages=4, num_warps=8),
         c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_SPLIT": 4}, num_stages=4, num_warps=4),
@@ -468,6 +476,9 @@ def _tuning_bucket(size: int) -> int:
 # test suites on a GPU, where tuning each of hundreds of small shapes would dominate.
 _UNTUNED_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_SPLIT": 4}
 _UNTUNED_LAUNCH = {"num_stages": 4, "num_warps": 4}
+# ... and for the ∂C/∂W matmul that forms ∂C/∂b: BLOCK_K = SUM_BLOCK_K, a tile that fits every GPU (fp32 too).
+_UNTUNED_ROW_SUMS_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 2}
+_UNTUNED_ROW_SUMS_LAUNCH = {"num_stages": 2, "num_warps": 4}
 
 
 def autotune_enabled() -> bool:
@@ -606,7 +617,9 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
         _autotuned_matmul()[grid](*args, **flags)
         return partials
     config, launch = fixed
-    if row_sums is not None:
+    if row_sums is not None and config is _UNTUNED_CONFIG:
+        config, launch = _UNTUNED_ROW_SUMS_CONFIG, _UNTUNED_ROW_SUMS_LAUNCH
+    elif row_sums is not None:
         config = dict(config, BLOCK_K=SUM_BLOCK_K)  # the row sums' fixed K step
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
     _matmul_kernel[grid](*args, **flags, **config, **launch)
