@@ -27,6 +27,9 @@ Columns (all of them compiler output, none a timing):
            an H100 SM's MMA clocks per iteration; the tutorial is 0.18-0.24 at its large tiles, and a loop
            above ~0.7 is bound by instruction issue rather than by the tensor cores (an estimate)
 
+Not yet covered: the forward-mode (jvp) tangent kernel, which does not exist on this branch; add its launcher
+to package_launches() when it lands.
+
 Triton's internals move between releases: what this needs is feature-detected; a missing piece
 skips its columns (or, without a compiler at all, the whole report) with the reason, never a crash.
 """

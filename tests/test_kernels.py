@@ -518,3 +518,19 @@ def test_autotuning_reuses_buckets_of_sizes(monkeypatch):
     # M = 8 * length runs from 8 to 32768: buckets 64, 128, ..., 32768 (10), for forward, ∂C/∂X and ∂C/∂W.
     assert tunings == 3 * 10, f"{tunings} tunings for 3 launches x 10 buckets"
     assert len(timer_calls) >= tunings, "each tuning timed its configs with the stub"
+
+
+def test_bias_grad_matmul_configs(monkeypatch):
+    """The ∂C/∂W matmul that forms ∂C/∂b tries only BLOCK_K == SUM_BLOCK_K (the sums' order) and BLOCK_N >= 128,
+    the large tile first."""
+    monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 232448)  # H100
+    a16 = torch.empty(4, 4, dtype=torch.bfloat16)
+    for activation in ("identity", "relu", "leaky_relu", "gelu", "tanh"):
+        act_id = manualbp.get_activation(activation).kernel_id
+        kept = dense._prune_configs(dense.matmul_configs(), {"a_ptr": a16}, ROW_SUMS=True, A_PROLOGUE=True,
+                                    USE_DOT=True, ACTIVATION=act_id)
+        assert kept, f"{activation}: some config"
+        assert all(c.kwargs["BLOCK_K"] == dense.SUM_BLOCK_K and c.kwargs["BLOCK_N"] >= 128 for c in kept), (
+            f"{activation}: BLOCK_K and BLOCK_N")
+        first = kept[0].kwargs
+        assert (first["BLOCK_M"], first["BLOCK_N"]) == (128, 256), f"{activation}: 128x256 first"
