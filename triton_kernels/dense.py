@@ -81,13 +81,13 @@ def _times_activation_grad(grad_a, saved_ptrs, mask, ACTIVATION: tl.constexpr, N
     if ACTIVATION == act.IDENTITY:
         return grad_a  # f' = 1: nothing to read
     saved = tl.load(saved_ptrs, mask=mask, other=0.0).to(grad_a.dtype)
+    # Masked entries stay 0 (G is 0 there).
     if SAVED_KIND == SAVED_F_PRIME:
-        f_prime = saved
+        return grad_a * saved
     elif SAVED_KIND == SAVED_A:
-        f_prime = act.f_grad_from_output(saved, ACTIVATION, NEGATIVE_SLOPE)
+        return act.delta_from_output(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE)
     else:
-        f_prime = act.f_grad(saved, ACTIVATION, NEGATIVE_SLOPE)
-    return grad_a * f_prime  # masked entries stay 0 (G is 0 there)
+        return act.delta(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE)
 
 
 @triton.jit
