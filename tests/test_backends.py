@@ -104,11 +104,9 @@ def test_import_without_triton():
     result = _run(
         """
         import sys
-        class BlockTriton:
-            def find_spec(self, name, path=None, target=None):
-                if name == "triton" or name.startswith("triton."):
-                    raise ImportError("No module named 'triton' (blocked for this test)")
-        sys.meta_path.insert(0, BlockTriton())
+        # As if not installed: `import triton` raises ImportError and importlib.util.find_spec("triton")
+        # returns None (torch >= 2.14 asks find_spec at import; a finder that raised there would break torch).
+        sys.modules["triton"] = None
         import torch, manualbp
         from manualbp import functional as F
         layer = manualbp.Linear(4, 2, activation="gelu")
@@ -119,7 +117,8 @@ def test_import_without_triton():
             F.linear(torch.randn(3, 4), layer.weight, backend="triton")
         except RuntimeError as error:
             print("triton error:", error)
-        print("triton imported:", "triton" in sys.modules)
+        print("triton imported:", any(sys.modules.get(name) is not None for name in sys.modules
+                                      if name == "triton" or name.startswith("triton.")))
         """,
         TRITON_INTERPRET="1",
         MANUALBP_BACKEND=None,
