@@ -12,6 +12,8 @@ import manualbp
 from manualbp import backends
 from manualbp import functional as F
 
+pytestmark = pytest.mark.stacks  # in the subset CI runs on the pinned stacks (pyproject.toml)
+
 
 def _run(code: str, **env_changes) -> subprocess.CompletedProcess:
     """Run a fresh Python with the given environment changes (None removes a variable)."""

@@ -14,6 +14,8 @@ from torch import nn
 import manualbp
 from manualbp import backends, ops
 
+pytestmark = pytest.mark.stacks  # in the subset CI runs on the pinned stacks (pyproject.toml)
+
 OPS = torch.ops.manualbp
 # The GPU where there is one (compiled kernels), else the CPU (the kernels through the interpreter).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,6 +5,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.stacks  # in the subset CI runs on the pinned stacks (pyproject.toml)
+
 
 def test_foreign_triton_kernels_package_does_not_shadow(tmp_path):
     """A different `triton_kernels` first on sys.path (like Triton's own kernel library) stays separate."""
