@@ -404,9 +404,10 @@ def _input_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=None)
 def fp64_dot_supported(device: torch.device) -> bool:
-    """Whether tl.dot compiles and is exact for float64 on this device (probed once)."""
-    if is_interpreted():
-        return True  # numpy matmul
+    """Whether tl.dot compiles and is exact for float64 on this device (probed once).
+
+    Probed in the interpreter too: Triton 3.3's interpreter refuses a float64 tl.dot.
+    """
     a = torch.randn(16, 16, dtype=torch.float64, device=device)
     b = torch.randn(16, 16, dtype=torch.float64, device=device)
     out = torch.empty(16, 16, dtype=torch.float64, device=device)
