@@ -92,17 +92,13 @@ def _times_activation_grad(grad_a, saved_ptrs, mask, ACTIVATION: tl.constexpr, N
     """
     if ACTIVATION == act.IDENTITY:
         return grad_a  # f' = 1: nothing to read
-    saved = tl.load(saved_ptrs, mask=mask, other=0.0)
+    saved = tl.load(saved_ptrs, mask=mask, other=0.0).to(grad_a.dtype)
     if SAVED_KIND == SAVED_F_PRIME:
-        delta = grad_a * saved.to(grad_a.dtype)
-    elif ACTIVATION == act.RELU:
-        delta = tl.where(saved <= 0, tl.zeros_like(grad_a), grad_a)
-    elif ACTIVATION == act.LEAKY_RELU:
-        delta = tl.where(saved > 0, grad_a, grad_a * tl.full(grad_a.shape, NEGATIVE_SLOPE, grad_a.dtype))
+        delta = grad_a * saved
     elif SAVED_KIND == SAVED_A:
-        delta = grad_a * act.f_grad_from_output(saved.to(grad_a.dtype), ACTIVATION, NEGATIVE_SLOPE)
+        delta = act.delta_from_output(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE)
     else:
-        delta = grad_a * act.f_grad(saved.to(grad_a.dtype), ACTIVATION, NEGATIVE_SLOPE)
+        delta = act.delta(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE)
     return delta  # masked entries stay 0 (G is 0 there)
 
 
@@ -526,9 +522,10 @@ def _input_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=None)
 def fp64_dot_supported(device: torch.device) -> bool:
-    """Whether tl.dot compiles and is exact for float64 on this device (probed once)."""
-    if is_interpreted():
-        return True  # numpy matmul
+    """Whether tl.dot compiles and is exact for float64 on this device (probed once).
+
+    Probed in the interpreter too: Triton 3.3's interpreter refuses a float64 tl.dot.
+    """
     a = torch.randn(16, 16, dtype=torch.float64, device=device)
     b = torch.randn(16, 16, dtype=torch.float64, device=device)
     out = torch.empty(16, 16, dtype=torch.float64, device=device)
