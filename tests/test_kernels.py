@@ -289,13 +289,13 @@ def test_autotune_pruning_respects_shared_memory(monkeypatch):
 def test_which_launches_autotune(monkeypatch):
     """On a GPU only fp32/fp16/bf16 tl.dot matmuls autotune, unless MANUALBP_AUTOTUNE=0 fixes the tile."""
     monkeypatch.setattr(dense, "is_interpreted", lambda: False)
-    monkeypatch.delenv("MANUALBP_AUTOTUNE", raising=False)
+    manualbp.config.set(autotune=True)
     assert dense._fixed_config(fp64=False, use_dot=True) is None, "GPU half/fp32: autotuned"
     assert dense._fixed_config(fp64=True, use_dot=True)[0] == dense._FP64_CONFIG, "fp64: fixed tile"
     assert dense._fixed_config(fp64=True, use_dot=False)[0] == dense._FP64_FMA_CONFIG, "fp64 FMA fallback"
-    monkeypatch.setenv("MANUALBP_AUTOTUNE", "0")
+    manualbp.config.set(autotune=False)
     assert dense._fixed_config(fp64=False, use_dot=True) == (dense._UNTUNED_CONFIG, dense._UNTUNED_LAUNCH), (
-        "MANUALBP_AUTOTUNE=0: one fixed tile"
+        "autotune off: one fixed tile"
     )
     monkeypatch.setattr(dense, "is_interpreted", lambda: True)
     assert dense._fixed_config(fp64=False, use_dot=True)[0] == dense._INTERPRETER_CONFIG, "interpreter"

@@ -35,12 +35,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import config
 from . import activations as act
 
 # --------------------------------------------------------------------------------------
@@ -478,8 +478,8 @@ _UNTUNED_ROW_SUMS_LAUNCH = {"num_stages": 2, "num_warps": 4}
 
 
 def autotune_enabled() -> bool:
-    """False when the environment sets MANUALBP_AUTOTUNE=0."""
-    return os.environ.get("MANUALBP_AUTOTUNE", "1") != "0"
+    """manualbp.config's autotune setting (MANUALBP_AUTOTUNE=0 at import, or config.set(autotune=False))."""
+    return config.get().autotune
 
 
 # Sizes by bucket, and every flag that changes the kernel's work or shared memory; Triton adds the tensors' dtypes.
