@@ -38,11 +38,12 @@ from typing import Optional
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
+from torch._functorch.utils import unwrap_dead_wrappers  # what Function.apply does first
 
 from . import ops, reference
 from .activations import Activation
 
-_OPS = torch.ops.manualbp
+_OPS = ops.calls  # torch.ops.manualbp.*, without the dispatcher in plain eager code
 
 
 def saved_kind(backend: str, activation: Activation) -> Optional[str]:
@@ -169,9 +170,13 @@ class LinearFunction(torch.autograd.Function):
             )
         else:
             needs = [needs_grad_x, needs_grad_weight, needs_grad_bias]
-            grads = _OPS.linear_backward(grad_a, x, weight_for_x, saved, activation.name, activation.kernel_slope,
-                                         ctx.kind or "z", needs, ctx.backend)
-            grad_x, grad_weight, grad_bias = (grad if need else None for grad, need in zip(grads, needs))
+            grad_x, grad_weight, grad_bias = _OPS.linear_backward(
+                grad_a, x, weight_for_x, saved, activation.name, activation.kernel_slope, ctx.kind or "z", needs,
+                ctx.backend)
+            # An output not asked for is a placeholder [0]: autograd wants None there.
+            grad_x = grad_x if needs_grad_x else None
+            grad_weight = grad_weight if needs_grad_weight else None
+            grad_bias = grad_bias if needs_grad_bias else None
         return grad_x, grad_weight, grad_bias, None, None, None
 
     @staticmethod
@@ -196,3 +201,17 @@ class TracedLinearFunction(LinearFunction):
 def linear_function():
     """The Function a call should apply: LinearFunction, or its traceable twin while torch.compile traces."""
     return TracedLinearFunction if torch.compiler.is_compiling() else LinearFunction
+
+
+def apply(function, *args):
+    """``function.apply(*args)``, without torch's per-call argument binding in plain eager code.
+
+    Once a Function defines setup_context, ``Function.apply`` binds every call's arguments
+    to forward's signature (``inspect.signature(...).bind``, about 15 µs, more than a small
+    layer's math) only to fill in default values. manualbp's forwards have none and are
+    called positionally (tests/test_overhead.py checks both), so outside torch.func and
+    torch.compile this calls what ``Function.apply`` then calls, as it calls it.
+    """
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return super(torch.autograd.Function, function).apply(*unwrap_dead_wrappers(args))

@@ -10,9 +10,9 @@ from torch import Tensor
 
 from . import backends, ops  # noqa: F401 - ops registers the operators
 from .activations import Activation, get_activation
-from .function import forward_mode_active, forward_save, linear_function
+from .function import apply, forward_mode_active, forward_save, linear_function
 
-_OPS = torch.ops.manualbp
+_OPS = ops.calls
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -154,7 +154,7 @@ def linear(
     x = as_rows(input)
     with context:
         if differentiable(input, weight, bias):
-            a, _ = linear_function().apply(x, weight, bias, activation, name, forward_save(name, activation))
+            a, _ = apply(linear_function(), x, weight, bias, activation, name, forward_save(name, activation))
         else:  # no_grad / inference_mode / nothing requires grad: compute A only, keep nothing
             a, _ = _OPS.linear_forward(x, weight, bias, activation.name, activation.kernel_slope, "", name)
     return from_rows(a, input)

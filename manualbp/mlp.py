@@ -17,12 +17,15 @@ builds that nn.Sequential.
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Union
 
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_globals  # the global module hooks
 
 from . import backends, config
 from .activations import Activation, get_activation, torch_module
+from .function import apply
 from .functional import as_rows, differentiable, enter, from_rows
 from .mlp_function import forward_stack, mlp_function
 from .modules import Linear
@@ -57,7 +60,7 @@ def mlp(
     with context:
         if differentiable(input, *weights, *biases):
             params = [t for pair in zip(weights, biases) for t in pair]  # w0, b0, w1, b1, ...
-            output = mlp_function().apply(x, activations, bool(recompute), name, *params)[0]
+            output = apply(mlp_function(), x, activations, bool(recompute), name, *params)[0]
         else:  # no_grad / inference_mode / nothing requires grad: keep nothing
             output, _ = forward_stack(name, x, weights, biases, activations, recompute, save=False)
     return from_rows(output, input)
@@ -76,18 +79,15 @@ def _check_sizes(sizes) -> List[int]:
     return sizes
 
 
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether module has forward or backward hooks of its own, or global module hooks are registered."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or _module_globals._global_forward_hooks
+                or _module_globals._global_forward_pre_hooks or _module_globals._global_backward_hooks
+                or _module_globals._global_backward_pre_hooks)
 
 
-def _has_hooks(module: Optional[nn.Module]) -> bool:
-    """Whether module has hooks of its own (None: whether global module hooks are registered)."""
-    if module is None:
-        from torch.nn.modules import module as module_globals
-
-        return any(len(getattr(module_globals, f"_global{name}", ())) for name in _HOOKS)
-    return any(len(getattr(module, name, ())) for name in _HOOKS)
-
-
+@functools.lru_cache(maxsize=None)
 def _dtensor_type():
     try:
         from torch.distributed.tensor import DTensor
@@ -157,10 +157,9 @@ class MLP(nn.Module):
     def _per_layer(self, layers: List[Linear]) -> bool:
         # Hooks on a layer (tensor parallel, FSDP2's fully_shard per layer, user hooks) and DTensor
         # parameters need each layer called as a module: the fused stack reads parameters directly.
-        if any(_has_hooks(layer) for layer in layers) or _has_hooks(None):
-            return True
-        dtensor = _dtensor_type()  # looked up once per call, not per parameter
-        return any(isinstance(p, dtensor) for layer in layers for p in (layer.weight, layer.bias))
+        dtensor = _dtensor_type()
+        return any(_has_hooks(layer) or isinstance(layer.weight, dtensor) or isinstance(layer.bias, dtensor)
+                   for layer in layers)
 
     def forward(self, input: Tensor) -> Tensor:
         layers = self.layers

@@ -36,10 +36,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import config, function, reference
+from . import config, function, ops, reference
 from .activations import Activation
 
-_OPS = torch.ops.manualbp
+_OPS = ops.calls  # torch.ops.manualbp.*, without the dispatcher in plain eager code
 
 
 def _needs_z(activation: Activation) -> bool:

@@ -36,6 +36,7 @@ import functools
 from typing import List, Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from . import backends, config, reference
@@ -65,13 +66,14 @@ def _placeholder(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
-def _check_choice(op: str, argument: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"manualbp::{op}: {argument} must be one of {list(allowed)}, got {value!r}")
+def _bad_choice(op: str, argument: str, value, allowed: Sequence[str]):
+    return ValueError(f"manualbp::{op}: {argument} must be one of {list(allowed)}, got {value!r}")
 
 
+# The checks below run on every call: a plain test first, the message only on failure.
 def _check_backend(op: str, backend: str) -> None:
-    _check_choice(op, "backend", backend, ("triton", "reference"))
+    if backend != "triton" and backend != "reference":
+        raise _bad_choice(op, "backend", backend, ("triton", "reference"))
 
 
 def _check_linear(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
@@ -79,12 +81,13 @@ def _check_linear(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) ->
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"manualbp::{op}: expected x [M, K] and weight [N, K], got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"manualbp::{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
 def _check_saved(op: str, act: Activation, saved: Optional[Tensor], saved_kind: str) -> None:
-    _check_choice(op, "saved_kind", saved_kind, SAVED_KINDS)
+    if saved_kind not in SAVED_KINDS:
+        raise _bad_choice(op, "saved_kind", saved_kind, SAVED_KINDS)
     if act.name == "identity":
         return
     if saved is None:
@@ -109,7 +112,8 @@ def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activatio
                     negative_slope: float, save: str, backend: str) -> tuple[Tensor, Tensor]:
     """A = f(X Wᵀ + b) [M, N] and, as save says, Z or f'(Z) [M, N] (or [0])."""
     _check_linear("linear_forward", x, weight, bias)
-    _check_choice("linear_forward", "save", save, SAVES)
+    if save not in SAVES:
+        raise _bad_choice("linear_forward", "save", save, SAVES)
     _check_backend("linear_forward", backend)
     act = activation(activation_name, negative_slope)
     if backend == "triton":
@@ -125,7 +129,8 @@ def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activatio
 
 def _linear_forward_fake(x, weight, bias, activation_name, negative_slope, save, backend):
     _check_linear("linear_forward", x, weight, bias)
-    _check_choice("linear_forward", "save", save, SAVES)
+    if save not in SAVES:
+        raise _bad_choice("linear_forward", "save", save, SAVES)
     rows, columns = x.shape[0], weight.shape[0]
     return x.new_empty((rows, columns)), x.new_empty((rows, columns) if save else (0,))
 
@@ -288,6 +293,71 @@ matmul_times_activation_grad = _register("matmul_times_activation_grad", _matmul
                                          _matmul_times_activation_grad_fake)
 OPERATORS = (linear_forward, linear_backward, linear_jvp, activation_forward, delta, matmul,
              matmul_times_activation_grad)
+
+# --------------------------------------------------------------------------------------
+# How manualbp's own code calls the operators
+# --------------------------------------------------------------------------------------
+
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_FUNCTORCH = torch._C._functorch
+
+
+def _is_wrapped(t: Tensor) -> bool:
+    # functorch's batched/grad/functional wrappers, and the legacy vmap's (gradcheck's batched gradients)
+    return _FUNCTORCH.is_functorch_wrapped_tensor(t) or _FUNCTORCH.is_legacy_batchedtensor(t)
+
+
+def _dispatch_free(args) -> bool:
+    """Whether the dispatcher would do nothing for this call but run the implementation.
+
+    True only in plain eager code: not tracing or compiling, no torch.func transform, no
+    forward-mode level, no dispatch or function mode (FakeTensorMode, FlopCounterMode,
+    CommDebugMode, a default-device context...), no profiler, and every tensor a plain
+    strided tensor (not a DTensor, fake, meta, functorch-wrapped or other subclass). Then the
+    dispatcher's own work (the autograd fallback, redispatch, alias checks: about 10 µs a
+    call, more than a small layer's math) buys nothing.
+    """
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or forward_ad._current_level >= 0 or torch.autograd.profiler._is_profiler_enabled):
+        return False
+    for arg in args:
+        if isinstance(arg, Tensor) and (type(arg) not in _PLAIN_TYPES or arg.is_meta or arg.layout != torch.strided
+                                        or _is_wrapped(arg)):
+            return False
+    return True
+
+
+def _caller(operator, implementation):
+    overload = operator._opoverload
+
+    def call(*args):
+        if _dispatch_free(args):
+            return implementation(*args)
+        return overload(*args)
+
+    call.__name__ = call.__qualname__ = operator._opoverload._schema.name.split("::")[-1]
+    call.__doc__ = f"torch.ops.{overload._schema.name.replace('::', '.')}, straight to its implementation where " \
+                   f"the dispatcher would add nothing (see _dispatch_free)."
+    return call
+
+
+class calls:  # noqa: N801 - a namespace, used as ops.calls.linear_forward(...) like torch.ops.manualbp.*
+    """The operators as manualbp's Functions call them (positional arguments only).
+
+    The same operators, the same results: plain eager calls skip the dispatcher
+    (:func:`_dispatch_free`), everything else (torch.compile, torch.export, torch.func,
+    fake and meta tensors, DTensor, FlopCounterMode, the profiler) goes through it.
+    """
+
+    linear_forward = staticmethod(_caller(linear_forward, _linear_forward))
+    linear_backward = staticmethod(_caller(linear_backward, _linear_backward))
+    linear_jvp = staticmethod(_caller(linear_jvp, _linear_jvp))
+    activation_forward = staticmethod(_caller(activation_forward, _activation_forward))
+    delta = staticmethod(_caller(delta, _delta))
+    matmul = staticmethod(_caller(matmul, _matmul))
+    matmul_times_activation_grad = staticmethod(_caller(matmul_times_activation_grad,
+                                                        _matmul_times_activation_grad))
 
 # --------------------------------------------------------------------------------------
 # vmap rules
