@@ -299,12 +299,9 @@ OPERATORS = (linear_forward, linear_backward, linear_jvp, activation_forward, de
 # --------------------------------------------------------------------------------------
 
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
-_FUNCTORCH = torch._C._functorch
-
-
-def _is_wrapped(t: Tensor) -> bool:
-    # functorch's batched/grad/functional wrappers, and the legacy vmap's (gradcheck's batched gradients)
-    return _FUNCTORCH.is_functorch_wrapped_tensor(t) or _FUNCTORCH.is_legacy_batchedtensor(t)
+# functorch's batched/grad/functional wrappers, and the legacy vmap's (gradcheck's batched gradients)
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)  # absent: no legacy vmap
 
 
 def _dispatch_free(args) -> bool:
@@ -323,7 +320,7 @@ def _dispatch_free(args) -> bool:
         return False
     for arg in args:
         if isinstance(arg, Tensor) and (type(arg) not in _PLAIN_TYPES or arg.is_meta or arg.layout != torch.strided
-                                        or _is_wrapped(arg)):
+                                        or _is_functorch_wrapped(arg) or _is_legacy_batched(arg)):
             return False
     return True
 
