@@ -35,6 +35,7 @@ eager code, torch.func and torch.compile all run the same Function.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import List, Optional, Sequence
 
@@ -519,4 +520,19 @@ def _register_decompositions() -> Optional[str]:
     return None
 
 
-DECOMPOSITIONS_MISSING = _register_decompositions()
+_NOT_REGISTERED = _register_decompositions()
+
+
+@functools.lru_cache(maxsize=None)
+def decompositions_unavailable() -> Optional[str]:
+    """Why ``run_decompositions()`` would keep manualbp operators on this PyTorch, or None where it removes them.
+
+    Checked once, lazily: building export's default table walks every operator PyTorch knows.
+    """
+    if _NOT_REGISTERED is not None:
+        return _NOT_REGISTERED
+    default_decompositions = getattr(torch.export, "default_decompositions", None)
+    if default_decompositions is None or linear_forward._opoverload not in default_decompositions():
+        return ("this PyTorch's default export decomposition table does not take a custom operator's "
+                "CompositeImplicitAutograd kernel")
+    return None

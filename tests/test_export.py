@@ -34,8 +34,8 @@ def require(backend: str, dtype=torch.float32) -> None:
     reason = backends.triton_unavailable_reason(torch.device("cpu"), dtype)
     if backend == "triton" and reason is not None:
         pytest.skip(f"triton backend unavailable: {reason}")
-    if ops.DECOMPOSITIONS_MISSING is not None:
-        pytest.skip(f"no export decompositions on this PyTorch: {ops.DECOMPOSITIONS_MISSING}")
+    if ops.decompositions_unavailable() is not None:
+        pytest.skip(f"no export decompositions on this PyTorch: {ops.decompositions_unavailable()}")
 
 
 def three_layers(backend: str, dtype=torch.float32) -> nn.Sequential:
