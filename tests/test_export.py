@@ -102,6 +102,25 @@ def test_export_dynamic_batch_and_sequence_then_decompose(backend, strict):
                                     plain.double()(x.double()))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decomposed_program_trains_like_the_reverted_model(backend):
+    """An exported program has no backward of its own: through manualbp's operators a backward raises (no
+    autograd formula); decomposed, autograd differentiates the aten ops, as for the reverted model."""
+    require(backend)
+    model = three_layers(backend).train()
+    x = torch.randn(4, 8)
+    program = torch.export.export(model, (x,))
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        program.module()(x).sum().backward()
+    decomposed = program.run_decompositions().module()
+    plain = torch_twin(model)
+    for module in (decomposed, plain):
+        module.zero_grad(set_to_none=True)
+        module(x).square().sum().backward()
+    for (name, ours), theirs in zip(decomposed.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(ours.grad, theirs.grad, msg=lambda m: f"d{name}: {m}")
+
+
 class EveryOperator(nn.Module):
     """Calls each of the seven operators once; x [M, K], weight [N, K] with N = K so that every saved fits."""
 
