@@ -234,7 +234,8 @@ def _triton_version():
         return "not installed"
 
 
-def plot(rows, path):
+def pyplot(path):
+    """matplotlib.pyplot on the Agg backend, or None (said so) where matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -242,6 +243,13 @@ def plot(rows, path):
         import matplotlib.pyplot as plt
     except ImportError:
         print(f"(matplotlib not installed: no plot; pip install matplotlib to get {path})")
+        return None
+    return plt
+
+
+def plot(rows, path):
+    plt = pyplot(path)
+    if plt is None:
         return
     wanted = [r for r in rows if r["impl"].startswith("manualbp") and r["mode"] == "fwd+bwd"]
     if not wanted:
@@ -260,6 +268,24 @@ def plot(rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     print(f"plot: {path}")
+
+
+def pick_device(parser, name: str) -> torch.device:
+    """--device: 'auto' (cuda if available), 'cuda' or 'cpu'; a parser error for cuda without CUDA."""
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                          ("cpu" if name == "auto" else name))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    return device
+
+
+def check_choices(parser, what: str, text: str, allowed) -> list:
+    """The comma list text, each entry one of allowed; else a parser error naming the bad entry."""
+    names = text.split(",")
+    for name in names:
+        if name not in allowed:
+            parser.error(f"unknown {what} {name!r}; expected {list(allowed)}")
+    return names
 
 
 def _report_failure(problem, dtype_name, mode, impl, error) -> None:
@@ -281,21 +307,12 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default=None, help="file name stem (default: from the device name)")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
-    for name in args.dtypes.split(","):
-        if name not in DTYPES:
-            parser.error(f"unknown dtype {name!r}; expected {list(DTYPES)}")
+    device = pick_device(parser, args.device)
+    check_choices(parser, "dtype", args.dtypes, DTYPES)
     if args.impls is None:
         args.impls = ",".join(IMPLS) if device.type == "cuda" else "cublas,eager,manualbp,manualbp-recompute"
-    for name in args.impls.split(","):
-        if name not in IMPLS:
-            parser.error(f"unknown impl {name!r}; expected {list(IMPLS)}")
-    for name in args.modes.split(","):
-        if name not in MODES:
-            parser.error(f"unknown mode {name!r}; expected {list(MODES)}")
+    check_choices(parser, "impl", args.impls, IMPLS)
+    check_choices(parser, "mode", args.modes, MODES)
     rep_ms = args.rep_ms or (100 if device.type == "cuda" else 300)
     if device.type == "cuda":
         manualbp.set_backend("triton")

@@ -65,17 +65,17 @@ def identity_delta(grad_a: Tensor, z: Tensor) -> Tensor:
 identity_delta_from_output = identity_delta
 
 
-# relu: f(z) = max(z, 0), f'(z) = [z > 0]  (0 at z = 0, as PyTorch)
+# relu: f(z) = max(z, 0), f'(z) = 0 where z <= 0, else 1  (0 at z = 0; 1 at NaN, where PyTorch passes G through)
 def relu(z: Tensor) -> Tensor:
     return torch.relu(z)
 
 
 def relu_grad(z: Tensor) -> Tensor:
-    return (z > 0).to(z.dtype)
+    return (~(z <= 0)).to(z.dtype)
 
 
 def relu_grad_from_output(a: Tensor) -> Tensor:
-    return (a > 0).to(a.dtype)  # a > 0 exactly when z > 0
+    return (~(a <= 0)).to(a.dtype)  # a <= 0 exactly when z <= 0; a is NaN exactly when z is
 
 
 def relu_delta(grad_a: Tensor, z: Tensor) -> Tensor:

@@ -79,21 +79,27 @@ def _interpreting() -> bool:
 
 def triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """Why the Triton kernels cannot run tensors of this device and dtype, or None if they can."""
+    return _unavailable_reason(device.type, dtype, _interpreting())
+
+
+@functools.lru_cache(maxsize=None)
+def _unavailable_reason(device_type: str, dtype: torch.dtype, interpreting: bool) -> Optional[str]:
+    # Cached: resolve() asks on every call under 'auto'. What the answer depends on beyond the
+    # arguments (Triton importable, CUDA present) does not change within a process.
     reason = _triton_import_error()
     if reason is not None:
         return reason
-    interpreting = _interpreting()
-    if device.type == "cuda":
+    if device_type == "cuda":
         if not torch.cuda.is_available():
             return "CUDA tensors were given but torch.cuda is not available"
-    elif device.type == "cpu":
+    elif device_type == "cpu":
         if not interpreting:
             return (
                 "the Triton kernels run on CUDA tensors, or on CPU tensors through Triton's interpreter: "
                 "set TRITON_INTERPRET=1 in the environment before manualbp's kernels are first used"
             )
     else:
-        return f"the Triton kernels do not run on {device.type!r} tensors (CUDA, or CPU with TRITON_INTERPRET=1)"
+        return f"the Triton kernels do not run on {device_type!r} tensors (CUDA, or CPU with TRITON_INTERPRET=1)"
     if interpreting and dtype == torch.bfloat16:
         return "Triton's CPU interpreter (TRITON_INTERPRET=1) cannot compute in bfloat16"
     return None

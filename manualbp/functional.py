@@ -93,13 +93,14 @@ def enter(input, weights: Sequence, biases: Sequence, backend: Optional[str]):
     context manager to run the layer in (autocast off after the cast, as in nn.Linear's matmul).
     """
     weights, biases = list(weights), list(biases)
-    cast_to = None
-    if isinstance(input, Tensor) and all(isinstance(w, Tensor) for w in weights):
-        cast_to = _autocast_dtype(input.device.type)
-        if cast_to is not None:
-            input = _autocast(input, cast_to)
-            weights = [_autocast(w, cast_to) for w in weights]
-            biases = [_autocast(b, cast_to) for b in biases]
+    # Autocast first asked (cheap), the weights' types only under autocast: this runs on every call.
+    cast_to = _autocast_dtype(input.device.type) if isinstance(input, Tensor) else None
+    if cast_to is not None and all(isinstance(w, Tensor) for w in weights):
+        input = _autocast(input, cast_to)
+        weights = [_autocast(w, cast_to) for w in weights]
+        biases = [_autocast(b, cast_to) for b in biases]
+    else:
+        cast_to = None
     check_layers(input, weights, biases)
     name = backends.resolve(backend, input.device, input.dtype)
     context = torch.autocast(input.device.type, enabled=False) if cast_to is not None else contextlib.nullcontext()
@@ -116,8 +117,10 @@ def differentiable(*tensors: Optional[Tensor]) -> bool:
     """
     if ops.exporting():
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return True
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return True
     return forward_mode_active()
 
 

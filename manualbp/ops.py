@@ -55,8 +55,13 @@ SAVED_KINDS = ("a", "z", "f_prime")
 _SELECT_FROM_Z = ("identity", "relu", "leaky_relu")
 
 
+@functools.lru_cache(maxsize=None)
 def activation(name: str, negative_slope: float) -> Activation:
-    """The Activation an operator's (name, negative_slope) arguments describe."""
+    """The Activation an operator's (name, negative_slope) arguments describe.
+
+    Cached: every operator call needs it, and building the (frozen) Activation costs more
+    than a small layer's matmul. A bad name or slope raises every time (errors are not cached).
+    """
     return get_activation(name, negative_slope=negative_slope) if name == "leaky_relu" else get_activation(name)
 
 
@@ -480,10 +485,12 @@ _register_sharding()
 # --------------------------------------------------------------------------------------
 
 
+_IS_EXPORTING = getattr(torch.compiler, "is_exporting", None)  # looked up once: every layer call asks
+
+
 def exporting() -> bool:
     """Whether torch.export is tracing (or decomposing) now; False on a PyTorch without the flag."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting and is_exporting())
+    return _IS_EXPORTING is not None and _IS_EXPORTING()
 
 
 def _decomposition(implementation):
@@ -510,7 +517,7 @@ def _decomposition(implementation):
 def _register_decompositions() -> Optional[str]:
     """Registers every operator's decomposition; returns why not where this PyTorch cannot (else None)."""
     dispatch_key = getattr(torch._C.DispatchKey, "CompositeImplicitAutograd", None)
-    if getattr(torch.compiler, "is_exporting", None) is None or dispatch_key is None:
+    if _IS_EXPORTING is None or dispatch_key is None:
         return "this PyTorch has no torch.compiler.is_exporting: the decompositions could not tell export from eager"
     for op in OPERATORS:
         overload = op._opoverload

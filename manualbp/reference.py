@@ -93,6 +93,9 @@ def differentiable_delta(grad_a: Tensor, saved: Optional[Tensor], activation: Ac
     """δ = G ⊙ f'(Z) in differentiable torch ops (double backward): f' by its formula from A or Z, then the product."""
     if activation.name == "identity":
         return grad_a
+    if activation.name == "relu":
+        # A select, as PyTorch's threshold_backward (and the kernels): G * 0 would turn an inf or NaN G into NaN.
+        return torch.where(saved <= 0, torch.zeros_like(grad_a), grad_a)
     return _times(grad_a, activation_grad(activation, saved, kind))
 
 

@@ -8,6 +8,8 @@ from manualbp import functional as F
 
 from checks import run_and_grad, torch_dense
 
+pytestmark = pytest.mark.stacks  # in the subset CI runs on the pinned stacks (pyproject.toml)
+
 # (name, options): every activation, and leaky_relu with a negative slope (its f' then needs z).
 CASES = [(name, {}) for name in manualbp.ACTIVATIONS] + [("leaky_relu", {"negative_slope": -0.5}),
                                                           ("leaky_relu", {"negative_slope": 0.0})]

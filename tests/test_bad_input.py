@@ -7,6 +7,8 @@ import torch
 import manualbp
 from manualbp import functional as F
 
+pytestmark = pytest.mark.stacks  # in the subset CI runs on the pinned stacks (pyproject.toml)
+
 
 @pytest.fixture
 def no_kernels(monkeypatch):

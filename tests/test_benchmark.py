@@ -61,3 +61,36 @@ def test_matmul_ceiling_script_runs_in_the_interpreter(capsys):
     errors = {r[0]: float(r[-2]) for r in rows}  # the Triton kernel's max relative error vs float64
     assert errors["fp32"] < 1e-5, f"fp32 error {errors['fp32']}"
     assert errors["fp16"] < 1e-2, f"fp16 error {errors['fp16']}"
+
+
+def _load_overhead():
+    spec = importlib.util.spec_from_file_location("bench_overhead", ROOT / "benchmarks" / "bench_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_overhead_run_writes_csv_rows(tmp_path, capsys):
+    bench = _load_overhead()
+    rc = bench.main(["--device", "cpu", "--rounds", "5", "--calls", "1", "--out-dir", str(tmp_path), "--tag", "test"])
+    assert rc == 0, "exit status"
+    printed = capsys.readouterr().out
+    assert "# manualbp call-overhead benchmark" in printed and "torch" in printed, "header with versions"
+    rows = list(csv.DictReader(open(tmp_path / "bench_overhead_test.csv")))
+    cases = sorted((r["problem"], r["mode"], r["impl"]) for r in rows)
+    expected = sorted([(p, m, i) for p in ("linear", "mlp") for m in ("fwd", "fwd+bwd") for i in ("nn", "manualbp")]
+                      + [("op", "fwd", "nn"), ("op", "fwd", "custom_op"), ("op", "fwd", "manualbp")])
+    assert cases == expected, f"rows: {cases}"
+    for row in rows:
+        assert float(row["median_us"]) > 0, "median time"
+        assert row["backend"] == "reference", "the CPU times the reference backend"
+        if row["impl"] == "nn":
+            assert float(row["ratio_to_nn"]) == pytest.approx(1.0), "nn's ratio to itself"
+
+
+def test_overhead_call_chain_reaches_the_reference(capsys):
+    bench = _load_overhead()
+    assert bench.main(["--device", "cpu", "--depth"]) == 0, "exit status"
+    frames = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert frames[0] == "manualbp/modules.py:forward", f"starts at Linear.forward: {frames}"
+    assert frames[-1] == "manualbp/reference.py:pre_activation", f"ends where the kernel is called: {frames}"

@@ -11,6 +11,8 @@ from torch import nn
 import manualbp
 from manualbp import backends
 
+pytestmark = pytest.mark.stacks  # in the subset CI runs on the pinned stacks (pyproject.toml)
+
 RTOL, ATOL = 1e-10, 1e-12  # float64
 # The GPU where there is one (compiled kernels), else the CPU (the kernels through the interpreter).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

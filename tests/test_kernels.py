@@ -37,7 +37,7 @@ def _launch_with(config, a, b, out, *, bias=None, z=None, saved=None, partials=N
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         0 if z is None else z.stride(0), 0 if z is None else z.stride(1), 0 if bias is None else bias.stride(0),
         saved, saved.stride(0), saved.stride(1), out if partials is None else partials,
-        out if row_sums is None else row_sums,
+        out if row_sums is None else row_sums, dense._tuning_bucket(M), dense._tuning_bucket(N), dense._tuning_bucket(K),
         **options, num_warps=config.num_warps, num_stages=config.num_stages, **kw,
     )
 
@@ -71,17 +71,28 @@ def test_every_autotune_config_is_correct(config, device):
     torch.testing.assert_close(partials.double().sum(0), delta_exact.sum(0), rtol=tol["rtol"], atol=tol["atol"] * 10,
                                msg=lambda m: f"column sums with {name}: {m}")
 
-    # The backward prologue with the same tile: out = (G ⊙ f'(Z)) Wᵀ with f'(Z) saved, and the row sums of G ⊙ f'(Z).
+    # The backward prologue with the same tile: out = (G ⊙ f'(Z)) Wᵀ with f'(Z) saved, and the row sums of G ⊙ f'(Z)
+    # (δ rounded to the data dtype, as a stored δ) where the autotuner could pick this tile for them (BLOCK_K).
     grad_a = torch.randn(M, K, generator=g).to(device, dtype)
     f_prime = torch.rand(M, K, generator=g).to(device, dtype)
-    row_sums = torch.full((M,), float("nan"), device=device)
+    with_sums = config.kwargs["BLOCK_K"] == dense.SUM_BLOCK_K
+    row_sums = torch.full((M,), float("nan"), device=device) if with_sums else None
     _launch_with(config, grad_a, weight.t(), a, saved=f_prime, row_sums=row_sums, A_PROLOGUE=True,
                  SAVED_KIND=dense.SAVED_KINDS["f_prime"])
-    delta = grad_a.double() * f_prime.double()
-    torch.testing.assert_close(a.double(), delta.to(dtype).double() @ weight.double().t(), **tol,
+    delta = (grad_a.double() * f_prime.double()).to(dtype).double()
+    torch.testing.assert_close(a.double(), delta @ weight.double().t(), **tol,
                                msg=lambda m: f"prologue product with {name}: {m}")
-    torch.testing.assert_close(row_sums.double(), delta.sum(1), rtol=tol["rtol"], atol=tol["atol"] * 10,
-                               msg=lambda m: f"prologue row sums with {name}: {m}")
+    if with_sums:
+        torch.testing.assert_close(row_sums.double(), delta.sum(1), rtol=tol["rtol"], atol=tol["atol"] * 10,
+                                   msg=lambda m: f"prologue row sums with {name}: {m}")
+
+    # relu's prologue, a select on the saved A: exactly G where A > 0, else 0.
+    relu_a = torch.relu(torch.randn(M, K, generator=g)).to(device, dtype)
+    _launch_with(config, grad_a, weight.t(), a, saved=relu_a, A_PROLOGUE=True,
+                 ACTIVATION=manualbp.get_activation("relu").kernel_id, SAVED_KIND=dense.SAVED_KINDS["a"])
+    delta = torch.where(relu_a > 0, grad_a, 0).double()
+    torch.testing.assert_close(a.double(), delta @ weight.double().t(), **tol,
+                               msg=lambda m: f"relu prologue product with {name}: {m}")
 
 
 def triton_cdiv(a, b):
@@ -278,13 +289,13 @@ def test_autotune_pruning_respects_shared_memory(monkeypatch):
 def test_which_launches_autotune(monkeypatch):
     """On a GPU only fp32/fp16/bf16 tl.dot matmuls autotune, unless MANUALBP_AUTOTUNE=0 fixes the tile."""
     monkeypatch.setattr(dense, "is_interpreted", lambda: False)
-    monkeypatch.delenv("MANUALBP_AUTOTUNE", raising=False)
+    manualbp.config.set(autotune=True)
     assert dense._fixed_config(fp64=False, use_dot=True) is None, "GPU half/fp32: autotuned"
     assert dense._fixed_config(fp64=True, use_dot=True)[0] == dense._FP64_CONFIG, "fp64: fixed tile"
     assert dense._fixed_config(fp64=True, use_dot=False)[0] == dense._FP64_FMA_CONFIG, "fp64 FMA fallback"
-    monkeypatch.setenv("MANUALBP_AUTOTUNE", "0")
+    manualbp.config.set(autotune=False)
     assert dense._fixed_config(fp64=False, use_dot=True) == (dense._UNTUNED_CONFIG, dense._UNTUNED_LAUNCH), (
-        "MANUALBP_AUTOTUNE=0: one fixed tile"
+        "autotune off: one fixed tile"
     )
     monkeypatch.setattr(dense, "is_interpreted", lambda: True)
     assert dense._fixed_config(fp64=False, use_dot=True)[0] == dense._INTERPRETER_CONFIG, "interpreter"
@@ -406,3 +417,120 @@ def test_bad_saved_kind_is_refused(device):
     grad_a = torch.randn(4, 3, device=device)
     with pytest.raises(ValueError, match="saved_kind must be one of"):
         dense.delta_and_bias_grad(grad_a, grad_a, 1, 0.0, "output", want_delta=True, want_bias=True)
+
+
+def _row_sum_configs():
+    """The configs the autotuner may pick for a ∂C/∂W matmul that forms ∂C/∂b (BLOCK_K == SUM_BLOCK_K)."""
+    return [cfg for cfg in dense.matmul_configs() if cfg.kwargs["BLOCK_K"] == dense.SUM_BLOCK_K]
+
+
+@pytest.mark.parametrize("activation, kind", [("relu", "a"), ("gelu", "f_prime"), ("leaky_relu", "z")])
+def test_bias_grad_is_bitwise_equal_on_every_tile(activation, kind, device):
+    """∂C/∂b from the ∂C/∂W matmul's row sums: the same bits whichever tile the autotuner picks (and the fixed
+    tiles), and within float32 rounding of the float64 sum of the rounded δ."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(10)
+    M, N, K = 300, 70, 33  # the sum runs over M: several K steps of the ∂C/∂W matmul, a ragged last one
+    act = manualbp.get_activation(activation)
+    slope = act.kernel_slope
+    grad_a = torch.randn(M, N, generator=g).to(device, dtype)
+    z = torch.randn(M, N, generator=g).to(device, dtype)
+    saved = _saved(act, z, kind)
+    x = torch.randn(M, K, generator=g).to(device, dtype)
+    grad_weight = torch.empty(N, K, device=device, dtype=dtype)
+    results = {}
+    for config in _row_sum_configs():
+        row_sums = torch.full((N,), float("nan"), device=device)
+        _launch_with(config, grad_a.t(), x, grad_weight, saved=saved.t(), row_sums=row_sums, A_PROLOGUE=True,
+                     ACTIVATION=act.kernel_id, NEGATIVE_SLOPE=slope, SAVED_KIND=dense.SAVED_KINDS[kind])
+        results[_config_id(config)] = row_sums
+    _, _, results["launcher"] = dense.linear_backward(grad_a, x, torch.empty(N, K, device=device, dtype=dtype), saved,
+                                                      act.kernel_id, slope, kind, False, True, True)
+    first_name, first = next(iter(results.items()))
+    assert len(results) >= 3, "several tiles compared"
+    for name, sums in results.items():
+        assert torch.equal(sums.to(first.dtype), first), f"db [{activation}] with {name} bitwise == with {first_name}"
+    delta = (grad_a.double() * act.f_grad(z.double())).to(dtype).double()
+    torch.testing.assert_close(first.double(), delta.sum(0), rtol=1e-5, atol=1e-5 * M ** 0.5,
+                               msg=lambda m: f"db [{activation}] against float64: {m}")
+
+
+def test_relu_and_leaky_relu_deltas_follow_pytorch_special_values(device):
+    """relu's δ is PyTorch's threshold_backward (0 where saved <= 0, else G: a NaN saved passes G, an inf G
+    times a 0 gives 0, not NaN), leaky_relu's is leaky_relu_backward (G where saved > 0, else G s)."""
+    nan, inf = float("nan"), float("inf")
+    saved = torch.tensor([[nan, -1.0, 0.0, 2.0, -0.0, inf, -inf]], device=device)
+    grad_a = torch.tensor([[3.0, inf, inf, -inf, 5.0, nan, 7.0]], device=device)
+    for activation, slope in (("relu", 0.0), ("leaky_relu", 0.01), ("leaky_relu", -0.2)):
+        act_id = manualbp.get_activation(activation).kernel_id
+        if activation == "relu":
+            expected = torch.ops.aten.threshold_backward(grad_a, saved, 0)
+        else:
+            expected = torch.ops.aten.leaky_relu_backward(grad_a, saved, slope, False)
+        delta, _ = dense.delta_and_bias_grad(grad_a, saved, act_id, slope, "z", want_delta=True, want_bias=False)
+        assert torch.equal(delta.isnan(), expected.isnan()), f"δ pass NaNs [{activation} {slope}]"
+        torch.testing.assert_close(delta, expected, equal_nan=True, msg=lambda m: f"δ pass [{activation}]: {m}")
+        # ∂C/∂X = δ W with one output feature and W = [[1]]: each element of ∂C/∂X is one δ times 1.
+        one = torch.ones(1, 1, device=device)
+        grad_x, _, _ = dense.linear_backward(grad_a.t(), one, one, saved.t(), act_id, slope, "z", True, False, False)
+        torch.testing.assert_close(grad_x, expected.t(), equal_nan=True,
+                                   msg=lambda m: f"dx prologue [{activation} {slope}]: {m}")
+
+
+def test_autotuning_reuses_buckets_of_sizes(monkeypatch):
+    """With a stub timer and a stub kernel: one Linear's forward and backward at every sequence length 1..4096
+    (batch 8) tunes once per (launch, bucket of M), not once per size; buckets are powers of two."""
+    assert [dense._tuning_bucket(n) for n in (1, 64, 65, 128, 129, 4096, 4097)] == [64, 64, 128, 128, 256, 4096,
+                                                                                      8192], "the buckets"
+    timer_calls = []
+
+    class StubKernel:  # what the autotuner launches once it has chosen: recorded, never run
+        arg_names = dense._matmul_kernel.arg_names
+        launches = 0
+
+        def __init__(self):
+            self.fn = lambda: None  # where the autotuner looks for the kernel's Python function (its name)
+
+        def run(self, *args, **kwargs):
+            StubKernel.launches += 1
+
+    def stub_timer(kernel_call, quantiles):
+        timer_calls.append(1)
+        return [1.0, 1.0, 1.0]
+
+    import triton
+
+    tuner = triton.autotune(configs=dense.matmul_configs(), key=dense._TUNING_KEY,
+                            prune_configs_by={"early_config_prune": dense._prune_configs},
+                            do_bench=stub_timer)(StubKernel())
+    monkeypatch.setattr(dense, "_autotuned_matmul", lambda: tuner)
+    monkeypatch.setattr(dense, "_fixed_config", lambda fp64, use_dot: None)
+    monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 232448)  # H100
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    K, N = 1024, 4096
+    weight, bias = torch.empty(N, K, **meta), torch.empty(N, **meta)
+    for length in range(1, 4097):
+        x = torch.empty(8 * length, K, **meta)
+        a, _ = dense.linear_forward(x, weight, bias, 1, 0.0, write_z=False)
+        dense.linear_backward(torch.empty_like(a), x, weight, a, 1, 0.0, "a", True, True, True)
+    tunings = len(tuner.cache)
+    assert StubKernel.launches == 3 * 4096, "every launch went through the autotuner"
+    # M = 8 * length runs from 8 to 32768: buckets 64, 128, ..., 32768 (10), for forward, ∂C/∂X and ∂C/∂W.
+    assert tunings == 3 * 10, f"{tunings} tunings for 3 launches x 10 buckets"
+    assert len(timer_calls) >= tunings, "each tuning timed its configs with the stub"
+
+
+def test_bias_grad_matmul_configs(monkeypatch):
+    """The ∂C/∂W matmul that forms ∂C/∂b tries only BLOCK_K == SUM_BLOCK_K (the sums' order) and BLOCK_N >= 128,
+    the large tile first."""
+    monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 232448)  # H100
+    a16 = torch.empty(4, 4, dtype=torch.bfloat16)
+    for activation in ("identity", "relu", "leaky_relu", "gelu", "tanh"):
+        act_id = manualbp.get_activation(activation).kernel_id
+        kept = dense._prune_configs(dense.matmul_configs(), {"a_ptr": a16}, ROW_SUMS=True, A_PROLOGUE=True,
+                                    USE_DOT=True, ACTIVATION=act_id)
+        assert kept, f"{activation}: some config"
+        assert all(c.kwargs["BLOCK_K"] == dense.SUM_BLOCK_K and c.kwargs["BLOCK_N"] >= 128 for c in kept), (
+            f"{activation}: BLOCK_K and BLOCK_N")
+        first = kept[0].kwargs
+        assert (first["BLOCK_M"], first["BLOCK_N"]) == (128, 256), f"{activation}: 128x256 first"

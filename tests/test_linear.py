@@ -8,6 +8,8 @@ from manualbp import functional as F
 
 from checks import compare_with_pytorch, run_and_grad, torch_dense
 
+pytestmark = pytest.mark.stacks  # in the subset CI runs on the pinned stacks (pyproject.toml)
+
 BACKENDS = ["triton", "reference"]
 ACTIVATIONS = list(manualbp.ACTIVATIONS)
 

@@ -14,6 +14,8 @@ from torch import nn
 import manualbp
 from manualbp import backends
 
+pytestmark = pytest.mark.stacks  # in the subset CI runs on the pinned stacks (pyproject.toml)
+
 TORCH_ACTIVATIONS = {
     "identity": nn.Identity,
     "relu": nn.ReLU,

@@ -6,6 +6,8 @@ from torch import nn
 
 import manualbp
 
+pytestmark = pytest.mark.stacks  # in the subset CI runs on the pinned stacks (pyproject.toml)
+
 
 def test_is_an_nn_linear_with_the_same_parameters():
     layer = manualbp.Linear(6, 4, activation="silu")

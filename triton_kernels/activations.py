@@ -2,7 +2,9 @@
 
 The same names and formulas as ``manualbp/activations.py`` (the reference):
 ``f(z)``, ``f_grad(z)`` and, where f' can be read off the output,
-``f_grad_from_output(a)``. The kernels call the dispatchers at the bottom with
+``f_grad_from_output(a)``; and ``delta(grad_a, z)`` / ``delta_from_output(grad_a, a)``,
+δ = G ⊙ f'(Z) as PyTorch's backward forms it: a select for relu and leaky_relu (for relu, an inf or NaN G
+where z <= 0 gives 0, not inf * 0), the product G f' otherwise. The kernels call the dispatchers at the bottom with
 the activation's number as a compile-time constant, so each kernel is compiled
 for exactly one activation and no branch survives.
 
@@ -50,15 +52,22 @@ def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 
 
-# relu: f(z) = max(z, 0), f'(z) = [z > 0]
+# relu: f(z) = max(z, 0), f'(z) = 0 where z <= 0, else 1. As PyTorch: NaN in, NaN out, relu(-0.0) = -0.0,
+# and f'(NaN) = 1 (threshold_backward passes G through wherever z <= 0 is false).
 @triton.jit
 def relu(z):
-    return tl.where(z > 0, z, 0.0)
+    return tl.where(z < 0, 0.0, z)
 
 
 @triton.jit
 def relu_grad(z):
-    return tl.where(z > 0, 1.0, 0.0)
+    return tl.where(z <= 0, 0.0, 1.0)
+
+
+@triton.jit
+def relu_delta(grad_a, z):
+    # A select, as PyTorch's threshold_backward: G * 0 would turn an inf or NaN G into NaN.
+    return tl.where(z <= 0, tl.zeros_like(grad_a), grad_a)
 
 
 # leaky_relu: f(z) = z if z > 0 else s z, f'(z) = 1 if z > 0 else s
@@ -71,6 +80,12 @@ def leaky_relu(z, NEGATIVE_SLOPE: tl.constexpr):
 @triton.jit
 def leaky_relu_grad(z, NEGATIVE_SLOPE: tl.constexpr):
     return tl.where(z > 0, tl.full(z.shape, 1.0, z.dtype), tl.full(z.shape, NEGATIVE_SLOPE, z.dtype))
+
+
+@triton.jit
+def leaky_relu_delta(grad_a, z, NEGATIVE_SLOPE: tl.constexpr):
+    # A select, as PyTorch's leaky_relu_backward: G where z > 0 (one operation fewer than G f'(z)).
+    return tl.where(z > 0, grad_a, grad_a * tl.full(grad_a.shape, NEGATIVE_SLOPE, grad_a.dtype))
 
 
 # gelu (exact): f(z) = z Phi(z), f'(z) = Phi(z) + z phi(z)
@@ -149,6 +164,32 @@ def tanh_grad_from_output(a):
 
 
 # Dispatchers: ACTIVATION is a compile-time constant, so only one branch is compiled.
+@triton.jit
+def delta(grad_a, z, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
+    """δ = G ⊙ f'(z)."""
+    if ACTIVATION == RELU:
+        return relu_delta(grad_a, z)
+    elif ACTIVATION == LEAKY_RELU:
+        return leaky_relu_delta(grad_a, z, NEGATIVE_SLOPE)
+    elif ACTIVATION == IDENTITY:
+        return grad_a
+    else:
+        return grad_a * f_grad(z, ACTIVATION, NEGATIVE_SLOPE)
+
+
+@triton.jit
+def delta_from_output(grad_a, a, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
+    """δ = G ⊙ f'(z) from a = f(z); only where f_grad_from_output is defined."""
+    if ACTIVATION == RELU:
+        return relu_delta(grad_a, a)  # a <= 0 exactly when z <= 0 (and a is NaN exactly when z is)
+    elif ACTIVATION == LEAKY_RELU:
+        return leaky_relu_delta(grad_a, a, NEGATIVE_SLOPE)  # s >= 0: a > 0 exactly when z > 0
+    elif ACTIVATION == IDENTITY:
+        return grad_a
+    else:
+        return grad_a * f_grad_from_output(a, ACTIVATION, NEGATIVE_SLOPE)
+
+
 @triton.jit
 def f(z, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
     """a = f(z)."""

@@ -10,7 +10,8 @@ shape of its variable). With x [M, K], weight [N, K], bias [N]:
                                                                   left factor (A_PROLOGUE): never in memory
                 ∂C/∂X = δ W       [M, K] = [M, N] [N, K]         _matmul_kernel, A = δ, B = W
                 ∂C/∂W = δᵀ X      [N, K] = [N, M] [M, K]         _matmul_kernel, A = δᵀ (strides only), B = X
-                ∂C/∂b = 1ᵀ δ      [N]                            row sums of the δᵀ tiles the ∂C/∂W matmul loads
+                ∂C/∂b = 1ᵀ δ      [N]                            row sums of the δᵀ tiles the ∂C/∂W matmul loads,
+                                                                  added up in registers, reduced after its loop
     recompute   A = f(Z)          [M, N]                         _activation_kernel (manualbp.MLP, recompute=True)
 
 What the backward reads for f' (the "saved kind", chosen in manualbp/function.py):
@@ -34,12 +35,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import config
 from . import activations as act
 
 # --------------------------------------------------------------------------------------
@@ -73,21 +74,59 @@ SAVED_Z = tl.constexpr(0)  # Z: f' = f_grad(Z)
 SAVED_A = tl.constexpr(1)  # A = f(Z): f' = f_grad_from_output(A)
 SAVED_F_PRIME = tl.constexpr(2)  # f'(Z) itself, written by the forward epilogue
 
+# ∂C/∂b in the ∂C/∂W matmul (ROW_SUMS) needs this BLOCK_K: one K step for every tile choice keeps the order of
+# the sum (running sums per column of the step, then a fixed tree over them) the same on all of them.
+SUM_LEVELS = tl.constexpr(6)  # of the tree
+SUM_BLOCK_K = tl.constexpr(2 ** 6)
+
 
 @triton.jit
 def _times_activation_grad(grad_a, saved_ptrs, mask, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
                            SAVED_KIND: tl.constexpr):
-    """δ = G ⊙ f'(Z) for one tile: grad_a in the compute dtype, f' from what saved_ptrs point at (SAVED_KIND)."""
+    """δ = G ⊙ f'(Z) for one tile, in grad_a's dtype: f' from what saved_ptrs point at (SAVED_KIND).
+
+    relu and leaky_relu from Z or A are selects, as PyTorch's own backward kernels:
+    threshold_backward (0 where saved <= 0, else G: a NaN saved lets G through) and
+    leaky_relu_backward (G where saved > 0, else G s). relu's select is exact in any dtype;
+    leaky_relu's G s rounds s to grad_a's dtype, so callers pass a float32 or float64 G.
+    """
     if ACTIVATION == act.IDENTITY:
         return grad_a  # f' = 1: nothing to read
     saved = tl.load(saved_ptrs, mask=mask, other=0.0).to(grad_a.dtype)
     if SAVED_KIND == SAVED_F_PRIME:
-        f_prime = saved
+        delta = grad_a * saved
     elif SAVED_KIND == SAVED_A:
-        f_prime = act.f_grad_from_output(saved, ACTIVATION, NEGATIVE_SLOPE)
+        delta = act.delta_from_output(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE)
     else:
-        f_prime = act.f_grad(saved, ACTIVATION, NEGATIVE_SLOPE)
-    return grad_a * f_prime  # masked entries stay 0 (G is 0 there)
+        delta = act.delta(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE)
+    return delta  # masked entries stay 0 (G is 0 there)
+
+
+@triton.jit
+def _prologue_factor(grad_a, saved_ptrs, mask, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
+                     SAVED_KIND: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """The left factor δ = G ⊙ f'(saved) of a backward matmul, from a tile of G, rounded to G's dtype as a stored
+    δ would be. Directly in G's dtype where that is exact: relu's select, and G f'(Z) with f'(Z) saved (the
+    product of two numbers of G's dtype is exact in float32, so one rounding either way: the same bits).
+    Everything else in the compute dtype, then rounded."""
+    if SAVED_KIND == SAVED_F_PRIME:
+        return _times_activation_grad(grad_a, saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
+    if ACTIVATION == act.RELU:
+        return _times_activation_grad(grad_a, saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
+    delta = _times_activation_grad(grad_a.to(COMPUTE_DTYPE), saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE,
+                                   SAVED_KIND)
+    return delta.to(grad_a.dtype)
+
+
+@triton.jit
+def _row_sums_in_pairs(x, LEVELS: tl.constexpr):
+    """x [rows, 2**LEVELS] summed over its columns as a fixed binary tree, ((x0 + x1) + (x2 + x3)) + ...: the same
+    bits whatever the tile and register layout (a tl.sum's order follows the layout)."""
+    tl.static_assert(x.shape[1] == 2 ** LEVELS, "the tree's width")
+    for _ in tl.static_range(LEVELS):
+        even, odd = tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
+        x = even + odd
+    return tl.reshape(x, (x.shape[0],))
 
 
 @triton.jit
@@ -124,6 +163,7 @@ def _matmul_kernel(
     stride_s0, stride_s1,  # its strides (rows, columns)
     partial_ptr,  # [cdiv(M, PARTIAL_ROWS), N] column sums of the output; written only with WRITE_PARTIALS
     row_sum_ptr,  # [M] row sums of the prologue's factor over K; written only with ROW_SUMS
+    tune_m, tune_n, tune_k,  # M, N, K rounded up to the autotuner's buckets (_tuning_bucket): its key, not read
     HAS_BIAS: tl.constexpr,  # add bias[None, :] to every row
     ACTIVATION: tl.constexpr,  # kernel id of f (0 = identity)
     NEGATIVE_SLOPE: tl.constexpr,  # leaky_relu's slope (unused otherwise)
@@ -136,7 +176,10 @@ def _matmul_kernel(
     A_PROLOGUE: tl.constexpr,  # the left factor is δ = G ⊙ f'(saved), formed as each G tile is loaded
     SAVED_KIND: tl.constexpr,  # with GRAD_EPILOGUE or A_PROLOGUE: saved is Z, A or f'(Z) (SAVED_*)
     WRITE_PARTIALS: tl.constexpr,  # with GRAD_EPILOGUE: store the output's column sums (that layer's ∂C/∂b)
-    ROW_SUMS: tl.constexpr,  # with A_PROLOGUE: store the row sums of δ (of δᵀ in the ∂C/∂W matmul: ∂C/∂b)
+    ROW_SUMS: tl.constexpr,  # with A_PROLOGUE: store the row sums of δ (of δᵀ in the ∂C/∂W matmul: ∂C/∂b),
+                             # summed in registers, reduced after the loop; needs BLOCK_K == SUM_BLOCK_K
+    EPILOGUE_SPLIT: tl.constexpr,  # the epilogue (forward, or GRAD_EPILOGUE) works on this many column slices of
+                                   # the tile, one at a time (1, 2, 4 or 8): a whole large tile at once would spill
     PARTIAL_ROWS: tl.constexpr,  # rows per column-sum group; divides BLOCK_M
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -159,7 +202,6 @@ def _matmul_kernel(
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     mask_m = offs_m < M
-    mask_n = offs_n < N
     # Rows and columns past the edge are wrapped onto valid ones (Triton's matmul tutorial): the main
     # loop then masks only K, and what they compute is never stored.
     rows = offs_m % M
@@ -176,52 +218,102 @@ def _matmul_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    row_sums = tl.zeros((BLOCK_M,), dtype=acc.dtype)
+    if ROW_SUMS:
+        # 1ᵀ δ: δ's tiles added elementwise in the registers they are in (no reduction, no data movement in the
+        # loop); the SUM_BLOCK_K columns are summed once, after it. Per output row: a running sum over K in
+        # SUM_BLOCK_K steps, then a fixed pairwise tree: the same order whatever the tile and layout.
+        tl.static_assert(BLOCK_K == SUM_BLOCK_K, "row sums need BLOCK_K == SUM_BLOCK_K")
+        running_sums = tl.zeros((BLOCK_M, BLOCK_K), dtype=acc.dtype)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         mask_k = offs_k < K - k * BLOCK_K
         mask_a = mask_k[None, :]
         a = tl.load(a_ptrs, mask=mask_a, other=0.0)
         if A_PROLOGUE:
-            # δ = G ⊙ f'(saved) for this tile, in the accumulator's precision; it is never stored.
-            delta = _times_activation_grad(a.to(acc.dtype), s_ptrs, mask_a, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
+            # δ = G ⊙ f'(saved) for this tile, never stored, rounded to the data dtype as a stored δ would be.
+            a = _prologue_factor(a, s_ptrs, mask_a, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, acc.dtype)
             if ROW_SUMS:
-                row_sums += tl.sum(delta, axis=1)  # from the unrounded δ, as _delta_kernel's sums
-            a = delta.to(a_ptr.dtype.element_ty)  # the factor rounded to the data dtype, as a stored δ would be
+                # δ as rounded for the product: eager sums a stored δ (fewer instructions than the unrounded δ)
+                running_sums += a.to(acc.dtype)
             s_ptrs += s_step
         b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
         acc = _tile_dot(a, b, acc, USE_DOT, INPUT_PRECISION)
         a_ptrs += a_step
         b_ptrs += b_step
     if ROW_SUMS:
-        # Every column tile has the same row sums; the first one stores them.
-        if pid_n == 0:
+        row_sums = _row_sums_in_pairs(running_sums, SUM_LEVELS)
+        if pid_n == 0:  # every column tile has the same row sums; the first one stores them
             tl.store(row_sum_ptr + offs_m, row_sums, mask=mask_m)
 
-    mask = mask_m[:, None] & mask_n[None, :]
-    if GRAD_EPILOGUE:
-        # Backward of a stack: acc = δₗ Wₗ = ∂C/∂Aₗ₋₁ (G of the layer below), so this tile of
-        # δₗ₋₁ = G ⊙ f'(Zₗ₋₁) is formed here instead of in a separate pass, with its column sums.
-        saved_ptrs = saved_ptr + offs_m[:, None] * stride_s0 + offs_n[None, :] * stride_s1
-        out = _times_activation_grad(acc, saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
-        if WRITE_PARTIALS:
-            out = tl.where(mask, out, 0.0)  # the wrapped rows and columns must not reach the sums
-            _store_column_sums(out, partial_ptr, pid_m, offs_n, M, N, BLOCK_M, BLOCK_N, PARTIAL_ROWS)
-    elif A_PROLOGUE:
-        out = acc  # δ W or δᵀ X: f' was applied to the left factor, nothing is left to do
+    if A_PROLOGUE:
+        # δ W or δᵀ X: f' was applied to the left factor, nothing is left to do.
+        _forward_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, stride_bias, z_ptr, stride_zm, stride_zn, out_ptr,
+                          stride_om, stride_on, False, act.IDENTITY, 0.0, False, False)
     else:
-        # Forward: Z = acc + b, A = f(Z), both in the accumulator's precision.
-        z = acc
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
-            z = z + bias[None, :].to(acc.dtype)
-        if WRITE_Z:
-            z_ptrs = z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
-            if F_PRIME_AS_Z:
-                # f'(Z) from the unrounded Z: the backward then multiplies, whatever f' costs.
-                tl.store(z_ptrs, act.f_grad(z, ACTIVATION, NEGATIVE_SLOPE).to(z_ptr.dtype.element_ty), mask=mask)
+        # The epilogue in EPILOGUE_SPLIT column slices, one after the other, as Triton's tutorial 09 splits its
+        # own: f and f' (or f' and the column sums) of a whole large tile at once would spill registers.
+        slice_n: tl.constexpr = BLOCK_N // EPILOGUE_SPLIT
+        if EPILOGUE_SPLIT == 1:
+            parts = (acc,)
+        else:
+            left, right = _column_halves(acc)
+            if EPILOGUE_SPLIT == 2:
+                parts = (left, right)
             else:
-                tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask)
-        out = act.f(z, ACTIVATION, NEGATIVE_SLOPE)
+                q0, q1 = _column_halves(left)
+                q2, q3 = _column_halves(right)
+                if EPILOGUE_SPLIT == 4:
+                    parts = (q0, q1, q2, q3)
+                else:
+                    e0, e1 = _column_halves(q0)
+                    e2, e3 = _column_halves(q1)
+                    e4, e5 = _column_halves(q2)
+                    e6, e7 = _column_halves(q3)
+                    parts = (e0, e1, e2, e3, e4, e5, e6, e7)
+        for i in tl.static_range(EPILOGUE_SPLIT):
+            part_n = pid_n.to(tl.int64) * BLOCK_N + i * slice_n + tl.arange(0, slice_n)
+            if GRAD_EPILOGUE:
+                # Backward of a stack: acc = δₗ Wₗ = ∂C/∂Aₗ₋₁ (G of the layer below), so this tile of
+                # δₗ₋₁ = G ⊙ f'(Zₗ₋₁) is formed here instead of in a separate pass, with its column sums.
+                mask = mask_m[:, None] & (part_n < N)[None, :]
+                saved_ptrs = saved_ptr + offs_m[:, None] * stride_s0 + part_n[None, :] * stride_s1
+                out = _times_activation_grad(parts[i], saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
+                if WRITE_PARTIALS:
+                    out = tl.where(mask, out, 0.0)  # the wrapped rows and columns must not reach the sums
+                    _store_column_sums(out, partial_ptr, pid_m, part_n, M, N, BLOCK_M, slice_n, PARTIAL_ROWS)
+                out_ptrs = out_ptr + offs_m[:, None] * stride_om + part_n[None, :] * stride_on
+                tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+            else:
+                _forward_epilogue(parts[i], offs_m, part_n, M, N, bias_ptr, stride_bias, z_ptr, stride_zm, stride_zn,
+                                  out_ptr, stride_om, stride_on, HAS_BIAS, ACTIVATION, NEGATIVE_SLOPE, WRITE_Z,
+                                  F_PRIME_AS_Z)
+
+
+@triton.jit
+def _column_halves(x):
+    """The left and right column halves of a [rows, columns] tile."""
+    halves = tl.permute(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)), (0, 2, 1))
+    return tl.split(halves)
+
+
+@triton.jit
+def _forward_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, stride_bias, z_ptr, stride_zm, stride_zn, out_ptr,
+                      stride_om, stride_on, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                      NEGATIVE_SLOPE: tl.constexpr, WRITE_Z: tl.constexpr, F_PRIME_AS_Z: tl.constexpr):
+    """Forward, on acc = X Wᵀ for rows offs_m, columns offs_n: Z = acc + b, A = f(Z) (in acc's precision), stored."""
+    mask_n = offs_n < N
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    z = acc
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
+        z = z + bias[None, :].to(acc.dtype)
+    if WRITE_Z:
+        z_ptrs = z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
+        if F_PRIME_AS_Z:
+            # f'(Z) from the unrounded Z: the backward then multiplies, whatever f' costs.
+            tl.store(z_ptrs, act.f_grad(z, ACTIVATION, NEGATIVE_SLOPE).to(z_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask)
+    out = act.f(z, ACTIVATION, NEGATIVE_SLOPE)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -304,30 +396,35 @@ def is_interpreted() -> bool:
 def matmul_configs() -> list:
     """The tile shapes the GPU autotuner tries for every matmul (forward, ∂C/∂X, ∂C/∂W).
 
-    Few on purpose: each costs one compile and one benchmark on first use.
-    Pruned by shared memory in :func:`_prune_configs` (fp32 tiles are twice bf16's).
+    Few on purpose: each costs one compile and one benchmark on first use. Ordered and
+    pruned by benchmarks/compile_report.py (sm_90, bf16; compiler figures, not timings):
+    BLOCK_N = 256 first; 64x64x32 replaced by 64x128x64 in two stages (its loop was
+    issue-bound, pressure ~1.0, the tutorial's too). EPILOGUE_SPLIT: column slices of the forward epilogue, the fewest
+    with no spill at any activation (f and f' of a whole large tile spilled 850-900 bytes).
+    Pruned by shared memory and, for ∂C/∂b, by BLOCK_K and BLOCK_N in :func:`_prune_configs`.
     """
     c = triton.Config
     return [
         # Large tiles: big bf16/fp16 problems on Hopper/Ampere.
-        c({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        c({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+        c({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 8}, num_stages=3, num_warps=8),
+        c({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 8}, num_stages=3, num_warps=8),
         # Square, deep pipeline: the all-round choice.
-        c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
-        c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 2}, num_stages=4, num_warps=8),
+        c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_SPLIT": 4}, num_stages=4, num_warps=4),
         # Rectangular: skinny outputs (few rows or few columns).
-        c({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        c({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        # Small: small problems, where more programs beat bigger tiles.
-        c({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=5, num_warps=4),
+        c({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 2}, num_stages=4, num_warps=4),
+        c({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 2}, num_stages=4, num_warps=4),
+        # Small problems, and what fits everywhere: float32 with the prologue and ∂C/∂b in 160 KiB.
+        c({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 2}, num_stages=2, num_warps=4),
     ]
 
 
 # Fixed tiles where no autotuning happens: the CPU interpreter (speed is meaningless
 # there, small tiles keep the numpy work small) and float64 (for gradcheck, not speed).
-_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
-_FP64_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}
-_FP64_FMA_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}  # [16, 16, 16] fp64 products in registers
+_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "EPILOGUE_SPLIT": 2}
+_FP64_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4, "EPILOGUE_SPLIT": 1}
+_FP64_FMA_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4,
+                    "EPILOGUE_SPLIT": 1}  # [16, 16, 16] fp64 products in registers
 _DELTA_BLOCK = {"BLOCK_M": 64, "BLOCK_N": 64}
 # Rows per column-sum group of ∂C/∂b in an autotuned (or untuned GPU) launch: divides every
 # BLOCK_M of matmul_configs(), so the partial sums do not depend on the tile the tuner picks.
@@ -348,23 +445,46 @@ def _pipelined_bytes(config, element_size: int, prologue: bool) -> int:
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles whose pipelined operand tiles would not fit in shared memory (they would fail to compile)."""
+    """Drop tiles whose pipelined operand tiles would not fit in shared memory (they would fail to compile), and
+    for ∂C/∂b in the ∂C/∂W matmul (ROW_SUMS) every BLOCK_K but SUM_BLOCK_K (the sums' order would change)
+    and the narrow tiles."""
     a = named_args["a_ptr"]
     budget = _shared_memory_bytes(a.device.index or 0)  # a CUDA tensor's device always has its index
-    prologue = bool(kwargs.get("A_PROLOGUE", named_args.get("A_PROLOGUE", False)))
-    kept = [cfg for cfg in configs if _pipelined_bytes(cfg, a.element_size(), prologue) <= budget]
+    flag = lambda name: bool(kwargs.get(name, named_args.get(name, False)))  # noqa: E731
+    if flag("ROW_SUMS"):
+        # BLOCK_N < 128 repeats δ and its sums for few output columns: spills and 2.5x the loop's issue pressure.
+        configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] == SUM_BLOCK_K and cfg.kwargs["BLOCK_N"] >= 128]
+    kept = [cfg for cfg in configs if _pipelined_bytes(cfg, a.element_size(), flag("A_PROLOGUE")) <= budget]
     return kept or configs[-1:]
+
+
+# The autotuner's key rounds M, N and K up to a power of two, at least this: a training run whose batch x
+# sequence length varies tunes once per bucket, not once per size (sequence lengths 1..4096: 7 buckets).
+_TUNING_FLOOR = 64
+
+
+def _tuning_bucket(size: int) -> int:
+    """size rounded up to its autotuning bucket: the next power of two, at least _TUNING_FLOOR."""
+    return max(_TUNING_FLOOR, triton.next_power_of_2(size))
 
 
 # With MANUALBP_AUTOTUNE=0 every GPU matmul uses this one tile instead of tuning: for
 # test suites on a GPU, where tuning each of hundreds of small shapes would dominate.
-_UNTUNED_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}
+_UNTUNED_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_SPLIT": 4}
 _UNTUNED_LAUNCH = {"num_stages": 4, "num_warps": 4}
+# ... and for the ∂C/∂W matmul that forms ∂C/∂b: BLOCK_K = SUM_BLOCK_K, a tile that fits every GPU (fp32 too).
+_UNTUNED_ROW_SUMS_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 2}
+_UNTUNED_ROW_SUMS_LAUNCH = {"num_stages": 2, "num_warps": 4}
 
 
 def autotune_enabled() -> bool:
-    """False when the environment sets MANUALBP_AUTOTUNE=0."""
-    return os.environ.get("MANUALBP_AUTOTUNE", "1") != "0"
+    """manualbp.config's autotune setting (MANUALBP_AUTOTUNE=0 at import, or config.set(autotune=False))."""
+    return config.get().autotune
+
+
+# Sizes by bucket, and every flag that changes the kernel's work or shared memory; Triton adds the tensors' dtypes.
+_TUNING_KEY = ["tune_m", "tune_n", "tune_k", "HAS_BIAS", "ACTIVATION", "WRITE_Z", "F_PRIME_AS_Z", "INPUT_PRECISION",
+               "GRAD_EPILOGUE", "WRITE_PARTIALS", "A_PROLOGUE", "SAVED_KIND", "ROW_SUMS"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -376,9 +496,7 @@ def _autotuned_matmul():
         options["cache_results"] = True  # keep the winners on disk across processes (Triton >= 3.2)
     return triton.autotune(
         configs=matmul_configs(),
-        # Every flag that changes the kernel's work or shared memory; Triton adds the tensors' dtypes.
-        key=["M", "N", "K", "HAS_BIAS", "ACTIVATION", "WRITE_Z", "F_PRIME_AS_Z", "INPUT_PRECISION", "GRAD_EPILOGUE",
-             "WRITE_PARTIALS", "A_PROLOGUE", "SAVED_KIND", "ROW_SUMS"],
+        key=_TUNING_KEY,
         prune_configs_by={"early_config_prune": _prune_configs},
         **options,
     )(_matmul_kernel)
@@ -404,9 +522,10 @@ def _input_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=None)
 def fp64_dot_supported(device: torch.device) -> bool:
-    """Whether tl.dot compiles and is exact for float64 on this device (probed once)."""
-    if is_interpreted():
-        return True  # numpy matmul
+    """Whether tl.dot compiles and is exact for float64 on this device (probed once).
+
+    Probed in the interpreter too: Triton 3.3's interpreter refuses a float64 tl.dot.
+    """
     a = torch.randn(16, 16, dtype=torch.float64, device=device)
     b = torch.randn(16, 16, dtype=torch.float64, device=device)
     out = torch.empty(16, 16, dtype=torch.float64, device=device)
@@ -472,6 +591,7 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
         saved, saved.stride(0), saved.stride(1),
         partials if partials is not None else out,
         row_sums if row_sums is not None else out,
+        _tuning_bucket(M), _tuning_bucket(N), _tuning_bucket(K),
     )
     flags = dict(
         HAS_BIAS=bias is not None,
@@ -489,11 +609,15 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
         ROW_SUMS=row_sums is not None,
         PARTIAL_ROWS=partial_rows,
     )
-    if fixed is None:  # the GPU autotuner picks the tile, once per (M, N, K, epilogue)
+    if fixed is None:  # the GPU autotuner picks the tile, once per bucket of (M, N, K) and epilogue
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         _autotuned_matmul()[grid](*args, **flags)
         return partials
     config, launch = fixed
+    if row_sums is not None and config is _UNTUNED_CONFIG:
+        config, launch = _UNTUNED_ROW_SUMS_CONFIG, _UNTUNED_ROW_SUMS_LAUNCH
+    elif row_sums is not None:
+        config = dict(config, BLOCK_K=SUM_BLOCK_K)  # the row sums' fixed K step
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
     _matmul_kernel[grid](*args, **flags, **config, **launch)
     return partials
@@ -631,10 +755,12 @@ def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float
     saved [M, N] (Z, A or f'(Z) as saved_kind says; unused for identity) ->
     (grad_x [M, K], grad_weight [N, K], grad_bias [N]), each None when not wanted.
 
-    No δ is written: each matmul multiplies its G tiles by f' on load. ∂C/∂b is the
-    row sums of the δᵀ tiles of the ∂C/∂W matmul (per output row, over all of M, in
-    the tile's order: bitwise reproducible for a given tile configuration). Without
-    that matmul (weight frozen, or K = 0) it takes a reading pass of _delta_kernel.
+    No δ is written: each matmul multiplies its G tiles by f' on load (relu: a select).
+    ∂C/∂b is the row sums of the δᵀ tiles of the ∂C/∂W matmul, δ rounded to the data
+    dtype as eager's stored δ: per output row a running sum over M in SUM_BLOCK_K steps
+    and a fixed tree over the step, so the same bits on every tile the autotuner may
+    pick. Without that matmul (weight frozen, or K = 0) it takes a reading pass of
+    _delta_kernel.
     """
     M, N = grad_a.shape
     K = weight.shape[1]

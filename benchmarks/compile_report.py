@@ -1,0 +1,526 @@
+"""What the kernels compile to on Hopper (sm_90) and Ampere (sm_80), on a CPU machine: no GPU needed.
+
+    python benchmarks/compile_report.py                        # every kernel variant, every shipped config, sm_90
+    python benchmarks/compile_report.py --arch 90,80 --only dW # a subset, two targets
+    python benchmarks/compile_report.py --quick                # the small subset the CI test compiles
+    python benchmarks/compile_report.py --out-dir benchmarks/results   # also writes the table and the JSON,
+                                                                       # named by target and Triton version
+
+Every launch the package makes for one layer (Linear 1024 -> 4096, M = 8192 rows, bf16 by default) is
+captured by calling the real launchers on meta tensors with the kernels replaced by recorders; each
+captured launch is then compiled by ``triton.compile`` for ``GPUTarget("cuda", arch, 32)`` exactly as a
+launch on that GPU would compile it (Triton's own binder decides the specialisations), at every autotune
+config the autotuner could pick for it (``matmul_configs()`` after ``_prune_configs`` with the target's
+shared memory). Beside each matmul: Triton's tutorial 03 matmul at the same tile and operand layout.
+
+Columns (all of them compiler output, none a timing):
+  mma      the MMA instruction in the PTX (wgmma.m64nNk16 on sm_90, mma.sync on sm_80, none = FMAs)
+  A        where wgmma's left operand comes from: SS shared memory, RS registers
+  loads    cp.async / TMA / plain global loads in the PTX
+  bufs     pipelined shared-memory buffers (= stages realised)
+  regs, spill   registers per thread and spill-store bytes (ptxas -v, the log Triton produces)
+  smem     shared memory per block (Triton's metadata), KiB
+  loop     SASS instructions of the main loop (the innermost backward branch with the most MMAs)
+  bar, shfl     bar.sync / shuffles per main-loop iteration
+  x tut    loop instructions / the tutorial's at the same tile and layout
+  press    issue pressure: loop instructions x warps per SM sub-partition / (BLOCK_M*BLOCK_N*BLOCK_K/2048),
+           an H100 SM's MMA clocks per iteration; the tutorial is 0.18-0.24 at its large tiles, and a loop
+           above ~0.7 is bound by instruction issue rather than by the tensor cores (an estimate)
+
+Not yet covered: the forward-mode (jvp) tangent kernel, which does not exist on this branch; add its launcher
+to package_launches() when it lands.
+
+Triton's internals move between releases: what this needs is feature-detected; a missing piece
+skips its columns (or, without a compiler at all, the whole report) with the reason, never a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+# Compiled kernels, not the CPU interpreter; one fixed tile per launch (swapped for each config below).
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["MANUALBP_AUTOTUNE"] = "0"
+
+import torch  # noqa: E402
+
+SHARED_MEMORY = {90: 232448, 80: 166912}  # bytes one block may use: H100 227 KiB, A100 163 KiB
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+LAUNCH_KEYS = ("num_warps", "num_stages")
+TUTORIAL_TILE_KEYS = dict(BLOCK_M="BLOCK_SIZE_M", BLOCK_N="BLOCK_SIZE_N", BLOCK_K="BLOCK_SIZE_K", GROUP_M="GROUP_SIZE_M")
+
+
+class Unavailable(Exception):
+    """A Triton internal or tool the report needs is missing in this installation."""
+
+
+def internals():
+    """The pieces of Triton the report uses, feature-detected: a dict, or Unavailable(reason)."""
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import CUDABackend
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+    except ImportError as error:
+        raise Unavailable(f"Triton's NVIDIA compiler internals are not importable here ({error})") from error
+    if not hasattr(JITFunction, "_pack_args"):
+        raise Unavailable(f"triton {triton.__version__}: JITFunction._pack_args is gone (launch binding moved)")
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None or not hasattr(knobs, "nvidia") or not hasattr(knobs, "compilation"):
+        raise Unavailable(f"triton {triton.__version__}: no triton.knobs (ptxas log and cache switches)")
+    try:
+        ptxas = knobs.nvidia.ptxas.path
+    except Exception as error:  # noqa: BLE001 - any failure to locate it means: not available
+        raise Unavailable(f"no ptxas found ({type(error).__name__}: {error})") from error
+    if not ptxas or not os.path.exists(ptxas):
+        raise Unavailable("no ptxas found (neither Triton's bundled one nor TRITON_PTXAS_PATH)")
+    notes = []
+    if not hasattr(knobs.nvidia, "dump_ptxas_log"):
+        notes.append("no knobs.nvidia.dump_ptxas_log: registers and spills not reported")
+    return dict(triton=triton, GPUTarget=GPUTarget, CUDABackend=CUDABackend,
+                create_function_from_signature=create_function_from_signature, ptxas=ptxas, notes=notes)
+
+
+def ptxas_version(path):
+    out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"release ([\d.]+)", out)
+    return found.group(1) if found else "?"
+
+
+# --------------------------------------------------------------------------------------
+# Compiling one launch
+# --------------------------------------------------------------------------------------
+
+
+class Compiler:
+    def __init__(self, tri, arch):
+        self.tri = tri
+        self.target = tri["GPUTarget"]("cuda", arch, 32)
+        self.backend = tri["CUDABackend"](self.target)
+        knobs = tri["triton"].knobs
+        if hasattr(knobs.nvidia, "dump_ptxas_log"):
+            knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas -v: registers, spills
+        knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its log
+
+    def compile(self, fn, args, kwargs):
+        """triton.compile of fn as fn[grid](*args, **kwargs) compiles it on the target GPU: (kernel, ptxas log)."""
+        triton = self.tri["triton"]
+        kwargs = dict(kwargs, debug=False)
+        binder = self.tri["create_function_from_signature"](fn.signature, fn.params, self.backend)
+        bound, spec, opts = binder(*args, **kwargs)
+        options, sig, consts, attrs = fn._pack_args(self.backend, kwargs, bound, spec, opts)
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            kernel = triton.compile(triton.compiler.ASTSource(fn, sig, consts, attrs), target=self.target,
+                                    options=options.__dict__)
+        return kernel, log.getvalue()
+
+
+def main_loop(sass):
+    """Opcode counts of the innermost loop (a backward branch) holding the most MMA instructions."""
+    lines = sass.splitlines()
+    labels = {line[:-1]: i for i, line in enumerate(lines) if re.match(r"^\w+:$", line)}
+    best, loops_with_mma = None, 0
+    for i, line in enumerate(lines):
+        target = re.search(r"BRA (\w+);", line)
+        if target and labels.get(target.group(1), i) < i:
+            body = [x.split("\t", 1)[-1] for x in lines[labels[target.group(1)] + 1:i + 1]]
+            body = [re.sub(r"^@!?U?P\w+\s+", "", x) for x in body if x.strip() and not x.startswith("@!PT")]
+            ops = [x.split()[0].rstrip(";") for x in body]
+            n_mma = sum(o.startswith(("HGMMA", "HMMA")) for o in ops)
+            loops_with_mma += n_mma > 0
+            if best is None or n_mma > best[0] or (n_mma == best[0] and len(ops) < len(best[1])):
+                best = (n_mma, ops)
+    ops = best[1] if best and best[0] else []
+    count = lambda *prefixes: sum(o.startswith(prefixes) for o in ops)  # noqa: E731
+    return dict(loop_instr=len(ops), loop_mma=count("HGMMA", "HMMA"), loop_bar=count("BAR.SYNC", "BAR.ARV"),
+                loop_shfl=count("SHFL"), loop_spill=count("STL", "LDL"), loop_ldgsts=count("LDGSTS"),
+                loop_tma=count("UTMALDG"), loops_with_mma=loops_with_mma)
+
+
+def analyse(kernel, log):
+    """The compiler facts of one compiled kernel (see the module docstring for each)."""
+    asm = kernel.asm
+    ptx, ttgir = asm["ptx"], asm.get("ttgir", "")
+    wgmma = re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m64n\d+k\d+)\.[\w.]+\s+\{[^}]*\},\s*(\{|%rd)", ptx)
+    mma = ("wgmma." + "/".join(sorted({s for s, _ in wgmma})) if wgmma else
+           "mma.sync" if "mma.sync" in ptx else "none")
+    allocs = re.findall(r"ttg\.local_alloc\s*(?::\s*\(\)\s*)?->\s*!ttg\.memdesc<([\dx]+)x(\w+),", ttgir)
+    row = dict(
+        mma=mma, A="/".join(sorted({"RS" if a == "{" else "SS" for _, a in wgmma})) or "-",
+        cp_async=len(re.findall(r"cp\.async\.c[ga]\.shared\.global", ptx)),
+        tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+        ld_global=len(re.findall(r"\bld\.global", ptx)),
+        bufs=[s for s, _ in allocs if s.count("x") >= 2],
+        smem=kernel.metadata.shared,
+    )
+    regs = re.findall(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs and spills:
+        row.update(regs=int(regs[-1]), stack=int(spills.group(1)), spill=int(spills.group(2)),
+                   spill_loads=int(spills.group(3)))
+    try:  # disassembled on first access (nvdisasm); without it, no loop columns
+        row.update(main_loop(asm["sass"]))
+    except Exception as error:  # noqa: BLE001 - a disassembler problem costs the loop columns only
+        row["note"] = f"no SASS ({type(error).__name__}: {str(error)[:80]})"
+    return row
+
+
+# --------------------------------------------------------------------------------------
+# The launches: the package's (captured from its launchers) and the tutorial's
+# --------------------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Stands in for a kernel: records the (args, kwargs) of each launch instead of running it."""
+
+    def __init__(self, real):
+        self.real = real
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+    def run(self, *args, grid=None, warmup=False, **kwargs):  # the autotuner's way in
+        self.calls.append((args, kwargs))
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+# (name, activation, saved kind, what to call, operand layout of the tutorial twin)
+def package_launches(dense, M, K, N, dtype, quick):
+    """name -> (kernel, args, kwargs without tile or launch options, tutorial layout or None)."""
+    meta = dict(device="meta", dtype=dtype)
+    x, w, b = torch.empty(M, K, **meta), torch.empty(N, K, **meta), torch.empty(N, **meta)
+    g, saved = torch.empty(M, N, **meta), torch.empty(M, N, **meta)
+    below = torch.empty(M, K, **meta)  # the MLP epilogue's saved tensor of the layer below
+    ids = {"identity": 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4, "silu": 5, "tanh": 7}
+    slope = {"leaky_relu": -0.1}  # a negative slope: f' from Z, a select
+
+    def fwd(act, kind):
+        return lambda: dense.linear_forward(x, w, b, ids[act], slope.get(act, 0.0), write_z=kind != "a",
+                                            f_prime_as_z=kind == "f_prime")
+
+    def bwd(act, kind, want_x, want_w, want_b):
+        return lambda: dense.linear_backward(g, x, w, saved, ids[act], slope.get(act, 0.0), kind, want_x, want_w,
+                                             want_b)
+
+    launches = [  # every class of epilogue / prologue: select (relu, leaky_relu), f' from A (tanh), f'(Z) saved
+        ("fwd identity", fwd("identity", "a"), "NT"), ("fwd relu", fwd("relu", "a"), "NT"),
+        ("fwd leaky_relu (Z)", fwd("leaky_relu", "z"), "NT"), ("fwd gelu (f')", fwd("gelu", "f_prime"), "NT"),
+        ("fwd gelu_tanh (f')", fwd("gelu_tanh", "f_prime"), "NT"), ("fwd silu (f')", fwd("silu", "f_prime"), "NT"),
+        ("fwd tanh", fwd("tanh", "a"), "NT"),
+        ("dX prologue relu", bwd("relu", "a", True, False, False), "NN"),
+        ("dX prologue leaky_relu", bwd("leaky_relu", "z", True, False, False), "NN"),
+        ("dX prologue gelu", bwd("gelu", "f_prime", True, False, False), "NN"),
+        ("dX prologue tanh", bwd("tanh", "a", True, False, False), "NN"),
+        ("dW prologue+db relu", bwd("relu", "a", False, True, True), "TN"),
+        ("dW prologue+db leaky_relu", bwd("leaky_relu", "z", False, True, True), "TN"),
+        ("dW prologue+db gelu", bwd("gelu", "f_prime", False, True, True), "TN"),
+        ("dW prologue+db tanh", bwd("tanh", "a", False, True, True), "TN"),
+        ("dW prologue relu (no db)", bwd("relu", "a", False, True, False), "TN"),
+        ("dW prologue gelu (no db)", bwd("gelu", "f_prime", False, True, False), "TN"),
+        ("dX plain (δ stored)", lambda: dense.matmul(g, w), "NN"),
+        ("dW plain (δᵀ strides)", lambda: dense.matmul(g.t(), x), "TN"),
+        ("MLP epilogue+db relu", lambda: dense.matmul_times_activation_grad(g, w, below, 1, 0.0, "z", True), "NN"),
+        ("MLP epilogue+db gelu", lambda: dense.matmul_times_activation_grad(g, w, below, 3, 0.0, "z", True), "NN"),
+        ("δ pass+db gelu", lambda: dense.delta_and_bias_grad(g, saved, 3, 0.0, "z", True, True), None),
+        ("δ pass db-only relu", lambda: dense.delta_and_bias_grad(g, saved, 1, 0.0, "a", False, True), None),
+        ("activation pass gelu", lambda: dense.activation_forward(saved, 3, 0.0), None),
+    ]
+    if quick:  # the CI subset: the heaviest epilogue, the ∂C/∂b loop, a select prologue
+        keep = ("fwd gelu (f')", "dW prologue+db relu", "dX prologue relu")
+        launches = [launch for launch in launches if launch[0] in keep]
+    names = ("_matmul_kernel", "_delta_kernel", "_activation_kernel")
+    recorders = {name: _Recorder(getattr(dense, name)) for name in names}
+    out = {}
+    try:
+        for name, recorder in recorders.items():
+            setattr(dense, name, recorder)
+        for label, call, layout in launches:
+            for recorder in recorders.values():
+                recorder.calls.clear()
+            call()
+            for kernel_name, recorder in recorders.items():
+                for i, (args, kwargs) in enumerate(recorder.calls):
+                    tag = label if len(recorder.calls) == 1 else f"{label} #{i + 1}"
+                    kwargs = {k: v for k, v in kwargs.items() if k not in TILE_KEYS + LAUNCH_KEYS}
+                    out[tag] = (recorder.real, args, kwargs, layout if kernel_name == "_matmul_kernel" else None)
+    finally:
+        for name, recorder in recorders.items():
+            setattr(dense, name, recorder.real)
+    return out
+
+
+def tutorial_kernel():
+    """Triton's tutorial 03 matmul (a copy of the current tutorial's kernel; the reference of the loop counts)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def tutorial_matmul(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+                        stride_cn, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
+                        BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr):
+        pid = tl.program_id(axis=0)
+        num_pid_m = tl.cdiv(M, BLOCK_SIZE_M)
+        num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
+        num_pid_in_group = GROUP_SIZE_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_SIZE_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_SIZE_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+        offs_am = (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)) % M
+        offs_bn = (pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)) % N
+        offs_k = tl.arange(0, BLOCK_SIZE_K)
+        a_ptrs = a_ptr + (offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak)
+        b_ptrs = b_ptr + (offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn)
+        accumulator = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k * BLOCK_SIZE_K, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k * BLOCK_SIZE_K, other=0.0)
+            accumulator = tl.dot(a, b, accumulator)
+            a_ptrs += BLOCK_SIZE_K * stride_ak
+            b_ptrs += BLOCK_SIZE_K * stride_bk
+        c = accumulator.to(c_ptr.dtype.element_ty)
+        offs_cm = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+        offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+        c_ptrs = c_ptr + stride_cm * offs_cm[:, None] + stride_cn * offs_cn[None, :]
+        tl.store(c_ptrs, c, mask=(offs_cm[:, None] < M) & (offs_cn[None, :] < N))
+
+    return tutorial_matmul
+
+
+def tutorial_args(layout, M, K, N, dtype):
+    """The tutorial's arguments for one operand layout: NT = forward (B = Wᵀ), NN = δ W, TN = δᵀ X."""
+    meta = dict(device="meta", dtype=dtype)
+    a, b = {"NT": (torch.empty(M, K, **meta), torch.empty(N, K, **meta).t()),
+            "NN": (torch.empty(M, K, **meta), torch.empty(K, N, **meta)),
+            "TN": (torch.empty(K, M, **meta).t(), torch.empty(K, N, **meta))}[layout]
+    c = torch.empty(M, N, **meta)
+    return (a, b, c, M, N, K, *a.stride(), *b.stride(), *c.stride())
+
+
+def problem_of(label, M, K, N):
+    """(rows, columns, contracted) of the matmul a launch computes, for the tutorial twin's arguments."""
+    if label.startswith("fwd"):
+        return M, N, K  # X Wᵀ: [M, K] [K, N]
+    if label.startswith("dW"):
+        return N, K, M  # δᵀ X: [N, M] [M, K]
+    if label.startswith(("MLP", "dX")):
+        return M, K, N  # δ W: [M, N] [N, K]
+    return M, N, K
+
+
+# --------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------
+
+
+def configs_for(dense, kernel_args, kwargs, arch):
+    """The autotune configs the autotuner could pick for this launch on the target (pruned as it prunes)."""
+    names = dict(zip(dense._matmul_kernel.arg_names, kernel_args))
+    budget = SHARED_MEMORY.get(arch, SHARED_MEMORY[80])
+    saved = dense._shared_memory_bytes
+    dense._shared_memory_bytes = lambda index: budget
+    try:
+        return dense._prune_configs(dense.matmul_configs(), names, **kwargs)
+    finally:
+        dense._shared_memory_bytes = saved
+
+
+def config_label(config):
+    k = config.kwargs
+    split = f" e{k['EPILOGUE_SPLIT']}" if "EPILOGUE_SPLIT" in k else ""  # the forward epilogue's column slices
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{config.num_warps} s{config.num_stages}{split}"
+
+
+def issue_pressure(row, config):
+    k = config.kwargs
+    return round(row["loop_instr"] * (config.num_warps / 4) / (k["BLOCK_M"] * k["BLOCK_N"] * k["BLOCK_K"] / 2048), 2)
+
+
+def run(arch, only, quick, M, K, N, dtype, progress=print):
+    """Compile everything selected for one target: (header dict, rows)."""
+    tri = internals()
+    import triton
+
+    from manualbp.triton_kernels import dense
+
+    compiler = Compiler(tri, arch)
+    header = dict(triton=triton.__version__, torch=torch.__version__, ptxas=ptxas_version(tri["ptxas"]),
+                  python=platform.python_version(), target=f"sm_{arch}", problem=f"Linear {K}->{N}, M={M}",
+                  dtype=str(dtype).replace("torch.", ""), notes=list(tri["notes"]),
+                  figures="compiler output (no GPU run); no timing")
+    tutorial = tutorial_kernel()
+    tutorial_rows = {}
+    rows = []
+    launches = package_launches(dense, M, K, N, dtype, quick)
+    for label, (kernel, args, kwargs, layout) in launches.items():
+        if only and not any(part in label for part in only.split(",")):
+            continue
+        if layout is None:  # an elementwise pass: its one fixed block
+            configs = [None]
+        else:
+            configs = configs_for(dense, args, kwargs, arch)
+            if quick:
+                configs = configs[:1]
+        for config in configs:
+            row = dict(kernel=label, config="fixed block" if config is None else config_label(config))
+            launch = dict(kwargs) if config is None else dict(kwargs, **config.kwargs, num_warps=config.num_warps,
+                                                              num_stages=config.num_stages)
+            if config is None:
+                launch.update({k: v for k, v in dense._DELTA_BLOCK.items()})
+            start = time.perf_counter()
+            try:
+                row.update(analyse(*compiler.compile(kernel, args, launch)))
+            except Exception as error:  # noqa: BLE001 - report it and go on with the next one
+                row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
+            row["compile_s"] = round(time.perf_counter() - start, 1)
+            if config is not None and "loop_instr" in row:
+                row["press"] = issue_pressure(row, config)
+                key = (layout, row["config"].split(" e")[0])
+                if key not in tutorial_rows:
+                    rows_, cols_, inner_ = problem_of(label, M, K, N)
+                    tile = {TUTORIAL_TILE_KEYS[k]: v for k, v in config.kwargs.items() if k in TUTORIAL_TILE_KEYS}
+                    tut = dict(kernel=f"tutorial 03 {layout}", config=key[1])
+                    try:
+                        tut.update(analyse(*compiler.compile(
+                            tutorial, tutorial_args(layout, rows_, inner_, cols_, dtype),
+                            dict(tile, num_warps=config.num_warps, num_stages=config.num_stages))))
+                        tut["press"] = issue_pressure(tut, config)
+                    except Exception as error:  # noqa: BLE001
+                        tut["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
+                    tutorial_rows[key] = tut
+                tut = tutorial_rows[key]
+                if tut.get("loop_instr"):
+                    row["x_tut"] = round(row["loop_instr"] / tut["loop_instr"], 2)
+            rows.append(row)
+            progress(format_row(row))
+    rows += list(tutorial_rows.values())
+    return header, rows
+
+
+COLUMNS = [  # (title, width, key, format)
+    ("kernel", 28, "kernel", "s"), ("config", 20, "config", "s"), ("mma", 17, "mma", "s"), ("A", 2, "A", "s"),
+    ("cp.async/TMA/ld", 15, None, None), ("bufs", 5, None, None), ("regs", 4, "regs", "d"),
+    ("spill", 5, "spill", "d"), ("smem KiB", 8, None, None), ("loop", 4, "loop_instr", "d"), ("bar", 3, "loop_bar", "d"),
+    ("shfl", 4, "loop_shfl", "d"), ("x tut", 5, "x_tut", ".2f"), ("press", 5, "press", ".2f"), ("s", 4, "compile_s", ".1f"),
+]
+
+
+def format_row(row):
+    if "error" in row:
+        return f"{row['kernel'][:28]:28s} {row['config']:20s} ERROR {row['error']}"
+    cells = []
+    for title, width, key, fmt in COLUMNS:
+        if title == "cp.async/TMA/ld":
+            value = f"{row['cp_async']}/{row['tma']}/{row['ld_global']}"
+        elif title == "bufs":
+            value = str(len(row["bufs"]) and int(row["bufs"][0].split("x")[0])) if row["bufs"] else "-"
+        elif title == "smem KiB":
+            value = f"{row['smem'] / 1024:.0f}"
+        elif row.get(key) is None:
+            value = "-"
+        else:
+            value = format(row[key], fmt)
+        cells.append(f"{value[:width]:{'<' if fmt == 's' else '>'}{width}s}")
+    return " ".join(cells)
+
+
+def table(header, rows):
+    lines = [f"# compile report: {header['problem']} {header['dtype']}, target {header['target']}, "
+             f"triton {header['triton']}, ptxas {header['ptxas']}, torch {header['torch']}",
+             f"# {header['figures']}"] + [f"# note: {note}" for note in header["notes"]]
+    if "code" in header:
+        lines.append(f"# code: {header['code']}")
+    titles = " ".join(f"{t:{'<' if f == 's' else '>'}{w}s}" for t, w, _, f in COLUMNS)
+    lines += [titles, "-" * len(titles)] + [format_row(row) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def summary(rows):
+    """Per kernel over its configs: the best issue pressure (and where), the most spill bytes, bar.sync per iteration."""
+    kernels = {}
+    for row in rows:
+        if "error" not in row and not row["kernel"].startswith("tutorial"):
+            kernels.setdefault(row["kernel"], []).append(row)
+    lines = ["", "# per kernel, over its configs (compiler output)",
+             f"{'kernel':28s} {'configs':>7s} {'wgmma':>5s} {'max spill':>9s} {'max bar':>7s} {'max shfl':>8s} "
+             f"{'best press':>10s}  best config"]
+    for name, group in kernels.items():
+        pressed = [r for r in group if r.get("press") is not None]
+        best = min(pressed, key=lambda r: r["press"]) if pressed else None
+        worst = lambda key: max((r.get(key) or 0) for r in group)  # noqa: E731
+        wgmma = "all" if all(r["mma"].startswith("wgmma") for r in group) else (
+            "-" if not pressed else "NOT all")
+        lines.append(f"{name[:28]:28s} {len(group):7d} {wgmma:>5s} {worst('spill'):9d} {worst('loop_bar'):7d} "
+                     f"{worst('loop_shfl'):8d} {best['press'] if best else '-':>10}  {best['config'] if best else ''}")
+    return "\n".join(lines) + "\n"
+
+
+def write(stem, header, rows):
+    text = table(header, rows) + summary(rows)
+    with open(stem + ".txt", "w") as f:
+        f.write(text)
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(header=header, rows=rows), f, indent=1, ensure_ascii=False)
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="90", help="comma list of compute capabilities (default 90; 80 = A100)")
+    parser.add_argument("--only", default="", help="comma list of substrings of kernel names to compile")
+    parser.add_argument("--quick", action="store_true", help="the CI subset: three kernels, one config each")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--shape", default="8192,1024,4096", help="M,K,N of the layer (default 8192,1024,4096)")
+    parser.add_argument("--json", default="", help="write the header and rows as JSON to this file")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--out-dir", default="", help="write compile_report_sm<arch>_triton-<version>.{txt,json} here")
+    parser.add_argument("--from-json", default="", help="print (and with --out-dir rewrite) a saved report's table")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        print(table(saved["header"], saved["rows"]) + summary(saved["rows"]))
+        if args.out_dir:
+            write(os.path.join(args.out_dir, os.path.basename(args.from_json)[:-len(".json")]), saved["header"],
+                  saved["rows"])
+        return 0
+    M, K, N = (int(v) for v in args.shape.split(","))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    progress = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    results = []
+    for arch in (int(a) for a in args.arch.split(",")):
+        try:
+            header, rows = run(arch, args.only, args.quick, M, K, N, dtype, progress=progress)
+        except Unavailable as reason:
+            print(f"compile_report: unavailable: {reason}")
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(dict(unavailable=str(reason)), f)
+            return 0
+        print(table(header, rows) + summary(rows), flush=True)
+        results.append(dict(header=header, rows=rows))
+        if args.out_dir:
+            os.makedirs(args.out_dir, exist_ok=True)
+            write(os.path.join(args.out_dir, f"compile_report_sm{arch}_triton-{header['triton']}"), header, rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results if len(results) > 1 else results[0], f, indent=1, ensure_ascii=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

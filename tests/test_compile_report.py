@@ -1,0 +1,38 @@
+"""The offline sm_90 compile report (benchmarks/compile_report.py) on a small subset: the kernels as an H100
+would compile them, checked without a GPU. Marked ``compile_report``; about a minute on a 2-core CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.compile_report
+def test_compile_report_quick_subset(tmp_path):
+    """wgmma in every matmul, no spill anywhere, none in a main loop, at most 3 bar.sync per iteration."""
+    pytest.importorskip("triton")
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not the interpreter
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_report.py"), "--quick", "--quiet",
+                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, f"the report ran: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+    report = json.loads(out.read_text())
+    if "unavailable" in report:
+        pytest.skip(f"no sm_90 compile here: {report['unavailable']}")
+    rows = [row for row in report["rows"] if not row["kernel"].startswith("tutorial")]
+    assert len(rows) >= 3, f"the quick subset compiled: {done.stdout}"
+    for row in rows:
+        label = f"{row['kernel']} {row['config']}"
+        assert "error" not in row, f"{label} compiles: {row.get('error')}"
+        assert row["mma"].startswith("wgmma"), f"{label}: wgmma, got {row['mma']}"
+        if "spill" not in row:
+            pytest.skip(f"no ptxas log on this Triton ({report['header']['notes']})")
+        assert row["spill"] == 0, f"{label}: {row['spill']} bytes of spill stores"
+        if "loop_instr" in row:
+            assert row["loop_spill"] == 0, f"{label}: spill instructions in the main loop"
+            assert row["loop_bar"] <= 3, f"{label}: {row['loop_bar']} bar.sync per main-loop iteration"
