@@ -11,8 +11,11 @@ Parameters (so optimizers and tied weights carry over) and, inside an nn.Sequent
 fuses a following activation module into it. It prints that report, then trains
 the original and the converted model for a few steps with the same optimizer on
 the same batches and prints both losses at every step and their largest difference.
-Last, ``manualbp.revert`` turns a copy of the trained model back into plain PyTorch
+Then ``manualbp.revert`` turns a copy of the trained model back into plain PyTorch
 (nn.Linear + activation modules, the original state_dict keys) and checks its loss.
+Last, where onnx, onnxscript and onnxruntime are installed, the trained model itself (not
+reverted) goes to ONNX with ``torch.onnx.export(..., dynamo=True)``, a dynamic batch axis,
+and onnxruntime's logits are compared with PyTorch's on batches of other sizes.
 
     ctrl   CTRLLMHeadModel (GPT-like): attention projections, nn.Sequential(Linear,
            ReLU, Linear) feed-forward blocks (ReLU fused), lm_head tied to the embedding
@@ -28,10 +31,12 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import importlib.util
 import os
 import sys
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_MISSING_DEPENDENCY = 0, 1, 2, 3
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the exporter needs the first two, the check the third
 INSTALL_HINT = 'pip install -e ".[examples]"'
 DEFAULT_TOLERANCE = {"float64": 1e-9, "float32": 1e-4}
 
@@ -47,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
         epilog=(
             f"needs: transformers: {INSTALL_HINT}\n"
-            f"exit status: {EXIT_OK} the losses agree; {EXIT_MISMATCH} they differ by more than --tolerance "
-            f"or an nn.Linear was left unconverted; {EXIT_USAGE} bad arguments; "
+            f"exit status: {EXIT_OK} the losses agree; {EXIT_MISMATCH} they (or onnxruntime's logits) differ by "
+            f"more than --tolerance or an nn.Linear was left unconverted; {EXIT_USAGE} bad arguments; "
             f"{EXIT_MISSING_DEPENDENCY} transformers is missing"
         ),
     )
@@ -157,6 +162,62 @@ def build(args, transformers, torch):
     return model, description, make_batch, loss_fn
 
 
+def check_in_onnxruntime(args, model, make_batch, generator, torch):
+    """Export ``model`` to ONNX (dynamo=True, the batch axis dynamic) and run it in onnxruntime.
+
+    Returns the largest |logits (PyTorch) - logits (onnxruntime)| over a batch of one and a
+    batch of twice --batch-size, or None where the ONNX packages are not installed.
+    """
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"\nONNX export skipped: {', '.join(missing)} not installed (pip install {' '.join(ONNX_PACKAGES)})")
+        return None
+    import logging
+    import tempfile
+    import warnings
+
+    import onnxruntime
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # notes about torchvision operators it skips
+
+    def batch():
+        inputs, _ = make_batch(generator)
+        (value,) = inputs.values()  # input_ids or pixel_values
+        return value.to(getattr(torch, args.dtype)) if value.is_floating_point() else value
+
+    (name,) = make_batch(torch.Generator().manual_seed(0))[0]
+
+    class Logits(torch.nn.Module):
+        """The model's logits from its one input, as a tensor (ONNX has no ModelOutput)."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, value):
+            return self.model(**{name: value}).logits
+
+    logits = Logits().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecation notes inside the exporter
+        exported = torch.onnx.export(logits, (batch(),), dynamo=True,
+                                     dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "model.onnx")
+        exported.save(path)
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for value in (batch()[:1], torch.cat([batch(), batch()])):
+        (result,) = session.run(None, {session.get_inputs()[0].name: value.numpy()})
+        with torch.no_grad():
+            worst = max(worst, (torch.from_numpy(result) - logits(value)).abs().max().item())
+    operators = sorted({node.op_type for node in exported.model_proto.graph.node})
+    print(f"\nONNX: torch.onnx.export(dynamo=True) of the trained model, batch axis dynamic; "
+          f"{len(exported.model_proto.graph.node)} nodes ({', '.join(operators)}); "
+          f"|logits (PyTorch) - logits (onnxruntime)| at batch sizes 1 and {2 * args.batch_size} = {worst:.3e}")
+    return worst
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.backend == "triton":
@@ -231,8 +292,11 @@ def main(argv=None) -> int:
           f"state_dict keys of the original: {same_keys}; |loss (converted) - loss (reverted)| on a new batch = "
           f"{reverted_difference:.3e}")
 
+    # Shipping without reverting: the trained model itself to ONNX, checked in onnxruntime.
+    onnx_difference = check_in_onnxruntime(args, converted.eval(), make_batch, generator, torch)
+
     ok = (worst <= args.tolerance and left == 0 and len(report.replaced) > 0 and left_manualbp == 0 and same_keys
-          and reverted_difference <= args.tolerance)
+          and reverted_difference <= args.tolerance and (onnx_difference is None or onnx_difference <= args.tolerance))
     print(f"\nmax |loss difference| = {worst:.3e} (tolerance {args.tolerance:g}); "
           f"max |parameter difference| after training = {parameters:.3e}: {'OK' if ok else 'MISMATCH'}")
     return EXIT_OK if ok else EXIT_MISMATCH

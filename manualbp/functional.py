@@ -109,7 +109,14 @@ def enter(input, weights: Sequence, biases: Sequence, backend: Optional[str]):
 
 def differentiable(*tensors: Optional[Tensor]) -> bool:
     """Whether this call needs the autograd Function: reverse mode wants a graph, or a forward-mode tangent
-    or a torch.func transform may be present. Otherwise the forward operator runs alone and keeps nothing."""
+    or a torch.func transform may be present. Otherwise the forward operator runs alone and keeps nothing.
+
+    torch.export records the forward only (an exported program's backward comes from its aten ops
+    after ``run_decompositions``): while exporting, the Function's backward and jvp never run, so the
+    operator is recorded keeping nothing, as nn.Linear exports as one aten.linear whatever requires grad.
+    """
+    if ops.exporting():
+        return False
     if torch.is_grad_enabled():
         for t in tensors:
             if t is not None and t.requires_grad:

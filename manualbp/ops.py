@@ -25,6 +25,9 @@ Each operator has, beside its implementation:
   a DTensor sharding rule (the matmul operators): data parallel (rows sharded), column-wise
                           (weight rows sharded), row-wise (contracted dimension sharded, identity only:
                           the output is a partial sum, and f of a partial sum is not the sum of f's)
+  a decomposition         for torch.export only: the reference backend's computation in aten ops,
+                          which ``ExportedProgram.run_decompositions()`` (default table) and
+                          ``torch.onnx.export(dynamo=True)`` apply, so the exported program needs no manualbp
 No autograd formula is registered: the layers' autograd Functions (function.py,
 mlp_function.py) call these operators from their forward, backward and jvp, so
 eager code, torch.func and torch.compile all run the same Function.
@@ -33,6 +36,7 @@ eager code, torch.func and torch.compile all run the same Function.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import List, Optional, Sequence
 
 import torch
@@ -97,9 +101,13 @@ def _check_saved(op: str, act: Activation, saved: Optional[Tensor], saved_kind: 
                          f"pass Z or f'(Z)")
 
 
+_IMPLEMENTATIONS = {}  # operator -> its Python implementation (for the export decompositions)
+
+
 def _register(name: str, schema_fn, fake_fn):
     op = torch.library.custom_op(f"{_LIB}::{name}", mutates_args=())(schema_fn)
     op.register_fake(fake_fn)
+    _IMPLEMENTATIONS[op] = schema_fn
     return op
 
 
@@ -538,3 +546,67 @@ def _register_sharding():
 
 
 _register_sharding()
+
+# --------------------------------------------------------------------------------------
+# Decompositions for torch.export: each operator as the reference backend computes it
+# --------------------------------------------------------------------------------------
+
+
+_IS_EXPORTING = getattr(torch.compiler, "is_exporting", None)  # looked up once: every layer call asks
+
+
+def exporting() -> bool:
+    """Whether torch.export is tracing (or decomposing) now; False on a PyTorch without the flag."""
+    return _IS_EXPORTING is not None and _IS_EXPORTING()
+
+
+def _decomposition(implementation):
+    """The operator's implementation on the reference backend (aten ops only), while exporting.
+
+    Registered as the operator's CompositeImplicitAutograd kernel in Python (``py_impl``):
+    torch.export's default decomposition table takes every such kernel, of any namespace.
+    Tracing for torch.compile also offers an op with that kernel to be decomposed; outside
+    torch.export this one declines (NotImplemented), so eager code and torch.compile keep
+    running the operator itself, with its Triton or reference kernel.
+    """
+    signature = inspect.signature(implementation)
+
+    def decompose(*args, **kwargs):
+        if not exporting():
+            return NotImplemented
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["backend"] = "reference"  # the equations, in aten ops (Triton's f'(Z) is the same f')
+        return implementation(*bound.args, **bound.kwargs)
+
+    return decompose
+
+
+def _register_decompositions() -> Optional[str]:
+    """Registers every operator's decomposition; returns why not where this PyTorch cannot (else None)."""
+    dispatch_key = getattr(torch._C.DispatchKey, "CompositeImplicitAutograd", None)
+    if _IS_EXPORTING is None or dispatch_key is None:
+        return "this PyTorch has no torch.compiler.is_exporting: the decompositions could not tell export from eager"
+    for op in OPERATORS:
+        overload = op._opoverload
+        if not hasattr(overload, "py_impl"):
+            return "this PyTorch's operators have no py_impl to register a decomposition with"
+        overload.py_impl(dispatch_key)(_decomposition(_IMPLEMENTATIONS[op]))
+    return None
+
+
+_NOT_REGISTERED = _register_decompositions()
+
+
+@functools.lru_cache(maxsize=None)
+def decompositions_unavailable() -> Optional[str]:
+    """Why ``run_decompositions()`` would keep manualbp operators on this PyTorch, or None where it removes them.
+
+    Checked once, lazily: building export's default table walks every operator PyTorch knows.
+    """
+    if _NOT_REGISTERED is not None:
+        return _NOT_REGISTERED
+    default_decompositions = getattr(torch.export, "default_decompositions", None)
+    if default_decompositions is None or linear_forward._opoverload not in default_decompositions():
+        return ("this PyTorch's default export decomposition table does not take a custom operator's "
+                "CompositeImplicitAutograd kernel")
+    return None

@@ -193,6 +193,11 @@ def test_convert_model_reports_and_trains_alike(tmp_path):
     assert re.search(r"manualbp\.revert: \d+ reverted, 0 left alone; manualbp modules left: 0; "
                      r"state_dict keys of the original: True;", out), "revert back to plain PyTorch"
     assert number_after("|loss (converted) - loss (reverted)| on a new batch =", out) <= 1e-9
+    if all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime")):
+        assert "ONNX: torch.onnx.export(dynamo=True) of the trained model" in out, "exported to ONNX"
+        assert number_after("|logits (PyTorch) - logits (onnxruntime)| at batch sizes 1 and 4 =", out) <= 1e-9
+    else:
+        assert "ONNX export skipped:" in out, "says why there is no ONNX check"
 
 
 # --------------------------------------------------------------------------------------
