@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from . import backends, config, quantization
@@ -47,6 +50,9 @@ class Linear(nn.Linear):
     qconfig = quantization.qconfig_guard
 
     def forward(self, input: Tensor) -> Tensor:
+        if "peft" in sys.modules and self.activation.name != "identity" and not torch.compiler.is_compiling():
+            # peft's own LoRA layer would add its update after f: silently wrong (manualbp/peft.py)
+            importlib.import_module(f"{__package__}.peft").check_caller(self, sys._getframe(1))
         if quantization.is_quantized(self.weight):  # torchao's quantize_ swapped in a quantized weight
             return quantization.linear(input, self.weight, self.bias, self.activation)
         return F.linear(input, self.weight, self.bias, self.activation, backend=self.backend)

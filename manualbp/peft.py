@@ -15,7 +15,8 @@ derivative of f). Merging, unmerging, saving and loading are peft's, unchanged.
 
 Use it through this module's :func:`get_peft_model` / :func:`from_pretrained`, or
 register it on a ``LoraConfig`` yourself with :func:`register`; :func:`check` finds a
-model adapted without it. LoRA variants on a layer with an activation (DoRA and the
+model adapted without it, and a manualbp.Linear with an activation raises when peft's own
+adapter layer calls it (:func:`check_caller`; eager code). LoRA variants on a layer with an activation (DoRA and the
 others peft lists in ``lora_variants``) and mixed-adapter batches (``adapter_names=``)
 raise ``NotImplementedError``: each assumes the base layer's output is x Wᵀ + b.
 """
@@ -37,7 +38,7 @@ from . import functional, quantization
 from .conversion import _has_hooks
 from .modules import Linear
 
-__all__ = ["LoraLinear", "check", "from_pretrained", "get_peft_model", "register"]
+__all__ = ["LoraLinear", "check", "check_caller", "from_pretrained", "get_peft_model", "register"]
 
 
 def _activated(layer: nn.Module) -> bool:
@@ -108,20 +109,46 @@ def register(config):
     return config
 
 
+def _wrong_adapters_error(wrong) -> RuntimeError:
+    return RuntimeError(
+        f"peft adapter layers wrap manualbp.Linear layers with an activation: {', '.join(wrong)}. They change "
+        f"the layer's output f(x Wᵀ + b) (LoRA: f(x Wᵀ + b) + s x Aᵀ Bᵀ instead of f(x Wᵀ + b + s x Aᵀ Bᵀ)). "
+        f"For LoRA build the model with manualbp.peft.get_peft_model / from_pretrained, or call "
+        f"manualbp.peft.register(config) first; for other adapters call manualbp.revert(model) first")
+
+
+def _describe(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
 def check(model: nn.Module) -> nn.Module:
     """Raise if a peft adapter layer of ``model`` other than :class:`LoraLinear` wraps a manualbp.Linear with
     an activation (peft's LoRA, LoHa, VeRA, ... layers act on the layer's output f(x Wᵀ + b)); returns the model."""
-    wrong = [f"{name} ({type(module).__module__}.{type(module).__qualname__})"
-             for name, module in model.named_modules()
+    wrong = [f"{name} ({_describe(module)})" for name, module in model.named_modules()
              if isinstance(module, BaseTunerLayer) and not isinstance(module, LoraLinear)
              and _activated(module.get_base_layer())]
     if wrong:
-        raise RuntimeError(
-            f"peft adapter layers wrap manualbp.Linear layers with an activation: {', '.join(wrong)}. They change "
-            f"the layer's output f(x Wᵀ + b) (LoRA: f(x Wᵀ + b) + s x Aᵀ Bᵀ instead of f(x Wᵀ + b + s x Aᵀ Bᵀ)). "
-            f"For LoRA build the model with manualbp.peft.get_peft_model / from_pretrained, or call "
-            f"manualbp.peft.register(config) first; for other adapters call manualbp.revert(model) first")
+        raise _wrong_adapters_error(wrong)
     return model
+
+
+def check_caller(layer: Linear, frame) -> None:
+    """Raise if ``frame`` (the caller of an activated ``layer``'s forward, or one of its Module.__call__
+    frames) belongs to a peft adapter layer other than :class:`LoraLinear` that adds its update to the
+    layer's output now (not merged, adapters on): what a plain ``peft.get_peft_model`` builds, silently
+    wrong otherwise. Called by ``manualbp.Linear.forward`` only while peft is imported (eager code)."""
+    for _ in range(4):  # Module._call_impl and _wrapped_call_impl sit between the adapter and the layer
+        if frame is None:
+            return
+        caller = frame.f_locals.get("self")
+        if caller is not None and caller is not layer:
+            break
+        frame = frame.f_back
+    else:
+        return
+    if (isinstance(caller, BaseTunerLayer) and not isinstance(caller, LoraLinear)
+            and caller.get_base_layer() is layer and not caller.merged and not caller.disable_adapters):
+        raise _wrong_adapters_error([_describe(caller)])
 
 
 def get_peft_model(model: nn.Module, config, *args, **kwargs):

@@ -108,6 +108,32 @@ def test_plain_peft_adds_after_the_activation_and_check_says_so():
                              peft.IA3Config(target_modules=["0"], feedforward_modules=[]))
 
 
+@pytest.mark.parametrize("activation", ["gelu", "identity"])
+def test_plain_peft_lora_raises_when_it_would_add_after_the_activation(activation):
+    """peft.get_peft_model without manualbp.peft: the forward raises instead of computing f(x Wᵀ + b) + s x Aᵀ Bᵀ;
+    with the adapter merged or disabled peft calls only the layer, which is then right."""
+    torch.manual_seed(3)
+    model = nn.Sequential(manualbp.Linear(6, 5, activation=activation, dtype=torch.float64, device=DEVICE))
+    plain = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["0"],
+                                                                        init_lora_weights=False))
+    x = torch.randn(4, 6, dtype=torch.float64, device=DEVICE)
+    layer = plain.base_model.model[0]
+    if activation == "identity":
+        close(plain(x), formula(layer, x), "identity: peft's own layer is right")
+    else:
+        _raises_then_right_merged_or_disabled(plain, model, layer, x)
+
+
+def _raises_then_right_merged_or_disabled(plain, model, layer, x):
+    with pytest.raises(RuntimeError, match=r"f\(x Wᵀ \+ b \+ s x Aᵀ Bᵀ\).*manualbp.peft.register"):
+        plain(x)
+    with plain.disable_adapter():
+        close(plain(x), model(x), "adapter disabled: the base layer alone")
+    expected = formula(layer, x)
+    layer.merge()
+    close(plain(x), expected, "merged: f(x (W + s B A)ᵀ + b)")
+
+
 def test_dropout_goes_inside_the_activation():
     model = lora_model("silu", dropout=0.5)
     layer = model.base_model.model[0]
