@@ -15,7 +15,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _config_id(cfg):
     k = cfg.kwargs
-    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-s{cfg.num_stages}-w{cfg.num_warps}"
+    tma = "-tma" if k.get("TMA", False) else ""
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-s{cfg.num_stages}-w{cfg.num_warps}{tma}"
 
 
 def _launch_with(config, a, b, out, *, bias=None, z=None, saved=None, partials=None, row_sums=None, **flags):
@@ -25,6 +26,11 @@ def _launch_with(config, a, b, out, *, bias=None, z=None, saved=None, partials=N
     N = b.shape[1]
     kw = dict(config.kwargs)
     grid = (triton_cdiv(M, kw["BLOCK_M"]) * triton_cdiv(N, kw["BLOCK_N"]),)
+    layout = dense._tma_layout(a, b, saved if flags.get("A_PROLOGUE") else None, capable=kw.get("TMA", False))
+    if kw.get("TMA", False):
+        if not layout["TMA_OK"]:
+            pytest.skip(f"a TMA config, operands TMA cannot describe ({layout})")
+        grid = (min(grid[0], _PERSISTENT_PROGRAMS),)  # persistent: each program walks several tiles
     saved = out if saved is None else saved
     options = dict(HAS_BIAS=bias is not None, ACTIVATION=manualbp.get_activation("gelu").kernel_id,
                    NEGATIVE_SLOPE=0.0, WRITE_Z=z is not None, F_PRIME_AS_Z=False, USE_DOT=True,
@@ -38,8 +44,11 @@ def _launch_with(config, a, b, out, *, bias=None, z=None, saved=None, partials=N
         0 if z is None else z.stride(0), 0 if z is None else z.stride(1), 0 if bias is None else bias.stride(0),
         saved, saved.stride(0), saved.stride(1), out if partials is None else partials,
         out if row_sums is None else row_sums, dense._tuning_bucket(M), dense._tuning_bucket(N), dense._tuning_bucket(K),
-        **options, num_warps=config.num_warps, num_stages=config.num_stages, **kw,
+        _PERSISTENT_PROGRAMS, **layout, **options, num_warps=config.num_warps, num_stages=config.num_stages, **kw,
     )
+
+
+_PERSISTENT_PROGRAMS = 3  # a TMA config's persistent grid in these tests: fewer programs than tiles
 
 
 @pytest.mark.parametrize("config", dense.matmul_configs(), ids=_config_id)
@@ -48,7 +57,7 @@ def test_every_autotune_config_is_correct(config, device):
     backward epilogue and the layer backward's prologue."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
-    M, N, K = 70, 300, 100  # not multiples of any tile
+    M, N, K = 70, 296, 104  # not multiples of any tile; rows of 16-byte multiples in fp16 and fp32 (TMA)
     x = torch.randn(M, K, generator=g).to(device, dtype)
     weight = torch.randn(N, K, generator=g).div(10).to(device, dtype)
     bias = torch.randn(N, generator=g).to(device, dtype)
@@ -430,7 +439,8 @@ def test_bias_grad_is_bitwise_equal_on_every_tile(activation, kind, device):
     tiles), and within float32 rounding of the float64 sum of the rounded δ."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(10)
-    M, N, K = 300, 70, 33  # the sum runs over M: several K steps of the ∂C/∂W matmul, a ragged last one
+    M, N, K = 300, 72, 40  # the sum runs over M: several K steps of the ∂C/∂W matmul, a ragged last one (rows of
+    # 16-byte multiples in fp16 and fp32: the TMA configs are compared too)
     act = manualbp.get_activation(activation)
     slope = act.kernel_slope
     grad_a = torch.randn(M, N, generator=g).to(device, dtype)
@@ -534,3 +544,46 @@ def test_bias_grad_matmul_configs(monkeypatch):
             f"{activation}: BLOCK_K and BLOCK_N")
         first = kept[0].kwargs
         assert (first["BLOCK_M"], first["BLOCK_N"]) == (128, 256), f"{activation}: 128x256 first"
+
+
+def _jvp_configs():
+    """The configs the jvp autotuner may pick on an H100 with both tangents (stages fitted to shared memory)."""
+    from manualbp.triton_kernels import jvp
+
+    saved = dense._shared_memory_bytes
+    dense._shared_memory_bytes = lambda index: 232448
+    try:
+        return jvp._prune_configs(dense.matmul_configs(), {"x_ptr": torch.empty(1, 1, dtype=torch.bfloat16)},
+                                  HAS_TANGENT_X=True, HAS_TANGENT_WEIGHT=True)
+    finally:
+        dense._shared_memory_bytes = saved
+
+
+@pytest.mark.parametrize("config", _jvp_configs(), ids=_config_id)
+def test_every_jvp_config_is_correct(config, device):
+    """The tangent kernel at each config its autotuner may pick: dA = f'(Z) ⊙ (dX Wᵀ + X dWᵀ + db) against float64,
+    f' from f'(Z) saved (gelu), M, N, K not multiples of any tile."""
+    from manualbp.triton_kernels import jvp
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(11)
+    M, N, K = 70, 300, 100
+    x, tangent_x = (torch.randn(M, K, generator=g).to(device, dtype) for _ in range(2))
+    weight, tangent_weight = (torch.randn(N, K, generator=g).div(10).to(device, dtype) for _ in range(2))
+    tangent_bias = torch.randn(N, generator=g).to(device, dtype)
+    f_prime = torch.rand(M, N, generator=g).to(device, dtype)
+    out = torch.full((M, N), float("nan"), device=device, dtype=dtype)
+    grid = (triton_cdiv(M, config.kwargs["BLOCK_M"]) * triton_cdiv(N, config.kwargs["BLOCK_N"]),)
+    jvp._jvp_kernel[grid](
+        tangent_x, weight, x, tangent_weight, tangent_bias, f_prime, out, M, N, K,
+        *tangent_x.stride(), *weight.stride(), *x.stride(), *tangent_weight.stride(), tangent_bias.stride(0),
+        *f_prime.stride(), *out.stride(), dense._tuning_bucket(M), dense._tuning_bucket(N), dense._tuning_bucket(K),
+        HAS_TANGENT_X=True, HAS_TANGENT_WEIGHT=True, HAS_TANGENT_BIAS=True,
+        ACTIVATION=manualbp.get_activation("gelu").kernel_id, NEGATIVE_SLOPE=0.0, SAVED_KIND=dense.SAVED_KINDS["f_prime"],
+        USE_DOT=True, INPUT_PRECISION="ieee", ACC_FP64=False, num_warps=config.num_warps,
+        num_stages=config.num_stages, **config.kwargs,
+    )
+    d = lambda t: t.double()  # noqa: E731
+    exact = d(f_prime) * (d(tangent_x) @ d(weight).t() + d(x) @ d(tangent_weight).t() + d(tangent_bias))
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d(out), exact, **tol, msg=lambda m: f"tangent dA with {_config_id(config)}: {m}")
