@@ -246,8 +246,8 @@ def package_launches(dense, jvp, M, K, N, dtype, quick):
         ("jvp gelu (f') dX,dW,db", lambda: jvp.linear_jvp(x, w, saved, x, w, b, 3, 0.0, "f_prime", M, N), "NT"),
         ("jvp gelu (Z) dX,dW,db", lambda: jvp.linear_jvp(x, w, saved, x, w, b, 3, 0.0, "z", M, N), "NT"),
     ]
-    if quick:  # the CI subset: the heaviest epilogue, the ∂C/∂b loop, a select prologue
-        keep = ("fwd gelu (f')", "dW prologue+db relu", "dX prologue relu")
+    if quick:  # the CI subset: the heaviest epilogue, the ∂C/∂b loop, a select prologue, the tangent kernel
+        keep = ("fwd gelu (f')", "dW prologue+db relu", "dX prologue relu", "jvp gelu (Z) dX,dW,db")
         launches = [launch for launch in launches if launch[0] in keep]
     # (module, kernel name) -> the pruning its autotuner applies (None: an elementwise pass, one fixed block)
     kernels = {(dense, "_matmul_kernel"): dense._prune_configs, (dense, "_delta_kernel"): None,
@@ -446,8 +446,8 @@ def run(arch, only, quick, M, K, N, dtype, progress=print):
             configs = [None]
         else:
             configs = configs_for(dense, kernel, pruner, args, kwargs, arch)
-            if quick:
-                configs = configs[:1]
+            if quick:  # the first config, and the first TMA config where the target has TMA
+                configs = configs[:1] + [c for c in configs if c.kwargs.get("TMA", False)][:1]
         for config in configs:
             row = dict(kernel=label, config="fixed block" if config is None else config_label(config))
             launch = dict(kwargs) if config is None else dict(kwargs, **config.kwargs, num_warps=config.num_warps,
@@ -561,7 +561,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="90", help="comma list of compute capabilities (default 90; 80 = A100)")
     parser.add_argument("--only", default="", help="comma list of substrings of kernel names to compile")
-    parser.add_argument("--quick", action="store_true", help="the CI subset: three kernels, one config each")
+    parser.add_argument("--quick", action="store_true",
+                        help="the CI subset: four kernels, their first config (and first TMA config) each")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--shape", default="8192,1024,4096", help="M,K,N of the layer (default 8192,1024,4096)")
     parser.add_argument("--json", default="", help="write the header and rows as JSON to this file")

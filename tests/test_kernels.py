@@ -433,11 +433,13 @@ def _row_sum_configs():
     return [cfg for cfg in dense.matmul_configs() if cfg.kwargs["BLOCK_K"] == dense.SUM_BLOCK_K]
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("activation, kind", [("relu", "a"), ("gelu", "f_prime"), ("leaky_relu", "z")])
-def test_bias_grad_is_bitwise_equal_on_every_tile(activation, kind, device):
+def test_bias_grad_is_bitwise_equal_on_every_tile(activation, kind, half, device):
     """∂C/∂b from the ∂C/∂W matmul's row sums: the same bits whichever tile the autotuner picks (and the fixed
-    tiles), and within float32 rounding of the float64 sum of the rounded δ."""
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    tiles), and within float32 rounding of the float64 sum of the rounded δ. Both ways of summing: in registers
+    (float32) and by the tensor cores against a tile of ones (16-bit data)."""
+    dtype = torch.float16 if half else torch.float32
     g = torch.Generator().manual_seed(10)
     M, N, K = 300, 72, 40  # the sum runs over M: several K steps of the ∂C/∂W matmul, a ragged last one (rows of
     # 16-byte multiples in fp16 and fp32: the TMA configs are compared too)
@@ -459,8 +461,10 @@ def test_bias_grad_is_bitwise_equal_on_every_tile(activation, kind, device):
     first_name, first = next(iter(results.items()))
     assert len(results) >= 3, "several tiles compared"
     for name, sums in results.items():
-        assert torch.equal(sums.to(first.dtype), first), f"db [{activation}] with {name} bitwise == with {first_name}"
-    delta = (grad_a.double() * act.f_grad(z.double())).to(dtype).double()
+        # the launcher's ∂C/∂b is rounded to the data dtype: compared with the first tile's, rounded the same way
+        assert torch.equal(sums, first.to(sums.dtype)), f"db [{activation}] with {name} bitwise == with {first_name}"
+    f_prime = saved.double() if kind == "f_prime" else act.f_grad(z.double())  # f'(Z) as saved, rounded
+    delta = (grad_a.double() * f_prime).to(dtype).double()
     torch.testing.assert_close(first.double(), delta.sum(0), rtol=1e-5, atol=1e-5 * M ** 0.5,
                                msg=lambda m: f"db [{activation}] against float64: {m}")
 
@@ -587,3 +591,34 @@ def test_every_jvp_config_is_correct(config, device):
     exact = d(f_prime) * (d(tangent_x) @ d(weight).t() + d(x) @ d(tangent_weight).t() + d(tangent_bias))
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(d(out), exact, **tol, msg=lambda m: f"tangent dA with {_config_id(config)}: {m}")
+
+
+def test_tma_layout_and_pruning(monkeypatch):
+    """TMA configs only where a descriptor can describe every operand tile (one unit stride, 16-byte leading
+    strides and base; the prologue's saved tensor laid out as A) and the launcher found TMA usable; never in the
+    interpreter, or with manualbp.config's tma setting off."""
+    g16 = torch.empty(64, 40, dtype=torch.bfloat16)  # 80-byte rows
+    x16 = torch.empty(64, 24, dtype=torch.bfloat16)  # 48-byte rows
+    w16 = torch.empty(40, 24, dtype=torch.bfloat16)
+    layout = dense._tma_layout(g16.t(), x16, g16.t(), capable=True)  # ∂C/∂W = δᵀ X: δᵀ read through swapped strides
+    assert layout == dict(A_TRANSPOSED=True, B_TRANSPOSED=False, TMA_OK=True), f"dW operands: {layout}"
+    assert dense._tma_layout(x16, w16.t(), None, capable=True)["B_TRANSPOSED"], "forward: Wᵀ is W transposed"
+    assert not dense._tma_layout(x16, w16.t(), None, capable=False)["TMA_OK"], "not where the launcher found no TMA"
+    odd = torch.empty(64, 33, dtype=torch.bfloat16)  # 66-byte rows
+    assert not dense._tma_layout(odd, torch.empty(33, 16, dtype=torch.bfloat16), None, True)["TMA_OK"], "66-byte rows"
+    assert not dense._tma_layout(x16[:, 1:], w16[:, 1:].t(), None, True)["TMA_OK"], "a base off 16 bytes"
+    assert not dense._tma_layout(g16.t(), x16, g16, True)["TMA_OK"], "saved laid out unlike A"
+    strided = torch.empty(64, 48, dtype=torch.bfloat16)[:, ::2]
+    assert not dense._tma_layout(strided, w16.t(), None, True)["TMA_OK"], "no unit stride"
+
+    monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 232448)  # H100
+    tma = lambda configs: [c for c in configs if c.kwargs.get("TMA", False)]  # noqa: E731
+    assert tma(dense.matmul_configs()), "matmul_configs() has TMA configs"
+    assert tma(dense._prune_configs(dense.matmul_configs(), {"a_ptr": g16}, TMA_OK=True)), "kept where usable"
+    assert not tma(dense._prune_configs(dense.matmul_configs(), {"a_ptr": g16}, TMA_OK=False)), "dropped otherwise"
+    assert not dense.matmul_configs()[-1].kwargs.get("TMA", False), "the config kept when nothing fits is not TMA"
+    assert not dense._tma_capable(torch.device("cpu")), "no TMA off a GPU"
+    if dense.is_interpreted():
+        assert not dense._tma_capable(torch.device("cuda")), "no TMA in the interpreter"
+    with manualbp.config.override(tma=False):
+        assert not dense._tma_capable(torch.device("cuda")), "tma setting off"
