@@ -26,6 +26,11 @@ only where it is a select (relu, leaky_relu); otherwise (manualbp.MLP keeps Z, t
 recompute A) δ takes one elementwise pass, _delta_kernel, which also writes
 per-block column sums for ∂C/∂b (summed in a fixed order: deterministic, no atomics).
 
+On Hopper (sm_90+) the autotuner also tries TMA configs of the same kernel (TMA=True):
+operand tiles through device-side tensor descriptors and a persistent grid, one program
+per SM walking the output tiles, as Triton's tutorial 09; same prologues and epilogues
+(_matmul_tile), kept only where _tma_layout finds every operand describable.
+
 No operand is copied to make it contiguous: every kernel takes both strides of
 every matrix, so transposes are free. Offsets are 64-bit. Accumulation is in
 float32 (float64 for float64 data), and so are the activations.
