@@ -11,7 +11,10 @@ captured by calling the real launchers on meta tensors with the kernels replaced
 captured launch is then compiled by ``triton.compile`` for ``GPUTarget("cuda", arch, 32)`` exactly as a
 launch on that GPU would compile it (Triton's own binder decides the specialisations), at every autotune
 config the autotuner could pick for it (``matmul_configs()`` after ``_prune_configs`` with the target's
-shared memory). Beside each matmul: Triton's tutorial 03 matmul at the same tile and operand layout.
+shared memory). Beside each matmul: Triton's tutorial 03 matmul at the same tile and operand layout; beside a
+TMA config (sm_90: operand tiles by TMA descriptors, a persistent grid; "tma" in the config column), Triton's
+tutorial 09 descriptor-persistent matmul at the same tile. The launchers decide TMA from the GPU they run on;
+here the target decides it (sm_90 and newer, where this Triton has tl.make_tensor_descriptor).
 
 Columns (all of them compiler output, none a timing):
   mma      the MMA instruction in the PTX (wgmma.m64nNk16 on sm_90, mma.sync on sm_80, none = FMAs)
@@ -24,11 +27,12 @@ Columns (all of them compiler output, none a timing):
   bar, shfl     bar.sync / shuffles per main-loop iteration
   x tut    loop instructions / the tutorial's at the same tile and layout
   press    issue pressure: loop instructions x warps per SM sub-partition / (BLOCK_M*BLOCK_N*BLOCK_K/2048),
-           an H100 SM's MMA clocks per iteration; the tutorial is 0.18-0.24 at its large tiles, and a loop
-           above ~0.7 is bound by instruction issue rather than by the tensor cores (an estimate)
+           an H100 SM's MMA clocks per iteration (twice that for the jvp kernel with two tangents: two products
+           per iteration); the tutorial is 0.18-0.24 at its large tiles, and a loop above ~0.7 is bound by
+           instruction issue rather than by the tensor cores (an estimate)
 
-Not yet covered: the forward-mode (jvp) tangent kernel, which does not exist on this branch; add its launcher
-to package_launches() when it lands.
+The forward-mode (jvp) tangent kernel is compiled beside them at every config its own pruning keeps (two
+products per K step: dX Wᵀ and X dWᵀ); its tutorial twin is one product, so its "x tut" is about 2 by design.
 
 Triton's internals move between releases: what this needs is feature-detected; a missing piece
 skips its columns (or, without a compiler at all, the whole report) with the reason, never a crash.
@@ -198,8 +202,8 @@ class _Recorder:
 
 
 # (name, activation, saved kind, what to call, operand layout of the tutorial twin)
-def package_launches(dense, M, K, N, dtype, quick):
-    """name -> (kernel, args, kwargs without tile or launch options, tutorial layout or None)."""
+def package_launches(dense, jvp, M, K, N, dtype, quick):
+    """name -> (kernel, args, kwargs without tile or launch options, tutorial layout or None, config pruner)."""
     meta = dict(device="meta", dtype=dtype)
     x, w, b = torch.empty(M, K, **meta), torch.empty(N, K, **meta), torch.empty(N, **meta)
     g, saved = torch.empty(M, N, **meta), torch.empty(M, N, **meta)
@@ -237,28 +241,35 @@ def package_launches(dense, M, K, N, dtype, quick):
         ("δ pass+db gelu", lambda: dense.delta_and_bias_grad(g, saved, 3, 0.0, "z", True, True), None),
         ("δ pass db-only relu", lambda: dense.delta_and_bias_grad(g, saved, 1, 0.0, "a", False, True), None),
         ("activation pass gelu", lambda: dense.activation_forward(saved, 3, 0.0), None),
+        # forward mode: dA = f'(Z) ⊙ (dX Wᵀ + X dWᵀ + db), one tangent (a select) and all three (f' from f'(Z), Z)
+        ("jvp relu dX", lambda: jvp.linear_jvp(x, w, saved, x, None, None, 1, 0.0, "a", M, N), "NT"),
+        ("jvp gelu (f') dX,dW,db", lambda: jvp.linear_jvp(x, w, saved, x, w, b, 3, 0.0, "f_prime", M, N), "NT"),
+        ("jvp gelu (Z) dX,dW,db", lambda: jvp.linear_jvp(x, w, saved, x, w, b, 3, 0.0, "z", M, N), "NT"),
     ]
-    if quick:  # the CI subset: the heaviest epilogue, the ∂C/∂b loop, a select prologue
-        keep = ("fwd gelu (f')", "dW prologue+db relu", "dX prologue relu")
+    if quick:  # the CI subset: the heaviest epilogue, the ∂C/∂b loop, a select prologue, the tangent kernel
+        keep = ("fwd gelu (f')", "dW prologue+db relu", "dX prologue relu", "jvp gelu (Z) dX,dW,db")
         launches = [launch for launch in launches if launch[0] in keep]
-    names = ("_matmul_kernel", "_delta_kernel", "_activation_kernel")
-    recorders = {name: _Recorder(getattr(dense, name)) for name in names}
+    # (module, kernel name) -> the pruning its autotuner applies (None: an elementwise pass, one fixed block)
+    kernels = {(dense, "_matmul_kernel"): dense._prune_configs, (dense, "_delta_kernel"): None,
+               (dense, "_activation_kernel"): None, (jvp, "_jvp_kernel"): jvp._prune_configs}
+    recorders = {key: _Recorder(getattr(*key)) for key in kernels}
     out = {}
     try:
-        for name, recorder in recorders.items():
-            setattr(dense, name, recorder)
+        for (module, name), recorder in recorders.items():
+            setattr(module, name, recorder)
         for label, call, layout in launches:
             for recorder in recorders.values():
                 recorder.calls.clear()
             call()
-            for kernel_name, recorder in recorders.items():
+            for key, recorder in recorders.items():
                 for i, (args, kwargs) in enumerate(recorder.calls):
                     tag = label if len(recorder.calls) == 1 else f"{label} #{i + 1}"
                     kwargs = {k: v for k, v in kwargs.items() if k not in TILE_KEYS + LAUNCH_KEYS}
-                    out[tag] = (recorder.real, args, kwargs, layout if kernel_name == "_matmul_kernel" else None)
+                    pruner = kernels[key]
+                    out[tag] = (recorder.real, args, kwargs, layout if pruner else None, pruner)
     finally:
-        for name, recorder in recorders.items():
-            setattr(dense, name, recorder.real)
+        for (module, name), recorder in recorders.items():
+            setattr(module, name, recorder.real)
     return out
 
 
@@ -301,6 +312,56 @@ def tutorial_kernel():
     return tutorial_matmul
 
 
+def tutorial09_kernel():
+    """Triton's tutorial 09 descriptor-persistent matmul (device-side TMA descriptors, a persistent grid, the epilogue
+    in two column halves), copied without its Blackwell-only options (warp specialization, loop flattening): the
+    twin of the TMA configs. Its operands are fixed: A [M, K] and B [N, K], both rows contiguous (NT)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def tutorial09_matmul(a_ptr, b_ptr, c_ptr, M, N, K, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
+                          BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr, NUM_SMS: tl.constexpr):
+        dtype = c_ptr.dtype.element_ty
+        start_pid = tl.program_id(axis=0)
+        num_pid_m = tl.cdiv(M, BLOCK_SIZE_M)
+        num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
+        k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
+        num_tiles = num_pid_m * num_pid_n
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1],
+                                           block_shape=[BLOCK_SIZE_M, BLOCK_SIZE_K])
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1],
+                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[N, 1],
+                                           block_shape=[BLOCK_SIZE_M, BLOCK_SIZE_N // 2])
+        num_pid_in_group = GROUP_SIZE_M * num_pid_n
+        for tile_id in tl.range(start_pid, num_tiles, NUM_SMS):
+            group_id = tile_id // num_pid_in_group
+            first_pid_m = group_id * GROUP_SIZE_M
+            group_size_m = min(num_pid_m - first_pid_m, GROUP_SIZE_M)
+            pid_m = first_pid_m + (tile_id % group_size_m)
+            pid_n = (tile_id % num_pid_in_group) // group_size_m
+            offs_am = pid_m * BLOCK_SIZE_M
+            offs_bn = pid_n * BLOCK_SIZE_N
+            accumulator = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+            for ki in range(k_tiles):
+                offs_k = ki * BLOCK_SIZE_K
+                a = a_desc.load([offs_am, offs_k])
+                b = b_desc.load([offs_bn, offs_k])
+                accumulator = tl.dot(a, b.T, accumulator)
+            acc = tl.permute(tl.reshape(accumulator, (BLOCK_SIZE_M, 2, BLOCK_SIZE_N // 2)), (0, 2, 1))
+            acc0, acc1 = tl.split(acc)
+            c_desc.store([offs_am, offs_bn], acc0.to(dtype))
+            c_desc.store([offs_am, offs_bn + BLOCK_SIZE_N // 2], acc1.to(dtype))
+
+    return tutorial09_matmul
+
+
+def tutorial09_args(M, K, N, dtype):
+    meta = dict(device="meta", dtype=dtype)
+    return (torch.empty(M, K, **meta), torch.empty(N, K, **meta), torch.empty(M, N, **meta), M, N, K)
+
+
 def tutorial_args(layout, M, K, N, dtype):
     """The tutorial's arguments for one operand layout: NT = forward (B = Wᵀ), NN = δ W, TN = δᵀ X."""
     meta = dict(device="meta", dtype=dtype)
@@ -327,14 +388,14 @@ def problem_of(label, M, K, N):
 # --------------------------------------------------------------------------------------
 
 
-def configs_for(dense, kernel_args, kwargs, arch):
+def configs_for(dense, kernel, pruner, kernel_args, kwargs, arch):
     """The autotune configs the autotuner could pick for this launch on the target (pruned as it prunes)."""
-    names = dict(zip(dense._matmul_kernel.arg_names, kernel_args))
+    names = dict(zip(kernel.arg_names, kernel_args))
     budget = SHARED_MEMORY.get(arch, SHARED_MEMORY[80])
     saved = dense._shared_memory_bytes
     dense._shared_memory_bytes = lambda index: budget
     try:
-        return dense._prune_configs(dense.matmul_configs(), names, **kwargs)
+        return pruner(dense.matmul_configs(), names, **kwargs)
     finally:
         dense._shared_memory_bytes = saved
 
@@ -342,20 +403,24 @@ def configs_for(dense, kernel_args, kwargs, arch):
 def config_label(config):
     k = config.kwargs
     split = f" e{k['EPILOGUE_SPLIT']}" if "EPILOGUE_SPLIT" in k else ""  # the forward epilogue's column slices
-    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{config.num_warps} s{config.num_stages}{split}"
+    tma = " tma" if k.get("TMA", False) else ""  # TMA descriptors, persistent grid
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{config.num_warps} s{config.num_stages}{split}{tma}"
 
 
-def issue_pressure(row, config):
+def issue_pressure(row, config, products=1):
+    """Loop instructions per MMA clock (see the docstring); products: tile products per iteration (jvp: 2)."""
     k = config.kwargs
-    return round(row["loop_instr"] * (config.num_warps / 4) / (k["BLOCK_M"] * k["BLOCK_N"] * k["BLOCK_K"] / 2048), 2)
+    mma_clocks = products * k["BLOCK_M"] * k["BLOCK_N"] * k["BLOCK_K"] / 2048
+    return round(row["loop_instr"] * (config.num_warps / 4) / mma_clocks, 2)
 
 
 def run(arch, only, quick, M, K, N, dtype, progress=print):
     """Compile everything selected for one target: (header dict, rows)."""
     tri = internals()
     import triton
+    import triton.language as tl
 
-    from manualbp.triton_kernels import dense
+    from manualbp.triton_kernels import dense, jvp
 
     compiler = Compiler(tri, arch)
     header = dict(triton=triton.__version__, torch=torch.__version__, ptxas=ptxas_version(tri["ptxas"]),
@@ -363,18 +428,26 @@ def run(arch, only, quick, M, K, N, dtype, progress=print):
                   dtype=str(dtype).replace("torch.", ""), notes=list(tri["notes"]),
                   figures="compiler output (no GPU run); no timing")
     tutorial = tutorial_kernel()
+    tutorial09 = tutorial09_kernel() if hasattr(tl, "make_tensor_descriptor") else None
     tutorial_rows = {}
     rows = []
-    launches = package_launches(dense, M, K, N, dtype, quick)
-    for label, (kernel, args, kwargs, layout) in launches.items():
+    # The launchers decide TMA and the persistent grid from the GPU they run on; here, from the target.
+    tma_capable, num_sms = dense._tma_capable, dense._num_sms
+    dense._tma_capable = lambda device: arch >= 90 and hasattr(tl, "make_tensor_descriptor")
+    dense._num_sms = lambda device: 132  # H100 SXM; the count is a runtime argument, not compiled in
+    try:
+        launches = package_launches(dense, jvp, M, K, N, dtype, quick)
+    finally:
+        dense._tma_capable, dense._num_sms = tma_capable, num_sms
+    for label, (kernel, args, kwargs, layout, pruner) in launches.items():
         if only and not any(part in label for part in only.split(",")):
             continue
         if layout is None:  # an elementwise pass: its one fixed block
             configs = [None]
         else:
-            configs = configs_for(dense, args, kwargs, arch)
-            if quick:
-                configs = configs[:1]
+            configs = configs_for(dense, kernel, pruner, args, kwargs, arch)
+            if quick:  # the first config, and the first TMA config where the target has TMA
+                configs = configs[:1] + [c for c in configs if c.kwargs.get("TMA", False)][:1]
         for config in configs:
             row = dict(kernel=label, config="fixed block" if config is None else config_label(config))
             launch = dict(kwargs) if config is None else dict(kwargs, **config.kwargs, num_warps=config.num_warps,
@@ -388,16 +461,22 @@ def run(arch, only, quick, M, K, N, dtype, progress=print):
                 row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
             row["compile_s"] = round(time.perf_counter() - start, 1)
             if config is not None and "loop_instr" in row:
-                row["press"] = issue_pressure(row, config)
-                key = (layout, row["config"].split(" e")[0])
+                products = 2 if kwargs.get("HAS_TANGENT_X") and kwargs.get("HAS_TANGENT_WEIGHT") else 1
+                row["press"] = issue_pressure(row, config, products)
+                tma = config.kwargs.get("TMA", False)  # twin: tutorial 09 (TMA, persistent; NT only), else 03
+                key = ("NT" if tma else layout, row["config"].split(" e")[0] + (" tma" if tma else ""))
                 if key not in tutorial_rows:
                     rows_, cols_, inner_ = problem_of(label, M, K, N)
                     tile = {TUTORIAL_TILE_KEYS[k]: v for k, v in config.kwargs.items() if k in TUTORIAL_TILE_KEYS}
-                    tut = dict(kernel=f"tutorial 03 {layout}", config=key[1])
+                    tut = dict(kernel=f"tutorial {'09' if tma else '03'} {key[0]}", config=key[1])
+                    if tma:
+                        twin, twin_args = tutorial09, tutorial09_args(rows_, inner_, cols_, dtype)
+                        tile["NUM_SMS"] = 132
+                    else:
+                        twin, twin_args = tutorial, tutorial_args(layout, rows_, inner_, cols_, dtype)
                     try:
                         tut.update(analyse(*compiler.compile(
-                            tutorial, tutorial_args(layout, rows_, inner_, cols_, dtype),
-                            dict(tile, num_warps=config.num_warps, num_stages=config.num_stages))))
+                            twin, twin_args, dict(tile, num_warps=config.num_warps, num_stages=config.num_stages))))
                         tut["press"] = issue_pressure(tut, config)
                     except Exception as error:  # noqa: BLE001
                         tut["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
@@ -412,7 +491,7 @@ def run(arch, only, quick, M, K, N, dtype, progress=print):
 
 
 COLUMNS = [  # (title, width, key, format)
-    ("kernel", 28, "kernel", "s"), ("config", 20, "config", "s"), ("mma", 17, "mma", "s"), ("A", 2, "A", "s"),
+    ("kernel", 28, "kernel", "s"), ("config", 24, "config", "s"), ("mma", 17, "mma", "s"), ("A", 2, "A", "s"),
     ("cp.async/TMA/ld", 15, None, None), ("bufs", 5, None, None), ("regs", 4, "regs", "d"),
     ("spill", 5, "spill", "d"), ("smem KiB", 8, None, None), ("loop", 4, "loop_instr", "d"), ("bar", 3, "loop_bar", "d"),
     ("shfl", 4, "loop_shfl", "d"), ("x tut", 5, "x_tut", ".2f"), ("press", 5, "press", ".2f"), ("s", 4, "compile_s", ".1f"),
@@ -421,7 +500,7 @@ COLUMNS = [  # (title, width, key, format)
 
 def format_row(row):
     if "error" in row:
-        return f"{row['kernel'][:28]:28s} {row['config']:20s} ERROR {row['error']}"
+        return f"{row['kernel'][:28]:28s} {row['config']:24s} ERROR {row['error']}"
     cells = []
     for title, width, key, fmt in COLUMNS:
         if title == "cp.async/TMA/ld":
@@ -482,7 +561,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="90", help="comma list of compute capabilities (default 90; 80 = A100)")
     parser.add_argument("--only", default="", help="comma list of substrings of kernel names to compile")
-    parser.add_argument("--quick", action="store_true", help="the CI subset: three kernels, one config each")
+    parser.add_argument("--quick", action="store_true",
+                        help="the CI subset: four kernels, their first config (and first TMA config) each")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--shape", default="8192,1024,4096", help="M,K,N of the layer (default 8192,1024,4096)")
     parser.add_argument("--json", default="", help="write the header and rows as JSON to this file")

@@ -4,11 +4,12 @@
     delta_prologue  bool   δ formed in the backward matmuls' operand loads      MANUALBP_DELTA_PROLOGUE=0 turns off
     mlp_fusion      bool   MLP backward: δ of the layer below in a matmul's epilogue   MANUALBP_MLP_FUSION=0 turns off
     autotune        bool   GPU matmuls autotune their tile                      MANUALBP_AUTOTUNE=0 turns off
+    tma             bool   the autotuner may pick the TMA + persistent matmul configs (sm_90+)   MANUALBP_TMA=0 turns off
 
 The environment is read once, when manualbp is imported; afterwards only
 :func:`set` and :func:`override` change a setting. A bad MANUALBP_BACKEND is
 reported (naming the variable) when the backend is first needed, not at import.
-The two switches off are for measuring what the fusions buy (benchmarks/), not for users.
+The switches off are for measuring what the fusions (and TMA) buy (benchmarks/), not for users.
 Compiled graphs (torch.compile, torch.export) bake in the settings they were traced with.
 """
 
@@ -25,6 +26,7 @@ ENVIRONMENT = {
     "delta_prologue": "MANUALBP_DELTA_PROLOGUE",
     "mlp_fusion": "MANUALBP_MLP_FUSION",
     "autotune": "MANUALBP_AUTOTUNE",
+    "tma": "MANUALBP_TMA",
 }
 
 
@@ -34,6 +36,7 @@ class Settings:
     delta_prologue: bool = True
     mlp_fusion: bool = True
     autotune: bool = True
+    tma: bool = True
 
 
 def check_backend(name, source: str) -> str:
@@ -55,7 +58,7 @@ def _from_environment() -> Settings:
     backend = os.environ.get(ENVIRONMENT["backend"], "").strip().lower()
     if backend:
         values["backend"] = backend  # checked when first read (see backend())
-    for field in ("delta_prologue", "mlp_fusion", "autotune"):
+    for field in ("delta_prologue", "mlp_fusion", "autotune", "tma"):
         values[field] = os.environ.get(ENVIRONMENT[field], "1").strip() != "0"
     return Settings(**values)
 

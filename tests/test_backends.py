@@ -49,9 +49,10 @@ def test_environment_is_read_once_at_import():
         print("back to env", manualbp.get_backend())
         """,
         MANUALBP_BACKEND="reference", MANUALBP_DELTA_PROLOGUE="0", MANUALBP_MLP_FUSION="0", MANUALBP_AUTOTUNE="0",
+        MANUALBP_TMA="0",
     )
     assert result.returncode == 0, result.stderr
-    assert ("settings Settings(backend='reference', delta_prologue=False, mlp_fusion=False, autotune=False)"
+    assert ("settings Settings(backend='reference', delta_prologue=False, mlp_fusion=False, autotune=False, tma=False)"
             in result.stdout), result.stdout
     assert "after env change reference" in result.stdout, "a later os.environ change is not read"
     assert "back to env reference" in result.stdout, "set_backend(None) restores the environment's value"

@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.compile_report
 def test_compile_report_quick_subset(tmp_path):
-    """wgmma in every matmul, no spill anywhere, none in a main loop, at most 3 bar.sync per iteration."""
+    """wgmma in every matmul, no spill anywhere, none in a main loop; at most 3 bar.sync per iteration with cp.async
+    loads; a TMA config (sm_90) loads by TMA only (its bar.sync are Triton's around each TMA issue, as in tutorial
+    09's kernel: the report shows both, no bound asserted here)."""
     pytest.importorskip("triton")
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not the interpreter
@@ -25,7 +27,9 @@ def test_compile_report_quick_subset(tmp_path):
     if "unavailable" in report:
         pytest.skip(f"no sm_90 compile here: {report['unavailable']}")
     rows = [row for row in report["rows"] if not row["kernel"].startswith("tutorial")]
-    assert len(rows) >= 3, f"the quick subset compiled: {done.stdout}"
+    assert len(rows) >= 4, f"the quick subset compiled: {done.stdout}"
+    if hasattr(pytest.importorskip("triton.language"), "make_tensor_descriptor"):
+        assert any(row["config"].endswith(" tma") for row in rows), "TMA configs compiled where Triton has them"
     for row in rows:
         label = f"{row['kernel']} {row['config']}"
         assert "error" not in row, f"{label} compiles: {row.get('error')}"
@@ -33,6 +37,13 @@ def test_compile_report_quick_subset(tmp_path):
         if "spill" not in row:
             pytest.skip(f"no ptxas log on this Triton ({report['header']['notes']})")
         assert row["spill"] == 0, f"{label}: {row['spill']} bytes of spill stores"
-        if "loop_instr" in row:
-            assert row["loop_spill"] == 0, f"{label}: spill instructions in the main loop"
-            assert row["loop_bar"] <= 3, f"{label}: {row['loop_bar']} bar.sync per main-loop iteration"
+        if row["config"].endswith(" tma"):
+            assert row["tma"] > 0 and row["cp_async"] == 0, f"{label}: TMA loads, not cp.async"
+        if "loop_instr" not in row:
+            continue
+        assert row["loop_spill"] == 0, f"{label}: spill instructions in the main loop"
+        if not row["config"].endswith(" tma"):
+            # Triton syncs after each group of wgmma: 2 for the product (and 1 more); the ∂C/∂b kernel's sums by
+            # MMA against a ones tile (dense._matmul_tile) are 2 groups more.
+            bound = 5 if row["kernel"].startswith("dW prologue+db") else 3
+            assert row["loop_bar"] <= bound, f"{label}: {row['loop_bar']} bar.sync per main-loop iteration"

@@ -15,7 +15,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _config_id(cfg):
     k = cfg.kwargs
-    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-s{cfg.num_stages}-w{cfg.num_warps}"
+    tma = "-tma" if k.get("TMA", False) else ""
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-s{cfg.num_stages}-w{cfg.num_warps}{tma}"
 
 
 def _launch_with(config, a, b, out, *, bias=None, z=None, saved=None, partials=None, row_sums=None, **flags):
@@ -25,6 +26,11 @@ def _launch_with(config, a, b, out, *, bias=None, z=None, saved=None, partials=N
     N = b.shape[1]
     kw = dict(config.kwargs)
     grid = (triton_cdiv(M, kw["BLOCK_M"]) * triton_cdiv(N, kw["BLOCK_N"]),)
+    layout = dense._tma_layout(a, b, saved if flags.get("A_PROLOGUE") else None, capable=kw.get("TMA", False))
+    if kw.get("TMA", False):
+        if not layout["TMA_OK"]:
+            pytest.skip(f"a TMA config, operands TMA cannot describe ({layout})")
+        grid = (min(grid[0], _PERSISTENT_PROGRAMS),)  # persistent: each program walks several tiles
     saved = out if saved is None else saved
     options = dict(HAS_BIAS=bias is not None, ACTIVATION=manualbp.get_activation("gelu").kernel_id,
                    NEGATIVE_SLOPE=0.0, WRITE_Z=z is not None, F_PRIME_AS_Z=False, USE_DOT=True,
@@ -38,8 +44,11 @@ def _launch_with(config, a, b, out, *, bias=None, z=None, saved=None, partials=N
         0 if z is None else z.stride(0), 0 if z is None else z.stride(1), 0 if bias is None else bias.stride(0),
         saved, saved.stride(0), saved.stride(1), out if partials is None else partials,
         out if row_sums is None else row_sums, dense._tuning_bucket(M), dense._tuning_bucket(N), dense._tuning_bucket(K),
-        **options, num_warps=config.num_warps, num_stages=config.num_stages, **kw,
+        _PERSISTENT_PROGRAMS, **layout, **options, num_warps=config.num_warps, num_stages=config.num_stages, **kw,
     )
+
+
+_PERSISTENT_PROGRAMS = 3  # a TMA config's persistent grid in these tests: fewer programs than tiles
 
 
 @pytest.mark.parametrize("config", dense.matmul_configs(), ids=_config_id)
@@ -48,7 +57,7 @@ def test_every_autotune_config_is_correct(config, device):
     backward epilogue and the layer backward's prologue."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
-    M, N, K = 70, 300, 100  # not multiples of any tile
+    M, N, K = 70, 296, 104  # not multiples of any tile; rows of 16-byte multiples in fp16 and fp32 (TMA)
     x = torch.randn(M, K, generator=g).to(device, dtype)
     weight = torch.randn(N, K, generator=g).div(10).to(device, dtype)
     bias = torch.randn(N, generator=g).to(device, dtype)
@@ -424,13 +433,16 @@ def _row_sum_configs():
     return [cfg for cfg in dense.matmul_configs() if cfg.kwargs["BLOCK_K"] == dense.SUM_BLOCK_K]
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("activation, kind", [("relu", "a"), ("gelu", "f_prime"), ("leaky_relu", "z")])
-def test_bias_grad_is_bitwise_equal_on_every_tile(activation, kind, device):
+def test_bias_grad_is_bitwise_equal_on_every_tile(activation, kind, half, device):
     """∂C/∂b from the ∂C/∂W matmul's row sums: the same bits whichever tile the autotuner picks (and the fixed
-    tiles), and within float32 rounding of the float64 sum of the rounded δ."""
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    tiles), and within float32 rounding of the float64 sum of the rounded δ. Both ways of summing: in registers
+    (float32) and by the tensor cores against a tile of ones (16-bit data)."""
+    dtype = torch.float16 if half else torch.float32
     g = torch.Generator().manual_seed(10)
-    M, N, K = 300, 70, 33  # the sum runs over M: several K steps of the ∂C/∂W matmul, a ragged last one
+    M, N, K = 300, 72, 40  # the sum runs over M: several K steps of the ∂C/∂W matmul, a ragged last one (rows of
+    # 16-byte multiples in fp16 and fp32: the TMA configs are compared too)
     act = manualbp.get_activation(activation)
     slope = act.kernel_slope
     grad_a = torch.randn(M, N, generator=g).to(device, dtype)
@@ -449,8 +461,10 @@ def test_bias_grad_is_bitwise_equal_on_every_tile(activation, kind, device):
     first_name, first = next(iter(results.items()))
     assert len(results) >= 3, "several tiles compared"
     for name, sums in results.items():
-        assert torch.equal(sums.to(first.dtype), first), f"db [{activation}] with {name} bitwise == with {first_name}"
-    delta = (grad_a.double() * act.f_grad(z.double())).to(dtype).double()
+        # the launcher's ∂C/∂b is rounded to the data dtype: compared with the first tile's, rounded the same way
+        assert torch.equal(sums, first.to(sums.dtype)), f"db [{activation}] with {name} bitwise == with {first_name}"
+    f_prime = saved.double() if kind == "f_prime" else act.f_grad(z.double())  # f'(Z) as saved, rounded
+    delta = (grad_a.double() * f_prime).to(dtype).double()
     torch.testing.assert_close(first.double(), delta.sum(0), rtol=1e-5, atol=1e-5 * M ** 0.5,
                                msg=lambda m: f"db [{activation}] against float64: {m}")
 
@@ -534,3 +548,77 @@ def test_bias_grad_matmul_configs(monkeypatch):
             f"{activation}: BLOCK_K and BLOCK_N")
         first = kept[0].kwargs
         assert (first["BLOCK_M"], first["BLOCK_N"]) == (128, 256), f"{activation}: 128x256 first"
+
+
+def _jvp_configs():
+    """The configs the jvp autotuner may pick on an H100 with both tangents (stages fitted to shared memory)."""
+    from manualbp.triton_kernels import jvp
+
+    saved = dense._shared_memory_bytes
+    dense._shared_memory_bytes = lambda index: 232448
+    try:
+        return jvp._prune_configs(dense.matmul_configs(), {"x_ptr": torch.empty(1, 1, dtype=torch.bfloat16)},
+                                  HAS_TANGENT_X=True, HAS_TANGENT_WEIGHT=True)
+    finally:
+        dense._shared_memory_bytes = saved
+
+
+@pytest.mark.parametrize("config", _jvp_configs(), ids=_config_id)
+def test_every_jvp_config_is_correct(config, device):
+    """The tangent kernel at each config its autotuner may pick: dA = f'(Z) ⊙ (dX Wᵀ + X dWᵀ + db) against float64,
+    f' from f'(Z) saved (gelu), M, N, K not multiples of any tile."""
+    from manualbp.triton_kernels import jvp
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(11)
+    M, N, K = 70, 300, 100
+    x, tangent_x = (torch.randn(M, K, generator=g).to(device, dtype) for _ in range(2))
+    weight, tangent_weight = (torch.randn(N, K, generator=g).div(10).to(device, dtype) for _ in range(2))
+    tangent_bias = torch.randn(N, generator=g).to(device, dtype)
+    f_prime = torch.rand(M, N, generator=g).to(device, dtype)
+    out = torch.full((M, N), float("nan"), device=device, dtype=dtype)
+    grid = (triton_cdiv(M, config.kwargs["BLOCK_M"]) * triton_cdiv(N, config.kwargs["BLOCK_N"]),)
+    jvp._jvp_kernel[grid](
+        tangent_x, weight, x, tangent_weight, tangent_bias, f_prime, out, M, N, K,
+        *tangent_x.stride(), *weight.stride(), *x.stride(), *tangent_weight.stride(), tangent_bias.stride(0),
+        *f_prime.stride(), *out.stride(), dense._tuning_bucket(M), dense._tuning_bucket(N), dense._tuning_bucket(K),
+        HAS_TANGENT_X=True, HAS_TANGENT_WEIGHT=True, HAS_TANGENT_BIAS=True,
+        ACTIVATION=manualbp.get_activation("gelu").kernel_id, NEGATIVE_SLOPE=0.0, SAVED_KIND=dense.SAVED_KINDS["f_prime"],
+        USE_DOT=True, INPUT_PRECISION="ieee", ACC_FP64=False, num_warps=config.num_warps,
+        num_stages=config.num_stages, **config.kwargs,
+    )
+    d = lambda t: t.double()  # noqa: E731
+    exact = d(f_prime) * (d(tangent_x) @ d(weight).t() + d(x) @ d(tangent_weight).t() + d(tangent_bias))
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d(out), exact, **tol, msg=lambda m: f"tangent dA with {_config_id(config)}: {m}")
+
+
+def test_tma_layout_and_pruning(monkeypatch):
+    """TMA configs only where a descriptor can describe every operand tile (one unit stride, 16-byte leading
+    strides and base; the prologue's saved tensor laid out as A) and the launcher found TMA usable; never in the
+    interpreter, or with manualbp.config's tma setting off."""
+    g16 = torch.empty(64, 40, dtype=torch.bfloat16)  # 80-byte rows
+    x16 = torch.empty(64, 24, dtype=torch.bfloat16)  # 48-byte rows
+    w16 = torch.empty(40, 24, dtype=torch.bfloat16)
+    layout = dense._tma_layout(g16.t(), x16, g16.t(), capable=True)  # ∂C/∂W = δᵀ X: δᵀ read through swapped strides
+    assert layout == dict(A_TRANSPOSED=True, B_TRANSPOSED=False, TMA_OK=True), f"dW operands: {layout}"
+    assert dense._tma_layout(x16, w16.t(), None, capable=True)["B_TRANSPOSED"], "forward: Wᵀ is W transposed"
+    assert not dense._tma_layout(x16, w16.t(), None, capable=False)["TMA_OK"], "not where the launcher found no TMA"
+    odd = torch.empty(64, 33, dtype=torch.bfloat16)  # 66-byte rows
+    assert not dense._tma_layout(odd, torch.empty(33, 16, dtype=torch.bfloat16), None, True)["TMA_OK"], "66-byte rows"
+    assert not dense._tma_layout(x16[:, 1:], w16[:, 1:].t(), None, True)["TMA_OK"], "a base off 16 bytes"
+    assert not dense._tma_layout(g16.t(), x16, g16, True)["TMA_OK"], "saved laid out unlike A"
+    strided = torch.empty(64, 48, dtype=torch.bfloat16)[:, ::2]
+    assert not dense._tma_layout(strided, w16.t(), None, True)["TMA_OK"], "no unit stride"
+
+    monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 232448)  # H100
+    tma = lambda configs: [c for c in configs if c.kwargs.get("TMA", False)]  # noqa: E731
+    assert tma(dense.matmul_configs()), "matmul_configs() has TMA configs"
+    assert tma(dense._prune_configs(dense.matmul_configs(), {"a_ptr": g16}, TMA_OK=True)), "kept where usable"
+    assert not tma(dense._prune_configs(dense.matmul_configs(), {"a_ptr": g16}, TMA_OK=False)), "dropped otherwise"
+    assert not dense.matmul_configs()[-1].kwargs.get("TMA", False), "the config kept when nothing fits is not TMA"
+    assert not dense._tma_capable(torch.device("cpu")), "no TMA off a GPU"
+    if dense.is_interpreted():
+        assert not dense._tma_capable(torch.device("cuda")), "no TMA in the interpreter"
+    with manualbp.config.override(tma=False):
+        assert not dense._tma_capable(torch.device("cuda")), "tma setting off"

@@ -11,7 +11,8 @@ shape of its variable). With x [M, K], weight [N, K], bias [N]:
                 ∂C/∂X = δ W       [M, K] = [M, N] [N, K]         _matmul_kernel, A = δ, B = W
                 ∂C/∂W = δᵀ X      [N, K] = [N, M] [M, K]         _matmul_kernel, A = δᵀ (strides only), B = X
                 ∂C/∂b = 1ᵀ δ      [N]                            row sums of the δᵀ tiles the ∂C/∂W matmul loads,
-                                                                  added up in registers, reduced after its loop
+                                                                  summed in its loop: 16-bit data by the tensor cores
+                                                                  (δᵀ times a tile of ones), else in registers
     recompute   A = f(Z)          [M, N]                         _activation_kernel (manualbp.MLP, recompute=True)
 
 What the backward reads for f' (the "saved kind", chosen in manualbp/function.py):
@@ -24,6 +25,11 @@ output tile of each matmul, the same element many times, f' from Z is formed the
 only where it is a select (relu, leaky_relu); otherwise (manualbp.MLP keeps Z, to
 recompute A) δ takes one elementwise pass, _delta_kernel, which also writes
 per-block column sums for ∂C/∂b (summed in a fixed order: deterministic, no atomics).
+
+On Hopper (sm_90+) the autotuner also tries TMA configs of the same kernel (TMA=True):
+operand tiles through device-side tensor descriptors and a persistent grid, one program
+per SM walking the output tiles, as Triton's tutorial 09; same prologues and epilogues
+(_matmul_tile), kept only where _tma_layout finds every operand describable.
 
 No operand is copied to make it contiguous: every kernel takes both strides of
 every matrix, so transposes are free. Offsets are 64-bit. Accumulation is in
@@ -78,6 +84,8 @@ SAVED_F_PRIME = tl.constexpr(2)  # f'(Z) itself, written by the forward epilogue
 # the sum (running sums per column of the step, then a fixed tree over them) the same on all of them.
 SUM_LEVELS = tl.constexpr(6)  # of the tree
 SUM_BLOCK_K = tl.constexpr(2 ** 6)
+SUM_COLUMN_LEVELS = tl.constexpr(4)
+SUM_COLUMNS = tl.constexpr(2 ** 4)  # of the ones tile the tensor cores sum 16-bit δ with (wgmma n16)
 
 
 @triton.jit
@@ -92,29 +100,35 @@ def _times_activation_grad(grad_a, saved_ptrs, mask, ACTIVATION: tl.constexpr, N
     """
     if ACTIVATION == act.IDENTITY:
         return grad_a  # f' = 1: nothing to read
-    saved = tl.load(saved_ptrs, mask=mask, other=0.0).to(grad_a.dtype)
+    saved = tl.load(saved_ptrs, mask=mask, other=0.0)
+    return _times_f_prime(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)  # masked entries stay 0
+
+
+@triton.jit
+def _times_f_prime(grad_a, saved, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, SAVED_KIND: tl.constexpr):
+    """δ = G ⊙ f'(Z) for one tile of G and of what was saved (SAVED_KIND), in grad_a's dtype."""
+    saved = saved.to(grad_a.dtype)
     if SAVED_KIND == SAVED_F_PRIME:
         delta = grad_a * saved
     elif SAVED_KIND == SAVED_A:
         delta = act.delta_from_output(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE)
     else:
         delta = act.delta(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE)
-    return delta  # masked entries stay 0 (G is 0 there)
+    return delta
 
 
 @triton.jit
-def _prologue_factor(grad_a, saved_ptrs, mask, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
+def _prologue_factor(grad_a, saved, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
                      SAVED_KIND: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    """The left factor δ = G ⊙ f'(saved) of a backward matmul, from a tile of G, rounded to G's dtype as a stored
-    δ would be. Directly in G's dtype where that is exact: relu's select, and G f'(Z) with f'(Z) saved (the
-    product of two numbers of G's dtype is exact in float32, so one rounding either way: the same bits).
-    Everything else in the compute dtype, then rounded."""
+    """The left factor δ = G ⊙ f'(saved) of a backward matmul, from a tile of G and of the saved tensor, rounded to
+    G's dtype as a stored δ would be. Directly in G's dtype where that is exact: relu's select, and G f'(Z) with
+    f'(Z) saved (the product of two numbers of G's dtype is exact in float32, so one rounding either way: the same
+    bits). Everything else in the compute dtype, then rounded."""
     if SAVED_KIND == SAVED_F_PRIME:
-        return _times_activation_grad(grad_a, saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
+        return _times_f_prime(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
     if ACTIVATION == act.RELU:
-        return _times_activation_grad(grad_a, saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
-    delta = _times_activation_grad(grad_a.to(COMPUTE_DTYPE), saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE,
-                                   SAVED_KIND)
+        return _times_f_prime(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
+    delta = _times_f_prime(grad_a.to(COMPUTE_DTYPE), saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
     return delta.to(grad_a.dtype)
 
 
@@ -164,6 +178,7 @@ def _matmul_kernel(
     partial_ptr,  # [cdiv(M, PARTIAL_ROWS), N] column sums of the output; written only with WRITE_PARTIALS
     row_sum_ptr,  # [M] row sums of the prologue's factor over K; written only with ROW_SUMS
     tune_m, tune_n, tune_k,  # M, N, K rounded up to the autotuner's buckets (_tuning_bucket): its key, not read
+    num_sms,  # programs of a persistent (TMA) launch, one per SM; not read otherwise
     HAS_BIAS: tl.constexpr,  # add bias[None, :] to every row
     ACTIVATION: tl.constexpr,  # kernel id of f (0 = identity)
     NEGATIVE_SLOPE: tl.constexpr,  # leaky_relu's slope (unused otherwise)
@@ -177,7 +192,7 @@ def _matmul_kernel(
     SAVED_KIND: tl.constexpr,  # with GRAD_EPILOGUE or A_PROLOGUE: saved is Z, A or f'(Z) (SAVED_*)
     WRITE_PARTIALS: tl.constexpr,  # with GRAD_EPILOGUE: store the output's column sums (that layer's ∂C/∂b)
     ROW_SUMS: tl.constexpr,  # with A_PROLOGUE: store the row sums of δ (of δᵀ in the ∂C/∂W matmul: ∂C/∂b),
-                             # summed in registers, reduced after the loop; needs BLOCK_K == SUM_BLOCK_K
+                             # summed in the loop (_matmul_tile); needs BLOCK_K == SUM_BLOCK_K
     EPILOGUE_SPLIT: tl.constexpr,  # the epilogue (forward, or GRAD_EPILOGUE) works on this many column slices of
                                    # the tile, one at a time (1, 2, 4 or 8): a whole large tile at once would spill
     PARTIAL_ROWS: tl.constexpr,  # rows per column-sum group; divides BLOCK_M
@@ -185,18 +200,81 @@ def _matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # rows of tiles visited together, for L2 reuse
+    A_TRANSPOSED: tl.constexpr = False,  # A (and the prologue's saved tensor) is stored as its transpose: stride 1
+                                         # along M (δᵀ in ∂C/∂W); how TMA must describe it
+    B_TRANSPOSED: tl.constexpr = False,  # B is stored as its transpose: stride 1 along K (Wᵀ in the forward)
+    TMA_OK: tl.constexpr = False,  # the launcher found TMA usable: sm_90+, this Triton's descriptors, 16-byte
+                                   # aligned bases and strides (the pruning reads it; in the key)
+    TMA: tl.constexpr = False,  # the config: operand tiles by TMA descriptors, a persistent grid of num_sms programs
 ):
-    # Grouped ordering of the output tiles (Triton's matmul tutorial).
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    if TMA:
+        # Hopper: Triton's tutorial 09 design. The descriptors are made once per program; each program then walks
+        # the output tiles pid, pid + num_sms, ... (a persistent grid, one program per SM).
+        tl.static_assert(TMA_OK, "TMA configs only where the launcher found TMA usable")
+        a_desc = _descriptor(a_ptr, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, A_TRANSPOSED)
+        b_desc = _descriptor(b_ptr, K, N, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_TRANSPOSED)
+        if A_PROLOGUE and ACTIVATION != act.IDENTITY:  # the saved tensor's tiles walk along with A's
+            s_desc = _descriptor(saved_ptr, M, K, stride_s0, stride_s1, BLOCK_M, BLOCK_K, A_TRANSPOSED)
+        else:
+            s_desc = saved_ptr  # not read in the loop
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, num_sms):
+            pid_m, pid_n = _tile_position(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            _matmul_tile(pid_m, pid_n, a_desc, b_desc, s_desc, bias_ptr, out_ptr, z_ptr, M, N, K,
+                         stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_zm, stride_zn,
+                         stride_bias, saved_ptr, stride_s0, stride_s1, partial_ptr, row_sum_ptr,
+                         HAS_BIAS, ACTIVATION, NEGATIVE_SLOPE, WRITE_Z, F_PRIME_AS_Z, USE_DOT, INPUT_PRECISION,
+                         ACC_FP64, GRAD_EPILOGUE, A_PROLOGUE, SAVED_KIND, WRITE_PARTIALS, ROW_SUMS, EPILOGUE_SPLIT,
+                         PARTIAL_ROWS, BLOCK_M, BLOCK_N, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, True)
+    else:
+        pid_m, pid_n = _tile_position(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        _matmul_tile(pid_m, pid_n, a_ptr, b_ptr, saved_ptr, bias_ptr, out_ptr, z_ptr, M, N, K,
+                     stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_zm, stride_zn,
+                     stride_bias, saved_ptr, stride_s0, stride_s1, partial_ptr, row_sum_ptr,
+                     HAS_BIAS, ACTIVATION, NEGATIVE_SLOPE, WRITE_Z, F_PRIME_AS_Z, USE_DOT, INPUT_PRECISION,
+                     ACC_FP64, GRAD_EPILOGUE, A_PROLOGUE, SAVED_KIND, WRITE_PARTIALS, ROW_SUMS, EPILOGUE_SPLIT,
+                     PARTIAL_ROWS, BLOCK_M, BLOCK_N, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, False)
 
+
+@triton.jit
+def _descriptor(ptr, rows, cols, stride_rows, stride_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                TRANSPOSED: tl.constexpr):
+    """A TMA descriptor of a [rows, cols] matrix for [BLOCK_ROWS, BLOCK_COLS] tiles; TRANSPOSED: stored as its
+    transpose (stride_rows == 1), described as that, [cols, rows] (a descriptor's last stride must be 1)."""
+    if TRANSPOSED:
+        desc = tl.make_tensor_descriptor(ptr, shape=[cols, rows], strides=[stride_cols, 1],
+                                         block_shape=[BLOCK_COLS, BLOCK_ROWS])
+    else:
+        desc = tl.make_tensor_descriptor(ptr, shape=[rows, cols], strides=[stride_rows, 1],
+                                         block_shape=[BLOCK_ROWS, BLOCK_COLS])
+    return desc
+
+
+@triton.jit
+def _descriptor_tile(desc, row, col, TRANSPOSED: tl.constexpr):
+    """The tile at (row, col) through a _descriptor; past the edges TMA fills zeros."""
+    if TRANSPOSED:
+        tile = tl.trans(desc.load([col, row]))
+    else:
+        tile = desc.load([row, col])
+    return tile
+
+
+@triton.jit
+def _matmul_tile(
+    pid_m, pid_n,  # which output tile
+    a_src, b_src, s_src,  # A, B and the prologue's saved tensor: pointers, or with TMA their descriptors
+    bias_ptr, out_ptr, z_ptr, M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_zm, stride_zn, stride_bias,
+    saved_ptr, stride_s0, stride_s1, partial_ptr, row_sum_ptr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, WRITE_Z: tl.constexpr,
+    F_PRIME_AS_Z: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
+    GRAD_EPILOGUE: tl.constexpr, A_PROLOGUE: tl.constexpr, SAVED_KIND: tl.constexpr, WRITE_PARTIALS: tl.constexpr,
+    ROW_SUMS: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr, PARTIAL_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, A_TRANSPOSED: tl.constexpr, B_TRANSPOSED: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] output tile of _matmul_kernel (whose arguments these are): its K loop and epilogue."""
     # 64-bit offsets: M*stride may exceed 2**31.
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -206,41 +284,67 @@ def _matmul_kernel(
     # loop then masks only K, and what they compute is never stored.
     rows = offs_m % M
     cols = offs_n % N
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
-    a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
-    b_step = tl.cast(stride_bk, tl.int64) * BLOCK_K
-    # The prologue's saved tensor walks along with A (used only with A_PROLOGUE).
-    s_ptrs = saved_ptr + rows[:, None] * stride_s0 + offs_k[None, :] * stride_s1
-    s_step = tl.cast(stride_s1, tl.int64) * BLOCK_K
+    if not TMA:
+        a_ptrs = a_src + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_src + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+        a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
+        b_step = tl.cast(stride_bk, tl.int64) * BLOCK_K
+        # The prologue's saved tensor walks along with A (used only with A_PROLOGUE).
+        s_ptrs = s_src + rows[:, None] * stride_s0 + offs_k[None, :] * stride_s1
+        s_step = tl.cast(stride_s1, tl.int64) * BLOCK_K
 
     if ACC_FP64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if ROW_SUMS:
-        # 1ᵀ δ: δ's tiles added elementwise in the registers they are in (no reduction, no data movement in the
-        # loop); the SUM_BLOCK_K columns are summed once, after it. Per output row: a running sum over K in
-        # SUM_BLOCK_K steps, then a fixed pairwise tree: the same order whatever the tile and layout.
+        # 1ᵀ δ, summed in the loop without a reduction or data movement, in an order no tile choice changes.
         tl.static_assert(BLOCK_K == SUM_BLOCK_K, "row sums need BLOCK_K == SUM_BLOCK_K")
-        running_sums = tl.zeros((BLOCK_M, BLOCK_K), dtype=acc.dtype)
+        # 16-bit data: the tensor cores add δ's rows up, δ [BLOCK_M, BLOCK_K] times a [BLOCK_K, SUM_COLUMNS] tile
+        # of ones (exact products, a float32 sum over K in the MMA's fixed order: the same on every tile);
+        # 2.5x fewer loop instructions than adding the tile up in registers. Otherwise (float32, float64) a running
+        # sum in registers: per row, over K in SUM_BLOCK_K steps, then a fixed pairwise tree after the loop.
+        sums_by_mma: tl.constexpr = USE_DOT and out_ptr.dtype.element_ty.primitive_bitwidth == 16
+        if sums_by_mma:
+            ones = tl.full((BLOCK_K, SUM_COLUMNS), 1.0, out_ptr.dtype.element_ty)
+            running_sums = tl.zeros((BLOCK_M, SUM_COLUMNS), dtype=acc.dtype)
+        else:
+            running_sums = tl.zeros((BLOCK_M, BLOCK_K), dtype=acc.dtype)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        mask_k = offs_k < K - k * BLOCK_K
-        mask_a = mask_k[None, :]
-        a = tl.load(a_ptrs, mask=mask_a, other=0.0)
+        if TMA:
+            a = _descriptor_tile(a_src, pid_m * BLOCK_M, k * BLOCK_K, A_TRANSPOSED)
+        else:
+            mask_k = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
         if A_PROLOGUE:
-            # δ = G ⊙ f'(saved) for this tile, never stored, rounded to the data dtype as a stored δ would be.
-            a = _prologue_factor(a, s_ptrs, mask_a, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, acc.dtype)
+            if ACTIVATION != act.IDENTITY:
+                if TMA:
+                    saved = _descriptor_tile(s_src, pid_m * BLOCK_M, k * BLOCK_K, A_TRANSPOSED)
+                else:
+                    saved = tl.load(s_ptrs, mask=mask_k[None, :], other=0.0)
+                    s_ptrs += s_step
+                # δ = G ⊙ f'(saved) for this tile, never stored, rounded to the data dtype as a stored δ would be.
+                a = _prologue_factor(a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, acc.dtype)
             if ROW_SUMS:
                 # δ as rounded for the product: eager sums a stored δ (fewer instructions than the unrounded δ)
-                running_sums += a.to(acc.dtype)
-            s_ptrs += s_step
-        b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
+                if sums_by_mma:
+                    running_sums = tl.dot(a, ones, running_sums, out_dtype=acc.dtype)
+                else:
+                    running_sums += a.to(acc.dtype)
+        if TMA:
+            b = _descriptor_tile(b_src, k * BLOCK_K, pid_n * BLOCK_N, B_TRANSPOSED)
+        else:
+            b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
+            a_ptrs += a_step
+            b_ptrs += b_step
         acc = _tile_dot(a, b, acc, USE_DOT, INPUT_PRECISION)
-        a_ptrs += a_step
-        b_ptrs += b_step
     if ROW_SUMS:
-        row_sums = _row_sums_in_pairs(running_sums, SUM_LEVELS)
+        if sums_by_mma:  # its SUM_COLUMNS columns are the same sums: the first one
+            for _ in tl.static_range(SUM_COLUMN_LEVELS):
+                running_sums, _right = _column_halves(running_sums)
+            row_sums = tl.reshape(running_sums, (BLOCK_M,))
+        else:
+            row_sums = _row_sums_in_pairs(running_sums, SUM_LEVELS)
         if pid_n == 0:  # every column tile has the same row sums; the first one stores them
             tl.store(row_sum_ptr + offs_m, row_sums, mask=mask_m)
 
@@ -252,23 +356,7 @@ def _matmul_kernel(
         # The epilogue in EPILOGUE_SPLIT column slices, one after the other, as Triton's tutorial 09 splits its
         # own: f and f' (or f' and the column sums) of a whole large tile at once would spill registers.
         slice_n: tl.constexpr = BLOCK_N // EPILOGUE_SPLIT
-        if EPILOGUE_SPLIT == 1:
-            parts = (acc,)
-        else:
-            left, right = _column_halves(acc)
-            if EPILOGUE_SPLIT == 2:
-                parts = (left, right)
-            else:
-                q0, q1 = _column_halves(left)
-                q2, q3 = _column_halves(right)
-                if EPILOGUE_SPLIT == 4:
-                    parts = (q0, q1, q2, q3)
-                else:
-                    e0, e1 = _column_halves(q0)
-                    e2, e3 = _column_halves(q1)
-                    e4, e5 = _column_halves(q2)
-                    e6, e7 = _column_halves(q3)
-                    parts = (e0, e1, e2, e3, e4, e5, e6, e7)
+        parts = _column_slices(acc, EPILOGUE_SPLIT)
         for i in tl.static_range(EPILOGUE_SPLIT):
             part_n = pid_n.to(tl.int64) * BLOCK_N + i * slice_n + tl.arange(0, slice_n)
             if GRAD_EPILOGUE:
@@ -293,6 +381,45 @@ def _column_halves(x):
     """The left and right column halves of a [rows, columns] tile."""
     halves = tl.permute(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)), (0, 2, 1))
     return tl.split(halves)
+
+
+@triton.jit
+def _column_slices(x, SLICES: tl.constexpr):
+    """x [rows, columns] as a tuple of SLICES (1, 2, 4 or 8) column slices, left to right."""
+    # One return at the end: Triton compiles a return inside a (static) if only where it ends the function.
+    if SLICES == 1:
+        parts = (x,)
+    else:
+        left, right = _column_halves(x)
+        if SLICES == 2:
+            parts = (left, right)
+        else:
+            q0, q1 = _column_halves(left)
+            q2, q3 = _column_halves(right)
+            if SLICES == 4:
+                parts = (q0, q1, q2, q3)
+            else:
+                e0, e1 = _column_halves(q0)
+                e2, e3 = _column_halves(q1)
+                e4, e5 = _column_halves(q2)
+                e6, e7 = _column_halves(q3)
+                parts = (e0, e1, e2, e3, e4, e5, e6, e7)
+    return parts
+
+
+@triton.jit
+def _tile_position(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row, column) of output tile number pid, in the grouped order of Triton's matmul tutorial: GROUP_M rows of
+    tiles visited together, for L2 reuse."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
 
 
 @triton.jit
@@ -414,7 +541,15 @@ def matmul_configs() -> list:
         # Rectangular: skinny outputs (few rows or few columns).
         c({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 2}, num_stages=4, num_warps=4),
         c({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 2}, num_stages=4, num_warps=4),
-        # Small problems, and what fits everywhere: float32 with the prologue and ∂C/∂b in 160 KiB.
+        # Hopper (sm_90+, kept only where _tma_layout finds TMA usable): operand tiles by TMA descriptors and a
+        # persistent grid, one program per SM walking the output tiles (Triton's tutorial 09), at the two tiles
+        # the pointer kernels do best at.
+        c({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 8, "TMA": True},
+          num_stages=3, num_warps=8),
+        c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 2, "TMA": True},
+          num_stages=4, num_warps=8),
+        # Small problems, and what fits everywhere: float32 with the prologue and ∂C/∂b in 160 KiB. Last: the one
+        # kept when nothing fits.
         c({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 2}, num_stages=2, num_warps=4),
     ]
 
@@ -436,11 +571,11 @@ def _shared_memory_bytes(device_index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
-def _pipelined_bytes(config, element_size: int, prologue: bool) -> int:
-    """Shared memory of a config's pipelined operand tiles: A [BLOCK_M, BLOCK_K] and B [BLOCK_K, BLOCK_N] per
-    stage, and with the prologue the saved tensor's [BLOCK_M, BLOCK_K] tile beside A."""
+def _pipelined_bytes(config, element_size: int, a_tiles: int = 1, b_tiles: int = 1) -> int:
+    """Shared memory of a config's pipelined operand tiles per stage: a_tiles [BLOCK_M, BLOCK_K] tiles (A; with the
+    prologue also the saved tensor's) and b_tiles [BLOCK_K, BLOCK_N] tiles (B)."""
     k = config.kwargs
-    rows = k["BLOCK_M"] * (2 if prologue else 1) + k["BLOCK_N"]
+    rows = k["BLOCK_M"] * a_tiles + k["BLOCK_N"] * b_tiles
     return rows * k["BLOCK_K"] * element_size * config.num_stages
 
 
@@ -451,10 +586,13 @@ def _prune_configs(configs, named_args, **kwargs):
     a = named_args["a_ptr"]
     budget = _shared_memory_bytes(a.device.index or 0)  # a CUDA tensor's device always has its index
     flag = lambda name: bool(kwargs.get(name, named_args.get(name, False)))  # noqa: E731
+    if not flag("TMA_OK"):
+        configs = [cfg for cfg in configs if not cfg.kwargs.get("TMA", False)]
     if flag("ROW_SUMS"):
         # BLOCK_N < 128 repeats δ and its sums for few output columns: spills and 2.5x the loop's issue pressure.
         configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] == SUM_BLOCK_K and cfg.kwargs["BLOCK_N"] >= 128]
-    kept = [cfg for cfg in configs if _pipelined_bytes(cfg, a.element_size(), flag("A_PROLOGUE")) <= budget]
+    a_tiles = 2 if flag("A_PROLOGUE") else 1
+    kept = [cfg for cfg in configs if _pipelined_bytes(cfg, a.element_size(), a_tiles) <= budget]
     return kept or configs[-1:]
 
 
@@ -484,7 +622,8 @@ def autotune_enabled() -> bool:
 
 # Sizes by bucket, and every flag that changes the kernel's work or shared memory; Triton adds the tensors' dtypes.
 _TUNING_KEY = ["tune_m", "tune_n", "tune_k", "HAS_BIAS", "ACTIVATION", "WRITE_Z", "F_PRIME_AS_Z", "INPUT_PRECISION",
-               "GRAD_EPILOGUE", "WRITE_PARTIALS", "A_PROLOGUE", "SAVED_KIND", "ROW_SUMS"]
+               "GRAD_EPILOGUE", "WRITE_PARTIALS", "A_PROLOGUE", "SAVED_KIND", "ROW_SUMS", "A_TRANSPOSED", "B_TRANSPOSED",
+               "TMA_OK"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -582,6 +721,9 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
     grad_epilogue = grad_saved is not None
     prologue = prologue_saved is not None
     saved = grad_saved if grad_epilogue else (prologue_saved if prologue else out)
+    layout = _tma_layout(a, b, prologue_saved if prologue and act_id != 0 else None,
+                         not fp64 and _tma_capable(a.device))
+    num_sms = _num_sms(a.device) if layout["TMA_OK"] else 1
     args = (
         a, b, bias if bias is not None else out, out, z if z is not None else out,
         M, N, K,
@@ -591,9 +733,10 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
         saved, saved.stride(0), saved.stride(1),
         partials if partials is not None else out,
         row_sums if row_sums is not None else out,
-        _tuning_bucket(M), _tuning_bucket(N), _tuning_bucket(K),
+        _tuning_bucket(M), _tuning_bucket(N), _tuning_bucket(K), num_sms,
     )
     flags = dict(
+        **layout,
         HAS_BIAS=bias is not None,
         ACTIVATION=act_id,
         NEGATIVE_SLOPE=negative_slope,
@@ -610,7 +753,13 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
         PARTIAL_ROWS=partial_rows,
     )
     if fixed is None:  # the GPU autotuner picks the tile, once per bucket of (M, N, K) and epilogue
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        if layout["TMA_OK"]:
+            _ensure_allocator()  # device-side descriptors need a scratch buffer (in this thread's context)
+
+        def grid(meta):
+            tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+            return (min(num_sms, tiles) if meta.get("TMA", False) else tiles,)  # TMA: persistent, one per SM
+
         _autotuned_matmul()[grid](*args, **flags)
         return partials
     config, launch = fixed
@@ -621,6 +770,55 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
     _matmul_kernel[grid](*args, **flags, **config, **launch)
     return partials
+
+
+def _tma_capable(device: torch.device) -> bool:
+    """Whether TMA configs may run here: a compiled (not interpreted) CUDA launch on sm_90 or newer, with this
+    Triton's device-side tensor descriptors (tl.make_tensor_descriptor, Triton >= 3.4) and triton.set_allocator,
+    unless manualbp.config's tma setting is off (MANUALBP_TMA=0)."""
+    if device.type != "cuda" or is_interpreted() or not config.get().tma:
+        return False
+    if not (hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_layout(a, b, saved, capable: bool) -> dict:
+    """The kernel's TMA flags for one launch: which operands are stored transposed, and TMA_OK where a TMA
+    descriptor can describe A, B and the prologue's saved tensor (None: none read). A descriptor needs one
+    stride of 1 (saved like A), the other a multiple of 16 bytes, and a 16-byte aligned base."""
+    def transposed(t):  # False: rows contiguous, True: columns contiguous (stored as its transpose), None: neither
+        return False if t.stride(1) == 1 else (True if t.stride(0) == 1 else None)
+
+    def describable(t, is_transposed):
+        leading = t.stride(1 if is_transposed else 0)
+        return (leading * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+    a_t, b_t = transposed(a), transposed(b)
+    ok = (capable and a_t is not None and b_t is not None and describable(a, a_t) and describable(b, b_t)
+          and (saved is None or (transposed(saved) == a_t and describable(saved, a_t))))
+    return dict(A_TRANSPOSED=bool(a_t), B_TRANSPOSED=bool(b_t), TMA_OK=ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a GPU: the programs of a persistent launch."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _ensure_allocator() -> None:
+    """Give Triton a scratch allocator for device-side TMA descriptors, unless one is set already (the user's):
+    PyTorch's caching allocator on the current device. The setting is per thread (a ContextVar): autograd's
+    backward thread gets its own."""
+    allocation = getattr(triton.runtime, "_allocation", None)
+    current = getattr(allocation, "_allocator", None)
+    if current is not None and not isinstance(current.get(), getattr(allocation, "NullAllocator", ())):
+        return
+    triton.set_allocator(_scratch)
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
 def _fixed_config(fp64: bool, use_dot: bool):
@@ -757,8 +955,9 @@ def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float
 
     No δ is written: each matmul multiplies its G tiles by f' on load (relu: a select).
     ∂C/∂b is the row sums of the δᵀ tiles of the ∂C/∂W matmul, δ rounded to the data
-    dtype as eager's stored δ: per output row a running sum over M in SUM_BLOCK_K steps
-    and a fixed tree over the step, so the same bits on every tile the autotuner may
+    dtype as eager's stored δ, summed over M in SUM_BLOCK_K steps in an order no tile
+    changes (16-bit data: by the tensor cores against a tile of ones; float32/64: in
+    registers, then a fixed tree), so the same bits on every tile the autotuner may
     pick. Without that matmul (weight frozen, or K = 0) it takes a reading pass of
     _delta_kernel.
     """

@@ -11,11 +11,15 @@ db and multiplies by f'(Z), from what the forward saved (A, Z or f'(Z): the same
 ``_times_activation_grad`` as the backward's δ = G ⊙ f'(Z)). A tangent that is
 absent is a compile-time flag, so no zero tensor is read or multiplied.
 
-Forward mode is not a training hot path (jvp, jacfwd, Hessian-vector products):
-one fixed tile, no autotuning, a plain 2-D grid of output tiles.
+Tiles and autotuning as the dense matmuls: the configs of ``dense.matmul_configs()``
+(pruned for two products per K step), the same bucketed key, grouped tile order and
+epilogue in column slices (f' of a whole large tile at once would spill).
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 import triton
@@ -41,6 +45,7 @@ def _jvp_kernel(
     stride_tb,  # db's stride
     stride_sm, stride_sn,  # the saved tensor's strides
     stride_om, stride_on,  # dA's strides
+    tune_m, tune_n, tune_k,  # M, N, K rounded up to the autotuner's buckets (dense._tuning_bucket): its key, not read
     HAS_TANGENT_X: tl.constexpr,
     HAS_TANGENT_WEIGHT: tl.constexpr,
     HAS_TANGENT_BIAS: tl.constexpr,
@@ -50,47 +55,95 @@ def _jvp_kernel(
     USE_DOT: tl.constexpr,  # tl.dot, or the fp64 FMA fallback
     INPUT_PRECISION: tl.constexpr,  # "ieee", or "tf32" only when PyTorch allows TF32
     ACC_FP64: tl.constexpr,  # accumulate in float64 (float64 data)
+    EPILOGUE_SPLIT: tl.constexpr,  # the epilogue works on this many column slices of the tile (1, 2, 4 or 8)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # rows of tiles visited together, for L2 reuse
 ):
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, pid_n = dense._tile_position(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     mask_m = offs_m < M
-    mask_n = offs_n < N
+    # Rows and columns past the edge are wrapped onto valid ones (as dense._matmul_kernel): the loop masks only K.
+    rows = offs_m % M
+    cols = offs_n % N
     if ACC_FP64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_now = k * BLOCK_K + offs_k
-        mask_rows = mask_m[:, None] & (k_now[None, :] < K)  # [BLOCK_M, BLOCK_K] tiles of dX and X
-        mask_cols = (k_now[:, None] < K) & mask_n[None, :]  # [BLOCK_K, BLOCK_N] tiles of Wᵀ and dWᵀ
+        mask_rows = (k_now < K)[None, :]  # [BLOCK_M, BLOCK_K] tiles of dX and X
+        mask_cols = (k_now < K)[:, None]  # [BLOCK_K, BLOCK_N] tiles of Wᵀ and dWᵀ
         if HAS_TANGENT_X:  # dX Wᵀ
-            tangent_x = tl.load(tangent_x_ptr + offs_m[:, None] * stride_txm + k_now[None, :] * stride_txk,
+            tangent_x = tl.load(tangent_x_ptr + rows[:, None] * stride_txm + k_now[None, :] * stride_txk,
                                 mask=mask_rows, other=0.0)
-            weight_t = tl.load(weight_ptr + k_now[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+            weight_t = tl.load(weight_ptr + k_now[:, None] * stride_wk + cols[None, :] * stride_wn,
                                mask=mask_cols, other=0.0)
             acc = dense._tile_dot(tangent_x, weight_t, acc, USE_DOT, INPUT_PRECISION)
         if HAS_TANGENT_WEIGHT:  # X dWᵀ
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_now[None, :] * stride_xk, mask=mask_rows, other=0.0)
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + k_now[None, :] * stride_xk, mask=mask_rows, other=0.0)
             tangent_weight_t = tl.load(
-                tangent_weight_ptr + k_now[:, None] * stride_twk + offs_n[None, :] * stride_twn,
+                tangent_weight_ptr + k_now[:, None] * stride_twk + cols[None, :] * stride_twn,
                 mask=mask_cols, other=0.0)
             acc = dense._tile_dot(x, tangent_weight_t, acc, USE_DOT, INPUT_PRECISION)
-    if HAS_TANGENT_BIAS:  # + db, on every row
-        tangent_bias = tl.load(tangent_bias_ptr + offs_n * stride_tb, mask=mask_n, other=0.0)
-        acc = acc + tangent_bias[None, :].to(acc.dtype)
-    mask = mask_m[:, None] & mask_n[None, :]
-    saved_ptrs = saved_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn
-    tangent_a = dense._times_activation_grad(acc, saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             tangent_a.to(out_ptr.dtype.element_ty), mask=mask)
+    # The epilogue in EPILOGUE_SPLIT column slices, one after the other (as dense._matmul_kernel's).
+    slice_n: tl.constexpr = BLOCK_N // EPILOGUE_SPLIT
+    parts = dense._column_slices(acc, EPILOGUE_SPLIT)
+    for i in tl.static_range(EPILOGUE_SPLIT):
+        part_n = pid_n.to(tl.int64) * BLOCK_N + i * slice_n + tl.arange(0, slice_n)
+        mask_n = part_n < N
+        part = parts[i]
+        if HAS_TANGENT_BIAS:  # + db, on every row
+            tangent_bias = tl.load(tangent_bias_ptr + part_n * stride_tb, mask=mask_n, other=0.0)
+            part = part + tangent_bias[None, :].to(acc.dtype)
+        mask = mask_m[:, None] & mask_n[None, :]
+        saved_ptrs = saved_ptr + offs_m[:, None] * stride_sm + part_n[None, :] * stride_sn
+        tangent_a = dense._times_activation_grad(part, saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + part_n[None, :] * stride_on,
+                 tangent_a.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_TILE = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}  # one GPU tile (4 warps, 3 stages): not a hot path
-_LAUNCH = {"num_warps": 4, "num_stages": 3}
+def _prune_configs(configs, named_args, **kwargs):
+    """dense's configs, the pointer kernels' only (no TMA path here), fitted to shared memory: with both tangents a
+    K step holds two products (tiles of dX and Wᵀ, of X and dWᵀ), twice a stage of the plain matmul, so a config
+    that would not fit loses pipeline stages (down to 2) instead of being dropped: the large tiles stay."""
+    a = named_args["x_ptr"]
+    budget = dense._shared_memory_bytes(a.device.index or 0)
+    products = max(1, sum(bool(kwargs.get(name, named_args.get(name, False)))
+                          for name in ("HAS_TANGENT_X", "HAS_TANGENT_WEIGHT")))
+    kept, seen = [], set()
+    for cfg in configs:
+        if cfg.kwargs.get("TMA", False):
+            continue
+        stages = cfg.num_stages
+        fits = lambda n: dense._pipelined_bytes(triton.Config(cfg.kwargs, num_stages=n), a.element_size(),  # noqa: E731
+                                                products, products) <= budget
+        while stages > 2 and not fits(stages):
+            stages -= 1
+        key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, stages)
+        if fits(stages) and key not in seen:
+            seen.add(key)
+            kept.append(cfg if stages == cfg.num_stages else
+                        triton.Config(dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=stages))
+    return kept or [cfg for cfg in configs if not cfg.kwargs.get("TMA", False)][-1:]
+
+
+# Sizes by bucket, and every flag that changes the kernel's work or shared memory; Triton adds the tensors' dtypes.
+_TUNING_KEY = ["tune_m", "tune_n", "tune_k", "HAS_TANGENT_X", "HAS_TANGENT_WEIGHT", "HAS_TANGENT_BIAS", "ACTIVATION",
+               "SAVED_KIND", "INPUT_PRECISION"]
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned_jvp():
+    # Built on first use, as dense's autotuner (some Triton releases query the driver when one is created).
+    options = {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        options["cache_results"] = True
+    return triton.autotune(configs=dense.matmul_configs(), key=_TUNING_KEY,
+                           prune_configs_by={"early_config_prune": _prune_configs}, **options)(_jvp_kernel)
 
 
 def linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, act_id: int, negative_slope: float,
@@ -108,32 +161,34 @@ def linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, act_id
     K = x.shape[1]
     fp64 = like.dtype == torch.float64
     use_dot = (not fp64) or dense.fp64_dot_supported(like.device)
-    if not use_dot:
-        tile, launch = dense._FP64_FMA_CONFIG, {}
-    elif dense.is_interpreted():
-        tile, launch = dense._INTERPRETER_CONFIG, {}
-    else:
-        tile, launch = _TILE, _LAUNCH
     saved = saved if saved is not None else out  # identity reads nothing
     tx = tangent_x if tangent_x is not None else x  # absent tangents: flags off, a valid pointer
     tw = tangent_weight if tangent_weight is not None else weight
     tb = tangent_bias if tangent_bias is not None else out
-    grid = (triton.cdiv(rows, tile["BLOCK_M"]), triton.cdiv(columns, tile["BLOCK_N"]))
+    args = (
+        tx, weight, x, tw, tb, saved, out, rows, columns, K,
+        tx.stride(0), tx.stride(1), weight.stride(0), weight.stride(1), x.stride(0), x.stride(1),
+        tw.stride(0), tw.stride(1), tb.stride(0), saved.stride(0), saved.stride(1), out.stride(0), out.stride(1),
+        dense._tuning_bucket(rows), dense._tuning_bucket(columns), dense._tuning_bucket(K),
+    )
+    flags = dict(
+        HAS_TANGENT_X=tangent_x is not None,
+        HAS_TANGENT_WEIGHT=tangent_weight is not None,
+        HAS_TANGENT_BIAS=tangent_bias is not None,
+        ACTIVATION=act_id,
+        NEGATIVE_SLOPE=negative_slope,
+        SAVED_KIND=dense._saved_kind_id(saved_kind),
+        USE_DOT=use_dot,
+        INPUT_PRECISION=dense._input_precision(like.dtype, like.device),
+        ACC_FP64=fp64,
+    )
+    fixed = dense._fixed_config(fp64, use_dot)
     with dense._device_guard(like):
-        _jvp_kernel[grid](
-            tx, weight, x, tw, tb, saved, out, rows, columns, K,
-            tx.stride(0), tx.stride(1), weight.stride(0), weight.stride(1), x.stride(0), x.stride(1),
-            tw.stride(0), tw.stride(1), tb.stride(0), saved.stride(0), saved.stride(1), out.stride(0), out.stride(1),
-            HAS_TANGENT_X=tangent_x is not None,
-            HAS_TANGENT_WEIGHT=tangent_weight is not None,
-            HAS_TANGENT_BIAS=tangent_bias is not None,
-            ACTIVATION=act_id,
-            NEGATIVE_SLOPE=negative_slope,
-            SAVED_KIND=dense._saved_kind_id(saved_kind),
-            USE_DOT=use_dot,
-            INPUT_PRECISION=dense._input_precision(like.dtype, like.device),
-            ACC_FP64=fp64,
-            BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"],
-            **launch,
-        )
+        if fixed is None:  # the GPU autotuner picks the tile, once per bucket of (M, N, K) and flags
+            grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(columns, meta["BLOCK_N"]),)  # noqa: E731
+            _autotuned_jvp()[grid](*args, **flags)
+        else:
+            tile, launch = fixed
+            grid = (triton.cdiv(rows, tile["BLOCK_M"]) * triton.cdiv(columns, tile["BLOCK_N"]),)
+            _jvp_kernel[grid](*args, **flags, **tile, **launch)
     return out
