@@ -35,7 +35,9 @@ eager code, torch.func and torch.compile all run the same Function.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import inspect
 from typing import List, Optional, Sequence
 
@@ -586,6 +588,12 @@ def _register_decompositions() -> Optional[str]:
     dispatch_key = getattr(torch._C.DispatchKey, "CompositeImplicitAutograd", None)
     if _IS_EXPORTING is None or dispatch_key is None:
         return "this PyTorch has no torch.compiler.is_exporting: the decompositions could not tell export from eager"
+    # Inductor (torch.compile) builds its decomposition table once, from every CompositeImplicitAutograd
+    # kernel known at that moment; on torch 2.14 an operator of that table left in the graph (ours decline
+    # outside export) is an error ("both a fallback and a decomp for same op"). Built before these exist,
+    # the table leaves the operators to their own kernels, as torch.compile should.
+    with contextlib.suppress(ImportError):
+        importlib.import_module("torch._inductor.decomposition")
     for op in OPERATORS:
         overload = op._opoverload
         if not hasattr(overload, "py_impl"):
