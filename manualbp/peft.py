@@ -31,7 +31,7 @@ try:
     import peft
     from peft.tuners.lora.layer import Linear as _PeftLoraLinear
     from peft.tuners.tuners_utils import BaseTunerLayer
-except ImportError as error:  # pragma: no cover - the message is the point
+except ModuleNotFoundError as error:  # pragma: no cover - the message is the point
     raise ImportError('manualbp.peft needs peft: pip install peft (or pip install -e ".[test]")') from error
 
 from . import functional, quantization

@@ -10,7 +10,9 @@ last place of the result's magnitude (for results PyTorch happens to get exact).
 from __future__ import annotations
 
 import contextlib
+import importlib
 
+import pytest
 import torch
 import torch.utils._python_dispatch
 import torch.nn.functional as TF
@@ -105,3 +107,21 @@ def operator_calls():
     log = _OperatorLog()
     with log:
         yield log.calls
+
+
+# Submodules whose import is where a package meets torch (transformers imports its models lazily).
+_PROBES = {"transformers": "transformers.modeling_utils"}
+
+
+def optional_import(name: str, reason: str, module_level: bool = False):
+    """The module, or a skip naming why not: missing (reason), or installed but failing to import on this
+    stack (e.g. the newest transformers on torch 2.7: pytest.importorskip lets that ImportError through)."""
+    try:
+        module = importlib.import_module(name)
+        if name in _PROBES:
+            importlib.import_module(_PROBES[name])
+        return module
+    except ImportError as error:
+        missing = isinstance(error, ModuleNotFoundError) and error.name is not None and name.startswith(error.name)
+        pytest.skip(reason if missing else f"{name} does not import on this stack ({type(error).__name__}: {error})",
+                    allow_module_level=module_level)

@@ -10,6 +10,7 @@ from torch import nn
 
 import manualbp
 from manualbp import backends
+from checks import optional_import
 
 pytestmark = pytest.mark.stacks  # in the subset CI runs on the pinned stacks (pyproject.toml)
 
@@ -189,7 +190,7 @@ def test_inplace_false_root_linear_and_bad_arguments():
 
 
 def test_third_party_transformers_model_float64():
-    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install .[test])")
+    transformers = optional_import("transformers", "transformers is a test dependency (pip install .[test])")
     require_triton()
     config = transformers.BertConfig(
         vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,

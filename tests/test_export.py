@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import manualbp
 from manualbp import backends, ops
 
-from checks import assert_close_to_float64
+from checks import assert_close_to_float64, optional_import
 
 OPS = torch.ops.manualbp
 BACKENDS = ["reference", "triton"]
@@ -279,8 +279,7 @@ def test_saved_program_runs_in_a_process_without_manualbp(backend, tmp_path):
 
 def _onnx_packages():
     for package in ("onnx", "onnxscript", "onnxruntime"):
-        pytest.importorskip(package, reason=f"ONNX export tests need {package} (pip install onnx onnxscript "
-                                            f"onnxruntime)")
+        optional_import(package, f"ONNX export tests need {package} (pip install onnx onnxscript onnxruntime)")
     import onnxruntime
     return onnxruntime
 

@@ -10,10 +10,11 @@ from torch import nn
 
 import manualbp
 from manualbp import backends
+from checks import optional_import
 from test_convert import DEVICE
 
-peft = pytest.importorskip("peft", reason="peft is a test dependency (pip install .[test])")
-mpeft = pytest.importorskip("manualbp.peft")
+peft = optional_import("peft", "peft is a test dependency (pip install .[test])", module_level=True)
+mpeft = optional_import("manualbp.peft", "manualbp.peft needs peft", module_level=True)
 
 RTOL, ATOL = 1e-10, 1e-10  # float64
 
@@ -174,7 +175,7 @@ def test_unsupported_features_raise():
         outputs.append(model(x))
     close(outputs[1], outputs[0], "DoRA on manualbp.Linear(identity) vs on nn.Linear")
 
-    torchao = pytest.importorskip("torchao.quantization", reason="torchao is not installed")
+    torchao = optional_import("torchao.quantization", "torchao is not installed")
     quantized = nn.Sequential(manualbp.Linear(6, 5, activation="gelu"))
     torchao.quantize_(quantized, torchao.Int8WeightOnlyConfig())
     with pytest.raises(NotImplementedError, match="torchao-quantized"):
@@ -204,7 +205,7 @@ def test_training_changes_only_lora_parameters():
 
 def test_converted_transformers_model_fine_tuned_with_lora():
     """CTRL (its feed-forward ReLU fused by convert) fine-tuned with LoRA: the same losses as peft on the original."""
-    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install .[test])")
+    transformers = optional_import("transformers", "transformers is a test dependency (pip install .[test])")
     config = transformers.CTRLConfig(vocab_size=40, n_positions=12, n_embd=16, dff=32, n_layer=2, n_head=2,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(16)

@@ -10,6 +10,7 @@ from torch import nn
 
 import manualbp
 from manualbp.quantization import QuantizationError
+from checks import optional_import
 
 # torch.ao.quantization warns that it is deprecated (in favour of torchao) at every call.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
@@ -73,7 +74,7 @@ def test_a_qconfig_set_by_hand_is_honoured():
 
 @pytest.mark.parametrize("config_name", ["Int8WeightOnlyConfig", "Int8DynamicActivationInt8WeightConfig"])
 def test_torchao_quantize_works_on_manualbp_layers(config_name):
-    quantization = pytest.importorskip("torchao.quantization", reason="torchao is not installed")
+    quantization = optional_import("torchao.quantization", "torchao is not installed")
     config = getattr(quantization, config_name)
     original = plain_model()
     model = manualbp.convert(copy.deepcopy(original), backend="reference")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import manualbp
+from checks import optional_import
 from test_convert import all_activations_sequential
 
 
@@ -63,7 +64,7 @@ def test_round_trip_sequential_with_every_activation():
 
 @pytest.mark.parametrize("name", ["bert", "ctrl"])
 def test_round_trip_transformers_model(name):
-    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install .[test])")
+    transformers = optional_import("transformers", "transformers is a test dependency (pip install .[test])")
     torch.manual_seed(5)
     if name == "bert":
         config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
