@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 
 from . import backends, config
 from .activations import Activation, from_torch_module, get_activation, torch_module
-from .modules import Linear
+from .modules import Linear, has_hooks
 
 # --------------------------------------------------------------------------------------
 # Activation modules <-> activations
@@ -101,11 +101,6 @@ def _skipped_lines(skipped: List[Skipped]) -> List[str]:
 # --------------------------------------------------------------------------------------
 # convert
 # --------------------------------------------------------------------------------------
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return any(len(getattr(module, name, ())) for name in names)
 
 
 def _describe(activation: Activation) -> str:
@@ -182,7 +177,7 @@ class _Converter:
                 follower_name = names[position + 1]
                 follower = root._modules[follower_name]
                 candidate = activation_from_module(follower)
-                if (candidate is not None and not _has_hooks(child) and not _has_hooks(follower)
+                if (candidate is not None and not has_hooks(child) and not has_hooks(follower)
                         and self.uses[id(child)] == 1):
                     activation, fused = candidate, _qualified(prefix, follower_name)
                     root._modules[follower_name] = nn.Identity()

@@ -28,7 +28,7 @@ from .activations import Activation, get_activation, torch_module
 from .function import apply
 from .functional import as_rows, differentiable, enter, from_rows
 from .mlp_function import forward_stack, mlp_function
-from .modules import Linear
+from .modules import Linear, has_hooks
 
 
 def mlp(
@@ -79,12 +79,10 @@ def _check_sizes(sizes) -> List[int]:
     return sizes
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether module has forward or backward hooks of its own, or global module hooks are registered."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or _module_globals._global_forward_hooks
-                or _module_globals._global_forward_pre_hooks or _module_globals._global_backward_hooks
-                or _module_globals._global_backward_pre_hooks)
+def _global_hooks() -> bool:
+    """Whether global module hooks (nn.modules.module.register_module_*_hook) are registered."""
+    return bool(_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks
+                or _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks)
 
 
 @functools.lru_cache(maxsize=None)
@@ -157,8 +155,10 @@ class MLP(nn.Module):
     def _per_layer(self, layers: List[Linear]) -> bool:
         # Hooks on a layer (tensor parallel, FSDP2's fully_shard per layer, user hooks) and DTensor
         # parameters need each layer called as a module: the fused stack reads parameters directly.
+        if _global_hooks():
+            return True
         dtensor = _dtensor_type()
-        return any(_has_hooks(layer) or isinstance(layer.weight, dtensor) or isinstance(layer.bias, dtensor)
+        return any(has_hooks(layer) or isinstance(layer.weight, dtensor) or isinstance(layer.bias, dtensor)
                    for layer in layers)
 
     def forward(self, input: Tensor) -> Tensor:

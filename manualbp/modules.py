@@ -14,6 +14,12 @@ from . import functional as F
 from .activations import get_activation
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether module has forward or backward hooks of its own (global module hooks not counted)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` followed by an activation, with a hand-written backward.
 

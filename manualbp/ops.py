@@ -82,6 +82,11 @@ def _check_backend(op: str, backend: str) -> None:
         raise _bad_choice(op, "backend", backend, ("triton", "reference"))
 
 
+def _check_save(op: str, save: str) -> None:
+    if save not in SAVES:
+        raise _bad_choice(op, "save", save, SAVES)
+
+
 def _check_linear(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
     # functional.linear validates before this point; these are for direct calls of torch.ops.manualbp.*.
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
@@ -122,8 +127,7 @@ def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activatio
                     negative_slope: float, save: str, backend: str) -> tuple[Tensor, Tensor]:
     """A = f(X Wᵀ + b) [M, N] and, as save says, Z or f'(Z) [M, N] (or [0])."""
     _check_linear("linear_forward", x, weight, bias)
-    if save not in SAVES:
-        raise _bad_choice("linear_forward", "save", save, SAVES)
+    _check_save("linear_forward", save)
     _check_backend("linear_forward", backend)
     act = activation(activation_name, negative_slope)
     if backend == "triton":
@@ -139,8 +143,7 @@ def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activatio
 
 def _linear_forward_fake(x, weight, bias, activation_name, negative_slope, save, backend):
     _check_linear("linear_forward", x, weight, bias)
-    if save not in SAVES:
-        raise _bad_choice("linear_forward", "save", save, SAVES)
+    _check_save("linear_forward", save)
     rows, columns = x.shape[0], weight.shape[0]
     return x.new_empty((rows, columns)), x.new_empty((rows, columns) if save else (0,))
 

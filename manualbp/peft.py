@@ -35,8 +35,7 @@ except ModuleNotFoundError as error:  # pragma: no cover - the message is the po
     raise ImportError('manualbp.peft needs peft: pip install peft (or pip install -e ".[test]")') from error
 
 from . import functional, quantization
-from .conversion import _has_hooks
-from .modules import Linear
+from .modules import Linear, has_hooks
 
 __all__ = ["LoraLinear", "check", "check_caller", "from_pretrained", "get_peft_model", "register"]
 
@@ -82,7 +81,7 @@ class LoraLinear(_PeftLoraLinear):
             return base(x, *args, **kwargs)
         if self.merged:
             return base(x, *args, **kwargs)  # f(x (W + s B A)ᵀ + b): the weights hold the update
-        if _has_hooks(base):
+        if has_hooks(base):
             raise NotImplementedError(
                 "the manualbp.Linear under this LoRA layer has hooks: the unmerged forward computes "
                 "f(x Wᵀ + b + s x Aᵀ Bᵀ) without calling it, so they would not run; remove them, or merge the adapter")

@@ -24,9 +24,9 @@ from typing import List, Optional, Tuple, Union
 
 from torch import nn
 
-from .conversion import Skipped, _describe, _has_hooks, _qualified, _skipped_lines, module_for_activation
+from .conversion import Skipped, _describe, _qualified, _skipped_lines, module_for_activation
 from .mlp import MLP
-from .modules import Linear
+from .modules import Linear, has_hooks
 
 
 @dataclass(frozen=True)
@@ -96,11 +96,11 @@ class _Reverter:
 
     def why_not(self, child: nn.Module) -> Optional[str]:
         if type(child) is MLP or type(child) is Linear:
-            if type(child) is MLP and _has_hooks(child):
+            if type(child) is MLP and has_hooks(child):
                 return "the MLP has hooks; the nn.Sequential replacing it would not run them"
-            if type(child) is MLP and any(_has_hooks(layer) for layer in child.layers):
+            if type(child) is MLP and any(has_hooks(layer) for layer in child.layers):
                 return "a layer of the MLP has hooks, which MLP.forward never runs and nn.Sequential would"
-            if type(child) is Linear and child.activation.name != "identity" and _has_hooks(child):
+            if type(child) is Linear and child.activation.name != "identity" and has_hooks(child):
                 return "it has hooks that see f(x Wᵀ + b); as an nn.Linear they would see x Wᵀ + b"
             return None
         return (f"a subclass of manualbp.{'MLP' if isinstance(child, MLP) else 'Linear'} "
@@ -134,7 +134,7 @@ class _Reverter:
                 continue
             slot = names[position + 1] if isinstance(root, nn.Sequential) and position + 1 < len(names) else None
             follower = root._modules[slot] if slot is not None else None
-            if (type(follower) is nn.Identity and not _has_hooks(follower)
+            if (type(follower) is nn.Identity and not has_hooks(follower)
                     and self.uses[id(follower)] == 1 and self.uses[id(child)] == 1):
                 # The slot convert emptied: the activation module goes back where it was.
                 module = root._modules[slot] = _activation_module(child)

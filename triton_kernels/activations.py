@@ -180,12 +180,9 @@ def delta(grad_a, z, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
 @triton.jit
 def delta_from_output(grad_a, a, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
     """δ = G ⊙ f'(z) from a = f(z); only where f_grad_from_output is defined."""
-    if ACTIVATION == RELU:
-        return relu_delta(grad_a, a)  # a <= 0 exactly when z <= 0 (and a is NaN exactly when z is)
-    elif ACTIVATION == LEAKY_RELU:
-        return leaky_relu_delta(grad_a, a, NEGATIVE_SLOPE)  # s >= 0: a > 0 exactly when z > 0
-    elif ACTIVATION == IDENTITY:
-        return grad_a
+    if ACTIVATION == RELU or ACTIVATION == LEAKY_RELU or ACTIVATION == IDENTITY:
+        # The same selects on a as on z: a > 0 exactly when z > 0 (s >= 0), and a is NaN exactly when z is.
+        return delta(grad_a, a, ACTIVATION, NEGATIVE_SLOPE)
     else:
         return grad_a * f_grad_from_output(a, ACTIVATION, NEGATIVE_SLOPE)
 
