@@ -69,17 +69,42 @@ def kernels():
     return dense
 
 
+_DENSE = f"{__package__}.triton_kernels.dense"
+
+
 def _interpreting() -> bool:
     # Once the kernels exist, what counts is how they were created; before, the variable.
-    dense = sys.modules.get(f"{__package__}.triton_kernels.dense")
+    dense = sys.modules.get(_DENSE)
     if dense is not None:
         return dense.is_interpreted()
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _environment_says_interpret()
+
+
+def _environment_says_interpret() -> bool:
+    # os.environ.get("TRITON_INTERPRET") == "1", read on every call until the kernels exist; without the
+    # KeyError os.environ raises and catches inside for an unset variable (CPython's mapping, where it has one).
+    data = getattr(os.environ, "_data", None)
+    if data is None:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return data.get(_INTERPRET_KEY) == _INTERPRET_ON
+
+
+_INTERPRET_KEY = os.environ.encodekey("TRITON_INTERPRET") if hasattr(os.environ, "encodekey") else None
+_INTERPRET_ON = os.environ.encodevalue("1") if hasattr(os.environ, "encodevalue") else None
 
 
 def triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """Why the Triton kernels cannot run tensors of this device and dtype, or None if they can."""
     return _unavailable_reason(device.type, dtype, _interpreting())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_reason(device: torch.device, dtype: torch.dtype, interpreting: bool) -> Optional[str]:
+    # resolve()'s question on every call, keyed by the device itself: device.type costs more than the lookup.
+    return _META if device.type == "meta" else _unavailable_reason(device.type, dtype, interpreting)
+
+
+_META = "meta tensors: shapes only, nothing runs"
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,12 +136,12 @@ def resolve(requested: Optional[str], device: torch.device, dtype: torch.dtype) 
 
     Evaluated once when torch.compile / torch.export trace a call: the graph keeps the answer.
     """
-    name = get_backend() if requested is None else config.check_backend(requested, "the backend= argument")
+    name = config.backend() if requested is None else config.check_backend(requested, "the backend= argument")
     if name == "reference":
         return "reference"
-    if device.type == "meta":
+    reason = _device_reason(device, dtype, _interpreting())
+    if reason is _META:
         return "triton" if name == "triton" else "reference"  # shapes only: nothing runs
-    reason = triton_unavailable_reason(device, dtype)
     if name == "triton":
         if reason is not None:
             raise RuntimeError(f"backend 'triton' cannot run here: {reason}. Use backend='reference' or 'auto'.")

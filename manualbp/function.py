@@ -43,8 +43,6 @@ from torch._functorch.utils import unwrap_dead_wrappers  # what Function.apply d
 from . import ops, reference
 from .activations import Activation
 
-_OPS = ops.calls  # torch.ops.manualbp.*, without the dispatcher in plain eager code
-
 
 def saved_kind(backend: str, activation: Activation) -> Optional[str]:
     """What a layer keeps for f' (see the module docstring): "a", "z", "f_prime", or None (identity)."""
@@ -123,21 +121,24 @@ def differentiable_backward(grad_a: Tensor, x: Optional[Tensor], weight: Tensor,
 class LinearFunction(torch.autograd.Function):
     """A = f(X Wᵀ + b) with a hand-written backward and jvp.
 
-    ``LinearFunction.apply(x, weight, bias, activation, backend, save)``: x [M, K],
+    ``LinearFunction.apply(x, weight, bias, activation, backend, save, direct)``: x [M, K],
     weight [N, K], bias [N] or None, activation an Activation, backend 'triton' or
-    'reference' (resolved), save = :func:`forward_save` -> (a [M, N], saved), where
-    saved is Z or f'(Z) as save says ([0] for "") and is not differentiable.
+    'reference' (resolved), save = :func:`forward_save`, direct = ``ops.dispatch_free``
+    of (x, weight, bias) -> (a [M, N], saved), where saved is Z or f'(Z) as save says
+    ([0] for "") and is not differentiable.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation, backend: str, save: str):
-        return _OPS.linear_forward(x, weight, bias, activation.name, activation.kernel_slope, save, backend)
+    def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation, backend: str, save: str,
+                direct: bool):
+        a, saved = ops.route(direct).linear_forward(x, weight, bias, activation, save, backend)
+        return a, (saved if saved is not None else a.new_empty((0,)))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, activation, backend, save = inputs
+        x, weight, bias, activation, backend, save, direct = inputs
         a, extra = output
         kind = saved_kind(backend, activation)
         if kind in ("z", "f_prime") and save != kind:
@@ -145,16 +146,21 @@ class LinearFunction(torch.autograd.Function):
                              f"{kind!r}; call it with save={kind!r} (function.forward_save)")
         saved = a if kind == "a" else (extra if kind is not None else None)
         needs_grad_x, needs_grad_weight = ctx.needs_input_grad[:2]
+        # direct: plain eager code, so no torch.func transform, no forward mode, not compiling (ops.dispatch_free).
         # Under torch.func, every backward is differentiable (jacrev, hessian): keep x to recompute Z.
-        keep_x = needs_grad_weight or transforms_active()
+        keep_x = needs_grad_weight or (not direct and transforms_active())
         ctx.save_for_backward(x if keep_x else None, weight if needs_grad_x else None, saved)
         ctx.mark_non_differentiable(extra)
-        ctx.activation, ctx.backend, ctx.kind = activation, backend, kind
+        ctx.activation, ctx.backend, ctx.kind, ctx.direct = activation, backend, kind, direct
+        ctx.saved_unchanged = direct and ops.saved_unchanged()
         # For a double backward only (it recomputes Z): parameters, so no memory; versions to detect changes.
         ctx.parameters = (weight, bias)
-        ctx.versions = (_version(weight), _version(bias))
-        if forward_mode_active():
-            ctx.save_for_forward(x, weight, saved)
+        if direct:
+            ctx.versions = (weight._version, None if bias is None else bias._version)
+        else:
+            ctx.versions = (_version(weight), _version(bias))
+            if forward_mode_active():
+                ctx.save_for_forward(x, weight, saved)
 
     @staticmethod
     def backward(ctx, grad_a: Tensor, grad_extra: Optional[Tensor]):
@@ -169,22 +175,20 @@ class LinearFunction(torch.autograd.Function):
                 a=saved if ctx.kind == "a" else None,
             )
         else:
-            needs = [needs_grad_x, needs_grad_weight, needs_grad_bias]
-            grad_x, grad_weight, grad_bias = _OPS.linear_backward(
-                grad_a, x, weight_for_x, saved, activation.name, activation.kernel_slope, ctx.kind or "z", needs,
-                ctx.backend)
-            # An output not asked for is a placeholder [0]: autograd wants None there.
-            grad_x = grad_x if needs_grad_x else None
-            grad_weight = grad_weight if needs_grad_weight else None
-            grad_bias = grad_bias if needs_grad_bias else None
-        return grad_x, grad_weight, grad_bias, None, None, None
+            # The forward's tensors were plain; the modes, G, and what saved-tensor hooks returned may not be.
+            direct = ctx.direct and ops.dispatch_free(
+                (grad_a,) if ctx.saved_unchanged else (grad_a, x, weight_for_x, saved))
+            grad_x, grad_weight, grad_bias = ops.route(direct).linear_backward(
+                grad_a, x, weight_for_x, saved, activation, ctx.kind or "z",
+                [needs_grad_x, needs_grad_weight, needs_grad_bias], ctx.backend)
+        return grad_x, grad_weight, grad_bias, None, None, None, None
 
     @staticmethod
     def jvp(ctx, tangent_x, tangent_weight, tangent_bias, *_):
         x, weight, saved = ctx.saved_tensors  # in jvp: what save_for_forward kept
-        activation = ctx.activation
-        tangent_a = _OPS.linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, activation.name,
-                                    activation.kernel_slope, ctx.kind or "z", ctx.backend)
+        # Forward mode is never plain eager code (a dual level or a torch.func transform is active).
+        tangent_a = ops.dispatched.linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias,
+                                              ctx.activation, ctx.kind or "z", ctx.backend)
         return tangent_a, None
 
 
@@ -203,15 +207,19 @@ def linear_function():
     return TracedLinearFunction if torch.compiler.is_compiling() else LinearFunction
 
 
-def apply(function, *args):
+def apply(function, direct: bool, *args):
     """``function.apply(*args)``, without torch's per-call argument binding in plain eager code.
 
     Once a Function defines setup_context, ``Function.apply`` binds every call's arguments
     to forward's signature (``inspect.signature(...).bind``, about 15 µs, more than a small
     layer's math) only to fill in default values. manualbp's forwards have none and are
     called positionally (tests/test_overhead.py checks both), so outside torch.func and
-    torch.compile this calls what ``Function.apply`` then calls, as it calls it.
+    torch.compile this calls what ``Function.apply`` then calls, as it calls it; where
+    ``direct`` (``ops.dispatch_free`` of the tensors in args) no tensor is a functorch
+    wrapper, so none needs unwrapping.
     """
+    if direct:
+        return super(torch.autograd.Function, function).apply(*args)
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return function.apply(*args)
     return super(torch.autograd.Function, function).apply(*unwrap_dead_wrappers(args))

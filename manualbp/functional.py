@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -10,11 +9,11 @@ from torch import Tensor
 
 from . import backends, ops  # noqa: F401 - ops registers the operators
 from .activations import Activation, get_activation
-from .function import apply, forward_mode_active, forward_save, linear_function
-
-_OPS = ops.calls
+from .function import LinearFunction, apply, forward_mode_active, forward_save, linear_function
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# One C call for "is autocast on for any device" (absent: ask per device, as below).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def _check_inputs(input, weight, bias) -> None:
@@ -49,9 +48,22 @@ def _check_inputs(input, weight, bias) -> None:
             raise ValueError(f"{name} is on {t.device} but input is on {input.device}; expected the same device")
 
 
+def _first_layer_ok(input, weight, bias) -> bool:
+    """True only where _check_inputs would pass: the same checks as one expression, for every call."""
+    if not (isinstance(input, Tensor) and isinstance(weight, Tensor)):
+        return False
+    dtype, device = input.dtype, input.device
+    if (dtype not in FLOAT_DTYPES or weight.dtype != dtype or weight.device != device or weight.dim() != 2
+            or input.dim() == 0 or input.shape[-1] != weight.shape[1]):
+        return False
+    return bias is None or (isinstance(bias, Tensor) and bias.dtype == dtype and bias.device == device
+                            and bias.dim() == 1 and bias.shape[0] == weight.shape[0])
+
+
 def check_layers(input, weights: Sequence, biases: Sequence) -> None:
     """Every bad-input error of a stack of layers (one layer: functional.linear), before anything runs."""
-    _check_inputs(input, weights[0], biases[0])
+    if not _first_layer_ok(input, weights[0], biases[0]):
+        _check_inputs(input, weights[0], biases[0])
     for index in range(1, len(weights)):
         weight, bias, previous = weights[index], biases[index], weights[index - 1]
         if not isinstance(weight, Tensor):
@@ -90,11 +102,12 @@ def enter(input, weights: Sequence, biases: Sequence, backend: Optional[str]):
 
     Returns (input, weights, biases, backend, autocast): the tensors cast as autocast casts
     nn.Linear's inputs, checked; the backend resolved ('triton' or 'reference'); and a
-    context manager to run the layer in (autocast off after the cast, as in nn.Linear's matmul).
+    context manager to run the layer in (autocast off after the cast, as in nn.Linear's
+    matmul), None where autocast is off.
     """
     weights, biases = list(weights), list(biases)
-    # Autocast first asked (cheap), the weights' types only under autocast: this runs on every call.
-    cast_to = _autocast_dtype(input.device.type) if isinstance(input, Tensor) else None
+    # Autocast first asked (one C call), the weights' types only under autocast: this runs on every call.
+    cast_to = _autocast_dtype(input.device.type) if _any_autocast() and isinstance(input, Tensor) else None
     if cast_to is not None and all(isinstance(w, Tensor) for w in weights):
         input = _autocast(input, cast_to)
         weights = [_autocast(w, cast_to) for w in weights]
@@ -103,25 +116,34 @@ def enter(input, weights: Sequence, biases: Sequence, backend: Optional[str]):
         cast_to = None
     check_layers(input, weights, biases)
     name = backends.resolve(backend, input.device, input.dtype)
-    context = torch.autocast(input.device.type, enabled=False) if cast_to is not None else contextlib.nullcontext()
+    context = torch.autocast(input.device.type, enabled=False) if cast_to is not None else None
     return input, weights, biases, name, context
 
 
-def differentiable(*tensors: Optional[Tensor]) -> bool:
+def run_in(context, fn, *args):
+    """fn(*args), inside context unless it is None (enter's autocast context)."""
+    if context is None:
+        return fn(*args)
+    with context:
+        return fn(*args)
+
+
+def differentiable(direct: bool, *tensors: Optional[Tensor]) -> bool:
     """Whether this call needs the autograd Function: reverse mode wants a graph, or a forward-mode tangent
     or a torch.func transform may be present. Otherwise the forward operator runs alone and keeps nothing.
+    direct: ``ops.dispatch_free(tensors)``, which rules out exporting and forward mode.
 
     torch.export records the forward only (an exported program's backward comes from its aten ops
     after ``run_decompositions``): while exporting, the Function's backward and jvp never run, so the
     operator is recorded keeping nothing, as nn.Linear exports as one aten.linear whatever requires grad.
     """
-    if ops.exporting():
+    if not direct and ops.exporting():
         return False
     if torch.is_grad_enabled():
         for t in tensors:
             if t is not None and t.requires_grad:
                 return True
-    return forward_mode_active()
+    return not direct and forward_mode_active()
 
 
 def as_rows(input: Tensor) -> Tensor:
@@ -159,9 +181,16 @@ def linear(
     activation = get_activation(activation, **activation_options)
     input, (weight,), (bias,), name, context = enter(input, [weight], [bias], backend)
     x = as_rows(input)
-    with context:
-        if differentiable(input, weight, bias):
-            a, _ = apply(linear_function(), x, weight, bias, activation, name, forward_save(name, activation))
-        else:  # no_grad / inference_mode / nothing requires grad: compute A only, keep nothing
-            a, _ = _OPS.linear_forward(x, weight, bias, activation.name, activation.kernel_slope, "", name)
+    a = _linear(x, weight, bias, activation, name) if context is None else run_in(
+        context, _linear, x, weight, bias, activation, name)
     return from_rows(a, input)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation, backend: str) -> Tensor:
+    """a [M, N] from checked x [M, K], weight [N, K], bias [N] or None, the backend resolved."""
+    direct = ops.dispatch_free((x, weight, bias))
+    if differentiable(direct, x, weight, bias):
+        return apply(LinearFunction if direct else linear_function(), direct, x, weight, bias, activation, backend,
+                     forward_save(backend, activation), direct)[0]
+    # no_grad / inference_mode / nothing requires grad: compute A only, keep nothing
+    return ops.route(direct).linear_forward(x, weight, bias, activation, "", backend)[0]

@@ -23,11 +23,11 @@ from typing import List, Optional, Sequence, Union
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals  # the global module hooks
 
-from . import backends, config
+from . import backends, config, ops
 from .activations import Activation, get_activation, torch_module
 from .function import apply
-from .functional import as_rows, differentiable, enter, from_rows
-from .mlp_function import forward_stack, mlp_function
+from .functional import as_rows, differentiable, enter, from_rows, run_in
+from .mlp_function import MLPFunction, forward_stack, mlp_function
 from .modules import Linear, has_hooks
 
 
@@ -57,13 +57,18 @@ def mlp(
     activations = tuple(get_activation(a) for a in activations)
     input, weights, biases, name, context = enter(input, weights, biases, backend)
     x = as_rows(input)
-    with context:
-        if differentiable(input, *weights, *biases):
-            params = [t for pair in zip(weights, biases) for t in pair]  # w0, b0, w1, b1, ...
-            output = apply(mlp_function(), x, activations, bool(recompute), name, *params)[0]
-        else:  # no_grad / inference_mode / nothing requires grad: keep nothing
-            output, _ = forward_stack(name, x, weights, biases, activations, recompute, save=False)
-    return from_rows(output, input)
+    return from_rows(run_in(context, _mlp, x, weights, biases, activations, bool(recompute), name), input)
+
+
+def _mlp(x, weights, biases, activations, recompute: bool, backend: str) -> Tensor:
+    """The stack's output [M, sizes[-1]] from checked x [M, sizes[0]] and layers, the backend resolved."""
+    params = [t for pair in zip(weights, biases) for t in pair]  # w0, b0, w1, b1, ...
+    direct = ops.dispatch_free((x, *params))
+    if differentiable(direct, x, *params):
+        function = MLPFunction if direct else mlp_function()  # direct: not compiling
+        return apply(function, direct, x, activations, recompute, backend, direct, *params)[0]
+    # no_grad / inference_mode / nothing requires grad: keep nothing
+    return forward_stack(ops.route(direct), backend, x, weights, biases, activations, recompute, save=False)[0]
 
 
 def _check_sizes(sizes) -> List[int]:
@@ -83,6 +88,9 @@ def _global_hooks() -> bool:
     """Whether global module hooks (nn.modules.module.register_module_*_hook) are registered."""
     return bool(_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks
                 or _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks)
+
+
+_PLAIN_PARAMETERS = (Tensor, nn.Parameter)
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,29 +160,24 @@ class MLP(nn.Module):
         """The dense layers, first to last."""
         return [self._modules[str(2 * index)] for index in range(len(self.sizes) - 1)]
 
-    def _per_layer(self, layers: List[Linear]) -> bool:
+    def _per_layer(self, layers: List[Linear], parameters: List[Optional[Tensor]]) -> bool:
         # Hooks on a layer (tensor parallel, FSDP2's fully_shard per layer, user hooks) and DTensor
         # parameters need each layer called as a module: the fused stack reads parameters directly.
-        if _global_hooks():
+        if _global_hooks() or any(has_hooks(layer) for layer in layers):
             return True
-        dtensor = _dtensor_type()
-        return any(has_hooks(layer) or isinstance(layer.weight, dtensor) or isinstance(layer.bias, dtensor)
-                   for layer in layers)
+        others = [t for t in parameters if t is not None and type(t) not in _PLAIN_PARAMETERS]
+        return bool(others) and any(isinstance(t, _dtensor_type()) for t in others)
 
     def forward(self, input: Tensor) -> Tensor:
         layers = self.layers
-        if self._per_layer(layers):
+        weights = [layer.weight for layer in layers]
+        biases = [layer.bias for layer in layers]
+        if self._per_layer(layers, weights + biases):
             for layer in layers:
                 input = layer(input)
             return input
-        return mlp(
-            input,
-            [layer.weight for layer in layers],
-            [layer.bias for layer in layers],
-            [layer.activation for layer in layers],
-            recompute=self.recompute,
-            backend=self.backend,
-        )
+        return mlp(input, weights, biases, [layer.activation for layer in layers], recompute=self.recompute,
+                   backend=self.backend)
 
     def to_sequential(self) -> nn.Sequential:
         """The equivalent ``nn.Sequential(nn.Linear, activation module, ..., nn.Linear[, activation])``.

@@ -39,8 +39,6 @@ from torch import Tensor
 from . import config, function, ops, reference
 from .activations import Activation
 
-_OPS = ops.calls  # torch.ops.manualbp.*, without the dispatcher in plain eager code
-
 
 def _needs_z(activation: Activation) -> bool:
     # f' must be computed from Z: gelu, gelu_tanh, silu, leaky_relu with a negative slope.
@@ -73,16 +71,18 @@ def recompute_activation(activation: Activation, z: Tensor) -> Tensor:
     return reference.activation_forward(activation, z)
 
 
-def _activation(backend: str, activation: Activation, z: Tensor) -> Tensor:
+def _activation(route, backend: str, activation: Activation, z: Tensor) -> Tensor:
     """A = f(Z) from a kept Z, on the backend (identity: Z itself, no copy)."""
     if activation.name == "identity":
         return z
-    return _OPS.activation_forward(z, activation.name, activation.kernel_slope, backend)
+    return route.activation_forward(z, activation, backend)
 
 
-def forward_stack(backend: str, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+def forward_stack(route, backend: str, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                   activations: Sequence[Activation], recompute: bool, save: bool) -> Tuple[Tensor, List[Tensor]]:
     """The stack's forward: x [M, sizes[0]] -> (A_{L-1} [M, sizes[-1]], kept).
+
+    ``route``: how the operators are called (``ops.route``), here and in the functions below.
 
     ``kept`` lists, layer by layer, the tensors ``kept_plan`` asks for (A before Z),
     except the output itself; empty when ``save`` is False (no backward will run).
@@ -94,8 +94,7 @@ def forward_stack(backend: str, x: Tensor, weights: Sequence[Tensor], biases: Se
     for index, (weight, bias, activation) in enumerate(zip(weights, biases, activations)):
         identity = activation.name == "identity"
         keep_a, keep_z = plan[index] if save else (False, False)
-        a, z = _OPS.linear_forward(h, weight, bias, activation.name, activation.kernel_slope,
-                                   "z" if keep_z and not identity else "", backend)
+        a, z = route.linear_forward(h, weight, bias, activation, "z" if keep_z and not identity else "", backend)
         if keep_a and index < last:
             kept.append(a)
         if keep_z:
@@ -130,7 +129,7 @@ def _unpack_kept(activations: Sequence[Activation], recompute: bool, output: Opt
     return kept_a, kept_z
 
 
-def backward_stack(backend: str, grad_output: Tensor, x: Tensor, weights: Sequence[Tensor],
+def backward_stack(route, backend: str, grad_output: Tensor, x: Tensor, weights: Sequence[Tensor],
                    activations: Sequence[Activation], recompute: bool, output: Optional[Tensor],
                    kept: Sequence[Tensor], needs_grad_x: bool, needs_grad_weights: Sequence[bool],
                    needs_grad_biases: Sequence[bool]):
@@ -160,7 +159,7 @@ def backward_stack(backend: str, grad_output: Tensor, x: Tensor, weights: Sequen
             return x
         if kept_a[index - 1] is not None:
             return kept_a[index - 1]
-        return _activation(backend, activations[index - 1], kept_z[index - 1])
+        return _activation(route, backend, activations[index - 1], kept_z[index - 1])
 
     def saved_for_f_prime(index: int):  # (what f' is computed from, its kind: "z" or "a")
         if activations[index].name == "identity":
@@ -170,7 +169,7 @@ def backward_stack(backend: str, grad_output: Tensor, x: Tensor, weights: Sequen
         return kept_a[index], "a"
 
     if backend == "triton" and config.get().mlp_fusion:
-        grad_x = _backward_fused(grad_output, weights, activations, needs_grad_weights, needs_grad_biases, below,
+        grad_x = _backward_fused(route, grad_output, weights, activations, needs_grad_weights, needs_grad_biases, below,
                                  layer_input, saved_for_f_prime, grad_weights, grad_biases)
         return (grad_x if needs_grad_x else None), grad_weights, grad_biases
 
@@ -180,16 +179,15 @@ def backward_stack(backend: str, grad_output: Tensor, x: Tensor, weights: Sequen
         saved, kind = saved_for_f_prime(index)
         activation = activations[index]
         needs = [below[index], needs_grad_weights[index], needs_grad_biases[index]]
-        grads = _OPS.linear_backward(grad, layer_input(index) if needs[1] else None, weights[index], saved,
-                                     activation.name, activation.kernel_slope, kind, needs, backend)
-        grad_x, grad_weights[index], grad_biases[index] = (g if need else None for g, need in zip(grads, needs))
+        grad_x, grad_weights[index], grad_biases[index] = route.linear_backward(
+            grad, layer_input(index) if needs[1] else None, weights[index], saved, activation, kind, needs, backend)
         if not below[index]:
             break
         grad = grad_x  # ∂C/∂Xₗ is G of layer l-1
     return (grad_x if needs_grad_x else None), grad_weights, grad_biases
 
 
-def _backward_fused(grad_output, weights, activations, needs_grad_weights, needs_grad_biases, below,
+def _backward_fused(route, grad_output, weights, activations, needs_grad_weights, needs_grad_biases, below,
                     layer_input, saved_for_f_prime, grad_weights, grad_biases) -> Optional[Tensor]:
     """backward_stack on the Triton kernels; fills grad_weights/grad_biases, returns ∂C/∂X₀ or None."""
     top = len(weights) - 1
@@ -199,24 +197,23 @@ def _backward_fused(grad_output, weights, activations, needs_grad_weights, needs
     want_bias = needs_grad_biases[top]
     identity = activation.name == "identity"  # δ = G itself: no copy (an operator's output cannot alias G)
     want_delta = (needs_grad_weights[top] or below[top]) and not identity
-    delta, grad_bias = _OPS.delta(grad_output, saved, activation.name, activation.kernel_slope, kind,
-                                  want_delta, want_bias, "triton") if want_delta or want_bias else (None, None)
+    delta, grad_bias = route.delta(grad_output, saved, activation, kind, want_delta, want_bias,
+                                   "triton") if want_delta or want_bias else (None, None)
     delta = grad_output if identity else delta
-    grad_biases[top] = grad_bias if want_bias else None
+    grad_biases[top] = grad_bias
     for index in reversed(range(top + 1)):
         if needs_grad_weights[index]:
-            grad_weights[index] = _OPS.matmul(delta.t(), layer_input(index), "triton")  # ∂C/∂Wₗ = δₗᵀ Xₗ
+            grad_weights[index] = route.matmul(delta.t(), layer_input(index), "triton")  # ∂C/∂Wₗ = δₗᵀ Xₗ
         if not below[index]:
             return None
         if index == 0:
-            return _OPS.matmul(delta, weights[0], "triton")  # ∂C/∂X₀ = δ₀ W₀
+            return route.matmul(delta, weights[0], "triton")  # ∂C/∂X₀ = δ₀ W₀
         saved, kind = saved_for_f_prime(index - 1)
         activation = activations[index - 1]
         # δₗ₋₁ = (δₗ Wₗ) ⊙ fₗ₋₁'(Zₗ₋₁) and ∂C/∂bₗ₋₁ = 1ᵀ δₗ₋₁, in one matmul kernel.
         want_bias = needs_grad_biases[index - 1]
-        delta, grad_bias = _OPS.matmul_times_activation_grad(
-            delta, weights[index], saved, activation.name, activation.kernel_slope, kind, want_bias, "triton")
-        grad_biases[index - 1] = grad_bias if want_bias else None
+        delta, grad_biases[index - 1] = route.matmul_times_activation_grad(
+            delta, weights[index], saved, activation, kind, want_bias, "triton")
     return None
 
 
@@ -237,15 +234,16 @@ def jvp_stack(backend: str, x: Tensor, weights: Sequence[Tensor], activations: S
         elif kept_a[index - 1] is not None:
             h = kept_a[index - 1]
         else:
-            h = _activation(backend, activations[index - 1], kept_z[index - 1])  # Xₗ = fₗ₋₁(Zₗ₋₁)
+            h = _activation(ops.dispatched, backend, activations[index - 1], kept_z[index - 1])  # Xₗ = fₗ₋₁(Zₗ₋₁)
         if activation.name == "identity":
             saved, kind = None, "z"
         elif kept_z[index] is not None:
             saved, kind = kept_z[index], "z"
         else:
             saved, kind = kept_a[index], "a"
-        tangent = _OPS.linear_jvp(h, weight, saved, tangent, tangent_weights[index], tangent_biases[index],
-                                  activation.name, activation.kernel_slope, kind, backend)
+        # Forward mode is never plain eager code (a dual level or a torch.func transform is active).
+        tangent = ops.dispatched.linear_jvp(h, weight, saved, tangent, tangent_weights[index], tangent_biases[index],
+                                            activation, kind, backend)
     return tangent
 
 
@@ -281,35 +279,40 @@ def differentiable_backward(grad_output: Tensor, x: Tensor, weights: Sequence[Te
 class MLPFunction(torch.autograd.Function):
     """A stack of dense layers as one autograd node, with a hand-written backward and jvp.
 
-    ``MLPFunction.apply(x, activations, recompute, backend, w0, b0, w1, b1, ...)``:
+    ``MLPFunction.apply(x, activations, recompute, backend, direct, w0, b0, w1, b1, ...)``:
     x [M, sizes[0]], wₗ [sizes[l+1], sizes[l]], bₗ [sizes[l+1]] or None, activations a
-    tuple of Activation (one per layer), backend 'triton' or 'reference' (resolved)
-    -> (A_{L-1} [M, sizes[-1]], *kept), the kept tensors not differentiable.
+    tuple of Activation (one per layer), backend 'triton' or 'reference' (resolved),
+    direct = ``ops.dispatch_free`` of the tensors -> (A_{L-1} [M, sizes[-1]], *kept),
+    the kept tensors not differentiable.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, activations: Tuple[Activation, ...], recompute: bool, backend: str, *params):
-        output, kept = forward_stack(backend, x, params[0::2], params[1::2], activations, recompute, save=True)
+    def forward(x: Tensor, activations: Tuple[Activation, ...], recompute: bool, backend: str, direct: bool,
+                *params):
+        output, kept = forward_stack(ops.route(direct), backend, x, params[0::2], params[1::2], activations,
+                                     recompute, save=True)
         return (output, *kept)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, activations, recompute, backend, *params = inputs
+        x, activations, recompute, backend, direct, *params = inputs
         result, kept = output[0], output[1:]
         last_keeps_output = kept_plan(activations, recompute)[-1][0]
         # Everything through save_for_backward, so that saved-tensor hooks (checkpointing,
         # offloading, memory measurement) see all of it. Parameters cost nothing extra.
         saved = (x, result if last_keeps_output else None, *params, *kept)
         ctx.save_for_backward(*saved)
-        if function.forward_mode_active():
+        if not direct and function.forward_mode_active():  # direct: plain eager code, no forward mode
             ctx.save_for_forward(*saved)
         if kept:
             ctx.mark_non_differentiable(*kept)
         ctx.activations = activations
         ctx.recompute = recompute
         ctx.backend = backend
+        ctx.direct = direct
+        ctx.saved_unchanged = direct and ops.saved_unchanged()
         ctx.layers = len(params) // 2
 
     @staticmethod
@@ -325,25 +328,28 @@ class MLPFunction(torch.autograd.Function):
         count = ctx.layers
         needs = ctx.needs_input_grad
         needs_grad_x = needs[0]
-        needs_grad_weights = needs[4::2]
-        needs_grad_biases = [needs[5 + 2 * index] and biases[index] is not None for index in range(count)]
+        needs_grad_weights = needs[5::2]
+        needs_grad_biases = [needs[6 + 2 * index] and biases[index] is not None for index in range(count)]
         if torch.is_grad_enabled():
             # create_graph=True: differentiable torch ops, every Z recomputed from the saved inputs.
             grad_x, grad_weights, grad_biases = differentiable_backward(
                 grad_output, x, weights, biases, ctx.activations, needs_grad_x, needs_grad_weights, needs_grad_biases
             )
         else:
+            # The forward's tensors were plain; the modes, G, and what saved-tensor hooks returned may not be.
+            direct = ctx.direct and ops.dispatch_free(
+                (grad_output,) if ctx.saved_unchanged else (grad_output, x, output, *weights, *kept))
             grad_x, grad_weights, grad_biases = backward_stack(
-                ctx.backend, grad_output, x, weights, ctx.activations, ctx.recompute, output, kept,
+                ops.route(direct), ctx.backend, grad_output, x, weights, ctx.activations, ctx.recompute, output, kept,
                 needs_grad_x, needs_grad_weights, needs_grad_biases,
             )
-        grads = [grad_x, None, None, None]
+        grads = [grad_x, None, None, None, None]
         for grad_weight, grad_bias in zip(grad_weights, grad_biases):
             grads += [grad_weight, grad_bias]
         return tuple(grads)
 
     @staticmethod
-    def jvp(ctx, tangent_x, _activations, _recompute, _backend, *tangent_params):
+    def jvp(ctx, tangent_x, _activations, _recompute, _backend, _direct, *tangent_params):
         x, output, weights, _, kept = MLPFunction._unpack(ctx)  # in jvp: what save_for_forward kept
         tangent = jvp_stack(ctx.backend, x, weights, ctx.activations, ctx.recompute, output, kept, tangent_x,
                             tangent_params[0::2], tangent_params[1::2])

@@ -56,12 +56,14 @@ class Linear(nn.Linear):
     qconfig = quantization.qconfig_guard
 
     def forward(self, input: Tensor) -> Tensor:
-        if "peft" in sys.modules and self.activation.name != "identity" and not torch.compiler.is_compiling():
+        weight, bias, activation = self.weight, self.bias, self.activation
+        if "peft" in sys.modules and activation.name != "identity" and not torch.compiler.is_compiling():
             # peft's own LoRA layer would add its update after f: silently wrong (manualbp/peft.py)
             importlib.import_module(f"{__package__}.peft").check_caller(self, sys._getframe(1))
-        if quantization.is_quantized(self.weight):  # torchao's quantize_ swapped in a quantized weight
-            return quantization.linear(input, self.weight, self.bias, self.activation)
-        return F.linear(input, self.weight, self.bias, self.activation, backend=self.backend)
+        # torchao's quantize_ swaps in a quantized weight (a tensor subclass, never a plain Parameter)
+        if type(weight) is not nn.Parameter and quantization.is_quantized(weight):
+            return quantization.linear(input, weight, bias, activation)
+        return F.linear(input, weight, bias, activation, backend=self.backend)
 
     def extra_repr(self) -> str:
         text = f"{super().extra_repr()}, {self.activation.extra_repr()}"

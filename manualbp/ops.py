@@ -119,8 +119,23 @@ def _register(name: str, schema_fn, fake_fn):
 
 
 # --------------------------------------------------------------------------------------
-# Implementations: the Triton launcher or the reference, by the resolved backend
+# Implementations. Each operator's kernel checks its arguments (for callers of
+# torch.ops.manualbp.*) and runs its computation (_compute_*: the Triton launcher or the
+# reference, by the resolved backend). A computation takes the Activation itself and
+# returns None for an output nobody asked for; the operator turns that into [0].
 # --------------------------------------------------------------------------------------
+
+
+def _compute_linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: Activation, save: str,
+                            backend: str) -> tuple[Tensor, Optional[Tensor]]:
+    """A = f(X Wᵀ + b) [M, N] and, as save says, Z or f'(Z) [M, N] (None for "")."""
+    if backend == "triton":
+        a, saved = backends.kernels().linear_forward(
+            x, weight, bias, act.kernel_id, act.kernel_slope, write_z=bool(save), f_prime_as_z=save == "f_prime")
+    else:
+        a, z = reference.linear_forward(x, weight, bias, act)
+        saved = reference.activation_grad(act, z, "z") if save == "f_prime" else (z if save == "z" else None)
+    return a, (saved.clone() if saved is a else saved)  # identity: outputs may not alias each other
 
 
 def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation_name: str,
@@ -129,16 +144,8 @@ def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activatio
     _check_linear("linear_forward", x, weight, bias)
     _check_save("linear_forward", save)
     _check_backend("linear_forward", backend)
-    act = activation(activation_name, negative_slope)
-    if backend == "triton":
-        a, saved = backends.kernels().linear_forward(
-            x, weight, bias, act.kernel_id, act.kernel_slope, write_z=bool(save), f_prime_as_z=save == "f_prime")
-    else:
-        a, z = reference.linear_forward(x, weight, bias, act)
-        saved = reference.activation_grad(act, z, "z") if save == "f_prime" else (z if save == "z" else None)
-    if saved is None:
-        return a, _placeholder(x)
-    return a, (saved.clone() if saved is a else saved)  # identity: outputs may not alias each other
+    a, saved = _compute_linear_forward(x, weight, bias, activation(activation_name, negative_slope), save, backend)
+    return a, (_placeholder(x) if saved is None else saved)
 
 
 def _linear_forward_fake(x, weight, bias, activation_name, negative_slope, save, backend):
@@ -148,22 +155,27 @@ def _linear_forward_fake(x, weight, bias, activation_name, negative_slope, save,
     return x.new_empty((rows, columns)), x.new_empty((rows, columns) if save else (0,))
 
 
+def _compute_linear_backward(grad_a: Tensor, x: Optional[Tensor], weight: Optional[Tensor], saved: Optional[Tensor],
+                             act: Activation, saved_kind: str, needs: List[bool], backend: str):
+    """(∂C/∂X [M, K], ∂C/∂W [N, K], ∂C/∂b [N]), None where needs = [x, weight, bias] says no."""
+    needs_x, needs_weight, needs_bias = needs
+    if backend == "triton":
+        return _linear_backward_triton(grad_a, x, weight, saved, act, saved_kind, needs_x, needs_weight, needs_bias)
+    delta = reference.delta(grad_a, saved, act, saved_kind)  # δ = G ⊙ f'(Z)  [M, N]
+    return reference.linear_backward(delta, x, weight, needs_x, needs_weight, needs_bias)
+
+
 def _linear_backward(grad_a: Tensor, x: Optional[Tensor], weight: Optional[Tensor], saved: Optional[Tensor],
                      activation_name: str, negative_slope: float, saved_kind: str, needs: List[bool],
                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(∂C/∂X, ∂C/∂W, ∂C/∂b); needs = [x, weight, bias]. x is read only for ∂C/∂W, weight only for ∂C/∂X."""
-    needs_x, needs_weight, needs_bias = needs
+    needs_x, needs_weight, _ = needs
     act = activation(activation_name, negative_slope)
     _check_saved("linear_backward", act, saved, saved_kind)
     _check_backend("linear_backward", backend)
     if needs_x and weight is None or needs_weight and x is None:
         raise ValueError("manualbp::linear_backward: ∂C/∂X needs weight and ∂C/∂W needs x; got None")
-    if backend == "triton":
-        grads = _linear_backward_triton(grad_a, x, weight, saved, act, saved_kind, needs_x, needs_weight,
-                                        needs_bias)
-    else:
-        delta = reference.delta(grad_a, saved, act, saved_kind)  # δ = G ⊙ f'(Z)  [M, N]
-        grads = reference.linear_backward(delta, x, weight, needs_x, needs_weight, needs_bias)
+    grads = _compute_linear_backward(grad_a, x, weight, saved, act, saved_kind, needs, backend)
     return tuple(_placeholder(grad_a) if grad is None else grad for grad in grads)
 
 
@@ -200,6 +212,10 @@ def _linear_jvp(x: Tensor, weight: Tensor, saved: Optional[Tensor], tangent_x: O
     _check_saved("linear_jvp", act, saved, saved_kind)
     _check_backend("linear_jvp", backend)
     _check_linear("linear_jvp", x, weight, tangent_bias)
+    return _compute_linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, act, saved_kind, backend)
+
+
+def _compute_linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, act, saved_kind, backend):
     rows, columns = _jvp_shape(x, weight, tangent_x, tangent_weight, tangent_bias)
     if backend == "triton":
         from .triton_kernels import jvp
@@ -227,8 +243,11 @@ def _linear_jvp_fake(x, weight, saved, tangent_x, tangent_weight, tangent_bias, 
 
 def _activation_forward(z: Tensor, activation_name: str, negative_slope: float, backend: str) -> Tensor:
     """A = f(Z) [M, N] from a kept Z."""
-    act = activation(activation_name, negative_slope)
     _check_backend("activation_forward", backend)
+    return _compute_activation_forward(z, activation(activation_name, negative_slope), backend)
+
+
+def _compute_activation_forward(z: Tensor, act: Activation, backend: str) -> Tensor:
     if act.name == "identity":
         return z.clone()
     if backend == "triton":
@@ -246,6 +265,12 @@ def _delta(grad_a: Tensor, saved: Optional[Tensor], activation_name: str, negati
     act = activation(activation_name, negative_slope)
     _check_saved("delta", act, saved, saved_kind)
     _check_backend("delta", backend)
+    delta, grad_bias = _compute_delta(grad_a, saved, act, saved_kind, want_delta, want_bias, backend)
+    return (_placeholder(grad_a) if delta is None else delta,
+            _placeholder(grad_a) if grad_bias is None else grad_bias)
+
+
+def _compute_delta(grad_a, saved, act, saved_kind, want_delta, want_bias, backend):
     if backend == "triton":
         delta, grad_bias = backends.kernels().delta_and_bias_grad(
             grad_a, saved, act.kernel_id, act.kernel_slope, saved_kind, want_delta=want_delta, want_bias=want_bias)
@@ -255,8 +280,7 @@ def _delta(grad_a: Tensor, saved: Optional[Tensor], activation_name: str, negati
     delta = delta if want_delta else None
     if delta is grad_a:
         delta = delta.clone()  # identity: an operator's output may not alias its input
-    return (_placeholder(grad_a) if delta is None else delta,
-            _placeholder(grad_a) if grad_bias is None else grad_bias)
+    return delta, grad_bias
 
 
 def _delta_fake(grad_a, saved, activation_name, negative_slope, saved_kind, want_delta, want_bias, backend):
@@ -267,6 +291,10 @@ def _delta_fake(grad_a, saved, activation_name, negative_slope, saved_kind, want
 def _matmul(a: Tensor, b: Tensor, backend: str) -> Tensor:
     """a b: a [M, K], b [K, N] (any strides) -> [M, N]."""
     _check_backend("matmul", backend)
+    return _compute_matmul(a, b, backend)
+
+
+def _compute_matmul(a: Tensor, b: Tensor, backend: str) -> Tensor:
     return backends.kernels().matmul(a, b) if backend == "triton" else a.mm(b)
 
 
@@ -281,13 +309,19 @@ def _matmul_times_activation_grad(delta: Tensor, weight: Tensor, saved: Optional
     act = activation(activation_name, negative_slope)
     _check_saved("matmul_times_activation_grad", act, saved, saved_kind)
     _check_backend("matmul_times_activation_grad", backend)
+    below, grad_bias = _compute_matmul_times_activation_grad(delta, weight, saved, act, saved_kind, want_bias,
+                                                             backend)
+    return below, (_placeholder(delta) if grad_bias is None else grad_bias)
+
+
+def _compute_matmul_times_activation_grad(delta, weight, saved, act, saved_kind, want_bias, backend):
     if backend == "triton":
         below, grad_bias = backends.kernels().matmul_times_activation_grad(
             delta, weight, saved, act.kernel_id, act.kernel_slope, saved_kind, want_bias=want_bias)
     else:
         below = reference.delta(delta.mm(weight), saved, act, saved_kind)
         grad_bias = below.sum(dim=0) if want_bias else None
-    return below, (_placeholder(delta) if grad_bias is None else grad_bias)
+    return below, grad_bias
 
 
 def _matmul_times_activation_grad_fake(delta, weight, saved, activation_name, negative_slope, saved_kind, want_bias,
@@ -312,62 +346,118 @@ OPERATORS = (linear_forward, linear_backward, linear_jvp, activation_forward, de
 # --------------------------------------------------------------------------------------
 
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_STRIDED = torch.strided
+# What dispatch_free asks on every call, looked up once.
+_is_compiling = torch.compiler.is_compiling
+_transforms_active = torch._C._are_functorch_transforms_active
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_profiler = torch.autograd.profiler
 # functorch's batched/grad/functional wrappers, and the legacy vmap's (gradcheck's batched gradients)
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)  # absent: no legacy vmap
 
 
-def _dispatch_free(args) -> bool:
-    """Whether the dispatcher would do nothing for this call but run the implementation.
+def dispatch_free(tensors) -> bool:
+    """Whether torch's dispatcher would do nothing for a call on these tensors but run the computation.
 
     True only in plain eager code: not tracing or compiling, no torch.func transform, no
     forward-mode level, no dispatch or function mode (FakeTensorMode, FlopCounterMode,
-    CommDebugMode, a default-device context...), no profiler, and every tensor a plain
-    strided tensor (not a DTensor, fake, meta, functorch-wrapped or other subclass). Then the
-    dispatcher's own work (the autograd fallback, redispatch, alias checks: about 10 µs a
-    call, more than a small layer's math) buys nothing.
+    CommDebugMode, a default-device context...), no profiler, and every tensor (None
+    skipped) a plain strided tensor (not a DTensor, fake, meta, functorch-wrapped or other
+    subclass). Then the dispatcher's own work (the autograd fallback, redispatch, alias
+    checks: about 10 µs a call, more than a small layer's math) buys nothing, and the
+    layers call the computations directly (:class:`direct`).
     """
-    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or forward_ad._current_level >= 0 or torch.autograd.profiler._is_profiler_enabled):
+    if (_is_compiling() or _transforms_active() or _dispatch_modes() or _function_modes()
+            or forward_ad._current_level >= 0 or _profiler._is_profiler_enabled):
         return False
-    for arg in args:
-        if isinstance(arg, Tensor) and (type(arg) not in _PLAIN_TYPES or arg.is_meta or arg.layout != torch.strided
-                                        or _is_functorch_wrapped(arg) or _is_legacy_batched(arg)):
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TYPES or t.is_meta or t.layout is not _STRIDED
+                              or _is_functorch_wrapped(t) or _is_legacy_batched(t)):
             return False
     return True
 
 
-def _caller(operator, implementation):
-    overload = operator._opoverload
-
-    def call(*args):
-        if _dispatch_free(args):
-            return implementation(*args)
-        return overload(*args)
-
-    call.__name__ = call.__qualname__ = operator._opoverload._schema.name.split("::")[-1]
-    call.__doc__ = f"torch.ops.{overload._schema.name.replace('::', '.')}, straight to its implementation where " \
-                   f"the dispatcher would add nothing (see _dispatch_free)."
-    return call
+_top_saved_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
 
-class calls:  # noqa: N801 - a namespace, used as ops.calls.linear_forward(...) like torch.ops.manualbp.*
-    """The operators as manualbp's Functions call them (positional arguments only).
+def saved_unchanged() -> bool:
+    """Whether ``ctx.saved_tensors`` will return the very tensors a Function saves now: no saved-tensor hooks
+    (checkpointing, offloading, ``saved_tensors_hooks``) are active. False where this PyTorch cannot tell.
 
-    The same operators, the same results: plain eager calls skip the dispatcher
-    (:func:`_dispatch_free`), everything else (torch.compile, torch.export, torch.func,
-    fake and meta tensors, DTensor, FlopCounterMode, the profiler) goes through it.
+    A backward whose forward was ``dispatch_free`` then needs to check only its incoming gradient.
+    """
+    return _top_saved_hooks is not None and _top_saved_hooks(False) is None
+
+
+class direct:  # noqa: N801 - a namespace, used as ops.direct.linear_forward(...)
+    """The operators' computations as plain function calls, for plain eager code (:func:`dispatch_free`).
+
+    The same signatures as :class:`dispatched` (an Activation, not its name and slope;
+    None for an output not asked for), the same computations as the operators run, so
+    the same results; without the dispatcher and without the argument checks, which
+    the layers' entry (functional.enter) has already made.
     """
 
-    linear_forward = staticmethod(_caller(linear_forward, _linear_forward))
-    linear_backward = staticmethod(_caller(linear_backward, _linear_backward))
-    linear_jvp = staticmethod(_caller(linear_jvp, _linear_jvp))
-    activation_forward = staticmethod(_caller(activation_forward, _activation_forward))
-    delta = staticmethod(_caller(delta, _delta))
-    matmul = staticmethod(_caller(matmul, _matmul))
-    matmul_times_activation_grad = staticmethod(_caller(matmul_times_activation_grad,
-                                                        _matmul_times_activation_grad))
+    linear_forward = staticmethod(_compute_linear_forward)
+    linear_backward = staticmethod(_compute_linear_backward)
+    linear_jvp = staticmethod(_compute_linear_jvp)
+    activation_forward = staticmethod(_compute_activation_forward)
+    delta = staticmethod(_compute_delta)
+    matmul = staticmethod(_compute_matmul)
+    matmul_times_activation_grad = staticmethod(_compute_matmul_times_activation_grad)
+
+
+def _wanted(outputs, wants):
+    return tuple(output if want else None for output, want in zip(outputs, wants))
+
+
+class dispatched:  # noqa: N801 - a namespace, used as ops.dispatched.linear_forward(...)
+    """The operators through torch's dispatcher (torch.ops.manualbp.*), called as :class:`direct` is.
+
+    Everywhere but plain eager code: torch.compile, torch.export, torch.func, forward-mode
+    AD, fake and meta tensors, DTensor, FlopCounterMode, the profiler.
+    """
+
+    @staticmethod
+    def linear_forward(x, weight, bias, act, save, backend):
+        a, saved = linear_forward(x, weight, bias, act.name, act.kernel_slope, save, backend)
+        return a, (saved if save else None)
+
+    @staticmethod
+    def linear_backward(grad_a, x, weight, saved, act, saved_kind, needs, backend):
+        return _wanted(linear_backward(grad_a, x, weight, saved, act.name, act.kernel_slope, saved_kind, needs,
+                                       backend), needs)
+
+    @staticmethod
+    def linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, act, saved_kind, backend):
+        return linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, act.name, act.kernel_slope,
+                          saved_kind, backend)
+
+    @staticmethod
+    def activation_forward(z, act, backend):
+        return activation_forward(z, act.name, act.kernel_slope, backend)
+
+    @staticmethod
+    def delta(grad_a, saved, act, saved_kind, want_delta, want_bias, backend):
+        return _wanted(delta(grad_a, saved, act.name, act.kernel_slope, saved_kind, want_delta, want_bias, backend),
+                       (want_delta, want_bias))
+
+    @staticmethod
+    def matmul(a, b, backend):
+        return matmul(a, b, backend)
+
+    @staticmethod
+    def matmul_times_activation_grad(delta, weight, saved, act, saved_kind, want_bias, backend):
+        return _wanted(matmul_times_activation_grad(delta, weight, saved, act.name, act.kernel_slope, saved_kind,
+                                                    want_bias, backend), (True, want_bias))
+
+
+def route(is_direct: bool):
+    """:class:`direct` or :class:`dispatched`: how a layer calls the operators (``dispatch_free`` decides)."""
+    return direct if is_direct else dispatched
+
 
 # --------------------------------------------------------------------------------------
 # vmap rules

@@ -53,9 +53,8 @@ def _elementwise(fn, t: Tensor) -> Tensor:
 
 def pre_activation(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """Z = X Wᵀ + b: x [M, K], weight [N, K], bias [N] or None -> z [M, N]."""
-    if bias is None:
-        return torch.mm(x, weight.t())  # [M, K] [K, N]
-    return torch.addmm(bias, x, weight.t())  # b + [M, K] [K, N]
+    # aten's linear computes exactly addmm(b, X, Wᵀ) (mm(X, Wᵀ) without b), the transpose a view, in C++.
+    return torch.nn.functional.linear(x, weight, bias)  # b + [M, K] [K, N]
 
 
 def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation):
