@@ -33,7 +33,7 @@ switches to a formula under create_graph in the same way).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -214,9 +214,8 @@ class Activation:
     _f_grad_from_output: Optional[Callable]
     _delta: Callable
     _delta_from_output: Optional[Callable]
-
-    def _options(self) -> dict:
-        return {"negative_slope": self.negative_slope} if self.name == "leaky_relu" else {}
+    # The options as keyword arguments of the functions above (decided by the fields above, so not compared).
+    _options: dict = field(default_factory=dict, compare=False, repr=False)
 
     def _check_from_output(self) -> None:
         if not self.saves_output:
@@ -224,23 +223,23 @@ class Activation:
 
     def f(self, z: Tensor) -> Tensor:
         """a = f(z), elementwise."""
-        return self._f(z, **self._options())
+        return self._f(z, **self._options)
 
     def f_grad(self, z: Tensor) -> Tensor:
         """f'(z), elementwise."""
-        return self._f_grad(z, **self._options())
+        return self._f_grad(z, **self._options)
 
     def f_grad_from_output(self, a: Tensor) -> Tensor:
         """f'(z) computed from a = f(z); only where ``saves_output``."""
         self._check_from_output()
-        return self._f_grad_from_output(a, **self._options())
+        return self._f_grad_from_output(a, **self._options)
 
     def delta(self, grad_a: Tensor, saved: Tensor, from_output: bool) -> Tensor:
         """δ = grad_a ⊙ f'(z) [M, N] in one fused pass, from saved = a (from_output) or z. Not differentiable."""
         if from_output:
             self._check_from_output()
-            return self._delta_from_output(grad_a, saved, **self._options())
-        return self._delta(grad_a, saved, **self._options())
+            return self._delta_from_output(grad_a, saved, **self._options)
+        return self._delta(grad_a, saved, **self._options)
 
     @property
     def kernel_slope(self) -> float:
@@ -292,7 +291,7 @@ def kernel_id(name: str) -> int:
 def torch_module(activation: "str | Activation") -> nn.Module:
     """The PyTorch module computing the same activation (nn.Identity for 'identity')."""
     activation = get_activation(activation)
-    return _TABLE[activation.name].module(**activation._options())
+    return _TABLE[activation.name].module(**activation._options)
 
 
 def from_torch_module(module: Optional[nn.Module]) -> Optional["Activation"]:
@@ -346,4 +345,5 @@ def get_activation(name: "str | Activation", **options) -> Activation:
         _f_grad_from_output=entry.f_grad_from_output if saves_output else None,
         _delta=entry.delta,
         _delta_from_output=entry.delta_from_output if saves_output else None,
+        _options={"negative_slope": float(slope)} if name == "leaky_relu" else {},
     )

@@ -77,20 +77,18 @@ def _interpreting() -> bool:
     dense = sys.modules.get(_DENSE)
     if dense is not None:
         return dense.is_interpreted()
-    return _environment_says_interpret()
-
-
-def _environment_says_interpret() -> bool:
     # os.environ.get("TRITON_INTERPRET") == "1", read on every call until the kernels exist; without the
     # KeyError os.environ raises and catches inside for an unset variable (CPython's mapping, where it has one).
-    data = getattr(os.environ, "_data", None)
-    if data is None:
+    if _ENVIRONMENT is None:
         return os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return data.get(_INTERPRET_KEY) == _INTERPRET_ON
+    return _ENVIRONMENT.get(_INTERPRET_KEY) == _INTERPRET_ON
 
 
-_INTERPRET_KEY = os.environ.encodekey("TRITON_INTERPRET") if hasattr(os.environ, "encodekey") else None
-_INTERPRET_ON = os.environ.encodevalue("1") if hasattr(os.environ, "encodevalue") else None
+_ENVIRONMENT = getattr(os.environ, "_data", None)  # CPython's os.environ: encoded keys -> encoded values
+if _ENVIRONMENT is not None and hasattr(os.environ, "encodekey") and hasattr(os.environ, "encodevalue"):
+    _INTERPRET_KEY, _INTERPRET_ON = os.environ.encodekey("TRITON_INTERPRET"), os.environ.encodevalue("1")
+else:
+    _ENVIRONMENT = None
 
 
 def triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -136,7 +134,9 @@ def resolve(requested: Optional[str], device: torch.device, dtype: torch.dtype) 
 
     Evaluated once when torch.compile / torch.export trace a call: the graph keeps the answer.
     """
-    name = config.backend() if requested is None else config.check_backend(requested, "the backend= argument")
+    name = config.get().backend if requested is None else config.check_backend(requested, "the backend= argument")
+    if name not in BACKENDS:
+        config.backend()  # only from MANUALBP_BACKEND (settings are checked when set): raises, naming it
     if name == "reference":
         return "reference"
     reason = _device_reason(device, dtype, _interpreting())

@@ -52,12 +52,12 @@ def _first_layer_ok(input, weight, bias) -> bool:
     """True only where _check_inputs would pass: the same checks as one expression, for every call."""
     if not (isinstance(input, Tensor) and isinstance(weight, Tensor)):
         return False
-    dtype, device = input.dtype, input.device
-    if (dtype not in FLOAT_DTYPES or weight.dtype != dtype or weight.device != device or weight.dim() != 2
-            or input.dim() == 0 or input.shape[-1] != weight.shape[1]):
+    dtype, device, shape, weight_shape = input.dtype, input.device, input.shape, weight.shape
+    if (dtype not in FLOAT_DTYPES or weight.dtype != dtype or weight.device != device or len(weight_shape) != 2
+            or not shape or shape[-1] != weight_shape[1]):
         return False
     return bias is None or (isinstance(bias, Tensor) and bias.dtype == dtype and bias.device == device
-                            and bias.dim() == 1 and bias.shape[0] == weight.shape[0])
+                            and bias.shape == (weight_shape[0],))
 
 
 def check_layers(input, weights: Sequence, biases: Sequence) -> None:
@@ -114,7 +114,8 @@ def enter(input, weights: Sequence, biases: Sequence, backend: Optional[str]):
         biases = [_autocast(b, cast_to) for b in biases]
     else:
         cast_to = None
-    check_layers(input, weights, biases)
+    if len(weights) != 1 or not _first_layer_ok(input, weights[0], biases[0]):
+        check_layers(input, weights, biases)
     name = backends.resolve(backend, input.device, input.dtype)
     context = torch.autocast(input.device.type, enabled=False) if cast_to is not None else None
     return input, weights, biases, name, context
@@ -193,4 +194,4 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activ
         return apply(LinearFunction if direct else linear_function(), direct, x, weight, bias, activation, backend,
                      forward_save(backend, activation), direct)[0]
     # no_grad / inference_mode / nothing requires grad: compute A only, keep nothing
-    return ops.route(direct).linear_forward(x, weight, bias, activation, "", backend)[0]
+    return (ops.direct if direct else ops.dispatched).linear_forward(x, weight, bias, activation, "", backend)[0]

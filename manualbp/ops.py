@@ -345,7 +345,7 @@ OPERATORS = (linear_forward, linear_backward, linear_jvp, activation_forward, de
 # How manualbp's own code calls the operators
 # --------------------------------------------------------------------------------------
 
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_PARAMETER = torch.nn.Parameter
 _STRIDED = torch.strided
 # What dispatch_free asks on every call, looked up once.
 _is_compiling = torch.compiler.is_compiling
@@ -373,8 +373,14 @@ def dispatch_free(tensors) -> bool:
             or forward_ad._current_level >= 0 or _profiler._is_profiler_enabled):
         return False
     for t in tensors:
-        if t is not None and (type(t) not in _PLAIN_TYPES or t.is_meta or t.layout is not _STRIDED
-                              or _is_functorch_wrapped(t) or _is_legacy_batched(t)):
+        if t is None:
+            continue
+        kind = type(t)
+        if kind is _PARAMETER:  # functorch and legacy vmap wrap into new plain Tensors, never Parameters
+            if t.is_meta or t.layout is not _STRIDED:
+                return False
+        elif (kind is not Tensor or t.is_meta or t.layout is not _STRIDED or _is_functorch_wrapped(t)
+              or _is_legacy_batched(t)):
             return False
     return True
 

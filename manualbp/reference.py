@@ -60,7 +60,7 @@ def pre_activation(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation):
     """A = f(X Wᵀ + b): x [M, K], weight [N, K], bias [N] or None -> (a [M, N], z [M, N])."""
     z = pre_activation(x, weight, bias)  # Z = X Wᵀ + b      [M, N]
-    return activation_forward(activation, z), z  # A = f(Z)   [M, N]
+    return activation.f(z), z  # A = f(Z)   [M, N] (activation_forward)
 
 
 def activation_forward(activation: Activation, z: Tensor) -> Tensor:
