@@ -228,6 +228,13 @@ def package_launches(dense, jvp, M, K, N, dtype, quick):
         ("dX prologue leaky_relu", bwd("leaky_relu", "z", True, False, False), "NN"),
         ("dX prologue gelu", bwd("gelu", "f_prime", True, False, False), "NN"),
         ("dX prologue tanh", bwd("tanh", "a", True, False, False), "NN"),
+        # ∂C/∂X and ∂C/∂W wanted: the ∂C/∂X matmul's first column of tiles stores δ, the ∂C/∂W matmul is plain
+        (("dX prologue+δ store relu", "dW plain+db relu"), bwd("relu", "a", True, True, True), ("NN", "TN")),
+        (("dX prologue+δ store leaky_relu", "dW plain+db leaky_relu"), bwd("leaky_relu", "z", True, True, True),
+         ("NN", "TN")),
+        (("dX prologue+δ store gelu", "dW plain+db gelu"), bwd("gelu", "f_prime", True, True, True), ("NN", "TN")),
+        (("dX prologue+δ store tanh", "dW plain+db tanh"), bwd("tanh", "a", True, True, True), ("NN", "TN")),
+        # ∂C/∂W without ∂C/∂X (the first layer): δ formed in the ∂C/∂W matmul's loads, ∂C/∂b beside it
         ("dW prologue+db relu", bwd("relu", "a", False, True, True), "TN"),
         ("dW prologue+db leaky_relu", bwd("leaky_relu", "z", False, True, True), "TN"),
         ("dW prologue+db gelu", bwd("gelu", "f_prime", False, True, True), "TN"),
@@ -247,8 +254,9 @@ def package_launches(dense, jvp, M, K, N, dtype, quick):
         ("jvp gelu (Z) dX,dW,db", lambda: jvp.linear_jvp(x, w, saved, x, w, b, 3, 0.0, "z", M, N), "NT"),
     ]
     if quick:  # the CI subset: the heaviest epilogue, the ∂C/∂b loop, a select prologue, the tangent kernel
-        keep = ("fwd gelu (f')", "dW prologue+db relu", "dX prologue relu", "jvp gelu (Z) dX,dW,db")
-        launches = [launch for launch in launches if launch[0] in keep]
+        keep = ("fwd gelu (f')", "dW prologue+db relu", "dX prologue relu", "jvp gelu (Z) dX,dW,db",
+                "dX prologue+δ store relu")
+        launches = [launch for launch in launches if keep[-1] in launch[0] or launch[0] in keep]
     # (module, kernel name) -> the pruning its autotuner applies (None: an elementwise pass, one fixed block)
     kernels = {(dense, "_matmul_kernel"): dense._prune_configs, (dense, "_delta_kernel"): None,
                (dense, "_activation_kernel"): None, (jvp, "_jvp_kernel"): jvp._prune_configs}
@@ -263,10 +271,13 @@ def package_launches(dense, jvp, M, K, N, dtype, quick):
             call()
             for key, recorder in recorders.items():
                 for i, (args, kwargs) in enumerate(recorder.calls):
-                    tag = label if len(recorder.calls) == 1 else f"{label} #{i + 1}"
+                    if isinstance(label, tuple):  # a name and a layout for each of the launches
+                        tag, layout_i = label[i], layout[i]
+                    else:
+                        tag, layout_i = (label if len(recorder.calls) == 1 else f"{label} #{i + 1}"), layout
                     kwargs = {k: v for k, v in kwargs.items() if k not in TILE_KEYS + LAUNCH_KEYS}
                     pruner = kernels[key]
-                    out[tag] = (recorder.real, args, kwargs, layout if pruner else None, pruner)
+                    out[tag] = (recorder.real, args, kwargs, layout_i if pruner else None, pruner)
     finally:
         for (module, name), recorder in recorders.items():
             setattr(module, name, recorder.real)
