@@ -25,6 +25,7 @@ Columns (all of them compiler output, none a timing):
   smem     shared memory per block (Triton's metadata), KiB
   loop     SASS instructions of the main loop (the innermost backward branch with the most MMAs)
   bar, shfl     bar.sync / shuffles per main-loop iteration
+  side     SASS instructions of the largest loop without MMA (the ∂C/∂X launch's loop storing δ), per iteration
   x tut    loop instructions / the tutorial's at the same tile and layout
   press    issue pressure: loop instructions x warps per SM sub-partition / (BLOCK_M*BLOCK_N*BLOCK_K/2048),
            an H100 SM's MMA clocks per iteration (twice that for the jvp kernel with two tangents: two products
@@ -133,7 +134,7 @@ def main_loop(sass):
     """Opcode counts of the innermost loop (a backward branch) holding the most MMA instructions."""
     lines = sass.splitlines()
     labels = {line[:-1]: i for i, line in enumerate(lines) if re.match(r"^\w+:$", line)}
-    best, loops_with_mma = None, 0
+    best, loops_with_mma, side = None, 0, 0
     for i, line in enumerate(lines):
         target = re.search(r"BRA (\w+);", line)
         if target and labels.get(target.group(1), i) < i:
@@ -142,13 +143,15 @@ def main_loop(sass):
             ops = [x.split()[0].rstrip(";") for x in body]
             n_mma = sum(o.startswith(("HGMMA", "HMMA")) for o in ops)
             loops_with_mma += n_mma > 0
+            if not n_mma and len(ops) > 2:  # not a wait's spin
+                side = max(side, len(ops))
             if best is None or n_mma > best[0] or (n_mma == best[0] and len(ops) < len(best[1])):
                 best = (n_mma, ops)
     ops = best[1] if best and best[0] else []
     count = lambda *prefixes: sum(o.startswith(prefixes) for o in ops)  # noqa: E731
     return dict(loop_instr=len(ops), loop_mma=count("HGMMA", "HMMA"), loop_bar=count("BAR.SYNC", "BAR.ARV"),
                 loop_shfl=count("SHFL"), loop_spill=count("STL", "LDL"), loop_ldgsts=count("LDGSTS"),
-                loop_tma=count("UTMALDG"), loops_with_mma=loops_with_mma)
+                loop_tma=count("UTMALDG"), loops_with_mma=loops_with_mma, side_loop_instr=side or None)
 
 
 def analyse(kernel, log):
@@ -505,7 +508,7 @@ COLUMNS = [  # (title, width, key, format)
     ("kernel", 28, "kernel", "s"), ("config", 24, "config", "s"), ("mma", 17, "mma", "s"), ("A", 2, "A", "s"),
     ("cp.async/TMA/ld", 15, None, None), ("bufs", 5, None, None), ("regs", 4, "regs", "d"),
     ("spill", 5, "spill", "d"), ("smem KiB", 8, None, None), ("loop", 4, "loop_instr", "d"), ("bar", 3, "loop_bar", "d"),
-    ("shfl", 4, "loop_shfl", "d"), ("x tut", 5, "x_tut", ".2f"), ("press", 5, "press", ".2f"), ("s", 4, "compile_s", ".1f"),
+    ("shfl", 4, "loop_shfl", "d"), ("side", 4, "side_loop_instr", "d"), ("x tut", 5, "x_tut", ".2f"), ("press", 5, "press", ".2f"), ("s", 4, "compile_s", ".1f"),
 ]
 
 

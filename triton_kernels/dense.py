@@ -6,10 +6,12 @@ shape of its variable). With x [M, K], weight [N, K], bias [N]:
 
     forward     Z = X Wᵀ + b      [M, N] = [M, K] [K, N] + [N]   _matmul_kernel, A = X, B = Wᵀ (strides only),
                 A = f(Z)                                          bias and f fused in the epilogue
-    backward    δ = G ⊙ f'(Z)     [M, N]                         formed as the two matmuls below load their
-                                                                  left factor (A_PROLOGUE): never in memory
+    backward    δ = G ⊙ f'(Z)     [M, N]                         formed as the ∂C/∂X matmul loads its left factor
+                                                                  (A_PROLOGUE), which also stores it where ∂C/∂W
+                                                                  is wanted too (STORE_DELTA)
                 ∂C/∂X = δ W       [M, K] = [M, N] [N, K]         _matmul_kernel, A = δ, B = W
-                ∂C/∂W = δᵀ X      [N, K] = [N, M] [M, K]         _matmul_kernel, A = δᵀ (strides only), B = X
+                ∂C/∂W = δᵀ X      [N, K] = [N, M] [M, K]         _matmul_kernel, A = δᵀ (strides only), B = X;
+                                                                  δ formed on load where no ∂C/∂X stored it
                 ∂C/∂b = 1ᵀ δ      [N]                            row sums of the δᵀ tiles the ∂C/∂W matmul loads,
                                                                   summed in its loop: 16-bit data by the tensor cores
                                                                   (δᵀ times a tile of ones), else in registers
@@ -128,8 +130,22 @@ def _prologue_factor(grad_a, saved, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl
         return _times_f_prime(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
     if ACTIVATION == act.RELU:
         return _times_f_prime(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
-    delta = _times_f_prime(grad_a.to(COMPUTE_DTYPE), saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
+    if ACTIVATION != act.LEAKY_RELU:  # leaky_relu only compares saved: exact in its own dtype, and cheaper
+        saved = _widen(saved, COMPUTE_DTYPE)
+    delta = _times_f_prime(_widen(grad_a, COMPUTE_DTYPE), saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
     return delta.to(grad_a.dtype)
+
+
+@triton.jit
+def _widen(x, DTYPE: tl.constexpr):
+    """x.to(DTYPE), exact; bfloat16 to float32 as its bits shifted into the high half, which the compiler then
+    takes from a packed pair with one instruction each (LOP3 / IMAD.U32) instead of a PRMT and a shift for the high
+    one: dX prologue 128x256x64, tanh 346 -> 315 loop instructions, leaky_relu 315 -> 299 (sm_90, Triton 3.9)."""
+    if x.dtype == tl.bfloat16 and DTYPE == tl.float32:
+        y = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        y = x.to(DTYPE)
+    return y
 
 
 @triton.jit
@@ -331,7 +347,7 @@ def _matmul_tile(
                 else:
                     saved = tl.load(s_ptrs, mask=mask_k[None, :], other=0.0)
                     s_ptrs += s_step
-                # δ = G ⊙ f'(saved) for this tile, never stored, rounded to the data dtype as a stored δ would be.
+                # δ = G ⊙ f'(saved) for this tile, rounded to the data dtype as a stored δ would be.
                 a = _prologue_factor(a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, acc.dtype)
         if ROW_SUMS:
             # δ as rounded for the product: eager sums a stored δ (fewer instructions than the unrounded δ)
