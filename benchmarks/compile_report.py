@@ -232,11 +232,11 @@ def package_launches(dense, jvp, M, K, N, dtype, quick):
         ("dX prologue gelu", bwd("gelu", "f_prime", True, False, False), "NN"),
         ("dX prologue tanh", bwd("tanh", "a", True, False, False), "NN"),
         # ∂C/∂X and ∂C/∂W wanted: the ∂C/∂X matmul's first column of tiles stores δ, the ∂C/∂W matmul is plain
-        (("dX prologue+δ store relu", "dW plain+db relu"), bwd("relu", "a", True, True, True), ("NN", "TN")),
-        (("dX prologue+δ store leaky_relu", "dW plain+db leaky_relu"), bwd("leaky_relu", "z", True, True, True),
+        (("dX+δ store relu", "dW plain+db relu"), bwd("relu", "a", True, True, True), ("NN", "TN")),
+        (("dX+δ store leaky_relu", "dW plain+db leaky_relu"), bwd("leaky_relu", "z", True, True, True),
          ("NN", "TN")),
-        (("dX prologue+δ store gelu", "dW plain+db gelu"), bwd("gelu", "f_prime", True, True, True), ("NN", "TN")),
-        (("dX prologue+δ store tanh", "dW plain+db tanh"), bwd("tanh", "a", True, True, True), ("NN", "TN")),
+        (("dX+δ store gelu", "dW plain+db gelu"), bwd("gelu", "f_prime", True, True, True), ("NN", "TN")),
+        (("dX+δ store tanh", "dW plain+db tanh"), bwd("tanh", "a", True, True, True), ("NN", "TN")),
         # ∂C/∂W without ∂C/∂X (the first layer): δ formed in the ∂C/∂W matmul's loads, ∂C/∂b beside it
         ("dW prologue+db relu", bwd("relu", "a", False, True, True), "TN"),
         ("dW prologue+db leaky_relu", bwd("leaky_relu", "z", False, True, True), "TN"),
@@ -258,7 +258,7 @@ def package_launches(dense, jvp, M, K, N, dtype, quick):
     ]
     if quick:  # the CI subset: the heaviest epilogue, the ∂C/∂b loop, a select prologue, the tangent kernel
         keep = ("fwd gelu (f')", "dW prologue+db relu", "dX prologue relu", "jvp gelu (Z) dX,dW,db",
-                "dX prologue+δ store relu")
+                "dX+δ store relu")
         launches = [launch for launch in launches if keep[-1] in launch[0] or launch[0] in keep]
     # (module, kernel name) -> the pruning its autotuner applies (None: an elementwise pass, one fixed block)
     kernels = {(dense, "_matmul_kernel"): dense._prune_configs, (dense, "_delta_kernel"): None,
