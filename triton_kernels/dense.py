@@ -413,7 +413,7 @@ def _store_delta_share(g_ptr, saved_ptr, delta_ptr, offs_m, mask_m, pid_n, N, K,
     time there in the store's register layout (dX 128x256x64 leaky_relu: 336 -> 540 loop instructions).
     The same _prologue_factor as the main loop's: the same bits.
     """
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)  # 64-bit offsets, as the main loop's
     for j in range(pid_n, tl.cdiv(K, BLOCK_K), tl.cdiv(N, BLOCK_N)):
         cols = j * BLOCK_K + offs_k
         mask = mask_m[:, None] & (cols < K)[None, :]
@@ -1009,10 +1009,10 @@ def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float
     (grad_x [M, K], grad_weight [N, K], grad_bias [N]), each None when not wanted.
 
     The ∂C/∂X matmul multiplies its G tiles by f' on load (relu: a select); where ∂C/∂W is
-    wanted too, its first column of tiles also stores that δ, once, in the data dtype, and
-    the ∂C/∂W matmul is a plain δᵀ X (forming δ again there, with ∂C/∂b beside it, made its
-    loop 2-3x the plain matmul's instructions). Without ∂C/∂X the ∂C/∂W matmul forms δ on
-    load. ∂C/∂b is the row sums of the δᵀ tiles of the ∂C/∂W matmul, δ rounded to the data
+    wanted too, that launch also stores δ, each element once, in the data dtype (the output
+    tiles of a row block share its column blocks: _store_delta_share), and the ∂C/∂W matmul
+    is a plain δᵀ X (forming δ again there, with ∂C/∂b beside it, made its loop 2-3x the
+    plain matmul's instructions). Without ∂C/∂X the ∂C/∂W matmul forms δ on load. ∂C/∂b is the row sums of the δᵀ tiles of the ∂C/∂W matmul, δ rounded to the data
     dtype as eager's stored δ, summed over M in SUM_BLOCK_K steps in an order no tile
     changes (16-bit data: by the tensor cores against a tile of ones; float32/64: in
     registers, then a fixed tree), so the same bits on every tile the autotuner may
