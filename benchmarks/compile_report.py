@@ -25,6 +25,7 @@ Columns (all of them compiler output, none a timing):
   smem     shared memory per block (Triton's metadata), KiB
   loop     SASS instructions of the main loop (the innermost backward branch with the most MMAs)
   bar, shfl     bar.sync / shuffles per main-loop iteration
+  side     SASS instructions of the largest loop without MMA (the ∂C/∂X launch's loop storing δ), per iteration
   x tut    loop instructions / the tutorial's at the same tile and layout
   press    issue pressure: loop instructions x warps per SM sub-partition / (BLOCK_M*BLOCK_N*BLOCK_K/2048),
            an H100 SM's MMA clocks per iteration (twice that for the jvp kernel with two tangents: two products
@@ -133,7 +134,7 @@ def main_loop(sass):
     """Opcode counts of the innermost loop (a backward branch) holding the most MMA instructions."""
     lines = sass.splitlines()
     labels = {line[:-1]: i for i, line in enumerate(lines) if re.match(r"^\w+:$", line)}
-    best, loops_with_mma = None, 0
+    best, loops_with_mma, side = None, 0, 0
     for i, line in enumerate(lines):
         target = re.search(r"BRA (\w+);", line)
         if target and labels.get(target.group(1), i) < i:
@@ -142,13 +143,15 @@ def main_loop(sass):
             ops = [x.split()[0].rstrip(";") for x in body]
             n_mma = sum(o.startswith(("HGMMA", "HMMA")) for o in ops)
             loops_with_mma += n_mma > 0
+            if not n_mma and len(ops) > 2:  # not a wait's spin
+                side = max(side, len(ops))
             if best is None or n_mma > best[0] or (n_mma == best[0] and len(ops) < len(best[1])):
                 best = (n_mma, ops)
     ops = best[1] if best and best[0] else []
     count = lambda *prefixes: sum(o.startswith(prefixes) for o in ops)  # noqa: E731
     return dict(loop_instr=len(ops), loop_mma=count("HGMMA", "HMMA"), loop_bar=count("BAR.SYNC", "BAR.ARV"),
                 loop_shfl=count("SHFL"), loop_spill=count("STL", "LDL"), loop_ldgsts=count("LDGSTS"),
-                loop_tma=count("UTMALDG"), loops_with_mma=loops_with_mma)
+                loop_tma=count("UTMALDG"), loops_with_mma=loops_with_mma, side_loop_instr=side or None)
 
 
 def analyse(kernel, log):
@@ -228,6 +231,13 @@ def package_launches(dense, jvp, M, K, N, dtype, quick):
         ("dX prologue leaky_relu", bwd("leaky_relu", "z", True, False, False), "NN"),
         ("dX prologue gelu", bwd("gelu", "f_prime", True, False, False), "NN"),
         ("dX prologue tanh", bwd("tanh", "a", True, False, False), "NN"),
+        # ∂C/∂X and ∂C/∂W wanted: the ∂C/∂X matmul's first column of tiles stores δ, the ∂C/∂W matmul is plain
+        (("dX+δ store relu", "dW plain+db relu"), bwd("relu", "a", True, True, True), ("NN", "TN")),
+        (("dX+δ store leaky_relu", "dW plain+db leaky_relu"), bwd("leaky_relu", "z", True, True, True),
+         ("NN", "TN")),
+        (("dX+δ store gelu", "dW plain+db gelu"), bwd("gelu", "f_prime", True, True, True), ("NN", "TN")),
+        (("dX+δ store tanh", "dW plain+db tanh"), bwd("tanh", "a", True, True, True), ("NN", "TN")),
+        # ∂C/∂W without ∂C/∂X (the first layer): δ formed in the ∂C/∂W matmul's loads, ∂C/∂b beside it
         ("dW prologue+db relu", bwd("relu", "a", False, True, True), "TN"),
         ("dW prologue+db leaky_relu", bwd("leaky_relu", "z", False, True, True), "TN"),
         ("dW prologue+db gelu", bwd("gelu", "f_prime", False, True, True), "TN"),
@@ -247,8 +257,9 @@ def package_launches(dense, jvp, M, K, N, dtype, quick):
         ("jvp gelu (Z) dX,dW,db", lambda: jvp.linear_jvp(x, w, saved, x, w, b, 3, 0.0, "z", M, N), "NT"),
     ]
     if quick:  # the CI subset: the heaviest epilogue, the ∂C/∂b loop, a select prologue, the tangent kernel
-        keep = ("fwd gelu (f')", "dW prologue+db relu", "dX prologue relu", "jvp gelu (Z) dX,dW,db")
-        launches = [launch for launch in launches if launch[0] in keep]
+        keep = ("fwd gelu (f')", "dW prologue+db relu", "dX prologue relu", "jvp gelu (Z) dX,dW,db",
+                "dX+δ store relu")
+        launches = [launch for launch in launches if keep[-1] in launch[0] or launch[0] in keep]
     # (module, kernel name) -> the pruning its autotuner applies (None: an elementwise pass, one fixed block)
     kernels = {(dense, "_matmul_kernel"): dense._prune_configs, (dense, "_delta_kernel"): None,
                (dense, "_activation_kernel"): None, (jvp, "_jvp_kernel"): jvp._prune_configs}
@@ -263,10 +274,13 @@ def package_launches(dense, jvp, M, K, N, dtype, quick):
             call()
             for key, recorder in recorders.items():
                 for i, (args, kwargs) in enumerate(recorder.calls):
-                    tag = label if len(recorder.calls) == 1 else f"{label} #{i + 1}"
+                    if isinstance(label, tuple):  # a name and a layout for each of the launches
+                        tag, layout_i = label[i], layout[i]
+                    else:
+                        tag, layout_i = (label if len(recorder.calls) == 1 else f"{label} #{i + 1}"), layout
                     kwargs = {k: v for k, v in kwargs.items() if k not in TILE_KEYS + LAUNCH_KEYS}
                     pruner = kernels[key]
-                    out[tag] = (recorder.real, args, kwargs, layout if pruner else None, pruner)
+                    out[tag] = (recorder.real, args, kwargs, layout_i if pruner else None, pruner)
     finally:
         for (module, name), recorder in recorders.items():
             setattr(module, name, recorder.real)
@@ -494,7 +508,7 @@ COLUMNS = [  # (title, width, key, format)
     ("kernel", 28, "kernel", "s"), ("config", 24, "config", "s"), ("mma", 17, "mma", "s"), ("A", 2, "A", "s"),
     ("cp.async/TMA/ld", 15, None, None), ("bufs", 5, None, None), ("regs", 4, "regs", "d"),
     ("spill", 5, "spill", "d"), ("smem KiB", 8, None, None), ("loop", 4, "loop_instr", "d"), ("bar", 3, "loop_bar", "d"),
-    ("shfl", 4, "loop_shfl", "d"), ("x tut", 5, "x_tut", ".2f"), ("press", 5, "press", ".2f"), ("s", 4, "compile_s", ".1f"),
+    ("shfl", 4, "loop_shfl", "d"), ("side", 4, "side_loop_instr", "d"), ("x tut", 5, "x_tut", ".2f"), ("press", 5, "press", ".2f"), ("s", 4, "compile_s", ".1f"),
 ]
 
 

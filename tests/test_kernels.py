@@ -95,6 +95,21 @@ def test_every_autotune_config_is_correct(config, device):
         torch.testing.assert_close(row_sums.double(), delta.sum(1), rtol=tol["rtol"], atol=tol["atol"] * 10,
                                    msg=lambda m: f"prologue row sums with {name}: {m}")
 
+    # The same prologue storing δ (STORE_DELTA: each output column tile stores a share of δ's columns): exactly the
+    # δ the prologue forms, every element written once; then the plain product of the stored δ, with its row sums,
+    # gives the prologue's bits.
+    stored = torch.full((M, K), float("nan"), device=device, dtype=dtype)
+    product = torch.empty_like(a)
+    _launch_with(config, grad_a, weight.t(), product, z=stored, saved=f_prime, A_PROLOGUE=True, WRITE_Z=False,
+                 STORE_DELTA=True, SAVED_KIND=dense.SAVED_KINDS["f_prime"])
+    assert torch.equal(stored.double(), delta), f"stored delta with {name}: the prologue's δ, bitwise"
+    assert torch.equal(product, a), f"prologue product with {name}: the same bits when it stores δ"
+    if with_sums:
+        plain_sums = torch.full((M,), float("nan"), device=device)
+        _launch_with(config, stored, weight.t(), product, row_sums=plain_sums, ACTIVATION=0)
+        assert torch.equal(plain_sums, row_sums), f"row sums of the stored δ with {name}: the prologue's bits"
+        assert torch.equal(product, a), f"plain product of the stored δ with {name}: the prologue's bits"
+
     # relu's prologue, a select on the saved A: exactly G where A > 0, else 0.
     relu_a = torch.relu(torch.randn(M, K, generator=g)).to(device, dtype)
     _launch_with(config, grad_a, weight.t(), a, saved=relu_a, A_PROLOGUE=True,
@@ -456,8 +471,12 @@ def test_bias_grad_is_bitwise_equal_on_every_tile(activation, kind, half, device
         _launch_with(config, grad_a.t(), x, grad_weight, saved=saved.t(), row_sums=row_sums, A_PROLOGUE=True,
                      ACTIVATION=act.kernel_id, NEGATIVE_SLOPE=slope, SAVED_KIND=dense.SAVED_KINDS[kind])
         results[_config_id(config)] = row_sums
-    _, _, results["launcher"] = dense.linear_backward(grad_a, x, torch.empty(N, K, device=device, dtype=dtype), saved,
-                                                      act.kernel_id, slope, kind, False, True, True)
+    weight = torch.randn(N, K, generator=g).to(device, dtype)
+    _, _, results["launcher"] = dense.linear_backward(grad_a, x, weight, saved, act.kernel_id, slope, kind, False,
+                                                      True, True)
+    # with ∂C/∂X too: δ stored by the ∂C/∂X matmul, ∂C/∂b from the plain ∂C/∂W matmul over it
+    _, _, results["launcher, δ stored"] = dense.linear_backward(grad_a, x, weight, saved, act.kernel_id, slope, kind,
+                                                                True, True, True)
     first_name, first = next(iter(results.items()))
     assert len(results) >= 3, "several tiles compared"
     for name, sums in results.items():

@@ -84,8 +84,11 @@ def leaky_relu_grad(z, NEGATIVE_SLOPE: tl.constexpr):
 
 @triton.jit
 def leaky_relu_delta(grad_a, z, NEGATIVE_SLOPE: tl.constexpr):
-    # A select, as PyTorch's leaky_relu_backward: G where z > 0 (one operation fewer than G f'(z)).
-    return tl.where(z > 0, grad_a, grad_a * tl.full(grad_a.shape, NEGATIVE_SLOPE, grad_a.dtype))
+    # PyTorch's leaky_relu_backward, G where z > 0, else G s: G times a selected 1 or s, which is G itself where
+    # z > 0 (inf and NaN included). Fewer instructions than the select between G and G s when G is widened from
+    # 16 bits (the 16-bit results packed two at a time; dX prologue 128x256x64: 336 -> 315 loop instructions).
+    return grad_a * tl.where(z > 0, tl.full(grad_a.shape, 1.0, grad_a.dtype),
+                             tl.full(grad_a.shape, NEGATIVE_SLOPE, grad_a.dtype))
 
 
 # gelu (exact): f(z) = z Phi(z), f'(z) = Phi(z) + z phi(z)
