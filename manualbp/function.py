@@ -118,6 +118,13 @@ def differentiable_backward(grad_a: Tensor, x: Optional[Tensor], weight: Tensor,
     return reference.linear_backward(delta, x, weight, needs_grad_x, needs_grad_weight, needs_grad_bias)
 
 
+def _tangents(primals, tangents):
+    """Zeros for the tangents of tensor inputs that have none, as PyTorch's own forward-mode formulas use:
+    X dWᵀ with dW = 0 is NaN where X is infinite, in nn.Linear's tangent too."""
+    return tuple(torch.zeros_like(primal) if tangent is None and primal is not None else tangent
+                 for primal, tangent in zip(primals, tangents))
+
+
 class LinearFunction(torch.autograd.Function):
     """A = f(X Wᵀ + b) with a hand-written backward and jvp.
 
@@ -152,6 +159,9 @@ class LinearFunction(torch.autograd.Function):
         keep_x = needs_grad_weight or (not direct and transforms_active())
         ctx.save_for_backward(x if keep_x else None, weight if needs_grad_x else None, saved)
         ctx.mark_non_differentiable(extra)
+        # A gradient nobody sent stays None (the default builds zeros: here an [M, N] tensor for the saved
+        # output on every backward); backward reads None as zero, jvp builds its zeros itself (_tangents).
+        ctx.set_materialize_grads(False)
         ctx.activation, ctx.backend, ctx.kind, ctx.direct = activation, backend, kind, direct
         ctx.saved_unchanged = direct and ops.saved_unchanged()
         # For a double backward only (it recomputes Z): parameters, so no memory; versions to detect changes.
@@ -164,7 +174,9 @@ class LinearFunction(torch.autograd.Function):
                 ctx.save_for_forward(x, weight, saved)
 
     @staticmethod
-    def backward(ctx, grad_a: Tensor, grad_extra: Optional[Tensor]):
+    def backward(ctx, grad_a: Optional[Tensor], grad_extra: Optional[Tensor]):
+        if grad_a is None:  # no gradient reached A: every gradient is zero
+            return None, None, None, None, None, None, None
         x, weight_for_x, saved = ctx.saved_tensors
         needs_grad_x, needs_grad_weight, needs_grad_bias = ctx.needs_input_grad[:3]
         activation = ctx.activation
@@ -186,7 +198,11 @@ class LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, tangent_x, tangent_weight, tangent_bias, *_):
+        if tangent_x is None and tangent_weight is None and tangent_bias is None:
+            return None, None  # no tangent came in: A's is zero
         x, weight, saved = ctx.saved_tensors  # in jvp: what save_for_forward kept
+        tangent_x, tangent_weight, tangent_bias = _tangents((x, weight, ctx.parameters[1]),
+                                                           (tangent_x, tangent_weight, tangent_bias))
         # Forward mode is never plain eager code (a dual level or a torch.func transform is active).
         tangent_a = ops.dispatched.linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias,
                                               ctx.activation, ctx.kind or "z", ctx.backend)

@@ -308,6 +308,7 @@ class MLPFunction(torch.autograd.Function):
             ctx.save_for_forward(*saved)
         if kept:
             ctx.mark_non_differentiable(*kept)
+        ctx.set_materialize_grads(False)  # no zeros built for the kept outputs' gradients (see LinearFunction)
         ctx.activations = activations
         ctx.recompute = recompute
         ctx.backend = backend
@@ -323,9 +324,11 @@ class MLPFunction(torch.autograd.Function):
         return saved[0], saved[1], params[0::2], params[1::2], saved[2 + 2 * count:]
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor, *grad_kept):
-        x, output, weights, biases, kept = MLPFunction._unpack(ctx)
+    def backward(ctx, grad_output: Optional[Tensor], *grad_kept):
         count = ctx.layers
+        if grad_output is None:  # no gradient reached the output: every gradient is zero
+            return (None,) * (5 + 2 * count)
+        x, output, weights, biases, kept = MLPFunction._unpack(ctx)
         needs = ctx.needs_input_grad
         needs_grad_x = needs[0]
         needs_grad_weights = needs[5::2]
@@ -350,7 +353,11 @@ class MLPFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, tangent_x, _activations, _recompute, _backend, _direct, *tangent_params):
-        x, output, weights, _, kept = MLPFunction._unpack(ctx)  # in jvp: what save_for_forward kept
+        x, output, weights, biases, kept = MLPFunction._unpack(ctx)  # in jvp: what save_for_forward kept
+        if tangent_x is None and all(tangent is None for tangent in tangent_params):
+            return (None, *([None] * len(kept)))  # no tangent came in
+        params = [t for pair in zip(weights, biases) for t in pair]
+        tangent_x, *tangent_params = function._tangents((x, *params), (tangent_x, *tangent_params))
         tangent = jvp_stack(ctx.backend, x, weights, ctx.activations, ctx.recompute, output, kept, tangent_x,
                             tangent_params[0::2], tangent_params[1::2])
         return (tangent, *([None] * len(kept)))

@@ -185,7 +185,8 @@ def _linear_backward_triton(grad_a, x, weight, saved, act, saved_kind, needs_x, 
         # Only the shape [N, K] is read when ∂C/∂X is not wanted: a stride-0 view, no memory.
         weight = grad_a.new_empty(()).expand(grad_a.shape[1], x.shape[1] if x is not None else 0)
     if config.get().delta_prologue and (saved_kind != "z" or act.name in _SELECT_FROM_Z):
-        # δ formed in both matmuls' operand loads, ∂C/∂b from the ∂C/∂W matmul: no pass over [M, N] of its own.
+        # δ formed in the operand loads of the first matmul (which also stores it when ∂C/∂W follows, read
+        # plainly there), ∂C/∂b from the ∂C/∂W matmul: no pass over [M, N] of its own (dense.linear_backward).
         return dense.linear_backward(grad_a, x, weight, saved, act.kernel_id, act.kernel_slope, saved_kind,
                                      want_x=needs_x, want_weight=needs_weight, want_bias=needs_bias)
     delta, grad_bias = dense.delta_and_bias_grad(grad_a, saved, act.kernel_id, act.kernel_slope, saved_kind,

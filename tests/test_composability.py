@@ -181,6 +181,34 @@ def test_dual_tensors_never_drop_the_tangent(kind, frozen, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["Linear", "MLP"])
+def test_dual_tangent_of_an_infinite_input_as_nn(kind, backend):
+    """A tangent on x alone, with an infinite x: nn.Linear's tangent takes the parameters' missing tangents as
+    zeros, so X dWᵀ = inf * 0 makes it NaN; manualbp's must be the same (NaN and finite in the same places)."""
+    require(backend, torch.float64)
+    torch.manual_seed(3)
+    if kind == "Linear":
+        ours = manualbp.Linear(4, 3, activation="identity", dtype=torch.float64, device=DEVICE, backend=backend)
+        theirs = nn.Sequential(nn.Linear(4, 3, dtype=torch.float64, device=DEVICE))
+        theirs[0].load_state_dict(ours.state_dict())
+    else:
+        ours = manualbp.MLP([4, 6, 3], activation="tanh", dtype=torch.float64, device=DEVICE, backend=backend)
+        theirs = ours.to_sequential()
+    x = torch.randn(5, 4, dtype=torch.float64, device=DEVICE)
+    x[1, 2] = float("inf")
+    tangent = torch.randn(5, 4, dtype=torch.float64, device=DEVICE)
+    import torch.autograd.forward_ad as fwAD
+
+    tangents = []
+    for model in (ours, theirs):
+        with fwAD.dual_level():
+            tangents.append(fwAD.unpack_dual(model(fwAD.make_dual(x, tangent))).tangent)
+    assert torch.equal(tangents[0].isnan(), tangents[1].isnan()), f"{kind}: NaN where nn has NaN"
+    finite = tangents[1].isfinite()
+    close("tangent (finite entries)", tangents[0][finite], tangents[1][finite], torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_vectorized_jacobian_and_batched_grads(backend):
     require(backend, torch.float64)
     ours, theirs = pair("silu", torch.float64, backend)

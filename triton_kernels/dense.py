@@ -1012,8 +1012,9 @@ def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float
     wanted too, that launch also stores δ, each element once, in the data dtype (the output
     tiles of a row block share its column blocks: _store_delta_share), and the ∂C/∂W matmul
     is a plain δᵀ X (forming δ again there, with ∂C/∂b beside it, made its loop 2-3x the
-    plain matmul's instructions). Without ∂C/∂X the ∂C/∂W matmul forms δ on load. ∂C/∂b is the row sums of the δᵀ tiles of the ∂C/∂W matmul, δ rounded to the data
-    dtype as eager's stored δ, summed over M in SUM_BLOCK_K steps in an order no tile
+    plain matmul's instructions). Without ∂C/∂X the ∂C/∂W matmul forms δ on load. ∂C/∂b
+    is the row sums of the δᵀ tiles of the ∂C/∂W matmul, δ rounded to the data dtype as
+    eager's stored δ, summed over M in SUM_BLOCK_K steps in an order no tile
     changes (16-bit data: by the tensor cores against a tile of ones; float32/64: in
     registers, then a fixed tree), so the same bits on every tile the autotuner may
     pick, stored δ or not. Without that matmul (weight frozen, or K = 0) it takes a
