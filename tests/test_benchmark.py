@@ -94,3 +94,25 @@ def test_overhead_call_chain_reaches_the_reference(capsys):
     frames = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     assert frames[0] == "manualbp/modules.py:forward", f"starts at Linear.forward: {frames}"
     assert frames[-1] == "manualbp/reference.py:pre_activation", f"ends where the kernel is called: {frames}"
+
+
+def test_instruction_counter_child_runs_natively(tmp_path):
+    """count_instructions.py's measured loop, outside valgrind (its client requests then do nothing): the
+    helper builds and the child runs bench_overhead's case, so the script keeps up with that harness."""
+    import shutil
+    import subprocess
+
+    script = ROOT / "benchmarks" / "count_instructions.py"
+    spec = importlib.util.spec_from_file_location("count_instructions", script)
+    counter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(counter)
+    if (shutil.which("cc") or shutil.which("gcc")) is None:
+        pytest.skip("no C compiler to build the valgrind helper")
+    if not pathlib.Path("/usr/include/valgrind/callgrind.h").exists():
+        pytest.skip("valgrind's callgrind.h is not installed")
+    helper = counter.build_helper(str(tmp_path))
+    for problem in ("linear", "mlp"):
+        result = subprocess.run([sys.executable, str(script), "--child", helper, problem, "manualbp", "fwd+bwd", "3",
+                                 ""], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{problem}: child failed:\n{result.stderr[-2000:]}"
+        assert "manualbp from" in result.stderr, f"{problem}: the child names the manualbp it counted"
