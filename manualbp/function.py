@@ -140,8 +140,7 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation, backend: str, save: str,
                 direct: bool):
-        route = ops.direct if direct else ops.dispatched
-        a, saved = route.linear_forward(x, weight, bias, activation, save, backend)
+        a, saved = ops.route(direct).linear_forward(x, weight, bias, activation, save, backend)
         return a, (saved if saved is not None else a.new_empty((0,)))
 
     @staticmethod
@@ -191,7 +190,7 @@ class LinearFunction(torch.autograd.Function):
             # The forward's tensors were plain; the modes, G, and what saved-tensor hooks returned may not be.
             direct = ctx.direct and ops.dispatch_free(
                 (grad_a,) if ctx.saved_unchanged else (grad_a, x, weight_for_x, saved))
-            grad_x, grad_weight, grad_bias = (ops.direct if direct else ops.dispatched).linear_backward(
+            grad_x, grad_weight, grad_bias = ops.route(direct).linear_backward(
                 grad_a, x, weight_for_x, saved, activation, ctx.kind or "z",
                 [needs_grad_x, needs_grad_weight, needs_grad_bias], ctx.backend)
         return grad_x, grad_weight, grad_bias, None, None, None, None

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import backends, ops  # noqa: F401 - ops registers the operators
 from .activations import Activation, get_activation
-from .function import LinearFunction, apply, forward_mode_active, forward_save, linear_function
+from .function import apply, forward_mode_active, forward_save, linear_function
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # One C call for "is autocast on for any device" (absent: ask per device, as below).
@@ -114,8 +114,7 @@ def enter(input, weights: Sequence, biases: Sequence, backend: Optional[str]):
         biases = [_autocast(b, cast_to) for b in biases]
     else:
         cast_to = None
-    if len(weights) != 1 or not _first_layer_ok(input, weights[0], biases[0]):
-        check_layers(input, weights, biases)
+    check_layers(input, weights, biases)
     name = backends.resolve(backend, input.device, input.dtype)
     context = torch.autocast(input.device.type, enabled=False) if cast_to is not None else None
     return input, weights, biases, name, context
@@ -182,16 +181,14 @@ def linear(
     activation = get_activation(activation, **activation_options)
     input, (weight,), (bias,), name, context = enter(input, [weight], [bias], backend)
     x = as_rows(input)
-    a = _linear(x, weight, bias, activation, name) if context is None else run_in(
-        context, _linear, x, weight, bias, activation, name)
-    return from_rows(a, input)
+    return from_rows(run_in(context, _linear, x, weight, bias, activation, name), input)
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation, backend: str) -> Tensor:
     """a [M, N] from checked x [M, K], weight [N, K], bias [N] or None, the backend resolved."""
     direct = ops.dispatch_free((x, weight, bias))
     if differentiable(direct, x, weight, bias):
-        return apply(LinearFunction if direct else linear_function(), direct, x, weight, bias, activation, backend,
+        return apply(linear_function(), direct, x, weight, bias, activation, backend,
                      forward_save(backend, activation), direct)[0]
     # no_grad / inference_mode / nothing requires grad: compute A only, keep nothing
-    return (ops.direct if direct else ops.dispatched).linear_forward(x, weight, bias, activation, "", backend)[0]
+    return ops.route(direct).linear_forward(x, weight, bias, activation, "", backend)[0]

@@ -27,7 +27,7 @@ from . import backends, config, ops
 from .activations import Activation, get_activation, torch_module
 from .function import apply
 from .functional import as_rows, differentiable, enter, from_rows, run_in
-from .mlp_function import MLPFunction, forward_stack, mlp_function
+from .mlp_function import forward_stack, mlp_function
 from .modules import Linear, has_hooks
 
 
@@ -65,8 +65,7 @@ def _mlp(x, weights, biases, activations, recompute: bool, backend: str) -> Tens
     params = [t for pair in zip(weights, biases) for t in pair]  # w0, b0, w1, b1, ...
     direct = ops.dispatch_free((x, *params))
     if differentiable(direct, x, *params):
-        function = MLPFunction if direct else mlp_function()  # direct: not compiling
-        return apply(function, direct, x, activations, recompute, backend, direct, *params)[0]
+        return apply(mlp_function(), direct, x, activations, recompute, backend, direct, *params)[0]
     # no_grad / inference_mode / nothing requires grad: keep nothing
     return forward_stack(ops.route(direct), backend, x, weights, biases, activations, recompute, save=False)[0]
 
