@@ -36,7 +36,7 @@ def _launch_with(config, a, b, out, *, bias=None, z=None, saved=None, partials=N
                    NEGATIVE_SLOPE=0.0, WRITE_Z=z is not None, F_PRIME_AS_Z=False, USE_DOT=True,
                    INPUT_PRECISION="ieee", ACC_FP64=False, GRAD_EPILOGUE=False, A_PROLOGUE=False,
                    SAVED_KIND=dense.SAVED_KINDS["z"], WRITE_PARTIALS=partials is not None,
-                   ROW_SUMS=row_sums is not None, PARTIAL_ROWS=dense._PARTIAL_ROWS)
+                   ROW_SUMS=row_sums is not None, PARTIAL_ROWS=dense._PARTIAL_ROWS, EVEN_K=K % kw["BLOCK_K"] == 0)
     options.update(flags)
     dense._matmul_kernel[grid](
         a, b, out if bias is None else bias, out, out if z is None else z, M, N, K,
@@ -121,6 +121,75 @@ def test_every_autotune_config_is_correct(config, device):
 
 def triton_cdiv(a, b):
     return (a + b - 1) // b
+
+
+@pytest.mark.parametrize("config", dense.matmul_configs(), ids=_config_id)
+def test_even_k_loads_give_the_masked_loops_bits(config, device):
+    """K a multiple of BLOCK_K: the loop's loads without a mask (EVEN_K) give the masked loop's bits, for the
+    forward epilogue, the prologue with its row sums and a left factor read through swapped strides (δᵀ in ∂C/∂W)."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(5)
+    M, N, K = 72, 296, 128  # K: two to eight steps of every BLOCK_K; M: rows of δᵀ TMA can describe
+    x = torch.randn(M, K, generator=g).to(device, dtype)
+    weight = torch.randn(N, K, generator=g).div(10).to(device, dtype)
+    bias = torch.randn(N, generator=g).to(device, dtype)
+    grad_t = torch.randn(K, M, generator=g).to(device, dtype).t()  # a left factor with stride 1 along M
+    f_prime = torch.rand(K, M, generator=g).to(device, dtype).t()
+    with_sums = config.kwargs["BLOCK_K"] == dense.SUM_BLOCK_K
+    outs = {}
+    for even_k in (False, True):
+        a, z = torch.empty(M, N, device=device, dtype=dtype), torch.empty(M, N, device=device, dtype=dtype)
+        _launch_with(config, x, weight.t(), a, bias=bias, z=z, EVEN_K=even_k)
+        product = torch.empty(M, N, device=device, dtype=dtype)
+        row_sums = torch.full((M,), float("nan"), device=device) if with_sums else None
+        _launch_with(config, grad_t, weight.t(), product, saved=f_prime, row_sums=row_sums, A_PROLOGUE=True,
+                     SAVED_KIND=dense.SAVED_KINDS["f_prime"], EVEN_K=even_k)
+        outs[even_k] = dict(a=a, z=z, product=product, row_sums=row_sums)
+    name = _config_id(config)
+    for key, masked in outs[False].items():
+        if masked is not None:
+            assert torch.equal(outs[True][key], masked), f"{key} with {name}: EVEN_K changed the bits"
+    z_exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[True]["z"].double(), z_exact, **tol, msg=lambda m: f"z with {name}: {m}")
+    delta = (grad_t.double() * f_prime.double()).to(dtype).double()
+    torch.testing.assert_close(outs[True]["product"].double(), delta @ weight.double().t(), **tol,
+                               msg=lambda m: f"prologue product with {name}: {m}")
+
+
+def test_launchers_ask_for_even_k_where_every_tile_divides_k(monkeypatch):
+    """The launchers set EVEN_K exactly where K (for ∂C/∂W the batch) is a multiple of EVEN_K_STEP, and every
+    BLOCK_K a launch can have divides EVEN_K_STEP (else an EVEN_K launch would skip a partial step's mask)."""
+    from manualbp.triton_kernels import jvp
+
+    blocks = [cfg.kwargs["BLOCK_K"] for cfg in dense.matmul_configs()] + [
+        tile["BLOCK_K"] for tile in (dense._INTERPRETER_CONFIG, dense._FP64_CONFIG, dense._FP64_FMA_CONFIG,
+                                     dense._UNTUNED_CONFIG, dense._UNTUNED_ROW_SUMS_CONFIG)] + [dense.SUM_BLOCK_K]
+    assert all(dense.EVEN_K_STEP % block == 0 for block in blocks), f"BLOCK_K values {blocks}"
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.calls.append((args[7] if len(args) > 7 else None, kwargs))
+
+    launches, tangents = Recorder(), Recorder()
+    monkeypatch.setattr(dense, "is_interpreted", lambda: True)  # the fixed tile, launched directly
+    monkeypatch.setattr(dense, "_matmul_kernel", launches)
+    monkeypatch.setattr(jvp, "_jvp_kernel", tangents)
+    for M, K, N in ((64, 128, 5), (70, 128, 5), (64, 100, 5), (3, 1, 2)):
+        launches.calls.clear()
+        x, w, g = torch.randn(M, K), torch.randn(N, K), torch.randn(M, N)
+        dense.linear_forward(x, w, None, 0, 0.0, write_z=False)
+        dense.linear_backward(g, x, w, g, 1, 0.0, "a", want_x=True, want_weight=True, want_bias=True)
+        assert launches.calls, "the launches were recorded"
+        for contracted, kwargs in launches.calls:
+            assert kwargs["EVEN_K"] == (contracted % 64 == 0), f"M={M} K={K}: EVEN_K for a K of {contracted}"
+        assert {contracted for contracted, _ in launches.calls} >= {K, N, M}, "forward, ∂C/∂X and ∂C/∂W launches"
+        tangents.calls.clear()
+        jvp.linear_jvp(x, w, g, x, None, None, 1, 0.0, "a", M, N)
+        assert tangents.calls[0][1]["EVEN_K"] == (K % 64 == 0), f"jvp M={M} K={K}"
 
 
 def test_fp64_fma_fallback_gradcheck(monkeypatch, device):
@@ -488,26 +557,63 @@ def test_bias_grad_is_bitwise_equal_on_every_tile(activation, kind, half, device
                                msg=lambda m: f"db [{activation}] against float64: {m}")
 
 
-def test_relu_and_leaky_relu_deltas_follow_pytorch_special_values(device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_relu_and_leaky_relu_deltas_follow_pytorch_special_values(dtype, device):
     """relu's δ is PyTorch's threshold_backward (0 where saved <= 0, else G: a NaN saved passes G, an inf G
-    times a 0 gives 0, not NaN), leaky_relu's is leaky_relu_backward (G where saved > 0, else G s)."""
+    times a 0 gives 0, not NaN), leaky_relu's is leaky_relu_backward (G where saved > 0, else G s), bit for bit:
+    in the δ pass, and formed in the ∂C/∂X and the ∂C/∂W matmuls' loads (on a GPU with 16-bit data, by the packed
+    selects of _packed_select)."""
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        pytest.skip("Triton's CPU interpreter has no bfloat16")
     nan, inf = float("nan"), float("inf")
-    saved = torch.tensor([[nan, -1.0, 0.0, 2.0, -0.0, inf, -inf]], device=device)
-    grad_a = torch.tensor([[3.0, inf, inf, -inf, 5.0, nan, 7.0]], device=device)
+    saved = torch.tensor([[nan, -1.0, 0.0, 2.0, -0.0, inf, -inf, 3e-5, -nan, 0.5]], device=device, dtype=dtype)
+    grad_a = torch.tensor([[3.0, inf, inf, -inf, 5.0, nan, 7.0, -2.5, 1.0, -0.0]], device=device, dtype=dtype)
     for activation, slope in (("relu", 0.0), ("leaky_relu", 0.01), ("leaky_relu", -0.2)):
         act_id = manualbp.get_activation(activation).kernel_id
         if activation == "relu":
             expected = torch.ops.aten.threshold_backward(grad_a, saved, 0)
         else:
             expected = torch.ops.aten.leaky_relu_backward(grad_a, saved, slope, False)
-        delta, _ = dense.delta_and_bias_grad(grad_a, saved, act_id, slope, "z", want_delta=True, want_bias=False)
-        assert torch.equal(delta.isnan(), expected.isnan()), f"δ pass NaNs [{activation} {slope}]"
-        torch.testing.assert_close(delta, expected, equal_nan=True, msg=lambda m: f"δ pass [{activation}]: {m}")
+        label = f"[{activation} {slope} {dtype}]"
+
+        def check(ours, where):  # equal values (a sum's zero is +0 whatever the sign of δ's), NaN where PyTorch's
+            assert torch.equal(ours.isnan(), expected.isnan()), f"{where} NaNs {label}"
+            torch.testing.assert_close(ours, expected, equal_nan=True, rtol=0, atol=0,
+                                       msg=lambda m: f"{where} {label}: {m}")
+
+        if dtype == torch.float32:  # the δ pass works in the accumulator's dtype
+            delta, _ = dense.delta_and_bias_grad(grad_a, saved, act_id, slope, "z", want_delta=True, want_bias=False)
+            check(delta, "δ pass")
+            finite = ~expected.isnan()
+            assert torch.equal(delta[finite].signbit(), expected[finite].signbit()), f"δ pass signs of zeros {label}"
         # ∂C/∂X = δ W with one output feature and W = [[1]]: each element of ∂C/∂X is one δ times 1.
-        one = torch.ones(1, 1, device=device)
+        one = torch.ones(1, 1, device=device, dtype=dtype)
         grad_x, _, _ = dense.linear_backward(grad_a.t(), one, one, saved.t(), act_id, slope, "z", True, False, False)
-        torch.testing.assert_close(grad_x, expected.t(), equal_nan=True,
-                                   msg=lambda m: f"dx prologue [{activation} {slope}]: {m}")
+        check(grad_x.t(), "dx prologue")
+        # ∂C/∂W = δᵀ X with one row and X = [[1]], and ∂C/∂b = 1ᵀ δ: each element one δ (the δᵀ operand's prologue).
+        weight = torch.ones(grad_a.shape[1], 1, device=device, dtype=dtype)
+        _, grad_weight, grad_bias = dense.linear_backward(grad_a, one, weight, saved, act_id, slope, "z", False, True,
+                                                          True)
+        check(grad_weight.t(), "dw prologue")
+        check(grad_bias.to(dtype)[None, :], "db with the dw prologue")
+
+
+def test_packed_selects_only_where_the_ptx_exists(monkeypatch):
+    """_packed_select: inline PTX only compiled for an NVIDIA GPU, float16 from sm_53, bfloat16 from sm_90."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(dense, "is_interpreted", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    for capability, dtype, expected in (((9, 0), torch.bfloat16, True), ((8, 0), torch.bfloat16, False),
+                                        ((8, 0), torch.float16, True), ((5, 2), torch.float16, False),
+                                        ((9, 0), torch.float32, False), ((10, 0), torch.bfloat16, True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert dense._packed_select(dtype, cuda) == expected, f"sm_{capability} {dtype}"
+    assert not dense._packed_select(torch.float16, torch.device("cpu")), "not on the CPU"
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert not dense._packed_select(torch.float16, cuda), "not on ROCm (the PTX is NVIDIA's)"
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(dense, "is_interpreted", lambda: True)
+    assert not dense._packed_select(torch.float16, cuda), "not in the interpreter"
 
 
 def test_autotuning_reuses_buckets_of_sizes(monkeypatch):
@@ -582,15 +688,17 @@ def _jvp_configs():
         dense._shared_memory_bytes = saved
 
 
+@pytest.mark.parametrize("K", [100, 128], ids=["K100", "K128-even"])
 @pytest.mark.parametrize("config", _jvp_configs(), ids=_config_id)
-def test_every_jvp_config_is_correct(config, device):
+def test_every_jvp_config_is_correct(config, K, device):
     """The tangent kernel at each config its autotuner may pick: dA = f'(Z) ⊙ (dX Wᵀ + X dWᵀ + db) against float64,
-    f' from f'(Z) saved (gelu), M, N, K not multiples of any tile."""
+    f' from f'(Z) saved (gelu), M, N not multiples of any tile, K neither (masked K steps) or a multiple of every
+    BLOCK_K (EVEN_K: unmasked)."""
     from manualbp.triton_kernels import jvp
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(11)
-    M, N, K = 70, 300, 100
+    M, N = 70, 300
     x, tangent_x = (torch.randn(M, K, generator=g).to(device, dtype) for _ in range(2))
     weight, tangent_weight = (torch.randn(N, K, generator=g).div(10).to(device, dtype) for _ in range(2))
     tangent_bias = torch.randn(N, generator=g).to(device, dtype)
@@ -603,7 +711,8 @@ def test_every_jvp_config_is_correct(config, device):
         *f_prime.stride(), *out.stride(), dense._tuning_bucket(M), dense._tuning_bucket(N), dense._tuning_bucket(K),
         HAS_TANGENT_X=True, HAS_TANGENT_WEIGHT=True, HAS_TANGENT_BIAS=True,
         ACTIVATION=manualbp.get_activation("gelu").kernel_id, NEGATIVE_SLOPE=0.0, SAVED_KIND=dense.SAVED_KINDS["f_prime"],
-        USE_DOT=True, INPUT_PRECISION="ieee", ACC_FP64=False, num_warps=config.num_warps,
+        USE_DOT=True, INPUT_PRECISION="ieee", ACC_FP64=False, EVEN_K=K % config.kwargs["BLOCK_K"] == 0,
+        num_warps=config.num_warps,
         num_stages=config.num_stages, **config.kwargs,
     )
     d = lambda t: t.double()  # noqa: E731

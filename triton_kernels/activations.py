@@ -70,6 +70,22 @@ def relu_delta(grad_a, z):
     return tl.where(z <= 0, tl.zeros_like(grad_a), grad_a)
 
 
+@triton.jit
+def relu_delta_packed(grad_a, z):
+    # relu_delta's bits for 16-bit G and z, two lanes per instruction (compiled CUDA only: inline PTX; bf16x2
+    # comparisons need sm_90). A comparison writes 0xFFFF in each lane where z > 0 or z is NaN ("gtu": not z <= 0),
+    # else 0, and G's bits are ANDed with it: G or +0.0. The select above compiles to five instructions per pair.
+    if grad_a.dtype == tl.bfloat16:
+        delta = tl.inline_asm_elementwise(
+            "{ .reg .b32 m, zero; mov.b32 zero, 0; set.gtu.u32.bf16x2 m, $2, zero; and.b32 $0, $1, m; }",
+            "=r,r,r", [grad_a, z], dtype=grad_a.dtype, is_pure=True, pack=2)
+    else:
+        delta = tl.inline_asm_elementwise(
+            "{ .reg .b32 m, zero; mov.b32 zero, 0; set.gtu.u32.f16x2 m, $2, zero; and.b32 $0, $1, m; }",
+            "=r,r,r", [grad_a, z], dtype=grad_a.dtype, is_pure=True, pack=2)
+    return delta
+
+
 # leaky_relu: f(z) = z if z > 0 else s z, f'(z) = 1 if z > 0 else s
 # (s is a compile-time constant, splat in the compute dtype so float64 keeps all its digits)
 @triton.jit
@@ -89,6 +105,23 @@ def leaky_relu_delta(grad_a, z, NEGATIVE_SLOPE: tl.constexpr):
     # 16 bits (the 16-bit results packed two at a time; dX prologue 128x256x64: 336 -> 315 loop instructions).
     return grad_a * tl.where(z > 0, tl.full(grad_a.shape, 1.0, grad_a.dtype),
                              tl.full(grad_a.shape, NEGATIVE_SLOPE, grad_a.dtype))
+
+
+@triton.jit
+def leaky_relu_delta_packed(grad_a, scaled, z):
+    # leaky_relu_delta's bits for 16-bit G and z, given scaled = G s rounded to G's dtype (from float32, as
+    # leaky_relu_backward), two lanes per instruction (compiled CUDA only, as relu_delta_packed): a comparison
+    # writes 0xFFFF in each lane where z > 0 (false for NaN), else 0, and one LOP3 takes G's bits there and
+    # scaled's elsewhere (LUT 0xE4: (m & G) | (~m & scaled)).
+    if grad_a.dtype == tl.bfloat16:
+        delta = tl.inline_asm_elementwise(
+            "{ .reg .b32 m, zero; mov.b32 zero, 0; set.gt.u32.bf16x2 m, $3, zero; lop3.b32 $0, $1, $2, m, 0xE4; }",
+            "=r,r,r,r", [grad_a, scaled, z], dtype=grad_a.dtype, is_pure=True, pack=2)
+    else:
+        delta = tl.inline_asm_elementwise(
+            "{ .reg .b32 m, zero; mov.b32 zero, 0; set.gt.u32.f16x2 m, $3, zero; lop3.b32 $0, $1, $2, m, 0xE4; }",
+            "=r,r,r,r", [grad_a, scaled, z], dtype=grad_a.dtype, is_pure=True, pack=2)
+    return delta
 
 
 # gelu (exact): f(z) = z Phi(z), f'(z) = Phi(z) + z phi(z)

@@ -56,6 +56,7 @@ def _jvp_kernel(
     INPUT_PRECISION: tl.constexpr,  # "ieee", or "tf32" only when PyTorch allows TF32
     ACC_FP64: tl.constexpr,  # accumulate in float64 (float64 data)
     EPILOGUE_SPLIT: tl.constexpr,  # the epilogue works on this many column slices of the tile (1, 2, 4 or 8)
+    EVEN_K: tl.constexpr,  # K is a multiple of BLOCK_K: no partial K step, the loop's loads need no mask
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -66,7 +67,9 @@ def _jvp_kernel(
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     mask_m = offs_m < M
-    # Rows and columns past the edge are wrapped onto valid ones (as dense._matmul_kernel): the loop masks only K.
+    tl.static_assert(not EVEN_K or dense.EVEN_K_STEP % BLOCK_K == 0, "EVEN_K launches need a BLOCK_K dividing EVEN_K_STEP")
+    # Rows and columns past the edge are wrapped onto valid ones (as dense._matmul_kernel): the loop masks only K
+    # (not at all with EVEN_K).
     rows = offs_m % M
     cols = offs_n % N
     if ACC_FP64:
@@ -75,8 +78,9 @@ def _jvp_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_now = k * BLOCK_K + offs_k
-        mask_rows = (k_now < K)[None, :]  # [BLOCK_M, BLOCK_K] tiles of dX and X
-        mask_cols = (k_now < K)[:, None]  # [BLOCK_K, BLOCK_N] tiles of Wᵀ and dWᵀ
+        mask_k = dense._k_step_mask(offs_k, k, K, BLOCK_K, EVEN_K)
+        mask_rows = mask_k[None, :]  # [BLOCK_M, BLOCK_K] tiles of dX and X
+        mask_cols = mask_k[:, None]  # [BLOCK_K, BLOCK_N] tiles of Wᵀ and dWᵀ
         if HAS_TANGENT_X:  # dX Wᵀ
             tangent_x = tl.load(tangent_x_ptr + rows[:, None] * stride_txm + k_now[None, :] * stride_txk,
                                 mask=mask_rows, other=0.0)
@@ -181,6 +185,7 @@ def linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, act_id
         USE_DOT=use_dot,
         INPUT_PRECISION=dense._input_precision(like.dtype, like.device),
         ACC_FP64=fp64,
+        EVEN_K=K % dense.EVEN_K_STEP.value == 0,
     )
     fixed = dense._fixed_config(fp64, use_dot)
     with dense._device_guard(like):
