@@ -129,7 +129,7 @@ def _prologue_factor(grad_a, saved, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl
     f'(Z) saved (the product of two numbers of G's dtype is exact in float32, so one rounding either way: the same
     bits). Everything else in the compute dtype, then rounded. PACKED_SELECT: relu's and leaky_relu's selects
     on 16-bit data two lanes per instruction (act.relu_delta_packed: the same bits; dX prologue 128x256x64 relu
-    250 -> 194 loop instructions, leaky_relu 291 -> 270, sm_90 bf16, Triton 3.9)."""
+    242 -> 194 loop instructions, leaky_relu 291 -> 270, sm_90 bf16, Triton 3.9)."""
     packed: tl.constexpr = PACKED_SELECT and grad_a.dtype.primitive_bitwidth == 16
     if SAVED_KIND == SAVED_F_PRIME:
         return _times_f_prime(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
