@@ -135,11 +135,20 @@ def main_loop(sass):
     lines = sass.splitlines()
     labels = {line[:-1]: i for i, line in enumerate(lines) if re.match(r"^\w+:$", line)}
     best, loops_with_mma, side = None, 0, 0
+    block_start = 0  # the label line that begins the block the current line is in
     for i, line in enumerate(lines):
+        if re.match(r"^\w+:$", line):
+            block_start = i
         target = re.search(r"BRA (\w+);", line)
         if target and labels.get(target.group(1), i) < i:
+            own_block = [x for x in lines[block_start + 1:i + 1] if x.strip() and "@!PT" not in x]
+            if len(own_block) <= 3 and any("TRYWAIT" in x for x in own_block):
+                # A wait's retry block, placed after the kernel's code, that jumps back into the loop: its span
+                # (the loop's tail, the epilogue, the other retry blocks) is no loop.
+                continue
             body = [x.split("\t", 1)[-1] for x in lines[labels[target.group(1)] + 1:i + 1]]
-            body = [re.sub(r"^@!?U?P\w+\s+", "", x) for x in body if x.strip() and not x.startswith("@!PT")]
+            body = [re.sub(r"^@!?U?P\w+\s+", "", x) for x in body
+                    if x.strip() and not x.startswith("@!PT") and not re.match(r"^\w+:$", x)]  # labels: no instruction
             ops = [x.split()[0].rstrip(";") for x in body]
             n_mma = sum(o.startswith(("HGMMA", "HMMA")) for o in ops)
             loops_with_mma += n_mma > 0

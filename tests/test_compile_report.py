@@ -47,3 +47,32 @@ def test_compile_report_quick_subset(tmp_path):
             # MMA against a ones tile (dense._matmul_tile) are 2 groups more.
             bound = 5 if row["kernel"].startswith("dW prologue+db") else 3
             assert row["loop_bar"] <= bound, f"{label}: {row['loop_bar']} bar.sync per main-loop iteration"
+
+
+def test_main_loop_is_the_loop_not_a_wait_retry_block():
+    """The report's main loop: the backward branch that closes the K loop, not a wait's retry block placed after the
+    kernel that jumps back into the loop (its span holds the loop's MMAs too, and may be shorter than the loop)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import compile_report
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    sass = "\n".join([
+        "LBB0:",  # the K loop: 6 instructions, 1 MMA
+        "\tSYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R1;",
+        "\t@!P0 BRA LBB5;",
+        "LBB1:",
+        "\tLDSM.16.M88.4 R8, [R2];",
+        "\tHGMMA.64x256x16.F32.BF16 R24, R8, gdesc[UR8], R24;",
+        "\tBAR.SYNC.DEFER_BLOCKING 0x0;",
+        "\t@P1 BRA LBB0;",
+        "\tSTG.E [R4], R24;",  # the epilogue
+        "\tEXIT;",
+        "LBB5:",  # the retry block: 3 instructions, jumping back into the loop
+        "\tSYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R1;",
+        "\t@!P0 BRA LBB5;",
+        "\tBRA LBB1;",
+    ])
+    loop = compile_report.main_loop(sass)
+    assert (loop["loop_instr"], loop["loop_mma"], loop["loop_bar"]) == (6, 1, 1), f"the K loop: {loop}"
+    assert loop["loops_with_mma"] == 1, f"one loop holds the MMA: {loop}"

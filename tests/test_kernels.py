@@ -159,10 +159,11 @@ def test_even_k_loads_give_the_masked_loops_bits(config, device):
 
 def test_launchers_ask_for_even_k_where_every_tile_divides_k(monkeypatch):
     """The launchers set EVEN_K exactly where K (for ∂C/∂W the batch) is a multiple of EVEN_K_STEP, and every
-    BLOCK_K a launch can have divides EVEN_K_STEP (else an EVEN_K launch would skip a partial step's mask)."""
+    BLOCK_K a pointer launch can have divides EVEN_K_STEP (else an EVEN_K launch would skip a partial step's mask;
+    TMA loads have none)."""
     from manualbp.triton_kernels import jvp
 
-    blocks = [cfg.kwargs["BLOCK_K"] for cfg in dense.matmul_configs()] + [
+    blocks = [cfg.kwargs["BLOCK_K"] for cfg in dense.matmul_configs() if not cfg.kwargs.get("TMA", False)] + [
         tile["BLOCK_K"] for tile in (dense._INTERPRETER_CONFIG, dense._FP64_CONFIG, dense._FP64_FMA_CONFIG,
                                      dense._UNTUNED_CONFIG, dense._UNTUNED_ROW_SUMS_CONFIG)] + [dense.SUM_BLOCK_K]
     assert all(dense.EVEN_K_STEP % block == 0 for block in blocks), f"BLOCK_K values {blocks}"
@@ -745,6 +746,12 @@ def test_tma_layout_and_pruning(monkeypatch):
     assert tma(dense._prune_configs(dense.matmul_configs(), {"a_ptr": g16}, TMA_OK=True)), "kept where usable"
     assert not tma(dense._prune_configs(dense.matmul_configs(), {"a_ptr": g16}, TMA_OK=False)), "dropped otherwise"
     assert not dense.matmul_configs()[-1].kwargs.get("TMA", False), "the config kept when nothing fits is not TMA"
+    wide_k = lambda flags: [c for c in dense._prune_configs(dense.matmul_configs(), {"a_ptr": g16}, TMA_OK=True,  # noqa: E731
+                                                            **flags) if c.kwargs["BLOCK_K"] > 64]
+    assert wide_k(dict(A_PROLOGUE=True)), "K steps of 128 for launches that form δ in their loads"
+    assert all(c.kwargs.get("TMA", False) for c in wide_k(dict(A_PROLOGUE=True))), "... as a TMA config only"
+    assert not wide_k({}), "not for the other matmuls"
+    assert not wide_k(dict(A_PROLOGUE=True, ROW_SUMS=True)), "not with ∂C/∂b (its order needs SUM_BLOCK_K)"
     assert not dense._tma_capable(torch.device("cpu")), "no TMA off a GPU"
     if dense.is_interpreted():
         assert not dense._tma_capable(torch.device("cuda")), "no TMA in the interpreter"

@@ -86,7 +86,8 @@ SAVED_F_PRIME = tl.constexpr(2)  # f'(Z) itself, written by the forward epilogue
 # the sum (running sums per column of the step, then a fixed tree over them) the same on all of them.
 SUM_LEVELS = tl.constexpr(6)  # of the tree
 SUM_BLOCK_K = tl.constexpr(2 ** 6)
-# The launchers pass EVEN_K (unmasked K steps) where K is a multiple of this, which every BLOCK_K divides.
+# The launchers pass EVEN_K (unmasked K steps) where K is a multiple of this, which every BLOCK_K of a pointer
+# config divides.
 EVEN_K_STEP = tl.constexpr(64)
 SUM_COLUMN_LEVELS = tl.constexpr(4)
 SUM_COLUMNS = tl.constexpr(2 ** 4)  # of the ones tile the tensor cores sum 16-bit δ with (wgmma n16)
@@ -328,7 +329,8 @@ def _matmul_tile(
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     mask_m = offs_m < M
-    tl.static_assert(not EVEN_K or EVEN_K_STEP % BLOCK_K == 0, "EVEN_K launches need a BLOCK_K dividing EVEN_K_STEP")
+    # (TMA loads need no mask: EVEN_K is read by the pointer loads only)
+    tl.static_assert(TMA or not EVEN_K or EVEN_K_STEP % BLOCK_K == 0, "EVEN_K pointer loads need BLOCK_K | EVEN_K_STEP")
     # Rows and columns past the edge are wrapped onto valid ones (Triton's matmul tutorial): the main
     # loop then masks only K (not at all with EVEN_K), and what they compute is never stored.
     rows = offs_m % M
@@ -608,7 +610,8 @@ def matmul_configs() -> list:
     BLOCK_N = 256 first; 64x64x32 replaced by 64x128x64 in two stages (its loop was
     issue-bound, pressure ~1.0, the tutorial's too). EPILOGUE_SPLIT: column slices of the forward epilogue, the fewest
     with no spill at any activation (f and f' of a whole large tile spilled 850-900 bytes).
-    Pruned by shared memory and, for ∂C/∂b, by BLOCK_K and BLOCK_N in :func:`_prune_configs`.
+    Pruned by shared memory, for ∂C/∂b by BLOCK_K and BLOCK_N, and to the prologue's launches for K steps
+    over 64, in :func:`_prune_configs`.
     """
     c = triton.Config
     return [
@@ -628,6 +631,13 @@ def matmul_configs() -> list:
           num_stages=3, num_warps=8),
         c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 2, "TMA": True},
           num_stages=4, num_warps=8),
+        # Hopper, launches with δ formed in the loads (A_PROLOGUE) but no ∂C/∂b: K steps of 128 pay the prologue's
+        # per-step costs (the barriers around each TMA issue, the waits, the loads of G and the saved tensor into
+        # registers) half as often; one warpgroup, as the wider step leaves registers for one (two would spill).
+        # Lowest issue pressure for leaky_relu and tanh (whose δ takes float32 arithmetic per element); whether
+        # its two stages and single warpgroup hide latency as well is the GPU autotuner's call.
+        c({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "EPILOGUE_SPLIT": 4, "TMA": True},
+          num_stages=2, num_warps=4),
         # Small problems, and what fits everywhere: float32 with the prologue and ∂C/∂b in 160 KiB. Last: the one
         # kept when nothing fits.
         c({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 2}, num_stages=2, num_warps=4),
@@ -660,9 +670,9 @@ def _pipelined_bytes(config, element_size: int, a_tiles: int = 1, b_tiles: int =
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles whose pipelined operand tiles would not fit in shared memory (they would fail to compile), and
-    for ∂C/∂b in the ∂C/∂W matmul (ROW_SUMS) every BLOCK_K but SUM_BLOCK_K (the sums' order would change)
-    and the narrow tiles."""
+    """Drop tiles whose pipelined operand tiles would not fit in shared memory (they would fail to compile), for
+    ∂C/∂b in the ∂C/∂W matmul (ROW_SUMS) every BLOCK_K but SUM_BLOCK_K (the sums' order would change) and the
+    narrow tiles, and K steps over 64 where no prologue forms δ."""
     a = named_args["a_ptr"]
     budget = _shared_memory_bytes(a.device.index or 0)  # a CUDA tensor's device always has its index
     flag = lambda name: bool(kwargs.get(name, named_args.get(name, False)))  # noqa: E731
@@ -671,6 +681,8 @@ def _prune_configs(configs, named_args, **kwargs):
     if flag("ROW_SUMS"):
         # BLOCK_N < 128 repeats δ and its sums for few output columns: spills and 2.5x the loop's issue pressure.
         configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] == SUM_BLOCK_K and cfg.kwargs["BLOCK_N"] >= 128]
+    if not flag("A_PROLOGUE"):  # K steps over 64 are for the prologue's launches (matmul_configs)
+        configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] <= 64]
     a_tiles = 2 if flag("A_PROLOGUE") else 1
     kept = [cfg for cfg in configs if _pipelined_bytes(cfg, a.element_size(), a_tiles) <= budget]
     return kept or configs[-1:]
