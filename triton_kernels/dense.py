@@ -714,6 +714,8 @@ def autotune_enabled() -> bool:
 
 
 # Sizes by bucket, and every flag that changes the kernel's work or shared memory; Triton adds the tensors' dtypes.
+# Not EVEN_K (it only drops the loads' masks: sizes of one bucket share their tuned tile) nor PACKED_SELECT (fixed
+# by the GPU and the dtype).
 _TUNING_KEY = ["tune_m", "tune_n", "tune_k", "HAS_BIAS", "ACTIVATION", "WRITE_Z", "F_PRIME_AS_Z", "INPUT_PRECISION",
                "GRAD_EPILOGUE", "WRITE_PARTIALS", "A_PROLOGUE", "SAVED_KIND", "ROW_SUMS", "A_TRANSPOSED", "B_TRANSPOSED",
                "TMA_OK", "STORE_DELTA"]
