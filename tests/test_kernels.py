@@ -599,6 +599,55 @@ def test_relu_and_leaky_relu_deltas_follow_pytorch_special_values(dtype, device)
         check(grad_bias.to(dtype)[None, :], "db with the dw prologue")
 
 
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", dense.matmul_configs(), ids=_config_id)
+def test_packed_selects_give_the_plain_selects_bits(config, dtype):
+    """On a GPU: relu's and leaky_relu's δ by the packed 16-bit selects (inline PTX) give the plain selects' bits,
+    special values sprinkled in, at every config: the ∂C/∂X product, the δ it stores, and ∂C/∂W with ∂C/∂b."""
+    device = torch.device("cuda")
+    if not dense._packed_select(dtype, device):
+        pytest.skip(f"no packed {dtype} comparison on this GPU")
+    g = torch.Generator().manual_seed(12)
+    M, N, K = 136, 200, 72
+    specials = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -1e-40])
+    def sprinkled(*shape):
+        t = torch.randn(*shape, generator=g)
+        where = torch.rand(*shape, generator=g) < 0.05
+        t[where] = specials[torch.randint(len(specials), (int(where.sum()),), generator=g)]
+        return t.to(device, dtype)
+    grad_a, saved = sprinkled(M, K), sprinkled(M, K)
+    weight = torch.randn(N, K, generator=g).div(10).to(device, dtype)
+    name = _config_id(config)
+    for activation, slope in (("relu", 0.0), ("leaky_relu", 0.01), ("leaky_relu", -0.2)):
+        act_id = manualbp.get_activation(activation).kernel_id
+        outs = {}
+        for packed in (False, True):
+            product, stored = torch.empty(M, N, device=device, dtype=dtype), torch.full_like(grad_a, float("nan"))
+            _launch_with(config, grad_a, weight.t(), product, z=stored, saved=saved, A_PROLOGUE=True, WRITE_Z=False,
+                         STORE_DELTA=True, ACTIVATION=act_id, NEGATIVE_SLOPE=slope, SAVED_KIND=dense.SAVED_KINDS["z"],
+                         PACKED_SELECT=packed)
+            outs[packed] = (product, stored)
+        label = f"{activation} {slope} {dtype} with {name}"
+        assert torch.equal(outs[True][1].view(torch.int16), outs[False][1].view(torch.int16)), f"stored δ bits, {label}"
+        assert torch.equal(outs[True][0].isnan(), outs[False][0].isnan()), f"∂C/∂X NaNs, {label}"
+        torch.testing.assert_close(outs[True][0], outs[False][0], rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m: f"∂C/∂X, {label}: {m}")
+        if config.kwargs["BLOCK_K"] != dense.SUM_BLOCK_K:
+            continue  # no ∂C/∂b at this K step
+        x = torch.randn(M, 48, generator=g).to(device, dtype)
+        sums = {}
+        for packed in (False, True):  # ∂C/∂W = δᵀ X, δᵀ through swapped strides, with ∂C/∂b = 1ᵀ δ
+            grad_weight, row_sums = torch.empty(K, 48, device=device, dtype=dtype), torch.empty(K, device=device)
+            _launch_with(config, grad_a.t(), x, grad_weight, saved=saved.t(), row_sums=row_sums, A_PROLOGUE=True,
+                         ACTIVATION=act_id, NEGATIVE_SLOPE=slope, SAVED_KIND=dense.SAVED_KINDS["z"],
+                         PACKED_SELECT=packed)
+            sums[packed] = (grad_weight, row_sums)
+        for i, what in enumerate(("∂C/∂W", "∂C/∂b")):
+            torch.testing.assert_close(sums[True][i], sums[False][i], rtol=0, atol=0, equal_nan=True,
+                                       msg=lambda m: f"{what}, {label}: {m}")
+
+
 def test_packed_selects_only_where_the_ptx_exists(monkeypatch):
     """_packed_select: inline PTX only compiled for an NVIDIA GPU, float16 from sm_53, bfloat16 from sm_90."""
     cuda = torch.device("cuda")
