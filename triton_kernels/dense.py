@@ -850,7 +850,7 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
         ROW_SUMS=row_sums is not None,
         PARTIAL_ROWS=partial_rows,
         STORE_DELTA=delta_out is not None,
-        EVEN_K=K % EVEN_K_STEP.value == 0,
+        EVEN_K=_even_k(K),
         PACKED_SELECT=_packed_select(a.dtype, a.device),
     )
     if fixed is None:  # the GPU autotuner picks the tile, once per bucket of (M, N, K) and epilogue
@@ -871,6 +871,11 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
     _matmul_kernel[grid](*args, **flags, **config, **launch)
     return partials
+
+
+def _even_k(K: int) -> bool:
+    """A launch's EVEN_K: K a multiple of EVEN_K_STEP, so of every pointer config's BLOCK_K (no partial K step)."""
+    return K % EVEN_K_STEP.value == 0
 
 
 def _packed_select(dtype: torch.dtype, device: torch.device) -> bool:
