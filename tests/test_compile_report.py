@@ -49,9 +49,14 @@ def test_compile_report_quick_subset(tmp_path):
             assert row["loop_bar"] <= bound, f"{label}: {row['loop_bar']} bar.sync per main-loop iteration"
 
 
-def test_main_loop_is_the_loop_not_a_wait_retry_block():
+def test_main_loop_is_the_loop_not_a_wait_retry_block(monkeypatch):
     """The report's main loop: the backward branch that closes the K loop, not a wait's retry block placed after the
     kernel that jumps back into the loop (its span holds the loop's MMAs too, and may be shorter than the loop)."""
+    for name in ("TRITON_INTERPRET", "MANUALBP_AUTOTUNE"):  # the report's import sets both for itself: restored after
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import compile_report
