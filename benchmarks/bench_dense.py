@@ -301,7 +301,7 @@ def main(argv=None) -> int:
     parser.add_argument("--impls", default=None, help=f"comma list of {list(IMPLS)} (default: all on GPU; "
                                                       "cublas,eager,manualbp,manualbp-recompute on CPU)")
     parser.add_argument("--activations", default="relu,gelu", help="activations of the single-layer problems")
-    parser.add_argument("--problems", default=None, help="comma list of problem names to keep (e.g. linear8192x1024x4096)")
+    parser.add_argument("--problems", default=None, help="comma list of problem names to run, in this order (e.g. linear8192x1024x4096)")
     parser.add_argument("--rep-ms", type=float, default=None, help="timing budget per measurement (ms)")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--tag", default=None, help="file name stem (default: from the device name)")
@@ -322,9 +322,12 @@ def main(argv=None) -> int:
     info = header(device, args)
     activations = args.activations.split(",")
     problems = gpu_problems(activations) if device.type == "cuda" else cpu_problems(activations)
-    if args.problems:
-        keep = set(args.problems.split(","))
-        problems = [p for p in problems if p.name in keep]
+    if args.problems:  # in the order given: a run cut short by a time limit has measured the first ones
+        keep = args.problems.split(",")
+        unknown = sorted(set(keep) - {p.name for p in problems})
+        if unknown:
+            parser.error(f"unknown problem(s) {unknown}; expected some of {sorted({p.name for p in problems})}")
+        problems = [p for name in keep for p in problems if p.name == name]
     impls = args.impls.split(",")
     os.makedirs(args.out_dir, exist_ok=True)
     stem = args.tag or ("".join(c if c.isalnum() else "_" for c in info["device"]).strip("_")[:40])

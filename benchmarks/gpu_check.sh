@@ -1,53 +1,117 @@
 #!/usr/bin/env bash
-# The one command a session with a GPU runs (device tool); its timeouts add up to 9 min 10 s (220 + 70 + 170 + 45 + 45 s)
-# of commands on an H100 (give the device call timeout_s=600):
-#   1. install manualbp (editable, no network needed: the machine has torch and triton);
-#   2. the whole test suite on the compiled Triton kernels (fp16/bf16 and TF32 included);
-#   3. Triton's matmul against cuBLAS at 4096^3 (the ceiling; first-call tuning time);
-#   4. the benchmark at the issue's shapes in bf16, forward+backward, against eager,
-#      torch.compile and cuBLAS; CSV and PNG written to $OUT (or benchmarks/results);
-#   5. the two fusions against what they replace: MLP backward fusion off (MANUALBP_MLP_FUSION=0),
-#      δ formed in the matmuls' loads off (MANUALBP_DELTA_PROLOGUE=0).
-# Usage (device tool):  bash benchmarks/gpu_check.sh
+# The one command a session with a GPU runs (device tool: `bash benchmarks/gpu_check.sh`, timeout_s=600).
+# It stops itself at GPU_CHECK_SECONDS (default 575 s) after its start, each step cut to the time left:
+#   1. install manualbp (editable, no network: the machine has torch and triton);
+#   2. side by side on the machine's CPUs, timing nothing: the whole test suite on the compiled kernels
+#      (the GPU-specific files first: every autotune config, the packed selects, special values), and
+#      benchmarks/warm_caches.py filling Triton's and Inductor's caches for the benchmarks below, one
+#      process per config (the autotuner compiles configs one after another, minutes at these shapes);
+#   3. Triton's matmul against cuBLAS at 4096^3 (bf16 from a cold cache: its first call is compile +
+#      autotune; fp32 warmed in step 2: tuning only);
+#   4. the benchmark at the issue's shapes in bf16, forward+backward, against eager and torch.compile,
+#      the issue's targets first (CSV rows appended as measured, so a cut-short run keeps them);
+#   5. the two fusions against what they replace: δ formed in the backward matmuls' loads off
+#      (MANUALBP_DELTA_PROLOGUE=0), the MLP backward fusion off (MANUALBP_MLP_FUSION=0).
+# Files in $OUT (the device tool brings back at most 8): gpu_check.log (all of stdout), gpu_tests.log,
+# warm.log, bench_dense_<GPU>.csv and .png, fusions_off.tgz (the step-5 CSVs and plots).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=python3
+start=$(date +%s)
+deadline=$((start + ${GPU_CHECK_SECONDS:-575}))
+left() { echo $((deadline - $(date +%s))); }
+# budget WANT: WANT seconds, or what is left before the deadline (keeping 10 s to pack up), at least 1
+budget() { local l=$(($(left) - 10)); [ "$l" -lt "$1" ] && echo $((l > 1 ? l : 1)) || echo "$1"; }
+stamp() { echo "=== $1 at $(( $(date +%s) - start )) s"; }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-$py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-$py -m pip install --quiet --no-deps --no-build-isolation -e . || { echo "install failed"; exit 1; }
+main() {
 
-# Tests: compiled kernels; one fixed tile instead of autotuning each of the hundreds of
-# small test shapes (test_kernels.py checks every autotune config on its own); without the
-# offline compile report's test (a CPU check, benchmarks/compile_report.py; not needed here);
-# 8 workers so Triton's compiles run in parallel.
-xdist=""
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
+    --format=csv,noheader
+$py -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+if ! $py -m pip install --quiet --no-deps --no-build-isolation -e . ; then
+    # The source tree imports the kernels as manualbp.triton_kernels (pyproject.toml's package-dir).
+    echo "editable install failed: using the source tree through a link manualbp/triton_kernels"
+    ln -sfn ../triton_kernels manualbp/triton_kernels
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+$py -c "import manualbp; print('manualbp', manualbp.__version__, 'from', manualbp.__file__)" || return 1
+gpu=$($py -c "import torch; print(''.join(c if c.isalnum() else '_' for c in torch.cuda.get_device_name()).strip('_')[:40])")
+
+# --- 2. tests and cache warming, side by side -----------------------------------------------------------
+stamp "tests + cache warming"
+problems=linear8192x1024x4096,mlp8192x1024x4096,linear8192x4096x1024,linear8192x4096x16384,linear8192x16384x4096,mlp8192x4096x16384
+warm_workers=9  # the most configs any launch keeps (matmul_configs(), pruned)
+(
+    for i in $(seq 0 $((warm_workers - 1))); do
+        $py benchmarks/warm_caches.py --worker "$i" --workers $warm_workers --problems "$problems" \
+            --matmul-dtypes fp32,fp32-tf32 &
+    done
+    for i in 0 1 2; do $py benchmarks/warm_caches.py --compile --worker "$i" --workers 3 --problems "$problems" & done
+    wait
+    # The launches that only step 5 makes.
+    for i in $(seq 0 $((warm_workers - 1))); do
+        MANUALBP_DELTA_PROLOGUE=0 $py benchmarks/warm_caches.py --worker "$i" --workers $warm_workers \
+            --problems linear8192x1024x4096,linear8192x4096x1024 &
+        MANUALBP_MLP_FUSION=0 $py benchmarks/warm_caches.py --worker "$i" --workers $warm_workers \
+            --problems mlp8192x1024x4096 &
+    done
+    wait
+) > "$out/warm.log" 2>&1 &
+warm_pid=$!
+
+xdist="" per_test=""
 $py -c "import xdist" 2>/dev/null && xdist="-n 8"
-start=$(date +%s)
-MANUALBP_AUTOTUNE=0 timeout 220 $py -m pytest -q $xdist -p no:cacheprovider -m "not compile_report" 2>&1 | tee "$out/gpu_tests.log" | tail -25
-tests_rc=${PIPESTATUS[0]}
-echo "tests: exit $tests_rc in $(( $(date +%s) - start )) s"
+$py -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=150"
+tests_start=$(date +%s)
+# One fixed tile instead of autotuning each of hundreds of small test shapes (test_kernels.py checks every
+# autotune config on its own); without the offline compile report's test (a CPU check).
+MANUALBP_AUTOTUNE=0 timeout "$(budget 220)" $py -m pytest -v -rfE $xdist $per_test -p no:cacheprovider \
+    -m "not compile_report" tests/test_kernels.py tests/test_special_values.py tests/test_linear.py \
+    tests/test_mlp.py tests/test_autocast.py tests/test_compile.py tests/ > "$out/gpu_tests.log" 2>&1
+tests_rc=$?
+echo "tests: exit $tests_rc in $(( $(date +%s) - tests_start )) s" \
+     "$( [ $tests_rc -eq 124 ] && echo '(STOPPED at its time limit: NOT COMPLETE)')"
+progress=$(grep -v -E '^(FAILED|ERROR) ' "$out/gpu_tests.log")  # the -v lines, without -rfE's summary
+echo "tests: $(grep -c ' PASSED' <<<"$progress") passed, $(grep -c ' SKIPPED' <<<"$progress") skipped," \
+     "$(grep -c ' XFAIL' <<<"$progress") xfailed, $(grep -c ' FAILED' <<<"$progress") failed," \
+     "$(grep -c ' ERROR' <<<"$progress") errors (counted from the -v log)"
+grep -oE '(FAILED|ERROR) tests/[^ ]+' "$out/gpu_tests.log" | sort -u | head -60
+tail -3 "$out/gpu_tests.log"
+# The warmers should be done by now; they must not run beside the timings.
+timeout "$(budget 30)" tail --pid=$warm_pid -f /dev/null
+kill $warm_pid 2>/dev/null; pkill -f warm_caches.py 2>/dev/null
+grep -E "^warm" "$out/warm.log" | tail -40
 
-# The matmul ceiling: Triton vs cuBLAS at 4096^3 (first call = compile + autotune).
-timeout 70 $py benchmarks/bench_matmul.py --size 4096 --dtypes bf16,fp32,fp32-tf32 2>&1 | tee "$out/bench_matmul.log"
+# --- 3. the matmul ceiling -------------------------------------------------------------------------------
+stamp "bench_matmul"
+timeout "$(budget 60)" $py benchmarks/bench_matmul.py --size 4096 --dtypes bf16,fp32,fp32-tf32
 
-# Benchmark: bf16 fwd+bwd at every target shape (autotuning on; first-call tuning is
-# excluded from the timings by do_bench's warm-up).
-start=$(date +%s)
-timeout 170 $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
-    --impls cublas,eager,compile,manualbp,manualbp-recompute --activations relu,gelu --out-dir "$out" \
-    2>&1 | tee "$out/bench.log" | grep -v "^#" | tail -40
-echo "bench: exit ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s"
+# --- 4. the benchmark -------------------------------------------------------------------------------------
+stamp "bench_dense"
+timeout "$(budget 175)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
+    --impls eager,compile,manualbp,manualbp-recompute --activations relu,gelu --problems "$problems" \
+    --out-dir "$out" 2>&1 | grep -v "^#   MiB"
+echo "bench_dense: exit ${PIPESTATUS[0]}"
 
-# The MLP backward fusion against the per-layer path (MANUALBP_MLP_FUSION=0), same shapes.
-MANUALBP_MLP_FUSION=0 timeout 45 $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd --impls manualbp \
-    --problems mlp8192x1024x4096,mlp8192x4096x16384 --out-dir "$out" --tag mlp_fusion_off 2>&1 | grep -v "^#" | tail -4
-
-# A single layer's δ formed in its two backward matmuls against a separate δ pass (MANUALBP_DELTA_PROLOGUE=0).
-MANUALBP_DELTA_PROLOGUE=0 timeout 45 $py benchmarks/bench_dense.py --dtypes bf16 --modes bwd,fwd+bwd \
+# --- 5. the fusions against what they replace --------------------------------------------------------------
+extra=$(mktemp -d)
+stamp "delta prologue off"
+MANUALBP_DELTA_PROLOGUE=0 timeout "$(budget 40)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
     --impls eager,manualbp --activations relu,gelu --problems linear8192x1024x4096,linear8192x4096x1024 \
-    --out-dir "$out" --tag delta_prologue_off 2>&1 | grep -v "^#" | tail -12
-exit "$tests_rc"
+    --out-dir "$extra" --tag "${gpu}_delta_prologue_off" 2>&1 | grep -v "^#"
+stamp "MLP fusion off"
+MANUALBP_MLP_FUSION=0 timeout "$(budget 25)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
+    --impls eager,manualbp --problems mlp8192x1024x4096 --out-dir "$extra" --tag "${gpu}_mlp_fusion_off" 2>&1 \
+    | grep -v "^#"
+tar czf "$out/fusions_off.tgz" -C "$extra" . 2>/dev/null
+nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv,noheader
+stamp "done"
+return "$tests_rc"
+}
+
+main 2>&1 | tee -a "$out/gpu_check.log"
+exit "${PIPESTATUS[0]}"

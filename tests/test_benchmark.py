@@ -116,3 +116,47 @@ def test_instruction_counter_child_runs_natively(tmp_path):
                                  ""], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, f"{problem}: child failed:\n{result.stderr[-2000:]}"
         assert "manualbp from" in result.stderr, f"{problem}: the child names the manualbp it counted"
+
+
+def test_problems_run_in_the_order_given_and_unknown_ones_are_refused(tmp_path):
+    bench = _load()
+    order = ["linear1024x256x1024", "linear1024x1024x256"]  # the reverse of cpu_problems()'s order
+    rc = bench.main(["--device", "cpu", "--dtypes", "fp32", "--modes", "fwd", "--activations", "relu",
+                     "--problems", ",".join(order), "--impls", "eager", "--rep-ms", "5",
+                     "--out-dir", str(tmp_path), "--tag", "order"])
+    assert rc == 0, "exit status"
+    rows = list(csv.DictReader(open(tmp_path / "bench_dense_order.csv")))
+    assert [r["problem"] for r in rows] == order, "rows in the order of --problems"
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--problems", "linear1024x1024x256,linear7x7x7", "--out-dir", str(tmp_path)])
+
+
+def test_cache_warmers_together_compile_every_config_the_autotuner_keeps(monkeypatch):
+    """benchmarks/warm_caches.py: worker i offers each launch one config, the i-th (mod) of those kept."""
+    import torch
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # warm_caches.py puts benchmarks/ on it
+    _load()  # the bench_dense it imports
+    spec = importlib.util.spec_from_file_location("warm_caches", ROOT / "benchmarks" / "warm_caches.py")
+    warm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(warm)
+    from manualbp.triton_kernels import dense
+
+    monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 227 * 1024)  # an H100's
+    monkeypatch.setattr(dense, "_prune_configs", dense._prune_configs)  # restored after the test
+    prune = dense._prune_configs
+    a16 = torch.empty(1, 1, dtype=torch.bfloat16)
+    launches = [dict(), dict(A_PROLOGUE=True, TMA_OK=True), dict(ROW_SUMS=True, A_PROLOGUE=True, TMA_OK=True)]
+    workers = 9
+    offered = {i: [] for i in range(len(launches))}
+    for worker in range(workers):
+        monkeypatch.setattr(dense, "_prune_configs", prune)
+        warm.offer_one_config(dense, worker)
+        for i, flags in enumerate(launches):
+            one = dense._prune_configs(dense.matmul_configs(), {"a_ptr": a16}, **flags)
+            assert len(one) == 1, f"worker {worker}, launch {flags}: one config offered"
+            offered[i].append(one[0])
+    for i, flags in enumerate(launches):
+        kept = prune(dense.matmul_configs(), {"a_ptr": a16}, **flags)
+        assert len(kept) <= workers, f"{flags}: {len(kept)} configs kept, more than the {workers} workers"
+        assert {str(c) for c in offered[i]} == {str(c) for c in kept}, f"{flags}: the workers cover every kept config"
