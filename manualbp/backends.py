@@ -62,6 +62,25 @@ def _triton_import_error() -> Optional[str]:
     return None
 
 
+def interpreter_numpy_reason() -> Optional[str]:
+    """Why Triton's CPU interpreter cannot run with the installed numpy, or None: the interpreters of Triton
+    before 3.8 convert one-element arrays with int(), which numpy 2.4 made a TypeError (every kernel fails with
+    "only 0-dimensional arrays can be converted to Python scalars")."""
+    try:
+        import numpy
+        import triton
+    except Exception:  # no Triton: _triton_import_error says so
+        return None
+
+    def release(version: str) -> tuple:
+        return tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+
+    if release(triton.__version__) < (3, 8) and release(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s CPU interpreter cannot run with numpy {numpy.__version__} (numpy 2.4 "
+                f"and newer need Triton 3.8 or newer there): install numpy<2.4 or a newer Triton")
+    return None
+
+
 def kernels():
     """The Triton kernels module, imported on first use (never at ``import manualbp``)."""
     from .triton_kernels import dense
@@ -123,6 +142,10 @@ def _unavailable_reason(device_type: str, dtype: torch.dtype, interpreting: bool
             )
     else:
         return f"the Triton kernels do not run on {device_type!r} tensors (CUDA, or CPU with TRITON_INTERPRET=1)"
+    if interpreting and device_type == "cpu":
+        reason = interpreter_numpy_reason()
+        if reason is not None:
+            return reason
     if interpreting and dtype == torch.bfloat16:
         return "Triton's CPU interpreter (TRITON_INTERPRET=1) cannot compute in bfloat16"
     return None

@@ -79,7 +79,9 @@ def test_checkpoint_keeps_only_its_input():
         packed = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
             out = run()
-        return out, [t for t in packed if t.data_ptr() not in parameters]
+        # Without the parameters, and without the zero-element placeholder that non-reentrant checkpoint saves
+        # beside its inputs in some torch releases (2.11): it holds no activation memory.
+        return out, [t for t in packed if t.data_ptr() not in parameters and t.numel() > 0]
 
     _, plain = kept_by(lambda: mlp(x))
     out, checkpointed = kept_by(lambda: checkpoint(mlp, x, use_reentrant=False))

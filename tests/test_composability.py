@@ -231,10 +231,11 @@ def test_fake_and_meta_tensors_run_no_kernel(backend, monkeypatch):
             monkeypatch.setattr(dense, name, lambda *a, _name=name, **k: pytest.fail(f"kernel {_name} ran"))
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode():
-        layer = manualbp.Linear(6, 4, activation="gelu", backend=None if backend == "reference" else backend)
-        mlp = manualbp.MLP([6, 8, 4], backend=None if backend == "reference" else backend)
-        x = torch.randn(2, 3, 6, requires_grad=True)
+    with FakeTensorMode():  # fake tensors of the device the kernels run on here (CUDA, or the CPU's interpreter)
+        layer = manualbp.Linear(6, 4, activation="gelu", backend=None if backend == "reference" else backend,
+                                device=DEVICE)
+        mlp = manualbp.MLP([6, 8, 4], backend=None if backend == "reference" else backend, device=DEVICE)
+        x = torch.randn(2, 3, 6, requires_grad=True, device=DEVICE)
         out = layer(x)
         out.sum().backward()
         assert out.shape == (2, 3, 4) and layer.weight.grad.shape == (4, 6), "fake: shapes"

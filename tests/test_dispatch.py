@@ -36,14 +36,16 @@ def _train_step(model, x, grad_out):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["linear-gelu", "linear-relu", "linear-identity", "mlp", "mlp-recompute"])
-def test_direct_and_dispatched_calls_agree_bitwise(kind, backend):
+def test_direct_and_dispatched_calls_agree_bitwise(kind, backend, device):
     torch.manual_seed(0)
     if kind.startswith("linear"):
-        model = manualbp.Linear(7, 5, activation=kind.split("-")[1], dtype=torch.float64, backend=backend)
+        model = manualbp.Linear(7, 5, activation=kind.split("-")[1], dtype=torch.float64, backend=backend,
+                                device=device)
     else:
         model = manualbp.MLP([7, 6, 5], activation="gelu", recompute=kind == "mlp-recompute", dtype=torch.float64,
-                             backend=backend)
-    x, grad_out = torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+                             backend=backend, device=device)
+    x = torch.randn(3, 7, dtype=torch.float64, device=device)
+    grad_out = torch.randn(3, 5, dtype=torch.float64, device=device)
     direct = _train_step(model, x, grad_out)
     with _PassThrough():
         dispatched = _train_step(model, x, grad_out)

@@ -72,9 +72,10 @@ def test_leaky_relu_slopes_gradcheck(slope, backend, device):
     inputs = [t.requires_grad_(True) for t in (x, weight, b)]
     fn = lambda x, w, b: F.linear(x, w, b, "leaky_relu", negative_slope=slope, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, inputs), f"gradcheck leaky_relu slope={slope} {backend}"
-    ours = run_and_grad(fn, x.detach(), weight.detach(), b.detach(), torch.ones(6, 5, dtype=torch.float64))
+    grad_out = torch.ones(6, 5, dtype=torch.float64, device=device)
+    ours = run_and_grad(fn, x.detach(), weight.detach(), b.detach(), grad_out)
     theirs = run_and_grad(lambda x, w, b: torch_dense(x, w, b, "leaky_relu", slope), x.detach(), weight.detach(),
-                          b.detach(), torch.ones(6, 5, dtype=torch.float64))
+                          b.detach(), grad_out)
     for label, o, t in zip(("out", "dx", "dw", "db"), ours, theirs):
         torch.testing.assert_close(o, t, rtol=1e-12, atol=1e-12, msg=lambda m: f"{label}: {m}")
 

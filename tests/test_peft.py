@@ -165,7 +165,7 @@ def test_unsupported_features_raise():
 
     # With activation identity peft's own code is right, DoRA included: the same model as on a plain nn.Linear.
     torch.manual_seed(13)
-    plain = nn.Sequential(nn.Linear(6, 5)).double()
+    plain = nn.Sequential(nn.Linear(6, 5)).double().to(DEVICE)
     converted = manualbp.convert(copy.deepcopy(plain), backend="reference")
     outputs = []
     for model in (plain, converted):
