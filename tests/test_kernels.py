@@ -718,10 +718,63 @@ def test_autotuning_reuses_buckets_of_sizes(monkeypatch):
         a, _ = dense.linear_forward(x, weight, bias, 1, 0.0, write_z=False)
         dense.linear_backward(torch.empty_like(a), x, weight, a, 1, 0.0, "a", True, True, True)
     tunings = len(tuner.cache)
-    assert StubKernel.launches == 3 * 4096, "every launch went through the autotuner"
+    assert StubKernel.launches == 3 * 4096, "every launch ran the (stub) kernel"
     # M = 8 * length runs from 8 to 32768: buckets 64, 128, ..., 32768 (10), for forward, ∂C/∂X and ∂C/∂W.
     assert tunings == 3 * 10, f"{tunings} tunings for 3 launches x 10 buckets"
     assert len(timer_calls) >= tunings, "each tuning timed its configs with the stub"
+
+
+def test_repeat_launches_skip_the_autotuner_and_use_its_tile(monkeypatch):
+    """A launch whose key the autotuner has seen goes to the kernel directly, with the tile the autotuner chose
+    (stub timer: the third config it times is the fastest); a new bucket of sizes asks the autotuner again."""
+    launched = []
+
+    class StubKernel:
+        arg_names = dense._matmul_kernel.arg_names
+
+        def __init__(self):
+            self.fn = lambda: None
+
+        def run(self, *args, grid=None, warmup=False, **kwargs):
+            launched.append(kwargs)
+
+    timings = iter([3.0, 2.0, 1.0] + [5.0] * 100)  # the stub timer never runs the kernel
+    import triton
+
+    tuner = triton.autotune(configs=dense.matmul_configs(), key=dense._TUNING_KEY,
+                            prune_configs_by={"early_config_prune": dense._prune_configs},
+                            do_bench=lambda kernel_call, quantiles: [next(timings)] * 3)(StubKernel())
+    asked = []
+    tuner_run = tuner.run
+    monkeypatch.setattr(tuner, "run", lambda *args, **kwargs: asked.append(1) or tuner_run(*args, **kwargs))
+    monkeypatch.setattr(dense, "_autotuned_matmul", lambda: tuner)
+    monkeypatch.setattr(dense, "_fixed_config", lambda fp64, use_dot: None)
+    monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 232448)  # H100
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    weight, bias = torch.empty(256, 128, **meta), torch.empty(256, **meta)
+    for rows in (100, 90, 120, 300):  # one bucket (128) three times, then another (512)
+        dense.linear_forward(torch.empty(rows, 128, **meta), weight, bias, 1, 0.0, write_z=False)
+    assert len(asked) == 2, f"the autotuner was asked {len(asked)} times: once per bucket"
+    chosen = tuner.cache[next(iter(tuner.cache))]
+    assert chosen.kwargs == dense._prune_configs(dense.matmul_configs(), {"a_ptr": weight}, A_PROLOGUE=False,
+                                                 TMA_OK=False)[2].kwargs, "the third config timed won"
+    assert len(launched) == 4, f"{len(launched)} launches for 4 calls"
+    repeat = launched[:3]
+    assert all(r == repeat[0] for r in repeat), "the bucket's three launches: the same tile and flags"
+    assert {k: repeat[0][k] for k in chosen.kwargs} == chosen.kwargs, "the autotuner's tile"
+    assert repeat[0]["num_warps"] == chosen.num_warps and repeat[0]["num_stages"] == chosen.num_stages, (
+        "and its launch options")
+
+
+def test_host_arithmetic_matches_triton():
+    """The launchers' ceil division and size buckets: triton.cdiv's and triton.next_power_of_2's values."""
+    import triton
+
+    for a in range(0, 300):
+        for b in (1, 16, 32, 64, 128, 256):
+            assert dense._cdiv(a, b) == triton.cdiv(a, b), f"cdiv({a}, {b})"
+    for size in list(range(0, 5000)) + [2 ** 31 - 1, 2 ** 31, 2 ** 31 + 1]:
+        assert dense._tuning_bucket(size) == max(dense._TUNING_FLOOR, triton.next_power_of_2(size)), f"bucket {size}"
 
 
 def test_bias_grad_matmul_configs(monkeypatch):

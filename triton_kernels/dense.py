@@ -696,7 +696,14 @@ _TUNING_FLOOR = 64
 
 def _tuning_bucket(size: int) -> int:
     """size rounded up to its autotuning bucket: the next power of two, at least _TUNING_FLOOR."""
-    return max(_TUNING_FLOOR, triton.next_power_of_2(size))
+    return max(_TUNING_FLOOR, 1 << max(size - 1, 0).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b), for the launchers' grids and buffers. Not triton.cdiv: that is a constexpr_function (Triton
+    3.6 and 3.9 at least), whose wrapper costs a host call several times the division (H200 host profile,
+    2026-12-04, Triton 3.6: triton.cdiv and next_power_of_2 took ~7% of the launcher's time)."""
+    return -(-a // b)
 
 
 # With MANUALBP_AUTOTUNE=0 every GPU matmul uses this one tile instead of tuning: for
@@ -812,7 +819,7 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
     partial_rows = _PARTIAL_ROWS if fixed is None else min(_PARTIAL_ROWS, fixed[0]["BLOCK_M"])
     partials = None
     if want_partials:
-        partials = torch.empty((triton.cdiv(M, partial_rows), N), dtype=torch.float64 if fp64 else torch.float32,
+        partials = torch.empty((_cdiv(M, partial_rows), N), dtype=torch.float64 if fp64 else torch.float32,
                                device=a.device)
     grad_epilogue = grad_saved is not None
     prologue = prologue_saved is not None
@@ -822,6 +829,7 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
     num_sms = _num_sms(a.device) if layout["TMA_OK"] else 1
     if delta_out is not None:
         z = delta_out  # the kernel's Z slot: unused by a prologue launch otherwise
+    buckets = (_tuning_bucket(M), _tuning_bucket(N), _tuning_bucket(K))  # the autotuner's sizes
     args = (
         a, b, bias if bias is not None else out, out, z if z is not None else out,
         M, N, K,
@@ -831,7 +839,7 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
         saved, saved.stride(0), saved.stride(1),
         partials if partials is not None else out,
         row_sums if row_sums is not None else out,
-        _tuning_bucket(M), _tuning_bucket(N), _tuning_bucket(K), num_sms,
+        *buckets, num_sms,
     )
     flags = dict(
         **layout,
@@ -858,19 +866,38 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
             _ensure_allocator()  # device-side descriptors need a scratch buffer (in this thread's context)
 
         def grid(meta):
-            tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+            tiles = _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])
             return (min(num_sms, tiles) if meta.get("TMA", False) else tiles,)  # TMA: persistent, one per SM
 
-        _autotuned_matmul()[grid](*args, **flags)
+        _launch_autotuned(grid, args, flags, buckets)
         return partials
     config, launch = fixed
     if row_sums is not None and config is _UNTUNED_CONFIG:
         config, launch = _UNTUNED_ROW_SUMS_CONFIG, _UNTUNED_ROW_SUMS_LAUNCH
     elif row_sums is not None:
         config = dict(config, BLOCK_K=SUM_BLOCK_K)  # the row sums' fixed K step
-    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+    grid = (_cdiv(M, config["BLOCK_M"]) * _cdiv(N, config["BLOCK_N"]),)
     _matmul_kernel[grid](*args, **flags, **config, **launch)
     return partials
+
+
+# The tile the autotuner chose, by a key finer than its own (the autotuner, every flag, the tensors' dtypes):
+# a repeat launch goes to the kernel with that tile directly, as the autotuner itself does once it has looked its
+# key up, without its generic key building over all 52 arguments (H200 host profile, 2026-12-04, Triton 3.6: the
+# autotuner's own Python was ~1/4 of a launch's host time). The first launch of a key goes through the autotuner.
+_chosen_tiles: dict = {}
+
+
+def _launch_autotuned(grid, args: tuple, flags: dict, buckets: tuple) -> None:
+    """_matmul_kernel[grid](*args, **flags) with the tile the autotuner chooses for them."""
+    tuner = _autotuned_matmul()
+    key = (tuner, buckets, tuple(flags.items()), tuple(t.dtype for t in args if isinstance(t, torch.Tensor)))
+    config = _chosen_tiles.get(key)
+    if config is None:
+        tuner[grid](*args, **flags)
+        _chosen_tiles[key] = tuner.best_config
+    else:
+        tuner.fn.run(*args, grid=grid, warmup=False, **flags, **config.all_kwargs())
 
 
 def _even_k(K: int) -> bool:
@@ -998,10 +1025,10 @@ def delta_and_bias_grad(grad_a, saved, act_id: int, negative_slope: float, saved
 
     fp64 = grad_a.dtype == torch.float64
     acc_dtype = torch.float64 if fp64 else torch.float32
-    blocks_m = triton.cdiv(M, _DELTA_BLOCK["BLOCK_M"])
+    blocks_m = _cdiv(M, _DELTA_BLOCK["BLOCK_M"])
     partials = torch.empty((blocks_m, N), dtype=acc_dtype, device=grad_a.device) if want_bias else None
     if M > 0 and N > 0:
-        grid = (blocks_m, triton.cdiv(N, _DELTA_BLOCK["BLOCK_N"]))
+        grid = (blocks_m, _cdiv(N, _DELTA_BLOCK["BLOCK_N"]))
         saved_t = saved if saved is not None else grad_a
         with _device_guard(grad_a):
             _delta_kernel[grid](
@@ -1033,7 +1060,7 @@ def activation_forward(z: torch.Tensor, act_id: int, negative_slope: float) -> t
     a = torch.empty((M, N), dtype=z.dtype, device=z.device)
     if a.numel() == 0:
         return a
-    grid = (triton.cdiv(M, _DELTA_BLOCK["BLOCK_M"]), triton.cdiv(N, _DELTA_BLOCK["BLOCK_N"]))
+    grid = (_cdiv(M, _DELTA_BLOCK["BLOCK_M"]), _cdiv(N, _DELTA_BLOCK["BLOCK_N"]))
     with _device_guard(z):
         _activation_kernel[grid](
             z, a, M, N, z.stride(0), z.stride(1), a.stride(0), a.stride(1),

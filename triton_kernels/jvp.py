@@ -190,10 +190,10 @@ def linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, act_id
     fixed = dense._fixed_config(fp64, use_dot)
     with dense._device_guard(like):
         if fixed is None:  # the GPU autotuner picks the tile, once per bucket of (M, N, K) and flags
-            grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(columns, meta["BLOCK_N"]),)  # noqa: E731
+            grid = lambda meta: (dense._cdiv(rows, meta["BLOCK_M"]) * dense._cdiv(columns, meta["BLOCK_N"]),)  # noqa: E731
             _autotuned_jvp()[grid](*args, **flags)
         else:
             tile, launch = fixed
-            grid = (triton.cdiv(rows, tile["BLOCK_M"]) * triton.cdiv(columns, tile["BLOCK_N"]),)
+            grid = (dense._cdiv(rows, tile["BLOCK_M"]) * dense._cdiv(columns, tile["BLOCK_N"]),)
             _jvp_kernel[grid](*args, **flags, **tile, **launch)
     return out

@@ -1,0 +1,110 @@
+"""Where a forward+backward's time goes on a GPU: each kernel's device time, the host's time per call, the tiles.
+
+    python benchmarks/profile_step.py --problem linear8192x1024x4096 --activation relu
+    python benchmarks/profile_step.py --problem mlp8192x1024x4096 --impls eager,manualbp
+
+For each implementation (bench_dense.py's models, shapes and dtype): after a first call (compile, autotune),
+--calls calls back to back; "host ms/call" is the time the Python thread took to issue them (kernels queue
+behind it), "wall ms/call" the time until the GPU finished them. When host ≈ wall the step is bound by the
+host (Python, dispatch, launches), not by the kernels. Then torch.profiler over the same calls: the kernels by
+device time. Last, the tile the autotuner chose for every manualbp matmul launch it tuned.
+With --cprofile N: also Python's profiler over N more calls of each implementation, the functions by their own
+time and by cumulative time (where the host's time goes, for a step bound by it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import re
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_dense  # noqa: E402
+
+import manualbp  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problem", default="linear8192x1024x4096", help="bench_dense.py's names, any sizes")
+    parser.add_argument("--warm-only", action="store_true", help="one call of each (compile, autotune), no timing")
+    parser.add_argument("--activation", default="relu")
+    parser.add_argument("--dtype", default="bf16", choices=list(bench_dense.DTYPES))
+    parser.add_argument("--impls", default="eager,manualbp")
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--rows", type=int, default=12, help="kernels (and functions) listed per implementation")
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="Python's profiler over N calls")
+    parser.add_argument("--no-kernels", action="store_true", help="skip torch.profiler's kernel table")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("profile_step.py profiles GPU kernels: CUDA is not available")
+    device = torch.device("cuda")
+    manualbp.set_backend("triton")
+    torch.set_float32_matmul_precision("high" if args.dtype == "fp32-tf32" else "highest")
+    match = re.fullmatch(r"(linear|mlp)(\d+)x(\d+)x(\d+)", args.problem)
+    if not match:
+        parser.error(f"--problem must read linearMxINxOUT or mlpMxDxH, got {args.problem!r}")
+    kind, m, d1, d2 = match.group(1), *map(int, match.groups()[1:])
+    problem = bench_dense.Problem(kind, m, (d1, d2), args.activation if kind == "linear" else "gelu")
+    print(f"# {problem.name} {problem.activation} {args.dtype} fwd+bwd on {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}")
+    for impl in args.impls.split(","):
+        case = bench_dense.prepare(impl, problem, "fwd+bwd", device, bench_dense.DTYPES[args.dtype])
+        if case is None:
+            continue
+        for _ in range(1 if args.warm_only else 3):  # compile / autotune, then warm
+            bench_dense._clear(case.reset)
+            case.fn()
+        torch.cuda.synchronize()
+        if args.warm_only:
+            continue
+        start = time.perf_counter()
+        for _ in range(args.calls):
+            bench_dense._clear(case.reset)
+            case.fn()
+        host = time.perf_counter() - start
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+        print(f"\n## {impl}: host {1e3 * host / args.calls:.3f} ms/call, wall {1e3 * wall / args.calls:.3f} ms/call")
+        if args.cprofile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(args.cprofile):
+                bench_dense._clear(case.reset)
+                case.fn()
+            torch.cuda.synchronize()
+            profiler.disable()
+            for order in ("tottime", "cumulative"):
+                print(f"### Python profile, {args.cprofile} calls, by {order}")
+                pstats.Stats(profiler, stream=sys.stdout).sort_stats(order).print_stats(args.rows)
+        if args.no_kernels:
+            continue
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(args.calls):
+                bench_dense._clear(case.reset)
+                case.fn()
+            torch.cuda.synchronize()
+        averages = prof.key_averages()
+        for key in ("device_time_total", "cuda_time_total"):
+            try:
+                print(averages.table(sort_by=key, row_limit=args.rows, max_name_column_width=70))
+                break
+            except (AttributeError, KeyError, ValueError):
+                continue
+    if "manualbp" in args.impls and not args.warm_only:
+        tuner = manualbp.backends.kernels()._autotuned_matmul()
+        print("\n## tiles the autotuner chose (key: sizes by bucket, flags, dtypes)")
+        for key, config in getattr(tuner, "cache", {}).items():
+            print(f"{config}  <-  {key}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
