@@ -69,7 +69,7 @@ $py -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=150"
 tests_start=$(date +%s)
 # One fixed tile instead of autotuning each of hundreds of small test shapes (test_kernels.py checks every
 # autotune config on its own); without the offline compile report's test (a CPU check).
-MANUALBP_AUTOTUNE=0 timeout "$(budget 220)" $py -m pytest -v -rfE $xdist $per_test -p no:cacheprovider \
+MANUALBP_AUTOTUNE=0 timeout "$(budget 330)" $py -m pytest -v -rfE $xdist $per_test -p no:cacheprovider \
     -m "not compile_report" tests/test_kernels.py tests/test_special_values.py tests/test_linear.py \
     tests/test_mlp.py tests/test_autocast.py tests/test_compile.py tests/ > "$out/gpu_tests.log" 2>&1
 tests_rc=$?
