@@ -110,6 +110,7 @@ class Case:
     reset: list  # tensors whose .grad is cleared before every call (fresh accumulation each time)
     flops: float
     memory_mib: Callable[[], float]
+    error: Optional[Callable[[], float]] = None  # max relative error against float64 (see prepare); None: unchecked
 
 
 def prepare(impl, problem, mode, device, dtype) -> Optional[Case]:
@@ -147,7 +148,35 @@ def prepare(impl, problem, mode, device, dtype) -> Optional[Case]:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
 
-    return Case(fn, reset, problem.flops(mode), memory_mib)
+    def error() -> float:
+        """The largest of max|ours - exact| / max|exact| over the output and every gradient the mode computes,
+        exact being the same model (its own parameters, as state_dict) in float64 on the same inputs: the timed
+        implementation computes the right thing, to its dtype's accuracy (eager's own error is the yardstick)."""
+        reference = build("eager", problem, device, torch.float64)
+        own = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+        # nn.Sequential(Linear, act) for a layer; a manualbp.Linear's parameters are its first module's
+        target = reference if isinstance(own, nn.Sequential) or problem.kind != "linear" else reference[0]
+        target.load_state_dict({name: value.double() for name, value in own.state_dict().items()})
+        worst = 0.0
+        for ours, exact in zip(_results(model, x, grad_out, mode, reset),
+                               _results(reference, x.detach().double().requires_grad_(True), grad_out.double(), mode,
+                                        list(reference.parameters()))):
+            scale = exact.abs().max().item() or 1.0
+            worst = max(worst, (ours.double() - exact).abs().max().item() / scale)
+        return worst
+
+    return Case(fn, reset, problem.flops(mode), memory_mib, error)
+
+
+def _results(model, x, grad_out, mode, reset) -> list:
+    """One call's output and (unless mode is fwd) the gradients of x and of every parameter, fresh."""
+    _clear(reset)
+    x.grad = None
+    out = model(x)
+    if mode == "fwd":
+        return [out.detach()]
+    out.backward(grad_out)
+    return [out.detach(), x.grad, *[p.grad for p in model.parameters()]]
 
 
 def _clear(tensors) -> None:
@@ -199,13 +228,24 @@ class CsvRows:
         self.fields = None
 
     def add(self, row: dict) -> None:
-        new_file = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
+        if self.fields is None and os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+            with open(self.path, newline="") as handle:
+                self.fields = next(csv.reader(handle))
+        if self.fields is not None and set(row) - set(self.fields):  # new columns: the file is rewritten with all
+            with open(self.path, newline="") as handle:
+                old_rows = list(csv.DictReader(handle))
+            self.fields = self.fields + [name for name in row if name not in self.fields]
+            with open(self.path, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=self.fields)
+                writer.writeheader()
+                writer.writerows(old_rows)
+        new_file = self.fields is None
+        self.fields = self.fields or list(row)
         with open(self.path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.fields or list(row))
+            writer = csv.DictWriter(handle, fieldnames=self.fields, restval="")
             if new_file:
                 writer.writeheader()
             writer.writerow(row)
-        self.fields = self.fields or list(row)
 
 
 def header(device, args) -> dict:
@@ -268,6 +308,17 @@ def plot(rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     print(f"plot: {path}")
+
+
+# An implementation whose error against float64 exceeds eager's by more than this is flagged in the table: the
+# tests' own bound for a result "as accurate as PyTorch's" is 2x eager's error plus a few ulps (tests/checks.py).
+ERROR_FLAG_RATIO = 4.0
+
+
+def _flag(err: float, eager_err: float) -> str:
+    """A mark for a row whose error is not a number (a NaN or inf in its results) or far above eager's."""
+    bad = err != err or (eager_err > 0 and err > ERROR_FLAG_RATIO * eager_err)
+    return "  CHECK" if bad else ""
 
 
 def pick_device(parser, name: str) -> torch.device:
@@ -336,7 +387,7 @@ def main(argv=None) -> int:
     writer = CsvRows(csv_path)
     rows = []
     cols = f"{'problem':24s} {'act':6s} {'dtype':9s} {'mode':7s} {'impl':18s} {'median ms':>10s} {'p20':>8s} {'p80':>8s} " \
-           f"{'TFLOP/s':>8s} {'x eager':>8s} {'x compile':>9s} {'MiB':>8s}"
+           f"{'TFLOP/s':>8s} {'x eager':>8s} {'x compile':>9s} {'MiB':>8s} {'rel err':>9s} {'/eager':>6s}"
     print(cols)
     print("-" * len(cols))
     for dtype_name in args.dtypes.split(","):
@@ -367,22 +418,33 @@ def main(argv=None) -> int:
                     except Exception as error:
                         _report_failure(problem, dtype_name, mode, impl, error)
                         continue
+                    err = float("nan")
+                    if case.error is not None:
+                        try:
+                            err = case.error()
+                        except Exception as error:
+                            _report_failure(problem, dtype_name, mode, impl, error)
                     results[impl] = dict(median_ms=med, p20_ms=p20, p80_ms=p80, tflops=case.flops / med / 1e9,
-                                         mem_mib=mem)
+                                         mem_mib=mem, max_rel_err=err)
+                checked = {impl for impl, case in cases.items() if case.error is not None}
                 del cases
                 eager = results.get("eager", {}).get("median_ms")
+                eager_err = results.get("eager", {}).get("max_rel_err", float("nan"))
                 compiled = results.get("compile", {}).get("median_ms")
                 for impl, r in results.items():
                     row = dict(info, problem=problem.name, kind=problem.kind, m=problem.m,
                                dims="x".join(map(str, problem.dims)), activation=problem.activation,
                                dtype=dtype_name, mode=mode, impl=impl, **r,
                                speedup_vs_eager=(eager / r["median_ms"]) if eager else float("nan"),
-                               speedup_vs_compile=(compiled / r["median_ms"]) if compiled else float("nan"))
+                               speedup_vs_compile=(compiled / r["median_ms"]) if compiled else float("nan"),
+                               err_vs_eager=r["max_rel_err"] / eager_err if eager_err > 0 else float("nan"))
                     rows.append(row)
                     writer.add(row)
                     print(f"{problem.name:24s} {problem.activation:6s} {dtype_name:9s} {mode:7s} {impl:18s} "
                           f"{r['median_ms']:10.4f} {r['p20_ms']:8.4f} {r['p80_ms']:8.4f} {r['tflops']:8.2f} "
-                          f"{row['speedup_vs_eager']:8.3f} {row['speedup_vs_compile']:9.3f} {r['mem_mib']:8.1f}")
+                          f"{row['speedup_vs_eager']:8.3f} {row['speedup_vs_compile']:9.3f} {r['mem_mib']:8.1f} "
+                          f"{r['max_rel_err']:9.2e} {row['err_vs_eager']:6.2f}"
+                          f"{_flag(r['max_rel_err'], eager_err) if impl in checked else ''}")
                 sys.stdout.flush()
     print(f"csv: {csv_path} (+{len(rows)} rows)")
     if rows:

@@ -6,8 +6,8 @@
 #      (the GPU-specific files first: every autotune config, the packed selects, special values), and
 #      benchmarks/warm_caches.py filling Triton's and Inductor's caches for the benchmarks below, one
 #      process per config (the autotuner compiles configs one after another, minutes at these shapes);
-#   3. Triton's matmul against cuBLAS at 4096^3 (bf16 from a cold cache: its first call is compile +
-#      autotune; fp32 warmed in step 2: tuning only);
+#   3. Triton's matmul against cuBLAS at 4096^3 (bf16 not warmed by step 2: its first call compiles what the
+#      tests have not compiled yet, and autotunes; fp32 warmed in step 2: tuning only);
 #   4. the benchmark at the issue's shapes in bf16, forward+backward, against eager and torch.compile,
 #      the issue's targets first (CSV rows appended as measured, so a cut-short run keeps them);
 #   5. the two fusions against what they replace: δ formed in the backward matmuls' loads off

@@ -6,6 +6,7 @@ import pathlib
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,6 +38,52 @@ def test_cpu_run_writes_csv_rows(tmp_path, capsys):
             assert row[key] != "", f"column {key}"
     eager_row = next(r for r in rows if r["impl"] == "eager" and r["mode"] == "fwd+bwd")
     assert float(eager_row["speedup_vs_eager"]) == pytest.approx(1.0), "eager's speedup over itself"
+    # Every model row is checked against the same model in float64: fp32 errors, and manualbp's as eager's
+    # (the reference backend runs eager's own kernels).
+    for row in rows:
+        if row["impl"] != "cublas":
+            assert 0 < float(row["max_rel_err"]) < 1e-5, f"{row['impl']} {row['mode']}: error {row['max_rel_err']}"
+    manual_row = next(r for r in rows if r["impl"] == "manualbp" and r["mode"] == "fwd+bwd")
+    assert float(manual_row["err_vs_eager"]) == pytest.approx(1.0, abs=0.5), "manualbp's error about eager's"
+    assert "CHECK" not in printed, "no row flagged"
+
+
+def test_error_column_catches_a_wrong_gradient(monkeypatch, tmp_path, capsys):
+    """A manualbp whose ∂C/∂W were off by 1% is flagged in the table (and its error shows it)."""
+    bench = _load()
+    import manualbp.functional
+
+    real = manualbp.functional.linear
+
+    class Wrong(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, weight):
+            return weight.view_as(weight)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 1.01
+
+    monkeypatch.setattr(manualbp.functional, "linear",
+                        lambda x, weight, *args, **kwargs: real(x, Wrong.apply(weight), *args, **kwargs))
+    bench.main(["--device", "cpu", "--dtypes", "fp32", "--modes", "fwd+bwd", "--activations", "relu",
+                "--problems", "linear1024x256x1024", "--impls", "eager,manualbp", "--rep-ms", "5",
+                "--out-dir", str(tmp_path), "--tag", "wrong"])
+    rows = {r["impl"]: r for r in csv.DictReader(open(tmp_path / "bench_dense_wrong.csv"))}
+    assert float(rows["manualbp"]["max_rel_err"]) > 5e-3, f"error {rows['manualbp']['max_rel_err']}"
+    flagged = [line for line in capsys.readouterr().out.splitlines() if "CHECK" in line]
+    assert len(flagged) == 1 and " manualbp " in flagged[0], f"flagged rows: {flagged}"
+
+
+def test_csv_with_new_columns_is_rewritten_with_all_of_them(tmp_path):
+    bench = _load()
+    path = tmp_path / "rows.csv"
+    path.write_text("a,b\n1,2\n")
+    rows = bench.CsvRows(str(path))
+    rows.add({"a": 3, "b": 4, "c": 5})
+    rows.add({"a": 6, "b": 7, "c": 8})
+    assert list(csv.DictReader(open(path))) == [{"a": "1", "b": "2", "c": ""}, {"a": "3", "b": "4", "c": "5"},
+                                                 {"a": "6", "b": "7", "c": "8"}], "old rows kept, new column added"
 
 
 def test_bad_arguments_are_refused():

@@ -516,6 +516,33 @@ def test_bad_saved_kind_is_refused(device):
         dense.delta_and_bias_grad(grad_a, grad_a, 1, 0.0, "output", want_delta=True, want_bias=True)
 
 
+def test_mlp_bias_grad_partials_are_bitwise_equal_on_every_tile(device):
+    """The MLP backward epilogue's column sums of δ (per 64-row group: ∂C/∂b of the layer below): the same bits
+    whichever tile and warps the autotuner picks. x Wᵀ is exact here (small integers), so every tile forms the same
+    δ, and only the order of the sums could differ: a fixed tree of pairs (a tl.sum's order follows the register
+    layout on a GPU)."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(21)
+    M, N, K = 200, 296, 104
+    x = torch.randint(-2, 3, (M, K), generator=g).to(device, dtype)
+    weight = torch.randint(-2, 3, (N, K), generator=g).to(device, dtype)
+    z_below = torch.randn(M, N, generator=g).to(device, dtype)
+    results = {}
+    for config in dense.matmul_configs():
+        if x.is_cuda and dense._pipelined_bytes(config, x.element_size()) > dense._shared_memory_bytes(
+                x.device.index or 0):
+            continue  # does not fit this GPU's shared memory: the autotuner never picks it here
+        delta = torch.empty(M, N, device=device, dtype=dtype)
+        partials = torch.full((triton_cdiv(M, dense._PARTIAL_ROWS), N), float("nan"), device=device)
+        _launch_with(config, x, weight.t(), delta, saved=z_below, partials=partials, GRAD_EPILOGUE=True)
+        results[_config_id(config)] = (delta, partials)
+    (first_name, (first_delta, first_partials)), *others = results.items()
+    assert len(others) >= 2, "several tiles compared"
+    for name, (delta, partials) in others:
+        assert torch.equal(delta, first_delta), f"δ with {name} == with {first_name} (an exact product)"
+        assert torch.equal(partials, first_partials), f"db partial sums with {name} bitwise == with {first_name}"
+
+
 def _row_sum_configs(data=None):
     """The configs the autotuner may pick for a ∂C/∂W matmul that forms ∂C/∂b (BLOCK_K == SUM_BLOCK_K); given
     the data (a CUDA tensor), those whose operand tiles, with the prologue's saved tensor, fit this GPU's shared
