@@ -519,8 +519,8 @@ def test_bad_saved_kind_is_refused(device):
 def test_mlp_bias_grad_partials_are_bitwise_equal_on_every_tile(device):
     """The MLP backward epilogue's column sums of δ (per 64-row group: ∂C/∂b of the layer below): the same bits
     whichever tile and warps the autotuner picks. x Wᵀ is exact here (small integers), so every tile forms the same
-    δ, and only the order of the sums could differ: a fixed tree of pairs (a tl.sum's order follows the register
-    layout on a GPU)."""
+    δ, and only the order of the sums could differ: on a GPU this asks whether tl.sum's order, which follows the
+    register layout, differs between the tiles (in the interpreter numpy's order is fixed: it checks the plumbing)."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(21)
     M, N, K = 200, 296, 104

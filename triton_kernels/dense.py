@@ -184,27 +184,17 @@ def _row_sums_in_pairs(x, LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _sum_rows_in_pairs(x):
-    """x [groups, rows, columns] (rows a power of two, at most 64) summed over its rows as a fixed binary tree,
-    ((x0 + x1) + (x2 + x3)) + ...: each level adds pairs of rows, and a sum of two numbers has the same bits
-    whichever comes first, so the result does not depend on the tile or the register layout (a tl.sum's order
-    does: on a GPU it follows which threads hold which elements)."""
-    for _ in tl.static_range(6):
-        if x.shape[1] > 1:
-            x = tl.sum(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2, x.shape[2])), axis=2)
-    tl.static_assert(x.shape[1] == 1, "at most 64 rows, a power of two")
-    return tl.reshape(x, (x.shape[0], x.shape[2]))
-
-
-@triton.jit
 def _store_column_sums(delta, partial_ptr, tile_row, offs_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        PARTIAL_ROWS: tl.constexpr):
     """Column sums of δ over each PARTIAL_ROWS-row group of this [BLOCK_M, BLOCK_N] tile, one partial row each.
 
-    Neither the groups nor the order of each group's sum depend on the tile: whatever BLOCK_M, BLOCK_N and warps
-    a launch uses, the partial rows (and their fixed-order sum, ∂C/∂b) are the same, and every row is rewritten.
+    The groups do not depend on the tile: whatever BLOCK_M a launch uses, the partial rows are the same sums, and
+    every row is rewritten. The order within a group is tl.sum's, which on a GPU follows the register layout, so it
+    may differ between tiles in the last bit: test_mlp_bias_grad_partials_are_bitwise_equal_on_every_tile says so
+    on a GPU. (A fixed tree of pairs, as _row_sums_in_pairs, spilled up to 116 bytes here under Triton 3.6 in a
+    3-D reshape and 3 KB transposed; not shipped.)
     """
-    sums = _sum_rows_in_pairs(tl.reshape(delta, (BLOCK_M // PARTIAL_ROWS, PARTIAL_ROWS, BLOCK_N)))
+    sums = tl.sum(tl.reshape(delta, (BLOCK_M // PARTIAL_ROWS, PARTIAL_ROWS, BLOCK_N)), axis=1)
     rows = tile_row.to(tl.int64) * (BLOCK_M // PARTIAL_ROWS) + tl.arange(0, BLOCK_M // PARTIAL_ROWS)
     mask = (rows[:, None] < tl.cdiv(M, PARTIAL_ROWS)) & (offs_n[None, :] < N)
     tl.store(partial_ptr + rows[:, None] * N + offs_n[None, :], sums, mask=mask)
