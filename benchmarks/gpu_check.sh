@@ -11,7 +11,8 @@
 #   4. the benchmark at the issue's shapes in bf16, forward+backward, against eager and torch.compile,
 #      the issue's targets first (CSV rows appended as measured, so a cut-short run keeps them);
 #   5. the two fusions against what they replace: δ formed in the backward matmuls' loads off
-#      (MANUALBP_DELTA_PROLOGUE=0), the MLP backward fusion off (MANUALBP_MLP_FUSION=0).
+#      (MANUALBP_DELTA_PROLOGUE=0), the MLP backward fusion off (MANUALBP_MLP_FUSION=0);
+#   6. benchmarks/profile_step.py at (1024, 4096): host and wall time per step, each kernel's device time.
 # Files in $OUT (the device tool brings back at most 8): gpu_check.log (all of stdout), gpu_tests.log,
 # warm.log, bench_dense_<GPU>.csv and .png, fusions_off.tgz (the step-5 CSVs and plots).
 set -uo pipefail
@@ -108,6 +109,11 @@ MANUALBP_MLP_FUSION=0 timeout "$(budget 25)" $py benchmarks/bench_dense.py --dty
     --impls eager,manualbp --problems mlp8192x1024x4096 --out-dir "$extra" --tag "${gpu}_mlp_fusion_off" 2>&1 \
     | grep -v "^#"
 tar czf "$out/fusions_off.tgz" -C "$extra" . 2>/dev/null
+
+# --- 6. where a step's time goes: host against device, each kernel in launch order ----------------------------
+stamp "profile"
+timeout "$(budget 45)" $py benchmarks/profile_step.py --problem linear8192x1024x4096 --activation relu \
+    --impls eager,manualbp --rows 8 2>&1 | grep -v "^ *\[W\|USDT"
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv,noheader
 stamp "done"
 return "$tests_rc"

@@ -30,6 +30,25 @@ import bench_dense  # noqa: E402
 import manualbp  # noqa: E402
 
 
+def print_kernels_in_order(prof, calls: int) -> None:
+    """Each kernel of one step by its place in the step (a step launches the same kernels in the same order: for a
+    manualbp Linear the forward, then ∂C/∂X and ∂C/∂W, which the table above lumps under one name), mean device
+    time over the profiled steps."""
+    kernels = sorted((e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")),
+                     key=lambda e: e.time_range.start)
+    if not kernels or len(kernels) % calls:
+        print(f"(kernels in order: {len(kernels)} kernel events for {calls} steps, not a whole number per step)")
+        return
+    per_step = len(kernels) // calls
+    print(f"### kernels in launch order, mean over {calls} steps (µs of device time)")
+    for place in range(per_step):
+        events = kernels[place::per_step]
+        times = [e.time_range.elapsed_us() for e in events]  # a device event's interval is its kernel's run
+        names = {e.name for e in events}
+        name = names.pop() if len(names) == 1 else f"{len(names)} different kernels"
+        print(f"{place + 1:3d}. {sum(times) / len(times):10.1f}  {name[:100]}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problem", default="linear8192x1024x4096", help="bench_dense.py's names, any sizes")
@@ -98,6 +117,7 @@ def main(argv=None) -> int:
                 break
             except (AttributeError, KeyError, ValueError):
                 continue
+        print_kernels_in_order(prof, args.calls)
     if "manualbp" in args.impls and not args.warm_only:
         tuner = manualbp.backends.kernels()._autotuned_matmul()
         print("\n## tiles the autotuner chose (key: sizes by bucket, flags, dtypes)")
