@@ -47,6 +47,7 @@ def _launch_with(config, a, b, out, *, bias=None, z=None, saved=None, partials=N
         saved, saved.stride(0), saved.stride(1), out if partials is None else partials,
         out if row_sums is None else row_sums, dense._tuning_bucket(M), dense._tuning_bucket(N), dense._tuning_bucket(K),
         _PERSISTENT_PROGRAMS, **layout, **options, num_warps=config.num_warps, num_stages=config.num_stages, **kw,
+        **dense.COMPILE_OPTIONS,
     )
 
 
@@ -193,6 +194,37 @@ def test_launchers_ask_for_even_k_where_every_tile_divides_k(monkeypatch):
         tangents.calls.clear()
         jvp.linear_jvp(x, w, g, x, None, None, 1, 0.0, "a", M, N)
         assert tangents.calls[0][1]["EVEN_K"] == (K % 64 == 0), f"jvp M={M} K={K}"
+
+
+def test_every_launch_states_its_compile_options(monkeypatch):
+    """Every kernel launch passes dense.COMPILE_OPTIONS (FMA contraction on) instead of inheriting Triton's default,
+    which Triton 3.10 changes: the matmuls (forward, ∂C/∂X, ∂C/∂W), the δ pass, the activation pass, the jvp."""
+    from manualbp.triton_kernels import jvp
+
+    assert dense.COMPILE_OPTIONS == {"enable_fp_fusion": True}, "FMA contraction, stated"
+    launched = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((self.name, kwargs))
+
+    monkeypatch.setattr(dense, "is_interpreted", lambda: True)  # the fixed tile, launched directly
+    for name in ("_matmul_kernel", "_delta_kernel", "_activation_kernel"):
+        monkeypatch.setattr(dense, name, Recorder(name))
+    monkeypatch.setattr(jvp, "_jvp_kernel", Recorder("_jvp_kernel"))
+    x, w, g = torch.randn(64, 32), torch.randn(16, 32), torch.randn(64, 16)
+    dense.linear_forward(x, w, None, 1, 0.0, write_z=False)
+    dense.linear_backward(g, x, w, g, 1, 0.0, "a", want_x=True, want_weight=True, want_bias=True)
+    dense.delta_and_bias_grad(g, g, 3, 0.0, "z", want_delta=True, want_bias=True)
+    dense.activation_forward(g, 3, 0.0)
+    jvp.linear_jvp(x, w, g, x, None, None, 1, 0.0, "a", 64, 16)
+    assert {name for name, _ in launched} == {"_matmul_kernel", "_delta_kernel", "_activation_kernel",
+                                              "_jvp_kernel"}, f"launches recorded: {launched}"
+    for name, kwargs in launched:
+        assert kwargs.get("enable_fp_fusion") is True, f"{name}: enable_fp_fusion stated"
 
 
 def test_fp64_fma_fallback_gradcheck(monkeypatch, device):

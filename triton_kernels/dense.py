@@ -758,6 +758,12 @@ def tf32_allowed() -> bool:
     return torch.get_float32_matmul_precision() != "highest"
 
 
+# Compile options every launch states instead of inheriting Triton's default: FMA contraction on (the default
+# through Triton 3.9, which warns that 3.10 turns it off), so that a Triton upgrade does not change the kernels'
+# arithmetic, and their bits, unannounced. Triton's interpreter ignores it.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
 def _input_precision(dtype: torch.dtype, device: torch.device) -> str:
     if dtype == torch.float32 and device.type == "cuda" and not is_interpreted() and tf32_allowed():
         return "tf32"
@@ -863,6 +869,7 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
         STORE_DELTA=delta_out is not None,
         EVEN_K=_even_k(K),
         PACKED_SELECT=_packed_select(a.dtype, a.device),
+        **COMPILE_OPTIONS,
     )
     if fixed is None:  # the GPU autotuner picks the tile, once per bucket of (M, N, K) and epilogue
         if layout["TMA_OK"]:
@@ -1049,6 +1056,7 @@ def delta_and_bias_grad(grad_a, saved, act_id: int, negative_slope: float, saved
                 WRITE_PARTIALS=want_bias,
                 COMPUTE_FP64=fp64,
                 **_DELTA_BLOCK,
+                **COMPILE_OPTIONS,
             )
     grad_bias = None
     if want_bias:
@@ -1068,6 +1076,7 @@ def activation_forward(z: torch.Tensor, act_id: int, negative_slope: float) -> t
         _activation_kernel[grid](
             z, a, M, N, z.stride(0), z.stride(1), a.stride(0), a.stride(1),
             ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, COMPUTE_FP64=z.dtype == torch.float64, **_DELTA_BLOCK,
+            **COMPILE_OPTIONS,
         )
     return a
 

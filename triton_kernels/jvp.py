@@ -186,6 +186,7 @@ def linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, act_id
         INPUT_PRECISION=dense._input_precision(like.dtype, like.device),
         ACC_FP64=fp64,
         EVEN_K=dense._even_k(K),
+        **dense.COMPILE_OPTIONS,
     )
     fixed = dense._fixed_config(fp64, use_dot)
     with dense._device_guard(like):
