@@ -11,10 +11,11 @@
 #   4. the benchmark at the issue's shapes in bf16, forward+backward, against eager and torch.compile,
 #      the issue's targets first (CSV rows appended as measured, so a cut-short run keeps them);
 #   5. the two fusions against what they replace: δ formed in the backward matmuls' loads off
-#      (MANUALBP_DELTA_PROLOGUE=0), the MLP backward fusion off (MANUALBP_MLP_FUSION=0);
+#      (MANUALBP_DELTA_PROLOGUE=0), the MLP backward fusion off (MANUALBP_MLP_FUSION=0); and the TMA configs on
+#      (MANUALBP_TMA=1: opt-in until a run like this one has checked their results; the table's error column);
 #   6. benchmarks/profile_step.py at (1024, 4096): host and wall time per step, each kernel's device time.
 # Files in $OUT (the device tool brings back at most 8): gpu_check.log (all of stdout), gpu_tests.log,
-# warm.log, bench_dense_<GPU>.csv and .png, fusions_off.tgz (the step-5 CSVs and plots).
+# warm.log, bench_dense_<GPU>.csv and .png, fusions_off.tgz (the step-5 CSVs and plots, TMA's too).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
@@ -59,6 +60,8 @@ warm_workers=9  # the most configs any launch keeps (matmul_configs(), pruned)
             --problems linear8192x1024x4096,linear8192x4096x1024 &
         MANUALBP_MLP_FUSION=0 $py benchmarks/warm_caches.py --worker "$i" --workers $warm_workers \
             --problems mlp8192x1024x4096 &
+        MANUALBP_TMA=1 $py benchmarks/warm_caches.py --worker "$i" --workers $warm_workers \
+            --problems linear8192x1024x4096,linear8192x4096x1024 &
     done
     wait
 ) > "$out/warm.log" 2>&1 &
@@ -108,6 +111,10 @@ stamp "MLP fusion off"
 MANUALBP_MLP_FUSION=0 timeout "$(budget 25)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
     --impls eager,manualbp --problems mlp8192x1024x4096 --out-dir "$extra" --tag "${gpu}_mlp_fusion_off" 2>&1 \
     | grep -v "^#"
+stamp "TMA configs on"
+MANUALBP_TMA=1 timeout "$(budget 40)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
+    --impls eager,manualbp --activations relu,gelu --problems linear8192x1024x4096,linear8192x4096x1024 \
+    --out-dir "$extra" --tag "${gpu}_tma_on" 2>&1 | grep -v "^#"
 tar czf "$out/fusions_off.tgz" -C "$extra" . 2>/dev/null
 
 # --- 6. where a step's time goes: host against device, each kernel in launch order ----------------------------

@@ -4,12 +4,15 @@
     delta_prologue  bool   δ formed in the backward matmuls' operand loads      MANUALBP_DELTA_PROLOGUE=0 turns off
     mlp_fusion      bool   MLP backward: δ of the layer below in a matmul's epilogue   MANUALBP_MLP_FUSION=0 turns off
     autotune        bool   GPU matmuls autotune their tile                      MANUALBP_AUTOTUNE=0 turns off
-    tma             bool   the autotuner may pick the TMA + persistent matmul configs (sm_90+)   MANUALBP_TMA=0 turns off
+    tma             bool   the autotuner may pick the TMA + persistent matmul configs (sm_90+)   MANUALBP_TMA=1 turns on
+                           (off by default until a GPU run has checked their results: the one GPU run so far
+                           timed them but could not test them; see benchmarks/NOTES.md)
 
 The environment is read once, when manualbp is imported; afterwards only
 :func:`set` and :func:`override` change a setting. A bad MANUALBP_BACKEND is
 reported (naming the variable) when the backend is first needed, not at import.
-The switches off are for measuring what the fusions (and TMA) buy (benchmarks/), not for users.
+The switches off are for measuring what the fusions buy (benchmarks/), not for users; tma is off until
+its configs have been checked on a GPU (benchmarks/gpu_check.sh turns it on for one benchmark step).
 Compiled graphs (torch.compile, torch.export) bake in the settings they were traced with.
 """
 
@@ -36,7 +39,7 @@ class Settings:
     delta_prologue: bool = True
     mlp_fusion: bool = True
     autotune: bool = True
-    tma: bool = True
+    tma: bool = False  # opt-in until a GPU run has checked the TMA configs' results (config docstring)
 
 
 def check_backend(name, source: str) -> str:
@@ -59,7 +62,8 @@ def _from_environment() -> Settings:
     if backend:
         values["backend"] = backend  # checked when first read (see backend())
     for field in ("delta_prologue", "mlp_fusion", "autotune", "tma"):
-        values[field] = os.environ.get(ENVIRONMENT[field], "1").strip() != "0"
+        default = "1" if getattr(Settings, field) else "0"
+        values[field] = os.environ.get(ENVIRONMENT[field], default).strip() != "0"
     return Settings(**values)
 
 

@@ -929,7 +929,7 @@ def _packed_select(dtype: torch.dtype, device: torch.device) -> bool:
 def _tma_capable(device: torch.device) -> bool:
     """Whether TMA configs may run here: a compiled (not interpreted) CUDA launch on sm_90 or newer, with this
     Triton's device-side tensor descriptors (tl.make_tensor_descriptor, Triton >= 3.4) and triton.set_allocator,
-    unless manualbp.config's tma setting is off (MANUALBP_TMA=0)."""
+    where manualbp.config's tma setting is on (MANUALBP_TMA=1; off by default, see manualbp/config.py)."""
     if device.type != "cuda" or is_interpreted() or not config.get().tma:
         return False
     if not (hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")):
