@@ -15,7 +15,7 @@
 #      (MANUALBP_TMA=1: opt-in until a run like this one has checked their results; the table's error column);
 #   6. benchmarks/profile_step.py at (1024, 4096): host and wall time per step, each kernel's device time.
 # Files in $OUT (the device tool brings back at most 8): gpu_check.log (all of stdout), gpu_tests.log,
-# warm.log, bench_dense_<GPU>.csv and .png, fusions_off.tgz (the step-5 CSVs and plots, TMA's too).
+# gpu_failures.log (each failure's traceback as it happened: MANUALBP_FAILURE_LOG, tests/conftest.py), warm.log, bench_dense_<GPU>.csv and .png, fusions_off.tgz (the step-5 CSVs and plots, TMA's too).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
@@ -73,7 +73,7 @@ $py -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=150"
 tests_start=$(date +%s)
 # One fixed tile instead of autotuning each of hundreds of small test shapes (test_kernels.py checks every
 # autotune config on its own); without the offline compile report's test (a CPU check).
-MANUALBP_AUTOTUNE=0 timeout "$(budget 330)" $py -m pytest -v -rfE $xdist $per_test -p no:cacheprovider \
+MANUALBP_AUTOTUNE=0 MANUALBP_FAILURE_LOG="$out/gpu_failures.log" timeout "$(budget 330)" $py -m pytest -v -rfE $xdist $per_test -p no:cacheprovider \
     -m "not compile_report" tests/test_kernels.py tests/test_special_values.py tests/test_linear.py \
     tests/test_mlp.py tests/test_autocast.py tests/test_compile.py tests/ > "$out/gpu_tests.log" 2>&1
 tests_rc=$?
@@ -84,6 +84,7 @@ echo "tests: $(grep -c ' PASSED' <<<"$progress") passed, $(grep -c ' SKIPPED' <<
      "$(grep -c ' XFAIL' <<<"$progress") xfailed, $(grep -c ' FAILED' <<<"$progress") failed," \
      "$(grep -c ' ERROR' <<<"$progress") errors (counted from the -v log)"
 grep -oE '(FAILED|ERROR) tests/[^ ]+' "$out/gpu_tests.log" | sort -u | head -60
+[ -s "$out/gpu_failures.log" ] && echo "(each failure's traceback, written as it happened: gpu_failures.log)"
 tail -3 "$out/gpu_tests.log"
 # The warmers should be done by now; they must not run beside the timings.
 timeout "$(budget 30)" tail --pid=$warm_pid -f /dev/null

@@ -27,3 +27,13 @@ def _restore_settings():
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_runtest_logreport(report):
+    """With MANUALBP_FAILURE_LOG=PATH, each failure's traceback is appended to PATH the moment it is reported
+    (with pytest-xdist, by the controller), so that a run stopped at a time limit, before pytest's own summary,
+    still says which tests failed and why (benchmarks/gpu_check.sh sets it on a lent GPU)."""
+    path = os.environ.get("MANUALBP_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as log:
+            log.write(f"=== FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
