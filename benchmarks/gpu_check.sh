@@ -15,7 +15,8 @@
 #      (MANUALBP_TMA=1: opt-in until a run like this one has checked their results; the table's error column);
 #   6. benchmarks/profile_step.py at (1024, 4096): host and wall time per step, each kernel's device time.
 # Files in $OUT (the device tool brings back at most 8): gpu_check.log (all of stdout), gpu_tests.log,
-# gpu_failures.log (each failure's traceback as it happened: MANUALBP_FAILURE_LOG, tests/conftest.py), warm.log, bench_dense_<GPU>.csv and .png, fusions_off.tgz (the step-5 CSVs and plots, TMA's too).
+# gpu_failures.log (each failure's traceback as it happened: MANUALBP_FAILURE_LOG, tests/conftest.py), warm.log,
+# bench_dense_<GPU>.csv and .png, fusions_off.tgz (the step-5 CSVs and plots, TMA's too).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
