@@ -1,0 +1,109 @@
+"""The host's share of a GPU step, measured without a GPU: manualbp's triton code path with every kernel launch
+replaced by a no-op.
+
+    python benchmarks/host_path.py                       # Linear(512, 512, relu) and MLP([512, 512, 512]), fwd+bwd
+    python benchmarks/host_path.py --cprofile 300        # and where that time goes
+
+On the H200 (benchmarks/NOTES.md) a manualbp step at (1024, 4096) took 1.59 ms of host time for 0.40 ms of
+kernels: the Python around the kernels decides the speed there. This runs the same Python — module, functional,
+autograd Function, operators, launchers, the autotuned launch path (`dense._launch_autotuned`) — on CPU tensors,
+with the kernels, the autotuner's kernel and the interpreter out of the way: what it measures is manualbp's own
+host work per step (not Triton's runtime or the CUDA driver, which a GPU adds). Medians over rounds of
+--steps steps, µs per step, beside nn.Linear + the activation doing real CPU math (a yardstick, not a
+like-for-like comparison). Set up in a fresh process: it replaces kernels in manualbp's modules for good.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # triton imports without a GPU; no kernel runs either way
+
+import torch  # noqa: E402
+
+import manualbp  # noqa: E402
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel (and for the autotuner and its kernel): launching it does nothing."""
+
+    def __init__(self, best_config=None):
+        self.best_config = best_config
+        self.fn = self
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+    def run(self, *args, **kwargs):
+        return None
+
+
+def stub_kernels():
+    """Replace every kernel launch of manualbp's triton backend by a no-op, and take the GPU's launch path
+    (autotuned, the autotuner having chosen the first config) on CPU tensors."""
+    from manualbp.triton_kernels import dense, jvp
+
+    for name in ("_matmul_kernel", "_delta_kernel", "_activation_kernel"):
+        setattr(dense, name, _NoLaunch())
+    jvp._jvp_kernel = _NoLaunch()
+    tuner = _NoLaunch(best_config=dense.matmul_configs()[0])
+    dense.is_interpreted = lambda: True  # the backend takes CPU tensors for the triton path ...
+    dense._fixed_config = lambda fp64, use_dot: None  # ... and the launchers the GPU's autotuned launches
+    dense._autotuned_matmul = lambda: tuner
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=256, help="batch rows (the math is not run: size barely matters)")
+    parser.add_argument("--features", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=100, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="Python's profiler over N steps")
+    args = parser.parse_args(argv)
+
+    stub_kernels()
+    n = args.features
+    x = torch.randn(args.rows, n, requires_grad=True)
+    grad = torch.randn(args.rows, n)
+    models = {
+        "nn Linear+ReLU (CPU math)": torch.nn.Sequential(torch.nn.Linear(n, n), torch.nn.ReLU()),
+        "manualbp Linear relu": manualbp.Linear(n, n, activation="relu", backend="triton"),
+        "manualbp MLP 2 layers gelu": manualbp.MLP([n, n, n], activation="gelu", backend="triton"),
+    }
+
+    def step(model):
+        for p in model.parameters():
+            p.grad = None
+        x.grad = None
+        model(x).backward(grad)
+
+    print(f"# host path, kernels stubbed: x [{args.rows}, {n}], fwd+bwd, torch {torch.__version__}, "
+          f"{args.rounds} rounds of {args.steps} steps, median µs per step")
+    for name, model in models.items():
+        for _ in range(10):
+            step(model)
+        rounds = []
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step(model)
+            rounds.append((time.perf_counter() - start) / args.steps * 1e6)
+        print(f"{name:30s} {statistics.median(rounds):9.1f}")
+        if args.cprofile and name.startswith("manualbp"):
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(args.cprofile):
+                step(model)
+            profiler.disable()
+            pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(25)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
