@@ -879,7 +879,7 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
             tiles = _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])
             return (min(num_sms, tiles) if meta.get("TMA", False) else tiles,)  # TMA: persistent, one per SM
 
-        _launch_autotuned(grid, args, flags, buckets)
+        _launch_autotuned(_autotuned_matmul(), grid, args, flags, buckets)
         return partials
     config, launch = fixed
     if row_sums is not None and config is _UNTUNED_CONFIG:
@@ -891,16 +891,16 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
     return partials
 
 
-# The tile the autotuner chose, by a key finer than its own (the autotuner, every flag, the tensors' dtypes):
+# The tile an autotuner chose, by a key finer than its own (the autotuner, every flag, the tensors' dtypes):
 # a repeat launch goes to the kernel with that tile directly, as the autotuner itself does once it has looked its
 # key up, without its generic key building over all 52 arguments (H200 host profile, 2026-12-04, Triton 3.6: the
 # autotuner's own Python was ~1/5 of a launch's host time). The first launch of a key goes through the autotuner.
 _chosen_tiles: dict = {}
 
 
-def _launch_autotuned(grid, args: tuple, flags: dict, buckets: tuple) -> None:
-    """_matmul_kernel[grid](*args, **flags) with the tile the autotuner chooses for them."""
-    tuner = _autotuned_matmul()
+def _launch_autotuned(tuner, grid, args: tuple, flags: dict, buckets: tuple) -> None:
+    """tuner[grid](*args, **flags) with the tile tuner chooses for them (the matmul's and the jvp's autotuners);
+    buckets: the sizes of its key."""
     key = (tuner, buckets, tuple(flags.items()), tuple(t.dtype for t in args if isinstance(t, torch.Tensor)))
     config = _chosen_tiles.get(key)
     if config is None:

@@ -169,11 +169,12 @@ def linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, act_id
     tx = tangent_x if tangent_x is not None else x  # absent tangents: flags off, a valid pointer
     tw = tangent_weight if tangent_weight is not None else weight
     tb = tangent_bias if tangent_bias is not None else out
+    buckets = (dense._tuning_bucket(rows), dense._tuning_bucket(columns), dense._tuning_bucket(K))
     args = (
         tx, weight, x, tw, tb, saved, out, rows, columns, K,
         tx.stride(0), tx.stride(1), weight.stride(0), weight.stride(1), x.stride(0), x.stride(1),
         tw.stride(0), tw.stride(1), tb.stride(0), saved.stride(0), saved.stride(1), out.stride(0), out.stride(1),
-        dense._tuning_bucket(rows), dense._tuning_bucket(columns), dense._tuning_bucket(K),
+        *buckets,
     )
     flags = dict(
         HAS_TANGENT_X=tangent_x is not None,
@@ -192,7 +193,7 @@ def linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, act_id
     with dense._device_guard(like):
         if fixed is None:  # the GPU autotuner picks the tile, once per bucket of (M, N, K) and flags
             grid = lambda meta: (dense._cdiv(rows, meta["BLOCK_M"]) * dense._cdiv(columns, meta["BLOCK_N"]),)  # noqa: E731
-            _autotuned_jvp()[grid](*args, **flags)
+            dense._launch_autotuned(_autotuned_jvp(), grid, args, flags, buckets)
         else:
             tile, launch = fixed
             grid = (dense._cdiv(rows, tile["BLOCK_M"]) * dense._cdiv(columns, tile["BLOCK_N"]),)
