@@ -6,17 +6,17 @@
 #      (the GPU-specific files first: every autotune config, the packed selects, special values), and
 #      benchmarks/warm_caches.py filling Triton's and Inductor's caches for the benchmarks below, one
 #      process per config (the autotuner compiles configs one after another, minutes at these shapes);
-#   3. Triton's matmul against cuBLAS at 4096^3 (bf16 not warmed by step 2: its first call compiles what the
-#      tests have not compiled yet, and autotunes; fp32 warmed in step 2: tuning only);
+#   3. the TMA configs on (MANUALBP_TMA=1: opt-in until a run like this one has checked their results; the table's
+#      error column against float64) at the two host-bound shapes;
 #   4. the benchmark at the issue's shapes in bf16, forward+backward, against eager and torch.compile,
 #      the issue's targets first (CSV rows appended as measured, so a cut-short run keeps them);
-#   5. the two fusions against what they replace: δ formed in the backward matmuls' loads off
-#      (MANUALBP_DELTA_PROLOGUE=0), the MLP backward fusion off (MANUALBP_MLP_FUSION=0); and the TMA configs on
-#      (MANUALBP_TMA=1: opt-in until a run like this one has checked their results; the table's error column);
-#   6. benchmarks/profile_step.py at (1024, 4096): host and wall time per step, each kernel's device time.
+#   5. where a step's time goes: benchmarks/profile_step.py at (1024, 4096) (host and wall time per step, each
+#      kernel's device time), then Python's profiler over the same step, then bench_overhead.py (a tiny layer);
+#   6. with the time left (usually none): Triton's matmul against cuBLAS at 4096^3, the δ prologue and the MLP
+#      backward fusion off (MANUALBP_DELTA_PROLOGUE=0, MANUALBP_MLP_FUSION=0).
 # Files in $OUT (the device tool brings back at most 8): gpu_check.log (all of stdout), gpu_tests.log,
 # gpu_failures.log (each failure's traceback as it happened: MANUALBP_FAILURE_LOG, tests/conftest.py), warm.log,
-# bench_dense_<GPU>.csv and .png, fusions_off.tgz (the step-5 CSVs and plots, TMA's too).
+# bench_dense_<GPU>.csv and .png, extra_runs.tgz (the CSVs and plots of steps 3, 5 and 6).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
@@ -74,7 +74,7 @@ $py -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=150"
 tests_start=$(date +%s)
 # One fixed tile instead of autotuning each of hundreds of small test shapes (test_kernels.py checks every
 # autotune config on its own); without the offline compile report's test (a CPU check).
-MANUALBP_AUTOTUNE=0 MANUALBP_FAILURE_LOG="$out/gpu_failures.log" timeout "$(budget 330)" $py -m pytest -v -rfE $xdist $per_test -p no:cacheprovider \
+MANUALBP_AUTOTUNE=0 MANUALBP_FAILURE_LOG="$out/gpu_failures.log" timeout "$(budget 260)" $py -m pytest -v -rfE $xdist $per_test -p no:cacheprovider \
     -m "not compile_report" tests/test_kernels.py tests/test_special_values.py tests/test_linear.py \
     tests/test_mlp.py tests/test_autocast.py tests/test_compile.py tests/ > "$out/gpu_tests.log" 2>&1
 tests_rc=$?
@@ -92,19 +92,33 @@ timeout "$(budget 30)" tail --pid=$warm_pid -f /dev/null
 kill $warm_pid 2>/dev/null; pkill -f warm_caches.py 2>/dev/null
 grep -E "^warm" "$out/warm.log" | tail -40
 
-# --- 3. the matmul ceiling -------------------------------------------------------------------------------
-stamp "bench_matmul"
-timeout "$(budget 60)" $py benchmarks/bench_matmul.py --size 4096 --dtypes bf16,fp32,fp32-tf32
+# --- 3. the TMA configs on (opt-in until a run like this checks them: the table's error column) ---------------
+extra=$(mktemp -d)
+stamp "TMA configs on"
+MANUALBP_TMA=1 timeout "$(budget 40)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
+    --impls eager,manualbp --activations relu,gelu --problems linear8192x1024x4096,linear8192x4096x1024 \
+    --out-dir "$extra" --tag "${gpu}_tma_on" 2>&1 | grep -v "^#"
 
 # --- 4. the benchmark -------------------------------------------------------------------------------------
 stamp "bench_dense"
-timeout "$(budget 175)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
+timeout "$(budget 130)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
     --impls eager,compile,manualbp,manualbp-recompute --activations relu,gelu --problems "$problems" \
     --out-dir "$out" 2>&1 | grep -v "^#   MiB"
 echo "bench_dense: exit ${PIPESTATUS[0]}"
 
-# --- 5. the fusions against what they replace --------------------------------------------------------------
-extra=$(mktemp -d)
+# --- 5. where a step's time goes: host against device, each kernel in launch order; the host's Python ----------
+stamp "profile"
+timeout "$(budget 40)" $py benchmarks/profile_step.py --problem linear8192x1024x4096 --activation relu \
+    --impls eager,manualbp --rows 8 2>&1 | grep -v "^ *\[W\|USDT"
+stamp "Python profile"
+timeout "$(budget 35)" $py benchmarks/profile_step.py --problem linear8192x1024x4096 --activation relu \
+    --impls manualbp --no-kernels --cprofile 200 --rows 30 2>&1 | grep -v "^ *\[W\|USDT"
+stamp "bench_overhead"
+timeout "$(budget 20)" $py benchmarks/bench_overhead.py --rounds 300 --out-dir "$extra" 2>&1 | grep -v "^#   "
+
+# --- 6. with the time left: the matmul ceiling, the fusions against what they replace -------------------------
+stamp "bench_matmul"
+timeout "$(budget 60)" $py benchmarks/bench_matmul.py --size 4096 --dtypes bf16,fp32,fp32-tf32
 stamp "delta prologue off"
 MANUALBP_DELTA_PROLOGUE=0 timeout "$(budget 40)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
     --impls eager,manualbp --activations relu,gelu --problems linear8192x1024x4096,linear8192x4096x1024 \
@@ -113,16 +127,7 @@ stamp "MLP fusion off"
 MANUALBP_MLP_FUSION=0 timeout "$(budget 25)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
     --impls eager,manualbp --problems mlp8192x1024x4096 --out-dir "$extra" --tag "${gpu}_mlp_fusion_off" 2>&1 \
     | grep -v "^#"
-stamp "TMA configs on"
-MANUALBP_TMA=1 timeout "$(budget 40)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
-    --impls eager,manualbp --activations relu,gelu --problems linear8192x1024x4096,linear8192x4096x1024 \
-    --out-dir "$extra" --tag "${gpu}_tma_on" 2>&1 | grep -v "^#"
-tar czf "$out/fusions_off.tgz" -C "$extra" . 2>/dev/null
-
-# --- 6. where a step's time goes: host against device, each kernel in launch order ----------------------------
-stamp "profile"
-timeout "$(budget 45)" $py benchmarks/profile_step.py --problem linear8192x1024x4096 --activation relu \
-    --impls eager,manualbp --rows 8 2>&1 | grep -v "^ *\[W\|USDT"
+tar czf "$out/extra_runs.tgz" -C "$extra" . 2>/dev/null
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv,noheader
 stamp "done"
 return "$tests_rc"
