@@ -38,7 +38,8 @@ def _launch_with(config, a, b, out, *, bias=None, z=None, saved=None, partials=N
                    NEGATIVE_SLOPE=0.0, WRITE_Z=z is not None, F_PRIME_AS_Z=False, USE_DOT=True,
                    INPUT_PRECISION="ieee", ACC_FP64=False, GRAD_EPILOGUE=False, A_PROLOGUE=False,
                    SAVED_KIND=dense.SAVED_KINDS["z"], WRITE_PARTIALS=partials is not None,
-                   ROW_SUMS=row_sums is not None, PARTIAL_ROWS=dense._PARTIAL_ROWS, EVEN_K=K % kw["BLOCK_K"] == 0)
+                   ROW_SUMS=row_sums is not None, PARTIAL_ROWS=dense._PARTIAL_ROWS, EVEN_K=K % kw["BLOCK_K"] == 0,
+                   INLINE_PTX=dense._inline_ptx(a.device))
     options.update(flags)
     dense._matmul_kernel[grid](
         a, b, out if bias is None else bias, out, out if z is None else z, M, N, K,
@@ -85,6 +86,8 @@ def test_every_autotune_config_is_correct(config, device):
 
     # The backward prologue with the same tile: out = (G ⊙ f'(Z)) Wᵀ with f'(Z) saved, and the row sums of G ⊙ f'(Z)
     # (δ rounded to the data dtype, as a stored δ) where the autotuner could pick this tile for them (BLOCK_K).
+    if dense._tma_prologue_excluded(config):
+        pytest.skip(f"{name} is not offered to the prologue's launches (dense._tma_prologue_excluded)")
     grad_a = torch.randn(M, K, generator=g).to(device, dtype)
     f_prime = torch.rand(M, K, generator=g).to(device, dtype)
     with_sums = config.kwargs["BLOCK_K"] == dense.SUM_BLOCK_K
@@ -740,6 +743,20 @@ def test_packed_selects_only_where_the_ptx_exists(monkeypatch):
     assert not dense._packed_select(torch.float16, cuda), "not in the interpreter"
 
 
+def test_inline_ptx_only_where_compiled_for_nvidia(monkeypatch):
+    """_inline_ptx (δ kept out of FMA contraction before its sums): a compiled NVIDIA launch only."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(dense, "is_interpreted", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert dense._inline_ptx(cuda), "compiled for an NVIDIA GPU"
+    assert not dense._inline_ptx(torch.device("cpu")), "not on the CPU"
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert not dense._inline_ptx(cuda), "not on ROCm (the PTX is NVIDIA's)"
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(dense, "is_interpreted", lambda: True)
+    assert not dense._inline_ptx(cuda), "not in the interpreter"
+
+
 def test_autotuning_reuses_buckets_of_sizes(monkeypatch):
     """With a stub timer and a stub kernel: one Linear's forward and backward at every sequence length 1..4096
     (batch 8) tunes once per (launch, bucket of M), not once per size; buckets are powers of two."""
@@ -928,6 +945,11 @@ def test_tma_layout_and_pruning(monkeypatch):
     assert all(c.kwargs.get("TMA", False) for c in wide_k(dict(A_PROLOGUE=True))), "... as a TMA config only"
     assert not wide_k({}), "not for the other matmuls"
     assert not wide_k(dict(A_PROLOGUE=True, ROW_SUMS=True)), "not with ∂C/∂b (its order needs SUM_BLOCK_K)"
+    prologue = dense._prune_configs(dense.matmul_configs(), {"a_ptr": g16}, TMA_OK=True, A_PROLOGUE=True)
+    excluded = [c for c in dense.matmul_configs() if dense._tma_prologue_excluded(c)]
+    assert excluded and not any(c in prologue for c in excluded), "the TMA tile wrong with the prologue: dropped"
+    assert any(c in dense._prune_configs(dense.matmul_configs(), {"a_ptr": g16}, TMA_OK=True) for c in excluded), \
+        "... only for the prologue's launches"
     assert not dense._tma_capable(torch.device("cpu")), "no TMA off a GPU"
     if dense.is_interpreted():
         assert not dense._tma_capable(torch.device("cuda")), "no TMA in the interpreter"
