@@ -991,7 +991,9 @@ def _launch_autotuned(tuner, grid, args: tuple, flags: dict, buckets: tuple) -> 
         tuner.fn.run(*args, grid=grid, warmup=False, **flags, **config_.all_kwargs())
     else:
         kernel, constexprs, device_index = direct
-        kernel[grid(meta)](*args, *constexprs, stream=_raw_stream(device_index))
+        programs = grid(meta)  # a compiled kernel's launcher takes all three grid dimensions
+        kernel[(programs[0], programs[1] if len(programs) > 1 else 1, programs[2] if len(programs) > 2 else 1)](
+            *args, *constexprs, stream=_raw_stream(device_index))
 
 
 def _even_k(K: int) -> bool:
