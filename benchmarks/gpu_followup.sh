@@ -5,8 +5,8 @@
 #   2. side by side: the test files gpu_check.sh's test step is least likely to reach in its time (the kernels'
 #      own tests first; test_special_values.py, whose ~2000 cases each compile kernel variants on a bare machine,
 #      is left out), and benchmarks/warm_caches.py for the (1024, 4096) Linear;
-#   3. profile_step.py at (1024, 4096) relu: host and wall time per step, with the direct launch and without
-#      (MANUALBP_DIRECT_LAUNCH=0), each kernel's device time; Python's profiler over the step;
+#   3. profile_step.py at (1024, 4096) relu: host and wall time per step, each kernel's device time; Python's
+#      profiler over the step;
 #   4. bench_dense.py at (1024, 4096), relu and gelu, against eager (the error column); bench_overhead.py.
 # Files in $OUT: gpu_followup.log (all of stdout), gpu_followup_tests.log, gpu_failures.log, warm.log,
 # extra_runs.tgz (the CSVs and plots).
@@ -61,12 +61,9 @@ kill $warm_pid 2>/dev/null; pkill -f warm_caches.py 2>/dev/null
 grep -E "^warm" "$out/warm.log" | tail -8
 
 extra=$(mktemp -d)
-stamp "profile, direct launch"
+stamp "profile"
 timeout "$(budget 30)" $py benchmarks/profile_step.py --problem $problem --activation relu --impls eager,manualbp \
     --rows 6 2>&1 | grep -v "^ *\[W\|USDT\|Warning\|_warn_once"
-stamp "profile, direct launch off"
-MANUALBP_DIRECT_LAUNCH=0 timeout "$(budget 25)" $py benchmarks/profile_step.py --problem $problem --activation relu \
-    --impls manualbp --no-kernels 2>&1 | grep -E "^#|^## "
 stamp "bench_dense"
 timeout "$(budget 30)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd --impls eager,manualbp \
     --activations relu,gelu --problems $problem --out-dir "$extra" 2>&1 | grep -v "^#   MiB"

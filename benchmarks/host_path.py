@@ -6,8 +6,7 @@ replaced by a no-op.
 
 On the H200 (benchmarks/NOTES.md) a manualbp step at (1024, 4096) took 1.59 ms of host time for 0.40 ms of
 kernels: the Python around the kernels decides the speed there. This runs the same Python — module, functional,
-autograd Function, operators, launchers, the autotuned launch path (`dense._launch_autotuned`, its repeats by the
-direct launch, as on an NVIDIA GPU) — on CPU tensors,
+autograd Function, operators, launchers, the autotuned launch path (`dense._launch_autotuned`) — on CPU tensors,
 with the kernels, the autotuner's kernel and the interpreter out of the way: what it measures is manualbp's own
 host work per step (not Triton's runtime or the CUDA driver, which a GPU adds). Medians over rounds of
 --steps steps, µs per step, beside nn.Linear + the activation doing real CPU math (a yardstick, not a
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import inspect
 import os
 import pstats
 import statistics
@@ -33,27 +31,17 @@ import manualbp  # noqa: E402
 
 
 class _NoLaunch:
-    """Stands in for a Triton kernel (and for the autotuner, its JITFunction and the compiled kernel the direct
-    launch keeps): launching it does nothing; params: the kernel's parameters, as the direct launch reads them."""
+    """Stands in for a Triton kernel (and for the autotuner and its kernel): launching it does nothing."""
 
-    def __init__(self, best_config=None, params=()):
+    def __init__(self, best_config=None):
         self.best_config = best_config
         self.fn = self
-        self.params = params
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: _NoLaunch()
+        return lambda *args, **kwargs: None
 
     def run(self, *args, **kwargs):
-        return _NoLaunch()
-
-
-class _Param:
-    """A kernel parameter as Triton's JITFunction.params describe it (the interpreter's kernels have none)."""
-
-    def __init__(self, parameter):
-        self.name, self.default = parameter.name, parameter.default
-        self.is_constexpr = "constexpr" in str(parameter.annotation)
+        return None
 
 
 def stub_kernels():
@@ -61,16 +49,13 @@ def stub_kernels():
     (autotuned, the autotuner having chosen the first config) on CPU tensors."""
     from manualbp.triton_kernels import dense, jvp
 
-    params = [_Param(p) for p in inspect.signature(dense._matmul_kernel.fn).parameters.values()]
     for name in ("_matmul_kernel", "_delta_kernel", "_activation_kernel"):
         setattr(dense, name, _NoLaunch())
     jvp._jvp_kernel = _NoLaunch()
-    tuner = _NoLaunch(best_config=dense.matmul_configs()[0], params=params)
+    tuner = _NoLaunch(best_config=dense.matmul_configs()[0])
     dense.is_interpreted = lambda: True  # the backend takes CPU tensors for the triton path ...
-    dense._fixed_config = lambda fp64, use_dot: None  # ... and the launchers the GPU's autotuned launches,
+    dense._fixed_config = lambda fp64, use_dot: None  # ... and the launchers the GPU's autotuned launches
     dense._autotuned_matmul = lambda: tuner
-    dense._direct_launch_ok = lambda device: True  # ... repeats straight to the (no-op) compiled kernel
-    dense._raw_stream = lambda device_index: None
 
 
 def main(argv=None) -> int:

@@ -6,14 +6,13 @@
     autotune        bool   GPU matmuls autotune their tile                      MANUALBP_AUTOTUNE=0 turns off
     tma             bool   the autotuner may pick the TMA + persistent matmul configs (sm_90+)   MANUALBP_TMA=1 turns on
                            (off by default: on an H200 one TMA tile gave wrong products with the prologue, now
-                           not offered there, and the rest are unchecked at full size; see benchmarks/NOTES.md)
-    direct_launch  bool   repeat GPU launches go straight to the compiled kernel   MANUALBP_DIRECT_LAUNCH=0 turns off
+                           not offered there, and the others are unchecked at full size; see benchmarks/NOTES.md)
 
 The environment is read once, when manualbp is imported; afterwards only
 :func:`set` and :func:`override` change a setting. A bad MANUALBP_BACKEND is
 reported (naming the variable) when the backend is first needed, not at import.
-The switches off are for measuring what the fusions and the direct launch buy (benchmarks/), not for users;
-tma is off until its configs have been checked on a GPU (benchmarks/gpu_check.sh turns it on for one step).
+The switches off are for measuring what the fusions buy (benchmarks/), not for users; tma is off until
+its configs have been checked on a GPU (benchmarks/gpu_check.sh turns it on for one benchmark step).
 Compiled graphs (torch.compile, torch.export) bake in the settings they were traced with.
 """
 
@@ -31,7 +30,6 @@ ENVIRONMENT = {
     "mlp_fusion": "MANUALBP_MLP_FUSION",
     "autotune": "MANUALBP_AUTOTUNE",
     "tma": "MANUALBP_TMA",
-    "direct_launch": "MANUALBP_DIRECT_LAUNCH",
 }
 
 
@@ -42,7 +40,6 @@ class Settings:
     mlp_fusion: bool = True
     autotune: bool = True
     tma: bool = False  # opt-in until a GPU run has checked the TMA configs' results (config docstring)
-    direct_launch: bool = True
 
 
 def check_backend(name, source: str) -> str:
@@ -64,7 +61,7 @@ def _from_environment() -> Settings:
     backend = os.environ.get(ENVIRONMENT["backend"], "").strip().lower()
     if backend:
         values["backend"] = backend  # checked when first read (see backend())
-    for field in ("delta_prologue", "mlp_fusion", "autotune", "tma", "direct_launch"):
+    for field in ("delta_prologue", "mlp_fusion", "autotune", "tma"):
         default = "1" if getattr(Settings, field) else "0"
         values[field] = os.environ.get(ENVIRONMENT[field], default).strip() != "0"
     return Settings(**values)

@@ -679,6 +679,8 @@ def test_packed_selects_give_the_plain_selects_bits(config, dtype):
     device = torch.device("cuda")
     if not dense._packed_select(dtype, device):
         pytest.skip(f"no packed {dtype} comparison on this GPU")
+    if dense._tma_prologue_excluded(config):
+        pytest.skip(f"{_config_id(config)} is not offered to the prologue's launches (dense._tma_prologue_excluded)")
     g = torch.Generator().manual_seed(12)
     M, N, K = 136, 200, 72
     specials = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -1e-40])
@@ -955,109 +957,3 @@ def test_tma_layout_and_pruning(monkeypatch):
         assert not dense._tma_capable(torch.device("cuda")), "no TMA in the interpreter"
     with manualbp.config.override(tma=False):
         assert not dense._tma_capable(torch.device("cuda")), "tma setting off"
-
-
-def test_direct_launch_key_is_at_least_as_fine_as_tritons_specialisation():
-    """A repeat launch goes to the kernel compiled for the first launch of its key (dense._launch_autotuned), so
-    two launches with one key must be ones Triton compiles the same kernel for. Triton's own binder for the sm_90
-    backend (offline, on CPU tensors) gives each argument list's specialisation; every argument list of one key
-    must get the same one. Arguments varied as launches vary them: tensors 16-byte aligned or not (offset views),
-    ints equal to 1, multiples of 16 or not, past 32 bits."""
-    import inspect
-
-    import triton
-    from triton.runtime import jit
-
-    if not (hasattr(jit, "create_function_from_signature") and hasattr(triton.compiler, "make_backend")):
-        pytest.skip("this Triton has no create_function_from_signature / make_backend (before 3.4)")
-    from triton.backends.compiler import GPUTarget
-
-    try:
-        backend = triton.compiler.make_backend(GPUTarget("cuda", 90, 32))
-    except Exception as error:  # no NVIDIA backend in this Triton build
-        pytest.skip(f"no sm_90 backend here: {error}")
-    fn = dense._matmul_kernel
-    kernel = jit.JITFunction(fn.fn) if not hasattr(fn, "params") else fn  # the interpreter's kernels have none
-    binder = jit.create_function_from_signature(kernel.signature, kernel.params, backend)
-    runtime = [p.name for p in kernel.params if not p.is_constexpr]
-    constexprs = {p.name: (p.default if p.default is not inspect.Parameter.empty else 1) for p in kernel.params
-                  if p.is_constexpr}
-    constexprs.update(INPUT_PRECISION="ieee", NEGATIVE_SLOPE=0.0)
-    storage = torch.zeros(4096, dtype=torch.float16)
-    tensors = [storage[0:1024], storage[8:1032], storage[1:1025], storage[3:1027], torch.zeros(64)]
-    ints = [1, 16, 17, 32, 0, 48, 3, 2 ** 31 + 16, 2 ** 31 + 1, 2 ** 40, 2 ** 63 + 16]
-    base = tuple(tensors[0] if name.endswith("_ptr") else 64 for name in runtime)
-    compared = 0
-    for position, name in enumerate(runtime):  # one argument varied at a time, the others as in base
-        seen = {}
-        for value in tensors if name.endswith("_ptr") else ints:
-            args = base[:position] + (value,) + base[position + 1:]
-            _, specialization, _ = binder(*args, **constexprs)
-            key = dense._specialization(args)
-            if key in seen:
-                compared += 1
-                assert seen[key] == specialization, (f"{name}: one direct-launch key, two Triton specialisations:"
-                                                     f"\n{seen[key]}\n{specialization}")
-            seen[key] = specialization
-    assert compared >= len(runtime), "values sharing a key compared at every argument"
-
-
-def test_direct_launch_passes_the_compiled_kernel_what_triton_would(monkeypatch):
-    """The direct launch (an NVIDIA GPU's path; the GPU stubbed here): the first launch of a key goes through the
-    autotuner and JITFunction.run; its repeats go to the kernel that run returned, with the runtime arguments and
-    then every constexpr of the kernel's signature in order (the flags, the chosen tile, the defaults), the grid
-    of that tile, on the current stream. With manualbp.config's direct_launch off they go through run again."""
-    import triton
-    from triton.runtime import jit
-
-    params = jit.JITFunction(dense._matmul_kernel.fn).params
-    runs, direct = [], []
-
-    class Compiled:  # what JITFunction.run returns: the compiled kernel
-        def __getitem__(self, grid):
-            return lambda *args, stream=None: direct.append((grid, args, stream))
-
-        def run(self, *args):  # CompiledKernel's launcher, which __getitem__'s runner calls
-            raise AssertionError("not called directly")
-
-    class StubKernel:  # the JITFunction under the autotuner: records its launches
-        arg_names = [p.name for p in params]
-
-        def __init__(self):
-            self.fn = lambda: None
-            self.params = params
-
-        def run(self, *args, grid=None, warmup=False, **kwargs):
-            runs.append((args, kwargs))
-            return Compiled()
-
-    tuner = triton.autotune(configs=dense.matmul_configs(), key=dense._TUNING_KEY,
-                            prune_configs_by={"early_config_prune": dense._prune_configs},
-                            do_bench=lambda kernel_call, quantiles: [1.0] * 3)(StubKernel())
-    monkeypatch.setattr(dense, "_autotuned_matmul", lambda: tuner)
-    monkeypatch.setattr(dense, "_fixed_config", lambda fp64, use_dot: None)
-    monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 232448)  # H100
-    monkeypatch.setattr(dense, "_direct_launch_ok", lambda device: True)
-    monkeypatch.setattr(dense, "_raw_stream", lambda device_index: "the current stream")
-    meta = dict(device="meta", dtype=torch.bfloat16)
-    x, weight, bias = torch.empty(100, 128, **meta), torch.empty(256, 128, **meta), torch.empty(256, **meta)
-    for _ in range(3):
-        dense.linear_forward(x, weight, bias, 1, 0.0, write_z=False)
-    assert len(runs) == 1 and len(direct) == 2, f"{len(runs)} runs, {len(direct)} direct launches: 1 and 2"
-    (run_args, run_kwargs), (grid, args, stream) = runs[0], direct[0]
-    n = len(run_args)
-    assert len(args) == len(params), "every parameter of the kernel, as JITFunction.run passes them"
-    for p, value, expected in zip(params[:n], args[:n], run_args):
-        same = (value.shape, value.dtype) == (expected.shape, expected.dtype) if isinstance(value, torch.Tensor) \
-            else value == expected
-        assert same, f"runtime argument {p.name}: {value} vs run's {expected}"
-    for p, value in zip(params[n:], args[n:]):
-        assert p.is_constexpr, f"{p.name}: only constexprs after the runtime arguments"
-        assert value == run_kwargs.get(p.name, p.default), f"constexpr {p.name}: {value} vs run's"
-    tile = dict(zip([p.name for p in params], args))
-    assert grid == (triton.cdiv(100, tile["BLOCK_M"]) * triton.cdiv(256, tile["BLOCK_N"]),), f"grid {grid}"
-    assert stream == "the current stream", "launched on the current stream"
-    with manualbp.config.override(direct_launch=False):
-        dense.linear_forward(x, weight, bias, 1, 0.0, write_z=False)
-    assert len(runs) == 2 and len(direct) == 2, "direct_launch off: through JITFunction.run"
-    assert {k: runs[1][1][k] for k in runs[0][1]} == runs[0][1], "... with the same tile and flags"

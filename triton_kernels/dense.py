@@ -934,66 +934,23 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
     return partials
 
 
-# Repeat launches, by a key at least as fine as everything Triton compiles a kernel for: the autotuner, every flag,
-# the sizes' buckets, and per argument what Triton specialises on (_specialization). The first launch of a key goes
-# through the autotuner (which tunes, or looks its choice up) and compiles; the ones after it go to the compiled
-# kernel with that tile directly, past the autotuner's key building over all 52 arguments and past Triton's
-# JITFunction.run (its binder, its cache key, its check of the kernel's 15 constexpr globals, the driver's device
-# and stream queries). H200 host profile, 2026-12-04, Triton 3.6: of a (1024, 4096) step's host time, the autotuner
-# took ~1/5 and JITFunction.run ~2/5 of the three launches' share. Off (manualbp.config direct_launch) the repeat
-# launches call JITFunction.run with the chosen tile.
-_launches: dict = {}
-
-_INT32 = range(-2 ** 31, 2 ** 31)
-
-
-def _specialization(args: tuple) -> tuple:
-    """What Triton specialises a kernel on, per argument, or something finer: a tensor's dtype and whether its data
-    is 16-byte aligned; an int's being 1, its divisibility by 16, and its width (32 bits, 64 signed, 64 unsigned)."""
-    return tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
-                 else (a == 1, a % 16 == 0, a in _INT32, a < 2 ** 63) if type(a) is int
-                 else type(a) for a in args)
-
-
-def _direct_launch_ok(device: torch.device) -> bool:
-    """Whether a launch's repeats may go straight to its compiled kernel: compiled for an NVIDIA GPU (the
-    specialisation above is what Triton's NVIDIA backend uses)."""
-    return _inline_ptx(device)
-
-
-# The current CUDA stream's handle, read as Triton's own launch path reads it (without it: Triton's driver query)
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", lambda device_index: None)
-
-
-def _direct(tuner, kernel, n_args: int, meta: dict, device: torch.device):
-    """(kernel, its constexpr arguments after the n_args runtime ones in the kernel's order, device index) for
-    kernel[grid](*args, *constexprs), as JITFunction.run launches it; None where that cannot be built."""
-    if not (_direct_launch_ok(device) and hasattr(kernel, "run") and hasattr(kernel, "__getitem__")):
-        return None
-    params = tuner.fn.params[n_args:]
-    if not all(p.is_constexpr and (p.name in meta or p.default is not inspect.Parameter.empty) for p in params):
-        return None
-    return kernel, tuple(meta[p.name] if p.name in meta else p.default for p in params), device.index
+# The tile an autotuner chose, by a key finer than its own (the autotuner, every flag, the tensors' dtypes):
+# a repeat launch goes to the kernel with that tile directly, as the autotuner itself does once it has looked its
+# key up, without its generic key building over all 52 arguments (H200 host profile, 2026-12-04, Triton 3.6: the
+# autotuner's own Python was ~1/5 of a launch's host time). The first launch of a key goes through the autotuner.
+_chosen_tiles: dict = {}
 
 
 def _launch_autotuned(tuner, grid, args: tuple, flags: dict, buckets: tuple) -> None:
     """tuner[grid](*args, **flags) with the tile tuner chooses for them (the matmul's and the jvp's autotuners);
     buckets: the sizes of its key."""
-    key = (tuner, args[0].get_device(), buckets, tuple(flags.items()), _specialization(args))
-    entry = _launches.get(key)
-    if entry is None:
-        kernel = tuner[grid](*args, **flags)
-        meta = {**flags, **tuner.best_config.kwargs}
-        _launches[key] = (tuner.best_config, meta, _direct(tuner, kernel, len(args), meta, args[0].device))
-        return
-    config_, meta, direct = entry
-    if direct is None or not config.get().direct_launch:
-        tuner.fn.run(*args, grid=grid, warmup=False, **flags, **config_.all_kwargs())
+    key = (tuner, buckets, tuple(flags.items()), tuple(t.dtype for t in args if isinstance(t, torch.Tensor)))
+    config = _chosen_tiles.get(key)
+    if config is None:
+        tuner[grid](*args, **flags)
+        _chosen_tiles[key] = tuner.best_config
     else:
-        kernel, constexprs, device_index = direct
-        programs = grid(meta)  # a compiled kernel's launcher takes all three grid dimensions
-        kernel[(programs[0], programs[1] if len(programs) > 1 else 1, programs[2] if len(programs) > 2 else 1)](
-            *args, *constexprs, stream=_raw_stream(device_index))
+        tuner.fn.run(*args, grid=grid, warmup=False, **flags, **config.all_kwargs())
 
 
 def _even_k(K: int) -> bool:
