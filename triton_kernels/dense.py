@@ -643,7 +643,9 @@ def matmul_configs() -> list:
     pruned by benchmarks/compile_report.py (sm_90, bf16; compiler figures, not timings):
     BLOCK_N = 256 first; 64x64x32 replaced by 64x128x64 in two stages (its loop was
     issue-bound, pressure ~1.0, the tutorial's too). EPILOGUE_SPLIT: column slices of the forward epilogue, the fewest
-    with no spill at any activation (f and f' of a whole large tile spilled 850-900 bytes).
+    with no spill at any activation (f and f' of a whole large tile spilled 850-900 bytes), and of the MLP backward
+    epilogue (8 at 128x128x32 and 4 at TMA 128x128x64: its fixed tree of ∂C/∂b partial sums spilled 8-128 bytes
+    with fewer under Triton 3.6).
     Pruned by shared memory, for ∂C/∂b by BLOCK_K and BLOCK_N, and to the prologue's launches for K steps
     over 64, in :func:`_prune_configs`.
     """
@@ -654,7 +656,7 @@ def matmul_configs() -> list:
         c({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 8}, num_stages=3, num_warps=8),
         # Square, deep pipeline: the all-round choice.
         c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 2}, num_stages=4, num_warps=8),
-        c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_SPLIT": 4}, num_stages=4, num_warps=4),
+        c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_SPLIT": 8}, num_stages=4, num_warps=4),
         # Rectangular: skinny outputs (few rows or few columns).
         c({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 2}, num_stages=4, num_warps=4),
         c({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 2}, num_stages=4, num_warps=4),
@@ -663,7 +665,7 @@ def matmul_configs() -> list:
         # the pointer kernels do best at.
         c({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 8, "TMA": True},
           num_stages=3, num_warps=8),
-        c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 2, "TMA": True},
+        c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 4, "TMA": True},
           num_stages=4, num_warps=8),
         # Hopper, launches with δ formed in the loads (A_PROLOGUE) but no ∂C/∂b: K steps of 128 pay the prologue's
         # per-step costs (the barriers around each TMA issue, the waits, the loads of G and the saved tensor into
