@@ -74,7 +74,7 @@ $py -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=150"
 tests_start=$(date +%s)
 # One fixed tile instead of autotuning each of hundreds of small test shapes (test_kernels.py checks every
 # autotune config on its own); without the offline compile report's test (a CPU check).
-MANUALBP_AUTOTUNE=0 MANUALBP_FAILURE_LOG="$out/gpu_failures.log" timeout "$(budget 260)" $py -m pytest -v -rfE $xdist $per_test -p no:cacheprovider \
+MANUALBP_AUTOTUNE=0 MANUALBP_FAILURE_LOG="$out/gpu_failures.log" timeout -s INT -k 15 "$(budget 260)" $py -m pytest -v -rfE --durations=25 $xdist $per_test -p no:cacheprovider \
     -m "not compile_report" tests/test_kernels.py tests/test_special_values.py tests/test_linear.py \
     tests/test_mlp.py tests/test_autocast.py tests/test_compile.py tests/ > "$out/gpu_tests.log" 2>&1
 tests_rc=$?

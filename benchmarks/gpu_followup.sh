@@ -44,7 +44,7 @@ warm_pid=$!
 xdist="" per_test=""
 $py -c "import xdist" 2>/dev/null && xdist="-n 10"
 $py -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=100"
-MANUALBP_AUTOTUNE=0 MANUALBP_FAILURE_LOG="$out/gpu_failures.log" timeout "$(budget 150)" $py -m pytest -v -rfE $xdist \
+MANUALBP_AUTOTUNE=0 MANUALBP_FAILURE_LOG="$out/gpu_failures.log" timeout -s INT -k 15 "$(budget 150)" $py -m pytest -v -rfE --durations=25 $xdist \
     $per_test -p no:cacheprovider -m "not compile_report" tests/test_kernels.py tests/test_mlp.py tests/test_linear.py \
     tests/test_layouts.py tests/test_module.py tests/test_module_behaviour.py tests/test_parity.py tests/test_peft.py \
     tests/test_tensor_parallel.py tests/test_packaging.py tests/test_properties.py > "$out/gpu_followup_tests.log" 2>&1
