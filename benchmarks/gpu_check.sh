@@ -12,7 +12,8 @@
 #   4. the benchmark at the shapes in bf16, forward+backward, against eager and torch.compile,
 #      the targets first (CSV rows appended as measured, so a cut-short run keeps them);
 #   5. where a step's time goes: benchmarks/profile_step.py at (1024, 4096) (host and wall time per step, each
-#      kernel's device time), then Python's profiler over the same step, then bench_overhead.py (a tiny layer);
+#      kernel's device time), then benchmarks/host_breakdown.py (the host's time part by part, without Python's
+#      profiler, which misled the last lease), then bench_overhead.py (a tiny layer);
 #   6. with the time left (usually none): Triton's matmul against cuBLAS at 4096^3, the δ prologue and the MLP
 #      backward fusion off (MANUALBP_DELTA_PROLOGUE=0, MANUALBP_MLP_FUSION=0).
 # Files in $OUT (the device tool brings back at most 8): gpu_check.log (all of stdout), gpu_tests.log,
@@ -113,9 +114,9 @@ echo "bench_dense: exit ${PIPESTATUS[0]}"
 stamp "profile"
 timeout "$(budget 40)" $py benchmarks/profile_step.py --problem linear8192x1024x4096 --activation relu \
     --impls eager,manualbp --rows 8 2>&1 | grep -v "^ *\[W\|USDT"
-stamp "Python profile"
-timeout "$(budget 35)" $py benchmarks/profile_step.py --problem linear8192x1024x4096 --activation relu \
-    --impls manualbp --no-kernels --cprofile 200 --rows 30 2>&1 | grep -v "^ *\[W\|USDT"
+stamp "host breakdown"
+timeout "$(budget 35)" $py benchmarks/host_breakdown.py --problem linear8192x1024x4096 --activation relu 2>&1 \
+    | grep -v "^ *\[W\|USDT"
 stamp "bench_overhead"
 timeout "$(budget 20)" $py benchmarks/bench_overhead.py --rounds 300 --out-dir "$extra" 2>&1 | grep -v "^#   "
 

@@ -226,3 +226,18 @@ def test_host_path_runs_the_gpu_launch_path_with_kernels_stubbed():
     assert set(rows) == {"nn Linear+ReLU (CPU math)", "manualbp Linear relu", "manualbp MLP 2 layers gelu"}, rows
     assert all(value > 0 for value in rows.values()), f"µs per step: {rows}"
     assert "_launch_autotuned" in result.stdout, "the profile shows the GPU's autotuned launch path taken"
+
+
+def test_host_breakdown_needs_a_gpu_and_stubs_a_real_launch_path():
+    """benchmarks/host_breakdown.py times a GPU machine's host work (gpu_check.sh runs it there): without CUDA it
+    refuses with the reason; the launch path it replaces by a no-op for "manualbp, no launches" exists."""
+    import subprocess
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the script runs in benchmarks/gpu_check.sh")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_breakdown.py")], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and "CUDA is not available" in result.stderr, result.stderr
+    source = (ROOT / "benchmarks" / "host_breakdown.py").read_text()
+    assert "dense._launch_autotuned" in source, "the script stubs the autotuned launch path"
+    assert callable(getattr(manualbp.backends.kernels(), "_launch_autotuned", None)), "which dense.py has"

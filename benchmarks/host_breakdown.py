@@ -1,0 +1,116 @@
+"""Where a forward+backward's host time goes on a GPU machine, measured without Python's profiler.
+
+    python benchmarks/host_breakdown.py                        # linear8192x1024x4096 relu, bf16
+    python benchmarks/host_breakdown.py --problem linear8192x4096x1024 --activation gelu
+
+On the H200 (benchmarks/NOTES.md) a manualbp step at (1024, 4096) took 1.2-1.3 ms of host time against eager's
+0.45; Python's profiler put ~40% of it in Triton's JITFunction.run, but launching the compiled kernel directly
+past it changed nothing (1.33 against 1.31 ms): the profiler inflates Python calls. This times the parts one by
+one instead, each as the median over --rounds rounds of --calls back-to-back calls (time.perf_counter, µs per
+call, the GPU synchronised between rounds only, so the time is what the host spends issuing):
+
+  eager step               nn.Linear + the activation, forward+backward (bench_dense.py's model)
+  manualbp step            manualbp.Linear, forward+backward
+  manualbp, no launches    the same with every Triton matmul launch replaced by a no-op: manualbp's Python,
+                           autograd and allocations (the launches' share is the difference)
+  triton launch, empty     a kernel that does nothing, one program, through JITFunction.run
+  torch launch, tiny       x.add_(1) on a 16-element tensor: one PyTorch kernel launch, for scale
+  torch.empty              one [M, N] allocation from PyTorch's caching allocator
+
+Prints a header (device, versions) and a fixed-width table; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_dense  # noqa: E402
+
+import manualbp  # noqa: E402
+
+
+@triton.jit
+def _nothing(x_ptr):
+    pass
+
+
+def per_call_us(fn, calls: int, rounds: int) -> tuple:
+    """(median, p20, p80) over rounds of the host's µs per call, calls back to back."""
+    samples = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    samples.sort()
+    return statistics.median(samples), samples[len(samples) // 5], samples[(4 * len(samples)) // 5]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problem", default="linear8192x1024x4096", help="linearMxINxOUT (bench_dense.py's names)")
+    parser.add_argument("--activation", default="relu")
+    parser.add_argument("--dtype", default="bf16", choices=list(bench_dense.DTYPES))
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("host_breakdown.py times a GPU machine's host work: CUDA is not available")
+    match = re.fullmatch(r"linear(\d+)x(\d+)x(\d+)", args.problem)
+    if not match:
+        parser.error(f"--problem must read linearMxINxOUT, got {args.problem!r}")
+    m, k_in, k_out = map(int, match.groups())
+    device, dtype = torch.device("cuda"), bench_dense.DTYPES[args.dtype]
+    manualbp.set_backend("triton")
+    problem = bench_dense.Problem("linear", m, (k_in, k_out), args.activation)
+    print(f"# host breakdown: {problem.name} {args.activation} {args.dtype} fwd+bwd on {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}, triton {triton.__version__}, python {sys.version.split()[0]}; "
+          f"median of {args.rounds} rounds of {args.calls} calls, µs per call")
+
+    items = {}
+    for impl in ("eager", "manualbp"):
+        case = bench_dense.prepare(impl, problem, "fwd+bwd", device, dtype)
+        step = lambda case=case: (bench_dense._clear(case.reset), case.fn())  # noqa: E731
+        for _ in range(3):  # compile, autotune, warm
+            step()
+        items[f"{impl} step"] = step
+    dense = manualbp.backends.kernels()
+    real_launch = dense._launch_autotuned
+    manualbp_step = items["manualbp step"]
+
+    def no_launches():
+        dense._launch_autotuned = lambda *a, **k: None
+        try:
+            manualbp_step()
+        finally:
+            dense._launch_autotuned = real_launch
+
+    items["manualbp, no launches"] = no_launches
+    tiny = torch.zeros(16, device=device)
+    _nothing[(1,)](tiny)
+    items["triton launch, empty"] = lambda: _nothing[(1,)](tiny)
+    items["torch launch, tiny"] = lambda: tiny.add_(1)
+    items["torch.empty"] = lambda: torch.empty((m, k_out), device=device, dtype=dtype)
+
+    print(f"{'item':24s} {'median us':>10s} {'p20':>8s} {'p80':>8s}")
+    print("-" * 53)
+    for name, fn in items.items():
+        med, p20, p80 = per_call_us(fn, args.calls, args.rounds)
+        print(f"{name:24s} {med:10.1f} {p20:8.1f} {p80:8.1f}")
+    torch.cuda.synchronize()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
