@@ -90,7 +90,7 @@ def test_every_autotune_config_is_correct(config, device):
         pytest.skip(f"{name} is not offered to the prologue's launches (dense._tma_prologue_excluded)")
     grad_a = torch.randn(M, K, generator=g).to(device, dtype)
     f_prime = torch.rand(M, K, generator=g).to(device, dtype)
-    with_sums = config.kwargs["BLOCK_K"] == dense.SUM_BLOCK_K
+    with_sums = config.kwargs["BLOCK_K"] == dense._sum_block_k(dtype, True)
     row_sums = torch.full((M,), float("nan"), device=device) if with_sums else None
     _launch_with(config, grad_a, weight.t(), a, saved=f_prime, row_sums=row_sums, A_PROLOGUE=True,
                  SAVED_KIND=dense.SAVED_KINDS["f_prime"])
@@ -141,7 +141,7 @@ def test_even_k_loads_give_the_masked_loops_bits(config, device):
     bias = torch.randn(N, generator=g).to(device, dtype)
     grad_t = torch.randn(K, M, generator=g).to(device, dtype).t()  # a left factor with stride 1 along M
     f_prime = torch.rand(K, M, generator=g).to(device, dtype).t()
-    with_sums = config.kwargs["BLOCK_K"] == dense.SUM_BLOCK_K
+    with_sums = config.kwargs["BLOCK_K"] == dense._sum_block_k(dtype, True)
     outs = {}
     for even_k in (False, True):
         a, z = torch.empty(M, N, device=device, dtype=dtype), torch.empty(M, N, device=device, dtype=dtype)
@@ -171,7 +171,8 @@ def test_launchers_ask_for_even_k_where_every_tile_divides_k(monkeypatch):
 
     blocks = [cfg.kwargs["BLOCK_K"] for cfg in dense.matmul_configs() if not cfg.kwargs.get("TMA", False)] + [
         tile["BLOCK_K"] for tile in (dense._INTERPRETER_CONFIG, dense._FP64_CONFIG, dense._FP64_FMA_CONFIG,
-                                     dense._UNTUNED_CONFIG, dense._UNTUNED_ROW_SUMS_CONFIG)] + [dense.SUM_BLOCK_K]
+                                     dense._UNTUNED_CONFIG, dense._UNTUNED_ROW_SUMS_CONFIG)] + [dense.SUM_BLOCK_K,
+                                                                                 dense.WIDE_SUM_BLOCK_K]
     assert all(dense.EVEN_K_STEP % block == 0 for block in blocks), f"BLOCK_K values {blocks}"
 
     class Recorder:
@@ -578,11 +579,12 @@ def test_mlp_bias_grad_partials_are_bitwise_equal_on_every_tile(device):
         assert torch.equal(partials, first_partials), f"db partial sums with {name} bitwise == with {first_name}"
 
 
-def _row_sum_configs(data=None):
-    """The configs the autotuner may pick for a ∂C/∂W matmul that forms ∂C/∂b (BLOCK_K == SUM_BLOCK_K); given
-    the data (a CUDA tensor), those whose operand tiles, with the prologue's saved tensor, fit this GPU's shared
-    memory (as the autotuner prunes: float32 at 128x256x64 in three stages needs 288 KiB, an H100 has 227)."""
-    configs = [cfg for cfg in dense.matmul_configs() if cfg.kwargs["BLOCK_K"] == dense.SUM_BLOCK_K]
+def _row_sum_configs(data):
+    """The configs the autotuner may pick for a ∂C/∂W matmul that forms ∂C/∂b from this data (BLOCK_K ==
+    _sum_block_k's); on a GPU, those whose operand tiles, with the prologue's saved tensor, fit its shared
+    memory (as the autotuner prunes)."""
+    block_k = dense._sum_block_k(data.dtype, True)
+    configs = [cfg for cfg in dense.matmul_configs() if cfg.kwargs["BLOCK_K"] == block_k]
     if data is not None and data.is_cuda:
         budget = dense._shared_memory_bytes(data.device.index or 0)
         configs = [cfg for cfg in configs if dense._pipelined_bytes(cfg, data.element_size(), a_tiles=2) <= budget]
@@ -856,8 +858,9 @@ def test_host_arithmetic_matches_triton():
 
 
 def test_bias_grad_matmul_configs(monkeypatch):
-    """The ∂C/∂W matmul that forms ∂C/∂b tries only BLOCK_K == SUM_BLOCK_K (the sums' order) and BLOCK_N >= 128,
-    the large tile first."""
+    """The ∂C/∂W matmul that forms ∂C/∂b tries only BLOCK_K == _sum_block_k (the sums' order: SUM_BLOCK_K for
+    16-bit data, WIDE_SUM_BLOCK_K for float32) and BLOCK_N >= 128, the large tile first; the float32 tiles (K steps
+    of WIDE_SUM_BLOCK_K) are offered to float32 launches only."""
     monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 232448)  # H100
     a16 = torch.empty(4, 4, dtype=torch.bfloat16)
     for activation in ("identity", "relu", "leaky_relu", "gelu", "tanh"):
@@ -869,6 +872,15 @@ def test_bias_grad_matmul_configs(monkeypatch):
             f"{activation}: BLOCK_K and BLOCK_N")
         first = kept[0].kwargs
         assert (first["BLOCK_M"], first["BLOCK_N"]) == (128, 256), f"{activation}: 128x256 first"
+    # float32: sums in registers over K steps of WIDE_SUM_BLOCK_K, the FMA loop's spill-free tiles
+    a32 = torch.empty(4, 4, dtype=torch.float32)
+    kept = dense._prune_configs(dense.matmul_configs(), {"a_ptr": a32, "out_ptr": a32}, ROW_SUMS=True,
+                                A_PROLOGUE=True, USE_DOT=True)
+    assert kept and all(c.kwargs["BLOCK_K"] == dense.WIDE_SUM_BLOCK_K and c.kwargs["BLOCK_N"] >= 128
+                        for c in kept), f"float32 ∂C/∂b: {[c.kwargs for c in kept]}"
+    short = lambda configs: [c for c in configs if c.kwargs["BLOCK_K"] == dense.WIDE_SUM_BLOCK_K]  # noqa: E731
+    assert short(dense._prune_configs(dense.matmul_configs(), {"a_ptr": a32})), "float32 matmuls may take them"
+    assert not short(dense._prune_configs(dense.matmul_configs(), {"a_ptr": a16})), "16-bit ones never"
 
 
 def _jvp_configs():

@@ -82,10 +82,13 @@ SAVED_Z = tl.constexpr(0)  # Z: f' = f_grad(Z)
 SAVED_A = tl.constexpr(1)  # A = f(Z): f' = f_grad_from_output(A)
 SAVED_F_PRIME = tl.constexpr(2)  # f'(Z) itself, written by the forward epilogue
 
-# ∂C/∂b in the ∂C/∂W matmul (ROW_SUMS) needs this BLOCK_K: one K step for every tile choice keeps the order of
-# the sum (running sums per column of the step, then a fixed tree over them) the same on all of them.
-SUM_LEVELS = tl.constexpr(6)  # of the tree
+# ∂C/∂b in the ∂C/∂W matmul (ROW_SUMS) needs one BLOCK_K per way of summing: one K step for every tile choice keeps
+# the order of the sum the same on all of them (_sum_block_k). 16-bit data: the tensor cores' ones-MMA per K step.
 SUM_BLOCK_K = tl.constexpr(2 ** 6)
+# float32 and float64: running sums per column of the step, then a fixed tree over them; a short step, as the
+# FMA loop of float32's IEEE products wants (K steps of 64 spilled 2.5 KB per thread there; compile report).
+WIDE_SUM_LEVELS = tl.constexpr(4)  # of the tree
+WIDE_SUM_BLOCK_K = tl.constexpr(2 ** 4)
 # The launchers pass EVEN_K (unmasked K steps) where K is a multiple of this, which every BLOCK_K of a pointer
 # config divides.
 EVEN_K_STEP = tl.constexpr(64)
@@ -263,7 +266,8 @@ def _matmul_kernel(
     SAVED_KIND: tl.constexpr,  # with GRAD_EPILOGUE or A_PROLOGUE: saved is Z, A or f'(Z) (SAVED_*)
     WRITE_PARTIALS: tl.constexpr,  # with GRAD_EPILOGUE: store the output's column sums (that layer's ∂C/∂b)
     ROW_SUMS: tl.constexpr,  # store the row sums of the left factor (δ, formed by A_PROLOGUE or stored; of δᵀ in
-                             # the ∂C/∂W matmul: ∂C/∂b), summed in the loop (_matmul_tile); needs BLOCK_K == SUM_BLOCK_K
+                             # the ∂C/∂W matmul: ∂C/∂b), summed in the loop (_matmul_tile); needs BLOCK_K ==
+                             # _sum_block_k(...)
     EPILOGUE_SPLIT: tl.constexpr,  # the epilogue (forward, or GRAD_EPILOGUE) works on this many column slices of
                                    # the tile, one at a time (1, 2, 4 or 8): a whole large tile at once would spill
     PARTIAL_ROWS: tl.constexpr,  # rows per column-sum group; divides BLOCK_M
@@ -387,12 +391,13 @@ def _matmul_tile(
                            PACKED_SELECT, BLOCK_N, BLOCK_K)
     if ROW_SUMS:
         # 1ᵀ δ, summed in the loop without a reduction or data movement, in an order no tile choice changes.
-        tl.static_assert(BLOCK_K == SUM_BLOCK_K, "row sums need BLOCK_K == SUM_BLOCK_K")
         # 16-bit data: the tensor cores add δ's rows up, δ [BLOCK_M, BLOCK_K] times a [BLOCK_K, SUM_COLUMNS] tile
         # of ones (exact products, a float32 sum over K in the MMA's fixed order: the same on every tile);
         # 2.5x fewer loop instructions than adding the tile up in registers. Otherwise (float32, float64) a running
-        # sum in registers: per row, over K in SUM_BLOCK_K steps, then a fixed pairwise tree after the loop.
+        # sum in registers: per row, over K in WIDE_SUM_BLOCK_K steps, then a fixed pairwise tree after the loop.
         sums_by_mma: tl.constexpr = USE_DOT and out_ptr.dtype.element_ty.primitive_bitwidth == 16
+        tl.static_assert(BLOCK_K == (SUM_BLOCK_K if sums_by_mma else WIDE_SUM_BLOCK_K),
+                         "row sums need BLOCK_K == _sum_block_k(...)")
         if sums_by_mma:
             ones = tl.full((BLOCK_K, SUM_COLUMNS), 1.0, out_ptr.dtype.element_ty)
             running_sums = tl.zeros((BLOCK_M, SUM_COLUMNS), dtype=acc.dtype)
@@ -432,7 +437,7 @@ def _matmul_tile(
                 running_sums, _right = _column_halves(running_sums)
             row_sums = tl.reshape(running_sums, (BLOCK_M,))
         else:
-            row_sums = _row_sums_in_pairs(running_sums, SUM_LEVELS)
+            row_sums = _row_sums_in_pairs(running_sums, WIDE_SUM_LEVELS)
         if pid_n == 0:  # every column tile has the same row sums; the first one stores them
             tl.store(row_sum_ptr + offs_m, row_sums, mask=mask_m)
 
@@ -675,6 +680,11 @@ def matmul_configs() -> list:
         # its two stages and single warpgroup hide latency as well is the GPU autotuner's call.
         c({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "EPILOGUE_SPLIT": 4, "TMA": True},
           num_stages=2, num_warps=4),
+        # float32 only (_prune_configs): short K steps for the FMA loop of IEEE products (no tensor cores), the only
+        # tiles of that loop with no spill in any kernel (compile report --dtype fp32: 128x128x32 w4 spilled 280-408
+        # bytes, 64x128x64 224 with the prologue); and the K step of float32's ∂C/∂b (WIDE_SUM_BLOCK_K).
+        c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16, "GROUP_M": 8, "EPILOGUE_SPLIT": 4}, num_stages=3, num_warps=8),
+        c({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16, "GROUP_M": 8, "EPILOGUE_SPLIT": 2}, num_stages=3, num_warps=4),
         # Small problems, and what fits everywhere: float32 with the prologue and ∂C/∂b in 160 KiB. Last: the one
         # kept when nothing fits.
         c({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 2}, num_stages=2, num_warps=4),
@@ -707,17 +717,21 @@ def _pipelined_bytes(config, element_size: int, a_tiles: int = 1, b_tiles: int =
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles whose pipelined operand tiles would not fit in shared memory (they would fail to compile), for
-    ∂C/∂b in the ∂C/∂W matmul (ROW_SUMS) every BLOCK_K but SUM_BLOCK_K (the sums' order would change) and the
-    narrow tiles, and K steps over 64 where no prologue forms δ."""
+    """Drop tiles whose pipelined operand tiles would not fit in shared memory (they would fail to compile), the
+    float32 tiles (K steps of WIDE_SUM_BLOCK_K) for other data, for ∂C/∂b in the ∂C/∂W matmul (ROW_SUMS) every
+    BLOCK_K but _sum_block_k's (the sums' order would change) and the narrow tiles, and K steps over 64 where no
+    prologue forms δ."""
     a = named_args["a_ptr"]
     budget = _shared_memory_bytes(a.device.index or 0)  # a CUDA tensor's device always has its index
     flag = lambda name: bool(kwargs.get(name, named_args.get(name, False)))  # noqa: E731
     if not flag("TMA_OK"):
         configs = [cfg for cfg in configs if not cfg.kwargs.get("TMA", False)]
+    if a.element_size() != 4:
+        configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] != WIDE_SUM_BLOCK_K.value]
     if flag("ROW_SUMS"):
         # BLOCK_N < 128 repeats δ and its sums for few output columns: spills and 2.5x the loop's issue pressure.
-        configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] == SUM_BLOCK_K and cfg.kwargs["BLOCK_N"] >= 128]
+        block_k = _sum_block_k(named_args.get("out_ptr", a).dtype, flag("USE_DOT") or "USE_DOT" not in kwargs)
+        configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] == block_k and cfg.kwargs["BLOCK_N"] >= 128]
     if not flag("A_PROLOGUE"):  # K steps over 64 are for the prologue's launches (matmul_configs)
         configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] <= 64]
     else:
@@ -725,6 +739,12 @@ def _prune_configs(configs, named_args, **kwargs):
     a_tiles = 2 if flag("A_PROLOGUE") else 1
     kept = [cfg for cfg in configs if _pipelined_bytes(cfg, a.element_size(), a_tiles) <= budget]
     return kept or configs[-1:]
+
+
+def _sum_block_k(out_dtype: torch.dtype, use_dot: bool) -> int:
+    """The K step of a launch that forms ∂C/∂b (ROW_SUMS) into an out_dtype ∂C/∂W: SUM_BLOCK_K where the tensor
+    cores sum (16-bit data), WIDE_SUM_BLOCK_K where registers do (float32, float64, the FMA fallback)."""
+    return SUM_BLOCK_K.value if use_dot and out_dtype.itemsize == 2 else WIDE_SUM_BLOCK_K.value
 
 
 def _tma_prologue_excluded(config) -> bool:
@@ -757,7 +777,7 @@ def _cdiv(a: int, b: int) -> int:
 # test suites on a GPU, where tuning each of hundreds of small shapes would dominate.
 _UNTUNED_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_SPLIT": 4}
 _UNTUNED_LAUNCH = {"num_stages": 4, "num_warps": 4}
-# ... and for the ∂C/∂W matmul that forms ∂C/∂b: BLOCK_K = SUM_BLOCK_K, a tile that fits every GPU (fp32 too).
+# ... and for the ∂C/∂W matmul that forms ∂C/∂b: a tile that fits every GPU (fp32 too), BLOCK_K = _sum_block_k's.
 _UNTUNED_ROW_SUMS_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 2}
 _UNTUNED_ROW_SUMS_LAUNCH = {"num_stages": 2, "num_warps": 4}
 
@@ -929,8 +949,8 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
     config, launch = fixed
     if row_sums is not None and config is _UNTUNED_CONFIG:
         config, launch = _UNTUNED_ROW_SUMS_CONFIG, _UNTUNED_ROW_SUMS_LAUNCH
-    elif row_sums is not None:
-        config = dict(config, BLOCK_K=SUM_BLOCK_K)  # the row sums' fixed K step
+    if row_sums is not None:
+        config = dict(config, BLOCK_K=_sum_block_k(out.dtype, use_dot))  # the row sums' fixed K step
     grid = (_cdiv(M, config["BLOCK_M"]) * _cdiv(N, config["BLOCK_N"]),)
     _matmul_kernel[grid](*args, **flags, **config, **launch)
     return partials
@@ -1165,7 +1185,7 @@ def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float
     is a plain δᵀ X (forming δ again there, with ∂C/∂b beside it, made its loop 2-3x the
     plain matmul's instructions). Without ∂C/∂X the ∂C/∂W matmul forms δ on load. ∂C/∂b
     is the row sums of the δᵀ tiles of the ∂C/∂W matmul, δ rounded to the data dtype as
-    eager's stored δ, summed over M in SUM_BLOCK_K steps in an order no tile
+    eager's stored δ, summed over M in _sum_block_k steps in an order no tile
     changes (16-bit data: by the tensor cores against a tile of ones; float32/64: in
     registers, then a fixed tree), so the same bits on every tile the autotuner may
     pick, stored δ or not. Without that matmul (weight frozen, or K = 0) it takes a
