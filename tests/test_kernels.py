@@ -881,17 +881,25 @@ def test_bias_grad_matmul_configs(monkeypatch):
     short = lambda configs: [c for c in configs if c.kwargs["BLOCK_K"] == dense.WIDE_SUM_BLOCK_K]  # noqa: E731
     assert short(dense._prune_configs(dense.matmul_configs(), {"a_ptr": a32})), "float32 matmuls may take them"
     assert not short(dense._prune_configs(dense.matmul_configs(), {"a_ptr": a16})), "16-bit ones never"
+    from manualbp.triton_kernels import jvp
+
+    assert not short(jvp._prune_configs(dense.matmul_configs(), {"x_ptr": a16})), "nor the jvp kernel's"
+    assert short(jvp._prune_configs(dense.matmul_configs(), {"x_ptr": a32})), "float32 jvp launches may take them"
 
 
 def _jvp_configs():
-    """The configs the jvp autotuner may pick on an H100 with both tangents (stages fitted to shared memory)."""
+    """The configs the jvp autotuner may pick on an H100 with both tangents (stages fitted to shared memory), for
+    bfloat16, and the float32 tiles it adds for float32."""
     from manualbp.triton_kernels import jvp
 
     saved = dense._shared_memory_bytes
     dense._shared_memory_bytes = lambda index: 232448
     try:
-        return jvp._prune_configs(dense.matmul_configs(), {"x_ptr": torch.empty(1, 1, dtype=torch.bfloat16)},
-                                  HAS_TANGENT_X=True, HAS_TANGENT_WEIGHT=True)
+        pruned = lambda dtype: jvp._prune_configs(dense.matmul_configs(),  # noqa: E731
+                                                  {"x_ptr": torch.empty(1, 1, dtype=dtype)},
+                                                  HAS_TANGENT_X=True, HAS_TANGENT_WEIGHT=True)
+        return pruned(torch.bfloat16) + [cfg for cfg in pruned(torch.float32)
+                                         if cfg.kwargs["BLOCK_K"] == dense.WIDE_SUM_BLOCK_K]
     finally:
         dense._shared_memory_bytes = saved
 

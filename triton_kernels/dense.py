@@ -726,8 +726,7 @@ def _prune_configs(configs, named_args, **kwargs):
     flag = lambda name: bool(kwargs.get(name, named_args.get(name, False)))  # noqa: E731
     if not flag("TMA_OK"):
         configs = [cfg for cfg in configs if not cfg.kwargs.get("TMA", False)]
-    if a.element_size() != 4:
-        configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] != WIDE_SUM_BLOCK_K.value]
+    configs = _for_element_size(configs, a.element_size())
     if flag("ROW_SUMS"):
         # BLOCK_N < 128 repeats δ and its sums for few output columns: spills and 2.5x the loop's issue pressure.
         block_k = _sum_block_k(named_args.get("out_ptr", a).dtype, flag("USE_DOT") or "USE_DOT" not in kwargs)
@@ -739,6 +738,12 @@ def _prune_configs(configs, named_args, **kwargs):
     a_tiles = 2 if flag("A_PROLOGUE") else 1
     kept = [cfg for cfg in configs if _pipelined_bytes(cfg, a.element_size(), a_tiles) <= budget]
     return kept or configs[-1:]
+
+
+def _for_element_size(configs, element_size: int) -> list:
+    """configs without the float32 tiles (K steps of WIDE_SUM_BLOCK_K, matmul_configs) unless the data is float32."""
+    return configs if element_size == 4 else [cfg for cfg in configs
+                                               if cfg.kwargs["BLOCK_K"] != WIDE_SUM_BLOCK_K.value]
 
 
 def _sum_block_k(out_dtype: torch.dtype, use_dot: bool) -> int:

@@ -111,7 +111,8 @@ def _jvp_kernel(
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """dense's configs, the pointer kernels' only (no TMA path here), fitted to shared memory: with both tangents a
+    """dense's configs for the data's dtype, the pointer kernels' only (no TMA path here), fitted to shared memory:
+    with both tangents a
     K step holds two products (tiles of dX and Wᵀ, of X and dWᵀ), twice a stage of the plain matmul, so a config
     that would not fit loses pipeline stages (down to 2) instead of being dropped: the large tiles stay."""
     a = named_args["x_ptr"]
@@ -119,7 +120,7 @@ def _prune_configs(configs, named_args, **kwargs):
     products = max(1, sum(bool(kwargs.get(name, named_args.get(name, False)))
                           for name in ("HAS_TANGENT_X", "HAS_TANGENT_WEIGHT")))
     kept, seen = [], set()
-    for cfg in configs:
+    for cfg in dense._for_element_size(configs, a.element_size()):
         if cfg.kwargs.get("TMA", False):
             continue
         stages = cfg.num_stages
