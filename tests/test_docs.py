@@ -6,6 +6,8 @@ import re
 
 import pytest
 
+from checks import optional_import
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -14,9 +16,16 @@ def _python_blocks(path):
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
+# Packages a snippet may use that a stack may lack, or have in a version that does not import on its torch (peft on
+# torch 2.7 with a newer torchao): the snippet then skips, naming why, as the tests of those packages do.
+_OPTIONAL = ("peft", "torchao", "transformers", "onnx", "onnxscript", "onnxruntime")
+
+
 def _run_block(name, index):
     code = _python_blocks(ROOT / name)[index]
     assert "assert " in code, f"each {name} snippet checks its own result"
+    for package in sorted(set(re.findall(r"^(?:import|from) (\w+)", code, flags=re.M)) & set(_OPTIONAL)):
+        optional_import(package, f"{package} is not installed")
     namespace = {"__name__": f"{name.replace('/', '_').replace('.', '_')}_block_{index}"}
     exec(compile(code, f"{name}[python block {index}]", "exec"), namespace)  # its asserts must hold
 
