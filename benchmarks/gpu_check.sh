@@ -19,31 +19,14 @@
 # Files in $OUT (the device tool brings back at most 8): gpu_check.log (all of stdout), gpu_tests.log,
 # gpu_failures.log (each failure's traceback as it happened: MANUALBP_FAILURE_LOG, tests/conftest.py), warm.log,
 # bench_dense_<GPU>.csv and .png, extra_runs.tgz (the CSVs and plots of steps 3, 5 and 6).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-out="${OUT:-benchmarks/results}"
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-py=python3
-start=$(date +%s)
-deadline=$((start + ${GPU_CHECK_SECONDS:-575}))
-left() { echo $((deadline - $(date +%s))); }
-# budget WANT: WANT seconds, or what is left before the deadline (keeping 10 s to pack up), at least 1
-budget() { local l=$(($(left) - 10)); [ "$l" -lt "$1" ] && echo $((l > 1 ? l : 1)) || echo "$1"; }
-stamp() { echo "=== $1 at $(( $(date +%s) - start )) s"; }
+DEFAULT_SECONDS=575
+source "$(dirname "$0")/gpu_common.sh"
 
 main() {
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
     --format=csv,noheader
-$py -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-if ! $py -m pip install --quiet --no-deps --no-build-isolation -e . ; then
-    # The source tree imports the kernels as manualbp.triton_kernels (pyproject.toml's package-dir).
-    echo "editable install failed: using the source tree through a link manualbp/triton_kernels"
-    ln -sfn ../triton_kernels manualbp/triton_kernels
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-$py -c "import manualbp; print('manualbp', manualbp.__version__, 'from', manualbp.__file__)" || return 1
+install_manualbp || return 1
 gpu=$($py -c "import torch; print(''.join(c if c.isalnum() else '_' for c in torch.cuda.get_device_name()).strip('_')[:40])")
 
 # --- 2. tests and cache warming, side by side -----------------------------------------------------------
@@ -70,27 +53,11 @@ warm_workers=9  # the most configs any launch keeps (matmul_configs(), pruned)
 ) > "$out/warm.log" 2>&1 &
 warm_pid=$!
 
-xdist="" per_test=""
-$py -c "import xdist" 2>/dev/null && xdist="-n 8"
-$py -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=150"
-tests_start=$(date +%s)
-# One fixed tile instead of autotuning each of hundreds of small test shapes (test_kernels.py checks every
-# autotune config on its own); without the offline compile report's test (a CPU check), and without
-# test_special_values.py: its ~2000 cases, each compiling kernel variants on a bare machine, took most of this
-# step's time on the H200 (half the suite run in 260 s, 2026-12-04); benchmarks/gpu_followup.sh runs them.
-MANUALBP_AUTOTUNE=0 MANUALBP_FAILURE_LOG="$out/gpu_failures.log" timeout -s INT -k 15 "$(budget 260)" $py -m pytest -v -rfE --durations=25 $xdist $per_test -p no:cacheprovider \
-    -m "not compile_report" --ignore=tests/test_special_values.py tests/test_kernels.py tests/test_linear.py \
-    tests/test_mlp.py tests/test_autocast.py tests/test_compile.py tests/ > "$out/gpu_tests.log" 2>&1
+# Without test_special_values.py: its ~2000 cases, each compiling kernel variants on a bare machine, took most of
+# this step's time on the H200 (half the suite run in 260 s, 2026-12-04); benchmarks/gpu_followup.sh runs them.
+run_tests "$out/gpu_tests.log" 260 8 150 --ignore=tests/test_special_values.py tests/test_kernels.py \
+    tests/test_linear.py tests/test_mlp.py tests/test_autocast.py tests/test_compile.py tests/
 tests_rc=$?
-echo "tests: exit $tests_rc in $(( $(date +%s) - tests_start )) s" \
-     "$( [ $tests_rc -eq 124 ] && echo '(STOPPED at its time limit: NOT COMPLETE)')"
-progress=$(grep -v -E '^(FAILED|ERROR) ' "$out/gpu_tests.log")  # the -v lines, without -rfE's summary
-echo "tests: $(grep -c ' PASSED' <<<"$progress") passed, $(grep -c ' SKIPPED' <<<"$progress") skipped," \
-     "$(grep -c ' XFAIL' <<<"$progress") xfailed, $(grep -c ' FAILED' <<<"$progress") failed," \
-     "$(grep -c ' ERROR' <<<"$progress") errors (counted from the -v log)"
-grep -oE '(FAILED|ERROR) tests/[^ ]+' "$out/gpu_tests.log" | sort -u | head -60
-[ -s "$out/gpu_failures.log" ] && echo "(each failure's traceback, written as it happened: gpu_failures.log)"
-tail -3 "$out/gpu_tests.log"
 # The warmers should be done by now; they must not run beside the timings.
 timeout "$(budget 30)" tail --pid=$warm_pid -f /dev/null
 kill $warm_pid 2>/dev/null; pkill -f warm_caches.py 2>/dev/null
