@@ -21,6 +21,7 @@ import csv
 import datetime
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -58,6 +59,16 @@ class Problem:
     @property
     def name(self) -> str:
         return f"{self.kind}{self.m}x{'x'.join(map(str, self.dims))}"
+
+    @classmethod
+    def from_name(cls, name: str, activation: str) -> "Problem":
+        """The problem a name reads (linearMxINxOUT, mlpMxDxH: any sizes; the MLP's activation is gelu), or a
+        ValueError saying what a name must read."""
+        match = re.fullmatch(r"(linear|mlp)(\d+)x(\d+)x(\d+)", name)
+        if not match:
+            raise ValueError(f"a problem name must read linearMxINxOUT or mlpMxDxH, got {name!r}")
+        kind, m, d1, d2 = match.group(1), *map(int, match.groups()[1:])
+        return cls(kind, m, (d1, d2), activation if kind == "linear" else "gelu")
 
 
 def gpu_problems(activations):

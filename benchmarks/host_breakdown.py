@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import sys
 import time
@@ -67,13 +66,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("host_breakdown.py times a GPU machine's host work: CUDA is not available")
-    match = re.fullmatch(r"linear(\d+)x(\d+)x(\d+)", args.problem)
-    if not match:
-        parser.error(f"--problem must read linearMxINxOUT, got {args.problem!r}")
-    m, k_in, k_out = map(int, match.groups())
+    try:
+        problem = bench_dense.Problem.from_name(args.problem, args.activation)
+    except ValueError as error:
+        parser.error(f"--problem: {error}")
+    if problem.kind != "linear":
+        parser.error(f"--problem must be a single layer (linearMxINxOUT), got {args.problem!r}")
+    m, k_out = problem.m, problem.dims[1]
     device, dtype = torch.device("cuda"), bench_dense.DTYPES[args.dtype]
     manualbp.set_backend("triton")
-    problem = bench_dense.Problem("linear", m, (k_in, k_out), args.activation)
     print(f"# host breakdown: {problem.name} {args.activation} {args.dtype} fwd+bwd on {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}, triton {triton.__version__}, python {sys.version.split()[0]}; "
           f"median of {args.rounds} rounds of {args.calls} calls, µs per call")

@@ -18,7 +18,6 @@ import argparse
 import cProfile
 import os
 import pstats
-import re
 import sys
 import time
 
@@ -66,11 +65,10 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     manualbp.set_backend("triton")
     torch.set_float32_matmul_precision("high" if args.dtype == "fp32-tf32" else "highest")
-    match = re.fullmatch(r"(linear|mlp)(\d+)x(\d+)x(\d+)", args.problem)
-    if not match:
-        parser.error(f"--problem must read linearMxINxOUT or mlpMxDxH, got {args.problem!r}")
-    kind, m, d1, d2 = match.group(1), *map(int, match.groups()[1:])
-    problem = bench_dense.Problem(kind, m, (d1, d2), args.activation if kind == "linear" else "gelu")
+    try:
+        problem = bench_dense.Problem.from_name(args.problem, args.activation)
+    except ValueError as error:
+        parser.error(f"--problem: {error}")
     print(f"# {problem.name} {problem.activation} {args.dtype} fwd+bwd on {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}")
     for impl in args.impls.split(","):

@@ -241,3 +241,13 @@ def test_host_breakdown_needs_a_gpu_and_stubs_a_real_launch_path():
     source = (ROOT / "benchmarks" / "host_breakdown.py").read_text()
     assert "dense._launch_autotuned" in source, "the script stubs the autotuned launch path"
     assert callable(getattr(manualbp.backends.kernels(), "_launch_autotuned", None)), "which dense.py has"
+
+
+def test_problem_names_read_back():
+    """Problem.from_name (profile_step.py's and host_breakdown.py's --problem) inverts Problem.name, for every
+    problem bench_dense.py runs, and refuses a name it cannot read."""
+    bench = _load()
+    for problem in bench.gpu_problems(["relu", "gelu"]) + bench.cpu_problems(["relu", "gelu"]):
+        assert bench.Problem.from_name(problem.name, problem.activation) == problem, problem.name
+    with pytest.raises(ValueError, match="linearMxINxOUT"):
+        bench.Problem.from_name("linear8192x1024", "relu")
