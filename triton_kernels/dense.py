@@ -985,20 +985,18 @@ def _even_k(K: int) -> bool:
     return K % EVEN_K_STEP.value == 0
 
 
+def _inline_ptx(device: torch.device) -> bool:
+    """Whether a launch compiles for an NVIDIA GPU (not the interpreter, not ROCm): inline PTX may run."""
+    return device.type == "cuda" and torch.version.hip is None and not is_interpreted()
+
+
 def _packed_select(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a launch may select 16-bit δ lanes in pairs by inline PTX (act.relu_delta_packed): compiled for an
     NVIDIA GPU (not the interpreter, not ROCm), float16 from sm_53 (set.*.u32.f16x2), bfloat16 from sm_90
     (set.*.u32.bf16x2)."""
-    if device.type != "cuda" or is_interpreted() or torch.version.hip is not None:
-        return False
-    if dtype not in (torch.float16, torch.bfloat16):
+    if not _inline_ptx(device) or dtype not in (torch.float16, torch.bfloat16):
         return False
     return torch.cuda.get_device_capability(device) >= ((9, 0) if dtype == torch.bfloat16 else (5, 3))
-
-
-def _inline_ptx(device: torch.device) -> bool:
-    """Whether a launch compiles for an NVIDIA GPU (not the interpreter, not ROCm): inline PTX may run."""
-    return device.type == "cuda" and torch.version.hip is None and not is_interpreted()
 
 
 def _tma_capable(device: torch.device) -> bool:

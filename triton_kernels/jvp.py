@@ -112,9 +112,9 @@ def _jvp_kernel(
 
 def _prune_configs(configs, named_args, **kwargs):
     """dense's configs for the data's dtype, the pointer kernels' only (no TMA path here), fitted to shared memory:
-    with both tangents a
-    K step holds two products (tiles of dX and Wᵀ, of X and dWᵀ), twice a stage of the plain matmul, so a config
-    that would not fit loses pipeline stages (down to 2) instead of being dropped: the large tiles stay."""
+    with both tangents a K step holds two products (tiles of dX and Wᵀ, of X and dWᵀ), twice a stage of the plain
+    matmul, so a config that would not fit loses pipeline stages (down to 2) instead of being dropped: the large
+    tiles stay."""
     a = named_args["x_ptr"]
     budget = dense._shared_memory_bytes(a.device.index or 0)
     products = max(1, sum(bool(kwargs.get(name, named_args.get(name, False)))
