@@ -4,21 +4,21 @@
 #   1. install manualbp (editable, no network: the machine has torch and triton);
 #   2. side by side on the machine's CPUs, timing nothing: the test suite on the compiled kernels but
 #      test_special_values.py (gpu_followup.sh's; the GPU-specific files first: every autotune config, the packed
-#      selects), and
-#      benchmarks/warm_caches.py filling Triton's and Inductor's caches for the benchmarks below, one
-#      process per config (the autotuner compiles configs one after another, minutes at these shapes);
-#   3. the TMA configs on (MANUALBP_TMA=1: opt-in until a run like this one has checked their results; the table's
+#      selects), and benchmarks/warm_caches.py and bench_backward.py --warm-only filling Triton's and Inductor's
+#      caches for the benchmarks below, one process per config or activation (the autotuner compiles configs one
+#      after another, minutes at these shapes);
+#   3. bench_backward.py: a layer's backward, kernels only (CUDA graphs), each way of forming δ against eager;
+#   4. the TMA configs on (MANUALBP_TMA=1: opt-in until a run like this one has checked their results; the table's
 #      error column against float64) at the two host-bound shapes;
-#   4. the benchmark at the issue's shapes in bf16, forward+backward, against eager and torch.compile,
-#      the issue's targets first (CSV rows appended as measured, so a cut-short run keeps them);
-#   5. where a step's time goes: benchmarks/profile_step.py at (1024, 4096) (host and wall time per step, each
-#      kernel's device time), then benchmarks/host_breakdown.py (the host's time part by part, without Python's
-#      profiler, which misled the last lease), then bench_overhead.py (a tiny layer);
-#   6. with the time left (usually none): Triton's matmul against cuBLAS at 4096^3, the δ prologue and the MLP
-#      backward fusion off (MANUALBP_DELTA_PROLOGUE=0, MANUALBP_MLP_FUSION=0).
+#   5. the benchmark at the issue's shapes in bf16, forward+backward, against eager and torch.compile,
+#      the issue's targets first (CSV rows appended as measured, so a cut-short run keeps them); then Triton's
+#      matmul against cuBLAS at 4096^3 (bf16, fp32, TF32);
+#   6. with the time left: where a step's time goes (profile_step.py, host_breakdown.py, bench_overhead.py:
+#      two leases measured it already), then the δ prologue and the MLP backward fusion off
+#      (MANUALBP_DELTA_PROLOGUE=0, MANUALBP_MLP_FUSION=0).
 # Files in $OUT (the device tool brings back at most 8): gpu_check.log (all of stdout), gpu_tests.log,
 # gpu_failures.log (each failure's traceback as it happened: MANUALBP_FAILURE_LOG, tests/conftest.py), warm.log,
-# bench_dense_<GPU>.csv and .png, extra_runs.tgz (the CSVs and plots of steps 3, 5 and 6).
+# bench_backward_<GPU>.csv, bench_dense_<GPU>.csv and .png, extra_runs.tgz (the CSVs and plots of steps 4 and 6).
 DEFAULT_SECONDS=575
 source "$(dirname "$0")/gpu_common.sh"
 
@@ -52,32 +52,44 @@ warm_workers=9  # the most configs any launch keeps (matmul_configs(), pruned)
     wait
 ) > "$out/warm.log" 2>&1 &
 warm_pid=$!
+# bench_backward.py's ways (step 3), one process per activation: each compiles its own kernel variants.
+warm_backward=$(mktemp)
+for act in relu gelu leaky_relu tanh; do
+    $py benchmarks/bench_backward.py --warm-only --activations $act >> "$warm_backward" 2>&1 &
+done
 
 # Without test_special_values.py: its ~2000 cases, each compiling kernel variants on a bare machine, took most of
 # this step's time on the H200 (half the suite run in 260 s, 2026-12-04); benchmarks/gpu_followup.sh runs them.
-run_tests "$out/gpu_tests.log" 260 8 150 --ignore=tests/test_special_values.py tests/test_kernels.py \
+run_tests "$out/gpu_tests.log" 200 8 150 --ignore=tests/test_special_values.py tests/test_kernels.py \
     tests/test_linear.py tests/test_mlp.py tests/test_autocast.py tests/test_compile.py tests/
 tests_rc=$?
 # The warmers should be done by now; they must not run beside the timings.
 timeout "$(budget 30)" tail --pid=$warm_pid -f /dev/null
-kill $warm_pid 2>/dev/null; pkill -f warm_caches.py 2>/dev/null
+kill $warm_pid 2>/dev/null; pkill -f warm_caches.py 2>/dev/null; pkill -f "bench_backward.py --warm-only" 2>/dev/null
 grep -E "^warm" "$out/warm.log" | tail -40
+tail -5 "$warm_backward"
 
-# --- 3. the TMA configs on (opt-in until a run like this checks them: the table's error column) ---------------
+# --- 3. the backward's ways of forming δ, kernels only (CUDA graphs: no host time) ---------------------------
+stamp "bench_backward"
+timeout "$(budget 90)" $py benchmarks/bench_backward.py --out-dir "$out" 2>&1 | grep -v "^#   MiB"
+
+# --- 4. the TMA configs on (opt-in until a run like this checks them: the table's error column) ---------------
 extra=$(mktemp -d)
 stamp "TMA configs on"
 MANUALBP_TMA=1 timeout "$(budget 40)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
     --impls eager,manualbp --activations relu,gelu --problems linear8192x1024x4096,linear8192x4096x1024 \
     --out-dir "$extra" --tag "${gpu}_tma_on" 2>&1 | grep -v "^#"
 
-# --- 4. the benchmark -------------------------------------------------------------------------------------
+# --- 5. the benchmark -------------------------------------------------------------------------------------
 stamp "bench_dense"
 timeout "$(budget 130)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
     --impls eager,compile,manualbp,manualbp-recompute --activations relu,gelu --problems "$problems" \
     --out-dir "$out" 2>&1 | grep -v "^#   MiB"
 echo "bench_dense: exit ${PIPESTATUS[0]}"
 
-# --- 5. where a step's time goes: host against device, each kernel in launch order; the host's Python ----------
+stamp "bench_matmul"  # the float32 K-16 tiles: not yet run on a GPU
+timeout "$(budget 60)" $py benchmarks/bench_matmul.py --size 4096 --dtypes bf16,fp32,fp32-tf32
+# --- 6. with the time left: where a step's time goes (host against device, each kernel), the fusions off ----
 stamp "profile"
 timeout "$(budget 40)" $py benchmarks/profile_step.py --problem linear8192x1024x4096 --activation relu \
     --impls eager,manualbp --rows 8 2>&1 | grep -v "^ *\[W\|USDT"
@@ -87,9 +99,6 @@ timeout "$(budget 35)" $py benchmarks/host_breakdown.py --problem linear8192x102
 stamp "bench_overhead"
 timeout "$(budget 20)" $py benchmarks/bench_overhead.py --rounds 300 --out-dir "$extra" 2>&1 | grep -v "^#   "
 
-# --- 6. with the time left: the matmul ceiling, the fusions against what they replace -------------------------
-stamp "bench_matmul"
-timeout "$(budget 60)" $py benchmarks/bench_matmul.py --size 4096 --dtypes bf16,fp32,fp32-tf32
 stamp "delta prologue off"
 MANUALBP_DELTA_PROLOGUE=0 timeout "$(budget 40)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
     --impls eager,manualbp --activations relu,gelu --problems linear8192x1024x4096,linear8192x4096x1024 \

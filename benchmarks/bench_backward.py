@@ -1,0 +1,209 @@
+"""The backward of one dense layer, kernels only: manualbp's ways of forming δ against eager's, host time excluded.
+
+    python benchmarks/bench_backward.py                          # GPU: the issue's (1024, 4096) shapes, bf16
+    python benchmarks/bench_backward.py --problems linear8192x4096x1024 --activations relu,gelu --layers first
+
+bench_dense.py times whole steps; at the (1024, 4096) shapes they are bound by the host (Python, launches), so
+the kernels' own speed cannot be read from them. Here each way is captured in a CUDA graph and replayed
+(triton.testing.do_bench_cudagraph): device time only. For a `first` layer (X needs no gradient: ∂C/∂W, ∂C/∂b)
+and a `hidden` one (∂C/∂X too), from G and the tensor the forward saved (A, Z or f'(Z): function.saved_kind):
+
+    fused        manualbp's default (dense.linear_backward): δ formed in a matmul's operand loads; a first
+                 layer's ∂C/∂W launch forms δ there and ∂C/∂b beside it, a hidden layer's ∂C/∂X launch stores
+                 δ for a plain ∂C/∂W launch that sums ∂C/∂b
+    delta+dW     first layer only: the δ pass stores δ (no sums), then the hidden layer's ∂C/∂W launch over it
+                 (∂C/∂b by the same launch, so the same bits as a hidden layer's)
+    unfused      MANUALBP_DELTA_PROLOGUE=0's path: the δ pass with ∂C/∂b's partial sums, then plain matmuls
+    eager        what autograd runs for nn.Linear + the activation: its backward op, mm, (mm,) sum
+
+Every way's gradients are checked against float64 (max |ours - exact| / max |exact|, eager's the yardstick).
+With --warm-only each way runs once (compile, autotune) and nothing is timed: run it beside other work, in
+parallel processes, to fill Triton's cache before timing. On the CPU (TRITON_INTERPRET=1) it checks the ways at a
+small size; its timings there mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_dense  # noqa: E402
+
+import manualbp  # noqa: E402
+from manualbp import activations, function  # noqa: E402
+
+WAYS = ("fused", "delta+dW", "unfused", "eager")
+LAYERS = ("first", "hidden")
+
+
+def eager_delta(name: str, grad_a, z, a, slope: float):
+    """δ as autograd's backward op for the activation computes it (the op eager runs)."""
+    aten = torch.ops.aten
+    if name == "relu":
+        return aten.threshold_backward(grad_a, a, 0)
+    if name == "leaky_relu":
+        return aten.leaky_relu_backward(grad_a, z, slope, False)
+    if name == "gelu":
+        return aten.gelu_backward(grad_a, z, approximate="none")
+    if name == "gelu_tanh":
+        return aten.gelu_backward(grad_a, z, approximate="tanh")
+    if name == "tanh":
+        return aten.tanh_backward(grad_a, a)
+    if name == "sigmoid":
+        return aten.sigmoid_backward(grad_a, a)
+    if name == "silu":
+        return aten.silu_backward(grad_a, z)
+    raise ValueError(f"no eager backward op for {name!r}")
+
+
+def ways(problem, layer: str, device, dtype):
+    """{way: fn() -> (grad_x or None, grad_weight, grad_bias)}, and the float64 exact results."""
+    dense = manualbp.backends.kernels()
+    m, k, n = problem.m, problem.sizes[0], problem.sizes[1]
+    act = activations.get_activation(problem.activation)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(m, k, generator=generator).to(device, dtype)
+    weight = (torch.randn(n, k, generator=generator) / k ** 0.5).to(device, dtype)
+    bias = torch.randn(n, generator=generator).to(device, dtype)
+    grad_a = torch.randn(m, n, generator=generator).to(device, dtype)
+    z = torch.addmm(bias, x, weight.t())
+    a = act.f(z)
+    kind = function.saved_kind("triton", act) or "z"
+    saved = {"a": a, "z": z, "f_prime": act.f_grad(z) if kind == "f_prime" else None}[kind]
+    want_x = layer == "hidden"
+    slope = act.kernel_slope
+
+    def fused():
+        return dense.linear_backward(grad_a, x, weight, saved, act.kernel_id, slope, kind,
+                                     want_x=want_x, want_weight=True, want_bias=True)
+
+    def delta_then_dw():
+        delta, _ = dense.delta_and_bias_grad(grad_a, saved, act.kernel_id, slope, kind,
+                                             want_delta=True, want_bias=False)
+        grad_weight = torch.empty((n, k), dtype=dtype, device=device)
+        row_sums = torch.empty((n,), dtype=torch.float32, device=device)
+        dense._launch_matmul(delta.t(), x, grad_weight, row_sums=row_sums)  # ∂C/∂W = δᵀ X, ∂C/∂b = 1ᵀ δ
+        return None, grad_weight, row_sums.to(dtype)
+
+    def unfused():
+        delta, grad_bias = dense.delta_and_bias_grad(grad_a, saved, act.kernel_id, slope, kind,
+                                                     want_delta=True, want_bias=True)
+        grad_x = dense.matmul(delta, weight) if want_x else None
+        return grad_x, dense.matmul(delta.t(), x), grad_bias
+
+    def eager():
+        delta = eager_delta(act.name, grad_a, z, a, act.kernel_slope)
+        return (delta.mm(weight) if want_x else None), delta.t().mm(x), delta.sum(0)
+
+    found = {"fused": fused, "delta+dW": delta_then_dw, "unfused": unfused, "eager": eager}
+    if want_x:
+        del found["delta+dW"]
+    if act.name == "identity":
+        found = {"fused": fused, "eager": eager}
+    z64 = z.double()
+    delta64 = grad_a.double() * act.f_grad(z64)
+    exact = ((delta64 @ weight.double()) if want_x else None, delta64.t() @ x.double(), delta64.sum(0))
+    return found, exact
+
+
+def max_rel_error(results, exact) -> float:
+    worst = 0.0
+    for ours, truth in zip(results, exact):
+        if truth is None:
+            continue
+        scale = truth.abs().max().item() or 1.0
+        worst = max(worst, (ours.double() - truth).abs().max().item() / scale)
+    return worst
+
+
+def device_ms(fn, cuda: bool, rep_ms: float) -> tuple[float, str]:
+    """(median ms, how measured): a CUDA graph's replays on a GPU (device time only); on the CPU a wall clock."""
+    if not cuda:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+        return statistics.median(times), "cpu wall"
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"), "cudagraph"
+    except Exception as error:  # said in the table: a way that cannot be captured is timed with its host
+        print(f"#   (CUDA graph capture failed: {type(error).__name__}: {str(error)[:120]}; do_bench instead)")
+        torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, rep=rep_ms, return_mode="median"), "do_bench"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", default="linear8192x1024x4096,linear8192x4096x1024",
+                        help="bench_dense.py's linear names (GPU default; CPU: linear64x48x80)")
+    parser.add_argument("--activations", default="relu,gelu,leaky_relu,tanh")
+    parser.add_argument("--layers", default=",".join(LAYERS), help=f"comma list of {list(LAYERS)}")
+    parser.add_argument("--dtype", default=None, choices=list(bench_dense.DTYPES),
+                        help="bf16 on a GPU, fp32 on the CPU")
+    parser.add_argument("--rep-ms", type=float, default=60.0)
+    parser.add_argument("--warm-only", action="store_true", help="run each way once (compile, autotune); no timing")
+    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        print("bench_backward: no CUDA GPU; set TRITON_INTERPRET=1 to check the ways through the CPU interpreter")
+        return 2
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype_name = args.dtype or ("bf16" if cuda else "fp32")
+    dtype = bench_dense.DTYPES[dtype_name]
+    problems = args.problems if cuda or "--problems" in " ".join(argv or sys.argv) else "linear64x48x80"
+    layers = bench_dense.check_choices(parser, "layer", args.layers, LAYERS)
+    manualbp.set_backend("triton")
+    torch.set_float32_matmul_precision("high" if dtype_name == "fp32-tf32" else "highest")
+    if not args.warm_only:
+        info = bench_dense.header(device, argparse.Namespace(dtypes=dtype_name, modes="bwd", impls=",".join(WAYS)))
+        info["backend"] = "triton"
+        head = (f"{'problem':24s} {'act':10s} {'layer':6s} {'way':9s} {'median ms':>10s} {'TFLOP/s':>8s} "
+                f"{'x eager':>8s} {'max rel err':>11s} {'timed by':>9s}")
+        print(head)
+        print("-" * len(head))
+        os.makedirs(args.out_dir, exist_ok=True)
+        stem = "".join(c if c.isalnum() else "_" for c in info["device"]).strip("_")[:40]  # bench_dense's naming
+        rows = bench_dense.CsvRows(os.path.join(args.out_dir, f"bench_backward_{stem}.csv"))
+    for problem_name in problems.split(","):
+        for activation in args.activations.split(","):
+            try:
+                problem = bench_dense.Problem.from_name(problem_name, activation)
+            except ValueError as error:
+                parser.error(f"--problems: {error}")
+            if problem.kind != "linear":
+                parser.error(f"--problems: {problem_name} is not a single layer (linearMxINxOUT)")
+            for layer in layers:
+                found, exact = ways(problem, layer, device, dtype)
+                flops = (6 if layer == "hidden" else 4) * problem.m * problem.sizes[0] * problem.sizes[1] / 3
+                eager_ms = None
+                for way in ("eager", *[w for w in WAYS if w != "eager" and w in found]):
+                    fn = found[way]
+                    results = fn()  # compile, autotune
+                    if args.warm_only:
+                        continue
+                    error = max_rel_error(results, exact)
+                    ms, how = device_ms(fn, cuda, args.rep_ms)
+                    eager_ms = ms if way == "eager" else eager_ms
+                    speedup = eager_ms / ms if eager_ms else float("nan")
+                    print(f"{problem.name:24s} {activation:10s} {layer:6s} {way:9s} {ms:10.4f} "
+                          f"{flops / ms / 1e9:8.1f} {speedup:8.3f} {error:11.3e} {how:>9s}")
+                    rows.add({**info, "dtype": dtype_name, "problem": problem.name, "activation": activation,
+                              "layer": layer, "way": way, "median_ms": ms, "tflops": flops / ms / 1e9,
+                              "speedup_vs_eager": speedup, "max_rel_err": error, "timed_by": how})
+    if not args.warm_only:
+        print(f"csv: {rows.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
