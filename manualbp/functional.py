@@ -153,7 +153,31 @@ def as_rows(input: Tensor) -> Tensor:
     """
     if input.dim() == 2:
         return input
-    return input.unsqueeze(0) if input.dim() == 1 else input.flatten(0, -2)
+    if input.dim() == 1:
+        return input.unsqueeze(0)
+    if type(input) is not Tensor:
+        input = _gathered_inner_shards(input)
+    return input.flatten(0, -2)
+
+
+def _gathered_inner_shards(input: Tensor) -> Tensor:
+    """A DTensor sharded on a leading dimension other than the first (the sequence of [B, S, K]) replicated there,
+    so that the rows can be flattened; any other tensor as it is. DTensor's own flatten all-gathers implicitly on
+    PyTorch 2.13, raised on 2.11 ("cannot be performed without redistribution": an H200 image, 2026-12-04) and
+    gives a strided sharding on 2.7: done here explicitly, the same on every version. nn.Linear keeps S sharded (its
+    matmul needs no rows): the communication differs, the values do not (tests/test_tensor_parallel.py)."""
+    if not torch.distributed.is_available():
+        return input
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(input, DTensor):
+        return input
+    last = input.dim() - 1
+    placements = tuple(Replicate() if isinstance(p, Shard) and 0 < p.dim % input.dim() < last else p
+                       for p in input.placements)
+    if placements == tuple(input.placements):
+        return input
+    return input.redistribute(input.device_mesh, placements)
 
 
 def from_rows(a: Tensor, input: Tensor) -> Tensor:
