@@ -8,11 +8,12 @@ the kernels' own speed cannot be read from them. Here each way is captured in a 
 (triton.testing.do_bench_cudagraph): device time only. For a `first` layer (X needs no gradient: ∂C/∂W, ∂C/∂b)
 and a `hidden` one (∂C/∂X too), from G and the tensor the forward saved (A, Z or f'(Z): function.saved_kind):
 
-    fused        manualbp's default (dense.linear_backward): δ formed in a matmul's operand loads; a first
-                 layer's ∂C/∂W launch forms δ there and ∂C/∂b beside it, a hidden layer's ∂C/∂X launch stores
-                 δ for a plain ∂C/∂W launch that sums ∂C/∂b
-    delta+dW     first layer only: the δ pass stores δ (no sums), then the hidden layer's ∂C/∂W launch over it
-                 (∂C/∂b by the same launch, so the same bits as a hidden layer's)
+    fused        δ formed in a matmul's operand loads (dense.linear_backward(delta_in_loads=True)): a first
+                 layer's ∂C/∂W launch forms δ there and ∂C/∂b beside it, a hidden layer's ∂C/∂X launch stores δ
+                 for a plain ∂C/∂W launch that sums ∂C/∂b
+    delta+dW     δ by a pass first (delta_in_loads=False): the δ pass stores δ (no sums), then plain matmuls,
+                 ∂C/∂b by the ∂C/∂W launch (so the same bits as the fused way's)
+    (manualbp's default is one of these two by in_features: dense.PROLOGUE_MAX_K, set from this benchmark)
     unfused      MANUALBP_DELTA_PROLOGUE=0's path: the δ pass with ∂C/∂b's partial sums, then plain matmuls
     eager        what autograd runs for nn.Linear + the activation: its backward op, mm, (mm,) sum
 
@@ -81,15 +82,11 @@ def ways(problem, layer: str, device, dtype):
 
     def fused():
         return dense.linear_backward(grad_a, x, weight, saved, act.kernel_id, slope, kind,
-                                     want_x=want_x, want_weight=True, want_bias=True)
+                                     want_x=want_x, want_weight=True, want_bias=True, delta_in_loads=True)
 
-    def delta_then_dw():
-        delta, _ = dense.delta_and_bias_grad(grad_a, saved, act.kernel_id, slope, kind,
-                                             want_delta=True, want_bias=False)
-        grad_weight = torch.empty((n, k), dtype=dtype, device=device)
-        row_sums = torch.empty((n,), dtype=torch.float32, device=device)
-        dense._launch_matmul(delta.t(), x, grad_weight, row_sums=row_sums)  # ∂C/∂W = δᵀ X, ∂C/∂b = 1ᵀ δ
-        return None, grad_weight, row_sums.to(dtype)
+    def delta_then_matmuls():
+        return dense.linear_backward(grad_a, x, weight, saved, act.kernel_id, slope, kind,
+                                     want_x=want_x, want_weight=True, want_bias=True, delta_in_loads=False)
 
     def unfused():
         delta, grad_bias = dense.delta_and_bias_grad(grad_a, saved, act.kernel_id, slope, kind,
@@ -101,9 +98,7 @@ def ways(problem, layer: str, device, dtype):
         delta = eager_delta(act.name, grad_a, z, a, act.kernel_slope)
         return (delta.mm(weight) if want_x else None), delta.t().mm(x), delta.sum(0)
 
-    found = {"fused": fused, "delta+dW": delta_then_dw, "unfused": unfused, "eager": eager}
-    if want_x:
-        del found["delta+dW"]
+    found = {"fused": fused, "delta+dW": delta_then_matmuls, "unfused": unfused, "eager": eager}
     if act.name == "identity":
         found = {"fused": fused, "eager": eager}
     z64 = z.double()

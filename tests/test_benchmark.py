@@ -251,3 +251,24 @@ def test_problem_names_read_back():
         assert bench.Problem.from_name(problem.name, problem.activation) == problem, problem.name
     with pytest.raises(ValueError, match="linearMxINxOUT"):
         bench.Problem.from_name("linear8192x1024", "relu")
+
+
+def test_backward_ways_run_in_the_interpreter_and_agree(tmp_path, capsys):
+    """bench_backward.py at a small size through Triton's CPU interpreter: every way of forming δ, both layers,
+    one CSV row each, every error within float32's reach of the float64 gradients (a wrong way shows there)."""
+    bench_dense_module = _load()  # noqa: F841 - bench_backward imports it by name
+    spec = importlib.util.spec_from_file_location("bench_backward", ROOT / "benchmarks" / "bench_backward.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    reason = manualbp.backends.triton_unavailable_reason(torch.device("cpu"), torch.float32)
+    if reason:
+        pytest.skip(f"the ways run manualbp's Triton kernels: {reason}")
+    assert module.main(["--problems", "linear40x24x36", "--activations", "gelu,relu", "--out-dir", str(tmp_path),
+                        "--rep-ms", "1"]) == 0, "exit status"
+    rows = list(csv.DictReader(open(next(tmp_path.glob("bench_backward_*.csv")))))
+    ways = sorted({(r["activation"], r["layer"], r["way"]) for r in rows})
+    assert ways == sorted((act, layer, way) for act in ("gelu", "relu") for layer in ("first", "hidden")
+                          for way in ("fused", "delta+dW", "unfused", "eager")), f"rows: {ways}"
+    for row in rows:
+        assert float(row["max_rel_err"]) < 1e-5, f"{row['activation']} {row['layer']} {row['way']}: error"
+    assert "max rel err" in capsys.readouterr().out, "the table"

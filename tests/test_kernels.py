@@ -529,6 +529,73 @@ def test_linear_backward_forms_delta_in_the_matmuls(activation, dtype, device):
                                        msg=lambda m: f"{name} {label}: {m}")
 
 
+@pytest.mark.parametrize("wants", [(True, True, True), (False, True, True), (True, False, True), (True, True, False)],
+                         ids=["all", "first-layer", "no-dw", "no-db"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("activation", manualbp.ACTIVATIONS)
+def test_linear_backward_plans_give_the_same_bias_bits(activation, dtype, wants, device):
+    """δ formed in the matmuls' loads or by a pass first (dense.linear_backward's two plans): both right against
+    float64, ∂C/∂b the same bits (the ∂C/∂W matmul's row sums of the same rounded δ), for every saved kind."""
+    g = torch.Generator().manual_seed(17)
+    M, N, K = 70, 33, 37
+    want_x, want_weight, want_bias = wants
+    act = manualbp.get_activation(activation)
+    z = torch.randn(M, N, generator=g, dtype=torch.float64)
+    grad_a = torch.randn(M, N, generator=g, dtype=torch.float64)
+    x = torch.randn(M, K, generator=g, dtype=torch.float64)
+    weight = torch.randn(N, K, generator=g, dtype=torch.float64) / N ** 0.5
+    tol = {torch.float32: 1e-5, torch.float16: 2e-2}[dtype]
+    for kind in _kinds(act):
+        saved = _saved(act, z, kind).to(device, dtype)
+        delta = grad_a.to(dtype).double() * act.f_grad(z)
+        plans = {}
+        for in_loads in (True, False):
+            plans[in_loads] = dense.linear_backward(
+                grad_a.to(device, dtype), x.to(device, dtype), weight.to(device, dtype), saved, act.kernel_id,
+                act.kernel_slope, kind, want_x=want_x, want_weight=want_weight, want_bias=want_bias,
+                delta_in_loads=in_loads)
+        label = f"[{activation}, {kind}, {dtype}]"
+        for i, (name, want, exact, scale) in enumerate((("dx", want_x, delta @ weight, 1),
+                                                        ("dw", want_weight, delta.t() @ x, 1),
+                                                        ("db", want_bias, delta.sum(0), M ** 0.5))):
+            for in_loads, grads in plans.items():
+                plan = "in the loads" if in_loads else "by a pass"
+                if not want:
+                    assert grads[i] is None, f"{name} {label} {plan}: not wanted, None"
+                    continue
+                torch.testing.assert_close(grads[i].double().cpu(), exact, rtol=tol, atol=tol * scale,
+                                           msg=lambda m: f"{name} {label}, δ {plan}: {m}")
+        if want_bias:
+            assert torch.equal(plans[True][2], plans[False][2]), f"db {label}: the two plans' bits differ"
+
+
+def test_linear_backward_forms_delta_by_a_pass_above_prologue_max_k(monkeypatch, device):
+    """The plan by K alone (delta_in_loads=None): δ in the loads up to dense.PROLOGUE_MAX_K in_features, a δ pass
+    above it (the pass stores δ, and ∂C/∂b still comes from the ∂C/∂W matmul)."""
+    passes = []
+    real_pass = dense.delta_and_bias_grad
+    monkeypatch.setattr(dense, "delta_and_bias_grad",
+                        lambda *args, **kwargs: passes.append(kwargs) or real_pass(*args, **kwargs))
+    act = manualbp.get_activation("gelu")
+    g = torch.Generator().manual_seed(18)
+    M, N = 3, 5
+    for K, expect_pass in ((dense.PROLOGUE_MAX_K, False), (dense.PROLOGUE_MAX_K + 1, True)):
+        passes.clear()
+        z = torch.randn(M, N, generator=g, dtype=torch.float64)
+        grad_a = torch.randn(M, N, generator=g, dtype=torch.float64)
+        x = torch.randn(M, K, generator=g, dtype=torch.float64)
+        weight = torch.randn(N, K, generator=g, dtype=torch.float64)
+        grad_x, grad_weight, grad_bias = dense.linear_backward(
+            grad_a.to(device), x.to(device), weight.to(device), act.f_grad(z).to(device), act.kernel_id, 0.0,
+            "f_prime", want_x=True, want_weight=True, want_bias=True)
+        assert passes == ([dict(want_delta=True, want_bias=False)] if expect_pass else []), \
+            f"K = {K}: a δ pass {'expected' if expect_pass else 'not expected'}, got {passes}"
+        delta = grad_a * act.f_grad(z)
+        for name, ours, exact in (("dx", grad_x, delta @ weight), ("dw", grad_weight, delta.t() @ x),
+                                  ("db", grad_bias, delta.sum(0))):
+            torch.testing.assert_close(ours.cpu(), exact, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name} K={K}: {m}")
+
+
 @pytest.mark.parametrize("wants", [(True, False, True), (False, False, True), (True, True, False)],
                          ids=["no-dw", "db-only", "no-db"])
 @pytest.mark.parametrize("shape", [(70, 33, 37), (0, 5, 4), (6, 0, 4), (6, 5, 0)], ids=str)

@@ -1174,24 +1174,34 @@ def matmul_times_activation_grad(delta, weight, saved, act_id: int, negative_slo
     return out, (partials.sum(dim=0).to(delta.dtype) if want_bias else None)
 
 
+# δ formed in a backward matmul's operand loads is formed again for every column tile of that matmul's output
+# (cdiv(K, BLOCK_N) of them, K = in_features); a δ pass forms it once but writes and reads [M, N] more. Measured on
+# an H200 (benchmarks/bench_backward.py, bf16, M = 8192, relu/gelu/leaky_relu/tanh, kernels only, 2026-12-04):
+# at K = 1024 the loads won for a first layer (its backward 1.20-1.38x eager's kernels, 1.08-1.19x with the pass)
+# and lost 0-4% for a hidden one (kept there: the pass is one launch more, and these steps are bound by the host's
+# launches, benchmarks/NOTES.md); at K = 4096 the pass won (first layer by 4-10%, hidden by 5-10%). Where between
+# the two the crossing lies is unmeasured: the loads up to the K measured in their favour.
+PROLOGUE_MAX_K = 1024
+
+
 def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float, saved_kind: str,
-                    want_x: bool, want_weight: bool, want_bias: bool):
-    """∂C/∂X = δ W, ∂C/∂W = δᵀ X, ∂C/∂b = 1ᵀ δ, with δ = G ⊙ f'(Z) formed as the matmuls load it.
+                    want_x: bool, want_weight: bool, want_bias: bool, delta_in_loads=None):
+    """∂C/∂X = δ W, ∂C/∂W = δᵀ X, ∂C/∂b = 1ᵀ δ, with δ = G ⊙ f'(Z) (manualbp/reference.py).
 
     grad_a [M, N] = G (any strides), x [M, K] (used only for ∂C/∂W), weight [N, K],
     saved [M, N] (Z, A or f'(Z) as saved_kind says; unused for identity) ->
     (grad_x [M, K], grad_weight [N, K], grad_bias [N]), each None when not wanted.
 
-    The ∂C/∂X matmul multiplies its G tiles by f' on load (relu: a select); where ∂C/∂W is
-    wanted too, that launch also stores δ, each element once, in the data dtype (the output
-    tiles of a row block share its column blocks: _store_delta_share), and the ∂C/∂W matmul
-    is a plain δᵀ X (forming δ again there, with ∂C/∂b beside it, made its loop 2-3x the
-    plain matmul's instructions). Without ∂C/∂X the ∂C/∂W matmul forms δ on load. ∂C/∂b
-    is the row sums of the δᵀ tiles of the ∂C/∂W matmul, δ rounded to the data dtype as
-    eager's stored δ, summed over M in _sum_block_k steps in an order no tile
-    changes (16-bit data: by the tensor cores against a tile of ones; float32/64: in
-    registers, then a fixed tree), so the same bits on every tile the autotuner may
-    pick, stored δ or not. Without that matmul (weight frozen, or K = 0) it takes a
+    Two plans for δ; delta_in_loads picks one (None: the loads where K <= PROLOGUE_MAX_K, measured there).
+    In the loads: the ∂C/∂X matmul multiplies its G tiles by f' on load (relu: a select); where
+    ∂C/∂W is wanted too, that launch also stores δ, each element once, in the data dtype (the
+    output tiles of a row block share its column blocks: _store_delta_share), and the ∂C/∂W
+    matmul is a plain δᵀ X; without ∂C/∂X the ∂C/∂W matmul forms δ on load. By a pass: _delta_kernel
+    stores δ, then both matmuls are plain. ∂C/∂b is the row sums of the δᵀ tiles of the ∂C/∂W
+    matmul either way, δ rounded to the data dtype as eager's stored δ, summed over M in
+    _sum_block_k steps in an order no tile changes (16-bit data: by the tensor cores against a tile
+    of ones; float32/64: in registers, then a fixed tree), so the same bits on every tile the
+    autotuner may pick and in both plans. Without that matmul (weight frozen, or K = 0) it takes a
     reading pass of _delta_kernel.
     """
     M, N = grad_a.shape
@@ -1199,14 +1209,21 @@ def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float
     saved = saved if act_id != 0 else grad_a  # identity reads nothing; any tensor of the right shape
     acc_dtype = torch.float64 if grad_a.dtype == torch.float64 else torch.float32
     grad_x = grad_weight = grad_bias = None
-    # δ stored by the ∂C/∂X matmul for the ∂C/∂W matmul: [M, N], one write for two reads fewer (G and saved)
-    delta = None
-    if want_x and want_weight and act_id != 0 and M * N * K > 0:
-        delta = torch.empty((M, N), dtype=grad_a.dtype, device=grad_a.device)
+    forms_delta = act_id != 0 and (want_x or want_weight) and M * N * K > 0
+    by_pass = forms_delta and not (K <= PROLOGUE_MAX_K if delta_in_loads is None else delta_in_loads)
     with _device_guard(grad_a):
+        delta = None  # δ [M, N] in memory, read plainly by the matmuls
+        if by_pass:
+            delta, _ = delta_and_bias_grad(grad_a, saved, act_id, negative_slope, saved_kind,
+                                           want_delta=True, want_bias=False)
+        elif forms_delta and want_x and want_weight:
+            # stored by the ∂C/∂X matmul for the ∂C/∂W matmul: one write for two reads fewer (G and saved)
+            delta = torch.empty((M, N), dtype=grad_a.dtype, device=grad_a.device)
         if want_x:
             grad_x = torch.empty((M, K), dtype=grad_a.dtype, device=grad_a.device)
-            if grad_x.numel() > 0:
+            if by_pass:
+                _launch_matmul(delta, weight, grad_x)  # ∂C/∂X = δ W   [M, N] [N, K]
+            elif grad_x.numel() > 0:
                 _launch_matmul(grad_a, weight, grad_x, act_id=act_id, negative_slope=negative_slope,
                                prologue_saved=saved, saved_kind=saved_kind,
                                delta_out=delta)  # ∂C/∂X = δ W   [M, N] [N, K]
