@@ -1066,6 +1066,12 @@ def test_tma_layout_and_pruning(monkeypatch):
     assert excluded and not excluded & prologue, "the TMA tile wrong with the prologue: dropped"
     assert excluded <= ids(dense._prune_configs(dense.matmul_configs(), {"a_ptr": g16}, TMA_OK=True)), \
         "... only for the prologue's launches"
+    partials = ids(dense._prune_configs(dense.matmul_configs(), {"a_ptr": g16}, TMA_OK=True, GRAD_EPILOGUE=True,
+                                        WRITE_PARTIALS=True))
+    spilled = ids(c for c in dense.matmul_configs() if dense._tma_partials_excluded(c))
+    assert spilled and not spilled & partials, "the TMA tile whose partial sums spilled: dropped for the MLP epilogue"
+    assert spilled <= ids(dense._prune_configs(dense.matmul_configs(), {"a_ptr": g16}, TMA_OK=True,
+                                               GRAD_EPILOGUE=True)), "... only where it writes partial sums"
     assert not dense._tma_capable(torch.device("cpu")), "no TMA off a GPU"
     if dense.is_interpreted():
         assert not dense._tma_capable(torch.device("cuda")), "no TMA in the interpreter"
