@@ -26,6 +26,7 @@ small size; its timings there mean nothing.
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import statistics
 import sys
@@ -136,6 +137,29 @@ def device_ms(fn, cuda: bool, rep_ms: float) -> tuple[float, str]:
     return triton.testing.do_bench(fn, rep=rep_ms, return_mode="median"), "do_bench"
 
 
+def plot(rows, path) -> None:
+    """Bars of each manualbp way's speedup over eager's kernels, per problem, activation and layer."""
+    plt = bench_dense.pyplot(path)
+    if plt is None or not rows:
+        return
+    cases = list(dict.fromkeys((r["problem"], r["activation"], r["layer"]) for r in rows))
+    ways = [w for w in WAYS if w != "eager" and any(r["way"] == w for r in rows)]
+    speed = {(r["problem"], r["activation"], r["layer"], r["way"]): float(r["speedup_vs_eager"]) for r in rows}
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(cases)), 4))
+    width = 0.8 / len(ways)
+    for i, way in enumerate(ways):
+        xs = [c + (i - (len(ways) - 1) / 2) * width for c in range(len(cases))]
+        ax.bar(xs, [speed.get((*case, way), float("nan")) for case in cases], width=width, label=way)
+    ax.axhline(1.0, color="k", linewidth=0.8)
+    ax.set_xticks(range(len(cases)), [f"{p}\n{a} {layer}" for p, a, layer in cases], rotation=90, fontsize=6)
+    ax.set_ylabel("x eager's kernels (backward, higher is better)")
+    ax.set_title(f"manualbp backward, kernels only, on {rows[0]['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    print(f"plot: {path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", default="linear8192x1024x4096,linear8192x4096x1024",
@@ -147,7 +171,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rep-ms", type=float, default=60.0)
     parser.add_argument("--warm-only", action="store_true", help="run each way once (compile, autotune); no timing")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--plot-csv", default="", metavar="CSV", help="only draw the plot of a CSV this wrote")
     args = parser.parse_args(argv)
+    if args.plot_csv:
+        with open(args.plot_csv, newline="") as handle:
+            plot(list(csv.DictReader(handle)), os.path.splitext(args.plot_csv)[0] + ".png")
+        return 0
     cuda = torch.cuda.is_available()
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         print("bench_backward: no CUDA GPU; set TRITON_INTERPRET=1 to check the ways through the CPU interpreter")
@@ -197,6 +226,8 @@ def main(argv=None) -> int:
                               "speedup_vs_eager": speedup, "max_rel_err": error, "timed_by": how})
     if not args.warm_only:
         print(f"csv: {rows.path}")
+        with open(rows.path, newline="") as handle:  # this run's rows and any the file had before, as bench_dense
+            plot(list(csv.DictReader(handle)), os.path.splitext(rows.path)[0] + ".png")
     return 0
 
 

@@ -7,7 +7,8 @@
 #      selects), and benchmarks/warm_caches.py and bench_backward.py --warm-only filling Triton's and Inductor's
 #      caches for the benchmarks below, one process per config or activation (the autotuner compiles configs one
 #      after another, minutes at these shapes);
-#   3. bench_backward.py: a layer's backward, kernels only (CUDA graphs), each way of forming δ against eager;
+#   3. bench_backward.py: a layer's backward, kernels only (CUDA graphs), each way of forming δ against eager,
+#      at the issue's (1024, 4096) shapes, then at in_features 2048 (where PROLOGUE_MAX_K's crossing may lie);
 #   4. the TMA configs on (MANUALBP_TMA=1: opt-in until a run like this one has checked their results; the table's
 #      error column against float64) at the two host-bound shapes;
 #   5. the benchmark at the issue's shapes in bf16, forward+backward, against eager and torch.compile,
@@ -18,7 +19,8 @@
 #      (MANUALBP_DELTA_PROLOGUE=0, MANUALBP_MLP_FUSION=0).
 # Files in $OUT (the device tool brings back at most 8): gpu_check.log (all of stdout), gpu_tests.log,
 # gpu_failures.log (each failure's traceback as it happened: MANUALBP_FAILURE_LOG, tests/conftest.py), warm.log,
-# bench_backward_<GPU>.csv, bench_dense_<GPU>.csv and .png, extra_runs.tgz (the CSVs and plots of steps 4 and 6).
+# bench_backward_<GPU>.csv, bench_dense_<GPU>.csv and .png, extra_runs.tgz (the CSVs and plots of steps 3, 4
+# and 6).
 DEFAULT_SECONDS=575
 source "$(dirname "$0")/gpu_common.sh"
 
@@ -28,6 +30,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,
     --format=csv,noheader
 install_manualbp || return 1
 gpu=$($py -c "import torch; print(''.join(c if c.isalnum() else '_' for c in torch.cuda.get_device_name()).strip('_')[:40])")
+
+extra=$(mktemp -d)  # CSVs and plots that come back packed in extra_runs.tgz ($OUT holds 8 files)
 
 # --- 2. tests and cache warming, side by side -----------------------------------------------------------
 stamp "tests + cache warming"
@@ -55,7 +59,8 @@ warm_pid=$!
 # bench_backward.py's ways (step 3), one process per activation: each compiles its own kernel variants.
 warm_backward=$(mktemp)
 for act in relu gelu leaky_relu tanh; do
-    $py benchmarks/bench_backward.py --warm-only --activations $act >> "$warm_backward" 2>&1 &
+    $py benchmarks/bench_backward.py --warm-only --activations $act \
+        --problems linear8192x1024x4096,linear8192x4096x1024,linear8192x2048x4096 >> "$warm_backward" 2>&1 &
 done
 
 # Without test_special_values.py: its ~2000 cases, each compiling kernel variants on a bare machine, took most of
@@ -71,10 +76,13 @@ tail -5 "$warm_backward"
 
 # --- 3. the backward's ways of forming δ, kernels only (CUDA graphs: no host time) ---------------------------
 stamp "bench_backward"
-timeout "$(budget 90)" $py benchmarks/bench_backward.py --out-dir "$out" 2>&1 | grep -v "^#   MiB"
+timeout "$(budget 90)" $py benchmarks/bench_backward.py --out-dir "$extra" 2>&1 | grep -v "^#   MiB"
+# in_features 2048: between the K where δ in the loads won (1024) and lost (4096): dense.PROLOGUE_MAX_K
+timeout "$(budget 40)" $py benchmarks/bench_backward.py --out-dir "$extra" --problems linear8192x2048x4096 \
+    --activations relu,gelu 2>&1 | grep -v "^#"
+cp "$extra"/bench_backward_*.csv "$out"/ 2>/dev/null  # its plot stays in extra_runs.tgz
 
 # --- 4. the TMA configs on (opt-in until a run like this checks them: the table's error column) ---------------
-extra=$(mktemp -d)
 stamp "TMA configs on"
 MANUALBP_TMA=1 timeout "$(budget 40)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
     --impls eager,manualbp --activations relu,gelu --problems linear8192x1024x4096,linear8192x4096x1024 \

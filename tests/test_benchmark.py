@@ -272,3 +272,5 @@ def test_backward_ways_run_in_the_interpreter_and_agree(tmp_path, capsys):
     for row in rows:
         assert float(row["max_rel_err"]) < 1e-5, f"{row['activation']} {row['layer']} {row['way']}: error"
     assert "max rel err" in capsys.readouterr().out, "the table"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert list(tmp_path.glob("bench_backward_*.png")), "the plot beside the CSV"
