@@ -14,8 +14,9 @@
 #   5. the benchmark at the issue's shapes in bf16, forward+backward, against eager and torch.compile,
 #      the issue's targets first (CSV rows appended as measured, so a cut-short run keeps them); then Triton's
 #      matmul against cuBLAS at 4096^3 (bf16, fp32, TF32);
-#   6. with the time left: where a step's time goes (profile_step.py, host_breakdown.py, bench_overhead.py:
-#      two leases measured it already), then the δ prologue and the MLP backward fusion off
+#   6. with the time left: where a step's time goes (host_breakdown.py, now splitting the launches' ~175 µs each
+#      into JITFunction.run's binding and the compiled launch; profile_step.py, bench_overhead.py: measured
+#      already), then the δ prologue and the MLP backward fusion off
 #      (MANUALBP_DELTA_PROLOGUE=0, MANUALBP_MLP_FUSION=0).
 # Files in $OUT (the device tool brings back at most 8): gpu_check.log (all of stdout), gpu_tests.log,
 # gpu_failures.log (each failure's traceback as it happened: MANUALBP_FAILURE_LOG, tests/conftest.py), warm.log,
@@ -95,15 +96,15 @@ timeout "$(budget 130)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+
     --out-dir "$out" 2>&1 | grep -v "^#   MiB"
 echo "bench_dense: exit ${PIPESTATUS[0]}"
 
-stamp "bench_matmul"  # the float32 K-16 tiles: not yet run on a GPU
+stamp "bench_matmul"
 timeout "$(budget 60)" $py benchmarks/bench_matmul.py --size 4096 --dtypes bf16,fp32,fp32-tf32
 # --- 6. with the time left: where a step's time goes (host against device, each kernel), the fusions off ----
-stamp "profile"
-timeout "$(budget 40)" $py benchmarks/profile_step.py --problem linear8192x1024x4096 --activation relu \
-    --impls eager,manualbp --rows 8 2>&1 | grep -v "^ *\[W\|USDT"
 stamp "host breakdown"
 timeout "$(budget 35)" $py benchmarks/host_breakdown.py --problem linear8192x1024x4096 --activation relu 2>&1 \
     | grep -v "^ *\[W\|USDT"
+stamp "profile"
+timeout "$(budget 40)" $py benchmarks/profile_step.py --problem linear8192x1024x4096 --activation relu \
+    --impls eager,manualbp --rows 8 2>&1 | grep -v "^ *\[W\|USDT"
 stamp "bench_overhead"
 timeout "$(budget 20)" $py benchmarks/bench_overhead.py --rounds 300 --out-dir "$extra" 2>&1 | grep -v "^#   "
 

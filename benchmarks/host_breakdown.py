@@ -13,6 +13,9 @@ call, the GPU synchronised between rounds only, so the time is what the host spe
   manualbp step            manualbp.Linear, forward+backward
   manualbp, no launches    the same with every Triton matmul launch replaced by a no-op: manualbp's Python,
                            autograd and allocations (the launches' share is the difference)
+  N launches, replayed     the step's N matmul launches again, with the arguments one step gave them
+    their JITFunction.run, warmup   the same through JITFunction.run(warmup=True): binder, cache key, no launch
+    their compiled launches         the compiled kernels launched directly (what JITFunction.run does last)
   triton launch, empty     a kernel that does nothing, one program, through JITFunction.run
   torch launch, tiny       x.add_(1) on a 16-element tensor: one PyTorch kernel launch, for scale
   torch.empty              one [M, N] allocation from PyTorch's caching allocator
@@ -54,6 +57,43 @@ def per_call_us(fn, calls: int, rounds: int) -> tuple:
         samples.append((time.perf_counter() - start) / calls * 1e6)
     samples.sort()
     return statistics.median(samples), samples[len(samples) // 5], samples[(4 * len(samples)) // 5]
+
+
+def launch_parts(dense, step) -> dict:
+    """The step's matmul launches (recorded from one step, so the same arguments), replayed part by part, each item
+    the time for all of them: whole (dense._launch_autotuned: the chosen tile's lookup, then JITFunction.run),
+    JITFunction.run with warmup=True (its binder, cache key and checks, no launch), and the compiled kernel's
+    launch alone (kernel[grid](*args, *constexprs), as JITFunction.run ends). Where a part cannot be built on this
+    Triton, it is left out, saying why."""
+    calls = []
+    real_launch = dense._launch_autotuned
+    dense._launch_autotuned = lambda *args: (calls.append(args), real_launch(*args))
+    try:
+        step()
+    finally:
+        dense._launch_autotuned = real_launch
+    torch.cuda.synchronize()
+    parts = {f"{len(calls)} launches, replayed": lambda: [real_launch(*call) for call in calls]}
+    try:
+        prepared = []
+        for tuner, grid, args, flags, buckets in calls:
+            config = dense._chosen_tiles[dense._tile_key(tuner, args, flags, buckets)]
+            run = dict(grid=grid, **flags, **config.all_kwargs())
+            kernel = tuner.fn.run(*args, warmup=True, **run)
+            meta = {**flags, **config.kwargs}
+            constexprs = tuple(meta[p.name] if p.name in meta else p.default for p in tuner.fn.params[len(args):])
+            prepared.append((tuner.fn, args, run, kernel, grid(meta), constexprs))
+        parts["  their JITFunction.run, warmup"] = lambda: [fn.run(*args, warmup=True, **run)
+                                                           for fn, args, run, *_ in prepared]
+        parts["  their compiled launches"] = lambda: [kernel[grid](*args, *constexprs)
+                                                     for _, args, _, kernel, grid, constexprs in prepared]
+        for name in ("  their JITFunction.run, warmup", "  their compiled launches"):
+            parts[name]()  # once before timing: a part that fails is left out here, saying why
+        torch.cuda.synchronize()
+    except Exception as error:  # an internal that moved: said, and the parts above still timed
+        print(f"# (launch parts not split on triton {triton.__version__}: {type(error).__name__}: {error})")
+        parts = {k: v for k, v in parts.items() if "replayed" in k}
+    return parts
 
 
 def main(argv=None) -> int:
@@ -98,17 +138,18 @@ def main(argv=None) -> int:
             dense._launch_autotuned = real_launch
 
     items["manualbp, no launches"] = no_launches
+    items.update(launch_parts(dense, manualbp_step))
     tiny = torch.zeros(16, device=device)
     _nothing[(1,)](tiny)
     items["triton launch, empty"] = lambda: _nothing[(1,)](tiny)
     items["torch launch, tiny"] = lambda: tiny.add_(1)
     items["torch.empty"] = lambda: torch.empty((m, k_out), device=device, dtype=dtype)
 
-    print(f"{'item':24s} {'median us':>10s} {'p20':>8s} {'p80':>8s}")
-    print("-" * 53)
+    print(f"{'item':32s} {'median us':>10s} {'p20':>8s} {'p80':>8s}")
+    print("-" * 61)
     for name, fn in items.items():
         med, p20, p80 = per_call_us(fn, args.calls, args.rounds)
-        print(f"{name:24s} {med:10.1f} {p20:8.1f} {p80:8.1f}")
+        print(f"{name:32s} {med:10.1f} {p20:8.1f} {p80:8.1f}")
     torch.cuda.synchronize()
     return 0
 

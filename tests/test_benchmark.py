@@ -240,7 +240,10 @@ def test_host_breakdown_needs_a_gpu_and_stubs_a_real_launch_path():
     assert result.returncode == 2 and "CUDA is not available" in result.stderr, result.stderr
     source = (ROOT / "benchmarks" / "host_breakdown.py").read_text()
     assert "dense._launch_autotuned" in source, "the script stubs the autotuned launch path"
-    assert callable(getattr(manualbp.backends.kernels(), "_launch_autotuned", None)), "which dense.py has"
+    dense = manualbp.backends.kernels()
+    assert callable(getattr(dense, "_launch_autotuned", None)), "which dense.py has"
+    assert "dense._chosen_tiles[dense._tile_key(" in source, "the launch parts look the chosen tile up as dense does"
+    assert isinstance(dense._chosen_tiles, dict) and callable(dense._tile_key), "... with dense's own key"
 
 
 def test_problem_names_read_back():

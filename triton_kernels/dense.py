@@ -982,10 +982,15 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
 _chosen_tiles: dict = {}
 
 
+def _tile_key(tuner, args: tuple, flags: dict, buckets: tuple) -> tuple:
+    """_chosen_tiles' key: the autotuner, the sizes' buckets, every flag, the tensors' dtypes."""
+    return tuner, buckets, tuple(flags.items()), tuple(t.dtype for t in args if isinstance(t, torch.Tensor))
+
+
 def _launch_autotuned(tuner, grid, args: tuple, flags: dict, buckets: tuple) -> None:
     """tuner[grid](*args, **flags) with the tile tuner chooses for them (the matmul's and the jvp's autotuners);
     buckets: the sizes of its key."""
-    key = (tuner, buckets, tuple(flags.items()), tuple(t.dtype for t in args if isinstance(t, torch.Tensor)))
+    key = _tile_key(tuner, args, flags, buckets)
     config = _chosen_tiles.get(key)
     if config is None:
         tuner[grid](*args, **flags)
