@@ -19,6 +19,7 @@ importing manualbp):
                           RowwiseParallel(output_layouts=Shard(1))), as around a SequenceParallel norm
     dtensor/rows          parameters replicated DTensors, the input a DTensor sharded by rows
     dtensor/sequence      parameters replicated DTensors, the input [B, S, K] a DTensor sharded on S
+    dtensor/batch         the same, sharded on B (flattening its rows needs no communication)
     dtensor/col_row       no module hooks: weights sharded by hand column-wise then row-wise,
                           the input a replicated DTensor that needs no gradient, the output a partial sum
     dtensor/col_row_act   the same placements and shapes, an activation on the row-wise layer and an
@@ -59,7 +60,7 @@ from workers import fully_shard_function, process_group, run_workers, skip_witho
 BACKENDS = ("reference", "triton")
 FAMILIES = ("linear", "mlp")
 ONE_D_CASES = ("tp/act_on_colwise", "tp/act_on_rowwise", "tp/sequence_sharded", "dtensor/rows",
-               "dtensor/sequence", "dtensor/col_row", "dtensor/col_row_act")
+               "dtensor/sequence", "dtensor/batch", "dtensor/col_row", "dtensor/col_row_act")
 TWO_D_CASES = ("fsdp2_tp/act_on_colwise", "fsdp2_tp/act_on_rowwise")
 ACTIVATIONS = {  # (first layer's, second layer's)
     "tp/act_on_colwise": ("gelu", "identity"),
@@ -67,6 +68,7 @@ ACTIVATIONS = {  # (first layer's, second layer's)
     "tp/sequence_sharded": ("silu", "identity"),
     "dtensor/rows": ("gelu", "tanh"),
     "dtensor/sequence": ("relu", "sigmoid"),
+    "dtensor/batch": ("tanh", "gelu"),
     "dtensor/col_row": ("gelu", "identity"),
     "dtensor/col_row_act": ("gelu", "tanh"),
     "fsdp2_tp/act_on_colwise": ("gelu", "identity"),
@@ -171,10 +173,10 @@ def one_d_case(case: str, model: nn.Module, mesh, rank: int):
         local = SEQUENCE[1] // mesh.size()  # each rank holds its part of the sequence
         x, grad_output = (t[:, rank * local:(rank + 1) * local] for t in (x, grad_output))
         return tp_plan(model, mesh, sequence=True), x.contiguous().requires_grad_(), grad_output.contiguous()
-    if case in ("dtensor/rows", "dtensor/sequence"):
+    if case in ("dtensor/rows", "dtensor/sequence", "dtensor/batch"):
         x, grad_output = data((ROWS,) if case == "dtensor/rows" else SEQUENCE, seed=3)
         model = distribute_module(model, mesh)  # every parameter a replicated DTensor, no hooks
-        placement = Shard(0) if case == "dtensor/rows" else Shard(1)
+        placement = Shard(1) if case == "dtensor/sequence" else Shard(0)
         return model, distribute_tensor(x, mesh, [placement]).requires_grad_(), grad_output
     if case in ("dtensor/col_row", "dtensor/col_row_act"):
         placements = {"0.weight": Shard(0), "0.bias": Shard(0), "2.weight": Shard(1), "2.bias": Replicate()}
