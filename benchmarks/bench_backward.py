@@ -47,6 +47,8 @@ LAYERS = ("first", "hidden")
 def eager_delta(name: str, grad_a, z, a, slope: float):
     """δ as autograd's backward op for the activation computes it (the op eager runs)."""
     aten = torch.ops.aten
+    if name == "identity":
+        return grad_a  # no backward op: G is δ
     if name == "relu":
         return aten.threshold_backward(grad_a, a, 0)
     if name == "leaky_relu":

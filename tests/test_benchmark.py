@@ -266,12 +266,14 @@ def test_backward_ways_run_in_the_interpreter_and_agree(tmp_path, capsys):
     reason = manualbp.backends.triton_unavailable_reason(torch.device("cpu"), torch.float32)
     if reason:
         pytest.skip(f"the ways run manualbp's Triton kernels: {reason}")
-    assert module.main(["--problems", "linear40x24x36", "--activations", "gelu,relu", "--out-dir", str(tmp_path),
-                        "--rep-ms", "1"]) == 0, "exit status"
+    assert module.main(["--problems", "linear40x24x36", "--activations", "gelu,relu,identity", "--out-dir",
+                        str(tmp_path), "--rep-ms", "1"]) == 0, "exit status"
     rows = list(csv.DictReader(open(next(tmp_path.glob("bench_backward_*.csv")))))
     ways = sorted({(r["activation"], r["layer"], r["way"]) for r in rows})
-    assert ways == sorted((act, layer, way) for act in ("gelu", "relu") for layer in ("first", "hidden")
-                          for way in ("fused", "delta+dW", "unfused", "eager")), f"rows: {ways}"
+    expected = [(act, layer, way) for act in ("gelu", "relu") for layer in ("first", "hidden")
+                for way in ("fused", "delta+dW", "unfused", "eager")]
+    expected += [("identity", layer, way) for layer in ("first", "hidden") for way in ("fused", "eager")]  # no δ
+    assert ways == sorted(expected), f"rows: {ways}"
     for row in rows:
         assert float(row["max_rel_err"]) < 1e-5, f"{row['activation']} {row['layer']} {row['way']}: error"
     assert "max rel err" in capsys.readouterr().out, "the table"
