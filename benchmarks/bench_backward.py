@@ -42,6 +42,8 @@ from manualbp import activations, function  # noqa: E402
 
 WAYS = ("fused", "delta+dW", "unfused", "eager")
 LAYERS = ("first", "hidden")
+GPU_PROBLEMS = "linear8192x1024x4096,linear8192x4096x1024"
+CPU_PROBLEMS = "linear64x48x80"  # the interpreter: a check of the ways, not a timing
 
 
 def eager_delta(name: str, grad_a, z, a, slope: float):
@@ -152,20 +154,16 @@ def plot(rows, path) -> None:
     for i, way in enumerate(ways):
         xs = [c + (i - (len(ways) - 1) / 2) * width for c in range(len(cases))]
         ax.bar(xs, [speed.get((*case, way), float("nan")) for case in cases], width=width, label=way)
-    ax.axhline(1.0, color="k", linewidth=0.8)
-    ax.set_xticks(range(len(cases)), [f"{p}\n{a} {layer}" for p, a, layer in cases], rotation=90, fontsize=6)
-    ax.set_ylabel("x eager's kernels (backward, higher is better)")
-    ax.set_title(f"manualbp backward, kernels only, on {rows[0]['device']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    print(f"plot: {path}")
+    bench_dense.finish_bar_plot(fig, ax, range(len(cases)), [f"{p}\n{a} {layer}" for p, a, layer in cases],
+                                "x eager's kernels (backward, higher is better)",
+                                f"manualbp backward, kernels only, on {rows[0]['device']}", path, fontsize=6)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--problems", default="linear8192x1024x4096,linear8192x4096x1024",
-                        help="bench_dense.py's linear names (GPU default; CPU: linear64x48x80)")
+    parser.add_argument("--problems", default=None,
+                        help=f"bench_dense.py's linear names (default: {GPU_PROBLEMS} on a GPU, "
+                             f"{CPU_PROBLEMS} on the CPU)")
     parser.add_argument("--activations", default="relu,gelu,leaky_relu,tanh")
     parser.add_argument("--layers", default=",".join(LAYERS), help=f"comma list of {list(LAYERS)}")
     parser.add_argument("--dtype", default=None, choices=list(bench_dense.DTYPES),
@@ -186,7 +184,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     dtype_name = args.dtype or ("bf16" if cuda else "fp32")
     dtype = bench_dense.DTYPES[dtype_name]
-    problems = args.problems if cuda or "--problems" in " ".join(argv or sys.argv) else "linear64x48x80"
+    problems = args.problems or (GPU_PROBLEMS if cuda else CPU_PROBLEMS)
     layers = bench_dense.check_choices(parser, "layer", args.layers, LAYERS)
     manualbp.set_backend("triton")
     torch.set_float32_matmul_precision("high" if dtype_name == "fp32-tf32" else "highest")

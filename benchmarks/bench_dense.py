@@ -311,10 +311,16 @@ def plot(rows, path):
     xs = range(len(wanted))
     ax.bar([i - 0.2 for i in xs], [r["speedup_vs_eager"] for r in wanted], width=0.4, label="vs eager")
     ax.bar([i + 0.2 for i in xs], [r["speedup_vs_compile"] for r in wanted], width=0.4, label="vs torch.compile")
+    finish_bar_plot(fig, ax, xs, labels, "speedup (fwd+bwd, higher is better)", f"manualbp on {wanted[0]['device']}",
+                    path, fontsize=6)
+
+
+def finish_bar_plot(fig, ax, ticks, labels, ylabel: str, title: str, path, fontsize: int) -> None:
+    """How the benchmarks' bar plots end: a line at 1.0, the bars' labels turned upright, a legend, saved."""
     ax.axhline(1.0, color="k", linewidth=0.8)
-    ax.set_xticks(list(xs), labels, rotation=90, fontsize=6)
-    ax.set_ylabel("speedup (fwd+bwd, higher is better)")
-    ax.set_title(f"manualbp on {wanted[0]['device']}")
+    ax.set_xticks(list(ticks), labels, rotation=90, fontsize=fontsize)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=150)

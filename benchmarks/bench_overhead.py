@@ -47,7 +47,7 @@ from torch import nn
 import manualbp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_dense beside this file, however it is run
-from bench_dense import CsvRows, _triton_version, check_choices, pick_device, pyplot  # noqa: E402
+from bench_dense import CsvRows, _triton_version, check_choices, finish_bar_plot, pick_device, pyplot  # noqa: E402
 
 ROWS, WIDTH = 4, 16
 MLP_SIZES = [WIDTH, WIDTH, WIDTH, WIDTH]
@@ -193,15 +193,9 @@ def plot(rows, path):
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(wanted)), 4))
     xs = range(len(wanted))
     ax.bar(list(xs), [r["ratio_to_nn"] for r in wanted], width=0.6)
-    ax.axhline(1.0, color="k", linewidth=0.8)
     ax.axhline(1.2, color="r", linewidth=0.8, linestyle="--", label="1.2x target")
-    ax.set_xticks(list(xs), labels, rotation=90, fontsize=7)
-    ax.set_ylabel("time / nn's time (lower is better)")
-    ax.set_title(f"manualbp call overhead on {wanted[0]['device']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    print(f"plot: {path}")
+    finish_bar_plot(fig, ax, xs, labels, "time / nn's time (lower is better)",
+                    f"manualbp call overhead on {wanted[0]['device']}", path, fontsize=7)
 
 
 def main(argv=None) -> int:

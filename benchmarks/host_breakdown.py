@@ -73,7 +73,7 @@ def launch_parts(dense, step) -> dict:
     finally:
         dense._launch_autotuned = real_launch
     torch.cuda.synchronize()
-    parts = {f"{len(calls)} launches, replayed": lambda: [real_launch(*call) for call in calls]}
+    replayed = {f"{len(calls)} launches, replayed": lambda: [real_launch(*call) for call in calls]}
     try:
         prepared = []
         for tuner, grid, args, flags, buckets in calls:
@@ -83,17 +83,19 @@ def launch_parts(dense, step) -> dict:
             meta = {**flags, **config.kwargs}
             constexprs = tuple(meta[p.name] if p.name in meta else p.default for p in tuner.fn.params[len(args):])
             prepared.append((tuner.fn, args, run, kernel, grid(meta), constexprs))
-        parts["  their JITFunction.run, warmup"] = lambda: [fn.run(*args, warmup=True, **run)
-                                                           for fn, args, run, *_ in prepared]
-        parts["  their compiled launches"] = lambda: [kernel[grid](*args, *constexprs)
-                                                     for _, args, _, kernel, grid, constexprs in prepared]
-        for name in ("  their JITFunction.run, warmup", "  their compiled launches"):
-            parts[name]()  # once before timing: a part that fails is left out here, saying why
+        split = {
+            "  their JITFunction.run, warmup": lambda: [fn.run(*args, warmup=True, **run)
+                                                        for fn, args, run, *_ in prepared],
+            "  their compiled launches": lambda: [kernel[grid](*args, *constexprs)
+                                                  for _, args, _, kernel, grid, constexprs in prepared],
+        }
+        for part in split.values():
+            part()  # once before timing: a part that fails is left out here, saying why
         torch.cuda.synchronize()
-    except Exception as error:  # an internal that moved: said, and the parts above still timed
+    except Exception as error:  # an internal that moved: said, and the whole replay still timed
         print(f"# (launch parts not split on triton {triton.__version__}: {type(error).__name__}: {error})")
-        parts = {k: v for k, v in parts.items() if "replayed" in k}
-    return parts
+        return replayed
+    return {**replayed, **split}
 
 
 def main(argv=None) -> int:
