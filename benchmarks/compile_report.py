@@ -455,19 +455,19 @@ def run(arch, only, quick, M, K, N, dtype, progress=print):
     tutorial_rows = {}
     rows = []
     # The launchers decide TMA and the persistent grid from the GPU they run on; here, from the target.
-    tma_capable, num_sms, packed_select, inline_ptx = (dense._tma_capable, dense._num_sms, dense._packed_select,
+    tma_capable, num_sms, packed_pairs, inline_ptx = (dense._tma_capable, dense._num_sms, dense._packed_pairs,
                                                        dense._inline_ptx)
     dense._inline_ptx = lambda device: True  # compiled for an NVIDIA target
     dense._tma_capable = lambda device: arch >= 90 and hasattr(tl, "make_tensor_descriptor")
     dense._num_sms = lambda device: 132  # H100 SXM; the count is a runtime argument, not compiled in
-    # as _packed_select decides on a GPU of this capability
-    dense._packed_select = lambda dtype, device: (dtype in (torch.float16, torch.bfloat16)
+    # as _packed_pairs decides on a GPU of this capability
+    dense._packed_pairs = lambda dtype, device: (dtype in (torch.float16, torch.bfloat16)
                                                   and arch >= (90 if dtype == torch.bfloat16 else 53))
     try:
         launches = package_launches(dense, jvp, M, K, N, dtype, quick)
     finally:
-        dense._tma_capable, dense._num_sms, dense._packed_select, dense._inline_ptx = (tma_capable, num_sms,
-                                                                                       packed_select, inline_ptx)
+        dense._tma_capable, dense._num_sms, dense._packed_pairs, dense._inline_ptx = (tma_capable, num_sms,
+                                                                                       packed_pairs, inline_ptx)
     for label, (kernel, args, kwargs, layout, pruner) in launches.items():
         if only and not any(part in label for part in only.split(",")):
             continue

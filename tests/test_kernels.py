@@ -100,7 +100,7 @@ def test_every_autotune_config_is_correct(config, device):
         pytest.skip(f"{name} is not offered to the prologue's launches (dense._tma_prologue_excluded)")
     grad_a = torch.randn(M, K, generator=g).to(device, dtype)
     f_prime = torch.rand(M, K, generator=g).to(device, dtype)
-    with_sums = config.kwargs["BLOCK_K"] == dense._sum_block_k(dtype, True)
+    with_sums = dense._sums_in_k_steps_of(config, dense._sum_block_k(dtype, True))
     row_sums = torch.full((M,), float("nan"), device=device) if with_sums else None
     _launch_with(config, grad_a, weight.t(), a, saved=f_prime, row_sums=row_sums, A_PROLOGUE=True,
                  SAVED_KIND=dense.SAVED_KINDS["f_prime"])
@@ -151,7 +151,7 @@ def test_even_k_loads_give_the_masked_loops_bits(config, device):
     bias = torch.randn(N, generator=g).to(device, dtype)
     grad_t = torch.randn(K, M, generator=g).to(device, dtype).t()  # a left factor with stride 1 along M
     f_prime = torch.rand(K, M, generator=g).to(device, dtype).t()
-    with_sums = config.kwargs["BLOCK_K"] == dense._sum_block_k(dtype, True)
+    with_sums = dense._sums_in_k_steps_of(config, dense._sum_block_k(dtype, True))
     prologue = not dense._tma_prologue_excluded(config)  # that tile is not offered to the prologue's launches
     outs = {}
     for even_k in (False, True):
@@ -673,11 +673,11 @@ def test_mlp_bias_grad_partials_are_bitwise_equal_on_every_tile(device):
 
 
 def _row_sum_configs(data):
-    """The configs the autotuner may pick for a ∂C/∂W matmul that forms ∂C/∂b from this data (BLOCK_K ==
-    _sum_block_k's); on a GPU, those whose operand tiles, with the prologue's saved tensor, fit its shared
-    memory (as the autotuner prunes)."""
+    """The configs the autotuner may pick for a ∂C/∂W matmul that forms ∂C/∂b from this data (K steps of
+    _sum_block_k's, dense._sums_in_k_steps_of); on a GPU, those whose operand tiles, with the prologue's saved
+    tensor, fit its shared memory (as the autotuner prunes)."""
     block_k = dense._sum_block_k(data.dtype, True)
-    configs = [cfg for cfg in dense.matmul_configs() if cfg.kwargs["BLOCK_K"] == block_k and _runs_here(cfg)]
+    configs = [cfg for cfg in dense.matmul_configs() if dense._sums_in_k_steps_of(cfg, block_k) and _runs_here(cfg)]
     if data is not None and data.is_cuda:
         budget = dense._shared_memory_bytes(data.device.index or 0)
         configs = [cfg for cfg in configs if dense._pipelined_bytes(cfg, data.element_size(), a_tiles=2) <= budget]
@@ -729,7 +729,7 @@ def test_relu_and_leaky_relu_deltas_follow_pytorch_special_values(dtype, device)
     """relu's δ is PyTorch's threshold_backward (0 where saved <= 0, else G: a NaN saved passes G, an inf G
     times a 0 gives 0, not NaN), leaky_relu's is leaky_relu_backward (G where saved > 0, else G s), bit for bit:
     in the δ pass, and formed in the ∂C/∂X and the ∂C/∂W matmuls' loads (on a GPU with 16-bit data, by the packed
-    selects of _packed_select)."""
+    selects of _packed_pairs)."""
     if dtype == torch.bfloat16 and device.type == "cpu":
         pytest.skip("Triton's CPU interpreter has no bfloat16")
     nan, inf = float("nan"), float("inf")
@@ -765,14 +765,75 @@ def test_relu_and_leaky_relu_deltas_follow_pytorch_special_values(dtype, device)
         check(grad_bias.to(dtype)[None, :], "db with the dw prologue")
 
 
+def _c10_half_ops(activation, grad_a, a):
+    """PyTorch's CUDA tanh_backward / sigmoid_backward for 16-bit data, written out: its lambdas compute in
+    c10::Half / c10::BFloat16, whose every operation is done in float32 and rounded to the 16-bit dtype
+    (G (1 - a a) as three roundings; (G (1 - a)) a as three), here with float32 tensors and a rounding after each."""
+    rounded = lambda t: t.to(grad_a.dtype).float()  # noqa: E731
+    g, a = grad_a.float(), a.float()
+    if activation == "tanh":
+        return rounded(g * rounded(1 - rounded(a * a))).to(grad_a.dtype)
+    return rounded(rounded(g * rounded(1 - a)) * a).to(grad_a.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+def test_tanh_and_sigmoid_deltas_from_a_round_as_pytorch_cuda(activation, dtype, device):
+    """16-bit δ from the saved A: rounded after each operation as PyTorch's CUDA tanh_backward and sigmoid_backward
+    (c10 half arithmetic), not once from float32, bit for bit: in the δ pass, formed in the ∂C/∂X and the ∂C/∂W
+    matmuls' loads (on a GPU by the packed 16-bit instructions of _packed_pairs), and stored by the ∂C/∂X matmul;
+    special values included. On a GPU also against PyTorch's own kernel."""
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        pytest.skip("Triton's CPU interpreter has no bfloat16")
+    g = torch.Generator().manual_seed(13)
+    n = 4096
+    forward = torch.tanh if activation == "tanh" else torch.sigmoid
+    a = forward(torch.randn(n, generator=g) * 2).to(dtype)
+    grad_a = torch.randn(n, generator=g).to(dtype)
+    nan, inf = float("nan"), float("inf")
+    a[:8] = torch.tensor([1.0, -1.0, 0.0, -0.0, nan, 1.0, 0.5, 1e-3])
+    grad_a[:8] = torch.tensor([inf, -inf, inf, 2.0, 1.0, nan, -0.0, 6e-5])
+    a, grad_a = a[None, :].to(device), grad_a[None, :].to(device)  # one row: each ∂C/∂W, ∂C/∂b element one δ
+    expected = _c10_half_ops(activation, grad_a, a)
+    once = (grad_a.float() * (1 - a.float() * a.float()) if activation == "tanh"
+            else grad_a.float() * (1 - a.float()) * a.float()).to(dtype)
+    numbers = ~expected.isnan()
+    assert (once[numbers] != expected[numbers]).any(), "the data tells one rounding from three"
+    if device.type == "cuda":
+        eager = getattr(torch.ops.aten, f"{activation}_backward")(grad_a, a)
+        assert torch.equal(eager.isnan(), expected.isnan()) and torch.equal(eager[numbers], expected[numbers]), \
+            "PyTorch's CUDA kernel is the three roundings written out"
+    act_id = manualbp.get_activation(activation).kernel_id
+    label = f"[{activation} {dtype}]"
+
+    def check(ours, where):
+        assert torch.equal(ours.isnan(), expected.isnan()), f"{where} NaNs {label}"
+        differ = int((ours[numbers] != expected[numbers]).sum())
+        assert differ == 0, f"{where} {label}: {differ} of {int(numbers.sum())} δ differ"
+
+    delta, _ = dense.delta_and_bias_grad(grad_a, a, act_id, 0.0, "a", want_delta=True, want_bias=False)
+    check(delta, "δ pass")
+    one = torch.ones(1, 1, device=device, dtype=dtype)
+    grad_x, _, _ = dense.linear_backward(grad_a.t(), one, one, a.t(), act_id, 0.0, "a", True, False, False)
+    check(grad_x.t(), "dx prologue")
+    weight = torch.ones(n, 1, device=device, dtype=dtype)
+    _, grad_weight, grad_bias = dense.linear_backward(grad_a, one, weight, a, act_id, 0.0, "a", False, True, True)
+    check(grad_weight.t(), "dw prologue")
+    check(grad_bias.to(dtype)[None, :], "db with the dw prologue")
+    _, grad_weight, grad_bias = dense.linear_backward(grad_a, one, weight, a, act_id, 0.0, "a", True, True, True)
+    check(grad_weight.t(), "dw of the δ stored by the dx prologue")
+    check(grad_bias.to(dtype)[None, :], "db of the stored δ")
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("config", dense.matmul_configs(), ids=_config_id)
-def test_packed_selects_give_the_plain_selects_bits(config, dtype):
-    """On a GPU: relu's and leaky_relu's δ by the packed 16-bit selects (inline PTX) give the plain selects' bits,
+def test_packed_pairs_give_the_plain_bits(config, dtype):
+    """On a GPU: relu's and leaky_relu's δ by the packed 16-bit selects, tanh's and sigmoid's from A by the packed
+    16-bit arithmetic (inline PTX), give the plain code's bits,
     special values sprinkled in, at every config: the ∂C/∂X product, the δ it stores, and ∂C/∂W with ∂C/∂b."""
     device = torch.device("cuda")
-    if not dense._packed_select(dtype, device):
+    if not dense._packed_pairs(dtype, device):
         pytest.skip(f"no packed {dtype} comparison on this GPU")
     if dense._tma_prologue_excluded(config):
         pytest.skip(f"{_config_id(config)} is not offered to the prologue's launches (dense._tma_prologue_excluded)")
@@ -787,14 +848,15 @@ def test_packed_selects_give_the_plain_selects_bits(config, dtype):
     grad_a, saved = sprinkled(M, K), sprinkled(M, K)
     weight = torch.randn(N, K, generator=g).div(10).to(device, dtype)
     name = _config_id(config)
-    for activation, slope in (("relu", 0.0), ("leaky_relu", 0.01), ("leaky_relu", -0.2)):
+    for activation, slope, kind in (("relu", 0.0, "z"), ("leaky_relu", 0.01, "z"), ("leaky_relu", -0.2, "z"),
+                                    ("tanh", 0.0, "a"), ("sigmoid", 0.0, "a")):
         act_id = manualbp.get_activation(activation).kernel_id
         outs = {}
         for packed in (False, True):
             product, stored = torch.empty(M, N, device=device, dtype=dtype), torch.full_like(grad_a, float("nan"))
             _launch_with(config, grad_a, weight.t(), product, z=stored, saved=saved, A_PROLOGUE=True, WRITE_Z=False,
-                         STORE_DELTA=True, ACTIVATION=act_id, NEGATIVE_SLOPE=slope, SAVED_KIND=dense.SAVED_KINDS["z"],
-                         PACKED_SELECT=packed)
+                         STORE_DELTA=True, ACTIVATION=act_id, NEGATIVE_SLOPE=slope, SAVED_KIND=dense.SAVED_KINDS[kind],
+                         PACKED_PAIRS=packed)
             outs[packed] = (product, stored)
         label = f"{activation} {slope} {dtype} with {name}"
         # Bits equal except in NaNs' payloads: the plain leaky_relu multiplies G by 1 or s in float32, and GPU
@@ -807,23 +869,23 @@ def test_packed_selects_give_the_plain_selects_bits(config, dtype):
         assert torch.equal(outs[True][0].isnan(), outs[False][0].isnan()), f"∂C/∂X NaNs, {label}"
         torch.testing.assert_close(outs[True][0], outs[False][0], rtol=0, atol=0, equal_nan=True,
                                    msg=lambda m: f"∂C/∂X, {label}: {m}")
-        if config.kwargs["BLOCK_K"] != dense.SUM_BLOCK_K:
+        if not dense._sums_in_k_steps_of(config, dense.SUM_BLOCK_K):
             continue  # no ∂C/∂b at this K step
         x = torch.randn(M, 48, generator=g).to(device, dtype)
         sums = {}
         for packed in (False, True):  # ∂C/∂W = δᵀ X, δᵀ through swapped strides, with ∂C/∂b = 1ᵀ δ
             grad_weight, row_sums = torch.empty(K, 48, device=device, dtype=dtype), torch.empty(K, device=device)
             _launch_with(config, grad_a.t(), x, grad_weight, saved=saved.t(), row_sums=row_sums, A_PROLOGUE=True,
-                         ACTIVATION=act_id, NEGATIVE_SLOPE=slope, SAVED_KIND=dense.SAVED_KINDS["z"],
-                         PACKED_SELECT=packed)
+                         ACTIVATION=act_id, NEGATIVE_SLOPE=slope, SAVED_KIND=dense.SAVED_KINDS[kind],
+                         PACKED_PAIRS=packed)
             sums[packed] = (grad_weight, row_sums)
         for i, what in enumerate(("∂C/∂W", "∂C/∂b")):
             torch.testing.assert_close(sums[True][i], sums[False][i], rtol=0, atol=0, equal_nan=True,
                                        msg=lambda m: f"{what}, {label}: {m}")
 
 
-def test_packed_selects_only_where_the_ptx_exists(monkeypatch):
-    """_packed_select: inline PTX only compiled for an NVIDIA GPU, float16 from sm_53, bfloat16 from sm_90."""
+def test_packed_pairs_only_where_the_ptx_exists(monkeypatch):
+    """_packed_pairs: inline PTX only compiled for an NVIDIA GPU, float16 from sm_53, bfloat16 from sm_90."""
     cuda = torch.device("cuda")
     monkeypatch.setattr(dense, "is_interpreted", lambda: False)
     monkeypatch.setattr(torch.version, "hip", None)
@@ -831,13 +893,13 @@ def test_packed_selects_only_where_the_ptx_exists(monkeypatch):
                                         ((8, 0), torch.float16, True), ((5, 2), torch.float16, False),
                                         ((9, 0), torch.float32, False), ((10, 0), torch.bfloat16, True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert dense._packed_select(dtype, cuda) == expected, f"sm_{capability} {dtype}"
-    assert not dense._packed_select(torch.float16, torch.device("cpu")), "not on the CPU"
+        assert dense._packed_pairs(dtype, cuda) == expected, f"sm_{capability} {dtype}"
+    assert not dense._packed_pairs(torch.float16, torch.device("cpu")), "not on the CPU"
     monkeypatch.setattr(torch.version, "hip", "6.2")
-    assert not dense._packed_select(torch.float16, cuda), "not on ROCm (the PTX is NVIDIA's)"
+    assert not dense._packed_pairs(torch.float16, cuda), "not on ROCm (the PTX is NVIDIA's)"
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(dense, "is_interpreted", lambda: True)
-    assert not dense._packed_select(torch.float16, cuda), "not in the interpreter"
+    assert not dense._packed_pairs(torch.float16, cuda), "not in the interpreter"
 
 
 def test_inline_ptx_only_where_compiled_for_nvidia(monkeypatch):
@@ -951,9 +1013,10 @@ def test_host_arithmetic_matches_triton():
 
 
 def test_bias_grad_matmul_configs(monkeypatch):
-    """The ∂C/∂W matmul that forms ∂C/∂b tries only BLOCK_K == _sum_block_k (the sums' order: SUM_BLOCK_K for
-    16-bit data, WIDE_SUM_BLOCK_K for float32) and BLOCK_N >= 128, the large tile first; the float32 tiles (K steps
-    of WIDE_SUM_BLOCK_K) are offered to float32 launches only."""
+    """The ∂C/∂W matmul that forms ∂C/∂b tries only K steps the sums take in _sum_block_k steps (the sums' order:
+    SUM_BLOCK_K for 16-bit data, WIDE_SUM_BLOCK_K for float32): BLOCK_K equal to it, or a multiple of it with TMA
+    (STEP_K sub-steps); and BLOCK_N >= 128, the large tile first; the float32 tiles (K steps of WIDE_SUM_BLOCK_K)
+    are offered to float32 launches only."""
     monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 232448)  # H100
     a16 = torch.empty(4, 4, dtype=torch.bfloat16)
     for activation in ("identity", "relu", "leaky_relu", "gelu", "tanh"):
@@ -965,6 +1028,11 @@ def test_bias_grad_matmul_configs(monkeypatch):
             f"{activation}: BLOCK_K and BLOCK_N")
         first = kept[0].kwargs
         assert (first["BLOCK_M"], first["BLOCK_N"]) == (128, 256), f"{activation}: 128x256 first"
+        with_tma = dense._prune_configs(dense.matmul_configs(), {"a_ptr": a16}, ROW_SUMS=True, A_PROLOGUE=True,
+                                        USE_DOT=True, ACTIVATION=act_id, TMA_OK=True)
+        wide = [c for c in with_tma if c.kwargs["BLOCK_K"] != dense.SUM_BLOCK_K]
+        assert wide and all(c.kwargs.get("TMA", False) and c.kwargs["BLOCK_K"] % dense.SUM_BLOCK_K.value == 0
+                            for c in wide), f"{activation}: K steps of a multiple of SUM_BLOCK_K, TMA configs only"
     # float32: sums in registers over K steps of WIDE_SUM_BLOCK_K, the FMA loop's spill-free tiles
     a32 = torch.empty(4, 4, dtype=torch.float32)
     kept = dense._prune_configs(dense.matmul_configs(), {"a_ptr": a32, "out_ptr": a32}, ROW_SUMS=True,
@@ -1059,7 +1127,8 @@ def test_tma_layout_and_pruning(monkeypatch):
     assert wide_k(dict(A_PROLOGUE=True)), "K steps of 128 for launches that form δ in their loads"
     assert all(c.kwargs.get("TMA", False) for c in wide_k(dict(A_PROLOGUE=True))), "... as a TMA config only"
     assert not wide_k({}), "not for the other matmuls"
-    assert not wide_k(dict(A_PROLOGUE=True, ROW_SUMS=True)), "not with ∂C/∂b (its order needs SUM_BLOCK_K)"
+    assert wide_k(dict(A_PROLOGUE=True, ROW_SUMS=True)), "also with ∂C/∂b (summed in SUM_BLOCK_K sub-steps)"
+    assert not wide_k(dict(ROW_SUMS=True)), "not for a plain ∂C/∂W matmul with ∂C/∂b"
     ids = lambda configs: set(map(_config_id, configs))  # noqa: E731 - by tile: Triton 3.3's Config has no __eq__
     prologue = ids(dense._prune_configs(dense.matmul_configs(), {"a_ptr": g16}, TMA_OK=True, A_PROLOGUE=True))
     excluded = ids(c for c in dense.matmul_configs() if dense._tma_prologue_excluded(c))

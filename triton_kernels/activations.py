@@ -182,6 +182,12 @@ def sigmoid_grad_from_output(a):
     return a * (1.0 - a)
 
 
+@triton.jit
+def sigmoid_delta_from_output(grad_a, a, ROUND_TO: tl.constexpr):
+    # PyTorch's sigmoid_backward, (G (1 - a)) a, each operation rounded to ROUND_TO (see _rounded)
+    return _rounded(_rounded(grad_a * _rounded(1.0 - a, ROUND_TO), ROUND_TO) * a, ROUND_TO)
+
+
 # tanh: f(z) = tanh z, f'(z) = 1 - tanh^2 z
 @triton.jit
 def tanh(z):
@@ -199,6 +205,46 @@ def tanh_grad_from_output(a):
     return 1.0 - a * a
 
 
+@triton.jit
+def tanh_delta_from_output(grad_a, a, ROUND_TO: tl.constexpr):
+    # PyTorch's tanh_backward, G (1 - a a), each operation rounded to ROUND_TO (see _rounded)
+    return _rounded(grad_a * _rounded(1.0 - _rounded(a * a, ROUND_TO), ROUND_TO), ROUND_TO)
+
+
+@triton.jit
+def _rounded(x, ROUND_TO: tl.constexpr):
+    """x rounded to ROUND_TO, kept in x's dtype. PyTorch's CUDA tanh_backward and sigmoid_backward compute 16-bit
+    data in c10::Half / c10::BFloat16 arithmetic: each operation in float32, then rounded to 16 bits (three
+    roundings, not one; its CPU kernels round once). For 16-bit operands every one of those float32 operations is
+    exact, so this gives the bits of the 16-bit instructions (delta_from_output_packed). A no-op where ROUND_TO
+    is x's own dtype (float32 and float64 data, and the MLP epilogue's unrounded float32 G)."""
+    if ROUND_TO != x.dtype:
+        x = x.to(ROUND_TO).to(x.dtype)
+    return x
+
+
+@triton.jit
+def delta_from_output_packed(grad_a, a, ACTIVATION: tl.constexpr):
+    """tanh's and sigmoid's delta_from_output for 16-bit G and a rounded to their dtype, two lanes per instruction
+    (compiled CUDA only, inline PTX as relu_delta_packed): the same three operations, each rounded to nearest
+    even, as 16-bit instructions (an explicit .rn is never fused into an FMA). 3 instructions a pair instead of 9
+    (two widenings of each operand, two FFMA, two FMUL, one pack)."""
+    # (1, 1) as bf16x2 is 0x3F803F80, as f16x2 0x3C003C00
+    if ACTIVATION == TANH and grad_a.dtype == tl.bfloat16:  # G (1 - a a)
+        asm: tl.constexpr = ("{ .reg .b32 t, one; mov.b32 one, 0x3F803F80; mul.rn.bf16x2 t, $2, $2; "
+                             "sub.rn.bf16x2 t, one, t; mul.rn.bf16x2 $0, $1, t; }")
+    elif ACTIVATION == TANH:
+        asm: tl.constexpr = ("{ .reg .b32 t, one; mov.b32 one, 0x3C003C00; mul.rn.f16x2 t, $2, $2; "
+                             "sub.rn.f16x2 t, one, t; mul.rn.f16x2 $0, $1, t; }")
+    elif grad_a.dtype == tl.bfloat16:  # sigmoid: (G (1 - a)) a
+        asm: tl.constexpr = ("{ .reg .b32 t, one; mov.b32 one, 0x3F803F80; sub.rn.bf16x2 t, one, $2; "
+                             "mul.rn.bf16x2 t, $1, t; mul.rn.bf16x2 $0, t, $2; }")
+    else:
+        asm: tl.constexpr = ("{ .reg .b32 t, one; mov.b32 one, 0x3C003C00; sub.rn.f16x2 t, one, $2; "
+                             "mul.rn.f16x2 t, $1, t; mul.rn.f16x2 $0, t, $2; }")
+    return tl.inline_asm_elementwise(asm, "=r,r,r", [grad_a, a], dtype=grad_a.dtype, is_pure=True, pack=2)
+
+
 # Dispatchers: ACTIVATION is a compile-time constant, so only one branch is compiled.
 @triton.jit
 def delta(grad_a, z, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
@@ -214,11 +260,16 @@ def delta(grad_a, z, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
 
 
 @triton.jit
-def delta_from_output(grad_a, a, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
-    """δ = G ⊙ f'(z) from a = f(z); only where f_grad_from_output is defined."""
+def delta_from_output(grad_a, a, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, ROUND_TO: tl.constexpr):
+    """δ = G ⊙ f'(z) from a = f(z); only where f_grad_from_output is defined. ROUND_TO: the dtype of the stored G
+    and a, whose rounding tanh and sigmoid apply after each operation as PyTorch's CUDA kernels (_rounded)."""
     if ACTIVATION == RELU or ACTIVATION == LEAKY_RELU or ACTIVATION == IDENTITY:
         # The same selects on a as on z: a > 0 exactly when z > 0 (s >= 0), and a is NaN exactly when z is.
         return delta(grad_a, a, ACTIVATION, NEGATIVE_SLOPE)
+    elif ACTIVATION == TANH:
+        return tanh_delta_from_output(grad_a, a, ROUND_TO)
+    elif ACTIVATION == SIGMOID:
+        return sigmoid_delta_from_output(grad_a, a, ROUND_TO)
     else:
         return grad_a * f_grad_from_output(a, ACTIVATION, NEGATIVE_SLOPE)
 

@@ -98,8 +98,9 @@ SUM_COLUMNS = tl.constexpr(2 ** 4)  # of the ones tile the tensor cores sum 16-b
 
 @triton.jit
 def _times_activation_grad(grad_a, saved_ptrs, mask, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
-                           SAVED_KIND: tl.constexpr):
-    """δ = G ⊙ f'(Z) for one tile, in grad_a's dtype: f' from what saved_ptrs point at (SAVED_KIND).
+                           SAVED_KIND: tl.constexpr, ROUND_TO: tl.constexpr):
+    """δ = G ⊙ f'(Z) for one tile, in grad_a's dtype: f' from what saved_ptrs point at (SAVED_KIND). ROUND_TO: the
+    stored G's dtype, or grad_a's own for a G never stored (act.delta_from_output).
 
     relu and leaky_relu from Z or A are selects, as PyTorch's own backward kernels:
     threshold_backward (0 where saved <= 0, else G: a NaN saved lets G through) and
@@ -109,17 +110,19 @@ def _times_activation_grad(grad_a, saved_ptrs, mask, ACTIVATION: tl.constexpr, N
     if ACTIVATION == act.IDENTITY:
         return grad_a  # f' = 1: nothing to read
     saved = tl.load(saved_ptrs, mask=mask, other=0.0)
-    return _times_f_prime(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)  # masked entries stay 0
+    return _times_f_prime(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, ROUND_TO)  # masked entries stay 0
 
 
 @triton.jit
-def _times_f_prime(grad_a, saved, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, SAVED_KIND: tl.constexpr):
-    """δ = G ⊙ f'(Z) for one tile of G and of what was saved (SAVED_KIND), in grad_a's dtype."""
+def _times_f_prime(grad_a, saved, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, SAVED_KIND: tl.constexpr,
+                   ROUND_TO: tl.constexpr):
+    """δ = G ⊙ f'(Z) for one tile of G and of what was saved (SAVED_KIND), in grad_a's dtype; ROUND_TO as
+    _times_activation_grad's."""
     saved = saved.to(grad_a.dtype)
     if SAVED_KIND == SAVED_F_PRIME:
         delta = grad_a * saved
     elif SAVED_KIND == SAVED_A:
-        delta = act.delta_from_output(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE)
+        delta = act.delta_from_output(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE, ROUND_TO)
     else:
         delta = act.delta(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE)
     return delta
@@ -127,28 +130,32 @@ def _times_f_prime(grad_a, saved, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.c
 
 @triton.jit
 def _prologue_factor(grad_a, saved, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
-                     SAVED_KIND: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, PACKED_SELECT: tl.constexpr):
+                     SAVED_KIND: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, PACKED_PAIRS: tl.constexpr):
     """The left factor δ = G ⊙ f'(saved) of a backward matmul, from a tile of G and of the saved tensor, rounded to
     G's dtype as a stored δ would be. Directly in G's dtype where that is exact: relu's select, and G f'(Z) with
     f'(Z) saved (the product of two numbers of G's dtype is exact in float32, so one rounding either way: the same
-    bits). Everything else in the compute dtype, then rounded. PACKED_SELECT: relu's and leaky_relu's selects
-    on 16-bit data two lanes per instruction (act.relu_delta_packed: the same bits; dX prologue 128x256x64 relu
-    242 -> 194 loop instructions, leaky_relu 291 -> 270, sm_90 bf16, Triton 3.9)."""
-    packed: tl.constexpr = PACKED_SELECT and grad_a.dtype.primitive_bitwidth == 16
+    bits). Everything else in the compute dtype, then rounded (tanh and sigmoid from A: after each operation, as
+    PyTorch's CUDA kernels, act.delta_from_output). PACKED_PAIRS: on 16-bit data, relu's and leaky_relu's selects
+    and tanh's and sigmoid's arithmetic from A two lanes per instruction (act.*_packed: the same bits; dX prologue
+    128x256x64 relu 242 -> 194 loop instructions, leaky_relu 291 -> 270, sm_90 bf16, Triton 3.9)."""
+    packed: tl.constexpr = PACKED_PAIRS and grad_a.dtype.primitive_bitwidth == 16
     if SAVED_KIND == SAVED_F_PRIME:
-        return _times_f_prime(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
+        return _times_f_prime(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, grad_a.dtype)
     if ACTIVATION == act.RELU:
         if packed:
             delta = act.relu_delta_packed(grad_a, saved.to(grad_a.dtype))
         else:
-            delta = _times_f_prime(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
+            delta = _times_f_prime(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, grad_a.dtype)
         return delta
     if ACTIVATION == act.LEAKY_RELU and packed:
         scaled = (_widen(grad_a, COMPUTE_DTYPE) * NEGATIVE_SLOPE).to(grad_a.dtype)
         return act.leaky_relu_delta_packed(grad_a, scaled, saved.to(grad_a.dtype))
+    if SAVED_KIND == SAVED_A and (ACTIVATION == act.TANH or ACTIVATION == act.SIGMOID) and packed:
+        return act.delta_from_output_packed(grad_a, saved.to(grad_a.dtype), ACTIVATION)
     if ACTIVATION != act.LEAKY_RELU:  # leaky_relu only compares saved: exact in its own dtype, and cheaper
         saved = _widen(saved, COMPUTE_DTYPE)
-    delta = _times_f_prime(_widen(grad_a, COMPUTE_DTYPE), saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
+    delta = _times_f_prime(_widen(grad_a, COMPUTE_DTYPE), saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND,
+                           grad_a.dtype)
     return delta.to(grad_a.dtype)
 
 
@@ -282,21 +289,26 @@ def _matmul_kernel(
                                    # aligned bases and strides (the pruning reads it; in the key)
     TMA: tl.constexpr = False,  # the config: operand tiles by TMA descriptors, a persistent grid of num_sms programs
     EVEN_K: tl.constexpr = False,  # K is a multiple of BLOCK_K: no partial K step, the loop's loads need no mask
-    PACKED_SELECT: tl.constexpr = False,  # a compiled NVIDIA GPU with packed 16-bit comparisons (_packed_select):
-                                          # the prologue's relu and leaky_relu selects two lanes per instruction
+    PACKED_PAIRS: tl.constexpr = False,  # a compiled NVIDIA GPU with packed 16-bit instructions (_packed_pairs): the
+                                         # prologue's relu/leaky_relu selects, tanh/sigmoid arithmetic, two lanes each
     STORE_DELTA: tl.constexpr = False,  # with A_PROLOGUE: also store δ to z_ptr, a share of its columns per output
                                         # tile (_store_delta_share), for a plain ∂C/∂W matmul after this ∂C/∂X one
     INLINE_PTX: tl.constexpr = False,  # compiled for an NVIDIA GPU (_inline_ptx): δ is kept out of FMA contraction
                                        # before its sums (_materialised)
 ):
+    # The loop's K step: BLOCK_K, or with ROW_SUMS the sums' own step (_sum_block_k), taken BLOCK_K // STEP_K times
+    # per iteration: ∂C/∂b is then summed in the same order at every BLOCK_K, and a K step of 128 still pays the
+    # loop's per-iteration costs (barriers, waits, TMA issue) once per 128.
+    SUMS_BY_MMA: tl.constexpr = USE_DOT and out_ptr.dtype.element_ty.primitive_bitwidth == 16
+    STEP_K: tl.constexpr = (SUM_BLOCK_K.value if SUMS_BY_MMA else WIDE_SUM_BLOCK_K.value) if ROW_SUMS else BLOCK_K
     if TMA:
         # Hopper: Triton's tutorial 09 design. The descriptors are made once per program; each program then walks
         # the output tiles pid, pid + num_sms, ... (a persistent grid, one program per SM).
         tl.static_assert(TMA_OK, "TMA configs only where the launcher found TMA usable")
-        a_desc = _descriptor(a_ptr, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, A_TRANSPOSED)
-        b_desc = _descriptor(b_ptr, K, N, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_TRANSPOSED)
+        a_desc = _descriptor(a_ptr, M, K, stride_am, stride_ak, BLOCK_M, STEP_K, A_TRANSPOSED)
+        b_desc = _descriptor(b_ptr, K, N, stride_bk, stride_bn, STEP_K, BLOCK_N, B_TRANSPOSED)
         if A_PROLOGUE and ACTIVATION != act.IDENTITY:  # the saved tensor's tiles walk along with A's
-            s_desc = _descriptor(saved_ptr, M, K, stride_s0, stride_s1, BLOCK_M, BLOCK_K, A_TRANSPOSED)
+            s_desc = _descriptor(saved_ptr, M, K, stride_s0, stride_s1, BLOCK_M, STEP_K, A_TRANSPOSED)
         else:
             s_desc = saved_ptr  # not read in the loop
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -307,8 +319,8 @@ def _matmul_kernel(
                          stride_bias, saved_ptr, stride_s0, stride_s1, partial_ptr, row_sum_ptr,
                          HAS_BIAS, ACTIVATION, NEGATIVE_SLOPE, WRITE_Z, F_PRIME_AS_Z, USE_DOT, INPUT_PRECISION,
                          ACC_FP64, GRAD_EPILOGUE, A_PROLOGUE, SAVED_KIND, WRITE_PARTIALS, ROW_SUMS, EPILOGUE_SPLIT,
-                         PARTIAL_ROWS, BLOCK_M, BLOCK_N, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, True, STORE_DELTA, EVEN_K,
-                         PACKED_SELECT, INLINE_PTX)
+                         PARTIAL_ROWS, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K, SUMS_BY_MMA, A_TRANSPOSED, B_TRANSPOSED,
+                         True, STORE_DELTA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
     else:
         pid_m, pid_n = _tile_position(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         _matmul_tile(pid_m, pid_n, a_ptr, a_ptr, b_ptr, saved_ptr, bias_ptr, out_ptr, z_ptr, M, N, K,
@@ -316,8 +328,8 @@ def _matmul_kernel(
                      stride_bias, saved_ptr, stride_s0, stride_s1, partial_ptr, row_sum_ptr,
                      HAS_BIAS, ACTIVATION, NEGATIVE_SLOPE, WRITE_Z, F_PRIME_AS_Z, USE_DOT, INPUT_PRECISION,
                      ACC_FP64, GRAD_EPILOGUE, A_PROLOGUE, SAVED_KIND, WRITE_PARTIALS, ROW_SUMS, EPILOGUE_SPLIT,
-                     PARTIAL_ROWS, BLOCK_M, BLOCK_N, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, False, STORE_DELTA, EVEN_K,
-                     PACKED_SELECT, INLINE_PTX)
+                     PARTIAL_ROWS, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K, SUMS_BY_MMA, A_TRANSPOSED, B_TRANSPOSED,
+                     False, STORE_DELTA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
 
 
 @triton.jit
@@ -356,18 +368,20 @@ def _matmul_tile(
     F_PRIME_AS_Z: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
     GRAD_EPILOGUE: tl.constexpr, A_PROLOGUE: tl.constexpr, SAVED_KIND: tl.constexpr, WRITE_PARTIALS: tl.constexpr,
     ROW_SUMS: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr, PARTIAL_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, A_TRANSPOSED: tl.constexpr, B_TRANSPOSED: tl.constexpr,
-    TMA: tl.constexpr, STORE_DELTA: tl.constexpr, EVEN_K: tl.constexpr, PACKED_SELECT: tl.constexpr,
-    INLINE_PTX: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STEP_K: tl.constexpr, SUMS_BY_MMA: tl.constexpr,
+    A_TRANSPOSED: tl.constexpr, B_TRANSPOSED: tl.constexpr, TMA: tl.constexpr, STORE_DELTA: tl.constexpr,
+    EVEN_K: tl.constexpr, PACKED_PAIRS: tl.constexpr, INLINE_PTX: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] output tile of _matmul_kernel (whose arguments these are): its K loop and epilogue."""
+    """One [BLOCK_M, BLOCK_N] output tile of _matmul_kernel (whose arguments these are): its K loop and epilogue.
+    Each iteration takes K in BLOCK_K // STEP_K steps of STEP_K (one but with ROW_SUMS: _matmul_kernel)."""
     # 64-bit offsets: M*stride may exceed 2**31.
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    offs_k = tl.arange(0, STEP_K).to(tl.int64)
     mask_m = offs_m < M
     # (TMA loads need no mask: EVEN_K is read by the pointer loads only)
     tl.static_assert(TMA or not EVEN_K or EVEN_K_STEP % BLOCK_K == 0, "EVEN_K pointer loads need BLOCK_K | EVEN_K_STEP")
+    tl.static_assert(BLOCK_K % STEP_K == 0, "BLOCK_K is a multiple of the loop's K step")
     # Rows and columns past the edge are wrapped onto valid ones (Triton's matmul tutorial): the main
     # loop then masks only K (not at all with EVEN_K), and what they compute is never stored.
     rows = offs_m % M
@@ -375,11 +389,11 @@ def _matmul_tile(
     if not TMA:
         a_ptrs = a_src + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = b_src + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
-        a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
-        b_step = tl.cast(stride_bk, tl.int64) * BLOCK_K
+        a_step = tl.cast(stride_ak, tl.int64) * STEP_K
+        b_step = tl.cast(stride_bk, tl.int64) * STEP_K
         # The prologue's saved tensor walks along with A (used only with A_PROLOGUE).
         s_ptrs = s_src + rows[:, None] * stride_s0 + offs_k[None, :] * stride_s1
-        s_step = tl.cast(stride_s1, tl.int64) * BLOCK_K
+        s_step = tl.cast(stride_s1, tl.int64) * STEP_K
 
     if ACC_FP64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
@@ -388,51 +402,53 @@ def _matmul_tile(
     if STORE_DELTA:
         _store_delta_share(a_ptr, saved_ptr, z_ptr, offs_m, mask_m, pid_n, N, K, stride_am, stride_ak, stride_s0,
                            stride_s1, stride_zm, stride_zn, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, acc.dtype,
-                           PACKED_SELECT, BLOCK_N, BLOCK_K)
+                           PACKED_PAIRS, BLOCK_N, BLOCK_K)
     if ROW_SUMS:
         # 1ᵀ δ, summed in the loop without a reduction or data movement, in an order no tile choice changes.
-        # 16-bit data: the tensor cores add δ's rows up, δ [BLOCK_M, BLOCK_K] times a [BLOCK_K, SUM_COLUMNS] tile
-        # of ones (exact products, a float32 sum over K in the MMA's fixed order: the same on every tile);
-        # 2.5x fewer loop instructions than adding the tile up in registers. Otherwise (float32, float64) a running
-        # sum in registers: per row, over K in WIDE_SUM_BLOCK_K steps, then a fixed pairwise tree after the loop.
-        sums_by_mma: tl.constexpr = USE_DOT and out_ptr.dtype.element_ty.primitive_bitwidth == 16
-        tl.static_assert(BLOCK_K == (SUM_BLOCK_K if sums_by_mma else WIDE_SUM_BLOCK_K),
-                         "row sums need BLOCK_K == _sum_block_k(...)")
-        if sums_by_mma:
-            ones = tl.full((BLOCK_K, SUM_COLUMNS), 1.0, out_ptr.dtype.element_ty)
+        # 16-bit data (SUMS_BY_MMA): the tensor cores add δ's rows up, δ [BLOCK_M, STEP_K] times a [STEP_K,
+        # SUM_COLUMNS] tile of ones (exact products, a float32 sum over K in the MMA's fixed order: the same on every
+        # tile); 2.5x fewer loop instructions than adding the tile up in registers. Otherwise (float32, float64) a
+        # running sum in registers: per row, over K in WIDE_SUM_BLOCK_K steps, then a fixed pairwise tree after the
+        # loop. Either way STEP_K is the sums' step (_sum_block_k), whatever BLOCK_K.
+        tl.static_assert(STEP_K == (SUM_BLOCK_K if SUMS_BY_MMA else WIDE_SUM_BLOCK_K),
+                         "row sums step K by _sum_block_k(...)")
+        if SUMS_BY_MMA:
+            ones = tl.full((STEP_K, SUM_COLUMNS), 1.0, out_ptr.dtype.element_ty)
             running_sums = tl.zeros((BLOCK_M, SUM_COLUMNS), dtype=acc.dtype)
         else:
-            running_sums = tl.zeros((BLOCK_M, BLOCK_K), dtype=acc.dtype)
+            running_sums = tl.zeros((BLOCK_M, STEP_K), dtype=acc.dtype)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if TMA:
-            a = _descriptor_tile(a_src, pid_m * BLOCK_M, k * BLOCK_K, A_TRANSPOSED)
-        else:
-            mask_k = _k_step_mask(offs_k, k, K, BLOCK_K, EVEN_K)
-            a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
-        if A_PROLOGUE:
-            if ACTIVATION != act.IDENTITY:
-                if TMA:
-                    saved = _descriptor_tile(s_src, pid_m * BLOCK_M, k * BLOCK_K, A_TRANSPOSED)
-                else:
-                    saved = tl.load(s_ptrs, mask=mask_k[None, :], other=0.0)
-                    s_ptrs += s_step
-                # δ = G ⊙ f'(saved) for this tile, rounded to the data dtype as a stored δ would be.
-                a = _prologue_factor(a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, acc.dtype, PACKED_SELECT)
-        if ROW_SUMS:
-            # δ as rounded for the product: eager sums a stored δ (fewer instructions than the unrounded δ)
-            if sums_by_mma:
-                running_sums = tl.dot(a, ones, running_sums, out_dtype=acc.dtype)
+        for step in tl.static_range(BLOCK_K // STEP_K):
+            k_step = k * (BLOCK_K // STEP_K) + step  # in units of STEP_K
+            if TMA:
+                a = _descriptor_tile(a_src, pid_m * BLOCK_M, k_step * STEP_K, A_TRANSPOSED)
             else:
-                running_sums += _materialised(a.to(acc.dtype), INLINE_PTX)
-        if TMA:
-            b = _descriptor_tile(b_src, k * BLOCK_K, pid_n * BLOCK_N, B_TRANSPOSED)
-        else:
-            b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
-            a_ptrs += a_step
-            b_ptrs += b_step
-        acc = _tile_dot(a, b, acc, USE_DOT, INPUT_PRECISION)
+                mask_k = _k_step_mask(offs_k, k_step, K, STEP_K, EVEN_K)
+                a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
+            if A_PROLOGUE:
+                if ACTIVATION != act.IDENTITY:
+                    if TMA:
+                        saved = _descriptor_tile(s_src, pid_m * BLOCK_M, k_step * STEP_K, A_TRANSPOSED)
+                    else:
+                        saved = tl.load(s_ptrs, mask=mask_k[None, :], other=0.0)
+                        s_ptrs += s_step
+                    # δ = G ⊙ f'(saved) for this tile, rounded to the data dtype as a stored δ would be.
+                    a = _prologue_factor(a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, acc.dtype, PACKED_PAIRS)
+            if ROW_SUMS:
+                # δ as rounded for the product: eager sums a stored δ (fewer instructions than the unrounded δ)
+                if SUMS_BY_MMA:
+                    running_sums = tl.dot(a, ones, running_sums, out_dtype=acc.dtype)
+                else:
+                    running_sums += _materialised(a.to(acc.dtype), INLINE_PTX)
+            if TMA:
+                b = _descriptor_tile(b_src, k_step * STEP_K, pid_n * BLOCK_N, B_TRANSPOSED)
+            else:
+                b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
+                a_ptrs += a_step
+                b_ptrs += b_step
+            acc = _tile_dot(a, b, acc, USE_DOT, INPUT_PRECISION)
     if ROW_SUMS:
-        if sums_by_mma:  # its SUM_COLUMNS columns are the same sums: the first one
+        if SUMS_BY_MMA:  # its SUM_COLUMNS columns are the same sums: the first one
             for _ in tl.static_range(SUM_COLUMN_LEVELS):
                 running_sums, _right = _column_halves(running_sums)
             row_sums = tl.reshape(running_sums, (BLOCK_M,))
@@ -457,7 +473,8 @@ def _matmul_tile(
                 # δₗ₋₁ = G ⊙ f'(Zₗ₋₁) is formed here instead of in a separate pass, with its column sums.
                 mask = mask_m[:, None] & (part_n < N)[None, :]
                 saved_ptrs = saved_ptr + offs_m[:, None] * stride_s0 + part_n[None, :] * stride_s1
-                out = _times_activation_grad(parts[i], saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
+                out = _times_activation_grad(parts[i], saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND,
+                                             parts[i].dtype)  # G unrounded: the accumulator's
                 if WRITE_PARTIALS:
                     out = tl.where(mask, out, 0.0)  # the wrapped rows and columns must not reach the sums
                     out = _materialised(out, INLINE_PTX)
@@ -473,7 +490,7 @@ def _matmul_tile(
 @triton.jit
 def _store_delta_share(g_ptr, saved_ptr, delta_ptr, offs_m, mask_m, pid_n, N, K, stride_gm, stride_gk, stride_s0,
                        stride_s1, stride_dm, stride_dk, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
-                       SAVED_KIND: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, PACKED_SELECT: tl.constexpr,
+                       SAVED_KIND: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, PACKED_PAIRS: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """δ = G ⊙ f'(saved) [M, K] stored for this tile's rows offs_m, at the BLOCK_K-column blocks pid_n, pid_n +
     (output column tiles), ...: the tiles of one row block store all of δ between them, each block once.
@@ -492,7 +509,7 @@ def _store_delta_share(g_ptr, saved_ptr, delta_ptr, offs_m, mask_m, pid_n, N, K,
         if ACTIVATION != act.IDENTITY:
             saved = tl.load(saved_ptr + offs_m[:, None] * stride_s0 + cols[None, :] * stride_s1, mask=mask,
                             other=0.0)
-        delta = _prologue_factor(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, COMPUTE_DTYPE, PACKED_SELECT)
+        delta = _prologue_factor(grad_a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, COMPUTE_DTYPE, PACKED_PAIRS)
         tl.store(delta_ptr + offs_m[:, None] * stride_dm + cols[None, :] * stride_dk,
                  delta.to(delta_ptr.dtype.element_ty), mask=mask)
 
@@ -594,7 +611,7 @@ def _delta_kernel(
     grad_a = tl.load(grad_a_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
     saved_ptrs = saved_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn
     delta = _times_activation_grad(grad_a.to(compute_dtype), saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE,
-                                   SAVED_KIND)  # δ = G ⊙ f'(Z)
+                                   SAVED_KIND, grad_a.dtype)  # δ = G ⊙ f'(Z)
 
     if WRITE_DELTA:
         delta_ptrs = delta_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn
@@ -731,7 +748,7 @@ def _prune_configs(configs, named_args, **kwargs):
     if flag("ROW_SUMS"):
         # BLOCK_N < 128 repeats δ and its sums for few output columns: spills and 2.5x the loop's issue pressure.
         block_k = _sum_block_k(named_args.get("out_ptr", a).dtype, flag("USE_DOT") or "USE_DOT" not in kwargs)
-        configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] == block_k and cfg.kwargs["BLOCK_N"] >= 128]
+        configs = [cfg for cfg in configs if _sums_in_k_steps_of(cfg, block_k) and cfg.kwargs["BLOCK_N"] >= 128]
     if not flag("A_PROLOGUE"):  # K steps over 64 are for the prologue's launches (matmul_configs)
         configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] <= 64]
     else:
@@ -747,6 +764,16 @@ def _for_element_size(configs, element_size: int) -> list:
     """configs without the float32 tiles (K steps of WIDE_SUM_BLOCK_K, matmul_configs) unless the data is float32."""
     return configs if element_size == 4 else [cfg for cfg in configs
                                                if cfg.kwargs["BLOCK_K"] != WIDE_SUM_BLOCK_K.value]
+
+
+def _sums_in_k_steps_of(config, block_k: int) -> bool:
+    """Whether a launch forming ∂C/∂b (ROW_SUMS) in K steps of block_k (_sum_block_k) may take this config: its
+    BLOCK_K, or where the tensor cores sum (block_k == SUM_BLOCK_K) a TMA config with a multiple of it (the loop
+    takes each BLOCK_K in steps of block_k, _matmul_kernel's STEP_K: the same sums; TMA's zero fill needs no mask
+    for a step past K). Not float32's sums in registers: no compile report of theirs at longer K steps."""
+    k = config.kwargs
+    wider = block_k == SUM_BLOCK_K.value and bool(k.get("TMA", False)) and k["BLOCK_K"] % block_k == 0
+    return k["BLOCK_K"] == block_k or wider
 
 
 def _sum_block_k(out_dtype: torch.dtype, use_dot: bool) -> int:
@@ -807,7 +834,7 @@ def autotune_enabled() -> bool:
 
 
 # Sizes by bucket, and every flag that changes the kernel's work or shared memory; Triton adds the tensors' dtypes.
-# Not EVEN_K (it only drops the loads' masks: sizes of one bucket share their tuned tile) nor PACKED_SELECT (fixed
+# Not EVEN_K (it only drops the loads' masks: sizes of one bucket share their tuned tile) nor PACKED_PAIRS (fixed
 # by the GPU and the dtype).
 _TUNING_KEY = ["tune_m", "tune_n", "tune_k", "HAS_BIAS", "ACTIVATION", "WRITE_Z", "F_PRIME_AS_Z", "INPUT_PRECISION",
                "GRAD_EPILOGUE", "WRITE_PARTIALS", "A_PROLOGUE", "SAVED_KIND", "ROW_SUMS", "A_TRANSPOSED", "B_TRANSPOSED",
@@ -951,7 +978,7 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
         PARTIAL_ROWS=partial_rows,
         STORE_DELTA=delta_out is not None,
         EVEN_K=_even_k(K),
-        PACKED_SELECT=_packed_select(a.dtype, a.device),
+        PACKED_PAIRS=_packed_pairs(a.dtype, a.device),
         INLINE_PTX=_inline_ptx(a.device),
         **COMPILE_OPTIONS,
     )
@@ -1009,10 +1036,10 @@ def _inline_ptx(device: torch.device) -> bool:
     return device.type == "cuda" and torch.version.hip is None and not is_interpreted()
 
 
-def _packed_select(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a launch may select 16-bit δ lanes in pairs by inline PTX (act.relu_delta_packed): compiled for an
-    NVIDIA GPU (not the interpreter, not ROCm), float16 from sm_53 (set.*.u32.f16x2), bfloat16 from sm_90
-    (set.*.u32.bf16x2)."""
+def _packed_pairs(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a launch may form 16-bit δ lanes in pairs by inline PTX (act.*_packed): compiled for an NVIDIA GPU
+    (not the interpreter, not ROCm), float16 from sm_53 (set.*.u32.f16x2, mul/sub.rn.f16x2), bfloat16 from sm_90
+    (set.*.u32.bf16x2, mul/sub.rn.bf16x2)."""
     if not _inline_ptx(device) or dtype not in (torch.float16, torch.bfloat16):
         return False
     return torch.cuda.get_device_capability(device) >= ((9, 0) if dtype == torch.bfloat16 else (5, 3))

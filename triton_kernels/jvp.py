@@ -105,7 +105,8 @@ def _jvp_kernel(
             part = part + tangent_bias[None, :].to(acc.dtype)
         mask = mask_m[:, None] & mask_n[None, :]
         saved_ptrs = saved_ptr + offs_m[:, None] * stride_sm + part_n[None, :] * stride_sn
-        tangent_a = dense._times_activation_grad(part, saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
+        tangent_a = dense._times_activation_grad(part, saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND,
+                                                 part.dtype)  # no stored G: the compute dtype throughout
         tl.store(out_ptr + offs_m[:, None] * stride_om + part_n[None, :] * stride_on,
                  tangent_a.to(out_ptr.dtype.element_ty), mask=mask)
 
