@@ -167,7 +167,8 @@ def sigmoid_grad_from_output(a: Tensor) -> Tensor:
 
 
 def sigmoid_delta_from_output(grad_a: Tensor, a: Tensor) -> Tensor:
-    return _ATEN.sigmoid_backward(grad_a, a)  # G a (1 - a)
+    # (G (1 - a)) a; 16-bit data on CUDA: each operation rounded to that dtype (see tanh_delta_from_output)
+    return _ATEN.sigmoid_backward(grad_a, a)
 
 
 def sigmoid_delta(grad_a: Tensor, z: Tensor) -> Tensor:
@@ -189,7 +190,9 @@ def tanh_grad_from_output(a: Tensor) -> Tensor:
 
 
 def tanh_delta_from_output(grad_a: Tensor, a: Tensor) -> Tensor:
-    return _ATEN.tanh_backward(grad_a, a)  # G (1 - a^2)
+    # G (1 - a a). For 16-bit data PyTorch's CUDA kernel rounds each of the three operations to that dtype (c10 half
+    # arithmetic) where its CPU kernel rounds once, from float32; the Triton kernels follow the CUDA one.
+    return _ATEN.tanh_backward(grad_a, a)
 
 
 def tanh_delta(grad_a: Tensor, z: Tensor) -> Tensor:
