@@ -1039,6 +1039,10 @@ def test_bias_grad_matmul_configs(monkeypatch):
                                 A_PROLOGUE=True, USE_DOT=True)
     assert kept and all(c.kwargs["BLOCK_K"] == dense.WIDE_SUM_BLOCK_K and c.kwargs["BLOCK_N"] >= 128
                         for c in kept), f"float32 ∂C/∂b: {[c.kwargs for c in kept]}"
+    kept = dense._prune_configs(dense.matmul_configs(), {"a_ptr": a32, "out_ptr": a32}, ROW_SUMS=True,
+                                A_PROLOGUE=True, USE_DOT=True, TMA_OK=True)
+    assert all(c.kwargs["BLOCK_K"] == dense.WIDE_SUM_BLOCK_K for c in kept), \
+        "float32 ∂C/∂b: no TMA K steps of 64 or 128 (its sums in registers keep K steps of 16)"
     short = lambda configs: [c for c in configs if c.kwargs["BLOCK_K"] == dense.WIDE_SUM_BLOCK_K]  # noqa: E731
     assert short(dense._prune_configs(dense.matmul_configs(), {"a_ptr": a32})), "float32 matmuls may take them"
     assert not short(dense._prune_configs(dense.matmul_configs(), {"a_ptr": a16})), "16-bit ones never"

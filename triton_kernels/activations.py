@@ -4,7 +4,8 @@ The same names and formulas as ``manualbp/activations.py`` (the reference):
 ``f(z)``, ``f_grad(z)`` and, where f' can be read off the output,
 ``f_grad_from_output(a)``; and ``delta(grad_a, z)`` / ``delta_from_output(grad_a, a)``,
 δ = G ⊙ f'(Z) as PyTorch's backward forms it: a select for relu and leaky_relu (for relu, an inf or NaN G
-where z <= 0 gives 0, not inf * 0), the product G f' otherwise. The kernels call the dispatchers at the bottom with
+where z <= 0 gives 0, not inf * 0), for tanh and sigmoid from a the operations of PyTorch's CUDA kernels (each
+rounded to 16 bits for 16-bit data: _rounded), the product G f' otherwise. The kernels call the dispatchers at the bottom with
 the activation's number as a compile-time constant, so each kernel is compiled
 for exactly one activation and no branch survives.
 

@@ -273,8 +273,8 @@ def _matmul_kernel(
     SAVED_KIND: tl.constexpr,  # with GRAD_EPILOGUE or A_PROLOGUE: saved is Z, A or f'(Z) (SAVED_*)
     WRITE_PARTIALS: tl.constexpr,  # with GRAD_EPILOGUE: store the output's column sums (that layer's ∂C/∂b)
     ROW_SUMS: tl.constexpr,  # store the row sums of the left factor (δ, formed by A_PROLOGUE or stored; of δᵀ in
-                             # the ∂C/∂W matmul: ∂C/∂b), summed in the loop (_matmul_tile); needs BLOCK_K ==
-                             # _sum_block_k(...)
+                             # the ∂C/∂W matmul: ∂C/∂b), summed in the loop (_matmul_tile) in K steps of
+                             # _sum_block_k(...) (STEP_K); BLOCK_K a multiple of it (_sums_in_k_steps_of)
     EPILOGUE_SPLIT: tl.constexpr,  # the epilogue (forward, or GRAD_EPILOGUE) works on this many column slices of
                                    # the tile, one at a time (1, 2, 4 or 8): a whole large tile at once would spill
     PARTIAL_ROWS: tl.constexpr,  # rows per column-sum group; divides BLOCK_M
