@@ -799,14 +799,14 @@ def test_tanh_and_sigmoid_deltas_from_a_round_as_pytorch_cuda(activation, dtype,
     grad_a[:8] = torch.tensor([inf, -inf, inf, 2.0, 1.0, nan, -0.0, 6e-5])
     a, grad_a = a[None, :].to(device), grad_a[None, :].to(device)  # one row: each ∂C/∂W, ∂C/∂b element one δ
     expected = _c10_half_ops(activation, grad_a, a)
-    once = (grad_a.float() * (1 - a.float() * a.float()) if activation == "tanh"
-            else grad_a.float() * (1 - a.float()) * a.float()).to(dtype)
     numbers = ~expected.isnan()
     if dtype == torch.float32:
         eager = torch.ops.aten.sigmoid_backward(grad_a, a)
         assert torch.equal(eager.isnan(), expected.isnan()) and torch.equal(eager[numbers], expected[numbers]), \
             "PyTorch's float32 sigmoid_backward is (G (1 - a)) a"
     else:
+        once = (grad_a.float() * (1 - a.float() * a.float()) if activation == "tanh"
+                else grad_a.float() * (1 - a.float()) * a.float()).to(dtype)
         assert (once[numbers] != expected[numbers]).any(), "the data tells one rounding from three"
     if device.type == "cuda":
         eager = getattr(torch.ops.aten, f"{activation}_backward")(grad_a, a)

@@ -409,9 +409,7 @@ def _matmul_tile(
         # SUM_COLUMNS] tile of ones (exact products, a float32 sum over K in the MMA's fixed order: the same on every
         # tile); 2.5x fewer loop instructions than adding the tile up in registers. Otherwise (float32, float64) a
         # running sum in registers: per row, over K in WIDE_SUM_BLOCK_K steps, then a fixed pairwise tree after the
-        # loop. Either way STEP_K is the sums' step (_sum_block_k), whatever BLOCK_K.
-        tl.static_assert(STEP_K == (SUM_BLOCK_K if SUMS_BY_MMA else WIDE_SUM_BLOCK_K),
-                         "row sums step K by _sum_block_k(...)")
+        # loop. Either way STEP_K is the sums' step (_sum_block_k: _matmul_kernel sets it so), whatever BLOCK_K.
         if SUMS_BY_MMA:
             ones = tl.full((STEP_K, SUM_COLUMNS), 1.0, out_ptr.dtype.element_ty)
             running_sums = tl.zeros((BLOCK_M, SUM_COLUMNS), dtype=acc.dtype)
@@ -736,7 +734,7 @@ def _pipelined_bytes(config, element_size: int, a_tiles: int = 1, b_tiles: int =
 def _prune_configs(configs, named_args, **kwargs):
     """Drop tiles whose pipelined operand tiles would not fit in shared memory (they would fail to compile), the
     float32 tiles (K steps of WIDE_SUM_BLOCK_K) for other data, for ∂C/∂b in the ∂C/∂W matmul (ROW_SUMS) every
-    BLOCK_K but _sum_block_k's (the sums' order would change) and the narrow tiles, K steps over 64 where no
+    BLOCK_K _sums_in_k_steps_of refuses (the sums' order would change) and the narrow tiles, K steps over 64 where no
     prologue forms δ, and the two exclusions of the TMA 128x256 tile (_tma_prologue_excluded,
     _tma_partials_excluded)."""
     a = named_args["a_ptr"]
