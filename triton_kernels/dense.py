@@ -776,7 +776,8 @@ def _sums_in_k_steps_of(config, block_k: int) -> bool:
 
 def _sum_block_k(out_dtype: torch.dtype, use_dot: bool) -> int:
     """The K step of a launch that forms ∂C/∂b (ROW_SUMS) into an out_dtype ∂C/∂W: SUM_BLOCK_K where the tensor
-    cores sum (16-bit data), WIDE_SUM_BLOCK_K where registers do (float32, float64, the FMA fallback)."""
+    cores sum (16-bit data), WIDE_SUM_BLOCK_K where registers do (float32, float64, the FMA fallback); the kernel
+    derives the same step itself (_matmul_kernel's STEP_K)."""
     return SUM_BLOCK_K.value if use_dot and out_dtype.itemsize == 2 else WIDE_SUM_BLOCK_K.value
 
 
