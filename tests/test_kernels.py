@@ -1159,3 +1159,17 @@ def test_tma_layout_and_pruning(monkeypatch):
         assert not dense._tma_capable(torch.device("cuda")), "no TMA in the interpreter"
     with manualbp.config.override(tma=False):
         assert not dense._tma_capable(torch.device("cuda")), "tma setting off"
+    # A compiled launch on a GPU, as the capability and the platform say.
+    import triton
+    import triton.language as tl
+
+    cuda = torch.device("cuda")
+    has_descriptors = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+    monkeypatch.setattr(dense, "is_interpreted", lambda: False)
+    with manualbp.config.override(tma=True):
+        for hip, capability, expected in ((None, (9, 0), has_descriptors), (None, (10, 0), has_descriptors),
+                                          (None, (8, 9), False), ("6.2", (9, 4), False)):
+            monkeypatch.setattr(torch.version, "hip", hip)
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+            where = f"ROCm {hip}, gfx capability {capability}" if hip else f"sm_{capability[0]}{capability[1]}"
+            assert dense._tma_capable(cuda) == expected, f"TMA on {where}: expected {expected}"

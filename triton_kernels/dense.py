@@ -1047,8 +1047,10 @@ def _packed_pairs(dtype: torch.dtype, device: torch.device) -> bool:
 def _tma_capable(device: torch.device) -> bool:
     """Whether TMA configs may run here: a compiled (not interpreted) CUDA launch on sm_90 or newer, with this
     Triton's device-side tensor descriptors (tl.make_tensor_descriptor, Triton >= 3.4) and triton.set_allocator,
-    where manualbp.config's tma setting is on (MANUALBP_TMA=1; off by default, see manualbp/config.py)."""
-    if device.type != "cuda" or is_interpreted() or not config.get().tma:
+    where manualbp.config's tma setting is on (MANUALBP_TMA=1; off by default, see manualbp/config.py).
+    TMA is NVIDIA's, so compiled for an NVIDIA GPU (_inline_ptx's test): ROCm reports its gfx version as the
+    capability (MI300: (9, 4)), which must not read as sm_90."""
+    if not _inline_ptx(device) or not config.get().tma:
         return False
     if not (hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")):
         return False
