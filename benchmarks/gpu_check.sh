@@ -15,7 +15,8 @@
 #      the issue's targets first (CSV rows appended as measured, so a cut-short run keeps them); then Triton's
 #      matmul against cuBLAS at 4096^3 (bf16, fp32, TF32);
 #   6. with the time left: where a step's time goes (host_breakdown.py, now splitting the launches' ~175 µs each
-#      into JITFunction.run's binding and the compiled launch; profile_step.py, bench_overhead.py: measured
+#      into JITFunction.run's binding, the compiled launch, and that launch given addresses instead of
+#      tensors (no cuPointerGetAttribute per pointer: NOTES.md plan 0); profile_step.py, bench_overhead.py: measured
 #      already), then the δ prologue and the MLP backward fusion off
 #      (MANUALBP_DELTA_PROLOGUE=0, MANUALBP_MLP_FUSION=0).
 # Files in $OUT (the device tool brings back at most 8): gpu_check.log (all of stdout), gpu_tests.log,

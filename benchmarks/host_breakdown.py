@@ -16,7 +16,12 @@ call, the GPU synchronised between rounds only, so the time is what the host spe
   N launches, replayed     the step's N matmul launches again, with the arguments one step gave them
     their JITFunction.run, warmup   the same through JITFunction.run(warmup=True): binder, cache key, no launch
     their compiled launches         the compiled kernels launched directly (what JITFunction.run does last)
+    their compiled launches, ints   the same with every tensor argument passed as its data_ptr(): Triton's
+                                    C launcher (getPointer) asks the driver, cuPointerGetAttribute, about each
+                                    tensor pointer (8 a matmul launch), and takes an int as it is; the
+                                    difference is those queries (a guess at the ~175 µs, not yet measured)
   triton launch, empty     a kernel that does nothing, one program, through JITFunction.run
+  triton launch, 8 tensors the same with 8 tensor arguments (the launcher's per-pointer work, 7 more times)
   torch launch, tiny       x.add_(1) on a 16-element tensor: one PyTorch kernel launch, for scale
   torch.empty              one [M, N] allocation from PyTorch's caching allocator
 
@@ -46,6 +51,11 @@ def _nothing(x_ptr):
     pass
 
 
+@triton.jit
+def _nothing_of_8(p0, p1, p2, p3, p4, p5, p6, p7):  # as many tensor pointers as a matmul launch passes
+    pass
+
+
 def per_call_us(fn, calls: int, rounds: int) -> tuple:
     """(median, p20, p80) over rounds of the host's µs per call, calls back to back."""
     samples = []
@@ -62,8 +72,9 @@ def per_call_us(fn, calls: int, rounds: int) -> tuple:
 def launch_parts(dense, step) -> dict:
     """The step's matmul launches (recorded from one step, so the same arguments), replayed part by part, each item
     the time for all of them: whole (dense._launch_autotuned: the chosen tile's lookup, then JITFunction.run),
-    JITFunction.run with warmup=True (its binder, cache key and checks, no launch), and the compiled kernel's
-    launch alone (kernel[grid](*args, *constexprs), as JITFunction.run ends). Where a part cannot be built on this
+    JITFunction.run with warmup=True (its binder, cache key and checks, no launch), the compiled kernel's
+    launch alone (kernel[grid](*args, *constexprs), as JITFunction.run ends), and that launch with the tensors
+    passed as their addresses (no driver query per pointer in the launcher). Where a part cannot be built on this
     Triton, it is left out, saying why."""
     calls = []
     real_launch = dense._launch_autotuned
@@ -82,12 +93,15 @@ def launch_parts(dense, step) -> dict:
             kernel = tuner.fn.run(*args, warmup=True, **run)
             meta = {**flags, **config.kwargs}
             constexprs = tuple(meta[p.name] if p.name in meta else p.default for p in tuner.fn.params[len(args):])
-            prepared.append((tuner.fn, args, run, kernel, grid(meta), constexprs))
+            addresses = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
+            prepared.append((tuner.fn, args, run, kernel, grid(meta), constexprs, addresses))
         split = {
             "  their JITFunction.run, warmup": lambda: [fn.run(*args, warmup=True, **run)
                                                         for fn, args, run, *_ in prepared],
             "  their compiled launches": lambda: [kernel[grid](*args, *constexprs)
-                                                  for _, args, _, kernel, grid, constexprs in prepared],
+                                                  for _, args, _, kernel, grid, constexprs, _ in prepared],
+            "  their compiled launches, ints": lambda: [kernel[grid](*addresses, *constexprs)
+                                                        for _, _, _, kernel, grid, constexprs, addresses in prepared],
         }
         for part in split.values():
             part()  # once before timing: a part that fails is left out here, saying why
@@ -144,6 +158,8 @@ def main(argv=None) -> int:
     tiny = torch.zeros(16, device=device)
     _nothing[(1,)](tiny)
     items["triton launch, empty"] = lambda: _nothing[(1,)](tiny)
+    _nothing_of_8[(1,)](*[tiny] * 8)
+    items["triton launch, 8 tensors"] = lambda: _nothing_of_8[(1,)](*[tiny] * 8)
     items["torch launch, tiny"] = lambda: tiny.add_(1)
     items["torch.empty"] = lambda: torch.empty((m, k_out), device=device, dtype=dtype)
 
