@@ -14,7 +14,8 @@ config the autotuner could pick for it (``matmul_configs()`` after ``_prune_conf
 shared memory). Beside each matmul: Triton's tutorial 03 matmul at the same tile and operand layout; beside a
 TMA config (sm_90: operand tiles by TMA descriptors, a persistent grid; "tma" in the config column), Triton's
 tutorial 09 descriptor-persistent matmul at the same tile. The launchers decide TMA from the GPU they run on;
-here the target decides it (sm_90 and newer, where this Triton has tl.make_tensor_descriptor).
+here their rule reads the target's capability (sm_90 and newer, where this Triton has tl.make_tensor_descriptor),
+with the TMA configs included as MANUALBP_TMA=1 offers them.
 
 Columns (all of them compiler output, none a timing):
   mma      the MMA instruction in the PTX (wgmma.m64nNk16 on sm_90, mma.sync on sm_80, none = FMAs)
@@ -443,6 +444,7 @@ def run(arch, only, quick, M, K, N, dtype, progress=print):
     import triton
     import triton.language as tl
 
+    import manualbp
     from manualbp.triton_kernels import dense, jvp
 
     compiler = Compiler(tri, arch)
@@ -454,20 +456,18 @@ def run(arch, only, quick, M, K, N, dtype, progress=print):
     tutorial09 = tutorial09_kernel() if hasattr(tl, "make_tensor_descriptor") else None
     tutorial_rows = {}
     rows = []
-    # The launchers decide TMA and the persistent grid from the GPU they run on; here, from the target.
-    tma_capable, num_sms, packed_pairs, inline_ptx = (dense._tma_capable, dense._num_sms, dense._packed_pairs,
-                                                       dense._inline_ptx)
+    # The launchers decide TMA, packed pairs and the persistent grid from the GPU they run on: here their own
+    # rules (dense._tma_capable, dense._packed_pairs) read the target's capability instead, with the TMA configs
+    # that MANUALBP_TMA=1 offers included.
+    inline_ptx, num_sms, capability = dense._inline_ptx, dense._num_sms, torch.cuda.get_device_capability
     dense._inline_ptx = lambda device: True  # compiled for an NVIDIA target
-    dense._tma_capable = lambda device: arch >= 90 and hasattr(tl, "make_tensor_descriptor")
     dense._num_sms = lambda device: 132  # H100 SXM; the count is a runtime argument, not compiled in
-    # as _packed_pairs decides on a GPU of this capability
-    dense._packed_pairs = lambda dtype, device: (dtype in (torch.float16, torch.bfloat16)
-                                                  and arch >= (90 if dtype == torch.bfloat16 else 53))
+    torch.cuda.get_device_capability = lambda device=None: divmod(arch, 10)
     try:
-        launches = package_launches(dense, jvp, M, K, N, dtype, quick)
+        with manualbp.config.override(tma=True):
+            launches = package_launches(dense, jvp, M, K, N, dtype, quick)
     finally:
-        dense._tma_capable, dense._num_sms, dense._packed_pairs, dense._inline_ptx = (tma_capable, num_sms,
-                                                                                       packed_pairs, inline_ptx)
+        dense._inline_ptx, dense._num_sms, torch.cuda.get_device_capability = inline_ptx, num_sms, capability
     for label, (kernel, args, kwargs, layout, pruner) in launches.items():
         if only and not any(part in label for part in only.split(",")):
             continue
