@@ -753,16 +753,21 @@ def test_relu_and_leaky_relu_deltas_follow_pytorch_special_values(dtype, device)
             check(delta, "δ pass")
             finite = ~expected.isnan()
             assert torch.equal(delta[finite].signbit(), expected[finite].signbit()), f"δ pass signs of zeros {label}"
-        # ∂C/∂X = δ W with one output feature and W = [[1]]: each element of ∂C/∂X is one δ times 1.
-        one = torch.ones(1, 1, device=device, dtype=dtype)
-        grad_x, _, _ = dense.linear_backward(grad_a.t(), one, one, saved.t(), act_id, slope, "z", True, False, False)
-        check(grad_x.t(), "dx prologue")
-        # ∂C/∂W = δᵀ X with one row and X = [[1]], and ∂C/∂b = 1ᵀ δ: each element one δ (the δᵀ operand's prologue).
-        weight = torch.ones(grad_a.shape[1], 1, device=device, dtype=dtype)
-        _, grad_weight, grad_bias = dense.linear_backward(grad_a, one, weight, saved, act_id, slope, "z", False, True,
-                                                          True)
-        check(grad_weight.t(), "dw prologue")
-        check(grad_bias.to(dtype)[None, :], "db with the dw prologue")
+        for where, ours in _deltas_formed_in_the_loads(grad_a, saved, act_id, slope, "z").items():
+            check(ours, where)
+
+
+def _deltas_formed_in_the_loads(grad_a, saved, act_id, slope, kind):
+    """{where: [1, n]} the δ of one row grad_a [1, n] as each backward matmul forms it in its loads (the saved tensor
+    of kind kind), one δ per element: ∂C/∂X = δ W with one output feature and W = [[1]]; ∂C/∂W = δᵀ X with one row
+    and X = [[1]], with ∂C/∂b = 1ᵀ δ (the δᵀ operand's prologue)."""
+    one = torch.ones(1, 1, device=grad_a.device, dtype=grad_a.dtype)
+    grad_x, _, _ = dense.linear_backward(grad_a.t(), one, one, saved.t(), act_id, slope, kind, True, False, False)
+    weight = torch.ones(grad_a.shape[1], 1, device=grad_a.device, dtype=grad_a.dtype)
+    _, grad_weight, grad_bias = dense.linear_backward(grad_a, one, weight, saved, act_id, slope, kind, False, True,
+                                                      True)
+    return {"dx prologue": grad_x.t(), "dw prologue": grad_weight.t(),
+            "db with the dw prologue": grad_bias.to(grad_a.dtype)[None, :]}
 
 
 def _c10_half_ops(activation, grad_a, a):
@@ -822,13 +827,9 @@ def test_tanh_and_sigmoid_deltas_from_a_round_as_pytorch_cuda(activation, dtype,
 
     delta, _ = dense.delta_and_bias_grad(grad_a, a, act_id, 0.0, "a", want_delta=True, want_bias=False)
     check(delta, "δ pass")
-    one = torch.ones(1, 1, device=device, dtype=dtype)
-    grad_x, _, _ = dense.linear_backward(grad_a.t(), one, one, a.t(), act_id, 0.0, "a", True, False, False)
-    check(grad_x.t(), "dx prologue")
-    weight = torch.ones(n, 1, device=device, dtype=dtype)
-    _, grad_weight, grad_bias = dense.linear_backward(grad_a, one, weight, a, act_id, 0.0, "a", False, True, True)
-    check(grad_weight.t(), "dw prologue")
-    check(grad_bias.to(dtype)[None, :], "db with the dw prologue")
+    for where, ours in _deltas_formed_in_the_loads(grad_a, a, act_id, 0.0, "a").items():
+        check(ours, where)
+    one, weight = torch.ones(1, 1, device=device, dtype=dtype), torch.ones(n, 1, device=device, dtype=dtype)
     _, grad_weight, grad_bias = dense.linear_backward(grad_a, one, weight, a, act_id, 0.0, "a", True, True, True)
     check(grad_weight.t(), "dw of the δ stored by the dx prologue")
     check(grad_bias.to(dtype)[None, :], "db of the stored δ")
