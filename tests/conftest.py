@@ -40,7 +40,7 @@ def device() -> torch.device:
 def pytest_runtest_logreport(report):
     """With MANUALBP_FAILURE_LOG=PATH, each failure's traceback is appended to PATH the moment it is reported
     (with pytest-xdist, by the controller), so that a run stopped at a time limit, before pytest's own summary,
-    still says which tests failed and why (benchmarks/gpu_check.sh sets it on a lent GPU)."""
+    still says which tests failed and why (benchmarks/gpu_check.sh sets it on a GPU machine)."""
     path = os.environ.get("MANUALBP_FAILURE_LOG")
     if path and report.failed:
         with open(path, "a") as log:
