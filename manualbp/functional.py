@@ -197,8 +197,9 @@ def linear(
     """A = f(input Wᵀ + b) with the hand-written backward and jvp.
 
     input [..., in_features], weight [out_features, in_features], bias [out_features]
-    or None -> [..., out_features]. ``activation`` is one of manualbp.ACTIVATIONS
-    (options such as ``negative_slope=`` for leaky_relu go in ``activation_options``);
+    or None -> [..., out_features]. ``activation`` is a name of manualbp.ACTIVATIONS (any
+    letter case) or a PyTorch activation module or class (see manualbp.get_activation;
+    options such as ``negative_slope=`` for leaky_relu go in ``activation_options``);
     ``backend`` is 'auto', 'triton' or 'reference' (None: the global setting).
     Under ``torch.autocast`` the inputs are cast to the autocast dtype, as nn.Linear's are.
     """
