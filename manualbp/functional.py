@@ -1,4 +1,7 @@
-"""``manualbp.functional.linear``: the dense layer as a function, like ``torch.nn.functional.linear``."""
+"""``manualbp.functional.linear``: the dense layer as a function, like ``torch.nn.functional.linear``.
+
+``gated_linear`` (the gated layer, ``gated.py``) is importable from here too.
+"""
 
 from __future__ import annotations
 
@@ -217,3 +220,6 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activ
                      forward_save(backend, activation), direct)[0]
     # no_grad / inference_mode / nothing requires grad: compute A only, keep nothing
     return ops.route(direct).linear_forward(x, weight, bias, activation, "", backend)[0]
+
+
+from .gated import gated_linear  # noqa: E402 - gated.py builds on this module
