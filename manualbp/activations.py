@@ -325,6 +325,33 @@ def from_torch_module(module: Optional[nn.Module]) -> Optional["Activation"]:
     return _module_activation(module)
 
 
+# transformers' activation modules (transformers.activations, exact classes matched by name, so that
+# transformers need not be imported): the catalogue's function each computes, and how its numbers differ
+# from the catalogue's f. Only convert's module patterns take these (manualbp.patterns), and each fusion is
+# checked there against the block's own forward in float64 before it is applied; get_activation does not
+# (it takes the modules computed exactly). QuickGELU (x σ(1.702 x)), ClippedGELU, ReLU², Mish, xIELU, ...:
+# no catalogue function, not mapped.
+TRANSFORMERS_ACTIVATIONS = {
+    "GELUActivation": ("gelu", "none: nn.functional.gelu (with use_gelu_python=True: x/2 (1 + erf(x/√2)) in "
+                               "separate ops, which rounds differently)"),
+    "GELUTanh": ("gelu_tanh", "none: nn.functional.gelu(approximate='tanh') (with use_gelu_tanh_python=True: "
+                              "the tanh formula in separate ops, which rounds differently)"),
+    "PytorchGELUTanh": ("gelu_tanh", "none: nn.functional.gelu(approximate='tanh') (an alias of GELUTanh)"),
+    "NewGELUActivation": ("gelu_tanh", "the tanh formula in separate ops: rounding only"),
+    "AccurateGELUActivation": ("gelu_tanh", "the tanh formula in separate ops: rounding only"),
+    "FastGELUActivation": ("gelu_tanh", "sqrt(2/pi) rounded to 0.7978845608 (3.6e-12 relative) and the formula in "
+                                        "separate ops"),
+    "SiLUActivation": ("silu", "none: nn.functional.silu"),
+}
+
+
+def from_model_module(module: Optional[nn.Module]) -> Optional["Activation"]:
+    """:func:`from_torch_module`, and transformers' activation modules of TRANSFORMERS_ACTIVATIONS too."""
+    if type(module).__module__ == "transformers.activations" and type(module).__name__ in TRANSFORMERS_ACTIVATIONS:
+        return get_activation(TRANSFORMERS_ACTIVATIONS[type(module).__name__][0])
+    return from_torch_module(module)
+
+
 def _module_class_name(module_class) -> Optional[str]:
     """The catalogue's name for an activation module class with its default options (nn.GELU: 'gelu'), or None."""
     for name, entry in _TABLE.items():  # table order: 'gelu' before 'gelu_tanh', both nn.GELU
