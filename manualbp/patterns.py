@@ -337,13 +337,15 @@ class Matcher:
     def find(self, block: nn.Module) -> Tuple[List[Found], List[str]]:
         """(the fusions applied to ``block``, why others were not), each checked by :func:`probe`."""
         children = {name: child for name, child in block._modules.items() if child is not None}
+        gated = []  # why a gated pattern with these children's names did not apply (timm's Mlp has GluMlp's)
         for pattern in GATED_PATTERNS:
             if set(children) == pattern.children:
                 found, reason = self._gated(block, pattern)
                 if found is not None:
                     return [found], []
-                return [], [f"{pattern.name} pattern: {reason}"]
-        return self._dense(block, children)
+                gated.append(f"{pattern.name} pattern: {reason}")
+        found, reasons = self._dense(block, children)
+        return found, ([] if found else gated) + reasons
 
     def _gated(self, block: nn.Module, pattern: GatedPattern) -> Tuple[Optional[Found], Optional[str]]:
         act = block._modules[pattern.act]

@@ -1,0 +1,295 @@
+"""convert() inside real models: small transformers models built from their configs (random weights, no
+download) and stand-ins for timm's Mlp/GluMlp. Every MLP activation is fused by a module pattern
+(manualbp/patterns.py) and the report says so, block by block; the converted model's outputs and gradients
+match the original's (float32: within twice PyTorch's own error against float64), three AdamW steps give the
+same losses (float64), on both backends; revert() gives back the original modules; state_dict keys stay.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import manualbp
+from manualbp import backends, patterns
+from checks import assert_close_to_float64, optional_import
+
+transformers = optional_import("transformers", "transformers is a test dependency (pip install .[test])")
+transformers.logging.set_verbosity_error()
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+VOCAB, LENGTH = 40, 5
+SMALL = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2)
+DECODER = dict(SMALL, vocab_size=VOCAB, intermediate_size=24, num_key_value_heads=1, max_position_embeddings=16)
+
+
+# --------------------------------------------------------------------------------------
+# Stand-ins for timm's Mlp and GluMlp (timm needs torchvision, which has no build for this
+# torch here): the same children, names and forward order as timm.layers.mlp's classes.
+# --------------------------------------------------------------------------------------
+
+
+class Mlp(nn.Module):
+    """timm's Mlp, as its forward runs: fc1, act, drop1, norm, fc2, drop2."""
+
+    def __init__(self, features: int, hidden: int, act_layer=nn.GELU, norm_layer=None):
+        super().__init__()
+        self.fc1 = nn.Linear(features, hidden)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(0.0)
+        self.norm = norm_layer(hidden) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden, features)
+        self.drop2 = nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+class GluMlp(nn.Module):
+    """timm's GluMlp: fc1 holds both halves; the gate is the second where gate_last (timm's default)."""
+
+    def __init__(self, features: int, hidden: int, act_layer=nn.Sigmoid, gate_last=True, norm_layer=None):
+        super().__init__()
+        self.chunk_dim = -1
+        self.gate_last = gate_last
+        self.fc1 = nn.Linear(features, hidden)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(0.0)
+        self.norm = norm_layer(hidden // 2) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden // 2, features)
+        self.drop2 = nn.Dropout(0.0)
+
+    def forward(self, x):
+        x1, x2 = self.fc1(x).chunk(2, dim=self.chunk_dim)
+        x = x1 * self.act(x2) if self.gate_last else self.act(x1) * x2
+        return self.drop2(self.fc2(self.norm(self.drop1(x))))
+
+
+class TimmLike(nn.Module):
+    """A small vision-transformer-like stack of timm MLP blocks with residuals and a head."""
+
+    def __init__(self, gated: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList([
+            GluMlp(16, 32), GluMlp(16, 32, act_layer=nn.SiLU, gate_last=False, norm_layer=nn.LayerNorm),
+        ] if gated else [Mlp(16, 32), Mlp(16, 32, act_layer=nn.SiLU, norm_layer=nn.LayerNorm)])
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+# --------------------------------------------------------------------------------------
+# The models: (builder, inputs(generator), {MLP block class: pattern})
+# --------------------------------------------------------------------------------------
+
+
+def _ids(generator):
+    return {"input_ids": torch.randint(0, VOCAB, (2, LENGTH), generator=generator)}
+
+
+def _t5_inputs(generator):
+    return {**_ids(generator), "decoder_input_ids": torch.randint(0, VOCAB, (2, 3), generator=generator)}
+
+
+def _t5(feed_forward_proj):
+    return lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1, num_heads=2,
+        feed_forward_proj=feed_forward_proj, dropout_rate=0.0))
+
+
+def _decoder(name, **extra):
+    def build():
+        config_class = getattr(transformers, f"{name}Config", None)
+        model_class = getattr(transformers, f"{name}ForCausalLM", None)
+        if config_class is None or model_class is None:
+            pytest.skip(f"transformers {transformers.__version__} has no {name}ForCausalLM")
+        return model_class(config_class(**DECODER, **extra))
+    return build
+
+
+LINEAR_ACT = "Linear + activation"
+MODELS = {
+    "bert": (lambda: transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=VOCAB, intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, **SMALL)), _ids,
+        {"BertIntermediate": LINEAR_ACT, "BertPredictionHeadTransform": LINEAR_ACT}),
+    "gpt2": (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0)), _ids, {"GPT2MLP": LINEAR_ACT}),
+    "vit": (lambda: transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=8, patch_size=4, intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, **SMALL)),
+        lambda generator: {"pixel_values": torch.randn(2, 3, 8, 8, generator=generator)},
+        {"ViTMLP": LINEAR_ACT, "ViTIntermediate": LINEAR_ACT}),
+    "t5": (_t5("relu"), _t5_inputs, {"T5DenseActDense": LINEAR_ACT}),
+    "t5-gated": (_t5("gated-gelu"), _t5_inputs, {"T5DenseGatedActDense": "T5 gated feed-forward"}),
+    "llama": (_decoder("Llama"), _ids, {"LlamaMLP": "gated MLP"}),
+    "mistral": (_decoder("Mistral"), _ids, {"MistralMLP": "gated MLP"}),
+    "qwen2": (_decoder("Qwen2"), _ids, {"Qwen2MLP": "gated MLP"}),
+    "qwen3": (_decoder("Qwen3", head_dim=8), _ids, {"Qwen3MLP": "gated MLP"}),
+    "gemma": (_decoder("Gemma", head_dim=8), _ids, {"GemmaMLP": "gated MLP"}),
+    "phi3": (_decoder("Phi3", pad_token_id=0), _ids, {"Phi3MLP": "fused gate_up"}),
+    "timm-mlp": (lambda: TimmLike(gated=False), lambda generator: {"x": torch.randn(2, 3, 16, generator=generator)},
+                 {"Mlp": LINEAR_ACT}),
+    "timm-glu": (lambda: TimmLike(gated=True), lambda generator: {"x": torch.randn(2, 3, 16, generator=generator)},
+                 {"GluMlp": "timm GluMlp"}),
+}
+GATED = {"t5-gated", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "timm-glu"}
+BACKENDS = ("reference", "triton")
+
+
+def build(name: str, dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return MODELS[name][0]().to(DEVICE, dtype).train()
+
+
+def inputs(name: str, dtype, seed: int = 1) -> dict:
+    batch = MODELS[name][1](torch.Generator().manual_seed(seed))
+    return {k: v.to(DEVICE, dtype) if v.is_floating_point() else v.to(DEVICE) for k, v in batch.items()}
+
+
+def output(model, batch) -> torch.Tensor:
+    out = model(**batch)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def require(backend: str, name: str, dtype=torch.float32) -> None:
+    if backend != "triton":
+        return
+    reason = backends.triton_unavailable_reason(DEVICE, dtype)
+    if reason is not None:
+        pytest.skip(f"triton backend unavailable: {reason}")
+    if name in GATED:
+        try:
+            x = torch.zeros(1, 2, device=DEVICE, dtype=dtype)
+            manualbp.functional.gated_linear(x, torch.zeros(2, 2, device=DEVICE, dtype=dtype),
+                                             torch.zeros(2, 2, device=DEVICE, dtype=dtype), backend="triton")
+        except (NotImplementedError, ImportError) as error:  # no gated Triton kernels in this version
+            pytest.skip(f"{name}'s MLP is gated, and the gated layer's Triton backend cannot run: "
+                        f"{type(error).__name__}: {error}")
+
+
+def convert(model, backend):
+    converted = copy.deepcopy(model)
+    return manualbp.convert(converted, backend=backend, return_report=True)
+
+
+# --------------------------------------------------------------------------------------
+# The report, block by block; structure and keys
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_mlp_activation_is_fused_and_reported(name):
+    original = build(name)
+    model, report = convert(original, "reference")
+    expected = MODELS[name][2]
+    blocks = [(path, type(m).__name__) for path, m in original.named_modules() if type(m).__name__ in expected]
+    assert blocks, f"{name}: the model holds none of {sorted(expected)}"
+    for path, kind in blocks:
+        fusions = [r for r in report.replaced if r.pattern == expected[kind]
+                   and (r.name == path or r.name.startswith(f"{path}."))]
+        assert len(fusions) == 1, f"{name}: {path} ({kind}) fused once by {expected[kind]!r}:\n{report}"
+        fusion = fusions[0]
+        act = original.get_submodule(fusion.fused)
+        assert manualbp.activations.from_model_module(act) is not None, f"{name}: {fusion.fused} is an activation"
+        assert type(model.get_submodule(fusion.fused)) is patterns.Fused, f"{name}: {fusion.fused} holds Fused"
+        assert fusion.activation != "identity", f"{name}: {path} fused with an activation"
+    left = [path for path, m in model.named_modules() if patterns.activation_like(m)]
+    assert left == [], f"{name}: activation modules not fused: {left}\n{report}"
+    assert report.skipped == [], f"{name}: nothing left alone:\n{report}"
+    assert not any(type(m) is nn.Linear or patterns.is_conv1d(m) for m in model.modules()), f"{name}: all converted"
+    assert list(model.state_dict()) == list(original.state_dict()), f"{name}: state_dict keys unchanged"
+    for (key, value), (key_ref, value_ref) in zip(model.state_dict().items(), original.state_dict().items()):
+        assert torch.equal(value, value_ref) and value.shape == value_ref.shape, f"{name}: state_dict[{key!r}]"
+    text = str(report)
+    for path, kind in blocks:
+        assert f"[pattern: {expected[kind]}]" in text and path in text, f"{name}: the report names {path}"
+
+
+# --------------------------------------------------------------------------------------
+# Outputs and gradients (float32 against float64), three AdamW steps (float64)
+# --------------------------------------------------------------------------------------
+
+
+def outputs_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = output(model, batch)
+    out.backward(torch.ones_like(out) / out.numel() + out.detach() / out.numel())
+    return out.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", MODELS)
+def test_outputs_and_gradients_match_float32(name, backend):
+    require(backend, name)
+    original = build(name)
+    exact = copy.deepcopy(original).double()
+    model, _ = convert(original, backend)
+    out, grads = outputs_and_grads(model, inputs(name, torch.float32))
+    out_ref, grads_ref = outputs_and_grads(original, inputs(name, torch.float32))
+    out_exact, grads_exact = outputs_and_grads(exact, inputs(name, torch.float64))
+    assert_close_to_float64(f"{name} ({backend}): output", out, out_ref, out_exact)
+    assert set(grads) == set(grads_exact), f"{name}: parameter names"
+    for key, grad in grads.items():
+        assert_close_to_float64(f"{name} ({backend}): gradient of {key}", grad, grads_ref[key], grads_exact[key])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", MODELS)
+def test_three_adamw_steps_give_the_same_losses(name, backend):
+    require(backend, name, torch.float64)
+    original = build(name, torch.float64)
+    model, _ = convert(original, backend)
+    losses = []
+    for m in (original, model):
+        optimizer = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        curve = []
+        for step in range(3):
+            out = output(m, inputs(name, torch.float64, seed=10 + step))
+            loss = (out * out).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            curve.append(loss.item())
+        losses.append(curve)
+    for step, (ours, theirs) in enumerate(zip(*reversed(losses))):
+        assert abs(ours - theirs) <= 1e-10 * max(1.0, abs(theirs)), (
+            f"{name} ({backend}): step {step + 1} loss {ours!r} vs the original's {theirs!r}")
+    assert losses[0][0] != losses[0][-1], f"{name}: the loss moved (the steps trained something)"
+
+
+# --------------------------------------------------------------------------------------
+# revert()
+# --------------------------------------------------------------------------------------
+
+
+def structure(model):
+    return [(path, type(m)) for path, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_revert_gives_back_the_original_modules(name):
+    original = build(name).eval()
+    model, converted = convert(original, "reference")
+    activations = {path: m for path, m in model.named_modules() if type(m) is patterns.Fused}
+    reverted, report = manualbp.revert(model, return_report=True)
+    assert reverted is model and report.skipped == [], f"{name}: everything reverted:\n{report}"
+    assert structure(reverted) == structure(original), f"{name}: the original classes in every slot"
+    for path, marker in activations.items():
+        assert reverted.get_submodule(path) is marker.original, f"{name}: {path} is the model's own module again"
+    assert not any(hasattr(m, "activation") or "_manualbp_original_class" in m.__dict__
+                   for m in reverted.modules()), f"{name}: manualbp attributes removed"
+    assert list(reverted.state_dict()) == list(original.state_dict()), f"{name}: state_dict keys"
+    batch = inputs(name, torch.float32)
+    with torch.no_grad():
+        assert torch.equal(output(reverted, batch), output(original, batch)), f"{name}: the same plain forward"
+    again, report = manualbp.convert(reverted, backend="reference", return_report=True)
+    assert [(r.name, r.pattern) for r in report.replaced] == [(r.name, r.pattern) for r in converted.replaced], (
+        f"{name}: converting the reverted model fuses the same blocks")
