@@ -293,3 +293,75 @@ def test_revert_gives_back_the_original_modules(name):
     again, report = manualbp.convert(reverted, backend="reference", return_report=True)
     assert [(r.name, r.pattern) for r in report.replaced] == [(r.name, r.pattern) for r in converted.replaced], (
         f"{name}: converting the reverted model fuses the same blocks")
+
+
+# --------------------------------------------------------------------------------------
+# What the check against the block's own forward refuses, and what is left alone
+# --------------------------------------------------------------------------------------
+
+
+class Gated(nn.Module):
+    """A Llama MLP's children with a forward to choose."""
+
+    def __init__(self, forward):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(8, 12), nn.Linear(8, 12), nn.Linear(12, 8)
+        self.act_fn = nn.SiLU()
+        self._forward = forward
+
+    def forward(self, x):
+        return self._forward(self, x)
+
+
+def test_the_probe_decides_which_fusion_the_forward_allows():
+    torch.manual_seed(2)
+    swapped = Gated(lambda m, x: m.down_proj(m.act_fn(m.up_proj(x)) * m.gate_proj(x)))  # the gate is up_proj
+    twice = Gated(lambda m, x: m.down_proj(m.act_fn(m.gate_proj(x)) * m.up_proj(x) + m.gate_proj(x)))
+    hooked = Gated(lambda m, x: m.down_proj(m.act_fn(m.gate_proj(x)) * m.up_proj(x)))
+    hooked.gate_proj.register_forward_hook(lambda module, args, output: None)
+    model = nn.ModuleList([swapped, twice, hooked]).double()
+    original = copy.deepcopy(model)
+    _, report = manualbp.convert(model, backend="reference", return_report=True)
+    assert type(swapped) is Gated and swapped.up_proj.activation.name == "silu", (
+        "not the gated pattern (its forward gates with up_proj); the activation fused into up_proj, as the probe found")
+    assert type(swapped.act_fn) is patterns.Fused and swapped.act_fn.into == "up_proj"
+    assert type(twice) is Gated and type(twice.act_fn) is nn.SiLU, "gate_proj's output is used twice: left alone"
+    assert type(hooked) is Gated and type(hooked.act_fn) is nn.SiLU, "a hook on gate_proj would be bypassed"
+    reasons = {s.name: s.reason for s in report.skipped}
+    assert set(reasons) == {"1", "2"}, f"the blocks left alone are listed:\n{report}"
+    assert "computes something else than the pattern" in reasons["1"], reasons["1"]
+    assert "hooks" in reasons["2"], reasons["2"]
+    x = torch.randn(3, 8, dtype=torch.float64)
+    for index in range(3):
+        torch.testing.assert_close(model[index](x), original[index](x), rtol=1e-12, atol=1e-14,
+                                   msg=lambda m: f"block {index}: the same output\n{m}")
+
+
+def test_activations_outside_the_catalogue_are_listed():
+    torch.manual_seed(3)
+    original = transformers.BertModel(transformers.BertConfig(
+        vocab_size=VOCAB, intermediate_size=32, max_position_embeddings=16, hidden_act="quick_gelu", **SMALL))
+    model, report = convert(original, "reference")
+    skipped = {s.name: s.reason for s in report.skipped}
+    assert set(skipped) == {"encoder.layer.0.intermediate", "encoder.layer.1.intermediate"}, str(report)
+    assert all("QuickGELUActivation" in r and "not an activation in manualbp's catalogue" in r
+               for r in skipped.values()), skipped
+    assert model.pooler.dense.activation.name == "tanh", "BertPooler's dense + tanh fused (nn.Tanh)"
+    assert type(model.encoder.layer[0].intermediate.dense) is manualbp.Linear, "converted, not fused"
+
+
+def test_conv1d_keeps_its_parameter_and_class_family():
+    original = build("gpt2")
+    model = copy.deepcopy(original)
+    c_fc = model.transformer.h[0].mlp.c_fc
+    weight = c_fc.weight
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # built before convert
+    manualbp.convert(model, backend="reference")
+    assert c_fc.weight is weight and weight.shape == (16, 64), "the very Parameter, [nx, nf] as the model stores it"
+    assert isinstance(c_fc, transformers.pytorch_utils.Conv1D), "still a Conv1D (peft sizes adapters by that)"
+    assert c_fc.activation.name == "gelu_tanh"
+    before = weight.detach().clone()
+    output(model, inputs("gpt2", torch.float32)).sum().backward()
+    assert weight.grad is not None and weight.grad.shape == weight.shape, "the gradient in the Parameter's layout"
+    optimizer.step()
+    assert not torch.equal(weight, before), "the optimizer built before convert() trains the converted layer"
