@@ -189,7 +189,7 @@ class _Converter:
             if reasons:
                 self.report.skipped.append(Skipped(path, type(block).__qualname__, "; ".join(reasons)))
         for path, module in list(model.named_modules()):
-            if patterns.is_conv1d(module) and self.uses[id(module)] >= 1:
+            if patterns.is_conv1d(module):
                 reason = parameters_problem(module)
                 if reason is not None:
                     self.report.skipped.append(Skipped(path, "Conv1D", reason))

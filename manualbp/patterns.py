@@ -38,8 +38,9 @@ timm SwiGLU              fc1_g, fc1_x, act, drop1, norm, fc2, drop2   :class:`Ga
 transformers Conv1D      any other Conv1D (attention projections)     manualbp.conv1d.Conv1D, identity
 =======================  ===========================================  ==================================
 
-A block matching no pattern is left alone; where it holds a Linear and an activation
-module, the report lists it with the reason (its activation is not in the catalogue, the
+Candidates are blocks whose children are all leaf modules (an MLP block, not a model
+holding one: the probe copies the whole block). A block matching no pattern is left alone;
+where it holds a Linear and an activation module, the report lists it with the reason (its activation is not in the catalogue, the
 probe found a difference, a hook would be bypassed, ...). Fusion is refused, as in an
 nn.Sequential, where a module involved has hooks of its own or the Linear is used elsewhere.
 """
@@ -337,6 +338,8 @@ class Matcher:
     def find(self, block: nn.Module) -> Tuple[List[Found], List[str]]:
         """(the fusions applied to ``block``, why others were not), each checked by :func:`probe`."""
         children = {name: child for name, child in block._modules.items() if child is not None}
+        if any(next(child.children(), None) is not None for child in children.values()):
+            return [], []  # only blocks of leaf modules are candidates: the probe copies the whole block
         gated = []  # why a gated pattern with these children's names did not apply (timm's Mlp has GluMlp's)
         for pattern in GATED_PATTERNS:
             if set(children) == pattern.children:
