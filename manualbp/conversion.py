@@ -13,6 +13,12 @@ replaced by ``nn.Identity`` so that the indices (and state_dict keys) stay valid
 
     nn.ReLU, nn.LeakyReLU, nn.GELU (approximate='none' or 'tanh'), nn.SiLU, nn.Sigmoid, nn.Tanh
 
+Inside a model's own blocks (BERT's intermediate layer, GPT-2's MLP of transformers
+``Conv1D`` layers, a Llama MLP's gating, ...) the fusions come from the table of module
+patterns in ``manualbp/patterns.py``, each checked against the block's own forward before
+it is applied; transformers' ``Conv1D`` layers are converted too, keeping their
+transposed weight Parameter.
+
 A fusion changes what the Linear outputs, so it is not done where that would be
 visible: when either module has hooks, or when the Linear also appears elsewhere
 in the model.
@@ -246,12 +252,13 @@ def convert(
     backend: Optional[str] = None,
     return_report: bool = False,
 ) -> Union[nn.Module, Tuple[nn.Module, ConversionReport]]:
-    """Replace every ``nn.Linear`` of ``model`` by a ``manualbp.Linear``; returns the model.
+    """Replace every ``nn.Linear`` (and transformers ``Conv1D``) of ``model`` by a manualbp layer; returns the model.
 
     model               any nn.Module (an nn.Linear itself is converted too)
     inplace             True: change ``model`` itself; False: convert a deep copy
     fuse                fuse a Linear with the supported activation module that follows
-                        it in an nn.Sequential (the activation becomes nn.Identity)
+                        it in an nn.Sequential (the activation becomes nn.Identity), and
+                        in the blocks the module patterns recognise (manualbp.patterns)
     include_subclasses  False: convert exact nn.Linear only; True: every subclass too;
                         a tuple of classes: those subclasses too
     backend             pin the converted layers to 'triton' or 'reference' (None: global setting)

@@ -13,6 +13,11 @@ stay), followed by the PyTorch module of its activation (none for 'identity'):
 
 Every ``manualbp.MLP`` becomes the ``nn.Sequential`` of :meth:`MLP.to_sequential`
 (same structure and state_dict keys), holding the MLP's own Parameters.
+
+What convert's module patterns (``manualbp/patterns.py``) did is undone first: each
+``patterns.Fused`` slot gets back the very activation module it replaced, the layer it
+was fused into its own class (nn.Linear, transformers' Conv1D), a gated block its own
+class (LlamaMLP, Phi3MLP, ...) and attributes; converted Conv1D layers become Conv1D again.
 """
 
 from __future__ import annotations

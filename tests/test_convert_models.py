@@ -365,3 +365,25 @@ def test_conv1d_keeps_its_parameter_and_class_family():
     assert weight.grad is not None and weight.grad.shape == weight.shape, "the gradient in the Parameter's layout"
     optimizer.step()
     assert not torch.equal(weight, before), "the optimizer built before convert() trains the converted layer"
+
+
+def test_t5_casts_before_wo_and_dropout_draws_the_same_mask():
+    torch.manual_seed(4)
+    config = transformers.T5Config(d_model=16, d_ff=24, num_heads=2, d_kv=8, feed_forward_proj="gated-gelu",
+                                   dropout_rate=0.3)
+    config.dense_act_fn = "gelu_pytorch_tanh"  # nn.functional.gelu's own tanh GELU: bitwise the catalogue's f
+    original = transformers.models.t5.modeling_t5.T5DenseGatedActDense(config).train()
+    original.wi_0.to(torch.bfloat16), original.wi_1.to(torch.bfloat16)  # wo kept in float32, as T5 loads it
+    block = copy.deepcopy(original)
+    same, report = manualbp.convert(block, backend="reference", return_report=True)
+    assert same is block and type(block) is patterns.GatedBlock, f"a root block is converted itself:\n{report}"
+    x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
+    results = []
+    for model in (block, original):
+        torch.manual_seed(5)
+        results.append(model(x))
+    assert results[0].dtype == results[1].dtype == torch.float32, "cast to wo's dtype before wo"
+    assert torch.equal(results[0], results[1]), "the same dropout mask, the same bfloat16 gating, the same output"
+    again, report = manualbp.convert(block, return_report=True)
+    assert report.replaced == [] and report.skipped == [], "converting twice changes nothing"
+    assert type(manualbp.revert(block)) is type(original)
