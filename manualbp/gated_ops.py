@@ -48,11 +48,8 @@ def _check_shapes(op: str, x: Tensor, gate_weight: Tensor, up_weight: Tensor, ga
 def _triton():
     """The Triton launchers of the gated layer."""
     backends.kernels()  # Triton's import error, if any, raised as the dense layer raises it
-    try:
-        from .triton_kernels import gated
-    except ModuleNotFoundError:
-        raise NotImplementedError("manualbp's gated layer has no Triton kernels in this version: "
-                                  "use backend='reference'") from None
+    from .triton_kernels import gated
+
     return gated
 
 
