@@ -391,8 +391,8 @@ class Matcher:
                 continue
             if not linears:
                 continue
-            if has_hooks(act) or self.uses[id(act)] != 1:
-                reasons.append(f"{act_name}: it has hooks or is used in more than one place")
+            if has_hooks(act):  # a shared activation module is fine: only this slot changes
+                reasons.append(f"{act_name}: it has hooks, which the fused layer would not run")
                 continue
             tried = []
             for linear_name in linears:

@@ -327,6 +327,22 @@ def test_the_probe_decides_which_fusion_the_forward_allows():
                                    msg=lambda m: f"block {index}: the same output\n{m}")
 
 
+def test_a_shared_activation_module_is_fused_in_each_block_and_comes_back_shared():
+    torch.manual_seed(6)
+    act = nn.GELU(approximate="tanh")
+    model = nn.ModuleList([Mlp(4, 8), Mlp(4, 8)]).double()
+    model[0].act = model[1].act = act
+    x = torch.randn(3, 4, dtype=torch.float64)
+    before = [block(x) for block in model]
+    _, report = manualbp.convert(model, backend="reference", return_report=True)
+    assert [r.fused for r in report.replaced if r.fused] == ["0.act", "1.act"], str(report)
+    assert all(block.fc1.activation.name == "gelu_tanh" for block in model)
+    for block, expected in zip(model, before):
+        torch.testing.assert_close(block(x), expected, rtol=1e-12, atol=1e-14, msg=lambda m: f"output\n{m}")
+    manualbp.revert(model)
+    assert model[0].act is act and model[1].act is act, "the one module, back in both slots"
+
+
 def test_activations_outside_the_catalogue_are_listed():
     torch.manual_seed(3)
     original = transformers.BertModel(transformers.BertConfig(

@@ -73,3 +73,14 @@ def test_lora_stays_inside_the_activation_and_the_gating(name):
         merged = output(ours, batch)
     torch.testing.assert_close(merged, out_ref, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name}: merged\n{m}")
     ours.unmerge_adapter()
+
+
+def test_peft_own_lora_on_a_fused_conv1d_raises():
+    model = build("gpt2", torch.float64)
+    manualbp.convert(model, backend="reference")
+    config = peft.LoraConfig(r=2, target_modules=["c_fc"], init_lora_weights=False)
+    plain = peft.get_peft_model(model, config)  # peft's own layer would add its update after f
+    with pytest.raises(RuntimeError, match="peft adapter layers wrap manualbp"):
+        mpeft.check(plain)
+    with pytest.raises(RuntimeError, match="peft adapter layers wrap manualbp"):
+        output(plain, inputs("gpt2", torch.float64))
