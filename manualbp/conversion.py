@@ -125,6 +125,15 @@ def _qualified(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def in_model_order(model: nn.Module, *entries: list) -> None:
+    """Sort each list of report entries (with a ``name``) as model.named_modules() lists their modules."""
+    order = {}
+    for name, _ in model.named_modules(remove_duplicate=False):
+        order.setdefault(name, len(order))
+    for entry_list in entries:
+        entry_list.sort(key=lambda entry: order.get(entry.name, len(order)))
+
+
 def parameters_problem(module: nn.Module) -> Optional[str]:
     """None if a Linear's (or Conv1D's) weight and bias are plain Parameters a manualbp layer can use, else why not."""
     if parametrize.is_parametrized(module):
@@ -204,14 +213,6 @@ class _Converter:
                 self.report.replaced.append(Replacement(path, "Conv1D", "identity",
                                                         result=patterns.result_name(module)))
 
-    def in_model_order(self, model: nn.Module) -> None:
-        """The report's entries sorted as model.named_modules() lists their modules."""
-        order = {}
-        for name, _ in model.named_modules(remove_duplicate=False):
-            order.setdefault(name, len(order))
-        for entries in (self.report.replaced, self.report.skipped):
-            entries.sort(key=lambda entry: order.get(entry.name, len(order)))
-
     def visit(self, root: nn.Module, prefix: str = "") -> None:
         if id(root) in self.visited:
             return  # a shared submodule: converted where it was first seen
@@ -288,5 +289,5 @@ def convert(
     else:
         converter.visit_patterns(model)
         converter.visit(model)
-        converter.in_model_order(model)
+        in_model_order(model, converter.report.replaced, converter.report.skipped)
     return (model, converter.report) if return_report else model

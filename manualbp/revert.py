@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple, Union
 from torch import nn
 
 from . import patterns
-from .conversion import Skipped, _describe, _qualified, _skipped_lines, module_for_activation
+from .conversion import Skipped, _describe, _qualified, _skipped_lines, in_model_order, module_for_activation
 from .mlp import MLP
 from .modules import Linear, has_hooks
 
@@ -117,9 +117,10 @@ class _Reverter:
                             f"the layer it was fused into ({marker.into}) is a {type(linear).__qualname__} now, "
                             f"not a manualbp layer")))
                         continue
-                    if has_hooks(linear):
-                        self.report.skipped.append(Skipped(_qualified(path, marker.into), type(linear).__qualname__, (
-                            "it has hooks that see f(x Wᵀ + b); as a plain layer they would see x Wᵀ + b")))
+                    if has_hooks(linear):  # left fused; a manualbp.Linear is reported by visit
+                        if patterns.is_manualbp_conv1d(linear):
+                            self.report.skipped.append(Skipped(_qualified(path, marker.into), "Conv1D", (
+                                "it has hooks that see f(x Wᵀ + b); as a plain layer they would see x Wᵀ + b")))
                         continue
                     described = _describe(linear.activation)
                     kind = "Conv1D" if patterns.is_manualbp_conv1d(linear) else "Linear"
@@ -231,5 +232,6 @@ def revert(
     holder._modules[""] = model
     reverter.visit(holder)
     result = holder._modules[""]
+    in_model_order(result, reverter.report.reverted, reverter.report.skipped)
     return (result, reverter.report) if return_report else result
 
