@@ -9,7 +9,8 @@ The equations live in ``manualbp.reference``; the Triton kernels in
 Beyond one layer: ``manualbp.MLP`` (a stack as one autograd node, ``mlp.py`` and
 ``mlp_function.py``), ``manualbp.GatedMLP`` (a Llama-family MLP, its gating
 A = f(X W_gᵀ + b_g) ⊙ (X W_uᵀ + b_u) one autograd node: ``gated*.py``),
-``manualbp.convert`` (nn.Linear -> manualbp.Linear in any model, ``conversion.py``).
+``manualbp.convert`` (nn.Linear -> manualbp.Linear in any model, ``conversion.py``; the
+fusions inside a model's own blocks by the module patterns of ``patterns.py``).
 
 The layers, bottom up: the Triton kernels and their launchers (``triton_kernels/``)
 and the reference (``reference.py``), both reached as PyTorch operators
