@@ -38,8 +38,9 @@ timm SwiGLU              fc1_g, fc1_x, act, drop1, norm, fc2, drop2   :class:`Ga
 transformers Conv1D      any other Conv1D (attention projections)     manualbp.conv1d.Conv1D, identity
 =======================  ===========================================  ==================================
 
-Candidates are blocks whose children are all leaf modules (an MLP block, not a model
-holding one: the probe copies the whole block). A block matching no pattern is left alone;
+Candidates are blocks whose children hold leaf modules at most (an MLP, or a transformer
+layer with its MLP's Linears as direct children, as OPT's and BART's; never a model: the
+probe copies the whole block). A block matching no pattern is left alone;
 where it holds a Linear and an activation module, the report lists it with the reason (its activation is not in the catalogue, the
 probe found a difference, a hook would be bypassed, ...). Fusion is refused, as in an
 nn.Sequential, where a module involved has hooks of its own or the Linear is used elsewhere.
@@ -48,6 +49,7 @@ nn.Sequential, where a module involved has hooks of its own or the Linear is use
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -300,11 +302,19 @@ def probe(block: nn.Module, apply: Callable[[nn.Module], None], features: int) -
 # --------------------------------------------------------------------------------------
 
 
+_ACTIVATION_NAME = re.compile(r"gelu|relu|silu|swish|sigmoid|tanh|mish|activation", re.IGNORECASE)
+
+
 def activation_like(module: nn.Module) -> bool:
-    """A module that looks like an elementwise activation (PyTorch's or transformers'), mapped or not."""
+    """A module that looks like an elementwise activation (PyTorch's, transformers', or a class named like one,
+    such as BLOOM's BloomGelu), in the catalogue or not: what the report lists where it is not fused."""
     kind = type(module)
-    return (kind.__module__ in ("torch.nn.modules.activation", "transformers.activations")
-            and kind.__name__ not in _NOT_ACTIVATIONS) or from_model_module(module) is not None
+    if from_model_module(module) is not None:
+        return True
+    if kind.__module__ in ("torch.nn.modules.activation", "transformers.activations"):
+        return kind.__name__ not in _NOT_ACTIVATIONS
+    return next(module.children(), None) is None and bool(_ACTIVATION_NAME.search(kind.__name__)) \
+        and not isinstance(module, (nn.Linear, Fused))
 
 
 @dataclass
@@ -338,8 +348,13 @@ class Matcher:
     def find(self, block: nn.Module) -> Tuple[List[Found], List[str]]:
         """(the fusions applied to ``block``, why others were not), each checked by :func:`probe`."""
         children = {name: child for name, child in block._modules.items() if child is not None}
-        if any(next(child.children(), None) is not None for child in children.values()):
-            return [], []  # only blocks of leaf modules are candidates: the probe copies the whole block
+        if any(next(grandchild.children(), None) is not None
+               for child in children.values() for grandchild in child.children()):
+            # The probe copies the whole block: an MLP or a transformer layer (children of leaf modules), no deeper.
+            if self._pairs(children):
+                return [], ["not checked: it holds blocks of blocks (the probe would copy them all); "
+                            "only blocks whose children hold leaf modules at most are matched"]
+            return [], []
         gated = []  # why a gated pattern with these children's names did not apply (timm's Mlp has GluMlp's)
         for pattern in GATED_PATTERNS:
             if set(children) == pattern.children:
@@ -378,6 +393,12 @@ class Matcher:
             return None, reason
         return Found(pattern.name, activation, pattern.act, gated=pattern), None
 
+    @staticmethod
+    def _pairs(children: dict) -> bool:
+        """Whether ``children`` hold an activation-like module and a Linear or Conv1D."""
+        return (any(activation_like(child) for child in children.values())
+                and any(type(child) is nn.Linear or is_conv1d(child) for child in children.values()))
+
     def _dense(self, block: nn.Module, children: dict) -> Tuple[List[Found], List[str]]:
         found, reasons, taken = [], [], set()
         linears = [name for name, child in children.items() if type(child) is nn.Linear or is_conv1d(child)]
@@ -386,10 +407,10 @@ class Matcher:
                 continue
             activation = from_model_module(act)
             if activation is None or activation.name == "identity":
-                if linears:
-                    reasons.append(f"{act_name} ({type(act).__qualname__}) is not an activation in manualbp's catalogue")
+                reasons.append(f"{act_name} ({type(act).__qualname__}) is not an activation in manualbp's catalogue")
                 continue
             if not linears:
+                reasons.append(f"{act_name}: no nn.Linear or transformers Conv1D child to fuse it into")
                 continue
             if has_hooks(act):  # a shared activation module is fine: only this slot changes
                 reasons.append(f"{act_name}: it has hooks, which the fused layer would not run")

@@ -2,7 +2,8 @@
 download) and stand-ins for timm's Mlp/GluMlp. Every MLP activation is fused by a module pattern
 (manualbp/patterns.py) and the report says so, block by block; the converted model's outputs and gradients
 match the original's (float32: within twice PyTorch's own error against float64), three AdamW steps give the
-same losses (float64), on both backends; revert() gives back the original modules; state_dict keys stay.
+same losses (float64), on both backends; revert() gives back the original modules; state_dict keys stay;
+blocks left alone are listed with the reason.
 """
 
 from __future__ import annotations
@@ -127,6 +128,10 @@ MODELS = {
         attention_probs_dropout_prob=0.0, **SMALL)),
         lambda generator: {"pixel_values": torch.randn(2, 3, 8, 8, generator=generator)},
         {"ViTMLP": LINEAR_ACT, "ViTIntermediate": LINEAR_ACT}),
+    "opt": (lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32,
+        word_embed_proj_dim=16, max_position_embeddings=16, dropout=0.0, attention_dropout=0.0)), _ids,
+        {"OPTDecoderLayer": LINEAR_ACT}),  # fc1, activation_fn, fc2 beside the attention, in the layer itself
     "t5": (_t5("relu"), _t5_inputs, {"T5DenseActDense": LINEAR_ACT}),
     "t5-gated": (_t5("gated-gelu"), _t5_inputs, {"T5DenseGatedActDense": "T5 gated feed-forward"}),
     "llama": (_decoder("Llama"), _ids, {"LlamaMLP": "gated MLP"}),
@@ -354,6 +359,22 @@ def test_activations_outside_the_catalogue_are_listed():
                for r in skipped.values()), skipped
     assert model.pooler.dense.activation.name == "tanh", "BertPooler's dense + tanh fused (nn.Tanh)"
     assert type(model.encoder.layer[0].intermediate.dense) is manualbp.Linear, "converted, not fused"
+
+
+@pytest.mark.parametrize("name, block, reason", [
+    ("Bloom", "h.0.mlp", "gelu_impl (BloomGelu) is not an activation in manualbp's catalogue"),
+    ("Mixtral", "layers.0.mlp.experts", "act_fn: no nn.Linear or transformers Conv1D child to fuse it into"),
+])
+def test_blocks_left_alone_are_listed_with_the_reason(name, block, reason):
+    config_class, model_class = getattr(transformers, f"{name}Config", None), getattr(transformers, f"{name}Model", None)
+    if config_class is None or model_class is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}Model")
+    torch.manual_seed(7)
+    config = config_class(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          n_layer=1, n_head=2, intermediate_size=32, num_key_value_heads=1, num_local_experts=2)
+    model, report = convert(model_class(config), "reference")
+    skipped = {s.name: s.reason for s in report.skipped}
+    assert skipped.get(block) == reason, f"{name}: {block} listed as left alone, and why:\n{report}"
 
 
 def test_conv1d_keeps_its_parameter_and_class_family():
