@@ -214,6 +214,6 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activ
     direct = ops.dispatch_free((x, weight, bias))
     if differentiable(direct, x, weight, bias):
         return apply(linear_function(), direct, x, weight, bias, activation, backend,
-                     forward_save(backend, activation), direct)[0]
+                     forward_save(backend, activation, weight), direct)[0]
     # no_grad / inference_mode / nothing requires grad: compute A only, keep nothing
     return ops.route(direct).linear_forward(x, weight, bias, activation, "", backend)[0]
