@@ -9,6 +9,8 @@ asks autograd for nothing: it evaluates those equations and computes only what
 ``ctx.needs_input_grad`` asks for. Under ``create_graph=True`` (double backward,
 Hessians) it runs the same equations in differentiable torch ops instead
 (:func:`differentiable_backward`). vmap is generated from the operators' vmap rules.
+The same backward (:func:`backward`) is manualbp::linear_forward's autograd formula, for
+a program from torch.export, which records that operator alone (the end of this file).
 
 What the layer keeps, decided in one place (:func:`saved_kind` and
 ``LinearFunction.setup_context``) — the tensors nn.Linear followed by the PyTorch
@@ -146,6 +148,32 @@ def _differentiable_delta(grad_a: Tensor, x: Optional[Tensor], weight: Tensor, b
     )
 
 
+def backward(ctx, grad_a: Optional[Tensor], grad_z: Optional[Tensor], x: Optional[Tensor],
+             weight_for_x: Optional[Tensor], saved: Optional[Tensor]):
+    """The layer's backward: (∂C/∂X, ∂C/∂W, ∂C/∂b), None where ``ctx.needs_input_grad`` says no.
+
+    LinearFunction's, and the exported operator's autograd formula's (:func:`_exported_backward`):
+    from the tensors kept (x, the weight for ∂C/∂X, A / Z / f'(Z) as ``ctx.kind`` says) and what
+    setup_context put on ctx (activation, backend, kind, parameters and their versions, z_connected,
+    direct, saved_unchanged). grad_z: ∂C/∂Z reaching a connected Z, or None.
+    """
+    needs_grad_x, needs_grad_weight, needs_grad_bias = ctx.needs_input_grad[:3]
+    activation = ctx.activation
+    if torch.is_grad_enabled() or grad_z is not None:
+        weight = _check_unchanged(ctx.parameters[0], ctx.versions[0], "weight")
+        bias = _check_unchanged(ctx.parameters[1], ctx.versions[1], "bias")
+        return differentiable_backward(
+            grad_a, x, weight, bias, activation, needs_grad_x, needs_grad_weight, needs_grad_bias,
+            a=saved if ctx.kind == "a" else None, z=saved if ctx.z_connected else None, grad_z=grad_z,
+        )
+    # The forward's tensors were plain; the modes, G, and what saved-tensor hooks returned may not be.
+    direct = ctx.direct and ops.dispatch_free(
+        (grad_a,) if ctx.saved_unchanged else (grad_a, x, weight_for_x, saved))
+    return ops.route(direct).linear_backward(
+        grad_a, x, weight_for_x, saved, activation, ctx.kind or "z",
+        [needs_grad_x, needs_grad_weight, needs_grad_bias], ctx.backend)
+
+
 def _tangents(primals, tangents):
     """Zeros for the tangents of tensor inputs that have none, as PyTorch's own forward-mode formulas use:
     X dWᵀ with dW = 0 is NaN where X is infinite, in nn.Linear's tangent too."""
@@ -212,24 +240,7 @@ class LinearFunction(torch.autograd.Function):
         grad_z = grad_extra if ctx.z_connected else None
         if grad_a is None and grad_z is None:  # no gradient reached A (nor Z): every gradient is zero
             return None, None, None, None, None, None, None
-        x, weight_for_x, saved = ctx.saved_tensors
-        needs_grad_x, needs_grad_weight, needs_grad_bias = ctx.needs_input_grad[:3]
-        activation = ctx.activation
-        if torch.is_grad_enabled() or grad_z is not None:
-            weight = _check_unchanged(ctx.parameters[0], ctx.versions[0], "weight")
-            bias = _check_unchanged(ctx.parameters[1], ctx.versions[1], "bias")
-            grad_x, grad_weight, grad_bias = differentiable_backward(
-                grad_a, x, weight, bias, activation, needs_grad_x, needs_grad_weight, needs_grad_bias,
-                a=saved if ctx.kind == "a" else None, z=saved if ctx.z_connected else None, grad_z=grad_z,
-            )
-        else:
-            # The forward's tensors were plain; the modes, G, and what saved-tensor hooks returned may not be.
-            direct = ctx.direct and ops.dispatch_free(
-                (grad_a,) if ctx.saved_unchanged else (grad_a, x, weight_for_x, saved))
-            grad_x, grad_weight, grad_bias = ops.route(direct).linear_backward(
-                grad_a, x, weight_for_x, saved, activation, ctx.kind or "z",
-                [needs_grad_x, needs_grad_weight, needs_grad_bias], ctx.backend)
-        return grad_x, grad_weight, grad_bias, None, None, None, None
+        return (*backward(ctx, grad_a, grad_z, *ctx.saved_tensors), None, None, None, None)
 
     @staticmethod
     def jvp(ctx, tangent_x, tangent_weight, tangent_bias, *_):
@@ -275,3 +286,57 @@ def apply(function, direct: bool, *args):
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return function.apply(*args)
     return super(torch.autograd.Function, function).apply(*unwrap_dead_wrappers(args))
+
+
+# --------------------------------------------------------------------------------------
+# The operator's autograd formula: a program from torch.export trains
+# --------------------------------------------------------------------------------------
+# torch.export records a layer as manualbp::linear_forward alone, asking for A only (save="": see
+# functional.differentiable), as nn.Linear exports as one aten.linear. Running that program's
+# module() with parameters that require grad reaches the operator's autograd formula, registered
+# here: the layer's own setup and backward (:func:`backward`), on what the operator returned.
+
+
+def _exported_setup_context(ctx, inputs, output):
+    """What LinearFunction.setup_context keeps, for the operator called outside the Function."""
+    x, weight, bias, activation_name, negative_slope, save, backend = inputs
+    a, extra = output
+    activation = ops.activation(activation_name, negative_slope)
+    kind = saved_kind(backend, activation, frozen_weight=save == "z")
+    needs_grad_x, needs_grad_weight = ctx.needs_input_grad[:2]
+    # f' needs Z, which a node asking for A only did not write: kept x, Z recomputed in the backward (one more
+    # X Wᵀ, as under activation checkpointing). x also serves a double backward, which recomputes Z from it.
+    ctx.recompute = kind in ("z", "f_prime") and save != kind
+    saved = a if kind == "a" else (None if kind is None or ctx.recompute else extra)
+    keep_x = needs_grad_weight or kind in ("z", "f_prime")
+    ctx.save_for_backward(x if keep_x else None, weight if needs_grad_x else None, saved)
+    ctx.mark_non_differentiable(extra)
+    ctx.set_materialize_grads(False)
+    ctx.activation, ctx.backend, ctx.kind, ctx.direct, ctx.saved_unchanged = activation, backend, kind, False, False
+    ctx.z_connected = False
+    ctx.parameters = (weight, bias)
+    ctx.versions = (_version(weight), _version(bias))
+
+
+def _exported_backward(ctx, grad_a: Optional[Tensor], grad_extra: Optional[Tensor]):
+    """:func:`backward` for the operator's autograd formula (the saved output is not differentiable)."""
+    if grad_a is None:
+        return None, None, None, None, None, None, None
+    x, weight_for_x, saved = ctx.saved_tensors
+    if ctx.recompute and not torch.is_grad_enabled():  # a double backward recomputes Z from x itself
+        weight = _check_unchanged(ctx.parameters[0], ctx.versions[0], "weight")
+        bias = _check_unchanged(ctx.parameters[1], ctx.versions[1], "bias")
+        saved = ops.dispatched.linear_forward(x, weight, bias, ctx.activation, ctx.kind, ctx.backend)[1]
+    return (*backward(ctx, grad_a, None, x, weight_for_x, saved), None, None, None, None)
+
+
+def _register_exported_autograd() -> Optional[str]:
+    """Registers the formula; returns why not where this PyTorch cannot (else None)."""
+    register = getattr(ops.linear_forward, "register_autograd", None)
+    if register is None:
+        return "this PyTorch's custom operators take no autograd formula (CustomOpDef.register_autograd)"
+    register(_exported_backward, setup_context=_exported_setup_context)
+    return None
+
+
+EXPORTED_AUTOGRAD_UNAVAILABLE = _register_exported_autograd()

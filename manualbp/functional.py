@@ -133,9 +133,9 @@ def differentiable(direct: bool, *tensors: Optional[Tensor]) -> bool:
     or a torch.func transform may be present. Otherwise the forward operator runs alone and keeps nothing.
     direct: ``ops.dispatch_free(tensors)``, which rules out exporting and forward mode.
 
-    torch.export records the forward only (an exported program's backward comes from its aten ops
-    after ``run_decompositions``): while exporting, the Function's backward and jvp never run, so the
-    operator is recorded keeping nothing, as nn.Linear exports as one aten.linear whatever requires grad.
+    torch.export records the forward operator alone (a backward through the exported program reaches
+    its autograd formula, function.py, which recomputes what the node did not keep): the operator is
+    recorded keeping nothing, as nn.Linear exports as one aten.linear whatever requires grad.
     """
     if not direct and ops.exporting():
         return False

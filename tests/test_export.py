@@ -21,9 +21,9 @@ from torch.export import Dim
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import manualbp
-from manualbp import backends, ops
+from manualbp import backends, function, ops
 
-from checks import assert_close_to_float64, optional_import
+from checks import assert_close_to_float64, operator_calls, optional_import
 
 OPS = torch.ops.manualbp
 BACKENDS = ["reference", "triton"]
@@ -104,14 +104,12 @@ def test_export_dynamic_batch_and_sequence_then_decompose(backend, strict):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decomposed_program_trains_like_the_reverted_model(backend):
-    """An exported program has no backward of its own: through manualbp's operators a backward raises (no
-    autograd formula); decomposed, autograd differentiates the aten ops, as for the reverted model."""
+    """Decomposed, autograd differentiates the aten ops, as for the reverted model (the program itself trains
+    through the operator's autograd formula: test_exported_program_trains_as_the_eager_model)."""
     require(backend)
     model = three_layers(backend).train()
     x = torch.randn(4, 8)
     program = torch.export.export(model, (x,))
-    with pytest.raises(RuntimeError, match="no autograd formula"):
-        program.module()(x).sum().backward()
     decomposed = program.run_decompositions().module()
     plain = torch_twin(model)
     for module in (decomposed, plain):
@@ -119,6 +117,82 @@ def test_decomposed_program_trains_like_the_reverted_model(backend):
         module(x).square().sum().backward()
     for (name, ours), theirs in zip(decomposed.named_parameters(), plain.parameters()):
         torch.testing.assert_close(ours.grad, theirs.grad, msg=lambda m: f"d{name}: {m}")
+
+
+def _training_step(module, x):
+    """(∂C/∂x, {name: ∂C/∂p}) of C = sum(module(x)²)."""
+    module.zero_grad(set_to_none=True)
+    leaf = x.clone().requires_grad_(True)
+    module(leaf).square().sum().backward()
+    return leaf.grad, {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+
+
+def require_exported_autograd():
+    if function.EXPORTED_AUTOGRAD_UNAVAILABLE is not None:
+        pytest.skip(f"no autograd formula for the exported operator: {function.EXPORTED_AUTOGRAD_UNAVAILABLE}")
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "first-layer-frozen"])
+@pytest.mark.parametrize("model_kind", ["three_layers", "with_mlp"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exported_program_trains_as_the_eager_model(backend, model_kind, frozen):
+    """ep = torch.export.export(model, (x,)); a backward through ep.module() (the operators, not decomposed) gives
+    the eager model's gradients, and nn.Linear's exported twin's: each operator's autograd formula is the layer's
+    own backward (manualbp/function.py), recomputing Z where the node asked for A only."""
+    require(backend, torch.float64)
+    require_exported_autograd()
+    model = (three_layers if model_kind == "three_layers" else with_mlp)(backend).double().train()
+    model[0].weight.requires_grad_(not frozen)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    program = torch.export.export(model, (x,))
+    assert manualbp_nodes(program), "the operators are in the program"
+    twin = torch_twin(model)
+    twin_program = torch.export.export(twin, (x,))
+    ours_dx, ours = _training_step(program.module(), x)
+    eager_dx, eager = _training_step(model, x)
+    twin_dx, twin_grads = _training_step(twin_program.module(), x)
+    assert set(ours) == set(eager), f"parameters with gradients: {sorted(ours)}, eager {sorted(eager)}"
+    assert ("0.weight" in ours) == (not frozen), "a frozen weight gets no gradient"
+    label = f"[{backend}, {model_kind}, frozen={frozen}]"
+    torch.testing.assert_close(ours_dx, eager_dx, rtol=1e-12, atol=1e-12, msg=lambda m: f"dx vs eager {label}: {m}")
+    torch.testing.assert_close(ours_dx, twin_dx, rtol=1e-10, atol=1e-12, msg=lambda m: f"dx vs nn {label}: {m}")
+    for name in ours:
+        torch.testing.assert_close(ours[name], eager[name], rtol=1e-12, atol=1e-12,
+                                   msg=lambda m: f"d{name} vs eager {label}: {m}")
+    # nn.Linear's twin: the same parameters under the reverted model's names (an MLP becomes an nn.Sequential).
+    for (name, grad), twin_grad in zip(ours.items(), twin_grads.values()):
+        torch.testing.assert_close(grad, twin_grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"d{name} vs nn {label}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exported_program_backward_recomputes_z_only_where_f_prime_needs_it(backend):
+    """The exported nodes write A only; the backward of a gelu layer runs its forward operator once more for Z
+    (f'(Z) on Triton), a relu or identity layer's does not (f' from A, or none): the one extra X Wᵀ per layer
+    whose f' needs Z. The backward operators are the layer's own (manualbp::linear_backward)."""
+    require(backend)
+    require_exported_autograd()
+    model = three_layers(backend).train()
+    x = torch.randn(4, 8)
+    module = torch.export.export(model, (x,)).module()
+    out = module(x)
+    with operator_calls() as calls:
+        out.sum().backward()
+    names = [name for name, _ in calls]
+    expected_save = "f_prime" if backend == "triton" else "z"
+    assert names.count("linear_backward") == 3, f"one linear_backward per layer: {names}"
+    recomputed = [args[5] for name, args in calls if name == "linear_forward"]
+    assert recomputed == [expected_save], f"forward recomputed for the gelu layer only, save={expected_save}: {calls}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exported_program_double_backward(backend):
+    """create_graph through ep.module(): gradgradcheck over the input, every activation kind of three_layers."""
+    require(backend, torch.float64)
+    require_exported_autograd()
+    model = three_layers(backend, torch.float64).train()
+    module = torch.export.export(model, (torch.randn(3, 8, dtype=torch.float64),)).module()
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(module, (x,)), f"gradgradcheck through the exported program [{backend}]"
 
 
 class EveryOperator(nn.Module):
