@@ -388,3 +388,94 @@ def test_onnx_export_runs_in_onnxruntime(backend, dtype, tmp_path):
             else:
                 exact = torch_twin(model).double()(x.double())
                 assert_close_to_float64(f"onnxruntime float16, batch {batch}", result, expected, exact)
+
+
+# --------------------------------------------------------------------------------------
+# The legacy tracer: torch.onnx.export(dynamo=False), torch.jit.trace; torch.jit.script
+# --------------------------------------------------------------------------------------
+
+
+def every_activation(backend: str) -> nn.Sequential:
+    """A layer per activation (leaky_relu with a negative slope too) and an MLP: every forward path."""
+    torch.manual_seed(6)
+    layers = [manualbp.Linear(8, 8, activation=name, backend=backend) for name in manualbp.ACTIVATIONS]
+    layers.append(manualbp.Linear(8, 8, activation="leaky_relu", negative_slope=-0.3, backend=backend))
+    layers.append(manualbp.MLP([8, 12, 6], activation="gelu_tanh", last_activation="silu", backend=backend))
+    return nn.Sequential(*layers)
+
+
+def _traced_kinds(graph) -> list:
+    return [node.kind() for node in graph.nodes() if node.kind().startswith("aten::")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_legacy_onnx_export_computes_the_model(backend, tmp_path):
+    """torch.onnx.export(..., dynamo=False) traces: the graph holds Gemm and each activation's ONNX operators, the
+    same operator list as nn.Linear's model, and onnxruntime's output matches the model's at other batch sizes."""
+    require(backend)
+    optional_import("onnx", "legacy ONNX export tests need onnx (pip install onnx)")
+    onnxruntime = optional_import("onnxruntime", "legacy ONNX export tests need onnxruntime")
+    import onnx
+
+    model = every_activation(backend).train()  # parameters require grad: the layers' Functions are not traced
+    twin = torch_twin(model)
+    example = torch.randn(3, 8)
+    paths = {}
+    for label, module in (("manualbp", model), ("nn", twin)):
+        paths[label] = str(tmp_path / f"{label}.onnx")
+        torch.onnx.export(module, (example,), paths[label], dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})
+    operators = {label: [node.op_type for node in onnx.load(path).graph.node] for label, path in paths.items()}
+    assert operators["manualbp"] == operators["nn"], f"ONNX operators {operators['manualbp']}, nn {operators['nn']}"
+    assert operators["manualbp"].count("Gemm") == 11, f"a Gemm per layer: {operators['manualbp']}"
+    session = onnxruntime.InferenceSession(paths["manualbp"], providers=["CPUExecutionProvider"])
+    for batch in (1, 5, 17):
+        x = torch.randn(batch, 8)
+        (result,) = session.run(None, {"x": x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(result), model(x), rtol=0, atol=1e-5,
+                                       msg=lambda m: f"onnxruntime, legacy export, batch {batch}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jit_trace_computes_the_model_on_other_inputs(backend):
+    """torch.jit.trace records nn.Linear's aten ops (linear and the activation), passes its own check (the
+    graph is the same on every invocation), and the trace computes the model at other shapes; its backward
+    is aten autograd's, with the model's gradients."""
+    require(backend, torch.float64)
+    model = every_activation(backend).double().train()
+    twin = torch_twin(model)
+    traced = torch.jit.trace(model, (torch.randn(2, 5, 8, dtype=torch.float64),))
+    twin_traced = torch.jit.trace(twin, (torch.randn(2, 5, 8, dtype=torch.float64),))
+    kinds, twin_kinds = _traced_kinds(traced.inlined_graph), _traced_kinds(twin_traced.inlined_graph)
+    assert kinds == twin_kinds, f"traced aten ops {kinds}, nn.Linear's {twin_kinds}"
+    for shape in [(1, 1, 8), (3, 7, 8), (4, 8)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        leaf, eager_leaf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out, expected = traced(leaf), model(eager_leaf)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12, msg=lambda m: f"trace at {shape}: {m}")
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        torch.testing.assert_close(leaf.grad, eager_leaf.grad, rtol=1e-10, atol=1e-12,
+                                   msg=lambda m: f"trace's dx at {shape}: {m}")
+
+
+@pytest.mark.parametrize("model_kind", ["Linear", "MLP", "converted"])
+def test_jit_script_is_a_clear_error(model_kind):
+    """torch.jit.script cannot compile the layers' Python forward: an error naming the ways that work, before any
+    compilation; the reverted model scripts and computes the same."""
+    torch.manual_seed(7)
+    if model_kind == "Linear":
+        model = manualbp.Linear(8, 4, activation="gelu")
+    elif model_kind == "MLP":
+        model = manualbp.MLP([8, 6, 4])
+    else:
+        model = manualbp.convert(nn.Sequential(nn.Linear(8, 6), nn.SiLU(), nn.Linear(6, 4)))
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile manualbp.Linear") as caught:
+        torch.jit.script(model)
+    for way in ("torch.export.export", "dynamo=True", "torch.jit.trace", "manualbp.revert"):
+        assert way in str(caught.value), f"the error names {way}"
+    scripted = torch.jit.script(manualbp.revert(model, inplace=False))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), msg=lambda m: f"scripted reverted {model_kind}: {m}")
