@@ -379,7 +379,8 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
     sum_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     sums = [torch.zeros((N,), dtype=sum_dtype, device=device) if want else None for want in wants[2:]]
     if any(wants) and M > 0 and N > 0:
-        weight_grads = needs_gate_weight or needs_up_weight
+        want_weights = [want and K > 0 for want in wants[:2]]  # K = 0: the weight gradients are empty
+        weight_grads = any(want_weights)
         columns = K if weight_grads else 1  # biases alone: one column of tiles, no product
         outs = [t if t is not None else grad_a for t in (*grads, *sums)]
         source = x if weight_grads else grad_a
@@ -390,7 +391,7 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
                 grad_a.stride(0), grad_a.stride(1), z_gate.stride(0), z_gate.stride(1), z_up.stride(0),
                 z_up.stride(1), source.stride(0), source.stride(1), outs[0].stride(0), outs[0].stride(-1),
                 outs[1].stride(0), outs[1].stride(-1),
-                WANT_GATE_WEIGHT=needs_gate_weight, WANT_UP_WEIGHT=needs_up_weight, WANT_GATE_BIAS=needs_gate_bias,
+                WANT_GATE_WEIGHT=want_weights[0], WANT_UP_WEIGHT=want_weights[1], WANT_GATE_BIAS=needs_gate_bias,
                 WANT_UP_BIAS=needs_up_bias, BLOCK_N=tile["BLOCK_M"], BLOCK_K=tile["BLOCK_N"],
                 BLOCK_M=tile["BLOCK_K"], GROUP_M=tile["GROUP_M"], **common)
     grad_biases = [None if s is None else s.to(dtype) for s in sums]
