@@ -17,7 +17,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import backends, config, gated_ops, gated_reference, ops
+from . import backends, config, gated_ops, gated_reference, ops, quantization
 from .activations import Activation, get_activation
 from .function import apply
 from .functional import (_any_autocast, _autocast, _autocast_dtype, _check_inputs, as_rows, differentiable,
@@ -104,9 +104,10 @@ class GatedMLP(nn.Module):
 
     ``recompute=True`` keeps only the input of the gating for its backward (Z_g, Z_u
     recomputed there). Where gate_proj or up_proj is not a plain manualbp.Linear any more
-    (a LoRA adapter wrapped around it) or has hooks (a tensor-parallel plan, user hooks),
-    each projection is called as a module and the gating f(Z_g) ⊙ Z_u is differentiated by
-    autograd: the adapters and hooks act where they would in the original MLP.
+    (a LoRA adapter wrapped around it), has hooks (a tensor-parallel plan, user hooks) or a
+    torchao-quantized weight, each projection is called as a module and the gating
+    f(Z_g) ⊙ Z_u is differentiated by autograd: the adapters, hooks and quantized matmuls
+    act where they would in the original MLP.
     """
 
     def __init__(
@@ -137,8 +138,10 @@ class GatedMLP(nn.Module):
 
     def _fused(self) -> bool:
         gate, up = self.gate_proj, self.up_proj
+        # torchao's quantize_ swaps in quantized weights: each projection then runs torchao's own linear
         return (type(gate) is Linear and type(up) is Linear and not has_hooks(gate) and not has_hooks(up)
-                and gate.activation.name == "identity" and up.activation.name == "identity")
+                and gate.activation.name == "identity" and up.activation.name == "identity"
+                and not quantization.is_quantized(gate.weight) and not quantization.is_quantized(up.weight))
 
     def forward(self, input: Tensor) -> Tensor:
         if self._fused():

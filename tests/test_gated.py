@@ -25,6 +25,7 @@ BACKENDS = ["reference", "triton"]
 ACTIVATIONS = list(manualbp.ACTIVATIONS)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KEYS = ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]
+KEYS_MODULES = [key.split(".")[0] for key in KEYS]
 
 
 def require(backend: str, dtype: torch.dtype = torch.float64) -> None:
@@ -537,3 +538,23 @@ def test_hooks_or_adapters_run_each_projection_as_a_module():
     x = torch.randn(2, 6, device=DEVICE)
     torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0, msg=lambda m: f"with a hook: {m}")
     assert seen == [torch.Size([2, 10])], f"gate_proj's hook saw {seen}"
+
+
+@pytest.mark.parametrize("config_name", ["Int8WeightOnlyConfig", "Int8DynamicActivationInt8WeightConfig"])
+def test_torchao_quantize_as_on_the_llama_mlp(config_name):
+    """torchao's quantize_ swaps quantized weights into the projections: each then runs torchao's linear (never the
+    gated kernels on a quantized tensor), the gating on their outputs: the numbers of quantize_ on the Llama MLP."""
+    from checks import optional_import
+
+    quantization = optional_import("torchao.quantization", "torchao is not installed")
+    ours, theirs = pair("silu", "reference", hidden=16, intermediate=32)
+    original = copy.deepcopy(theirs)
+    for model in (ours, theirs):
+        quantization.quantize_(model, getattr(quantization, config_name)())
+    assert all(manualbp.quantization.is_quantized(getattr(ours, name).weight) for name in KEYS_MODULES), \
+        "every projection's weight quantized"
+    x = torch.randn(5, 16)
+    out = ours(x)
+    torch.testing.assert_close(out, theirs(x), rtol=0, atol=0, msg=lambda m: f"quantized vs the Llama MLP's: {m}")
+    error = (out - original(x)).abs().max().item()
+    assert 0 < error < 0.05, f"int8 quantization error {error:.3e} (expected > 0: it is quantized)"
