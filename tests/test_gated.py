@@ -558,3 +558,59 @@ def test_torchao_quantize_as_on_the_llama_mlp(config_name):
     torch.testing.assert_close(out, theirs(x), rtol=0, atol=0, msg=lambda m: f"quantized vs the Llama MLP's: {m}")
     error = (out - original(x)).abs().max().item()
     assert 0 < error < 0.05, f"int8 quantization error {error:.3e} (expected > 0: it is quantized)"
+
+
+# --------------------------------------------------------------------------------------
+# The gating alone (gated.gating): where the projections run as modules
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gating_gradcheck(activation, backend):
+    """A = f(Z_g) ⊙ Z_u alone: gradcheck with forward AD and batched grads, gradgradcheck, float64, 3-D."""
+    require(backend)
+    from manualbp.gated import gating
+
+    generator = torch.Generator().manual_seed(8)
+    inputs = [torch.randn(2, 3, 4, dtype=torch.float64, generator=generator).to(DEVICE).requires_grad_(True)
+              for _ in range(2)]
+    fn = lambda z_gate, z_up: gating(z_gate, z_up, activation, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs, check_forward_ad=True, check_batched_grad=True), \
+        f"gradcheck gating [{activation}, {backend}]"
+    assert torch.autograd.gradgradcheck(fn, inputs), f"gradgradcheck gating [{activation}, {backend}]"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_projections_as_modules_keep_what_the_fused_layer_keeps(backend):
+    """With a hook on gate_proj: the projections run as modules, then one gating node (gate_forward, gate_backward),
+    keeping Z_g and Z_u (and down_proj's A): 3·M·I·4 bytes, as the fused layer, where eager keeps 4; the numbers
+    are the Llama MLP's (float32, within PyTorch's own error against float64)."""
+    require(backend, torch.float32)
+    ours, theirs = pair("silu", backend, hidden=8, intermediate=24)
+    ours.gate_proj.register_forward_hook(lambda module, args, out: None)
+    x = torch.randn(16, 8, device=DEVICE, requires_grad=True)
+    assert manualbp.saved_bytes(ours, x, count_inputs=False) == 3 * 16 * 24 * 4, "Z_g, Z_u and A"
+    with operator_calls() as calls:
+        out = ours(x)
+        (dx,) = torch.autograd.grad(out.square().sum(), x)
+    names = [name for name, _ in calls]
+    assert "gate_forward" in names and "gate_backward" in names and "gated_forward" not in names, f"ops {names}"
+    exact = copy.deepcopy(theirs).double()
+    x64 = x.detach().double().requires_grad_(True)
+    (dx64,) = torch.autograd.grad(exact(x64).square().sum(), x64)
+    (dx_theirs,) = torch.autograd.grad(theirs(x).square().sum(), x)
+    assert_close_to_float64(f"dx [{backend}]", dx, dx_theirs, dx64)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda g: g(torch.randn(2, 3), torch.randn(2, 4)), ValueError, "one shape"),
+    (lambda g: g(torch.randn(2, 3), torch.randn(2, 3).double()), ValueError, "dtype"),
+    (lambda g: g(torch.randn(2, 3).int(), torch.randn(2, 3)), TypeError, "floating-point"),
+    (lambda g: g(torch.randn(2, 3), torch.randn(2, 3), "swish"), ValueError, "unknown activation"),
+], ids=["shape", "dtype", "int", "activation"])
+def test_gating_bad_input(call, error, match):
+    from manualbp.gated import gating
+
+    with pytest.raises(error, match=match):
+        call(gating)
