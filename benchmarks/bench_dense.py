@@ -419,6 +419,7 @@ def plot(rows, path):
     if not wanted:
         return
     labels = [f"{r['problem']}\n{r['activation']} {r['dtype']}" + (" rc" if "recompute" in r["impl"] else "")
+              + (" first" if r["layer"] == "first" else "") + (" graph" if r["timing"] == "graph" else "")
               for r in wanted]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(wanted)), 4))
     xs = range(len(wanted))

@@ -96,12 +96,17 @@ def test_bad_arguments_are_refused():
         bench.main(["--device", "cpu", "--impls", "magic"])
 
 
-def _load_matmul():
-    _load()  # the bench_dense it imports by name
-    spec = importlib.util.spec_from_file_location("bench_matmul", ROOT / "benchmarks" / "bench_matmul.py")
+def _load_script(name: str):
+    """benchmarks/<name>.py as a module (not run)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_matmul():
+    _load()  # the bench_dense it imports by name
+    return _load_script("bench_matmul")
 
 
 def _interpreted_matmul():
@@ -185,10 +190,7 @@ def test_matmul_warm_only_runs_each_product_and_writes_nothing(monkeypatch, tmp_
 
 
 def _load_overhead():
-    spec = importlib.util.spec_from_file_location("bench_overhead", ROOT / "benchmarks" / "bench_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_script("bench_overhead")
 
 
 def test_overhead_run_writes_csv_rows(tmp_path, capsys):
@@ -413,3 +415,93 @@ def test_the_gpu_problem_list_has_the_prologue_crossing():
     assert {"linear8192x2048x4096", "linear8192x2048x1024"} <= names, f"problems: {sorted(names)}"
     assert bench.Problem.from_name("gated8192x4096x11008", "silu").flops("fwd+bwd", "first") == pytest.approx(
         3 * 6 * 8192 * 4096 * 11008 - 2 * 2 * 8192 * 4096 * 11008), "a first gated layer: no ∂C/∂X of gate and up"
+
+
+def test_gpu_perf_check_script_parses_and_its_calls_exist():
+    """benchmarks/gpu_perf_check.sh, dry-run on the CPU: bash parses it; every script it runs exists and takes every
+    option the script gives it (each one's --help), and each problem it names is one bench_dense.py runs on a GPU;
+    its steps' time limits fit the limit its header states."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    script = ROOT / "benchmarks" / "gpu_perf_check.sh"
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, f"bash -n: {result.stderr}"
+    text = script.read_text().replace("\\\n", " ")
+    calls = re.findall(r"\$py (benchmarks/\w+\.py)([^|&\n]*)", text)
+    assert {name for name, _ in calls} == {"benchmarks/bench_matmul.py", "benchmarks/bench_dense.py",
+                                          "benchmarks/warm_caches.py", "benchmarks/bench_backward.py",
+                                          "benchmarks/perf_targets.py"}, calls
+    options = {}
+    for name, arguments in calls:
+        options.setdefault(name, set()).update(re.findall(r"(--[a-z][a-z-]*)", arguments))
+    for name, given in options.items():
+        helped = subprocess.run([sys.executable, str(ROOT / name), "--help"], capture_output=True, text=True,
+                                timeout=120)
+        assert helped.returncode == 0, f"{name} --help: {helped.stderr[-2000:]}"
+        for option in given:
+            assert option in helped.stdout, f"{name} takes no {option}"
+    bench = _load()
+    known = {p.name for p in bench.gpu_problems(["relu", "gelu"])}
+    named = set(re.findall(r"(?:linear|mlp|gated)\d+x\d+x\d+", text))
+    assert named and named <= known, f"problems bench_dense.py does not run on a GPU: {sorted(named - known)}"
+    limit = int(re.search(r"DEFAULT_SECONDS=(\d+)", text).group(1))
+    caps = [int(c) for c in re.findall(r"capped (\d+)", text)]
+    assert len(caps) == 6 and sum(caps) + 15 <= limit - 10, f"step limits {caps} (+15 s install) within {limit} s"
+    assert f"default {limit} s" in text, "the header states the limit"
+
+
+
+
+def test_perf_targets_says_met_missed_and_not_measured(tmp_path, capsys):
+    """perf_targets.py on hand-written rows: a ratio above its bound is met, below it missed, an error ratio above
+    1.5 missed; rows before --since are not counted; a target without rows is NOT MEASURED, never met."""
+    targets = _load_script("perf_targets")
+    date, old = "2026-12-08 10:00 UTC", "2026-12-04 17:40 UTC"
+    matmul = tmp_path / "bench_matmul.csv"
+    with open(matmul, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["date", "problem", "symbol", "dtype", "x_cublas", "err_triton",
+                                                    "err_cublas"])
+        writer.writeheader()
+        writer.writerow(dict(date=date, problem="square4096", symbol="A B", dtype="bf16", x_cublas=0.97,
+                             err_triton=3e-3, err_cublas=3e-3))
+        writer.writerow(dict(date=date, problem="square4096", symbol="A B", dtype="fp32-tf32", x_cublas=0.5,
+                             err_triton=1e-3, err_cublas=3e-4))
+        writer.writerow(dict(date=old, problem="square4096", symbol="A B", dtype="fp32", x_cublas=0.95,
+                             err_triton=3e-6, err_cublas=3e-6))
+    dense = tmp_path / "bench_dense.csv"
+    with open(dense, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["date", "problem", "activation", "dtype", "mode", "impl", "layer",
+                                                    "timing", "speedup_vs_eager", "speedup_vs_compile",
+                                                    "err_vs_eager"])
+        writer.writeheader()
+        writer.writerow(dict(date=date, problem="linear8192x1024x4096", activation="relu", dtype="bf16",
+                             mode="fwd+bwd", impl="manualbp", layer="hidden", timing="graph", speedup_vs_eager=1.2,
+                             speedup_vs_compile=1.3, err_vs_eager=0.9))
+        writer.writerow(dict(date=date, problem="linear8192x1024x4096", activation="relu", dtype="bf16",
+                             mode="fwd+bwd", impl="manualbp", layer="hidden", timing="host", speedup_vs_eager=0.8,
+                             speedup_vs_compile=1.1, err_vs_eager=0.9))
+    assert targets.main(["--since", "2026-12-08 09:59 UTC", "--matmul", str(matmul), "--dense", str(dense),
+                         str(tmp_path / "no_such.csv")]) == 0, "exit status"
+    lines = capsys.readouterr().out.splitlines()
+
+    def verdict(target, *words):
+        found = [line for line in lines if line[:12].strip() == target and all(word in line for word in words)]
+        assert len(found) == 1, f"one {target} line with {words}: {found}"
+        return found[0].split()[-1] if not found[0].endswith("NOT MEASURED") else "NOT MEASURED"
+
+    assert verdict("matmul", "square4096 A B bf16") == "met", "0.97 >= 0.95"
+    assert verdict("matmul", "square4096 A B fp32-tf32") == "MISSED", "0.5 < 0.8"
+    assert verdict("matmul error", "fp32-tf32") == "MISSED", "Triton's error 3.3x cuBLAS's"
+    assert verdict("matmul", "fp32: no row") == "NOT MEASURED", "the fp32 row is of an earlier run"
+    assert verdict("kernels", "linear8192x1024x4096 hidden speedup_vs_eager relu") == "met", "1.2 >= 1.15"
+    assert verdict("kernels", "linear8192x1024x4096 first") == "NOT MEASURED", "no first-layer rows"
+    assert verdict("kernels", "linear8192x16384x4096") == "NOT MEASURED", "no 16384-wide rows"
+    assert verdict("host", "linear8192x1024x4096 hidden speedup_vs_compile relu") == "met", "1.1 >= 1.0"
+    assert verdict("host", "mlp8192x1024x4096") == "NOT MEASURED", "no MLP rows"
+    assert "no file" in "\n".join(lines) and "no_such.csv" in "\n".join(lines), "the missing file said"
+    summary = lines[-1]
+    assert summary.startswith("targets: ") and "missed" in summary and "not measured" in summary, summary
