@@ -505,3 +505,97 @@ def test_perf_targets_says_met_missed_and_not_measured(tmp_path, capsys):
     assert "no file" in "\n".join(lines) and "no_such.csv" in "\n".join(lines), "the missing file said"
     summary = lines[-1]
     assert summary.startswith("targets: ") and "missed" in summary and "not measured" in summary, summary
+
+
+class _FakeCuda:
+    """What graph_times asks of torch.cuda, on the CPU: streams and synchronisation do nothing, a capture runs the
+    step once as it is, and each replay of the graph advances the events' clock by REPLAY_MS."""
+
+    REPLAY_MS = 0.25
+
+    def __init__(self):
+        self.clock = 0.0
+        self.captured = []  # per capture: the .grad of each reset tensor as the capture began
+        fake = self
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.at = None
+
+            def record(self, stream=None):
+                self.at = fake.clock
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, end):
+                return end.at - self.at
+
+        class CUDAGraph:
+            def replay(self):
+                fake.clock += fake.REPLAY_MS
+
+        self.Stream, self.Event, self.CUDAGraph = Stream, Event, CUDAGraph
+
+    def install(self, monkeypatch, reset_of):
+        import contextlib
+
+        monkeypatch.setattr(torch.cuda, "Stream", self.Stream)
+        monkeypatch.setattr(torch.cuda, "Event", self.Event)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", self.CUDAGraph)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: self.Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+
+        @contextlib.contextmanager
+        def graph(cuda_graph, **kwargs):
+            self.captured.append([t.grad for t in reset_of()])
+            yield
+
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+
+
+def test_kernels_only_rows_replay_a_capture_of_a_fresh_step(monkeypatch, capsys):
+    """bench_dense's graph timing, its logic on the CPU with torch.cuda's capture and events faked (no GPU here: the
+    timing itself is unmeasured): each implementation's step is captured once with every gradient cleared (a replay
+    computes a fresh step, not an accumulation), the per-replay time is the events' time over the replays, its rows
+    say timing=graph beside the host rows, and their speedups compare graph times with graph times."""
+    bench = _load()
+    cases, last = {}, []
+    real_prepare = bench.prepare
+
+    def prepare(impl, *args, **kwargs):
+        case = cases[impl] = real_prepare(impl, *args, **kwargs)
+        step = case.fn
+        case.fn = lambda: (last.append(impl), step())  # which case a capture (after its warm-up) is of
+        return case
+
+    monkeypatch.setattr(bench, "prepare", prepare)
+    fake = _FakeCuda()
+    fake.install(monkeypatch, lambda: cases[last[-1]].reset)
+    problem = bench.Problem.from_name("linear64x48x80", "gelu")
+    manualbp.set_backend("reference")
+    try:
+        rows = bench.measure(problem, "fwd+bwd", "hidden", "fp32", ["eager", "manualbp"], ["host", "graph"],
+                             torch.device("cpu"), 5)
+    finally:
+        manualbp.set_backend(None)
+    graph_rows = {r["impl"]: r for r in rows if r["timing"] == "graph"}
+    assert sorted(graph_rows) == ["eager", "manualbp"], f"graph rows: {[(r['impl'], r['timing']) for r in rows]}"
+    assert sorted(r["impl"] for r in rows if r["timing"] == "host") == ["eager", "manualbp"], "host rows beside"
+    assert len(fake.captured) == 2, f"one capture per implementation: {len(fake.captured)}"
+    for grads in fake.captured:
+        assert all(g is None for g in grads), "every gradient cleared before the capture"
+    for impl, row in graph_rows.items():
+        assert float(row["median_ms"]) == pytest.approx(_FakeCuda.REPLAY_MS), f"{impl}: time per replay"
+        assert float(row["speedup_vs_eager"]) == pytest.approx(1.0), f"{impl}: against eager's graph time"
+        assert 0 < float(row["max_rel_err"]) < 1e-5, f"{impl}: checked against float64"
+    case = cases["eager"]
+    case.fn()  # gradients present, as a host-timed call leaves them
+    assert bench.graph_times(case, 5) == pytest.approx((_FakeCuda.REPLAY_MS,) * 3), "median, p20, p80 per replay"
+    assert all(t.grad is None for t in case.reset), "the gradients the capture assigned are dropped with the graph"
+    assert " graph " in capsys.readouterr().out, "the table's rows say their timing"
