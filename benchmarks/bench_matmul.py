@@ -84,11 +84,12 @@ def layout(a, b) -> str:
     return f"a:{one(a)} b:{one(b)}"
 
 
-def input_precision(dtype_name: str, cuda: bool) -> str:
-    """What the products multiply: the 16-bit inputs themselves, or float32 as IEEE or TF32 (PyTorch's setting)."""
+def input_precision(dense, dtype_name: str, device) -> str:
+    """What the products multiply: the 16-bit inputs themselves, or float32 as IEEE or TF32, as the kernel reads
+    PyTorch's setting (cuBLAS reads the same)."""
     if DTYPES[dtype_name] != torch.float32:
         return dtype_name
-    return "tf32" if cuda and dtype_name == "fp32-tf32" else "ieee"
+    return dense._input_precision(torch.float32, device)
 
 
 def max_rel_error(out, exact) -> float:
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
                     timed_by = "cpu wall (interpreter)"
                 flops = 2.0 * m * n * k
                 row = dict(info, problem=problem, product=product, symbol=SYMBOLS[product], m=m, n=n, k=k,
-                           layout=layout(a, b), dtype=dtype_name, input_precision=input_precision(dtype_name, cuda),
+                           layout=layout(a, b), dtype=dtype_name, input_precision=input_precision(dense, dtype_name, device),
                            first_call_s=first, triton_ms=ours[0], triton_p20_ms=ours[1], triton_p80_ms=ours[2],
                            triton_tflops=flops / ours[0] / 1e9, cublas_ms=theirs[0], cublas_p20_ms=theirs[1],
                            cublas_p80_ms=theirs[2], cublas_tflops=flops / theirs[0] / 1e9,
