@@ -46,13 +46,13 @@ import manualbp
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp32-tf32": torch.float32}
 MODES = ("fwd", "bwd", "fwd+bwd")
+IMPLS = ("cublas", "eager", "compile", "compile-max", "manualbp", "manualbp-recompute")
+ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
+               "identity": nn.Identity, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 # host: do_bench of each call, the host's work included (Python, launches); graph: the call captured in a CUDA graph
 # and replayed, the GPU's time alone (kernels only, as bench_backward.py times the backward's ways)
 TIMINGS = ("host", "graph")
 LAYERS = ("hidden", "first")  # first: the input needs no gradient (no ∂C/∂X of the products that read it)
-IMPLS = ("cublas", "eager", "compile", "compile-max", "manualbp", "manualbp-recompute")
-ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
-               "identity": nn.Identity, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 
 
 @dataclass(frozen=True)
