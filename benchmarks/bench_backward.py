@@ -196,7 +196,7 @@ def main(argv=None) -> int:
         print(head)
         print("-" * len(head))
         os.makedirs(args.out_dir, exist_ok=True)
-        stem = "".join(c if c.isalnum() else "_" for c in info["device"]).strip("_")[:40]  # bench_dense's naming
+        stem = bench_dense.device_stem(info["device"])
         rows = bench_dense.CsvRows(os.path.join(args.out_dir, f"bench_backward_{stem}.csv"))
     for problem_name in problems.split(","):
         for activation in args.activations.split(","):

@@ -8,6 +8,14 @@ warm-up excluded, fresh random inputs per problem; peak memory from
 torch.cuda.max_memory_allocated. On the CPU: the reference backend against eager
 at smaller sizes, medians of perf_counter timings, and the bytes saved for backward.
 
+    python benchmarks/bench_dense.py --timing host,graph --layers hidden,first --impls eager,manualbp
+
+--timing host (the default) times each call with the host's work in it (Python, dispatch, launches); --timing graph
+times the kernels alone: each implementation's call (forward+backward for fwd+bwd), after its warm-up and
+autotuning, captured in a CUDA graph, eager's the same way, and replayed (graph_times; GPU only: skipped on the CPU,
+saying so). Each row says its timing; speedups compare rows of one timing. --layers first: the input needs no
+gradient, as a network's first layer (no ∂C/∂X of the products that read it; the TFLOP/s count it out).
+
 Every row: median time, TFLOP/s (forward 2MNK, backward 4MNK, both 6MNK per layer),
 speedup vs eager and vs torch.compile, memory, and the bytes the forward keeps for the backward
 (manualbp.saved_bytes, beyond the input: the "saved MiB" column, on every device). Gated MLP
@@ -41,6 +49,10 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 IMPLS = ("cublas", "eager", "compile", "compile-max", "manualbp", "manualbp-recompute")
 ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
                "identity": nn.Identity, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+# host: do_bench of each call, the host's work included (Python, launches); graph: the call captured in a CUDA graph
+# and replayed, the GPU's time alone (kernels only, as bench_backward.py times the backward's ways)
+TIMINGS = ("host", "graph")
+LAYERS = ("hidden", "first")  # first: the input needs no gradient (no ∂C/∂X of the products that read it)
 
 
 @dataclass(frozen=True)
@@ -54,12 +66,13 @@ class Problem:
     def sizes(self):
         return list(self.dims) if self.kind == "linear" else [self.dims[0], self.dims[1], self.dims[0]]
 
-    def flops(self, mode: str) -> float:
+    def flops(self, mode: str, layer: str = "hidden") -> float:
         per_layer = [2 * self.m * k * n for k, n in zip(self.sizes[:-1], self.sizes[1:])]
-        if self.kind == "gated":
-            per_layer.append(per_layer[0])  # gate_proj and up_proj: two products of the first shape
+        reading_x = 2 if self.kind == "gated" else 1  # gate_proj and up_proj: two products of the first shape
+        per_layer += [per_layer[0]] * (reading_x - 1)
         factor = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
-        return factor * sum(per_layer)
+        skipped = reading_x * per_layer[0] if layer == "first" and mode != "fwd" else 0  # no ∂C/∂X there
+        return factor * sum(per_layer) - skipped
 
     @property
     def name(self) -> str:
@@ -78,7 +91,9 @@ class Problem:
 
 def gpu_problems(activations):
     m = 8192
-    linear = [(1024, 4096), (4096, 1024), (4096, 16384), (16384, 4096)]
+    # in_features 2048: between 1024, where δ formed in the backward's loads won, and 4096, where a δ pass did
+    # (triton_kernels/dense.py's PROLOGUE_MAX_K)
+    linear = [(1024, 4096), (4096, 1024), (4096, 16384), (16384, 4096), (2048, 4096), (2048, 1024)]
     mlp = [(1024, 4096), (4096, 16384)]
     gated = [(4096, 11008), (4096, 14336)]  # Llama-2 7B's MLP, Llama-3 8B's and Mistral 7B's
     return ([Problem("linear", m, d, a) for d in linear for a in activations]
@@ -159,8 +174,9 @@ class Case:
     error: Optional[Callable[[], float]] = None  # max relative error against float64 (see prepare); None: unchecked
 
 
-def prepare(impl, problem, mode, device, dtype) -> Optional[Case]:
-    """The Case for impl, or None where impl does not apply to the problem."""
+def prepare(impl, problem, mode, device, dtype, layer: str = "hidden") -> Optional[Case]:
+    """The Case for impl, or None where impl does not apply to the problem; a first layer's input needs no
+    gradient."""
     m, k_in, k_out = problem.m, problem.sizes[0], problem.sizes[-1]
     if impl == "cublas":
         if problem.kind != "linear" or mode != "fwd":
@@ -171,7 +187,7 @@ def prepare(impl, problem, mode, device, dtype) -> Optional[Case]:
     model = build(impl, problem, device, dtype)
     if model is None:
         return None
-    x = torch.randn(m, k_in, device=device, dtype=dtype, requires_grad=True)
+    x = torch.randn(m, k_in, device=device, dtype=dtype, requires_grad=layer == "hidden")
     params = list(model.parameters())
     grad_out = torch.randn(m, k_out, device=device, dtype=dtype)
     if mode == "fwd":
@@ -208,13 +224,15 @@ def prepare(impl, problem, mode, device, dtype) -> Optional[Case]:
         target.load_state_dict({name: value.double() for name, value in own.state_dict().items()})
         worst = 0.0
         for ours, exact in zip(_results(model, x, grad_out, mode, reset),
-                               _results(reference, x.detach().double().requires_grad_(True), grad_out.double(), mode,
-                                        list(reference.parameters()))):
+                               _results(reference, x.detach().double().requires_grad_(x.requires_grad),
+                                        grad_out.double(), mode, list(reference.parameters()))):
+            if exact is None:  # a first layer's input: no gradient on either side
+                continue
             scale = exact.abs().max().item() or 1.0
             worst = max(worst, (ours.double() - exact).abs().max().item() / scale)
         return worst
 
-    return Case(fn, reset, problem.flops(mode), memory_mib, saved_mib, error)
+    return Case(fn, reset, problem.flops(mode, layer), memory_mib, saved_mib, error)
 
 
 def _results(model, x, grad_out, mode, reset) -> list:
@@ -269,6 +287,52 @@ def time_cases(cases: dict, device, rep_ms: float) -> dict:
     return result
 
 
+def graph_times(case: Case, rep_ms: float) -> tuple:
+    """(median, p20, p80) ms of case.fn's kernels alone: the call captured in a CUDA graph and replayed (no host
+    time, no L2 flush between replays).
+
+    Run three times first on a side stream (any autotuning and compiling done, the caching allocator warm), as
+    torch.cuda.graph's capture needs. The gradients are cleared before the capture, so the captured step assigns
+    fresh gradients, as the host-timed calls do, and each replay recomputes them into the same buffers instead of
+    accumulating. Twenty samples, each the replays that fill a twentieth of rep_ms back to back between two events.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            _clear(case.reset)
+            case.fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        _clear(case.reset)
+        with torch.cuda.graph(graph):
+            case.fn()
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        replays = max(1, int(rep_ms / 20 / max(start.elapsed_time(end) / 5, 1e-3)))
+        samples = []
+        for _ in range(20):
+            start.record()
+            for _ in range(replays):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / replays)
+    finally:
+        _clear(case.reset)  # the gradients live in the graph's memory: dropped with it
+        del graph
+        torch.cuda.synchronize()
+    q = statistics.quantiles(samples, n=10)
+    return statistics.median(samples), q[1], q[7]
+
+
 class CsvRows:
     """Appends rows to a CSV file, writing the header when the file is new; flushed per row."""
 
@@ -297,8 +361,9 @@ class CsvRows:
             writer.writerow(row)
 
 
-def header(device, args) -> dict:
-    info = {
+def run_info(device) -> dict:
+    """What every benchmark's CSV rows carry: the device, the versions, the backend timed and the date."""
+    return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "torch": torch.__version__,
         "triton": _triton_version(),
@@ -306,6 +371,15 @@ def header(device, args) -> dict:
         "backend": "triton" if device.type == "cuda" else "reference",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def device_stem(device_name: str) -> str:
+    """The benchmarks' file names end with the device's: benchmarks/results/bench_dense_NVIDIA_H200.csv."""
+    return "".join(c if c.isalnum() else "_" for c in device_name).strip("_")[:40]
+
+
+def header(device, args) -> dict:
+    info = run_info(device)
     print("# manualbp dense benchmark")
     for key, value in info.items():
         print(f"#   {key:9s} {value}")
@@ -345,6 +419,7 @@ def plot(rows, path):
     if not wanted:
         return
     labels = [f"{r['problem']}\n{r['activation']} {r['dtype']}" + (" rc" if "recompute" in r["impl"] else "")
+              + (" first" if r["layer"] == "first" else "") + (" graph" if r["timing"] == "graph" else "")
               for r in wanted]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(wanted)), 4))
     xs = range(len(wanted))
@@ -395,9 +470,83 @@ def check_choices(parser, what: str, text: str, allowed) -> list:
     return names
 
 
-def _report_failure(problem, dtype_name, mode, impl, error) -> None:
-    print(f"{problem.name:24s} {problem.activation:6s} {dtype_name:9s} {mode:7s} {impl:18s} "
-          f"FAILED: {type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}")
+def _report_failure(label: str, impl: str, error) -> None:
+    print(f"{label} {impl:18s} FAILED: {type(error).__name__}: "
+          f"{str(error).splitlines()[0][:120] if str(error) else ''}")
+
+
+def measure(problem, mode: str, layer: str, dtype_name: str, impls, timings, device, rep_ms: float) -> list:
+    """One CSV row (less the run's info) per implementation and timing that ran, each printed as a table row; an
+    implementation that fails (to build, to run, to be captured) is reported and left out, the others go on."""
+    label = f"{problem.name:24s} {problem.activation:6s} {dtype_name:9s} {mode:7s} {layer:6s}"
+    cases = {}
+    for impl in impls:
+        torch.manual_seed(0)
+        try:
+            case = prepare(impl, problem, mode, device, DTYPES[dtype_name], layer)
+            if case is not None and device.type == "cuda":
+                case.fn()  # compile / autotune now, so that a failure is reported per impl
+        except Exception as error:  # report and go on: one failing impl must not hide the rest
+            _report_failure(f"{label} {'':6s}", impl, error)
+            continue
+        if case is not None:
+            cases[impl] = case
+    times = {timing: {} for timing in timings}
+    if "host" in timings:
+        times["host"] = time_cases(cases, device, rep_ms)
+    if "graph" in timings:
+        for impl, case in cases.items():
+            try:
+                times["graph"][impl] = graph_times(case, rep_ms)
+            except Exception as error:  # said, not replaced by a host-inclusive time
+                _report_failure(f"{label} {'graph':6s}", impl, error)
+                torch.cuda.synchronize()
+    results = {}
+    for impl, case in cases.items():
+        if not any(impl in by_impl for by_impl in times.values()):
+            continue
+        try:
+            mem = case.memory_mib()
+        except Exception as error:
+            _report_failure(f"{label} {'':6s}", impl, error)
+            continue
+        try:
+            saved = case.saved_mib()
+        except Exception as error:  # torch.compile under saved-tensor hooks, on some versions
+            _report_failure(f"{label} {'':6s}", impl, error)
+            saved = float("nan")
+        err = float("nan")
+        if case.error is not None:
+            try:
+                err = case.error()
+            except Exception as error:
+                _report_failure(f"{label} {'':6s}", impl, error)
+        results[impl] = dict(mem_mib=mem, saved_mib=saved, max_rel_err=err, flops=case.flops,
+                             checked=case.error is not None)
+    del cases
+    eager_err = results.get("eager", {}).get("max_rel_err", float("nan"))
+    rows = []
+    for timing, by_impl in times.items():
+        eager = by_impl.get("eager", (None,))[0] if "eager" in results else None
+        compiled = by_impl.get("compile", (None,))[0] if "compile" in results else None
+        for impl, (med, p20, p80) in by_impl.items():
+            if impl not in results:
+                continue
+            r = results[impl]
+            row = dict(problem=problem.name, kind=problem.kind, m=problem.m, dims="x".join(map(str, problem.dims)),
+                       activation=problem.activation, dtype=dtype_name, mode=mode, impl=impl, median_ms=med,
+                       p20_ms=p20, p80_ms=p80, tflops=r["flops"] / med / 1e9, mem_mib=r["mem_mib"],
+                       saved_mib=r["saved_mib"], max_rel_err=r["max_rel_err"],
+                       speedup_vs_eager=(eager / med) if eager else float("nan"),
+                       speedup_vs_compile=(compiled / med) if compiled else float("nan"),
+                       err_vs_eager=r["max_rel_err"] / eager_err if eager_err > 0 else float("nan"),
+                       layer=layer, timing=timing)
+            rows.append(row)
+            print(f"{label} {timing:6s} {impl:18s} {med:10.4f} {p20:8.4f} {p80:8.4f} {row['tflops']:8.2f} "
+                  f"{row['speedup_vs_eager']:8.3f} {row['speedup_vs_compile']:9.3f} {r['mem_mib']:8.1f} "
+                  f"{r['saved_mib']:9.1f} {r['max_rel_err']:9.2e} {row['err_vs_eager']:6.2f}"
+                  f"{_flag(r['max_rel_err'], eager_err) if r['checked'] else ''}")
+    return rows
 
 
 def main(argv=None) -> int:
@@ -410,6 +559,11 @@ def main(argv=None) -> int:
     parser.add_argument("--activations", default="relu,gelu", help="activations of the single-layer problems")
     parser.add_argument("--problems", default=None, help="comma list of problem names to run, in this order (e.g. linear8192x1024x4096)")
     parser.add_argument("--rep-ms", type=float, default=None, help="time spent timing each measurement (ms)")
+    parser.add_argument("--timing", default="host", help="comma list of host (do_bench: the host's work included) "
+                                                         "and graph (kernels only: each call captured in a CUDA "
+                                                         "graph and replayed; GPU only)")
+    parser.add_argument("--layers", default="hidden", help=f"comma list of {list(LAYERS)} (first: the input "
+                                                           "needs no gradient)")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--tag", default=None, help="file name stem (default: from the device name)")
     args = parser.parse_args(argv)
@@ -420,6 +574,14 @@ def main(argv=None) -> int:
         args.impls = ",".join(IMPLS) if device.type == "cuda" else "cublas,eager,manualbp,manualbp-recompute"
     check_choices(parser, "impl", args.impls, IMPLS)
     check_choices(parser, "mode", args.modes, MODES)
+    timings = check_choices(parser, "timing", args.timing, TIMINGS)
+    layers = check_choices(parser, "layer", args.layers, LAYERS)
+    if "graph" in timings and device.type != "cuda":
+        print("bench_dense: --timing graph (kernels only: each call captured in a CUDA graph and replayed) needs a "
+              "CUDA GPU: skipped on the CPU")
+        timings.remove("graph")
+        if not timings:
+            return 0
     rep_ms = args.rep_ms or (100 if device.type == "cuda" else 300)
     if device.type == "cuda":
         manualbp.set_backend("triton")
@@ -437,14 +599,14 @@ def main(argv=None) -> int:
         problems = [p for name in keep for p in problems if p.name == name]
     impls = args.impls.split(",")
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = args.tag or ("".join(c if c.isalnum() else "_" for c in info["device"]).strip("_")[:40])
+    stem = args.tag or device_stem(info["device"])
     csv_path = os.path.join(args.out_dir, f"bench_dense_{stem}.csv")
     # Rows are appended as they are measured: a run cut short by a time limit keeps what it measured.
     writer = CsvRows(csv_path)
     rows = []
-    cols = f"{'problem':24s} {'act':6s} {'dtype':9s} {'mode':7s} {'impl':18s} {'median ms':>10s} {'p20':>8s} {'p80':>8s} " \
-           f"{'TFLOP/s':>8s} {'x eager':>8s} {'x compile':>9s} {'MiB':>8s} {'saved MiB':>9s} {'rel err':>9s} " \
-           f"{'/eager':>6s}"
+    cols = f"{'problem':24s} {'act':6s} {'dtype':9s} {'mode':7s} {'layer':6s} {'timing':6s} {'impl':18s} " \
+           f"{'median ms':>10s} {'p20':>8s} {'p80':>8s} {'TFLOP/s':>8s} {'x eager':>8s} {'x compile':>9s} " \
+           f"{'MiB':>8s} {'saved MiB':>9s} {'rel err':>9s} {'/eager':>6s}"
     print(cols)
     print("-" * len(cols))
     for dtype_name in args.dtypes.split(","):
@@ -455,60 +617,12 @@ def main(argv=None) -> int:
             continue  # no TF32 on the CPU
         for problem in problems:
             for mode in args.modes.split(","):
-                cases = {}
-                for impl in impls:
-                    torch.manual_seed(0)
-                    try:
-                        case = prepare(impl, problem, mode, device, dtype)
-                        if case is not None and device.type == "cuda":
-                            case.fn()  # compile / autotune now, so that a failure is reported per impl
-                    except Exception as error:  # report and go on: one failing impl must not hide the rest
-                        _report_failure(problem, dtype_name, mode, impl, error)
-                        continue
-                    if case is not None:
-                        cases[impl] = case
-                results = {}
-                for impl, (med, p20, p80) in time_cases(cases, device, rep_ms).items():
-                    case = cases[impl]
-                    try:
-                        mem = case.memory_mib()
-                    except Exception as error:
-                        _report_failure(problem, dtype_name, mode, impl, error)
-                        continue
-                    try:
-                        saved = case.saved_mib()
-                    except Exception as error:  # torch.compile under saved-tensor hooks, on some versions
-                        _report_failure(problem, dtype_name, mode, impl, error)
-                        saved = float("nan")
-                    err = float("nan")
-                    if case.error is not None:
-                        try:
-                            err = case.error()
-                        except Exception as error:
-                            _report_failure(problem, dtype_name, mode, impl, error)
-                    results[impl] = dict(median_ms=med, p20_ms=p20, p80_ms=p80, tflops=case.flops / med / 1e9,
-                                         mem_mib=mem, saved_mib=saved, max_rel_err=err)
-                checked = {impl for impl, case in cases.items() if case.error is not None}
-                del cases
-                eager = results.get("eager", {}).get("median_ms")
-                eager_err = results.get("eager", {}).get("max_rel_err", float("nan"))
-                compiled = results.get("compile", {}).get("median_ms")
-                for impl, r in results.items():
-                    row = dict(info, problem=problem.name, kind=problem.kind, m=problem.m,
-                               dims="x".join(map(str, problem.dims)), activation=problem.activation,
-                               dtype=dtype_name, mode=mode, impl=impl, **r,
-                               speedup_vs_eager=(eager / r["median_ms"]) if eager else float("nan"),
-                               speedup_vs_compile=(compiled / r["median_ms"]) if compiled else float("nan"),
-                               err_vs_eager=r["max_rel_err"] / eager_err if eager_err > 0 else float("nan"))
-                    rows.append(row)
-                    writer.add(row)
-                    print(f"{problem.name:24s} {problem.activation:6s} {dtype_name:9s} {mode:7s} {impl:18s} "
-                          f"{r['median_ms']:10.4f} {r['p20_ms']:8.4f} {r['p80_ms']:8.4f} {r['tflops']:8.2f} "
-                          f"{row['speedup_vs_eager']:8.3f} {row['speedup_vs_compile']:9.3f} {r['mem_mib']:8.1f} "
-                          f"{r['saved_mib']:9.1f} "
-                          f"{r['max_rel_err']:9.2e} {row['err_vs_eager']:6.2f}"
-                          f"{_flag(r['max_rel_err'], eager_err) if impl in checked else ''}")
-                sys.stdout.flush()
+                for layer in layers:
+                    for row in measure(problem, mode, layer, dtype_name, impls, timings, device, rep_ms):
+                        row = dict(info, **row)
+                        rows.append(row)
+                        writer.add(row)
+                    sys.stdout.flush()
     print(f"csv: {csv_path} (+{len(rows)} rows)")
     if rows:
         plot(rows, os.path.join(args.out_dir, f"bench_dense_{stem}.png"))

@@ -21,17 +21,14 @@
 #      (MANUALBP_DELTA_PROLOGUE=0, MANUALBP_MLP_FUSION=0).
 # Files in $OUT (at most 8, the rest packed): gpu_check.log (all of stdout), gpu_tests.log,
 # gpu_failures.log (each failure's traceback as it happened: MANUALBP_FAILURE_LOG, tests/conftest.py), warm.log,
-# bench_backward_<GPU>.csv, bench_dense_<GPU>.csv and .png, extra_runs.tgz (the CSVs and plots of steps 3, 4
-# and 6).
+# bench_backward_<GPU>.csv, bench_dense_<GPU>.csv and .png, extra_runs.tgz (the CSVs and plots of steps 3, 4,
+# bench_matmul's of 5, and 6).
 DEFAULT_SECONDS=575
 source "$(dirname "$0")/gpu_common.sh"
 
 main() {
 
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
-    --format=csv,noheader
-install_manualbp || return 1
-gpu=$($py -c "import torch; print(''.join(c if c.isalnum() else '_' for c in torch.cuda.get_device_name()).strip('_')[:40])")
+start_run || return 1
 
 extra=$(mktemp -d)  # CSVs and plots that come back packed in extra_runs.tgz ($OUT holds 8 files)
 
@@ -98,7 +95,8 @@ timeout "$(capped 130)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+
 echo "bench_dense: exit ${PIPESTATUS[0]}"
 
 stamp "bench_matmul"
-timeout "$(capped 60)" $py benchmarks/bench_matmul.py --size 4096 --dtypes bf16,fp32,fp32-tf32
+timeout "$(capped 60)" $py benchmarks/bench_matmul.py --size 4096 --dtypes bf16,fp32,fp32-tf32 --out-dir "$extra" \
+    | grep -v "^#   "  # the layer's products too: gpu_perf_check.sh
 # --- 6. with the time left: where a step's time goes (host against device, each kernel), the fusions off ----
 stamp "host breakdown"
 timeout "$(capped 35)" $py benchmarks/host_breakdown.py --problem linear8192x1024x4096 --activation relu 2>&1 \

@@ -54,3 +54,12 @@ run_tests() {
     tail -3 "$log"
     return $rc
 }
+
+# The run's start: the GPU's state, manualbp installed, and $gpu, the card's name as the benchmarks' files end with it
+# (bench_dense.device_stem).
+start_run() {
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
+        --format=csv,noheader
+    install_manualbp || return 1
+    gpu=$($py -c "import torch; print(''.join(c if c.isalnum() else '_' for c in torch.cuda.get_device_name()).strip('_')[:40])")
+}

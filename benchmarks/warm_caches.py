@@ -54,9 +54,12 @@ def main(argv=None) -> int:
     parser.add_argument("--matmul-dtypes", default="", help="also bench_matmul.py's product at --matmul-size in "
                                                             "these dtypes")
     parser.add_argument("--matmul-size", type=int, default=4096)
+    parser.add_argument("--layers", default="hidden", help="bench_dense.py's layers: hidden and/or first (no input "
+                                                           "gradient: a backward of its own)")
     args = parser.parse_args(argv)
     if not 0 <= args.worker < args.workers:
         parser.error(f"--worker must be in 0..{args.workers - 1}, got {args.worker}")
+    bench_dense.check_choices(parser, "layer", args.layers, bench_dense.LAYERS)
     if not torch.cuda.is_available():
         parser.error("warm_caches.py fills GPU compile caches: CUDA is not available")
     device = torch.device("cuda")
@@ -78,9 +81,9 @@ def main(argv=None) -> int:
             if args.compile and index % args.workers != args.worker:
                 continue
             for mode in args.modes.split(","):
-                for impl in impls:
+                for impl, layer in [(impl, layer) for impl in impls for layer in args.layers.split(",")]:
                     try:
-                        case = bench_dense.prepare(impl, problem, mode, device, bench_dense.DTYPES[dtype_name])
+                        case = bench_dense.prepare(impl, problem, mode, device, bench_dense.DTYPES[dtype_name], layer)
                         if case is None:
                             continue
                         case.fn()

@@ -96,27 +96,101 @@ def test_bad_arguments_are_refused():
         bench.main(["--device", "cpu", "--impls", "magic"])
 
 
-def test_matmul_ceiling_script_runs_in_the_interpreter(capsys):
-    spec = importlib.util.spec_from_file_location("bench_matmul", ROOT / "benchmarks" / "bench_matmul.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU the script runs at full size in benchmarks/gpu_check.sh")
-    assert module.main(["--size", "40", "--dtypes", "fp32,fp16"]) == 0, "exit status"
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("fp32 ", "fp16 "))]
-    assert [r[0] for r in rows] == ["fp32", "fp16"], f"one row per dtype: {rows}"
-    errors = {r[0]: float(r[-2]) for r in rows}  # the Triton kernel's max relative error vs float64
-    assert errors["fp32"] < 1e-5, f"fp32 error {errors['fp32']}"
-    assert errors["fp16"] < 1e-2, f"fp16 error {errors['fp16']}"
-
-
-def _load_overhead():
-    spec = importlib.util.spec_from_file_location("bench_overhead", ROOT / "benchmarks" / "bench_overhead.py")
+def _load_script(name: str):
+    """benchmarks/<name>.py as a module (not run)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_matmul():
+    _load()  # the bench_dense it imports by name
+    return _load_script("bench_matmul")
+
+
+def _interpreted_matmul():
+    """bench_matmul.py, where it runs through Triton's CPU interpreter; else the test skips, saying why."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the script runs at full size in benchmarks/gpu_perf_check.sh")
+    reason = manualbp.backends.triton_unavailable_reason(torch.device("cpu"), torch.float32)
+    if reason:
+        pytest.skip(f"the script runs manualbp's Triton matmul: {reason}")
+    return _load_matmul()
+
+
+def test_matmul_ceiling_script_writes_a_row_per_product_and_dtype(tmp_path, capsys):
+    """bench_matmul.py through Triton's CPU interpreter at tiny sizes: a square product and a layer's three, each in
+    the layout the layer reads it, one CSV row per product and dtype with the run's device, versions and date, the
+    Triton kernel's error against float64 at its dtype's reach (a wrong product shows there); bf16 said skipped."""
+    module = _interpreted_matmul()
+    assert module.main(["--problems", "square40,linear48x24x40", "--dtypes", "fp32,fp16,bf16", "--out-dir",
+                        str(tmp_path), "--tag", "test"]) == 0, "exit status"
+    printed = capsys.readouterr().out
+    assert "bf16: skipped: the CPU interpreter has no bf16 products" in printed, "bf16 skipped, saying why"
+    rows = list(csv.DictReader(open(tmp_path / "bench_matmul_test.csv")))
+    expected_columns = {"device", "torch", "triton", "date", "problem", "product", "symbol", "m", "n", "k", "layout",
+                        "dtype", "input_precision", "first_call_s", "triton_ms", "triton_tflops", "cublas_ms",
+                        "cublas_tflops", "x_cublas", "err_triton", "err_cublas", "timed_by"}
+    assert expected_columns <= set(rows[0]), f"columns missing: {expected_columns - set(rows[0])}"
+    found = [(r["problem"], r["symbol"], r["m"], r["n"], r["k"], r["layout"], r["dtype"], r["input_precision"])
+             for r in rows]
+    # linear48x24x40: X [48, 24], W [40, 24], δ [48, 40]
+    shapes = [("square40", "A B", "40", "40", "40", "a:row b:row"),
+              ("linear48x24x40", "X Wᵀ", "48", "40", "24", "a:row b:col"),
+              ("linear48x24x40", "δ W", "48", "24", "40", "a:row b:row"),
+              ("linear48x24x40", "δᵀ X", "40", "24", "48", "a:col b:row")]
+    assert found == [(*shape, dtype, precision) for dtype, precision in (("fp32", "ieee"), ("fp16", "fp16"))
+                     for shape in shapes], f"rows: {found}"
+    for row in rows:
+        what = f"{row['problem']} {row['symbol']} {row['dtype']}"
+        assert row["torch"] == torch.__version__ and row["date"], f"{what}: versions and date"
+        limit = 1e-5 if row["dtype"] == "fp32" else 1e-2
+        assert 0 < float(row["err_triton"]) < limit, f"{what}: Triton's error {row['err_triton']}"
+        assert float(row["triton_ms"]) > 0 and float(row["x_cublas"]) > 0, f"{what}: times"
+        flops = 2 * int(row["m"]) * int(row["n"]) * int(row["k"])
+        assert float(row["triton_tflops"]) == pytest.approx(flops / float(row["triton_ms"]) / 1e9), f"{what}: TFLOP/s"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "bench_matmul_test.png").exists(), "the plot beside the CSV"
+
+
+def test_matmul_products_are_the_layers(capsys):
+    """The three products' operands are what a layer's matmuls read (X Wᵀ, δ W, δᵀ X of the same X, W, δ shapes),
+    the GPU run's default problems are the issue's, and bad names are refused before anything runs."""
+    module = _load_matmul()
+    assert module.products("linear8192x1024x4096", module.PRODUCTS) == [
+        ("forward", 8192, 4096, 1024), ("grad_x", 8192, 1024, 4096), ("grad_weight", 4096, 1024, 8192)], "shapes"
+    assert module.products("square4096", module.PRODUCTS) == [("square", 4096, 4096, 4096)], "the square"
+    assert module.GPU_PROBLEMS.split(",") == ["square4096", "linear8192x1024x4096", "linear8192x4096x1024"], \
+        "the GPU run's problems"
+    x, weight = module.operands("forward", 6, 5, 4, "cpu", torch.float32)
+    delta, weight_too = module.operands("grad_x", 6, 4, 5, "cpu", torch.float32)
+    delta_t, x_too = module.operands("grad_weight", 5, 4, 6, "cpu", torch.float32)
+    assert (x.shape, weight.shape, weight.t().is_contiguous()) == ((6, 4), (4, 5), True), "X [M, IN], W [OUT, IN]"
+    assert (delta.shape, weight_too.shape, weight_too.is_contiguous()) == ((6, 5), (5, 4), True), "δ [M, OUT], W"
+    assert (delta_t.shape, delta_t.t().is_contiguous(), x_too.shape) == ((5, 6), True, (6, 4)), "δ [M, OUT], X"
+    for bad in (["--problems", "mlp8192x1024x4096"], ["--problems", "square"], ["--products", "jvp"],
+                ["--dtypes", "fp8"], ["--size", "0"], ["--size", "8", "--problems", "square8"]):
+        with pytest.raises(SystemExit):
+            module.main(bad)
+
+
+def test_matmul_warm_only_runs_each_product_and_writes_nothing(monkeypatch, tmp_path, capsys):
+    """--warm-only (the GPU run's cache warming, one config per worker): each product runs once, no timing, no CSV."""
+    module = _interpreted_matmul()
+    dense = manualbp.backends.kernels()
+    monkeypatch.setattr(dense, "_prune_configs", dense._prune_configs)  # warm_caches.offer_one_config replaces it
+    assert module.main(["--warm-only", "--worker", "1", "--workers", "2", "--problems", "linear40x24x36",
+                        "--dtypes", "fp32", "--out-dir", str(tmp_path)]) == 0, "exit status"
+    dense._autotuned_matmul.cache_clear()  # built with the replaced pruning
+    assert "warm bench_matmul worker 1/2: 3 products x 1 dtypes" in capsys.readouterr().out, "the worker's line"
+    assert list(tmp_path.iterdir()) == [], "nothing written"
+    with pytest.raises(SystemExit):
+        module.main(["--warm-only", "--worker", "2", "--workers", "2"])
+
+
+def _load_overhead():
+    return _load_script("bench_overhead")
 
 
 def test_overhead_run_writes_csv_rows(tmp_path, capsys):
@@ -302,3 +376,226 @@ def test_gated_mlp_rows_with_the_saved_memory_column(tmp_path, capsys):
     assert bench.Problem.from_name("gated8192x4096x14336", "relu").activation == "silu", "a gated problem is SwiGLU"
     assert {p.name for p in bench.gpu_problems(["relu"]) if p.kind == "gated"} == {
         "gated8192x4096x11008", "gated8192x4096x14336"}, "the GPU run's gated shapes"
+
+
+def test_kernels_only_timing_skips_on_the_cpu_and_first_layers_have_no_input_gradient(tmp_path, capsys):
+    """bench_dense.py --timing host,graph --layers hidden,first on the CPU: the CUDA-graph timing is said to be
+    skipped and no row claims it; each layer's rows are host-timed, checked against float64, and a first layer's
+    backward counts no ∂C/∂X (its TFLOP/s from 4MNK, a hidden layer's from 6MNK)."""
+    bench = _load()
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the graph timing runs (benchmarks/gpu_perf_check.sh)")
+    assert bench.main(["--device", "cpu", "--dtypes", "fp32", "--modes", "fwd+bwd", "--activations", "gelu",
+                       "--problems", "linear1024x256x1024", "--impls", "eager,manualbp", "--rep-ms", "5",
+                       "--timing", "host,graph", "--layers", "hidden,first", "--out-dir", str(tmp_path),
+                       "--tag", "layers"]) == 0, "exit status"
+    printed = capsys.readouterr().out
+    assert "--timing graph (kernels only" in printed and "skipped on the CPU" in printed, "the skip, said"
+    rows = list(csv.DictReader(open(tmp_path / "bench_dense_layers.csv")))
+    assert sorted((r["layer"], r["timing"], r["impl"]) for r in rows) == sorted(
+        (layer, "host", impl) for layer in ("hidden", "first") for impl in ("eager", "manualbp")), "rows"
+    for row in rows:
+        what = f"{row['layer']} {row['impl']}"
+        assert 0 < float(row["max_rel_err"]) < 1e-5, f"{what}: error {row['max_rel_err']}"
+        products = 3 if row["layer"] == "hidden" else 2  # forward, ∂C/∂W, and ∂C/∂X for a hidden layer
+        flops = products * 2 * 1024 * 256 * 1024
+        assert float(row["tflops"]) == pytest.approx(flops / float(row["median_ms"]) / 1e9), f"{what}: FLOPs"
+    assert bench.main(["--device", "cpu", "--timing", "graph", "--out-dir", str(tmp_path), "--tag", "none"]) == 0, \
+        "graph timing alone on the CPU: nothing to run, not an error"
+    assert not (tmp_path / "bench_dense_none.csv").exists(), "and no file"
+    for bad in (["--timing", "wall"], ["--layers", "last"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--device", "cpu", *bad])
+
+
+def test_the_gpu_problem_list_has_the_prologue_crossing():
+    """in_features 2048, between the K where δ formed in the loads won (1024) and lost (4096), is a GPU problem."""
+    bench = _load()
+    names = {p.name for p in bench.gpu_problems(["relu"])}
+    assert {"linear8192x2048x4096", "linear8192x2048x1024"} <= names, f"problems: {sorted(names)}"
+    assert bench.Problem.from_name("gated8192x4096x11008", "silu").flops("fwd+bwd", "first") == pytest.approx(
+        3 * 6 * 8192 * 4096 * 11008 - 2 * 2 * 8192 * 4096 * 11008), "a first gated layer: no ∂C/∂X of gate and up"
+
+
+def test_gpu_perf_check_script_parses_and_its_calls_exist():
+    """benchmarks/gpu_perf_check.sh, dry-run on the CPU: bash parses it; every script it runs exists and takes every
+    option the script gives it (each one's --help), and each problem it names is one bench_dense.py runs on a GPU;
+    its steps' time limits fit the limit its header states."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    script = ROOT / "benchmarks" / "gpu_perf_check.sh"
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, f"bash -n: {result.stderr}"
+    text = script.read_text().replace("\\\n", " ")
+    calls = re.findall(r"\$py (benchmarks/\w+\.py)([^|&\n]*)", text)
+    assert {name for name, _ in calls} == {"benchmarks/bench_matmul.py", "benchmarks/bench_dense.py",
+                                          "benchmarks/warm_caches.py", "benchmarks/bench_backward.py",
+                                          "benchmarks/perf_targets.py"}, calls
+    options = {}
+    for name, arguments in calls:
+        options.setdefault(name, set()).update(re.findall(r"(--[a-z][a-z-]*)", arguments))
+    for name, given in options.items():
+        helped = subprocess.run([sys.executable, str(ROOT / name), "--help"], capture_output=True, text=True,
+                                timeout=120)
+        assert helped.returncode == 0, f"{name} --help: {helped.stderr[-2000:]}"
+        for option in given:
+            assert option in helped.stdout, f"{name} takes no {option}"
+    bench = _load()
+    known = {p.name for p in bench.gpu_problems(["relu", "gelu"])}
+    named = set(re.findall(r"(?:linear|mlp|gated)\d+x\d+x\d+", text))
+    assert named and named <= known, f"problems bench_dense.py does not run on a GPU: {sorted(named - known)}"
+    limit = int(re.search(r"DEFAULT_SECONDS=(\d+)", text).group(1))
+    caps = [int(c) for c in re.findall(r"capped (\d+)", text)]
+    assert len(caps) == 6 and sum(caps) + 15 <= limit - 10, f"step limits {caps} (+15 s install) within {limit} s"
+    assert f"default {limit} s" in text, "the header states the limit"
+
+
+
+
+def test_perf_targets_says_met_missed_and_not_measured(tmp_path, capsys):
+    """perf_targets.py on hand-written rows: a ratio above its bound is met, below it missed, an error ratio above
+    1.5 missed; rows before --since are not counted; a target without rows is NOT MEASURED, never met."""
+    targets = _load_script("perf_targets")
+    date, old = "2026-12-08 10:00 UTC", "2026-12-04 17:40 UTC"
+    matmul = tmp_path / "bench_matmul.csv"
+    with open(matmul, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["date", "problem", "symbol", "dtype", "x_cublas", "err_triton",
+                                                    "err_cublas"])
+        writer.writeheader()
+        writer.writerow(dict(date=date, problem="square4096", symbol="A B", dtype="bf16", x_cublas=0.97,
+                             err_triton=3e-3, err_cublas=3e-3))
+        writer.writerow(dict(date=date, problem="square4096", symbol="A B", dtype="fp32-tf32", x_cublas=0.5,
+                             err_triton=1e-3, err_cublas=3e-4))
+        writer.writerow(dict(date=old, problem="square4096", symbol="A B", dtype="fp32", x_cublas=0.95,
+                             err_triton=3e-6, err_cublas=3e-6))
+    dense = tmp_path / "bench_dense.csv"
+    with open(dense, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["date", "problem", "activation", "dtype", "mode", "impl", "layer",
+                                                    "timing", "speedup_vs_eager", "speedup_vs_compile",
+                                                    "err_vs_eager"])
+        writer.writeheader()
+        writer.writerow(dict(date=date, problem="linear8192x1024x4096", activation="relu", dtype="bf16",
+                             mode="fwd+bwd", impl="manualbp", layer="hidden", timing="graph", speedup_vs_eager=1.2,
+                             speedup_vs_compile=1.3, err_vs_eager=0.9))
+        writer.writerow(dict(date=date, problem="linear8192x1024x4096", activation="relu", dtype="bf16",
+                             mode="fwd+bwd", impl="manualbp", layer="hidden", timing="host", speedup_vs_eager=0.8,
+                             speedup_vs_compile=1.1, err_vs_eager=0.9))
+    assert targets.main(["--since", "2026-12-08 09:59 UTC", "--matmul", str(matmul), "--dense", str(dense),
+                         str(tmp_path / "no_such.csv")]) == 0, "exit status"
+    lines = capsys.readouterr().out.splitlines()
+
+    def verdict(target, *words):
+        found = [line for line in lines if line[:12].strip() == target and all(word in line for word in words)]
+        assert len(found) == 1, f"one {target} line with {words}: {found}"
+        return found[0].split()[-1] if not found[0].endswith("NOT MEASURED") else "NOT MEASURED"
+
+    assert verdict("matmul", "square4096 A B bf16") == "met", "0.97 >= 0.95"
+    assert verdict("matmul", "square4096 A B fp32-tf32") == "MISSED", "0.5 < 0.8"
+    assert verdict("matmul error", "fp32-tf32") == "MISSED", "Triton's error 3.3x cuBLAS's"
+    assert verdict("matmul", "fp32: no row") == "NOT MEASURED", "the fp32 row is of an earlier run"
+    assert verdict("kernels", "linear8192x1024x4096 hidden speedup_vs_eager relu") == "met", "1.2 >= 1.15"
+    assert verdict("kernels", "linear8192x1024x4096 first") == "NOT MEASURED", "no first-layer rows"
+    assert verdict("kernels", "linear8192x16384x4096") == "NOT MEASURED", "no 16384-wide rows"
+    assert verdict("host", "linear8192x1024x4096 hidden speedup_vs_compile relu") == "met", "1.1 >= 1.0"
+    assert verdict("host", "mlp8192x1024x4096") == "NOT MEASURED", "no MLP rows"
+    assert "no file" in "\n".join(lines) and "no_such.csv" in "\n".join(lines), "the missing file said"
+    summary = lines[-1]
+    assert summary.startswith("targets: ") and "missed" in summary and "not measured" in summary, summary
+
+
+class _FakeCuda:
+    """What graph_times asks of torch.cuda, on the CPU: streams and synchronisation do nothing, a capture runs the
+    step once as it is, and each replay of the graph advances the events' clock by REPLAY_MS."""
+
+    REPLAY_MS = 0.25
+
+    def __init__(self):
+        self.clock = 0.0
+        self.captured = []  # per capture: the .grad of each reset tensor as the capture began
+        fake = self
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.at = None
+
+            def record(self, stream=None):
+                self.at = fake.clock
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, end):
+                return end.at - self.at
+
+        class CUDAGraph:
+            def replay(self):
+                fake.clock += fake.REPLAY_MS
+
+        self.Stream, self.Event, self.CUDAGraph = Stream, Event, CUDAGraph
+
+    def install(self, monkeypatch, reset_of):
+        import contextlib
+
+        monkeypatch.setattr(torch.cuda, "Stream", self.Stream)
+        monkeypatch.setattr(torch.cuda, "Event", self.Event)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", self.CUDAGraph)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: self.Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+
+        @contextlib.contextmanager
+        def graph(cuda_graph, **kwargs):
+            self.captured.append([t.grad for t in reset_of()])
+            yield
+
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+
+
+def test_kernels_only_rows_replay_a_capture_of_a_fresh_step(monkeypatch, capsys):
+    """bench_dense's graph timing, its logic on the CPU with torch.cuda's capture and events faked (no GPU here: the
+    timing itself is unmeasured): each implementation's step is captured once with every gradient cleared (a replay
+    computes a fresh step, not an accumulation), the per-replay time is the events' time over the replays, its rows
+    say timing=graph beside the host rows, and their speedups compare graph times with graph times."""
+    bench = _load()
+    cases, last = {}, []
+    real_prepare = bench.prepare
+
+    def prepare(impl, *args, **kwargs):
+        case = cases[impl] = real_prepare(impl, *args, **kwargs)
+        step = case.fn
+        case.fn = lambda: (last.append(impl), step())  # which case a capture (after its warm-up) is of
+        return case
+
+    monkeypatch.setattr(bench, "prepare", prepare)
+    fake = _FakeCuda()
+    fake.install(monkeypatch, lambda: cases[last[-1]].reset)
+    problem = bench.Problem.from_name("linear64x48x80", "gelu")
+    manualbp.set_backend("reference")
+    try:
+        rows = bench.measure(problem, "fwd+bwd", "hidden", "fp32", ["eager", "manualbp"], ["host", "graph"],
+                             torch.device("cpu"), 5)
+    finally:
+        manualbp.set_backend(None)
+    graph_rows = {r["impl"]: r for r in rows if r["timing"] == "graph"}
+    assert sorted(graph_rows) == ["eager", "manualbp"], f"graph rows: {[(r['impl'], r['timing']) for r in rows]}"
+    assert sorted(r["impl"] for r in rows if r["timing"] == "host") == ["eager", "manualbp"], "host rows beside"
+    assert len(fake.captured) == 2, f"one capture per implementation: {len(fake.captured)}"
+    for grads in fake.captured:
+        assert all(g is None for g in grads), "every gradient cleared before the capture"
+    for impl, row in graph_rows.items():
+        assert float(row["median_ms"]) == pytest.approx(_FakeCuda.REPLAY_MS), f"{impl}: time per replay"
+        assert float(row["speedup_vs_eager"]) == pytest.approx(1.0), f"{impl}: against eager's graph time"
+        assert 0 < float(row["max_rel_err"]) < 1e-5, f"{impl}: checked against float64"
+    case = cases["eager"]
+    case.fn()  # gradients present, as a host-timed call leaves them
+    assert bench.graph_times(case, 5) == pytest.approx((_FakeCuda.REPLAY_MS,) * 3), "median, p20, p80 per replay"
+    assert all(t.grad is None for t in case.reset), "the gradients the capture assigned are dropped with the graph"
+    assert " graph " in capsys.readouterr().out, "the table's rows say their timing"
