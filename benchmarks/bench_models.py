@@ -19,12 +19,13 @@ The implementations, one block's weights for all: eager (the unconverted block),
 default mode) and manualbp (manualbp.convert(block, backend="triton"); a block whose activation convert does not
 fuse is reported as a failure, not timed). Each is measured forward+backward: block(x).backward(G), x of shape
 [batch, seq, d] requiring grad, gradients cleared before every call; timed by bench_dense.time_cases (GPU:
-triton.testing.do_bench; CPU: the implementations take turns, PyTorch on one thread). Columns as bench_dense's: median time (p20, p80),
-TFLOP/s (the matmuls only: 6·M·d·h per product, two products, three for the gated blocks), speedup vs eager and
-vs compile, the bytes kept for backward (manualbp.saved_bytes: the storages saved_tensors_hooks sees, beyond the
-input and the parameters, counted the same way for every implementation; no peak memory), and the largest error
-against a float64 copy of the block (max |ours - exact| / max |exact| over the output, ∂C/∂x and every
-parameter's gradient; the tensor where it is largest in the `worst` column, CHECK where it is over 4x eager's).
+triton.testing.do_bench; CPU: the implementations take turns, PyTorch on one thread). Columns as bench_dense's:
+median time (p20, p80), TFLOP/s (the matmuls only: 6·M·d·h per product, two products, three for the gated
+blocks), speedup vs eager and vs compile, the bytes kept for backward (manualbp.saved_bytes: the storages
+saved_tensors_hooks sees, beyond the input and the parameters, counted the same way for every implementation; no
+peak memory), and the largest error against a float64 copy of the block (max |ours - exact| / max |exact| over
+the output, ∂C/∂x and every parameter's gradient; the tensor where it is largest in the `worst` column, CHECK
+where it is over 4x eager's).
 
 On the CPU the timings mean nothing (the interpreter runs manualbp's kernels): the run checks the harness, the
 saved bytes and the errors. Its CSV is written only when asked (--tag or --out-dir); on a GPU always,
@@ -37,7 +38,7 @@ import argparse
 import copy
 import os
 import sys
-from typing import Callable, Dict
+from typing import Dict
 
 import torch
 from torch import nn
@@ -82,7 +83,7 @@ class BertFeedForward(nn.Module):
 
 
 def build_block(name: str, d: int, h: int) -> nn.Module:
-    """The unconverted block `name` at width d -> h, dropout off, in float32 on the CPU."""
+    """The unconverted block `name` at width d -> h, dropout off, float32, on the default device."""
     t = _transformers()
     if name == "bert":
         return BertFeedForward(t.BertConfig(hidden_size=d, intermediate_size=h, hidden_dropout_prob=0.0))
@@ -151,7 +152,9 @@ def prepare(impl: str, block: nn.Module, exact: nn.Module, x, grad_out, flops: f
     return case, fused
 
 
-def flops(name: str, tokens: int, d: int, h: int) -> float:
+def count_flops(name: str, tokens: int, d: int, h: int) -> float:
+    """The matmuls' FLOPs forward+backward: 6·M·d·h per weight (forward 2·M·d·h, backward twice that), two
+    weights, three in the gated blocks (gate, up, down; Phi-3's gate_up_proj counts as two)."""
     return 3 * 2 * tokens * d * h * (3 if name in GATED else 2)
 
 
@@ -173,7 +176,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", default=",".join(WIDTHS), help=f"comma list of {list(WIDTHS)}, in this order")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {list(IMPLS)}")
-    parser.add_argument("--dtype", default=None, choices=list(bench_dense.DTYPES), help="bf16 on a GPU, fp32 on the CPU")
+    parser.add_argument("--dtype", default=None, choices=list(bench_dense.DTYPES),
+                        help="bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--rep-ms", type=float, default=None, help="time spent timing each block (ms)")
     parser.add_argument("--out-dir", default=None, help="where the CSV goes (default: benchmarks/results/)")
     parser.add_argument("--tag", default=None, help="file name stem (default: from the device name)")
@@ -220,7 +224,8 @@ def _run(args, blocks, impls, cuda, device, dtype_name, dtype) -> int:
     for name in blocks:
         d, h = WIDTHS[name][0 if cuda else 1]
         torch.manual_seed(0)
-        block = build_block(name, d, h).to(device, dtype).train()
+        with device:  # the weights initialised where they run (Llama's widths: 2.0 s on a 2-core CPU)
+            block = build_block(name, d, h).to(dtype).train()
         generator = torch.Generator(device).manual_seed(1)
         x = torch.randn(*shape, d, device=device, dtype=dtype, generator=generator)
         grad_out = torch.randn(*shape, d, device=device, dtype=dtype, generator=generator)
@@ -228,7 +233,7 @@ def _run(args, blocks, impls, cuda, device, dtype_name, dtype) -> int:
         cases, fused = {}, {}
         for impl in impls:
             try:
-                cases[impl], fused[impl] = prepare(impl, block, exact, x, grad_out, flops(name, tokens, d, h))
+                cases[impl], fused[impl] = prepare(impl, block, exact, x, grad_out, count_flops(name, tokens, d, h))
                 if cuda:
                     cases[impl].fn()  # compile / autotune now, so that a failure is reported per impl
             except Exception as error:  # report and go on: one failing impl must not hide the rest
@@ -272,7 +277,8 @@ def _run(args, blocks, impls, cuda, device, dtype_name, dtype) -> int:
         print(f"csv: {writer.path} (+{len(rows)} rows)")
         plot(rows, os.path.splitext(writer.path)[0] + ".png")
     else:
-        print("no CSV written on the CPU unless asked: --tag cpu_2core writes benchmarks/results/bench_models_cpu_2core.csv")
+        print("no CSV written on the CPU unless asked: --tag cpu_2core writes "
+              "benchmarks/results/bench_models_cpu_2core.csv")
     return 0
 
 
