@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     dtype = bench_dense.DTYPES[dtype_name]
     torch.set_float32_matmul_precision("high" if dtype_name == "fp32-tf32" else "highest")
     threads = torch.get_num_threads()
-    if not cuda:  # tiny ops on a busy machine wait for the pool's other threads: 100x slower (measured)
+    if not cuda:  # tiny ops on a busy machine wait for the pool's other threads: over 100x slower (measured)
         torch.set_num_threads(1)
     try:
         return _run(args, blocks, impls, cuda, device, dtype_name, dtype)
