@@ -599,3 +599,116 @@ def test_kernels_only_rows_replay_a_capture_of_a_fresh_step(monkeypatch, capsys)
     assert bench.graph_times(case, 5) == pytest.approx((_FakeCuda.REPLAY_MS,) * 3), "median, p20, p80 per replay"
     assert all(t.grad is None for t in case.reset), "the gradients the capture assigned are dropped with the graph"
     assert " graph " in capsys.readouterr().out, "the table's rows say their timing"
+
+
+def _load_models():
+    """benchmarks/bench_models.py, with transformers (it builds the blocks from their configs) and the interpreter."""
+    from checks import optional_import
+
+    optional_import("transformers", "transformers is a test dependency (pip install .[test])")
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the script runs at the models' widths (docs/development.md's plan for a GPU run)")
+    reason = manualbp.backends.triton_unavailable_reason(torch.device("cpu"), torch.float32)
+    if reason:
+        pytest.skip(f"the converted blocks run manualbp's Triton kernels: {reason}")
+    _load()  # the bench_dense it imports
+    spec = importlib.util.spec_from_file_location("bench_models", ROOT / "benchmarks" / "bench_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_converted_blocks_run_in_the_interpreter_with_saved_bytes_and_errors(tmp_path, capsys):
+    """bench_models.py at its CPU size: every block eager and convert()ed (the triton backend, interpreted), one row
+    each with the CSV's columns; the saved bytes are those the blocks keep (M·I float32 elements per tensor: the
+    gated blocks eager 4, manualbp 3; BERT's feed-forward Z and A of the GELU and LayerNorm's input, mean and rstd
+    either way; GPT-2's fused layer Z and A, its NewGELU in separate ops more), and each error against the float64
+    block is within float32's rounding bound and manualbp's within twice eager's (tests/checks.py's rule)."""
+    bench = _load_models()
+    assert bench.main(["--impls", "eager,manualbp", "--rep-ms", "1", "--out-dir", str(tmp_path), "--tag", "test"]) == 0
+    printed = capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "bench_models_test.csv")))
+    assert [(r["block"], r["impl"]) for r in rows] == [(b, i) for b in ("bert", "gpt2", "llama", "gemma", "phi3")
+                                                       for i in ("eager", "manualbp")], "a row per block and impl"
+    columns = ("device", "torch", "triton", "manualbp", "backend", "date", "block", "m", "dims", "dtype", "mode",
+               "impl", "median_ms", "p20_ms", "p80_ms", "tflops", "saved_mib", "max_rel_err", "worst",
+               "speedup_vs_eager", "speedup_vs_compile", "err_vs_eager", "fused")
+    assert list(rows[0]) == list(columns), f"columns: {list(rows[0])}"
+    m = bench.CPU_SHAPE[0] * bench.CPU_SHAPE[1]
+    mib = 4 / 2**20  # float32
+    by = {(r["block"], r["impl"]): r for r in rows}
+    for row in rows:
+        name, impl = row["block"], row["impl"]
+        d, h = map(int, row["dims"].split("x"))
+        assert (d, h) == bench.WIDTHS[name][1] and int(row["m"]) == m, f"{name}: the CPU's widths and tokens"
+        assert row["backend"] == "triton" and row["dtype"] == "fp32" and row["mode"] == "fwd+bwd", f"{name} {impl}"
+        assert float(row["median_ms"]) > 0 and float(row["tflops"]) > 0, f"{name} {impl}: timed"
+        products = 3 if name in bench.GATED else 2
+        assert float(row["tflops"]) == pytest.approx(products * 6 * m * d * h / float(row["median_ms"]) / 1e9), \
+            f"{name} {impl}: {products} products counted"
+        saved = float(row["saved_mib"])
+        if name in bench.GATED:
+            expected = {"eager": 4, "manualbp": 3}[impl] * m * h * mib
+            assert saved == pytest.approx(expected), f"{name} {impl}: saved {saved} MiB, expected {expected}"
+        elif name == "bert":
+            expected = (2 * m * h + m * d + 2 * m) * mib
+            assert saved == pytest.approx(expected), f"{name} {impl}: saved {saved} MiB, expected {expected}"
+        elif impl == "manualbp":
+            assert saved == pytest.approx(2 * m * h * mib), f"gpt2: the fused c_fc keeps Z and A, saved {saved}"
+        else:
+            assert saved > 2 * m * h * mib, f"gpt2 eager: NewGELU's separate ops keep more than Z and A: {saved}"
+        err = float(row["max_rel_err"])
+        # γ_n of float32 sums as long as the longest here (M tokens for ∂C/∂W, h for ∂C/∂x), per product passed
+        bound = products * max(m, d, h) * torch.finfo(torch.float32).eps / 2
+        assert 0 < err <= bound, f"{name} {impl}: error {err} against float64 (bound {bound:.2e}, at {row['worst']})"
+        assert row["worst"] != "", f"{name} {impl}: where the error is largest"
+    for name in bench.WIDTHS:
+        eager, ours = by[(name, "eager")], by[(name, "manualbp")]
+        assert float(ours["max_rel_err"]) <= 2 * float(eager["max_rel_err"]), f"{name}: error within twice eager's"
+        assert float(eager["speedup_vs_eager"]) == pytest.approx(1.0), f"{name}: eager's speedup over itself"
+        assert eager["fused"] == "" and ours["fused"] == {
+            "bert": "Linear + activation(gelu)", "gpt2": "Linear + activation(gelu_tanh)", "llama": "gated MLP(silu)",
+            "gemma": "gated MLP(gelu_tanh)", "phi3": "fused gate_up(silu)"}[name], f"{name}: {ours['fused']!r}"
+    assert "CHECK" not in printed and "FAILED" not in printed, "no row flagged or failed"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "bench_models_test.png").exists(), "the plot beside the CSV"
+
+
+def test_converted_block_against_torch_compile(tmp_path):
+    """The compile row: torch.compile of the unconverted GPT-2 MLP, its saved bytes counted by the same hooks (its
+    graph keeps less than eager's NewGELU in separate ops) and its error against float64; manualbp's speedup vs it."""
+    bench = _load_models()
+    assert bench.main(["--blocks", "gpt2", "--rep-ms", "1", "--out-dir", str(tmp_path), "--tag", "compile"]) == 0
+    rows = {r["impl"]: r for r in csv.DictReader(open(tmp_path / "bench_models_compile.csv"))}
+    assert sorted(rows) == ["compile", "eager", "manualbp"], f"rows: {sorted(rows)}"
+    assert 0 < float(rows["compile"]["saved_mib"]) < float(rows["eager"]["saved_mib"]), "compile's saved bytes"
+    m, (d, h) = bench.CPU_SHAPE[0] * bench.CPU_SHAPE[1], bench.WIDTHS["gpt2"][1]
+    bound = 2 * max(m, d, h) * torch.finfo(torch.float32).eps / 2
+    assert 0 < float(rows["compile"]["max_rel_err"]) <= bound, f"compile's error {rows['compile']['max_rel_err']}"
+    assert float(rows["compile"]["speedup_vs_compile"]) == pytest.approx(1.0), "compile's speedup over itself"
+    assert float(rows["manualbp"]["speedup_vs_compile"]) > 0, "manualbp against compile"
+
+
+def test_converted_block_error_column_catches_a_wrong_gradient(monkeypatch, tmp_path, capsys):
+    """A converted Llama MLP whose ∂C/∂W of down_proj were off by 1%: its error shows it, where, and the row is
+    flagged; and a block convert() cannot fuse is a failure, not a row timing something else."""
+    bench = _load_models()
+    real = bench.converted
+
+    def wrong(block):
+        model, fused = real(block)
+        model.down_proj.weight.register_hook(lambda grad: grad * 1.01)
+        return model, fused
+
+    monkeypatch.setattr(bench, "converted", wrong)
+    assert bench.main(["--blocks", "llama", "--impls", "eager,manualbp", "--rep-ms", "1", "--out-dir", str(tmp_path),
+                       "--tag", "wrong"]) == 0
+    rows = {r["impl"]: r for r in csv.DictReader(open(tmp_path / "bench_models_wrong.csv"))}
+    assert float(rows["manualbp"]["max_rel_err"]) > 5e-3, f"error {rows['manualbp']['max_rel_err']}"
+    assert rows["manualbp"]["worst"] == "down_proj.weight", f"at {rows['manualbp']['worst']}"
+    flagged = [line for line in capsys.readouterr().out.splitlines() if "CHECK" in line]
+    assert len(flagged) == 1 and " manualbp " in flagged[0], f"flagged rows: {flagged}"
+    with pytest.raises(ValueError, match="did not fuse"):
+        real(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)))
+    with pytest.raises(SystemExit):
+        bench.main(["--blocks", "llama,t5"])
