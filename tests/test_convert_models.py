@@ -18,7 +18,7 @@ import manualbp
 from manualbp import backends, patterns
 from checks import assert_close_to_float64, optional_import
 
-transformers = optional_import("transformers", "transformers is a test dependency (pip install .[test])")
+transformers = optional_import("transformers", "transformers is a test dependency (pip install .[test])", module_level=True)
 transformers.logging.set_verbosity_error()
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
