@@ -655,11 +655,22 @@ _register_sharding()
 
 
 _IS_EXPORTING = getattr(torch.compiler, "is_exporting", None)  # looked up once: every layer call asks
+_COMPILER = torch.compiler
 
 
 def exporting() -> bool:
-    """Whether torch.export is tracing (or decomposing) now; False on a PyTorch without the flag."""
+    """Whether torch.export is tracing (or decomposing) now; False on a PyTorch without the flag.
+
+    Reads the flag behind torch.compiler.is_exporting() where there is one: Dynamo before torch 2.13 answers a
+    traced is_exporting() with a constant True, under torch.compile too (the layers then traced their
+    no-gradient path, and the compiled backward failed), where a read of the flag is traced as its value.
+    """
+    if _HAS_EXPORTING_FLAG:
+        return _COMPILER._is_exporting_flag
     return _IS_EXPORTING is not None and _IS_EXPORTING()
+
+
+_HAS_EXPORTING_FLAG = hasattr(torch.compiler, "_is_exporting_flag")
 
 
 def _decomposition(implementation):
