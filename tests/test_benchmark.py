@@ -266,7 +266,8 @@ for name, part in parts.items():
                             env=dict(os.environ, TRITON_INTERPRET="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     parts = [line[5:] for line in result.stdout.splitlines() if line.startswith("part ")]
-    assert parts == ["3 warm launches (plans)", "  their keys + lookups", "  their addresses", "  their JITFunction.run",
+    assert parts == ["3 warm launches (plans)", "  their keys + lookups", "  their addresses",
+                     "  their JITFunction.run",
                      "  compiled launcher, tensors", "  compiled launcher, addresses"], result.stdout
     assert "roles ['forward', 'grad_x', 'grad_weight'], launchers ['compiled']" in result.stdout, result.stdout
 
@@ -304,3 +305,48 @@ def test_backward_ways_run_in_the_interpreter_and_agree(tmp_path, capsys):
     assert "max rel err" in capsys.readouterr().out, "the table"
     if importlib.util.find_spec("matplotlib") is not None:
         assert list(tmp_path.glob("bench_backward_*.png")), "the plot beside the CSV"
+
+
+def test_gpu_launch_check_script_parses_and_its_calls_exist(tmp_path):
+    """benchmarks/gpu_launch_check.sh, dry-run on the CPU: bash parses it; every script it runs exists and takes
+    every option the script gives it (each one's --help); its summary reads the figures out of a log written as
+    the scripts print them, and says which were not measured."""
+    import re
+    import shutil
+    import subprocess
+
+    script = ROOT / "benchmarks" / "gpu_launch_check.sh"
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, f"bash -n: {result.stderr}"
+    text = script.read_text().replace("\\\n", " ")
+    calls = re.findall(r"\$py (benchmarks/\w+\.py)([^|&\n]*)", text)
+    assert {name for name, _ in calls} >= {"benchmarks/host_breakdown.py", "benchmarks/profile_step.py",
+                                          "benchmarks/bench_overhead.py", "benchmarks/bench_dense.py",
+                                          "benchmarks/warm_caches.py"}, calls
+    options = {}
+    for name, arguments in calls:
+        options.setdefault(name, set()).update(re.findall(r"(--[a-z][a-z-]*)", arguments))
+    for name, given in options.items():  # one --help each
+        helped = subprocess.run([sys.executable, str(ROOT / name), "--help"], capture_output=True, text=True,
+                                timeout=120)
+        assert helped.returncode == 0, f"{name} --help: {helped.stderr[-2000:]}"
+        for option in given:
+            assert option in helped.stdout, f"{name} takes no {option}"
+    summary = text.split("<<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    log = ("=== profile_step relu at 260 s\n## eager: host 0.250 ms/call, wall 0.461 ms/call\n"
+           "## manualbp: host 0.300 ms/call, wall 0.500 ms/call\n=== profile_step gelu at 300 s\n"
+           "# a warm launch: 12.3 µs, 1.40x an empty 8-tensor launch through JITFunction.run\n")
+    tests = "tests/test_launch.py::test_cuda_graph_replays_eager_results PASSED\n"
+    paths = [tmp_path / "gpu_launch_check.log", tmp_path / "gpu_launch_tests.log"]
+    for path, content in zip(paths, (log, tests)):
+        path.write_text(content)
+    result = subprocess.run([sys.executable, "-", *map(str, paths)], input=summary, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "warm launch 12.3 µs = 1.40x the empty 8-tensor launch" in out, out
+    assert "profile_step relu: manualbp host 0.300 ms against eager's 0.250 ms (target <= eager's: MISSED)" in out, out
+    assert "profile_step gelu: not measured" in out, out
+    assert "test_cuda_graph_replays_eager_results: PASSED" in out and "test_reduce_overhead_matches_eager: not run" \
+        in out, out

@@ -176,7 +176,8 @@ def test_exporting_is_false_under_torch_compile_and_true_under_export():
             return x + float(manualbp.ops.exporting())  # 1.0 only while exporting
 
     program = torch.export.export(Probe(), (torch.zeros(2),))
-    assert torch.equal(program.module()(torch.zeros(2)), torch.ones(2)), f"ops.exporting() under torch.export\n{program}"
+    assert torch.equal(program.module()(torch.zeros(2)), torch.ones(2)), \
+        f"ops.exporting() under torch.export\n{program}"
     torch._dynamo.reset()
 
 

@@ -966,7 +966,7 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
     options = (act_id, negative_slope, f_prime_as_z, bias is not None, z is not None, grad_saved is not None,
                prologue_saved is not None, saved_kind, want_partials, row_sums is not None, delta_out is not None,
                use_dot, K % EVEN_K_STEP.value == 0, buckets, settings.autotune, tma_ok,
-               a.dtype is torch.float32 and tf32_allowed())
+               a.dtype is torch.float32 and a.is_cuda and tf32_allowed())  # INPUT_PRECISION
 
     if tma_ok:
         _ensure_allocator()  # device-side descriptors need a scratch buffer (in this thread's context)
@@ -1292,7 +1292,8 @@ def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float
                 _launch_matmul(delta.t(), x, grad_weight, role="grad_weight", row_sums=row_sums)
             elif grad_weight.numel() > 0:
                 # ∂C/∂W = δᵀ X  [N, M] [M, K]: δᵀ and its saved factor read through swapped strides.
-                _launch_matmul(grad_a.t(), x, grad_weight, role="grad_weight", act_id=act_id, negative_slope=negative_slope,
+                _launch_matmul(grad_a.t(), x, grad_weight, role="grad_weight", act_id=act_id,
+                               negative_slope=negative_slope,
                                prologue_saved=saved.t(), saved_kind=saved_kind, row_sums=row_sums)
             if bias_from_matmul:
                 grad_bias = row_sums.to(grad_a.dtype)  # ∂C/∂b = 1ᵀ δ  [N]

@@ -180,7 +180,7 @@ def linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, act_id
     )
     options = (tangent_x is not None, tangent_weight is not None, tangent_bias is not None, act_id, negative_slope,
                saved_kind, use_dot, K % dense.EVEN_K_STEP.value == 0, buckets, dense.autotune_enabled(),
-               like.dtype is torch.float32 and dense.tf32_allowed())
+               like.dtype is torch.float32 and like.is_cuda and dense.tf32_allowed())
 
     def make():
         flags = dict(

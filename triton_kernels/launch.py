@@ -46,7 +46,6 @@ import torch
 import triton
 
 _Tensor = torch.Tensor
-_INT32 = range(-2 ** 31, 2 ** 31)
 PLANS: dict = {}  # (role, options, specialization(args)) -> Plan
 
 
@@ -55,9 +54,8 @@ def specialization(args: tuple) -> tuple:
     data is 16-byte aligned; an int's being 1, its divisibility by 16 and its width (32 bits, 64). And each
     tensor's device: tensors on another device than the plan's get a key of their own, whose first launch goes
     through Triton's own pointer checks (a clear error), never through a plan's addresses."""
-    return tuple((a.dtype, a.get_device(), a.data_ptr() % 16 == 0) if isinstance(a, _Tensor)
-                 else (a == 1, a % 16 == 0, a in _INT32) if type(a) is int
-                 else a for a in args)
+    return tuple([(a.dtype, a.get_device(), a.data_ptr() & 15 == 0) if isinstance(a, _Tensor)
+                  else (a == 1, a & 15 == 0, -2147483648 <= a < 2147483648) for a in args])  # ints
 
 
 def run(role: str, options: tuple, args: tuple, M: int, N: int, make: Callable[[], dict]) -> "Plan":
@@ -95,8 +93,8 @@ def _hooks_idle() -> bool:
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
-def _addresses(args: tuple) -> tuple:
-    return tuple(a.data_ptr() if isinstance(a, _Tensor) else a for a in args)
+def _addresses(args: tuple) -> list:
+    return [a.data_ptr() if isinstance(a, _Tensor) else a for a in args]
 
 
 class Plan:
