@@ -5,7 +5,7 @@
 
 bench_dense.py times whole steps; at the (1024, 4096) shapes they are bound by the host (Python, launches), so
 the kernels' own speed cannot be read from them. Here each way is captured in a CUDA graph and replayed
-(triton.testing.do_bench_cudagraph): device time only. For a `first` layer (X needs no gradient: ∂C/∂W, ∂C/∂b)
+(triton.testing.do_bench_cudagraph): the GPU's time only. For a `first` layer (X needs no gradient: ∂C/∂W, ∂C/∂b)
 and a `hidden` one (∂C/∂X too), from G and the tensor the forward saved (A, Z or f'(Z): function.saved_kind):
 
     fused        δ formed in a matmul's operand loads (dense.linear_backward(delta_in_loads=True)): a first
@@ -123,7 +123,7 @@ def max_rel_error(results, exact) -> float:
 
 
 def device_ms(fn, cuda: bool, rep_ms: float) -> tuple[float, str]:
-    """(median ms, how measured): a CUDA graph's replays on a GPU (device time only); on the CPU a wall clock."""
+    """(median ms, how measured): a CUDA graph's replays on a GPU (the GPU's time only); on the CPU a wall clock."""
     if not cuda:
         times = []
         for _ in range(3):

@@ -212,7 +212,7 @@ def time_cases(cases: dict, device, rep_ms: float) -> dict:
 
     GPU: triton.testing.do_bench per case (warm-up excluded, L2 flushed between calls).
     CPU: the cases take turns, one call each per round, so that a slow spell of a
-    shared machine hits every implementation alike instead of whichever ran then;
+    busy machine hits every implementation alike instead of whichever ran then;
     rounds go on for rep_ms per case (at least 5, at most 200).
     """
     if device.type == "cuda":
@@ -382,7 +382,7 @@ def main(argv=None) -> int:
                                                       "cublas,eager,manualbp,manualbp-recompute on CPU)")
     parser.add_argument("--activations", default="relu,gelu", help="activations of the single-layer problems")
     parser.add_argument("--problems", default=None, help="comma list of problem names to run, in this order (e.g. linear8192x1024x4096)")
-    parser.add_argument("--rep-ms", type=float, default=None, help="timing budget per measurement (ms)")
+    parser.add_argument("--rep-ms", type=float, default=None, help="time spent timing each measurement (ms)")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--tag", default=None, help="file name stem (default: from the device name)")
     args = parser.parse_args(argv)

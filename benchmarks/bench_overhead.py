@@ -12,12 +12,12 @@ and ``torch.ops.manualbp.matmul`` (where the installed manualbp has it).
 At this size a call is all Python and dispatch: the time is the overhead.
 
 Timing: the implementations take turns, ``--calls`` calls each per turn, for
-``--rounds`` rounds (the first to go rotates), so that a slow spell of a shared
+``--rounds`` rounds (the first to go rotates), so that a slow spell of a busy
 machine hits every implementation alike; the table gives the median over rounds of
 the time per call, in µs, p20/p80, and the ratio to nn's median. On the CPU the
 clock is the thread's CPU time (``time.thread_time``) and PyTorch runs on one
 thread, so all the work of a call (the CPU autograd engine runs the backward on the
-calling thread) is counted and time spent preempted on a shared machine is not;
+calling thread) is counted and time spent preempted on a busy machine is not;
 ``--clock wall`` uses ``time.perf_counter`` instead. On a GPU the clock is wall time. ``fwd+bwd`` is
 ``model(x).backward(grad)`` with x and the parameters requiring grad (grads cleared
 before every call); ``fwd`` is the same forward alone (grad mode on, graph built).

@@ -5,7 +5,7 @@
     python benchmarks/count_instructions.py --manualbp-path /tmp/old_checkout   # another manualbp's code
     python benchmarks/count_instructions.py --impls nn,manualbp-triton          # the GPU's launch path, stubbed
 
-A timing on a shared 2-core machine moves with everything else that runs; an instruction count
+A timing on a busy 2-core machine moves with everything else that runs; an instruction count
 does not. Each (problem, implementation) runs in its own process under ``valgrind --tool=callgrind``
 with instrumentation off until the measured loop (imports, model construction and 50 warm-up
 steps are not counted): a tiny C helper, compiled here with ``cc`` against valgrind's

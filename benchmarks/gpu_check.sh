@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command a session with a GPU runs (device tool: `bash benchmarks/gpu_check.sh`, timeout_s=600).
+# The one command to run on a machine with a GPU: `bash benchmarks/gpu_check.sh` (docs/development.md, "GPU checks").
 # The launch path's figures (warm launch against an empty one, host time against eager's, tiny layers, the CUDA-graph
 # and reduce-overhead tests, the compiled rows) have a run of their own: benchmarks/gpu_launch_check.sh.
 # It stops itself at GPU_CHECK_SECONDS (default 575 s) after its start, each step cut to the time left:
@@ -18,10 +18,10 @@
 #      matmul against cuBLAS at 4096^3 (bf16, fp32, TF32);
 #   6. with the time left: where a step's time goes (host_breakdown.py, now splitting the launches' ~175 µs each
 #      into JITFunction.run's binding, the compiled launch, and that launch given addresses instead of
-#      tensors (no cuPointerGetAttribute per pointer: NOTES.md plan 0); profile_step.py, bench_overhead.py: measured
+#      tensors (no cuPointerGetAttribute per pointer: docs/development.md's plan, step 2); profile_step.py, bench_overhead.py: measured
 #      already), then the δ prologue and the MLP backward fusion off
 #      (MANUALBP_DELTA_PROLOGUE=0, MANUALBP_MLP_FUSION=0).
-# Files in $OUT (the device tool brings back at most 8): gpu_check.log (all of stdout), gpu_tests.log,
+# Files in $OUT (at most 8, the rest packed): gpu_check.log (all of stdout), gpu_tests.log,
 # gpu_failures.log (each failure's traceback as it happened: MANUALBP_FAILURE_LOG, tests/conftest.py), warm.log,
 # bench_backward_<GPU>.csv, bench_dense_<GPU>.csv and .png, extra_runs.tgz (the CSVs and plots of steps 3, 4
 # and 6).
@@ -73,50 +73,50 @@ run_tests "$out/gpu_tests.log" 200 8 150 --ignore=tests/test_special_values.py t
     tests/test_linear.py tests/test_mlp.py tests/test_autocast.py tests/test_compile.py tests/
 tests_rc=$?
 # The warmers should be done by now; they must not run beside the timings.
-timeout "$(budget 30)" tail --pid=$warm_pid -f /dev/null
+timeout "$(capped 30)" tail --pid=$warm_pid -f /dev/null
 kill $warm_pid 2>/dev/null; pkill -f warm_caches.py 2>/dev/null; pkill -f "bench_backward.py --warm-only" 2>/dev/null
 grep -E "^warm" "$out/warm.log" | tail -40
 tail -5 "$warm_backward"
 
 # --- 3. the backward's ways of forming δ, kernels only (CUDA graphs: no host time) ---------------------------
 stamp "bench_backward"
-timeout "$(budget 90)" $py benchmarks/bench_backward.py --out-dir "$extra" 2>&1 | grep -v "^#   MiB"
+timeout "$(capped 90)" $py benchmarks/bench_backward.py --out-dir "$extra" 2>&1 | grep -v "^#   MiB"
 # in_features 2048: between the K where δ in the loads won (1024) and lost (4096): dense.PROLOGUE_MAX_K
-timeout "$(budget 40)" $py benchmarks/bench_backward.py --out-dir "$extra" --problems linear8192x2048x4096 \
+timeout "$(capped 40)" $py benchmarks/bench_backward.py --out-dir "$extra" --problems linear8192x2048x4096 \
     --activations relu,gelu 2>&1 | grep -v "^#"
 cp "$extra"/bench_backward_*.csv "$out"/ 2>/dev/null  # its plot stays in extra_runs.tgz
 
 # --- 4. the TMA configs on (opt-in until a run like this checks them: the table's error column) ---------------
 stamp "TMA configs on"
-MANUALBP_TMA=1 timeout "$(budget 40)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
+MANUALBP_TMA=1 timeout "$(capped 40)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
     --impls eager,manualbp --activations relu,gelu --problems linear8192x1024x4096,linear8192x4096x1024 \
     --out-dir "$extra" --tag "${gpu}_tma_on" 2>&1 | grep -v "^#"
 
 # --- 5. the benchmark -------------------------------------------------------------------------------------
 stamp "bench_dense"
-timeout "$(budget 130)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
+timeout "$(capped 130)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
     --impls eager,compile,manualbp,manualbp-recompute --activations relu,gelu --problems "$problems" \
     --out-dir "$out" 2>&1 | grep -v "^#   MiB"
 echo "bench_dense: exit ${PIPESTATUS[0]}"
 
 stamp "bench_matmul"
-timeout "$(budget 60)" $py benchmarks/bench_matmul.py --size 4096 --dtypes bf16,fp32,fp32-tf32
+timeout "$(capped 60)" $py benchmarks/bench_matmul.py --size 4096 --dtypes bf16,fp32,fp32-tf32
 # --- 6. with the time left: where a step's time goes (host against device, each kernel), the fusions off ----
 stamp "host breakdown"
-timeout "$(budget 35)" $py benchmarks/host_breakdown.py --problem linear8192x1024x4096 --activation relu 2>&1 \
+timeout "$(capped 35)" $py benchmarks/host_breakdown.py --problem linear8192x1024x4096 --activation relu 2>&1 \
     | grep -v "^ *\[W\|USDT"
 stamp "profile"
-timeout "$(budget 40)" $py benchmarks/profile_step.py --problem linear8192x1024x4096 --activation relu \
+timeout "$(capped 40)" $py benchmarks/profile_step.py --problem linear8192x1024x4096 --activation relu \
     --impls eager,manualbp --rows 8 2>&1 | grep -v "^ *\[W\|USDT"
 stamp "bench_overhead"
-timeout "$(budget 20)" $py benchmarks/bench_overhead.py --rounds 300 --out-dir "$extra" 2>&1 | grep -v "^#   "
+timeout "$(capped 20)" $py benchmarks/bench_overhead.py --rounds 300 --out-dir "$extra" 2>&1 | grep -v "^#   "
 
 stamp "delta prologue off"
-MANUALBP_DELTA_PROLOGUE=0 timeout "$(budget 40)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
+MANUALBP_DELTA_PROLOGUE=0 timeout "$(capped 40)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
     --impls eager,manualbp --activations relu,gelu --problems linear8192x1024x4096,linear8192x4096x1024 \
     --out-dir "$extra" --tag "${gpu}_delta_prologue_off" 2>&1 | grep -v "^#"
 stamp "MLP fusion off"
-MANUALBP_MLP_FUSION=0 timeout "$(budget 25)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
+MANUALBP_MLP_FUSION=0 timeout "$(capped 25)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
     --impls eager,manualbp --problems mlp8192x1024x4096 --out-dir "$extra" --tag "${gpu}_mlp_fusion_off" 2>&1 \
     | grep -v "^#"
 tar czf "$out/extra_runs.tgz" -C "$extra" . 2>/dev/null

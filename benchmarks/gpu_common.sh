@@ -1,5 +1,5 @@
-# Sourced by benchmarks/gpu_check.sh and benchmarks/gpu_followup.sh (not run on its own): what both runs of a GPU
-# lease do alike. Before sourcing, a script sets DEFAULT_SECONDS (where it stops itself unless GPU_CHECK_SECONDS
+# Sourced by benchmarks/gpu_check.sh and benchmarks/gpu_followup.sh (not run on its own): what both GPU runs
+# do alike. Before sourcing, a script sets DEFAULT_SECONDS (where it stops itself unless GPU_CHECK_SECONDS
 # says otherwise).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -10,8 +10,8 @@ py=python3
 start=$(date +%s)
 deadline=$((start + ${GPU_CHECK_SECONDS:-$DEFAULT_SECONDS}))
 left() { echo $((deadline - $(date +%s))); }
-# budget WANT: WANT seconds, or what is left before the deadline (keeping 10 s to pack up), at least 1
-budget() { local l=$(($(left) - 10)); [ "$l" -lt "$1" ] && echo $((l > 1 ? l : 1)) || echo "$1"; }
+# capped WANT: WANT seconds, or what is left before the deadline (keeping 10 s to pack up), at least 1
+capped() { local l=$(($(left) - 10)); [ "$l" -lt "$1" ] && echo $((l > 1 ? l : 1)) || echo "$1"; }
 stamp() { echo "=== $1 at $(( $(date +%s) - start )) s"; }
 
 # The machine's versions, then manualbp installed (editable, no network: the machine has torch and triton).
@@ -38,7 +38,7 @@ run_tests() {
     $py -c "import xdist" 2>/dev/null && xdist="-n $workers"
     $py -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=$per_test_s"
     began=$(date +%s)
-    MANUALBP_AUTOTUNE=0 MANUALBP_FAILURE_LOG="$out/gpu_failures.log" timeout -s INT -k 15 "$(budget "$seconds")" \
+    MANUALBP_AUTOTUNE=0 MANUALBP_FAILURE_LOG="$out/gpu_failures.log" timeout -s INT -k 15 "$(capped "$seconds")" \
         $py -m pytest -v -rfE --durations=25 $xdist $per_test -p no:cacheprovider -m "not compile_report" "$@" \
         > "$log" 2>&1
     rc=$?

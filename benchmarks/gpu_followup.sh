@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# The second run of a GPU lease, after gpu_check.sh (device tool: `bash benchmarks/gpu_followup.sh`,
-# timeout_s = what the lease has left, less a start of ~30 s). It stops itself at GPU_CHECK_SECONDS (default 220 s,
-# what a 900 s lease has left after gpu_check.sh and two starts; set it to timeout_s - 20 otherwise):
+# The second run on a GPU machine, after gpu_check.sh: `bash benchmarks/gpu_followup.sh`. It stops itself at
+# GPU_CHECK_SECONDS (default 220 s: what is left of 15 minutes after gpu_check.sh; set it to the time you have):
 #   1. install manualbp (as gpu_check.sh);
 #   2. the tests gpu_check.sh leaves out: test_special_values.py (NaN, inf, -0.0 and subnormals through every
 #      activation, dtype and layer structure, against nn.Linear + the activation), on all but two of the

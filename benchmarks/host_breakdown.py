@@ -3,7 +3,7 @@
     python benchmarks/host_breakdown.py                        # linear8192x1024x4096 relu, bf16
     python benchmarks/host_breakdown.py --problem linear8192x4096x1024 --activation gelu
 
-On the H200 (benchmarks/NOTES.md) a manualbp step at (1024, 4096) took 1.2-1.3 ms of host time against eager's
+On the H200 (docs/performance.md) a manualbp step at (1024, 4096) took 1.2-1.3 ms of host time against eager's
 0.45; Python's profiler put ~40% of it in Triton's JITFunction.run, but launching the compiled kernel directly
 past it changed nothing (1.33 against 1.31 ms): the profiler inflates Python calls. This times the parts one by
 one instead, each as the median over --rounds rounds of --calls back-to-back calls (time.perf_counter, µs per

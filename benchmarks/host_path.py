@@ -4,7 +4,7 @@ replaced by a no-op.
     python benchmarks/host_path.py                       # Linear(512, 512, relu) and MLP([512, 512, 512]), fwd+bwd
     python benchmarks/host_path.py --cprofile 300        # and where that time goes
 
-On the H200 (benchmarks/NOTES.md) a manualbp step at (1024, 4096) took 1.59 ms of host time for 0.40 ms of
+On the H200 (docs/performance.md) a manualbp step at (1024, 4096) took 1.59 ms of host time for 0.40 ms of
 kernels: the Python around the kernels decides the speed there. This runs the same Python — module, functional,
 autograd Function, operators, launchers, the launch plans (`triton_kernels/launch.py`: key, lookup, addresses,
 the compiled launcher's call) — on CPU tensors,

@@ -1,4 +1,4 @@
-"""Where a forward+backward's time goes on a GPU: each kernel's device time, the host's time per call, the tiles.
+"""Where a forward+backward's time goes on a GPU: each kernel's time on the GPU, the host's time per call, the tiles.
 
     python benchmarks/profile_step.py --problem linear8192x1024x4096 --activation relu
     python benchmarks/profile_step.py --problem mlp8192x1024x4096 --impls eager,manualbp
@@ -7,7 +7,7 @@ For each implementation (bench_dense.py's models, shapes and dtype): after a fir
 --calls calls back to back; "host ms/call" is the time the Python thread took to issue them (kernels queue
 behind it), "wall ms/call" the time until the GPU finished them. When host ≈ wall the step is bound by the
 host (Python, dispatch, launches), not by the kernels. Then torch.profiler over the same calls: the kernels by
-device time. Last, the tile the autotuner chose for every manualbp matmul launch it tuned.
+time on the GPU. Last, the tile the autotuner chose for every manualbp matmul launch it tuned.
 With --cprofile N: also Python's profiler over N more calls of each implementation, the functions by their own
 time and by cumulative time (where the host's time goes, for a step bound by it).
 """
@@ -39,7 +39,7 @@ def print_kernels_in_order(prof, calls: int) -> None:
         print(f"(kernels in order: {len(kernels)} kernel events for {calls} steps, not a whole number per step)")
         return
     per_step = len(kernels) // calls
-    print(f"### kernels in launch order, mean over {calls} steps (µs of device time)")
+    print(f"### kernels in launch order, mean over {calls} steps (µs on the GPU)")
     for place in range(per_step):
         events = kernels[place::per_step]
         times = [e.time_range.elapsed_us() for e in events]  # a device event's interval is its kernel's run

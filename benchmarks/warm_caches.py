@@ -4,7 +4,7 @@
     python benchmarks/warm_caches.py --compile --worker 0 --workers 2
 
 Triton's autotuner compiles its configs one after another, each a few seconds of ptxas, inside the
-benchmark's first call: at the benchmark's shapes that is minutes, which a short GPU lease cannot spare.
+benchmark's first call: at the benchmark's shapes that is minutes, which a short GPU run cannot spare.
 This script runs what bench_dense.py runs (the same modules, shapes, dtype, hence the same kernel
 specialisations), once, with no timing, in N processes side by side: in worker i every autotuned launch
 offers only the i-th of the configs the autotuner would keep for it (i mod how many it keeps), so the N

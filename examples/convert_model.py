@@ -8,7 +8,9 @@ nothing is downloaded), makes a deep copy, and calls
 
 which turns every plain nn.Linear into a manualbp.Linear that keeps the very same
 Parameters (so optimizers and tied weights carry over) and, inside an nn.Sequential,
-fuses a following activation module into it. It prints that report, then trains
+fuses the activation into it, inside an nn.Sequential or, by the module patterns of
+manualbp/patterns.py, inside the model's own blocks (BERT's intermediate layers, a
+Llama MLP's gating). It prints that report, then trains
 the original and the converted model for a few steps with the same optimizer on
 the same batches and prints both losses at every step and their largest difference.
 Then ``manualbp.revert`` turns a copy of the trained model back into plain PyTorch
@@ -19,9 +21,11 @@ and onnxruntime's logits are compared with PyTorch's on batches of other sizes.
 
     ctrl   CTRLLMHeadModel (GPT-like): attention projections, nn.Sequential(Linear,
            ReLU, Linear) feed-forward blocks (ReLU fused), lm_head tied to the embedding
-    bert   BertForMaskedLM: attention, GELU feed-forward (not a Sequential: not fused),
-           the decoder tied to the word embedding
+    bert   BertForMaskedLM: attention, GELU feed-forward (BertIntermediate: fused by the
+           Linear + activation pattern), the decoder tied to the word embedding
     vit    ViTForImageClassification on random 16x16 images
+    llama  LlamaForCausalLM: gated SwiGLU MLPs, down(silu(gate(x)) * up(x)); each LlamaMLP
+           becomes a manualbp.GatedMLP (the gated pattern), its state_dict keys unchanged
 
 Needs the `examples` extra:  pip install -e ".[examples]"  (transformers).
 """
@@ -57,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"{EXIT_MISSING_DEPENDENCY} transformers is missing"
         ),
     )
-    parser.add_argument("--model", default="ctrl", choices=("ctrl", "bert", "vit"), help="which model to build")
+    parser.add_argument("--model", default="ctrl", choices=("ctrl", "bert", "vit", "llama"), help="which model to build")
     parser.add_argument("--hidden-size", type=int, default=32, help="model width (a multiple of --heads)")
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks")
     parser.add_argument("--heads", type=int, default=2, help="attention heads")
@@ -128,6 +132,11 @@ def build(args, transformers, torch):
                                          max_position_embeddings=length, hidden_dropout_prob=0.0,
                                          attention_probs_dropout_prob=0.0)
         model = transformers.BertForMaskedLM(config)
+    elif args.model == "llama":
+        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
+                                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                                          num_key_value_heads=args.heads, max_position_embeddings=length)
+        model = transformers.LlamaForCausalLM(config)
     else:
         config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=width,
                                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -141,7 +150,7 @@ def build(args, transformers, torch):
             pixels = torch.randn(args.batch_size, 3, 16, 16, generator=generator)
             return {"pixel_values": pixels}, torch.randint(0, 5, (args.batch_size,), generator=generator)
         ids = torch.randint(0, vocab, (args.batch_size, length), generator=generator)
-        if args.model == "ctrl":
+        if args.model in ("ctrl", "llama"):
             return {"input_ids": ids}, ids[:, 1:]  # next-token prediction
         targets = torch.full_like(ids, -100)  # masked LM: 3 tokens per sequence hidden behind [MASK] = 0
         positions = torch.randint(0, length, (args.batch_size, 3), generator=generator)
@@ -151,7 +160,7 @@ def build(args, transformers, torch):
     def loss_fn(logits, targets):
         # Cross-entropy in the model's dtype: transformers' own loss casts the logits to float32,
         # which would round away the float64 digits this comparison is about.
-        if args.model == "ctrl":
+        if args.model in ("ctrl", "llama"):
             logits = logits[:, :-1]
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                  ignore_index=-100)
@@ -162,7 +171,7 @@ def build(args, transformers, torch):
     return model, description, make_batch, loss_fn
 
 
-def check_in_onnxruntime(args, model, make_batch, generator, torch):
+def check_in_onnxruntime(args, model, make_batch, generator, torch, label="the trained model"):
     """Export ``model`` to ONNX (dynamo=True, the batch axis dynamic) and run it in onnxruntime.
 
     Returns the largest |logits (PyTorch) - logits (onnxruntime)| over a batch of one and a
@@ -212,7 +221,7 @@ def check_in_onnxruntime(args, model, make_batch, generator, torch):
         with torch.no_grad():
             worst = max(worst, (torch.from_numpy(result) - logits(value)).abs().max().item())
     operators = sorted({node.op_type for node in exported.model_proto.graph.node})
-    print(f"\nONNX: torch.onnx.export(dynamo=True) of the trained model, batch axis dynamic; "
+    print(f"\nONNX: torch.onnx.export(dynamo=True) of {label}, batch axis dynamic; "
           f"{len(exported.model_proto.graph.node)} nodes ({', '.join(operators)}); "
           f"|logits (PyTorch) - logits (onnxruntime)| at batch sizes 1 and {2 * args.batch_size} = {worst:.3e}")
     return worst
@@ -293,10 +302,18 @@ def main(argv=None) -> int:
           f"{reverted_difference:.3e}")
 
     # Shipping without reverting: the trained model itself to ONNX, checked in onnxruntime.
+    state = generator.get_state()
     onnx_difference = check_in_onnxruntime(args, converted.eval(), make_batch, generator, torch)
+    onnx_tolerance = args.tolerance
+    if args.model == "llama" and onnx_difference is not None:
+        # Llama's RMSNorm computes in float32 whatever the model's dtype, and onnxruntime's float32 ops round
+        # differently from PyTorch's: the original model's own difference, on the same batches, is the yardstick.
+        baseline = check_in_onnxruntime(args, original.eval(), make_batch, generator.set_state(state), torch,
+                                        label="the original model, for comparison")
+        onnx_tolerance = max(args.tolerance, 2 * baseline)
 
     ok = (worst <= args.tolerance and left == 0 and len(report.replaced) > 0 and left_manualbp == 0 and same_keys
-          and reverted_difference <= args.tolerance and (onnx_difference is None or onnx_difference <= args.tolerance))
+          and reverted_difference <= args.tolerance and (onnx_difference is None or onnx_difference <= onnx_tolerance))
     print(f"\nmax |loss difference| = {worst:.3e} (tolerance {args.tolerance:g}); "
           f"max |parameter difference| after training = {parameters:.3e}: {'OK' if ok else 'MISMATCH'}")
     return EXIT_OK if ok else EXIT_MISMATCH

@@ -7,8 +7,10 @@ The equations live in ``manualbp.reference``; the Triton kernels in
 ``manualbp.triton_kernels``. Importing manualbp needs neither Triton nor a GPU.
 
 Beyond one layer: ``manualbp.MLP`` (a stack as one autograd node, ``mlp.py`` and
-``mlp_function.py``), ``manualbp.convert`` (nn.Linear -> manualbp.Linear in any
-model, ``conversion.py``).
+``mlp_function.py``), ``manualbp.GatedMLP`` (a Llama-family MLP, its gating
+A = f(X W_gᵀ + b_g) ⊙ (X W_uᵀ + b_u) one autograd node: ``gated*.py``),
+``manualbp.convert`` (nn.Linear -> manualbp.Linear in any model, ``conversion.py``; the
+fusions inside a model's own blocks by the module patterns of ``patterns.py``).
 
 The layers, bottom up: the Triton kernels and their launchers (``triton_kernels/``)
 and the reference (``reference.py``), both reached as PyTorch operators
@@ -24,6 +26,8 @@ from .activations import ACTIVATIONS, Activation, get_activation
 from .backends import BACKENDS, get_backend, set_backend, use_backend
 from .conversion import ConversionReport, convert
 from .function import LinearFunction
+from .gated import GatedMLP
+from .gated_function import GatedLinearFunction
 from .memory import saved_bytes
 from .mlp import MLP
 from .mlp_function import MLPFunction
@@ -37,6 +41,8 @@ __all__ = [
     "Activation",
     "BACKENDS",
     "ConversionReport",
+    "GatedLinearFunction",
+    "GatedMLP",
     "Linear",
     "LinearFunction",
     "MLP",

@@ -297,14 +297,16 @@ def torch_module(activation: "str | Activation") -> nn.Module:
     return _TABLE[activation.name].module(**activation._options)
 
 
-def from_torch_module(module: Optional[nn.Module]) -> Optional["Activation"]:
-    """The activation that ``module`` computes, or None if the catalogue has none for it.
+def _module_activation(module: nn.Module) -> Optional["Activation"]:
+    """The activation an nn.Module instance computes (nn.Identity included), or None.
 
-    Exact classes only (a subclass may compute something else); nn.Identity is not an activation here.
+    Exact classes only (a subclass may compute something else); the options are read off the
+    instance (LeakyReLU's negative_slope, GELU's approximate). ``inplace`` changes no value of
+    the layer's output, so it is accepted (the fused layer writes its output once, in any case).
     """
     for name, entry in _TABLE.items():
         options = {"negative_slope": getattr(module, "negative_slope", None)} if name == "leaky_relu" else {}
-        if name == "identity" or None in options.values():
+        if None in options.values():
             continue
         candidate = entry.module(**options)
         if type(module) is type(candidate) and getattr(module, "approximate", None) == getattr(
@@ -313,19 +315,116 @@ def from_torch_module(module: Optional[nn.Module]) -> Optional["Activation"]:
     return None
 
 
-def get_activation(name: "str | Activation", **options) -> Activation:
-    """Look up an activation by name and bind its options.
+def from_torch_module(module: Optional[nn.Module]) -> Optional["Activation"]:
+    """The activation that ``module`` computes, or None if the catalogue has none for it.
 
-    The only option is ``negative_slope`` (float, default 0.01) of ``leaky_relu``.
-    Raises ValueError for an unknown name (listing the valid ones), for an option
-    the activation does not take, and for a bad option value.
+    Exact classes only (a subclass may compute something else); nn.Identity is not an activation here.
     """
+    if type(module) is nn.Identity:
+        return None
+    return _module_activation(module)
+
+
+# transformers' activation modules (transformers.activations, exact classes matched by name, so that
+# transformers need not be imported): the catalogue's function each computes, and how its numbers differ
+# from the catalogue's f. Only convert's module patterns take these (manualbp.patterns), and each fusion is
+# checked there against the block's own forward in float64 before it is applied; get_activation does not
+# (it takes the modules computed exactly). QuickGELU (x σ(1.702 x)), ClippedGELU, ReLU², Mish, xIELU, ...:
+# no catalogue function, not mapped.
+TRANSFORMERS_ACTIVATIONS = {
+    "GELUActivation": ("gelu", "none: nn.functional.gelu (with use_gelu_python=True: x/2 (1 + erf(x/√2)) in "
+                               "separate ops, which rounds differently)"),
+    "GELUTanh": ("gelu_tanh", "none: nn.functional.gelu(approximate='tanh') (with use_gelu_tanh_python=True: "
+                              "the tanh formula in separate ops, which rounds differently)"),
+    "PytorchGELUTanh": ("gelu_tanh", "none: nn.functional.gelu(approximate='tanh') (an alias of GELUTanh)"),
+    "NewGELUActivation": ("gelu_tanh", "the tanh formula in separate ops: rounding only"),
+    "AccurateGELUActivation": ("gelu_tanh", "the tanh formula in separate ops: rounding only"),
+    "FastGELUActivation": ("gelu_tanh", "sqrt(2/pi) rounded to 0.7978845608 (3.6e-12 relative) and the formula in "
+                                        "separate ops"),
+    "SiLUActivation": ("silu", "none: nn.functional.silu"),
+}
+
+
+def from_model_module(module: Optional[nn.Module]) -> Optional["Activation"]:
+    """:func:`from_torch_module`, and transformers' activation modules of TRANSFORMERS_ACTIVATIONS too."""
+    if type(module).__module__ == "transformers.activations" and type(module).__name__ in TRANSFORMERS_ACTIVATIONS:
+        return get_activation(TRANSFORMERS_ACTIVATIONS[type(module).__name__][0])
+    return from_torch_module(module)
+
+
+def _module_class_name(module_class) -> Optional[str]:
+    """The catalogue's name for an activation module class with its default options (nn.GELU: 'gelu'), or None."""
+    for name, entry in _TABLE.items():  # table order: 'gelu' before 'gelu_tanh', both nn.GELU
+        if module_class is type(entry.module()):
+            return name
+    return None
+
+
+# Names in any letter case: the catalogue's ('leaky_relu') and its PyTorch modules' class names ('LeakyReLU');
+# where two share a class (nn.GELU), the class name means the class's default (approximate='none': 'gelu').
+def _aliases() -> dict:
+    aliases = {}
+    for name, entry in _TABLE.items():
+        aliases.setdefault(name.lower(), name)
+        aliases.setdefault(type(entry.module()).__name__.lower(), name)
+    return aliases
+
+
+_ALIASES = _aliases()
+
+
+def _accepted() -> str:
+    """What get_activation accepts, for its errors."""
+    return (f"one of: {', '.join(ACTIVATIONS)} (any letter case, or the PyTorch class's name such as 'LeakyReLU'), "
+            f"an Activation, or one of the PyTorch modules nn.Identity, nn.ReLU, nn.LeakyReLU, "
+            f"nn.GELU (approximate='none' or 'tanh'), nn.SiLU, nn.Sigmoid, nn.Tanh, as an instance or the class "
+            f"(exact classes, not subclasses)")
+
+
+def _resolve_module(activation, options: dict) -> "str | Activation":
+    """An activation given as a PyTorch module instance or class, as get_activation takes it."""
+    if isinstance(activation, nn.Module):
+        if options:
+            raise ValueError(f"activation options {sorted(options)} cannot be given with a module instance "
+                             f"({activation!r}): they are read off the module")
+        from .modules import has_hooks  # modules imports this module
+
+        if has_hooks(activation):
+            raise ValueError(f"activation module {activation!r} has hooks, which a manualbp layer would never "
+                             f"call; pass the module without hooks, or its name")
+        bound = _module_activation(activation)
+        what = f"module {activation!r} ({type(activation).__module__}.{type(activation).__qualname__})"
+    else:
+        bound = _module_class_name(activation)
+        what = f"class {activation.__module__}.{activation.__qualname__}"
+    if bound is None:
+        raise ValueError(f"activation {what} is not one manualbp computes exactly; "
+                         f"expected {_accepted()}")
+    return bound
+
+
+def get_activation(name: "str | Activation | nn.Module | type", **options) -> Activation:
+    """Look up an activation and bind its options.
+
+    ``name``: a name of ACTIVATIONS in any letter case ('GELU', 'Relu'), or the name of its
+    PyTorch module class ('LeakyReLU'); an Activation (returned as it is); or a PyTorch
+    activation module, an instance (nn.GELU(approximate='tanh'), nn.LeakyReLU(0.2): options
+    read off it) or the class (nn.SiLU; nn.LeakyReLU: its default slope 0.01, as PyTorch's).
+    Exact classes only: a subclass, or a module the catalogue does not compute exactly
+    (nn.ReLU6, nn.Softplus, ...), is a ValueError naming what is accepted.
+    The only option is ``negative_slope`` (float, default 0.01) of ``leaky_relu``.
+    Raises ValueError for an unknown name (listing the valid ones), TypeError for an option
+    the activation does not take, and ValueError for a bad option value.
+    """
+    if isinstance(name, nn.Module) or (isinstance(name, type) and issubclass(name, nn.Module)):
+        name = _resolve_module(name, options)
     if isinstance(name, Activation):
         if options:
             raise ValueError(f"activation options {sorted(options)} cannot be given with an Activation object")
         return name
-    if not isinstance(name, str) or name not in _TABLE:
-        raise ValueError(f"unknown activation {name!r}; expected one of: {', '.join(ACTIVATIONS)}")
+    if not isinstance(name, str) or name.lower() not in _ALIASES:
+        raise ValueError(f"unknown activation {name!r}; expected {_accepted()}")
+    name = _ALIASES[name.lower()]
     allowed = {"negative_slope"} if name == "leaky_relu" else set()
     unknown = sorted(set(options) - allowed)
     if unknown:  # an unexpected keyword argument, as Python reports one: TypeError

@@ -8,7 +8,7 @@
     autotune        bool   GPU matmuls autotune their tile                      MANUALBP_AUTOTUNE=0 turns off
     tma             bool   the autotuner may pick the TMA + persistent matmul configs (sm_90+)   MANUALBP_TMA=1 turns on
                            (off by default: on an H200 one TMA tile gave wrong products with the prologue, now
-                           not offered there, and the others are unchecked at full size; see benchmarks/NOTES.md)
+                           not offered there, and the others are unchecked at full size; see docs/performance.md)
 
 The environment is read once, when manualbp is imported; afterwards only
 :func:`set` and :func:`override` change a setting. A bad MANUALBP_BACKEND is

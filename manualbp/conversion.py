@@ -13,6 +13,12 @@ replaced by ``nn.Identity`` so that the indices (and state_dict keys) stay valid
 
     nn.ReLU, nn.LeakyReLU, nn.GELU (approximate='none' or 'tanh'), nn.SiLU, nn.Sigmoid, nn.Tanh
 
+Inside a model's own blocks (BERT's intermediate layer, GPT-2's MLP of transformers
+``Conv1D`` layers, a Llama MLP's gating, ...) the fusions come from the table of module
+patterns in ``manualbp/patterns.py``, each checked against the block's own forward before
+it is applied; transformers' ``Conv1D`` layers are converted too, keeping their
+transposed weight Parameter.
+
 A fusion changes what the Linear outputs, so it is not done where that would be
 visible: when either module has hooks, or when the Linear also appears elsewhere
 in the model.
@@ -32,7 +38,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import backends, config
+from . import backends, config, patterns
 from .activations import Activation, from_torch_module, get_activation, torch_module
 from .modules import Linear, has_hooks
 
@@ -59,14 +65,18 @@ def module_for_activation(activation: Union[str, Activation]) -> nn.Module:
 
 @dataclass(frozen=True)
 class Replacement:
-    """One nn.Linear made a manualbp.Linear: its qualified name ('' for the model itself),
-    its former class, the activation fused into it ('identity' if none), and the
-    qualified name of the activation module replaced by nn.Identity (or None)."""
+    """One module made a manualbp module: its qualified name ('' for the model itself),
+    its former class, the activation fused into it ('identity' if none), the qualified
+    name of the activation module replaced by nn.Identity (or by ``patterns.Fused``; None
+    if none), the module pattern that found the fusion (``manualbp.patterns``; None in an
+    nn.Sequential or for a lone Linear), and what the module became."""
 
     name: str
     original: str
     activation: str
     fused: Optional[str] = None
+    pattern: Optional[str] = None
+    result: str = "manualbp.Linear"
 
 
 @dataclass(frozen=True)
@@ -88,8 +98,10 @@ class ConversionReport:
     def __str__(self) -> str:
         lines = [f"manualbp.convert: {len(self.replaced)} replaced, {len(self.skipped)} left alone"]
         for r in self.replaced:
-            fused = f" + {r.fused} (now nn.Identity)" if r.fused else ""
-            lines.append(f"  replaced {r.name or '<model>'} ({r.original}{fused}) -> manualbp.Linear({r.activation})")
+            slot = "nn.Identity" if r.pattern is None else "Fused"
+            fused = f" + {r.fused} (now {slot})" if r.fused else ""
+            pattern = f" [pattern: {r.pattern}]" if r.pattern else ""
+            lines.append(f"  replaced {r.name or '<model>'} ({r.original}{fused}) -> {r.result}({r.activation}){pattern}")
         return "\n".join(lines + _skipped_lines(self.skipped))
 
 
@@ -113,6 +125,28 @@ def _qualified(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def in_model_order(model: nn.Module, *entries: list) -> None:
+    """Sort each list of report entries (with a ``name``) as model.named_modules() lists their modules."""
+    order = {}
+    for name, _ in model.named_modules(remove_duplicate=False):
+        order.setdefault(name, len(order))
+    for entry_list in entries:
+        entry_list.sort(key=lambda entry: order.get(entry.name, len(order)))
+
+
+def parameters_problem(module: nn.Module) -> Optional[str]:
+    """None if a Linear's (or Conv1D's) weight and bias are plain Parameters a manualbp layer can use, else why not."""
+    if parametrize.is_parametrized(module):
+        return "parametrized (torch.nn.utils.parametrize); its weight is computed, not a Parameter"
+    for name in ("weight", "bias"):
+        value = getattr(module, name, None)
+        if value is not None and not isinstance(value, nn.Parameter):
+            return f"its {name} is a {type(value).__name__}, not an nn.Parameter"
+        if isinstance(value, nn.parameter.UninitializedParameter):
+            return f"its {name} is not initialized yet (nn.LazyLinear before its first forward)"
+    return None
+
+
 class _Converter:
     def __init__(self, model: nn.Module, fuse: bool, include_subclasses, backend: Optional[str]):
         self.fuse = fuse
@@ -134,24 +168,50 @@ class _Converter:
             if not wanted:
                 return (f"a subclass of nn.Linear ({type(module).__qualname__}) whose forward may differ; "
                         f"pass include_subclasses=True or a tuple of classes to convert it")
-        if parametrize.is_parametrized(module):
-            return "parametrized (torch.nn.utils.parametrize); its weight is computed, not a Parameter"
-        for name in ("weight", "bias"):
-            value = getattr(module, name, None)
-            if value is not None and not isinstance(value, nn.Parameter):
-                return f"its {name} is a {type(value).__name__}, not an nn.Parameter"
-            if isinstance(value, nn.parameter.UninitializedParameter):
-                return f"its {name} is not initialized yet (nn.LazyLinear before its first forward)"
-        return None
+        return parameters_problem(module)
 
     def make(self, module: nn.Linear, activation: Activation, name: str, fused: Optional[str]) -> None:
         original = type(module).__qualname__
-        if type(module) is not nn.Linear:
-            module._manualbp_original_class = type(module)  # for manualbp.revert
-        module.__class__ = Linear  # same object: Parameters, hooks, attributes and references stay valid
-        module.activation = activation
-        module.backend = self.backend
+        patterns.make_manualbp(module, activation, self.backend)
         self.report.replaced.append(Replacement(name, original, _describe(activation), fused))
+
+    def visit_patterns(self, model: nn.Module) -> None:
+        """The module patterns (manualbp.patterns) in every block with fuse=True, and every transformers
+        Conv1D; before :meth:`visit`, which then converts the Linears left."""
+        matcher = patterns.Matcher(parameters_problem, self.uses)
+        identity = get_activation("identity")
+        for path, block in list(model.named_modules()):
+            if not self.fuse or isinstance(block, patterns.SKIPPED_BLOCKS):
+                continue
+            found, reasons = matcher.find(block)
+            for fusion in found:
+                original = {name: type(child).__qualname__ for name, child in block._modules.items()
+                            if child is not None}
+                original[""] = type(block).__qualname__
+                patterns.apply(block, fusion, self.backend)
+                act = _qualified(path, fusion.act)
+                if fusion.gated is None:
+                    linear = block._modules[fusion.linear]
+                    self.report.replaced.append(Replacement(
+                        _qualified(path, fusion.linear), original[fusion.linear], _describe(fusion.activation), act,
+                        fusion.pattern, patterns.result_name(linear)))
+                    continue
+                self.report.replaced.append(Replacement(path, original[""], _describe(fusion.activation), act,
+                                                        fusion.pattern, patterns.result_name(block)))
+                for name in (fusion.gated.gate, fusion.gated.up):
+                    if name is not None:
+                        self.report.replaced.append(Replacement(_qualified(path, name), original[name], "identity"))
+            if reasons:
+                self.report.skipped.append(Skipped(path, type(block).__qualname__, "; ".join(reasons)))
+        for path, module in list(model.named_modules()):
+            if patterns.is_conv1d(module):
+                reason = parameters_problem(module)
+                if reason is not None:
+                    self.report.skipped.append(Skipped(path, "Conv1D", reason))
+                    continue
+                patterns.make_manualbp(module, identity, self.backend)
+                self.report.replaced.append(Replacement(path, "Conv1D", "identity",
+                                                        result=patterns.result_name(module)))
 
     def visit(self, root: nn.Module, prefix: str = "") -> None:
         if id(root) in self.visited:
@@ -193,12 +253,13 @@ def convert(
     backend: Optional[str] = None,
     return_report: bool = False,
 ) -> Union[nn.Module, Tuple[nn.Module, ConversionReport]]:
-    """Replace every ``nn.Linear`` of ``model`` by a ``manualbp.Linear``; returns the model.
+    """Replace every ``nn.Linear`` (and transformers ``Conv1D``) of ``model`` by a manualbp layer; returns the model.
 
     model               any nn.Module (an nn.Linear itself is converted too)
     inplace             True: change ``model`` itself; False: convert a deep copy
     fuse                fuse a Linear with the supported activation module that follows
-                        it in an nn.Sequential (the activation becomes nn.Identity)
+                        it in an nn.Sequential (the activation becomes nn.Identity), and
+                        in the blocks the module patterns recognise (manualbp.patterns)
     include_subclasses  False: convert exact nn.Linear only; True: every subclass too;
                         a tuple of classes: those subclasses too
     backend             pin the converted layers to 'triton' or 'reference' (None: global setting)
@@ -226,5 +287,7 @@ def convert(
         holder._modules[""] = model
         converter.visit(holder)
     else:
+        converter.visit_patterns(model)
         converter.visit(model)
+        in_model_order(model, converter.report.replaced, converter.report.skipped)
     return (model, converter.report) if return_report else model

@@ -1,4 +1,7 @@
-"""``manualbp.functional.linear``: the dense layer as a function, like ``torch.nn.functional.linear``."""
+"""``manualbp.functional.linear``: the dense layer as a function, like ``torch.nn.functional.linear``.
+
+``gated_linear`` (the gated layer, ``gated.py``) is importable from here too.
+"""
 
 from __future__ import annotations
 
@@ -197,8 +200,9 @@ def linear(
     """A = f(input Wᵀ + b) with the hand-written backward and jvp.
 
     input [..., in_features], weight [out_features, in_features], bias [out_features]
-    or None -> [..., out_features]. ``activation`` is one of manualbp.ACTIVATIONS
-    (options such as ``negative_slope=`` for leaky_relu go in ``activation_options``);
+    or None -> [..., out_features]. ``activation`` is a name of manualbp.ACTIVATIONS (any
+    letter case) or a PyTorch activation module or class (see manualbp.get_activation;
+    options such as ``negative_slope=`` for leaky_relu go in ``activation_options``);
     ``backend`` is 'auto', 'triton' or 'reference' (None: the global setting).
     Under ``torch.autocast`` the inputs are cast to the autocast dtype, as nn.Linear's are.
     """
@@ -216,3 +220,6 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activ
                      forward_save(backend, activation), direct)[0]
     # no_grad / inference_mode / nothing requires grad: compute A only, keep nothing
     return ops.route(direct).linear_forward(x, weight, bias, activation, "", backend)[0]
+
+
+from .gated import gated_linear  # noqa: E402 - gated.py builds on this module

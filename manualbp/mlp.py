@@ -43,7 +43,8 @@ def mlp(
     """A stack of dense layers with the hand-written backward, as one autograd node.
 
     input [..., sizes[0]], weights[l] [sizes[l+1], sizes[l]], biases[l] [sizes[l+1]] or
-    None, activations[l] a name of manualbp.ACTIVATIONS or an Activation -> [..., sizes[-1]].
+    None, activations[l] what manualbp.get_activation takes (a name, an Activation, a PyTorch activation
+    module or its class) -> [..., sizes[-1]].
     ``recompute=True`` keeps only the input and each pre-activation Z for the backward.
     Under ``torch.autocast`` every input is cast to the autocast dtype, as nn.Linear's are.
     """
@@ -106,8 +107,9 @@ class MLP(nn.Module):
 
     ``MLP(sizes=[in, h1, ..., out])``: input [..., in] -> output [..., out]. Layer l maps
     sizes[l] to sizes[l+1]; hidden layers apply ``activation``, the last one
-    ``last_activation`` (names of manualbp.ACTIVATIONS, or Activation objects from
-    ``manualbp.get_activation`` for options such as leaky_relu's ``negative_slope``).
+    ``last_activation`` (names of manualbp.ACTIVATIONS in any letter case, PyTorch
+    activation modules such as nn.LeakyReLU(0.2) or classes such as nn.SiLU, or
+    Activation objects from ``manualbp.get_activation``).
 
     ``recompute=True`` keeps for the backward only the input and each pre-activation
     Z, and recomputes every hidden A = f(Z) in the backward: less memory than

@@ -26,8 +26,9 @@ class Linear(nn.Linear):
     input [..., in_features] -> output [..., out_features], a = f(x Wᵀ + b).
     Same parameters, shapes, names, initialisation and ``state_dict`` as
     ``nn.Linear``: ``weight`` [out_features, in_features], ``bias`` [out_features].
-    ``activation`` is one of manualbp.ACTIVATIONS; its options (``negative_slope``
-    for leaky_relu) are keyword arguments. ``backend`` pins this layer to
+    ``activation`` is a name of manualbp.ACTIVATIONS (any letter case) or the PyTorch
+    module (nn.GELU(), nn.LeakyReLU(0.2), nn.SiLU, ...: see manualbp.get_activation); its
+    options (``negative_slope`` for leaky_relu) are keyword arguments. ``backend`` pins this layer to
     'triton' or 'reference' (None: the global setting, see manualbp.set_backend).
     """
 
@@ -36,15 +37,17 @@ class Linear(nn.Linear):
         in_features: int,
         out_features: int,
         bias: bool = True,
-        activation: str = "identity",
+        activation="identity",
         device=None,
         dtype=None,
         *,
         backend: Optional[str] = None,
         **activation_options,
     ) -> None:
+        given_activation = isinstance(bias, (str, nn.Module)) or (
+            isinstance(bias, type) and issubclass(bias, nn.Module))
         hint = (f"; the third argument is bias, as in nn.Linear: to choose the activation pass "
-                f"activation={bias!r}") if isinstance(bias, str) else ""
+                f"activation={bias!r}") if given_activation else ""
         config.check_flag(bias, "Linear(bias=)", hint)
         bound = get_activation(activation, **activation_options)  # bad names fail before any allocation
         backends.check_backend(backend, "Linear(backend=)")

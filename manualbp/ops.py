@@ -573,27 +573,26 @@ def _is_tensor_argument(argument) -> bool:
     return isinstance(kind, torch.TensorType)
 
 
-def _register_sharding():
+def sharding_registrar():
+    """torch's register_sharding, with every argument after the tensors in DTensor's cache key; None where
+    this PyTorch has no distributed, or DTensor internals that differ (then no rules: a DTensor call raises
+    DTensor's "no sharding strategy" error, never a rule cached under the wrong key).
+
+    register_sharding keys DTensor's cache of sharding decisions on the tensors' specs and on
+    int arguments only. Ours are str, float and bool: a decision made for an identity layer
+    (a Partial output) was reused for tanh on the same shapes -- wrong values, silently
+    (tests/test_tensor_parallel.py) -- and one made for a ``needs`` could be reused for another.
+    """
     try:
-        from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+        from torch.distributed.tensor import DTensor
         from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
         from torch.distributed.tensor.experimental import register_sharding as torch_register_sharding
 
         schema_infos = DTensor._op_dispatcher.sharding_propagator.op_to_schema_info
     except (ImportError, AttributeError):
-        # No distributed, or a PyTorch whose DTensor internals differ: no rules (a DTensor call then
-        # raises DTensor's "no sharding strategy" error, never a rule cached under the wrong key).
-        return
-    R = Replicate()
+        return None
 
     def register_sharding(overload):
-        """torch's register_sharding, with every argument after the tensors in DTensor's cache key.
-
-        register_sharding keys DTensor's cache of sharding decisions on the tensors' specs and on
-        int arguments only. Ours are str, float and bool: a decision made for an identity layer
-        (a Partial output) was reused for tanh on the same shapes -- wrong values, silently
-        (tests/test_tensor_parallel.py) -- and one made for a ``needs`` could be reused for another.
-        """
         def decorate(rule):
             torch_register_sharding(overload)(rule)
             arguments = overload._schema.arguments
@@ -601,6 +600,16 @@ def _register_sharding():
             schema_infos[overload] = RuntimeSchemaInfo(static_argnum=first_option, needs_pytree=True)
             return rule
         return decorate
+    return register_sharding
+
+
+def _register_sharding():
+    register_sharding = sharding_registrar()
+    if register_sharding is None:
+        return
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    R = Replicate()
 
     def spec(t, placement):
         return None if t is None else placement
@@ -713,8 +722,9 @@ def _decomposition(implementation):
     return decompose
 
 
-def _register_decompositions() -> Optional[str]:
-    """Registers every operator's decomposition; returns why not where this PyTorch cannot (else None)."""
+def register_decompositions(operators=None) -> Optional[str]:
+    """Registers each operator's decomposition (default: this module's); returns why not where this PyTorch
+    cannot (else None)."""
     dispatch_key = getattr(torch._C.DispatchKey, "CompositeImplicitAutograd", None)
     if _IS_EXPORTING is None or dispatch_key is None:
         return "this PyTorch has no torch.compiler.is_exporting: the decompositions could not tell export from eager"
@@ -724,7 +734,7 @@ def _register_decompositions() -> Optional[str]:
     # the table leaves the operators to their own kernels, as torch.compile should.
     with contextlib.suppress(ImportError):
         importlib.import_module("torch._inductor.decomposition")
-    for op in OPERATORS:
+    for op in OPERATORS if operators is None else operators:
         overload = op._opoverload
         if not hasattr(overload, "py_impl"):
             return "this PyTorch's operators have no py_impl to register a decomposition with"
@@ -732,7 +742,7 @@ def _register_decompositions() -> Optional[str]:
     return None
 
 
-_NOT_REGISTERED = _register_decompositions()
+_NOT_REGISTERED = register_decompositions()
 
 
 @functools.lru_cache(maxsize=None)

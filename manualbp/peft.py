@@ -1,4 +1,4 @@
-"""PEFT LoRA on ``manualbp.Linear``, with the low-rank update inside the activation.
+"""PEFT LoRA on ``manualbp.Linear`` (and converted Conv1D), with the low-rank update inside the activation.
 
 A LoRA adapter (A [r, in_features], B [out_features, r], scale s) on a layer
 a = f(x Wᵀ + b) must compute
@@ -19,6 +19,11 @@ model adapted without it, and a manualbp.Linear with an activation raises when p
 adapter layer calls it (:func:`check_caller`; eager code). LoRA variants on a layer with an activation (DoRA and the
 others peft lists in ``lora_variants``) and mixed-adapter batches (``adapter_names=``)
 raise ``NotImplementedError``: each assumes the base layer's output is x Wᵀ + b.
+
+In the gated blocks convert makes (``manualbp.GatedMLP``, ``manualbp.patterns.GatedBlock``), the gate
+and up projections keep the identity: peft's own layer is right for them, and a block whose gate or
+up projection is wrapped in an adapter calls both as modules and gates their outputs,
+f(Z_g + s x A_gᵀ B_gᵀ) ⊙ (Z_u + s x A_uᵀ B_uᵀ), so the update stays inside the gating.
 """
 
 from __future__ import annotations
@@ -34,22 +39,29 @@ try:
 except ModuleNotFoundError as error:  # pragma: no cover - the message is the point
     raise ImportError('manualbp.peft needs peft: pip install peft (or pip install -e ".[test]")') from error
 
-from . import functional, quantization
+from . import functional, patterns, quantization
+from .conv1d import Conv1D  # peft needs transformers, so Conv1D's module imports here
 from .modules import Linear, has_hooks
 
 __all__ = ["LoraLinear", "check", "check_caller", "from_pretrained", "get_peft_model", "register"]
 
 
 def _activated(layer: nn.Module) -> bool:
-    return isinstance(layer, Linear) and layer.activation.name != "identity"
+    return patterns.is_manualbp_layer(layer) and layer.activation.name != "identity"
 
 
 class LoraLinear(_PeftLoraLinear):
     """peft's LoRA layer for a ``manualbp.Linear``: a = f(x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ).
 
     input [..., in_features] -> output [..., out_features]. With activation 'identity'
-    this is peft's own layer, unchanged.
+    this is peft's own layer, unchanged. On a Conv1D that convert made a manualbp layer
+    (``manualbp.conv1d.Conv1D``: weight [in_features, out_features] = Wᵀ) it is peft's LoRA
+    for a Conv1D (``fan_in_fan_out``), whatever the config says, as peft's own dispatch does.
     """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
+        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+        self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
         base = self.get_base_layer()
@@ -85,7 +97,8 @@ class LoraLinear(_PeftLoraLinear):
             raise NotImplementedError(
                 "the manualbp.Linear under this LoRA layer has hooks: the unmerged forward computes "
                 "f(x Wᵀ + b + s x Aᵀ Bᵀ) without calling it, so they would not run; remove them, or merge the adapter")
-        z = functional.linear(x, base.weight, base.bias, "identity", backend=base.backend)  # [..., out_features]
+        weight = base.weight.t() if self.fan_in_fan_out else base.weight  # Conv1D stores Wᵀ
+        z = functional.linear(x, weight, base.bias, "identity", backend=base.backend)  # [..., out_features]
         dtype = z.dtype
         for adapter in self.active_adapters:
             if adapter not in self.lora_A.keys():
@@ -97,14 +110,15 @@ class LoraLinear(_PeftLoraLinear):
 
 
 def register(config):
-    """Make ``config`` (a ``peft.LoraConfig``) put :class:`LoraLinear` on every targeted manualbp.Linear; returns it."""
+    """Make ``config`` (a ``peft.LoraConfig``) put :class:`LoraLinear` on every targeted manualbp.Linear and
+    converted Conv1D; returns it."""
     hook = getattr(config, "_register_custom_module", None)
     if hook is None:
         raise RuntimeError(
             f"peft {peft.__version__}: {type(config).__name__} has no _register_custom_module, so manualbp cannot "
             f"put its LoRA layer on manualbp.Linear; use a LoraConfig of peft >= 0.15, or manualbp.revert(model) "
             f"before peft.get_peft_model")
-    hook({Linear: LoraLinear})
+    hook({Conv1D: LoraLinear, Linear: LoraLinear})
     return config
 
 

@@ -13,6 +13,11 @@ stay), followed by the PyTorch module of its activation (none for 'identity'):
 
 Every ``manualbp.MLP`` becomes the ``nn.Sequential`` of :meth:`MLP.to_sequential`
 (same structure and state_dict keys), holding the MLP's own Parameters.
+
+What convert's module patterns (``manualbp/patterns.py``) did is undone first: each
+``patterns.Fused`` slot gets back the very activation module it replaced, the layer it
+was fused into its own class (nn.Linear, transformers' Conv1D), a gated block its own
+class (LlamaMLP, Phi3MLP, ...) and attributes; converted Conv1D layers become Conv1D again.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from typing import List, Optional, Tuple, Union
 
 from torch import nn
 
-from .conversion import Skipped, _describe, _qualified, _skipped_lines, module_for_activation
+from . import patterns
+from .conversion import Skipped, _describe, _qualified, _skipped_lines, in_model_order, module_for_activation
 from .mlp import MLP
 from .modules import Linear, has_hooks
 
@@ -93,6 +99,41 @@ class _Reverter:
         sequential.train(mlp.training)
         self.report.reverted.append(Reversion(path, "MLP", described, "nn.Sequential, the layout of to_sequential()"))
         return sequential
+
+    def patterns(self, model: nn.Module) -> None:
+        """Undo convert's module patterns (manualbp.patterns): every Fused slot gets its activation module back,
+        the layer it went into its own class; then every converted Conv1D. Before :meth:`visit`."""
+        for path, block in list(model.named_modules()):
+            for slot, marker in patterns.fused_slots(block):
+                restored, name = _qualified(path, slot), path
+                if isinstance(block, patterns.GATED_BLOCKS) and "_manualbp_original_class" in block.__dict__:
+                    described, kind = _describe(block.activation), type(block).__qualname__
+                    patterns.revert_gated(block)
+                    result = f"{type(block).__qualname__}, {type(marker.original).__name__} back in {restored}"
+                else:
+                    linear = block._modules.get(marker.into)
+                    if not patterns.is_manualbp_layer(linear):
+                        self.report.skipped.append(Skipped(restored, "Fused", (
+                            f"the layer it was fused into ({marker.into}) is a {type(linear).__qualname__} now, "
+                            f"not a manualbp layer")))
+                        continue
+                    if has_hooks(linear):  # left fused; a manualbp.Linear is reported by visit
+                        if patterns.is_manualbp_conv1d(linear):
+                            self.report.skipped.append(Skipped(_qualified(path, marker.into), "Conv1D", (
+                                "it has hooks that see f(x Wᵀ + b); as a plain layer they would see x Wᵀ + b")))
+                        continue
+                    described = _describe(linear.activation)
+                    kind = "Conv1D" if patterns.is_manualbp_conv1d(linear) else "Linear"
+                    _to_plain(linear)
+                    result = f"{type(linear).__qualname__}, {type(marker.original).__name__} back in {restored}"
+                    name = _qualified(path, marker.into)
+                marker.original.train(marker.training)
+                block._modules[slot] = marker.original
+                self.report.reverted.append(Reversion(name, kind, described, result, restored=restored))
+        for path, module in list(model.named_modules()):
+            if patterns.is_manualbp_conv1d(module) and module.activation.name == "identity":
+                _to_plain(module)
+                self.report.reverted.append(Reversion(path, "Conv1D", "identity", type(module).__qualname__))
 
     def why_not(self, child: nn.Module) -> Optional[str]:
         if type(child) is MLP or type(child) is Linear:
@@ -186,9 +227,11 @@ def revert(
         memo = {id(p): p for p in model.parameters()} if share_parameters else {}
         model = copy.deepcopy(model, memo)
     reverter = _Reverter(model)
+    reverter.patterns(model)
     holder = nn.Module()  # a root manualbp module is replaced too: make it the only child of a holder
     holder._modules[""] = model
     reverter.visit(holder)
     result = holder._modules[""]
+    in_model_order(result, reverter.report.reverted, reverter.report.skipped)
     return (result, reverter.report) if return_report else result
 

@@ -3,14 +3,22 @@
 TRITON_INTERPRET must be set before manualbp's kernels are created, so it is set
 here, before any test module imports manualbp. On a CUDA machine nothing is set
 and the same tests run the compiled kernels.
+
+The interpreter's ``tl.dot`` then sums its K products in a fixed order
+(tests/fixed_order_dot.py), not in the host BLAS's, which differs by CPU: the
+tests that assert bits of a dot's result hold on every x86 machine.
 """
 
 import os
 
 import torch
 
+import fixed_order_dot
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    fixed_order_dot.install()
 
 import pytest  # noqa: E402
 
@@ -32,7 +40,7 @@ def device() -> torch.device:
 def pytest_runtest_logreport(report):
     """With MANUALBP_FAILURE_LOG=PATH, each failure's traceback is appended to PATH the moment it is reported
     (with pytest-xdist, by the controller), so that a run stopped at a time limit, before pytest's own summary,
-    still says which tests failed and why (benchmarks/gpu_check.sh sets it on a lent GPU)."""
+    still says which tests failed and why (benchmarks/gpu_check.sh sets it on a GPU machine)."""
     path = os.environ.get("MANUALBP_FAILURE_LOG")
     if path and report.failed:
         with open(path, "a") as log:

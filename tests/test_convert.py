@@ -109,10 +109,10 @@ def test_not_fused_outside_sequential_with_hooks_or_when_shared():
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(4, 4)
-            self.act = nn.ReLU()  # an attribute, not a Sequential slot: the order of calls is unknown
+            self.act = nn.ReLU()  # an attribute, not a Sequential slot: the order of calls is in forward
 
         def forward(self, x):
-            return self.act(self.fc(x))
+            return self.fc(self.act(x))  # the activation first: no Linear + activation pattern (the probe says so)
 
     shared = nn.Linear(4, 4)
     hooked = nn.Linear(4, 4)
@@ -131,6 +131,8 @@ def test_not_fused_outside_sequential_with_hooks_or_when_shared():
     assert [type(model[i]) for i in (2, 4, 6, 8)] == [nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh], "nothing was fused"
     assert model[5].activation.name == "identity"
     assert [r.fused for r in report.replaced] == [None] * 4
+    assert [s.name for s in report.skipped] == ["0"], "the block is listed as matching no pattern"
+    assert "computes something else than the pattern" in report.skipped[0].reason, report.skipped[0].reason
     x = torch.randn(3, 4, dtype=torch.float64)
     assert_same(model, original, [x], "unfused model")
     # The hook (deep-copied with the model) ran in both: on the converted Linear it sees the same output.

@@ -205,6 +205,23 @@ def test_convert_model_reports_and_trains_alike(tmp_path):
         assert "ONNX export skipped:" in out, "says why there is no ONNX check"
 
 
+def test_convert_model_llama_gated_mlp(tmp_path):
+    require_packages("transformers")
+    result = run_example("convert_model.py", "--model", "llama", "--steps", "2", "--hidden-size", "16",
+                         "--layers", "1", "--batch-size", "2", cwd=tmp_path)
+    assert_ok(result, "convert_model.py --model llama")
+    out = result.stdout
+    assert "LlamaForCausalLM" in out
+    assert "replaced model.layers.0.mlp (LlamaMLP + model.layers.0.mlp.act_fn (now Fused)) -> " \
+           "manualbp.GatedMLP(silu) [pattern: gated MLP]" in out, f"the gated MLP is fused:\n{out}"
+    assert re.search(r"nn\.Linear before: \d+; after: 0;", out), "no nn.Linear is left"
+    steps = re.findall(r"^\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+(\S+)$", out, flags=re.M)
+    assert [int(s[0]) for s in steps] == [1, 2], f"one loss line per step:\n{out}"
+    assert number_after("max |loss difference| =", out) <= 1e-9
+    assert re.search(r"manualbp\.revert: \d+ reverted, 0 left alone; manualbp modules left: 0; "
+                     r"state_dict keys of the original: True;", out), "revert back to plain PyTorch"
+
+
 # --------------------------------------------------------------------------------------
 # A missing optional package: a clear message and exit status 3, not a traceback
 # --------------------------------------------------------------------------------------

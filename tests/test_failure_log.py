@@ -8,7 +8,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_failures_are_logged_as_they_happen(tmp_path):
-    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    for name in ("conftest.py", "fixed_order_dot.py"):  # the conftest and the module it imports
+        (tmp_path / name).write_text((ROOT / "tests" / name).read_text())
     (tmp_path / "test_sample.py").write_text(
         "def test_passes():\n    assert 1 + 1 == 2\n\n\ndef test_fails():\n    assert 1 + 1 == 3, 'arithmetic'\n")
     log = tmp_path / "failures.log"

@@ -1234,7 +1234,7 @@ def matmul_times_activation_grad(delta, weight, saved, act_id: int, negative_slo
 # an H200 (benchmarks/bench_backward.py, bf16, M = 8192, relu/gelu/leaky_relu/tanh, kernels only, 2026-12-04):
 # at K = 1024 the loads won for a first layer (its backward 1.20-1.38x eager's kernels, 1.08-1.19x with the pass)
 # and lost 0-4% for a hidden one (kept there: the pass is one launch more, and these steps are bound by the host's
-# launches, benchmarks/NOTES.md); at K = 4096 the pass won (first layer by 4-10%; hidden by 5-10% with the pass
+# launches, docs/performance.md); at K = 4096 the pass won (first layer by 4-10%; hidden by 5-10% with the pass
 # also summing ∂C/∂b: the pass without sums, ∂C/∂b by the ∂C/∂W matmul as here, was measured on first layers
 # only, where it beat the summing pass by ~4%). Where between 1024 and 4096 the crossing lies is unmeasured: the
 # loads up to the K measured in their favour.
