@@ -32,9 +32,9 @@ installed Triton offers (3.3 through 3.9):
                  tensors; everything before it (key, lookup, arguments, grid) is the GPU's path, so the CPU tests
                  exercise it
 
-A warm call therefore tunes nothing, compiles nothing and queries the device for nothing but the current stream;
-nothing in it reads a tensor's value (no host-device synchronisation), and its outputs come from PyTorch's caching
-allocator (the launchers' torch.empty), so a warm step can be captured in a CUDA graph.
+A warm call therefore tunes nothing and compiles nothing (on the compiled launcher it asks the driver for nothing
+but the current stream); nothing in it reads a tensor's value (no host-device synchronisation), and its outputs
+come from PyTorch's caching allocator (the launchers' torch.empty), so a warm step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -163,14 +163,13 @@ def compiled_launch_available(kernel) -> bool:
 
 
 def build(key, role: str, args: tuple, fn, constexprs: dict, grid: Callable, *, tuner=None, interpreted: bool,
-          compiled_ok: bool, block: Optional[tuple] = None, flat: bool = True, programs: int = 0,
-          device_index: Optional[int] = None) -> Plan:
+          compiled_ok: bool, flat: bool = True, programs: int = 0, device_index: Optional[int] = None) -> Plan:
     """The first launch of a key, and its Plan (stored in PLANS).
 
     fn: the JITFunction (or the interpreter's kernel); tuner: its autotuner, which picks the tile on this launch
     (benchmarking its configs where it has no choice for its own key yet), or None with the tile in constexprs.
-    grid: Triton's grid callable of the launch's meta-parameters. block: (BLOCK_M, BLOCK_N) of an untuned launch.
-    compiled_ok: the launch compiles for a GPU whose launcher Plan may call (NVIDIA).
+    grid: this launch's grid, or Triton's grid callable of its meta-parameters (autotuned). flat, programs: the
+    grid rule (Plan). compiled_ok: the launch compiles for a GPU whose launcher Plan may call (NVIDIA).
     """
     if tuner is not None:
         tuner[grid](*args, **constexprs)
@@ -178,7 +177,7 @@ def build(key, role: str, args: tuple, fn, constexprs: dict, grid: Callable, *, 
         constexprs = {**constexprs, **config.all_kwargs()}
     else:
         fn[grid](*args, **constexprs)
-    block_m, block_n = block or (constexprs["BLOCK_M"], constexprs["BLOCK_N"])
+    block_m, block_n = constexprs["BLOCK_M"], constexprs["BLOCK_N"]
     persistent = programs if constexprs.get("TMA", False) else 0
     kind, compiled, tail = ("interpreted" if interpreted else "jit"), None, ()
     if compiled_ok and not interpreted:
