@@ -222,6 +222,25 @@ def test_torch_compile_runs_the_triton_kernels(compiled_net, monkeypatch):
     assert calls == eager_calls, f"Triton launches: compiled {calls}, eager {eager_calls}"
 
 
+def test_a_warm_compiled_step_builds_no_launch_plan(compiled_net, monkeypatch):
+    # What mode="reduce-overhead" and CUDA graphs need of the launch path, checkable on the CPU: once a compiled
+    # step has run, the same step again tunes and compiles no kernel (triton_kernels/launch.py builds no plan).
+    require("triton", torch.float32)
+    from manualbp.triton_kernels import launch
+
+    model, compiled = compiled_net
+    x = torch.randn(2, 3, 8, device=DEVICE)
+    first = run(compiled, model, x)
+    plans = dict(launch.PLANS)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError(f"a warm compiled step built a launch plan: {args[:2]}")
+
+    monkeypatch.setattr(launch, "build", no_build)
+    assert_same(first, run(compiled, model, x), "inductor, warm")
+    assert launch.PLANS == plans, "no plan added"
+
+
 def test_torch_export_holds_the_operators():
     torch.manual_seed(5)
     model = Net().eval().to(DEVICE)

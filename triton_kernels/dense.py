@@ -33,6 +33,9 @@ operand tiles through device-side tensor descriptors and a persistent grid, one 
 per SM walking the output tiles, as Triton's tutorial 09; same prologues and epilogues
 (_matmul_tile), kept only where _tma_layout finds every operand describable.
 
+Every launch goes through a cached launch plan per role (``launch.py``, whose docstring states the interface):
+a warm call allocates its outputs, builds its arguments and calls the compiled kernel's launcher.
+
 No operand is copied to make it contiguous: every kernel takes both strides of
 every matrix, so transposes are free. Offsets are 64-bit. Accumulation is in
 float32 (float64 for float64 data), and so are the activations.
