@@ -1,4 +1,4 @@
-"""Benchmark: manualbp against eager PyTorch and torch.compile, dense layers and MLPs.
+"""Benchmark: manualbp against eager PyTorch and torch.compile, dense layers, MLPs and gated (Llama) MLPs.
 
     python benchmarks/bench_dense.py                     # everything, on the GPU if there is one
     python benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd --impls eager,compile,manualbp
@@ -9,7 +9,10 @@ torch.cuda.max_memory_allocated. On the CPU: the reference backend against eager
 at smaller sizes, medians of perf_counter timings, and the bytes saved for backward.
 
 Every row: median time, TFLOP/s (forward 2MNK, backward 4MNK, both 6MNK per layer),
-speedup vs eager and vs torch.compile, memory. cuBLAS (torch.mm) rows give the
+speedup vs eager and vs torch.compile, memory, and the bytes the forward keeps for the backward
+(manualbp.saved_bytes, beyond the input: the "saved MiB" column, on every device). Gated MLP
+problems (gatedMxDxH: down_proj(silu(gate_proj(x)) * up_proj(x)), no biases, as Llama's) count
+three products, 6MDH forward and 12MDH backward. cuBLAS (torch.mm) rows give the
 matmul ceiling for the same shapes. Prints a header and a fixed-width table, appends
 CSV rows tagged with the device, versions and date, and draws a PNG of speedups.
 """
@@ -46,7 +49,7 @@ ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(ap
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str  # "linear": one layer (in, out); "mlp": Linear(d, h) + act + Linear(h, d)
+    kind: str  # "linear": one layer (in, out); "mlp": Linear(d, h) + act + Linear(h, d); "gated": a Llama MLP (d, h)
     m: int
     dims: tuple  # (in, out) or (d, h)
     activation: str
@@ -57,6 +60,8 @@ class Problem:
 
     def flops(self, mode: str) -> float:
         per_layer = [2 * self.m * k * n for k, n in zip(self.sizes[:-1], self.sizes[1:])]
+        if self.kind == "gated":
+            per_layer.append(per_layer[0])  # gate_proj and up_proj: two products of the first shape
         factor = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
         return factor * sum(per_layer)
 
@@ -66,21 +71,22 @@ class Problem:
 
     @classmethod
     def from_name(cls, name: str, activation: str) -> "Problem":
-        """The problem a name reads (linearMxINxOUT, mlpMxDxH: any sizes; the MLP's activation is gelu), or a
-        ValueError saying what a name must read."""
-        match = re.fullmatch(r"(linear|mlp)(\d+)x(\d+)x(\d+)", name)
+        """The problem a name reads (linearMxINxOUT, mlpMxDxH, gatedMxDxH: any sizes; the MLP's activation is
+        gelu, the gated MLP's silu), or a ValueError saying what a name must read."""
+        match = re.fullmatch(r"(linear|mlp|gated)(\d+)x(\d+)x(\d+)", name)
         if not match:
-            raise ValueError(f"a problem name must read linearMxINxOUT or mlpMxDxH, got {name!r}")
+            raise ValueError(f"a problem name must read linearMxINxOUT, mlpMxDxH or gatedMxDxH, got {name!r}")
         kind, m, d1, d2 = match.group(1), *map(int, match.groups()[1:])
-        return cls(kind, m, (d1, d2), activation if kind == "linear" else "gelu")
+        return cls(kind, m, (d1, d2), {"linear": activation, "mlp": "gelu", "gated": "silu"}[kind])
 
 
 def gpu_problems(activations):
     m = 8192
     linear = [(1024, 4096), (4096, 1024), (4096, 16384), (16384, 4096)]
     mlp = [(1024, 4096), (4096, 16384)]
+    gated = [(4096, 11008), (4096, 14336)]  # Llama-2 7B's MLP, Llama-3 8B's and Mistral 7B's
     return ([Problem("linear", m, d, a) for d in linear for a in activations]
-            + [Problem("mlp", m, d, "gelu") for d in mlp])
+            + [Problem("mlp", m, d, "gelu") for d in mlp] + [Problem("gated", m, d, "silu") for d in gated])
 
 
 def cpu_problems(activations):
@@ -88,7 +94,21 @@ def cpu_problems(activations):
     linear = [(256, 1024), (1024, 256)]
     mlp = [(256, 1024)]
     return ([Problem("linear", m, d, a) for d in linear for a in activations]
-            + [Problem("mlp", m, d, "gelu") for d in mlp])
+            + [Problem("mlp", m, d, "gelu") for d in mlp] + [Problem("gated", m, (256, 688), "silu")])
+
+
+class GatedEager(nn.Module):
+    """transformers' LlamaMLP: down_proj(act(gate_proj(x)) * up_proj(x)), no biases."""
+
+    def __init__(self, d: int, h: int, activation: str, device, dtype):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, h, bias=False, device=device, dtype=dtype)
+        self.up_proj = nn.Linear(d, h, bias=False, device=device, dtype=dtype)
+        self.down_proj = nn.Linear(h, d, bias=False, device=device, dtype=dtype)
+        self.act_fn = ACT_MODULES[activation]()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 def build(impl: str, problem: Problem, device, dtype):
@@ -97,6 +117,8 @@ def build(impl: str, problem: Problem, device, dtype):
     if impl in ("manualbp-compile", "manualbp-compile-ro"):
         model = build("manualbp", problem, device, dtype)
         return torch.compile(model, mode="reduce-overhead" if impl in REDUCE_OVERHEAD else None)
+    if problem.kind == "gated":
+        return _build_gated(impl, problem, device, dtype)
     if impl in ("eager", "compile", "compile-max", "compile-ro"):
         layers = []
         for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -122,6 +144,18 @@ def build(impl: str, problem: Problem, device, dtype):
     raise ValueError(impl)
 
 
+def _build_gated(impl: str, problem: Problem, device, dtype):
+    d, h = problem.dims
+    if impl in ("eager", "compile", "compile-max", "compile-ro"):
+        model = GatedEager(d, h, problem.activation, device, dtype)
+        modes = {"compile": "default", "compile-max": "max-autotune", "compile-ro": "reduce-overhead"}
+        return model if impl == "eager" else torch.compile(model, mode=modes[impl])
+    if impl in ("manualbp", "manualbp-recompute"):
+        return manualbp.GatedMLP(d, h, problem.activation, recompute=impl == "manualbp-recompute", device=device,
+                                 dtype=dtype)
+    raise ValueError(impl)
+
+
 @dataclass
 class Case:
     """One implementation on one problem and mode, ready to time."""
@@ -130,6 +164,7 @@ class Case:
     reset: list  # tensors whose .grad is cleared before every call (fresh accumulation each time)
     flops: float
     memory_mib: Callable[[], float]
+    saved_mib: Callable[[], float] = lambda: float("nan")  # bytes kept for the backward, beyond the input
     error: Optional[Callable[[], float]] = None  # max relative error against float64 (see prepare); None: unchecked
 
 
@@ -160,9 +195,12 @@ def prepare(impl, problem, mode, device, dtype) -> Optional[Case]:
         fn = lambda: (torch.compiler.cudagraph_mark_step_begin(), step())  # noqa: E731
     reset = [x, *params]
 
+    def saved_mib() -> float:
+        return manualbp.saved_bytes(model, x, count_inputs=False) / 2**20
+
     def memory_mib() -> float:
         if device.type != "cuda":
-            return manualbp.saved_bytes(model, x, count_inputs=False) / 2**20  # activation memory
+            return saved_mib()  # activation memory
         _clear(reset)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -188,7 +226,7 @@ def prepare(impl, problem, mode, device, dtype) -> Optional[Case]:
             worst = max(worst, (ours.double() - exact).abs().max().item() / scale)
         return worst
 
-    return Case(fn, reset, problem.flops(mode), memory_mib, error)
+    return Case(fn, reset, problem.flops(mode), memory_mib, saved_mib, error)
 
 
 def _results(model, x, grad_out, mode, reset) -> list:
@@ -285,6 +323,7 @@ def header(device, args) -> dict:
         print(f"#   {key:9s} {value}")
     print(f"#   dtypes    {args.dtypes}   modes {args.modes}   impls {args.impls}")
     print("#   MiB       GPU: peak memory allocated during one call; CPU: bytes saved for backward")
+    print("#   saved MiB bytes the forward keeps for the backward beyond the input (manualbp.saved_bytes), any device")
     return info
 
 
@@ -416,7 +455,8 @@ def main(argv=None) -> int:
     writer = CsvRows(csv_path)
     rows = []
     cols = f"{'problem':24s} {'act':6s} {'dtype':9s} {'mode':7s} {'impl':18s} {'median ms':>10s} {'p20':>8s} {'p80':>8s} " \
-           f"{'TFLOP/s':>8s} {'x eager':>8s} {'x compile':>9s} {'MiB':>8s} {'rel err':>9s} {'/eager':>6s}"
+           f"{'TFLOP/s':>8s} {'x eager':>8s} {'x compile':>9s} {'MiB':>8s} {'saved MiB':>9s} {'rel err':>9s} " \
+           f"{'/eager':>6s}"
     print(cols)
     print("-" * len(cols))
     for dtype_name in args.dtypes.split(","):
@@ -447,6 +487,11 @@ def main(argv=None) -> int:
                     except Exception as error:
                         _report_failure(problem, dtype_name, mode, impl, error)
                         continue
+                    try:
+                        saved = case.saved_mib()
+                    except Exception as error:  # torch.compile under saved-tensor hooks, on some versions
+                        _report_failure(problem, dtype_name, mode, impl, error)
+                        saved = float("nan")
                     err = float("nan")
                     if case.error is not None:
                         try:
@@ -454,7 +499,7 @@ def main(argv=None) -> int:
                         except Exception as error:
                             _report_failure(problem, dtype_name, mode, impl, error)
                     results[impl] = dict(median_ms=med, p20_ms=p20, p80_ms=p80, tflops=case.flops / med / 1e9,
-                                         mem_mib=mem, max_rel_err=err)
+                                         mem_mib=mem, saved_mib=saved, max_rel_err=err)
                 checked = {impl for impl, case in cases.items() if case.error is not None}
                 del cases
                 eager = results.get("eager", {}).get("median_ms")
@@ -472,6 +517,7 @@ def main(argv=None) -> int:
                     print(f"{problem.name:24s} {problem.activation:6s} {dtype_name:9s} {mode:7s} {impl:18s} "
                           f"{r['median_ms']:10.4f} {r['p20_ms']:8.4f} {r['p80_ms']:8.4f} {r['tflops']:8.2f} "
                           f"{row['speedup_vs_eager']:8.3f} {row['speedup_vs_compile']:9.3f} {r['mem_mib']:8.1f} "
+                          f"{r['saved_mib']:9.1f} "
                           f"{r['max_rel_err']:9.2e} {row['err_vs_eager']:6.2f}"
                           f"{_flag(r['max_rel_err'], eager_err) if impl in checked else ''}")
                 sys.stdout.flush()

@@ -5,12 +5,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import backends, ops  # noqa: F401 - ops registers the operators
+from . import backends, ops, reference  # ops registers the operators
 from .activations import Activation, get_activation
 from .function import apply, forward_mode_active, forward_save, linear_function
 
@@ -117,7 +118,14 @@ def enter(input, weights: Sequence, biases: Sequence, backend: Optional[str]):
         biases = [_autocast(b, cast_to) for b in biases]
     else:
         cast_to = None
-    check_layers(input, weights, biases)
+    if legacy_tracing():
+        # The tracer warns that each shape comparison is kept as a constant: here they are (the weights'
+        # shapes), and the traced aten::linear checks the input's last dimension whenever the trace runs.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            check_layers(input, weights, biases)
+    else:
+        check_layers(input, weights, biases)
     name = backends.resolve(backend, input.device, input.dtype)
     context = torch.autocast(input.device.type, enabled=False) if cast_to is not None else None
     return input, weights, biases, name, context
@@ -136,9 +144,9 @@ def differentiable(direct: bool, *tensors: Optional[Tensor]) -> bool:
     or a torch.func transform may be present. Otherwise the forward operator runs alone and keeps nothing.
     direct: ``ops.dispatch_free(tensors)``, which rules out exporting and forward mode.
 
-    torch.export records the forward only (an exported program's backward comes from its aten ops
-    after ``run_decompositions``): while exporting, the Function's backward and jvp never run, so the
-    operator is recorded keeping nothing, as nn.Linear exports as one aten.linear whatever requires grad.
+    torch.export records the forward operator alone (a backward through the exported program reaches
+    its autograd formula, function.py, which recomputes what the node did not keep): the operator is
+    recorded keeping nothing, as nn.Linear exports as one aten.linear whatever requires grad.
     """
     if not direct and ops.exporting():
         return False
@@ -147,6 +155,31 @@ def differentiable(direct: bool, *tensors: Optional[Tensor]) -> bool:
             if t is not None and t.requires_grad:
                 return True
     return not direct and forward_mode_active()
+
+
+_tracing_state = torch._C._get_tracing_state  # what torch.jit.is_tracing() asks; one C call per layer call
+
+
+def legacy_tracing() -> bool:
+    """Whether torch.jit.trace is recording now (torch.onnx.export(..., dynamo=False) traces with it)."""
+    return _tracing_state() is not None
+
+
+def traced_forward(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+                   activations: Sequence[Activation]) -> Tensor:
+    """What a stack of layers runs while the legacy tracer records: the reference forward in aten ops.
+
+    x [..., sizes[0]] -> [..., sizes[-1]], any leading dimensions, as F.linear takes them (so the
+    trace runs at any rank, as nn.Linear's does). The legacy tracer records aten ops only: a Triton
+    launch cannot be traced at all, and an autograd Function's forward is recorded incompletely (a
+    legacy ONNX graph lost a GELU). So, on either backend, a layer records F.linear and the torch
+    activation, the graph nn.Linear + activation traces to (as torch.export's decompositions do):
+    the trace and its ONNX graph compute the model (the triton backend's up to rounding), and a
+    backward through the traced module is aten autograd's, not manualbp's.
+    """
+    for weight, bias, activation in zip(weights, biases, activations):
+        x = reference.linear_forward(x, weight, bias, activation)[0]
+    return x
 
 
 def as_rows(input: Tensor) -> Tensor:
@@ -208,6 +241,8 @@ def linear(
     """
     activation = get_activation(activation, **activation_options)
     input, (weight,), (bias,), name, context = enter(input, [weight], [bias], backend)
+    if legacy_tracing():
+        return run_in(context, traced_forward, input, [weight], [bias], [activation])
     x = as_rows(input)
     return from_rows(run_in(context, _linear, x, weight, bias, activation, name), input)
 
@@ -217,7 +252,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activ
     direct = ops.dispatch_free((x, weight, bias))
     if differentiable(direct, x, weight, bias):
         return apply(linear_function(), direct, x, weight, bias, activation, backend,
-                     forward_save(backend, activation), direct)[0]
+                     forward_save(backend, activation, weight), direct)[0]
     # no_grad / inference_mode / nothing requires grad: compute A only, keep nothing
     return ops.route(direct).linear_forward(x, weight, bias, activation, "", backend)[0]
 

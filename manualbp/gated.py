@@ -17,12 +17,12 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import backends, config, gated_ops, gated_reference, ops
+from . import backends, config, gated_ops, ops, quantization
 from .activations import Activation, get_activation
 from .function import apply
-from .functional import (_any_autocast, _autocast, _autocast_dtype, _check_inputs, as_rows, differentiable,
-                         from_rows, run_in)
-from .gated_function import gated_linear_function
+from .functional import (FLOAT_DTYPES, _any_autocast, _autocast, _autocast_dtype, _check_inputs, as_rows,
+                         differentiable, from_rows, run_in)
+from .gated_function import gate_function, gated_linear_function
 from .modules import Linear, has_hooks
 
 
@@ -91,6 +91,28 @@ def _gated_linear(x, gate_weight, up_weight, gate_bias, up_bias, activation: Act
     return gated_ops.route(direct).gated_forward(*tensors, activation, False, backend)[0]
 
 
+def gating(z_gate: Tensor, z_up: Tensor, activation: "str | Activation" = "silu", *, backend: Optional[str] = None,
+         **activation_options) -> Tensor:
+    """A = f(Z_g) ⊙ Z_u with the hand-written backward (δ_g, δ_u): the gating alone, from projections computed
+    elsewhere. z_gate, z_up [..., intermediate], one shape and dtype -> [..., intermediate]."""
+    activation = get_activation(activation, **activation_options)
+    for name, t in (("z_gate", z_gate), ("z_up", z_up)):
+        if not isinstance(t, Tensor) or t.dtype not in FLOAT_DTYPES or t.dim() == 0:
+            raise TypeError(f"gating: {name} must be a floating-point torch.Tensor of at least 1 dimension, got "
+                            f"{type(t).__name__ if not isinstance(t, Tensor) else (t.dtype, tuple(t.shape))}")
+    if z_gate.shape != z_up.shape or z_gate.dtype != z_up.dtype or z_gate.device != z_up.device:
+        raise ValueError(f"gating: z_gate and z_up must have one shape, dtype and device, got {tuple(z_gate.shape)} "
+                         f"{z_gate.dtype} {z_gate.device} and {tuple(z_up.shape)} {z_up.dtype} {z_up.device}")
+    name = backends.resolve(backend, z_gate.device, z_gate.dtype)
+    rows = (as_rows(z_gate), as_rows(z_up))
+    direct = ops.dispatch_free(rows)
+    if differentiable(direct, *rows):
+        a = apply(gate_function(), direct, *rows, activation, name, direct)
+    else:
+        a = gated_ops.route(direct).gate_forward(*rows, activation, name)
+    return from_rows(a, z_gate)
+
+
 class GatedMLP(nn.Module):
     """A Llama-family MLP: ``down_proj(f(gate_proj(x)) ⊙ up_proj(x))``, the gating with a hand-written backward.
 
@@ -104,9 +126,10 @@ class GatedMLP(nn.Module):
 
     ``recompute=True`` keeps only the input of the gating for its backward (Z_g, Z_u
     recomputed there). Where gate_proj or up_proj is not a plain manualbp.Linear any more
-    (a LoRA adapter wrapped around it) or has hooks (a tensor-parallel plan, user hooks),
-    each projection is called as a module and the gating f(Z_g) ⊙ Z_u is differentiated by
-    autograd: the adapters and hooks act where they would in the original MLP.
+    (a LoRA adapter wrapped around it), has hooks (a tensor-parallel plan, user hooks) or a
+    torchao-quantized weight, each projection is called as a module and the gating
+    f(Z_g) ⊙ Z_u on what they return is its own autograd node (:func:`gating`): the adapters,
+    hooks and quantized matmuls act where they would in the original MLP.
     """
 
     def __init__(
@@ -137,16 +160,18 @@ class GatedMLP(nn.Module):
 
     def _fused(self) -> bool:
         gate, up = self.gate_proj, self.up_proj
+        # torchao's quantize_ swaps in quantized weights: each projection then runs torchao's own linear
         return (type(gate) is Linear and type(up) is Linear and not has_hooks(gate) and not has_hooks(up)
-                and gate.activation.name == "identity" and up.activation.name == "identity")
+                and gate.activation.name == "identity" and up.activation.name == "identity"
+                and not quantization.is_quantized(gate.weight) and not quantization.is_quantized(up.weight))
 
     def forward(self, input: Tensor) -> Tensor:
         if self._fused():
-            gate, up = self.gate_proj, self.up_proj
-            a = gated_linear(input, gate.weight, up.weight, gate.bias, up.bias, self.activation,
+            gate_proj, up_proj = self.gate_proj, self.up_proj
+            a = gated_linear(input, gate_proj.weight, up_proj.weight, gate_proj.bias, up_proj.bias, self.activation,
                              recompute=self.recompute, backend=self.backend)
         else:
-            a = gated_reference.gate(self.gate_proj(input), self.up_proj(input), self.activation)
+            a = gating(self.gate_proj(input), self.up_proj(input), self.activation, backend=self.backend)
         return self.down_proj(a)
 
     def extra_repr(self) -> str:

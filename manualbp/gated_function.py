@@ -15,6 +15,9 @@ A double backward (create_graph=True) recomputes Z_g, Z_u from x and the paramet
 differentiable ops, so it needs x: where no weight needed a gradient (x not kept) it
 raises. For forward mode, x, the weights, biases and Z's are kept only while a
 forward-mode transform is active.
+
+:class:`GateFunction` is the gating alone, A = f(Z_g) ⊙ Z_u from Z's computed elsewhere (GatedMLP's
+projections run as modules: hooks, adapters, quantized weights); it keeps Z_g and Z_u, as the layer does.
 """
 
 from __future__ import annotations
@@ -129,3 +132,57 @@ class TracedGatedLinearFunction(GatedLinearFunction):
 def gated_linear_function():
     """The Function a call should apply: GatedLinearFunction, or its traceable twin while torch.compile traces."""
     return TracedGatedLinearFunction if torch.compiler.is_compiling() else GatedLinearFunction
+
+
+class GateFunction(torch.autograd.Function):
+    """A = f(Z_g) ⊙ Z_u with a hand-written backward (δ_g, δ_u) and jvp.
+
+    ``GateFunction.apply(z_gate, z_up, activation, backend, direct)``: z_gate, z_up [M, I] -> a [M, I].
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z_gate: Tensor, z_up: Tensor, activation: Activation, backend: str, direct: bool):
+        return gated_ops.route(direct).gate_forward(z_gate, z_up, activation, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z_gate, z_up, activation, backend, direct = inputs
+        ctx.save_for_backward(z_gate, z_up)
+        ctx.set_materialize_grads(False)
+        ctx.activation, ctx.backend, ctx.direct = activation, backend, direct
+        ctx.saved_unchanged = direct and ops.saved_unchanged()
+        if not direct and forward_mode_active():
+            ctx.save_for_forward(z_gate, z_up)
+
+    @staticmethod
+    def backward(ctx, grad_a: Optional[Tensor]):
+        if grad_a is None:
+            return None, None, None, None, None
+        z_gate, z_up = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: f' by its formula, in differentiable ops
+            delta_gate, delta_up = gated_reference.differentiable_deltas(grad_a, z_gate, z_up, ctx.activation)
+        else:
+            direct = ctx.direct and ops.dispatch_free((grad_a,) if ctx.saved_unchanged else (grad_a, z_gate, z_up))
+            delta_gate, delta_up = gated_ops.route(direct).gate_backward(grad_a, z_gate, z_up, ctx.activation,
+                                                                         ctx.backend)
+        needs_gate, needs_up = ctx.needs_input_grad[:2]
+        return (delta_gate if needs_gate else None), (delta_up if needs_up else None), None, None, None
+
+    @staticmethod
+    def jvp(ctx, tangent_gate, tangent_up, *_):
+        if tangent_gate is None and tangent_up is None:
+            return None
+        z_gate, z_up = ctx.saved_tensors
+        return gated_ops.dispatched.gate_jvp(z_gate, z_up, tangent_gate, tangent_up, ctx.activation, ctx.backend)
+
+
+class TracedGateFunction(GateFunction):
+    """GateFunction as torch.compile traces it (no custom jvp: see function.TracedLinearFunction)."""
+
+    jvp = torch.autograd.Function.jvp
+
+
+def gate_function():
+    return TracedGateFunction if torch.compiler.is_compiling() else GateFunction

@@ -10,6 +10,12 @@
               tangent_up_weight?, tangent_gate_bias?, tangent_up_bias?, activation, negative_slope, backend)
         -> dA = f'(Z_g) ⊙ dZ_g ⊙ Z_u + f(Z_g) ⊙ dZ_u [M, I]
 
+and the gating alone, for projections that ran as modules (GatedMLP with hooks, adapters or quantized weights):
+
+    gate_forward(z_gate, z_up, activation, negative_slope, backend) -> A = f(Z_g) ⊙ Z_u [M, I]
+    gate_backward(grad_a, z_gate, z_up, activation, negative_slope, backend) -> (δ_g, δ_u) [M, I]
+    gate_jvp(z_gate, z_up, tangent_gate?, tangent_up?, activation, negative_slope, backend) -> dA [M, I]
+
 x [M, K], weights [I, K], biases [I]; needs = [x, gate_weight, up_weight, gate_bias, up_bias].
 The equations are in ``gated_reference.py``; the Triton kernels in ``triton_kernels/gated.py``.
 Each operator has what the dense layer's have (``ops.py``): a fake implementation, a vmap
@@ -184,10 +190,79 @@ def _gated_jvp_fake(x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up,
     return next(t for t in tangents if t is not None).new_empty((x.shape[0], gate_weight.shape[0]))
 
 
+def _check_gate(op: str, z_gate: Tensor, z_up: Tensor) -> None:
+    if z_gate.dim() != 2 or z_gate.shape != z_up.shape:
+        raise ValueError(f"manualbp::{op}: expected z_gate and z_up of one shape [M, I], got {tuple(z_gate.shape)} "
+                         f"and {tuple(z_up.shape)}")
+
+
+def _compute_gate_forward(z_gate, z_up, act: Activation, backend: str) -> Tensor:
+    if backend == "triton":
+        return _triton().gate_forward(z_gate, z_up, act.kernel_id, act.kernel_slope)
+    return gated_reference.gate(z_gate, z_up, act)
+
+
+def _compute_gate_backward(grad_a, z_gate, z_up, act: Activation, backend: str):
+    if backend == "triton":
+        return _triton().gate_backward(grad_a, z_gate, z_up, act.kernel_id, act.kernel_slope)
+    delta_gate, delta_up = gated_reference.deltas(grad_a, z_gate, z_up, act)
+    return delta_gate, (delta_up.clone() if delta_up is grad_a else delta_up)
+
+
+def _compute_gate_jvp(z_gate, z_up, tangent_gate, tangent_up, act: Activation, backend: str) -> Tensor:
+    if backend == "triton":
+        return _triton().gate_jvp(z_gate, z_up, tangent_gate, tangent_up, act.kernel_id, act.kernel_slope)
+    return gated_reference.gated_jvp(z_gate, z_up, act, tangent_gate, tangent_up)
+
+
+def _gate_forward(z_gate: Tensor, z_up: Tensor, activation_name: str, negative_slope: float,
+                  backend: str) -> Tensor:
+    """A = f(Z_g) ⊙ Z_u [M, I]."""
+    _check_gate("gate_forward", z_gate, z_up)
+    ops._check_backend("gate_forward", backend)
+    return _compute_gate_forward(z_gate, z_up, ops.activation(activation_name, negative_slope), backend)
+
+
+def _gate_forward_fake(z_gate, z_up, activation_name, negative_slope, backend):
+    _check_gate("gate_forward", z_gate, z_up)
+    return z_gate.new_empty(z_gate.shape)
+
+
+def _gate_backward(grad_a: Tensor, z_gate: Tensor, z_up: Tensor, activation_name: str, negative_slope: float,
+                   backend: str) -> tuple[Tensor, Tensor]:
+    """(δ_g, δ_u) = (G ⊙ Z_u ⊙ f'(Z_g), G ⊙ f(Z_g)) [M, I]."""
+    _check_gate("gate_backward", z_gate, z_up)
+    ops._check_backend("gate_backward", backend)
+    return _compute_gate_backward(grad_a, z_gate, z_up, ops.activation(activation_name, negative_slope), backend)
+
+
+def _gate_backward_fake(grad_a, z_gate, z_up, activation_name, negative_slope, backend):
+    _check_gate("gate_backward", z_gate, z_up)
+    return grad_a.new_empty(z_gate.shape), grad_a.new_empty(z_gate.shape)
+
+
+def _gate_jvp(z_gate: Tensor, z_up: Tensor, tangent_gate: Optional[Tensor], tangent_up: Optional[Tensor],
+              activation_name: str, negative_slope: float, backend: str) -> Tensor:
+    """dA = f'(Z_g) ⊙ dZ_g ⊙ Z_u + f(Z_g) ⊙ dZ_u [M, I]; a None tangent is zero (not both)."""
+    _check_gate("gate_jvp", z_gate, z_up)
+    if tangent_gate is None and tangent_up is None:
+        raise ValueError("manualbp::gate_jvp: at least one tangent is needed")
+    ops._check_backend("gate_jvp", backend)
+    return _compute_gate_jvp(z_gate, z_up, tangent_gate, tangent_up, ops.activation(activation_name, negative_slope),
+                             backend)
+
+
+def _gate_jvp_fake(z_gate, z_up, tangent_gate, tangent_up, activation_name, negative_slope, backend):
+    return (tangent_gate if tangent_gate is not None else tangent_up).new_empty(z_gate.shape)
+
+
 gated_forward = ops._register("gated_forward", _gated_forward, _gated_forward_fake)
 gated_backward = ops._register("gated_backward", _gated_backward, _gated_backward_fake)
 gated_jvp = ops._register("gated_jvp", _gated_jvp, _gated_jvp_fake)
-OPERATORS = (gated_forward, gated_backward, gated_jvp)
+gate_forward = ops._register("gate_forward", _gate_forward, _gate_forward_fake)
+gate_backward = ops._register("gate_backward", _gate_backward, _gate_backward_fake)
+gate_jvp = ops._register("gate_jvp", _gate_jvp, _gate_jvp_fake)
+OPERATORS = (gated_forward, gated_backward, gated_jvp, gate_forward, gate_backward, gate_jvp)
 
 
 class direct:  # noqa: N801 - a namespace, as ops.direct
@@ -197,6 +272,9 @@ class direct:  # noqa: N801 - a namespace, as ops.direct
     gated_forward = staticmethod(_compute_gated_forward)
     gated_backward = staticmethod(_compute_gated_backward)
     gated_jvp = staticmethod(_compute_gated_jvp)
+    gate_forward = staticmethod(_compute_gate_forward)
+    gate_backward = staticmethod(_compute_gate_backward)
+    gate_jvp = staticmethod(_compute_gate_jvp)
 
 
 class dispatched:  # noqa: N801 - a namespace, as ops.dispatched
@@ -219,6 +297,18 @@ class dispatched:  # noqa: N801 - a namespace, as ops.dispatched
         return gated_jvp(x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, tangent_x,
                          tangent_gate_weight, tangent_up_weight, tangent_gate_bias, tangent_up_bias, act.name,
                          act.kernel_slope, backend)
+
+    @staticmethod
+    def gate_forward(z_gate, z_up, act, backend):
+        return gate_forward(z_gate, z_up, act.name, act.kernel_slope, backend)
+
+    @staticmethod
+    def gate_backward(grad_a, z_gate, z_up, act, backend):
+        return gate_backward(grad_a, z_gate, z_up, act.name, act.kernel_slope, backend)
+
+    @staticmethod
+    def gate_jvp(z_gate, z_up, tangent_gate, tangent_up, act, backend):
+        return gate_jvp(z_gate, z_up, tangent_gate, tangent_up, act.name, act.kernel_slope, backend)
 
 
 def route(is_direct: bool):
@@ -246,7 +336,7 @@ def _gated_forward_vmap(info, in_dims, x, gate_weight, up_weight, gate_bias, up_
 
 
 torch.library.register_vmap(gated_forward, _gated_forward_vmap)
-for _op in (gated_backward, gated_jvp):
+for _op in (gated_backward, gated_jvp, gate_forward, gate_backward, gate_jvp):
     torch.library.register_vmap(_op, ops._by_loop(_op))
 
 # --------------------------------------------------------------------------------------
@@ -328,6 +418,21 @@ def _register_sharding():
                       None, None, None]
             return [out_p], inputs
         return [plan(Shard(0), R, Shard(0)), plan(R, Shard(0), Shard(1)), plan(R, R, R)]
+
+    # The gating alone is elementwise: any placement of [M, I] shared by every tensor (not a partial sum: f).
+    placements = (Shard(0), Shard(1), R)
+
+    @register_sharding(gate_forward._opoverload)
+    def _(z_gate, z_up, activation_name, negative_slope, backend):
+        return [([p], [p, p, None, None, None]) for p in placements]
+
+    @register_sharding(gate_backward._opoverload)
+    def _(grad_a, z_gate, z_up, activation_name, negative_slope, backend):
+        return [([p, p], [p, p, p, None, None, None]) for p in placements]
+
+    @register_sharding(gate_jvp._opoverload)
+    def _(z_gate, z_up, tangent_gate, tangent_up, activation_name, negative_slope, backend):
+        return [([p], [p, p, spec(tangent_gate, p), spec(tangent_up, p), None, None, None]) for p in placements]
 
 
 _register_sharding()

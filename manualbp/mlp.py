@@ -26,7 +26,7 @@ from torch.nn.modules import module as _module_globals  # the global module hook
 from . import backends, config, ops
 from .activations import Activation, get_activation, torch_module
 from .function import apply
-from .functional import as_rows, differentiable, enter, from_rows, run_in
+from .functional import as_rows, differentiable, enter, from_rows, legacy_tracing, run_in, traced_forward
 from .mlp_function import forward_stack, mlp_function
 from .modules import Linear, has_hooks
 
@@ -57,6 +57,8 @@ def mlp(
     config.check_flag(recompute, "mlp(recompute=)")
     activations = tuple(get_activation(a) for a in activations)
     input, weights, biases, name, context = enter(input, weights, biases, backend)
+    if legacy_tracing():
+        return run_in(context, traced_forward, input, weights, biases, activations)
     x = as_rows(input)
     return from_rows(run_in(context, _mlp, x, weights, biases, activations, bool(recompute), name), input)
 

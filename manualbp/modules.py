@@ -58,6 +58,16 @@ class Linear(nn.Linear):
     # torch.ao.quantization would skip this layer silently: reading its qconfig raises instead (quantization.py).
     qconfig = quantization.qconfig_guard
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this on every module it is about to compile (a manualbp.MLP's layers too)."""
+        raise RuntimeError(
+            "torch.jit.script cannot compile manualbp.Linear (nor manualbp.MLP, whose layers these are): its "
+            "forward is Python that TorchScript's compiler does not take (an autograd Function with a hand-written "
+            "backward, Triton launches). Export with torch.export.export(model, args) or "
+            "torch.onnx.export(..., dynamo=True); torch.jit.trace(model, args) records the layers as plain aten "
+            "ops; or script manualbp.revert(model, inplace=False), the same model with nn.Linear layers."
+        )
+
     def forward(self, input: Tensor) -> Tensor:
         weight, bias, activation = self.weight, self.bias, self.activation
         if "peft" in sys.modules and activation.name != "identity" and not torch.compiler.is_compiling():

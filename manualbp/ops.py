@@ -28,9 +28,10 @@ Each operator has, beside its implementation:
   a decomposition         for torch.export only: the reference backend's computation in aten ops,
                           which ``ExportedProgram.run_decompositions()`` (default table) and
                           ``torch.onnx.export(dynamo=True)`` apply, so the exported program needs no manualbp
-No autograd formula is registered: the layers' autograd Functions (function.py,
-mlp_function.py) call these operators from their forward, backward and jvp, so
-eager code, torch.func and torch.compile all run the same Function.
+The layers' autograd Functions (function.py, mlp_function.py) call these operators
+from their forward, backward and jvp, so eager code, torch.func and torch.compile
+all run the same Function. Only linear_forward has an autograd formula, for programs
+from torch.export, which record it alone: function.py registers the layer's own backward.
 """
 
 from __future__ import annotations

@@ -350,3 +350,26 @@ def test_gpu_launch_check_script_parses_and_its_calls_exist(tmp_path):
     assert "profile_step gelu: not measured" in out, out
     assert "test_cuda_graph_replays_eager_results: PASSED" in out and "test_reduce_overhead_matches_eager: not run" \
         in out, out
+
+
+def test_gated_mlp_rows_with_the_saved_memory_column(tmp_path, capsys):
+    """The gated MLP problem on the CPU, tiny: eager (transformers' LlamaMLP written out), manualbp.GatedMLP and its
+    recompute=True, each checked against float64; the saved-MiB column is what each keeps for the backward, M·I
+    float32 elements per tensor: eager 4 (Z_g, f(Z_g), Z_u, A), GatedMLP 3 (Z_g, Z_u, A), recompute 1 (A)."""
+    bench = _load()
+    assert bench.main(["--device", "cpu", "--dtypes", "fp32", "--modes", "fwd+bwd", "--problems", "gated1024x256x688",
+                       "--impls", "eager,manualbp,manualbp-recompute", "--rep-ms", "5", "--out-dir", str(tmp_path),
+                       "--tag", "gated"]) == 0, "exit status"
+    rows = {r["impl"]: r for r in csv.DictReader(open(tmp_path / "bench_dense_gated.csv"))}
+    assert sorted(rows) == ["eager", "manualbp", "manualbp-recompute"], f"rows: {sorted(rows)}"
+    unit = 1024 * 688 * 4 / 2**20
+    saved = {impl: float(row["saved_mib"]) / unit for impl, row in rows.items()}
+    assert saved == pytest.approx({"eager": 4, "manualbp": 3, "manualbp-recompute": 1}), f"saved, in M·I·4 B: {saved}"
+    for impl, row in rows.items():
+        assert 0 < float(row["max_rel_err"]) < 1e-5, f"{impl}: error {row['max_rel_err']}"
+        assert float(row["tflops"]) == pytest.approx(3 * 6 * 1024 * 256 * 688 / float(row["median_ms"]) / 1e9), \
+            f"{impl}: three products counted"
+    assert "saved MiB" in capsys.readouterr().out, "the column in the table"
+    assert bench.Problem.from_name("gated8192x4096x14336", "relu").activation == "silu", "a gated problem is SwiGLU"
+    assert {p.name for p in bench.gpu_problems(["relu"]) if p.kind == "gated"} == {
+        "gated8192x4096x11008", "gated8192x4096x14336"}, "the GPU run's gated shapes"

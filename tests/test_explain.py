@@ -380,3 +380,67 @@ def test_doc_forward_excerpts_are_what_the_command_prints(layout):
     printed = explain.describe_forward(net, x, y, layout, "x", torch.zeros(4, dtype=layouts.DTYPE))
     for line in block.rstrip("\n").splitlines():
         assert line in printed, f"doc line not printed by `explain --mode forward --layout {layout}`: {line!r}"
+
+
+# ---------------------------------------------------------------------------
+# The gated layer (--gated, docs/derivation.md section 12)
+
+
+@pytest.mark.parametrize("mode", explain.MODES)
+@pytest.mark.parametrize("layout", layouts.LAYOUTS)
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "relu", "identity"])
+def test_gated_explain_checks_hold(activation, layout, mode, capsys):
+    from manualbp.__main__ import main
+
+    argv = ["explain", "--gated", "--sizes", "4,3", "--activation", activation, "--layout", layout, "--mode", mode]
+    assert main(argv) == 0, f"explain {' '.join(argv)}: status 0"
+    out = capsys.readouterr().out
+    checks = 5 if mode == "reverse" else 3
+    assert f"all {checks} checks hold" in out, f"{argv}: every check holds\n{out}"
+    label = {("reverse", "numerator"): "(G3)", ("reverse", "denominator"): "(G4)",
+             ("forward", "numerator"): "(G6)", ("forward", "denominator"): "(G6, transposed)"}[mode, layout]
+    assert label in out, f"{argv}: prints the equations {label}"
+
+
+def test_gated_explain_fails_a_wrong_chain(monkeypatch, capsys):
+    """The check can fail: with the two paths' diagonal factors swapped, dC/dx and the weights' are wrong."""
+    from manualbp.__main__ import main
+    from manualbp.derivation import gated
+
+    right = gated.jacobians
+
+    def swapped(layer, fwd):
+        J = right(layer, fwd)
+        return {**J, "da/dz_g": J["da/dz_u"], "da/dz_u": J["da/dz_g"]}
+
+    monkeypatch.setattr(gated, "jacobians", swapped)
+    assert main(["explain", "--gated", "--sizes", "4,3", "--activation", "tanh"]) == 1, "a wrong chain: status 1"
+    assert "checks FAILED" in capsys.readouterr().out, "the report says which failed"
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--sizes", "4,3,2"], "exactly two widths"),
+    (["--sizes", "4,3", "--order", "reversed"], "not with --gated"),
+    (["--sizes", "4,3", "--mode", "forward", "--tangent", "x"], "not with --gated"),
+])
+def test_gated_explain_bad_arguments(argv, match, capsys):
+    from manualbp.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["explain", "--gated", *argv])
+    assert exit_info.value.code == 2, f"{argv}: status 2"
+    assert match in capsys.readouterr().err, f"{argv}: the error names {match!r}"
+
+
+def test_gated_doc_excerpt_is_what_the_command_prints():
+    """The output quoted in docs/derivation.md section 12 is the command's own."""
+    from manualbp.derivation import gated
+
+    blocks = re.findall(r"```text\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)
+    block = next((b for b in blocks if "delta_g" in b), None)
+    assert block is not None, "docs/derivation.md should quote the gated layer's output"
+    layer = gated.GatedLayer.random(4, 3, "silu", seed=0)
+    x, y = layer.random_data(seed=1)
+    printed = gated.describe(layer, x, y, "denominator", "reverse")
+    for line in block.rstrip("\n").splitlines():
+        assert line in printed, f"doc line not printed by `explain --gated`: {line!r}"

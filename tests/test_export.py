@@ -21,9 +21,9 @@ from torch.export import Dim
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import manualbp
-from manualbp import backends, ops
+from manualbp import backends, function, ops
 
-from checks import assert_close_to_float64, optional_import
+from checks import assert_close_to_float64, operator_calls, optional_import
 
 OPS = torch.ops.manualbp
 BACKENDS = ["reference", "triton"]
@@ -104,14 +104,12 @@ def test_export_dynamic_batch_and_sequence_then_decompose(backend, strict):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decomposed_program_trains_like_the_reverted_model(backend):
-    """An exported program has no backward of its own: through manualbp's operators a backward raises (no
-    autograd formula); decomposed, autograd differentiates the aten ops, as for the reverted model."""
+    """Decomposed, autograd differentiates the aten ops, as for the reverted model (the program itself trains
+    through the operator's autograd formula: test_exported_program_trains_as_the_eager_model)."""
     require(backend)
     model = three_layers(backend).train()
     x = torch.randn(4, 8)
     program = torch.export.export(model, (x,))
-    with pytest.raises(RuntimeError, match="no autograd formula"):
-        program.module()(x).sum().backward()
     decomposed = program.run_decompositions().module()
     plain = torch_twin(model)
     for module in (decomposed, plain):
@@ -119,6 +117,82 @@ def test_decomposed_program_trains_like_the_reverted_model(backend):
         module(x).square().sum().backward()
     for (name, ours), theirs in zip(decomposed.named_parameters(), plain.parameters()):
         torch.testing.assert_close(ours.grad, theirs.grad, msg=lambda m: f"d{name}: {m}")
+
+
+def _training_step(module, x):
+    """(∂C/∂x, {name: ∂C/∂p}) of C = sum(module(x)²)."""
+    module.zero_grad(set_to_none=True)
+    leaf = x.clone().requires_grad_(True)
+    module(leaf).square().sum().backward()
+    return leaf.grad, {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+
+
+def require_exported_autograd():
+    if function.EXPORTED_AUTOGRAD_UNAVAILABLE is not None:
+        pytest.skip(f"no autograd formula for the exported operator: {function.EXPORTED_AUTOGRAD_UNAVAILABLE}")
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "first-layer-frozen"])
+@pytest.mark.parametrize("model_kind", ["three_layers", "with_mlp"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exported_program_trains_as_the_eager_model(backend, model_kind, frozen):
+    """ep = torch.export.export(model, (x,)); a backward through ep.module() (the operators, not decomposed) gives
+    the eager model's gradients, and nn.Linear's exported twin's: each operator's autograd formula is the layer's
+    own backward (manualbp/function.py), recomputing Z where the node asked for A only."""
+    require(backend, torch.float64)
+    require_exported_autograd()
+    model = (three_layers if model_kind == "three_layers" else with_mlp)(backend).double().train()
+    model[0].weight.requires_grad_(not frozen)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    program = torch.export.export(model, (x,))
+    assert manualbp_nodes(program), "the operators are in the program"
+    twin = torch_twin(model)
+    twin_program = torch.export.export(twin, (x,))
+    ours_dx, ours = _training_step(program.module(), x)
+    eager_dx, eager = _training_step(model, x)
+    twin_dx, twin_grads = _training_step(twin_program.module(), x)
+    assert set(ours) == set(eager), f"parameters with gradients: {sorted(ours)}, eager {sorted(eager)}"
+    assert ("0.weight" in ours) == (not frozen), "a frozen weight gets no gradient"
+    label = f"[{backend}, {model_kind}, frozen={frozen}]"
+    torch.testing.assert_close(ours_dx, eager_dx, rtol=1e-12, atol=1e-12, msg=lambda m: f"dx vs eager {label}: {m}")
+    torch.testing.assert_close(ours_dx, twin_dx, rtol=1e-10, atol=1e-12, msg=lambda m: f"dx vs nn {label}: {m}")
+    for name in ours:
+        torch.testing.assert_close(ours[name], eager[name], rtol=1e-12, atol=1e-12,
+                                   msg=lambda m: f"d{name} vs eager {label}: {m}")
+    # nn.Linear's twin: the same parameters under the reverted model's names (an MLP becomes an nn.Sequential).
+    for (name, grad), twin_grad in zip(ours.items(), twin_grads.values()):
+        torch.testing.assert_close(grad, twin_grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"d{name} vs nn {label}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exported_program_backward_recomputes_z_only_where_f_prime_needs_it(backend):
+    """The exported nodes write A only; the backward of a gelu layer runs its forward operator once more for Z
+    (f'(Z) on Triton), a relu or identity layer's does not (f' from A, or none): the one extra X Wᵀ per layer
+    whose f' needs Z. The backward operators are the layer's own (manualbp::linear_backward)."""
+    require(backend)
+    require_exported_autograd()
+    model = three_layers(backend).train()
+    x = torch.randn(4, 8)
+    module = torch.export.export(model, (x,)).module()
+    out = module(x)
+    with operator_calls() as calls:
+        out.sum().backward()
+    names = [name for name, _ in calls]
+    expected_save = "f_prime" if backend == "triton" else "z"
+    assert names.count("linear_backward") == 3, f"one linear_backward per layer: {names}"
+    recomputed = [args[5] for name, args in calls if name == "linear_forward"]
+    assert recomputed == [expected_save], f"forward recomputed for the gelu layer only, save={expected_save}: {calls}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exported_program_double_backward(backend):
+    """create_graph through ep.module(): gradgradcheck over the input, every activation kind of three_layers."""
+    require(backend, torch.float64)
+    require_exported_autograd()
+    model = three_layers(backend, torch.float64).train()
+    module = torch.export.export(model, (torch.randn(3, 8, dtype=torch.float64),)).module()
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(module, (x,)), f"gradgradcheck through the exported program [{backend}]"
 
 
 class EveryOperator(nn.Module):
@@ -314,3 +388,94 @@ def test_onnx_export_runs_in_onnxruntime(backend, dtype, tmp_path):
             else:
                 exact = torch_twin(model).double()(x.double())
                 assert_close_to_float64(f"onnxruntime float16, batch {batch}", result, expected, exact)
+
+
+# --------------------------------------------------------------------------------------
+# The legacy tracer: torch.onnx.export(dynamo=False), torch.jit.trace; torch.jit.script
+# --------------------------------------------------------------------------------------
+
+
+def every_activation(backend: str) -> nn.Sequential:
+    """A layer per activation (leaky_relu with a negative slope too) and an MLP: every forward path."""
+    torch.manual_seed(6)
+    layers = [manualbp.Linear(8, 8, activation=name, backend=backend) for name in manualbp.ACTIVATIONS]
+    layers.append(manualbp.Linear(8, 8, activation="leaky_relu", negative_slope=-0.3, backend=backend))
+    layers.append(manualbp.MLP([8, 12, 6], activation="gelu_tanh", last_activation="silu", backend=backend))
+    return nn.Sequential(*layers)
+
+
+def _traced_kinds(graph) -> list:
+    return [node.kind() for node in graph.nodes() if node.kind().startswith("aten::")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_legacy_onnx_export_computes_the_model(backend, tmp_path):
+    """torch.onnx.export(..., dynamo=False) traces: the graph holds Gemm and each activation's ONNX operators, the
+    same operator list as nn.Linear's model, and onnxruntime's output matches the model's at other batch sizes."""
+    require(backend)
+    optional_import("onnx", "legacy ONNX export tests need onnx (pip install onnx)")
+    onnxruntime = optional_import("onnxruntime", "legacy ONNX export tests need onnxruntime")
+    import onnx
+
+    model = every_activation(backend).train()  # parameters require grad: the layers' Functions are not traced
+    twin = torch_twin(model)
+    example = torch.randn(3, 8)
+    paths = {}
+    for label, module in (("manualbp", model), ("nn", twin)):
+        paths[label] = str(tmp_path / f"{label}.onnx")
+        torch.onnx.export(module, (example,), paths[label], dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})
+    operators = {label: [node.op_type for node in onnx.load(path).graph.node] for label, path in paths.items()}
+    assert operators["manualbp"] == operators["nn"], f"ONNX operators {operators['manualbp']}, nn {operators['nn']}"
+    assert operators["manualbp"].count("Gemm") == 11, f"a Gemm per layer: {operators['manualbp']}"
+    session = onnxruntime.InferenceSession(paths["manualbp"], providers=["CPUExecutionProvider"])
+    for batch in (1, 5, 17):
+        x = torch.randn(batch, 8)
+        (result,) = session.run(None, {"x": x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(result), model(x), rtol=0, atol=1e-5,
+                                       msg=lambda m: f"onnxruntime, legacy export, batch {batch}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jit_trace_computes_the_model_on_other_inputs(backend):
+    """torch.jit.trace records nn.Linear's aten ops (linear and the activation), passes its own check (the
+    graph is the same on every invocation), and the trace computes the model at other shapes; its backward
+    is aten autograd's, with the model's gradients."""
+    require(backend, torch.float64)
+    model = every_activation(backend).double().train()
+    twin = torch_twin(model)
+    traced = torch.jit.trace(model, (torch.randn(2, 5, 8, dtype=torch.float64),))
+    twin_traced = torch.jit.trace(twin, (torch.randn(2, 5, 8, dtype=torch.float64),))
+    kinds, twin_kinds = _traced_kinds(traced.inlined_graph), _traced_kinds(twin_traced.inlined_graph)
+    assert kinds == twin_kinds, f"traced aten ops {kinds}, nn.Linear's {twin_kinds}"
+    for shape in [(1, 1, 8), (3, 7, 8), (4, 8)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        leaf, eager_leaf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out, expected = traced(leaf), model(eager_leaf)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12, msg=lambda m: f"trace at {shape}: {m}")
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        torch.testing.assert_close(leaf.grad, eager_leaf.grad, rtol=1e-10, atol=1e-12,
+                                   msg=lambda m: f"trace's dx at {shape}: {m}")
+
+
+@pytest.mark.parametrize("model_kind", ["Linear", "MLP", "converted"])
+def test_jit_script_is_a_clear_error(model_kind):
+    """torch.jit.script cannot compile the layers' Python forward: an error naming the ways that work, before any
+    compilation; the reverted model scripts and computes the same."""
+    torch.manual_seed(7)
+    if model_kind == "Linear":
+        model = manualbp.Linear(8, 4, activation="gelu")
+    elif model_kind == "MLP":
+        model = manualbp.MLP([8, 6, 4])
+    else:
+        model = manualbp.convert(nn.Sequential(nn.Linear(8, 6), nn.SiLU(), nn.Linear(6, 4)))
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile manualbp.Linear") as caught:
+        torch.jit.script(model)
+    for way in ("torch.export.export", "dynamo=True", "torch.jit.trace", "manualbp.revert"):
+        assert way in str(caught.value), f"the error names {way}"
+    scripted = torch.jit.script(manualbp.revert(model, inplace=False))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), msg=lambda m: f"scripted reverted {model_kind}: {m}")

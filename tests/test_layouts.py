@@ -1161,3 +1161,106 @@ def test_multiply_is_strict_about_conformity():
         lo.multiply([col, sq])
     assert torch.equal(lo.multiply([sq, col]), col), "a conforming product is the matrix product"
     assert torch.equal(lo.multiply([sq, col], start="right"), col), "the association does not change the product"
+
+
+# ---------------------------------------------------------------------------
+# The gated layer (section 12): manualbp/derivation/gated.py
+
+GATED = [(4, 3, "silu", 0), (3, 5, "gelu_tanh", 1), (3, 4, "relu", 5), (5, 4, "sigmoid", 3), (3, 3, "identity", 4)]
+GATED_IDS = [f"{act}-{k}x{i}" for k, i, act, _ in GATED]
+
+
+@covers("G1")
+@pytest.mark.parametrize("k, i, act, seed", GATED, ids=GATED_IDS)
+def test_G1_gated_forward_matches_torch(k, i, act, seed):
+    from manualbp.derivation import gated
+
+    layer = gated.GatedLayer.random(k, i, act, seed=seed)
+    x, _ = layer.random_data(seed=seed + 1)
+    torch_f = lo.torch_activation(layer.activation)
+    expected = torch_f(F.linear(x, layer.W_g, layer.b_g)) * F.linear(x, layer.W_u, layer.b_u)
+    assert_matches(gated.forward(layer, x).a, expected, "(G1) a = f(W_g x + b_g) * (W_u x + b_u)")
+
+
+@covers("G2")
+@pytest.mark.parametrize("k, i, act, seed", GATED, ids=GATED_IDS)
+def test_G2_gated_jacobians(k, i, act, seed):
+    from manualbp.derivation import gated
+
+    layer = gated.GatedLayer.random(k, i, act, seed=seed)
+    x, _ = layer.random_data(seed=seed + 1)
+    fwd = gated.forward(layer, x)
+    J = gated.jacobians(layer, fwd)
+    f = layer.activation.f
+    by_autograd = torch.autograd.functional.jacobian(lambda z_g, z_u: f(z_g) * z_u, (fwd.z_g, fwd.z_u))
+    assert_matches(J["da/dz_g"], by_autograd[0], "(G2) da/dz_g = diag(f'(z_g) * z_u)")
+    assert_matches(J["da/dz_u"], by_autograd[1], "(G2) da/dz_u = diag(f(z_g))")
+    assert_matches(J["dz_g/dx"], torch.autograd.functional.jacobian(lambda x: gated.forward(layer, x).z_g, x),
+                   "(G2) dz_g/dx = W_g")
+
+
+@covers("G3", "G4")
+@pytest.mark.parametrize("k, i, act, seed", GATED, ids=GATED_IDS)
+def test_G3_G4_gated_chains_in_both_layouts(k, i, act, seed):
+    """Both layouts against autograd, each in its own shapes; numerator is the transpose of denominator; and one
+    path alone is not the gradient (the sum of both chains is needed)."""
+    from manualbp.derivation import gated
+
+    layer = gated.GatedLayer.random(k, i, act, seed=seed)
+    x, y = layer.random_data(seed=seed + 1)
+    exact = gated.autograd_gradients(layer, x, y)
+    numerator, denominator = gated.reverse(layer, x, y, "numerator"), gated.reverse(layer, x, y, "denominator")
+    assert numerator["x"].shape == (1, k) and denominator["x"].shape == (k, 1), "dC/dx: a row, a column"
+    assert numerator["W_g"].shape == (k, i) and denominator["W_g"].shape == (i, k), "dC/dW_g: W^T's, W's shape"
+    for name in ("x",) + gated.PARAMETERS:
+        assert_matches(denominator[name].reshape(exact[name].shape), exact[name], f"(G4) dC/d{name}")
+        assert_matches(numerator[name].T.reshape(exact[name].shape), exact[name], f"(G3) dC/d{name}")
+    fwd = gated.forward(layer, x)
+    J = gated.jacobians(layer, fwd)
+    g = lo.column(gated.grad_cost(fwd.a, y))
+    gate_path_only = J["dz_g/dx"].T @ J["da/dz_g"].T @ g
+    if act != "relu":  # relu may zero the gate path's every unit, where one path alone would happen to be right
+        assert rel_err(gate_path_only.flatten(), exact["x"]) > 1e-3, "(G4) the up path's chain is needed too"
+
+
+@covers("G5")
+@pytest.mark.parametrize("k, i, act, seed", GATED, ids=GATED_IDS)
+def test_G5_gated_rowwise_is_manualbps_backward(k, i, act, seed):
+    """(G5) against autograd of the plain layer, and manualbp's gated_linear (reference backend) against (G5)."""
+    import manualbp
+    from manualbp.derivation import gated
+
+    layer = gated.GatedLayer.random(k, i, act, seed=seed)
+    X, G = layer.random_data(seed=seed + 2, n=6)
+    rows = gated.rowwise_backward(layer, X, G)
+    leaves = [t.clone().requires_grad_(True) for t in (X, layer.W_g, layer.W_u, layer.b_g, layer.b_u)]
+    plain = gated.forward(gated.GatedLayer(*leaves[1:], layer.activation), leaves[0]).a
+    exact = dict(zip(("x",) + gated.PARAMETERS, torch.autograd.grad(plain, leaves, G)))
+    ours = [t.clone().requires_grad_(True) for t in (X, layer.W_g, layer.W_u, layer.b_g, layer.b_u)]
+    manualbp.functional.gated_linear(*ours, activation=act, backend="reference").backward(G)
+    for name, leaf in zip(("x",) + gated.PARAMETERS, ours):
+        assert_matches(rows[name], exact[name], f"(G5) dC/d{name} vs autograd")
+        assert_matches(leaf.grad, rows[name], f"(G5) manualbp's dC/d{name}")
+
+
+@covers("G6", "G7")
+@pytest.mark.parametrize("k, i, act, seed", GATED, ids=GATED_IDS)
+def test_G6_G7_gated_forward_mode(k, i, act, seed):
+    from manualbp.derivation import gated
+
+    layer = gated.GatedLayer.random(k, i, act, seed=seed)
+    x, y = layer.random_data(seed=seed + 1)
+    tangents = gated.tangents_for(layer, seed + 3)
+    da_ref, dC_ref = gated.jvp_reference(layer, x, y, tangents)
+    for layout, shape in (("numerator", (i, 1)), ("denominator", (1, i))):
+        da, dC = gated.tangent(layer, x, y, tangents, layout)
+        assert da.shape == shape, f"(G6) {layout}: da is {shape}"
+        assert_matches(da.flatten(), da_ref, f"(G6) {layout} da")
+        assert_matches(dC.reshape(()), dC_ref, f"(G6) {layout} dC")
+    X, _ = layer.random_data(seed=seed + 4, n=5)
+    row_tangents = {**tangents, "x": torch.randn(5, k, dtype=DTYPE, generator=torch.Generator().manual_seed(seed))}
+    names = ("x",) + gated.PARAMETERS
+    _, dA_ref = torch.func.jvp(
+        lambda X, *p: gated.forward(gated.GatedLayer(*p, layer.activation), X).a,
+        (X,) + tuple(getattr(layer, n) for n in gated.PARAMETERS), tuple(row_tangents[n] for n in names))
+    assert_matches(gated.rowwise_tangent(layer, X, row_tangents), dA_ref, "(G7) dA, row-wise")

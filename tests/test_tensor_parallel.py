@@ -43,7 +43,6 @@ from __future__ import annotations
 import copy
 import os
 import sys
-import traceback
 
 if __name__ == "__main__":
     # The triton backend on the CPU: the interpreter must be chosen before manualbp's kernels exist.
@@ -55,7 +54,8 @@ from torch import nn
 
 import manualbp
 
-from workers import fully_shard_function, process_group, run_workers, skip_without_gloo
+from workers import (fully_shard_function, process_group, record, run_workers, skip_unless_backend_runs,
+                     skip_without_gloo)
 
 BACKENDS = ("reference", "triton")
 FAMILIES = ("linear", "mlp")
@@ -220,18 +220,15 @@ def worker(world_size: int, rank: int, init_file: str, out_dir: str) -> None:
             activations = ACTIVATIONS[case]
             for backend in BACKENDS:
                 for family in FAMILIES:
-                    key = f"{case}/{family}/{backend}"
-                    try:
+                    def compute(activations=activations, backend=backend, family=family, parallelize=parallelize):
                         reference = torch_model(activations)
                         mine = manualbp_model(family, reference, activations, backend)
                         expected, expected_comms = run(*parallelize(reference))
                         got, comms = run(*parallelize(mine))
-                        results[key] = {"torch": expected, "manualbp": got,
-                                        "comms": {"torch": expected_comms, "manualbp": comms}}
-                    except Exception as error:  # recorded for the test to report; the other cases go on
-                        traceback.print_exc()
-                        results[key] = {"error": f"{type(error).__name__}: {error}"}
-                    print(f"rank {rank}: {key}: {'error' if 'error' in results[key] else 'ran'}", flush=True)
+                        return {"torch": expected, "manualbp": got,
+                                "comms": {"torch": expected_comms, "manualbp": comms}}
+
+                    record(results, f"{case}/{family}/{backend}", rank, compute)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -254,15 +251,6 @@ def two_d_results(tmp_path_factory):
     except ImportError as error:
         pytest.skip(f"this PyTorch has no FSDP2 fully_shard: {error}")
     return run_workers(__file__, 4, tmp_path_factory.mktemp("tp_2d"), TIMEOUT_S, TRITON_INTERPRET="1")
-
-
-def skip_unless_backend_runs(backend: str) -> None:
-    """The workers run on CPU meshes: the triton backend through Triton's interpreter, which some installs cannot
-    run (no Triton, or a Triton before 3.8 with numpy 2.4+, as on a GPU machine's image): skipped, saying why."""
-    if backend == "triton":
-        reason = manualbp.backends._triton_import_error() or manualbp.backends.interpreter_numpy_reason()
-        if reason:
-            pytest.skip(f"the triton backend on a CPU mesh needs Triton's interpreter: {reason}")
 
 
 def check_case(results, case: str, family: str, backend: str) -> None:

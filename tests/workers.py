@@ -13,6 +13,7 @@ import datetime
 import os
 import subprocess
 import sys
+import traceback
 
 import pytest
 import torch
@@ -81,3 +82,25 @@ def fully_shard_function():
     except ImportError:
         from torch.distributed._composable.fsdp import fully_shard
     return fully_shard
+
+
+def record(results: dict, key: str, rank: int, compute) -> None:
+    """In a worker: results[key] = compute(), or {"error": ...} where it raises (printed, for the test to report;
+    the other cases go on)."""
+    try:
+        results[key] = compute()
+    except Exception as error:
+        traceback.print_exc()
+        results[key] = {"error": f"{type(error).__name__}: {error}"}
+    print(f"rank {rank}: {key}: {'error' if 'error' in results[key] else 'ran'}", flush=True)
+
+
+def skip_unless_backend_runs(backend: str) -> None:
+    """The workers run on CPU meshes: the triton backend through Triton's interpreter, which some installs cannot
+    run (no Triton, or a Triton before 3.8 with numpy 2.4+, as on a GPU machine's image): skipped, saying why."""
+    if backend == "triton":
+        import manualbp
+
+        reason = manualbp.backends._triton_import_error() or manualbp.backends.interpreter_numpy_reason()
+        if reason:
+            pytest.skip(f"the triton backend on a CPU mesh needs Triton's interpreter: {reason}")

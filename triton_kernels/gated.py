@@ -16,6 +16,8 @@ x [M, K], gate_weight and up_weight [I, K], biases [I]:
                                                            the δᵀ rows it loads (∂C/∂b)
     jvp         dZ = dX Wᵀ + X dWᵀ + db (each)             the dense layer's jvp kernel with identity (jvp.py)
                 dA = f'(Z_g) ⊙ dZ_g ⊙ Z_u + f(Z_g) ⊙ dZ_u  _gated_tangent_kernel, elementwise
+    the gating alone (projections run as modules: GatedMLP with hooks, adapters or quantized weights)
+                A, or (δ_g, δ_u) from G                    _gate_kernel, elementwise, the same _gate / _deltas
 
 Rounding follows eager ``act(gate(x)) * up(x)`` step by step (each intermediate rounded to
 the data dtype where eager stores one: Z_g, Z_u, f(Z_g), G ⊙ Z_u, the δ's), computed in
@@ -250,6 +252,35 @@ def _gated_grad_weight_kernel(
 
 
 @triton.jit
+def _gate_kernel(
+    z_gate_ptr, z_up_ptr,  # Z_g, Z_u [M, N]
+    grad_a_ptr,  # G [M, N]; read only with BACKWARD
+    out_ptr, out_up_ptr,  # forward: A [M, N] (out_ptr); BACKWARD: δ_g, δ_u [M, N]
+    M, N,
+    stride_zgm, stride_zgn, stride_zum, stride_zun, stride_gm, stride_gn, stride_om, stride_on, stride_oum, stride_oun,
+    BACKWARD: tl.constexpr,  # False: A = f(Z_g) ⊙ Z_u; True: (δ_g, δ_u) from G
+    ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, ACC_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # The gating alone, where the projections ran as modules (GatedMLP with hooks or adapters): _gate and _deltas,
+    # the same tile functions as the fused kernels' epilogue and operand loads.
+    offs_m, offs_n, mask = dense._elementwise_tile(M, N, BLOCK_M, BLOCK_N)
+    z_gate = tl.load(z_gate_ptr + offs_m[:, None] * stride_zgm + offs_n[None, :] * stride_zgn, mask=mask, other=0.0)
+    z_up = tl.load(z_up_ptr + offs_m[:, None] * stride_zum + offs_n[None, :] * stride_zun, mask=mask, other=0.0)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    if BACKWARD:
+        grad_a = tl.load(grad_a_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask,
+                         other=0.0)
+        delta_gate, delta_up = _deltas(grad_a, z_gate, z_up, ACTIVATION, NEGATIVE_SLOPE, ACC_FP64)
+        tl.store(out_ptrs, delta_gate, mask=mask)
+        tl.store(out_up_ptr + offs_m[:, None] * stride_oum + offs_n[None, :] * stride_oun, delta_up, mask=mask)
+    else:
+        a = _gate(_compute(z_gate, ACC_FP64), _compute(z_up, ACC_FP64), ACTIVATION, NEGATIVE_SLOPE,
+                  z_gate.dtype, ACC_FP64)
+        tl.store(out_ptrs, a, mask=mask)
+
+
+@triton.jit
 def _gated_tangent_kernel(
     z_gate_ptr, z_up_ptr,  # Z_g, Z_u [M, N]
     tangent_gate_ptr, tangent_up_ptr,  # dZ_g, dZ_u [M, N]; read only with HAS_TANGENT_GATE / HAS_TANGENT_UP
@@ -379,7 +410,8 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
     sum_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     sums = [torch.zeros((N,), dtype=sum_dtype, device=device) if want else None for want in wants[2:]]
     if any(wants) and M > 0 and N > 0:
-        weight_grads = needs_gate_weight or needs_up_weight
+        want_weights = [want and K > 0 for want in wants[:2]]  # K = 0: the weight gradients are empty
+        weight_grads = any(want_weights)
         columns = K if weight_grads else 1  # biases alone: one column of tiles, no product
         outs = [t if t is not None else grad_a for t in (*grads, *sums)]
         source = x if weight_grads else grad_a
@@ -390,7 +422,7 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
                 grad_a.stride(0), grad_a.stride(1), z_gate.stride(0), z_gate.stride(1), z_up.stride(0),
                 z_up.stride(1), source.stride(0), source.stride(1), outs[0].stride(0), outs[0].stride(-1),
                 outs[1].stride(0), outs[1].stride(-1),
-                WANT_GATE_WEIGHT=needs_gate_weight, WANT_UP_WEIGHT=needs_up_weight, WANT_GATE_BIAS=needs_gate_bias,
+                WANT_GATE_WEIGHT=want_weights[0], WANT_UP_WEIGHT=want_weights[1], WANT_GATE_BIAS=needs_gate_bias,
                 WANT_UP_BIAS=needs_up_bias, BLOCK_N=tile["BLOCK_M"], BLOCK_K=tile["BLOCK_N"],
                 BLOCK_M=tile["BLOCK_K"], GROUP_M=tile["GROUP_M"], **common)
     grad_biases = [None if s is None else s.to(dtype) for s in sums]
@@ -409,8 +441,13 @@ def gated_jvp(x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, tange
             return None
         return jvp.linear_jvp(x, weight, None, tangent_x, tangent_weight, tangent_bias, 0, 0.0, "z", M, N)
 
-    tangent_gate = tangent_z(gate_weight, tangent_gate_weight, tangent_gate_bias)
-    tangent_up = tangent_z(up_weight, tangent_up_weight, tangent_up_bias)
+    return gate_jvp(z_gate, z_up, tangent_z(gate_weight, tangent_gate_weight, tangent_gate_bias),
+                    tangent_z(up_weight, tangent_up_weight, tangent_up_bias), act_id, negative_slope)
+
+
+def gate_jvp(z_gate, z_up, tangent_gate, tangent_up, act_id: int, negative_slope: float):
+    """dA = f'(Z_g) ⊙ dZ_g ⊙ Z_u + f(Z_g) ⊙ dZ_u [M, I] from the tangents of Z_g, Z_u (None: zero, not both)."""
+    M, N = z_gate.shape
     like = tangent_gate if tangent_gate is not None else tangent_up
     out = torch.empty((M, N), dtype=like.dtype, device=like.device)
     if out.numel() == 0:
@@ -425,3 +462,30 @@ def gated_jvp(x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, tange
             HAS_TANGENT_GATE=tangent_gate is not None, HAS_TANGENT_UP=tangent_up is not None, ACTIVATION=act_id,
             NEGATIVE_SLOPE=negative_slope, ACC_FP64=out.dtype == torch.float64, **_ELEMENTWISE_BLOCK)
     return out
+
+
+def _launch_gate(z_gate, z_up, grad_a, act_id: int, negative_slope: float):
+    """The gating alone: A (grad_a None) or (δ_g, δ_u) [M, I], new contiguous tensors."""
+    M, N = z_gate.shape
+    outs = [torch.empty((M, N), dtype=z_gate.dtype, device=z_gate.device) for _ in range(1 if grad_a is None else 2)]
+    if M * N > 0:
+        g = grad_a if grad_a is not None else z_gate
+        last = outs[-1]
+        grid = (triton.cdiv(M, _ELEMENTWISE_BLOCK["BLOCK_M"]), triton.cdiv(N, _ELEMENTWISE_BLOCK["BLOCK_N"]))
+        with dense._device_guard(z_gate):
+            _gate_kernel[grid](
+                z_gate, z_up, g, outs[0], last, M, N, z_gate.stride(0), z_gate.stride(1), z_up.stride(0),
+                z_up.stride(1), g.stride(0), g.stride(1), outs[0].stride(0), outs[0].stride(1), last.stride(0),
+                last.stride(1), BACKWARD=grad_a is not None, ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope,
+                ACC_FP64=z_gate.dtype == torch.float64, **_ELEMENTWISE_BLOCK)
+    return outs[0] if grad_a is None else tuple(outs)
+
+
+def gate_forward(z_gate, z_up, act_id: int, negative_slope: float):
+    """A = f(Z_g) ⊙ Z_u [M, I] from the projections' outputs."""
+    return _launch_gate(z_gate, z_up, None, act_id, negative_slope)
+
+
+def gate_backward(grad_a, z_gate, z_up, act_id: int, negative_slope: float):
+    """(δ_g, δ_u) = (G ⊙ Z_u ⊙ f'(Z_g), G ⊙ f(Z_g)) [M, I]: the gradients of Z_g and Z_u."""
+    return _launch_gate(z_gate, z_up, grad_a, act_id, negative_slope)

@@ -127,6 +127,11 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
         default="prescribed",
         help="multiply the chains in the layout's order, or reversed on purpose to see the check fail (default: prescribed)",
     )
+    p.add_argument(
+        "--gated", action="store_true",
+        help="the gated layer a = f(W_g x + b_g) * (W_u x + b_u) instead (SwiGLU, GEGLU, ...; docs/derivation.md "
+             "section 12): --sizes K,I",
+    )
     p.set_defaults(run=run, parser=p)
     return p
 
@@ -529,6 +534,8 @@ def run(args: argparse.Namespace) -> int:
         parser.error(f"argument --negative-slope: an option of leaky_relu only, not of {args.activation}")
     if args.tangent is not None and args.mode != "forward":
         parser.error("argument --tangent: only with --mode forward")
+    if args.gated:
+        return _run_gated(args)
     L = len(args.sizes) - 1
     target = "x" if args.tangent is None else args.tangent
     if target != "x" and not 1 <= target[1] <= L:
@@ -550,6 +557,26 @@ def run(args: argparse.Namespace) -> int:
         reference = "torch.func.jvp of a plain PyTorch network"
     print()
     print("\n".join(notes))
+    print("\n".join(format_report(report, args.layout, args.order, args.seed, reference)))
+    return 0 if report.ok else 1
+
+
+def _run_gated(args: argparse.Namespace) -> int:
+    """``--gated``: the gated layer's equations and checks (manualbp/derivation/gated.py)."""
+    from manualbp.derivation import gated
+
+    parser = args.parser
+    if len(args.sizes) != 2:
+        parser.error(f"argument --sizes: with --gated, exactly two widths K,I (inputs, gated units), got {args.sizes}")
+    if args.tangent is not None or args.order != "prescribed":
+        parser.error("arguments --tangent and --order: not with --gated (its forward mode puts a tangent on x and on "
+                     "every parameter; its chains have one order)")
+    layer = gated.GatedLayer.random(*args.sizes, args.activation, seed=args.seed, negative_slope=args.negative_slope)
+    x, y = layer.random_data(seed=args.seed + 1)
+    print("\n".join(gated.describe(layer, x, y, args.layout, args.mode)))
+    report = gated.check(layer, x, y, args.layout, args.mode, args.tol, args.seed + 2)
+    reference = "torch.autograd" if args.mode == "reverse" else "torch.func.jvp of a plain PyTorch layer"
+    print()
     print("\n".join(format_report(report, args.layout, args.order, args.seed, reference)))
     return 0 if report.ok else 1
 
