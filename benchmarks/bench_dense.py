@@ -46,7 +46,11 @@ import manualbp
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp32-tf32": torch.float32}
 MODES = ("fwd", "bwd", "fwd+bwd")
-IMPLS = ("cublas", "eager", "compile", "compile-max", "manualbp", "manualbp-recompute")
+# compile-ro: torch.compile(mode="reduce-overhead") (CUDA graphs); manualbp-compile(-ro): the manualbp model compiled,
+# its operators opaque to Inductor, by default and with reduce-overhead (issue 24: the compiled rows beside eager's)
+IMPLS = ("cublas", "eager", "compile", "compile-max", "compile-ro", "manualbp", "manualbp-recompute",
+         "manualbp-compile", "manualbp-compile-ro")
+REDUCE_OVERHEAD = ("compile-ro", "manualbp-compile-ro")
 ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
                "identity": nn.Identity, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 # host: do_bench of each call, the host's work included (Python, launches); graph: the call captured in a CUDA graph
@@ -125,9 +129,12 @@ class GatedEager(nn.Module):
 def build(impl: str, problem: Problem, device, dtype):
     """The model under test, or None when impl does not apply to the problem."""
     sizes, act = problem.sizes, problem.activation
+    if impl in ("manualbp-compile", "manualbp-compile-ro"):
+        model = build("manualbp", problem, device, dtype)
+        return torch.compile(model, mode="reduce-overhead" if impl in REDUCE_OVERHEAD else None)
     if problem.kind == "gated":
         return _build_gated(impl, problem, device, dtype)
-    if impl in ("eager", "compile", "compile-max"):
+    if impl in ("eager", "compile", "compile-max", "compile-ro"):
         layers = []
         for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:])):
             layers.append(nn.Linear(k, n, device=device, dtype=dtype))
@@ -138,6 +145,8 @@ def build(impl: str, problem: Problem, device, dtype):
             model = torch.compile(model)
         elif impl == "compile-max":
             model = torch.compile(model, mode="max-autotune")
+        elif impl == "compile-ro":
+            model = torch.compile(model, mode="reduce-overhead")
         return model
     if impl == "manualbp":
         if problem.kind == "linear":
@@ -152,10 +161,10 @@ def build(impl: str, problem: Problem, device, dtype):
 
 def _build_gated(impl: str, problem: Problem, device, dtype):
     d, h = problem.dims
-    if impl in ("eager", "compile", "compile-max"):
+    if impl in ("eager", "compile", "compile-max", "compile-ro"):
         model = GatedEager(d, h, problem.activation, device, dtype)
-        return model if impl == "eager" else torch.compile(model, mode="max-autotune" if impl == "compile-max"
-                                                           else "default")
+        modes = {"compile": "default", "compile-max": "max-autotune", "compile-ro": "reduce-overhead"}
+        return model if impl == "eager" else torch.compile(model, mode=modes[impl])
     if impl in ("manualbp", "manualbp-recompute"):
         return manualbp.GatedMLP(d, h, problem.activation, recompute=impl == "manualbp-recompute", device=device,
                                  dtype=dtype)
@@ -197,6 +206,9 @@ def prepare(impl, problem, mode, device, dtype, layer: str = "hidden") -> Option
         fn = lambda: out.backward(grad_out, retain_graph=True)  # noqa: E731
     else:
         fn = lambda: model(x).backward(grad_out)  # noqa: E731
+    if impl in REDUCE_OVERHEAD:  # each call a new step of the CUDA-graph trees (its outputs may be overwritten)
+        step = fn
+        fn = lambda: (torch.compiler.cudagraph_mark_step_begin(), step())  # noqa: E731
     reset = [x, *params]
 
     def saved_mib() -> float:

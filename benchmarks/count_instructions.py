@@ -3,6 +3,7 @@
     python benchmarks/count_instructions.py                         # linear and mlp, fwd+bwd, 300 steps
     python benchmarks/count_instructions.py --steps 500 --modes fwd,fwd+bwd
     python benchmarks/count_instructions.py --manualbp-path /tmp/old_checkout   # another manualbp's code
+    python benchmarks/count_instructions.py --impls nn,manualbp-triton          # the GPU's launch path, stubbed
 
 A timing on a busy 2-core machine moves with everything else that runs; an instruction count
 does not. Each (problem, implementation) runs in its own process under ``valgrind --tool=callgrind``
@@ -14,6 +15,12 @@ and the ratio to nn's. Counts are deterministic for a given machine, Python, tor
 (PYTHONHASHSEED=0); they weigh every instruction alike, so they track Python overhead well but
 are not a timing: the time ratio of the same step is higher (Python's instructions are slower
 than torch's C++ ones). Needs valgrind with its headers, and a C compiler.
+
+Implementations: ``nn`` (nn.Linear + the activation), ``manualbp`` (the reference backend, PyTorch's math) and
+``manualbp-triton``: the triton backend on CPU tensors with every kernel launch a no-op (host_path.py's stub: the
+GPU's path of autotuned tiles and warm plans, each launch reaching the compiled launcher's call with addresses),
+so its count is the Python a GPU step runs before and around its launches, without the kernels, Triton's C
+launcher or the driver. Its math is not done, where nn's and manualbp's is (a tiny layer: little of it).
 """
 
 from __future__ import annotations
@@ -43,17 +50,24 @@ def child(helper: str, problem: str, impl: str, mode: str, steps: int, manualbp_
         sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
         sys.path.insert(0, manualbp_path)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    backend = "reference"
+    if impl == "manualbp-triton":
+        os.environ["TRITON_INTERPRET"] = "1"  # triton imports and takes CPU tensors; no kernel runs (stubbed)
+        import host_path
+
+        host_path.stub_kernels()
+        impl, backend = "manualbp", "triton"
     import torch
 
     import bench_overhead
 
     torch.set_num_threads(1)
-    case = bench_overhead.prepare(problem, impl, mode, torch.device("cpu"), torch.float32, "reference")
+    case = bench_overhead.prepare(problem, impl, mode, torch.device("cpu"), torch.float32, backend)
     fn, reset = case
     import manualbp
 
     print(f"manualbp from {os.path.dirname(manualbp.__file__)}", file=sys.stderr)
-    with manualbp.use_backend("reference"):
+    with manualbp.use_backend(backend):
         for _ in range(WARMUP):
             for t in reset:
                 t.grad = None
@@ -115,6 +129,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", default="linear,mlp", help="comma-separated: linear, mlp")
     parser.add_argument("--modes", default="fwd+bwd", help="comma-separated: fwd, fwd+bwd")
+    parser.add_argument("--impls", default="nn,manualbp,manualbp-triton",
+                        help="comma-separated: nn (always counted first, the ratios' base), manualbp, manualbp-triton")
     parser.add_argument("--steps", type=int, default=300, help="counted calls per case")
     parser.add_argument("--manualbp-path", default="", help="a folder holding another manualbp package to count")
     args = parser.parse_args(argv)
@@ -125,21 +141,21 @@ def main(argv=None) -> int:
 
     version = subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout.strip()
     print(f"# instructions per step (callgrind, not a timing); {platform.processor() or platform.machine()}, "
-          f"Python {platform.python_version()}, torch {torch.__version__}, {version}, float32, reference backend, "
-          f"{args.steps} steps")
+          f"Python {platform.python_version()}, torch {torch.__version__}, {version}, float32, {args.steps} steps; "
+          f"manualbp: reference backend, manualbp-triton: triton backend, launches stubbed")
     with tempfile.TemporaryDirectory() as directory:
         helper = build_helper(directory)
-        print(f"{'problem':8s} {'mode':8s} {'impl':9s} {'instr/step':>11s} {'x nn':>6s}  manualbp")
-        print("-" * 72)
+        print(f"{'problem':8s} {'mode':8s} {'impl':15s} {'instr/step':>11s} {'x nn':>6s}  manualbp")
+        print("-" * 78)
         for problem in args.problems.split(","):
             for mode in args.modes.split(","):
                 counts = {}
-                for impl in ("nn", "manualbp"):
+                for impl in ["nn"] + [i for i in args.impls.split(",") if i != "nn"]:
                     counts[impl], source = count(helper, directory, problem, impl, mode, args.steps,
                                                  args.manualbp_path)
                     ratio = counts[impl] / counts["nn"]
-                    print(f"{problem:8s} {mode:8s} {impl:9s} {counts[impl]:11d} {ratio:6.3f}  "
-                          f"{source if impl == 'manualbp' else ''}", flush=True)
+                    print(f"{problem:8s} {mode:8s} {impl:15s} {counts[impl]:11d} {ratio:6.3f}  "
+                          f"{source if impl != 'nn' else ''}", flush=True)
     return 0
 
 

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The one command to run on a machine with a GPU: `bash benchmarks/gpu_check.sh` (docs/development.md, "GPU checks").
+# The launch path's figures (warm launch against an empty one, host time against eager's, tiny layers, the CUDA-graph
+# and reduce-overhead tests, the compiled rows) have a run of their own: benchmarks/gpu_launch_check.sh.
 # It stops itself at GPU_CHECK_SECONDS (default 575 s) after its start, each step cut to the time left:
 #   1. install manualbp (editable, no network: the machine has torch and triton);
 #   2. side by side on the machine's CPUs, timing nothing: the test suite on the compiled kernels but

@@ -11,21 +11,27 @@ call, the GPU synchronised between rounds only, so the time is what the host spe
 
   eager step               nn.Linear + the activation, forward+backward (bench_dense.py's model)
   manualbp step            manualbp.Linear, forward+backward
-  manualbp, no launches    the same with every Triton matmul launch replaced by a no-op: manualbp's Python,
-                           autograd and allocations (the launches' share is the difference)
-  N launches, replayed     the step's N matmul launches again, with the arguments one step gave them
-    their JITFunction.run, warmup   the same through JITFunction.run(warmup=True): binder, cache key, no launch
-    their compiled launches         the compiled kernels launched directly (what JITFunction.run does last)
-    their compiled launches, ints   the same with every tensor argument passed as its data_ptr(): Triton's
-                                    C launcher (getPointer) asks the driver, cuPointerGetAttribute, about each
-                                    tensor pointer (8 a matmul launch), and takes an int as it is; the
-                                    difference is those queries (a guess at the ~175 µs, not yet measured)
+  manualbp, no launches    the same with every warm launch (launch.Plan.launch) replaced by a no-op: manualbp's
+                           Python, the plans' keys and lookups, autograd and allocations (the launches' share is
+                           the difference)
+  N warm launches (plans)  the step's N launches again through their plans, with the arguments one step gave them
+    their keys + lookups            launch.specialization of each argument list and a dict lookup (the tile
+                                    lookup alone)
+    their addresses                 the tensors' data_ptr()s, as a plan passes them
+    their JITFunction.run           the same launches through JITFunction.run (binder, cache key, launch): the
+                                    path before launch plans, and their fallback
+    compiled launcher, tensors      the compiled kernels' launcher given the tensors: Triton's C launcher then
+                                    calls data_ptr() and cuPointerGetAttribute for each (8 a matmul launch)
+    compiled launcher, addresses    the same given data_ptr() ints (fixed arguments, what a plan does): the
+                                    difference is those queries
   triton launch, empty     a kernel that does nothing, one program, through JITFunction.run
   triton launch, 8 tensors the same with 8 tensor arguments (the launcher's per-pointer work, 7 more times)
+    compiled, 8 addresses  its compiled kernel launched as a plan launches: the floor of a warm launch
   torch launch, tiny       x.add_(1) on a 16-element tensor: one PyTorch kernel launch, for scale
   torch.empty              one [M, N] allocation from PyTorch's caching allocator
 
-Prints a header (device, versions) and a fixed-width table; nothing is written.
+Prints a header (device, versions), a fixed-width table, and a last line with issue 24's two figures: a warm
+launch against the empty 8-tensor launch (target: at most 2x), the step against eager's; nothing is written.
 """
 
 from __future__ import annotations
@@ -69,47 +75,55 @@ def per_call_us(fn, calls: int, rounds: int) -> tuple:
     return statistics.median(samples), samples[len(samples) // 5], samples[(4 * len(samples)) // 5]
 
 
-def launch_parts(dense, step) -> dict:
-    """The step's matmul launches (recorded from one step, so the same arguments), replayed part by part, each item
-    the time for all of them: whole (dense._launch_autotuned: the chosen tile's lookup, then JITFunction.run),
-    JITFunction.run with warmup=True (its binder, cache key and checks, no launch), the compiled kernel's
-    launch alone (kernel[grid](*args, *constexprs), as JITFunction.run ends), and that launch with the tensors
-    passed as their addresses (no driver query per pointer in the launcher). Where a part cannot be built on this
-    Triton, it is left out, saying why."""
+def launch_parts(launch, step) -> dict:
+    """The step's warm launches (recorded from one step through launch.Plan.launch, so the same plans and
+    arguments), replayed whole and part by part, each item the time for all of them: the plan's launch (grid,
+    addresses, the compiled launcher), the key and lookup alone (launch.specialization and the dict), the addresses
+    alone, JITFunction.run (binder, cache lookup, launch) with the plan's constexprs, and the compiled launcher
+    given the tensors (Triton's C launcher then calls data_ptr() and cuPointerGetAttribute for each) against the
+    same given their addresses. Where a part cannot be built (a plan without a compiled launcher), it is left out,
+    saying why."""
     calls = []
-    real_launch = dense._launch_autotuned
-    dense._launch_autotuned = lambda *args: (calls.append(args), real_launch(*args))
+    real_launch = launch.Plan.launch
+
+    def recording(plan, args, M, N):
+        calls.append((plan, args, M, N))
+        real_launch(plan, args, M, N)
+
+    launch.Plan.launch = recording
     try:
         step()
     finally:
-        dense._launch_autotuned = real_launch
+        launch.Plan.launch = real_launch
     torch.cuda.synchronize()
-    replayed = {f"{len(calls)} launches, replayed": lambda: [real_launch(*call) for call in calls]}
-    try:
-        prepared = []
-        for tuner, grid, args, flags, buckets in calls:
-            config = dense._chosen_tiles[dense._tile_key(tuner, args, flags, buckets)]
-            run = dict(grid=grid, **flags, **config.all_kwargs())
-            kernel = tuner.fn.run(*args, warmup=True, **run)
-            meta = {**flags, **config.kwargs}
-            constexprs = tuple(meta[p.name] if p.name in meta else p.default for p in tuner.fn.params[len(args):])
-            addresses = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
-            prepared.append((tuner.fn, args, run, kernel, grid(meta), constexprs, addresses))
-        split = {
-            "  their JITFunction.run, warmup": lambda: [fn.run(*args, warmup=True, **run)
-                                                        for fn, args, run, *_ in prepared],
-            "  their compiled launches": lambda: [kernel[grid](*args, *constexprs)
-                                                  for _, args, _, kernel, grid, constexprs, _ in prepared],
-            "  their compiled launches, ints": lambda: [kernel[grid](*addresses, *constexprs)
-                                                        for _, _, _, kernel, grid, constexprs, addresses in prepared],
-        }
-        for part in split.values():
-            part()  # once before timing: a part that fails is left out here, saying why
-        torch.cuda.synchronize()
-    except Exception as error:  # an internal that moved: said, and the whole replay still timed
-        print(f"# (launch parts not split on triton {triton.__version__}: {type(error).__name__}: {error})")
-        return replayed
-    return {**replayed, **split}
+    kinds = sorted({plan.kind for plan, *_ in calls})
+    print(f"# {len(calls)} warm launches a step, roles {[plan.role for plan, *_ in calls]}, launchers {kinds}")
+    parts = {
+        f"{len(calls)} warm launches (plans)": lambda: [plan.launch(args, M, N) for plan, args, M, N in calls],
+        "  their keys + lookups": lambda: [launch.PLANS.get((plan.role, (), launch.specialization(args)))
+                                           for plan, args, _, _ in calls],
+        "  their addresses": lambda: [launch._addresses(args) for _, args, _, _ in calls],
+        "  their JITFunction.run": lambda: [plan.fn.run(*args, grid=plan.grid(M, N), warmup=False, **plan.constexprs)
+                                            for plan, args, M, N in calls],
+    }
+    compiled = [(plan, args, M, N) for plan, args, M, N in calls if plan.kind == "compiled"]
+    if len(compiled) != len(calls):
+        print(f"# (compiled launcher parts left out: launchers {kinds})")
+        return parts
+
+    def launcher(use_addresses: bool):
+        def run():
+            for plan, args, M, N in compiled:
+                _, call, function, metadata = plan.compiled
+                grid = plan.grid(M, N)
+                values = launch._addresses(args) if use_addresses else args
+                call(grid[0], grid[1] if len(grid) > 1 else 1, 1, launch._raw_stream(plan.device_index), function,
+                     metadata, None, None, None, *values, *plan.tail)
+        return run
+
+    parts["  compiled launcher, tensors"] = launcher(False)
+    parts["  compiled launcher, addresses"] = launcher(True)
+    return parts
 
 
 def main(argv=None) -> int:
@@ -142,33 +156,46 @@ def main(argv=None) -> int:
         for _ in range(3):  # compile, autotune, warm
             step()
         items[f"{impl} step"] = step
-    dense = manualbp.backends.kernels()
-    real_launch = dense._launch_autotuned
+    from manualbp.triton_kernels import launch
+
+    real_launch = launch.Plan.launch
     manualbp_step = items["manualbp step"]
 
     def no_launches():
-        dense._launch_autotuned = lambda *a, **k: None
+        launch.Plan.launch = lambda plan, args, M, N: None
         try:
             manualbp_step()
         finally:
-            dense._launch_autotuned = real_launch
+            launch.Plan.launch = real_launch
 
     items["manualbp, no launches"] = no_launches
-    items.update(launch_parts(dense, manualbp_step))
+    items.update(launch_parts(launch, manualbp_step))
     tiny = torch.zeros(16, device=device)
     _nothing[(1,)](tiny)
     items["triton launch, empty"] = lambda: _nothing[(1,)](tiny)
     _nothing_of_8[(1,)](*[tiny] * 8)
     items["triton launch, 8 tensors"] = lambda: _nothing_of_8[(1,)](*[tiny] * 8)
+    eight = _nothing_of_8.run(*[tiny] * 8, grid=(1,), warmup=True)  # its compiled kernel, launched directly:
+    if launch.compiled_launch_available(eight):  # the floor a plan's launch can reach
+        stream, address = launch._raw_stream(tiny.device.index), tiny.data_ptr()
+        items["  compiled, 8 addresses"] = lambda: eight.run(1, 1, 1, stream, eight.function, eight.packed_metadata,
+                                                             None, None, None, *[address] * 8)
     items["torch launch, tiny"] = lambda: tiny.add_(1)
     items["torch.empty"] = lambda: torch.empty((m, k_out), device=device, dtype=dtype)
 
     print(f"{'item':32s} {'median us':>10s} {'p20':>8s} {'p80':>8s}")
     print("-" * 61)
+    medians = {}
     for name, fn in items.items():
         med, p20, p80 = per_call_us(fn, args.calls, args.rounds)
+        medians[name] = med
         print(f"{name:32s} {med:10.1f} {p20:8.1f} {p80:8.1f}")
     torch.cuda.synchronize()
+    warm = next(name for name in medians if name.endswith("warm launches (plans)"))
+    per_launch = medians[warm] / int(warm.split()[0])
+    print(f"# a warm launch: {per_launch:.1f} µs, {per_launch / medians['triton launch, 8 tensors']:.2f}x an empty "
+          f"8-tensor launch through JITFunction.run (issue 24's target: at most 2x); manualbp step "
+          f"{medians['manualbp step']:.1f} µs against eager's {medians['eager step']:.1f} µs")
     return 0
 
 

@@ -6,7 +6,8 @@ replaced by a no-op.
 
 On the H200 (docs/performance.md) a manualbp step at (1024, 4096) took 1.59 ms of host time for 0.40 ms of
 kernels: the Python around the kernels decides the speed there. This runs the same Python — module, functional,
-autograd Function, operators, launchers, the autotuned launch path (`dense._launch_autotuned`) — on CPU tensors,
+autograd Function, operators, launchers, the launch plans (`triton_kernels/launch.py`: key, lookup, addresses,
+the compiled launcher's call) — on CPU tensors,
 with the kernels, the autotuner's kernel and the interpreter out of the way: what it measures is manualbp's own
 host work per step (not Triton's runtime or the CUDA driver, which a GPU adds). Medians over rounds of
 --steps steps, µs per step, beside nn.Linear + the activation doing real CPU math (a yardstick, not a
@@ -31,31 +32,58 @@ import manualbp  # noqa: E402
 
 
 class _NoLaunch:
-    """Stands in for a Triton kernel (and for the autotuner and its kernel): launching it does nothing."""
+    """Stands in for a Triton kernel (and for the autotuner and its kernel): launching it does nothing; asked for
+    its compiled kernel (JITFunction.run with warmup=True), it gives a _NoCompiled."""
 
-    def __init__(self, best_config=None):
+    def __init__(self, kernel=None, best_config=None):
+        from triton.runtime.jit import JITFunction
+
         self.best_config = best_config
         self.fn = self
+        self.params = JITFunction(kernel.fn).params if kernel is not None else None  # the real kernel's
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
 
-    def run(self, *args, **kwargs):
+    def run(self, *args, warmup=False, **kwargs):
+        return _NoCompiled() if warmup else None
+
+
+class _NoCompiled:
+    """Stands in for a CompiledKernel: its launcher (what a warm plan calls, with addresses) does nothing."""
+
+    function = packed_metadata = None
+
+    def run(self, *args):
         return None
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
 
 
 def stub_kernels():
-    """Replace every kernel launch of manualbp's triton backend by a no-op, and take the GPU's launch path
-    (autotuned, the autotuner having chosen the first config) on CPU tensors."""
-    from manualbp.triton_kernels import dense, jvp
+    """Replace every kernel launch of manualbp's triton backend by a no-op, and take the GPU's launch path on CPU
+    tensors: autotuned matmuls (the autotuner having chosen the first config), warm launches through each plan's
+    compiled launcher (launch.py), given the tensors' addresses."""
+    from manualbp.triton_kernels import dense, jvp, launch
 
     for name in ("_matmul_kernel", "_delta_kernel", "_activation_kernel"):
-        setattr(dense, name, _NoLaunch())
-    jvp._jvp_kernel = _NoLaunch()
+        setattr(dense, name, _NoLaunch(getattr(dense, name)))
     tuner = _NoLaunch(best_config=dense.matmul_configs()[0])
+    tuner.params = dense._matmul_kernel.params
+    jvp_tuner = _NoLaunch(jvp._jvp_kernel, best_config=dense.matmul_configs()[0])
+    jvp._jvp_kernel = _NoLaunch(jvp._jvp_kernel)
     dense.is_interpreted = lambda: True  # the backend takes CPU tensors for the triton path ...
     dense._fixed_config = lambda fp64, use_dot: None  # ... and the launchers the GPU's autotuned launches
     dense._autotuned_matmul = lambda: tuner
+    jvp._autotuned_jvp = lambda: jvp_tuner
+    real_build = launch.build
+
+    def build(*args, **kwargs):  # ... whose plans keep the compiled launcher, as on an NVIDIA GPU
+        return real_build(*args, **dict(kwargs, interpreted=False, compiled_ok=True))
+
+    launch.build = build
+    launch._raw_stream = lambda device_index: 0
 
 
 def main(argv=None) -> int:
@@ -102,6 +130,11 @@ def main(argv=None) -> int:
                 step(model)
             profiler.disable()
             pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(25)
+    from manualbp.triton_kernels import launch
+
+    kinds = sorted({plan.kind for plan in launch.PLANS.values()})
+    print(f"# {len(launch.PLANS)} launch plans, roles {sorted({p.role for p in launch.PLANS.values()})}, "
+          f"launchers {kinds}")
     return 0
 
 

@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", type=int, required=True, help="this worker's index, 0..workers-1")
     parser.add_argument("--workers", type=int, required=True, help="how many workers run side by side")
     parser.add_argument("--compile", action="store_true", help="warm torch.compile's caches instead of Triton's")
+    parser.add_argument("--compile-impls", default="compile",
+                        help="with --compile, bench_dense.py's compiled impls to warm (comma list)")
     parser.add_argument("--dtypes", default="bf16", help=f"comma list of {list(bench_dense.DTYPES)}")
     parser.add_argument("--activations", default="relu,gelu")
     parser.add_argument("--problems", default=None, help="comma list of problem names (default: all)")
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     if args.problems:
         keep = args.problems.split(",")
         problems = [p for p in problems if p.name in keep]
-    impls = ["compile"] if args.compile else ["manualbp", "manualbp-recompute"]
+    impls = args.compile_impls.split(",") if args.compile else ["manualbp", "manualbp-recompute"]
     start = time.perf_counter()
     done = failed = 0
     for dtype_name in args.dtypes.split(","):

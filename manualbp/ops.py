@@ -665,11 +665,41 @@ _register_sharding()
 
 
 _IS_EXPORTING = getattr(torch.compiler, "is_exporting", None)  # looked up once: every layer call asks
+_COMPILER = torch.compiler
+_HAS_EXPORTING_FLAG = hasattr(torch.compiler, "_is_exporting_flag")
 
 
 def exporting() -> bool:
-    """Whether torch.export is tracing (or decomposing) now; False on a PyTorch without the flag."""
+    """Whether torch.export is tracing (or decomposing) now; False on a PyTorch without the flag.
+
+    While Dynamo traces, the answer comes from the trace itself (:func:`_traced_exporting`): Dynamo before torch
+    2.13 answers a traced is_exporting() with a constant True under torch.compile too (the layers then traced
+    their no-gradient path, and the compiled backward failed), and torch 2.7's strict export traces with the flag
+    behind it still False.
+    """
+    if _is_compiling():
+        return _traced_exporting()
+    if _HAS_EXPORTING_FLAG:
+        return _COMPILER._is_exporting_flag
     return _IS_EXPORTING is not None and _IS_EXPORTING()
+
+
+@torch.compiler.assume_constant_result
+def _traced_exporting() -> bool:
+    """Whether the trace running now is torch.export's: Dynamo's own flag for the trace (its InstructionTranslator's
+    ``export``), or torch.compiler's exporting flag (non-strict export, which Dynamo does not run). Called by Dynamo
+    at trace time, its answer a constant of the graph."""
+    if _HAS_EXPORTING_FLAG and _COMPILER._is_exporting_flag:
+        return True
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        trace = InstructionTranslator.current_tx()
+    except (ImportError, AttributeError):
+        trace = None
+    if trace is not None:
+        return bool(getattr(trace, "export", False))
+    return _IS_EXPORTING is not None and not _HAS_EXPORTING_FLAG and _IS_EXPORTING()
 
 
 def _decomposition(implementation):

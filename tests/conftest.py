@@ -10,6 +10,7 @@ tests that assert bits of a dot's result hold on every x86 machine.
 """
 
 import os
+import sys
 
 import torch
 
@@ -30,6 +31,17 @@ def _restore_settings():
     """Each test starts and ends with the manualbp settings it found."""
     with manualbp.config.override():
         yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_launch_plans():
+    """Each test starts with no launch plan (triton_kernels/launch.py): a test that stubs a kernel, the autotuner or
+    the fixed tiles must not find a plan another test built with the real ones. (A plan is built by the key's first
+    launch, which is an ordinary launch: starting afresh costs nothing more.)"""
+    launch = sys.modules.get(f"{manualbp.__name__}.triton_kernels.launch")
+    if launch is not None:
+        launch.PLANS.clear()
+    yield
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 import csv
 import importlib.util
+import os
 import pathlib
 import sys
 
@@ -299,12 +300,15 @@ def test_host_path_runs_the_gpu_launch_path_with_kernels_stubbed():
             if line.startswith(("nn ", "manualbp "))}
     assert set(rows) == {"nn Linear+ReLU (CPU math)", "manualbp Linear relu", "manualbp MLP 2 layers gelu"}, rows
     assert all(value > 0 for value in rows.values()), f"µs per step: {rows}"
-    assert "_launch_autotuned" in result.stdout, "the profile shows the GPU's autotuned launch path taken"
+    assert "launch.py" in result.stdout and "(run)" in result.stdout, "the profile shows the launch plans taken"
+    assert "compiled" in result.stdout and "interpreted" not in result.stdout, "... with the compiled launcher"
 
 
-def test_host_breakdown_needs_a_gpu_and_stubs_a_real_launch_path():
+def test_host_breakdown_needs_a_gpu_and_its_launch_parts_run_on_the_stubbed_path():
     """benchmarks/host_breakdown.py times a GPU machine's host work (gpu_check.sh runs it there): without CUDA it
-    refuses with the reason; the launch path it replaces by a no-op for "manualbp, no launches" exists."""
+    refuses with the reason. Its launch parts, dry-run on the CPU in a fresh process on host_path.py's stubbed GPU
+    path (plans with the compiled launcher, every launch a no-op): each part runs, and the launches it replays are
+    the step's warm ones, through their plans."""
     import subprocess
 
     if torch.cuda.is_available():
@@ -312,12 +316,34 @@ def test_host_breakdown_needs_a_gpu_and_stubs_a_real_launch_path():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_breakdown.py")], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2 and "CUDA is not available" in result.stderr, result.stderr
-    source = (ROOT / "benchmarks" / "host_breakdown.py").read_text()
-    assert "dense._launch_autotuned" in source, "the script stubs the autotuned launch path"
-    dense = manualbp.backends.kernels()
-    assert callable(getattr(dense, "_launch_autotuned", None)), "which dense.py has"
-    assert "dense._chosen_tiles[dense._tile_key(" in source, "the launch parts look the chosen tile up as dense does"
-    assert isinstance(dense._chosen_tiles, dict) and callable(dense._tile_key), "... with dense's own key"
+    reason = manualbp.backends.interpreter_numpy_reason()
+    if reason:
+        pytest.skip(reason)
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT / "benchmarks")!r})
+import host_path
+host_path.stub_kernels()
+import torch, manualbp, host_breakdown
+from manualbp.triton_kernels import launch
+torch.cuda.synchronize = lambda: None
+model = manualbp.Linear(64, 96, activation="relu", backend="triton")
+x, grad = torch.randn(40, 64, requires_grad=True), torch.randn(40, 96)
+step = lambda: model(x).backward(grad)
+step()
+parts = host_breakdown.launch_parts(launch, step)
+for name, part in parts.items():
+    part()
+    print("part", name)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    parts = [line[5:] for line in result.stdout.splitlines() if line.startswith("part ")]
+    assert parts == ["3 warm launches (plans)", "  their keys + lookups", "  their addresses",
+                     "  their JITFunction.run",
+                     "  compiled launcher, tensors", "  compiled launcher, addresses"], result.stdout
+    assert "roles ['forward', 'grad_x', 'grad_weight'], launchers ['compiled']" in result.stdout, result.stdout
 
 
 def test_problem_names_read_back():
@@ -353,6 +379,51 @@ def test_backward_ways_run_in_the_interpreter_and_agree(tmp_path, capsys):
     assert "max rel err" in capsys.readouterr().out, "the table"
     if importlib.util.find_spec("matplotlib") is not None:
         assert list(tmp_path.glob("bench_backward_*.png")), "the plot beside the CSV"
+
+
+def test_gpu_launch_check_script_parses_and_its_calls_exist(tmp_path):
+    """benchmarks/gpu_launch_check.sh, dry-run on the CPU: bash parses it; every script it runs exists and takes
+    every option the script gives it (each one's --help); its summary reads the figures out of a log written as
+    the scripts print them, and says which were not measured."""
+    import re
+    import shutil
+    import subprocess
+
+    script = ROOT / "benchmarks" / "gpu_launch_check.sh"
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, f"bash -n: {result.stderr}"
+    text = script.read_text().replace("\\\n", " ")
+    calls = re.findall(r"\$py (benchmarks/\w+\.py)([^|&\n]*)", text)
+    assert {name for name, _ in calls} >= {"benchmarks/host_breakdown.py", "benchmarks/profile_step.py",
+                                          "benchmarks/bench_overhead.py", "benchmarks/bench_dense.py",
+                                          "benchmarks/warm_caches.py"}, calls
+    options = {}
+    for name, arguments in calls:
+        options.setdefault(name, set()).update(re.findall(r"(--[a-z][a-z-]*)", arguments))
+    for name, given in options.items():  # one --help each
+        helped = subprocess.run([sys.executable, str(ROOT / name), "--help"], capture_output=True, text=True,
+                                timeout=120)
+        assert helped.returncode == 0, f"{name} --help: {helped.stderr[-2000:]}"
+        for option in given:
+            assert option in helped.stdout, f"{name} takes no {option}"
+    summary = text.split("<<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    log = ("=== profile_step relu at 260 s\n## eager: host 0.250 ms/call, wall 0.461 ms/call\n"
+           "## manualbp: host 0.300 ms/call, wall 0.500 ms/call\n=== profile_step gelu at 300 s\n"
+           "# a warm launch: 12.3 µs, 1.40x an empty 8-tensor launch through JITFunction.run\n")
+    tests = "tests/test_launch.py::test_cuda_graph_replays_eager_results PASSED\n"
+    paths = [tmp_path / "gpu_launch_check.log", tmp_path / "gpu_launch_tests.log"]
+    for path, content in zip(paths, (log, tests)):
+        path.write_text(content)
+    result = subprocess.run([sys.executable, "-", *map(str, paths)], input=summary, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "warm launch 12.3 µs = 1.40x the empty 8-tensor launch" in out, out
+    assert "profile_step relu: manualbp host 0.300 ms against eager's 0.250 ms (target <= eager's: MISSED)" in out, out
+    assert "profile_step gelu: not measured" in out, out
+    assert "test_cuda_graph_replays_eager_results: PASSED" in out and "test_reduce_overhead_matches_eager: not run" \
+        in out, out
 
 
 def test_gated_mlp_rows_with_the_saved_memory_column(tmp_path, capsys):

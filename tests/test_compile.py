@@ -14,15 +14,6 @@ from torch import nn
 import manualbp
 from manualbp import backends
 
-# Dynamo before torch 2.12 cannot compile a model that holds manualbp layers: "can't reconstruct arbitrary
-# frozen dataclass instances" (the Activation each layer holds). Seen with torch 2.7.0 and 2.11.0 (the GPU
-# machines' stack), not with 2.13.0 or 2.14.1; 2.12 untested. Left for manualbp's operator layer to fix.
-_TORCH = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-_DYNAMO_FROZEN_DATACLASS = pytest.mark.xfail(
-    _TORCH < (2, 12), strict=True,
-    reason="torch < 2.12: Dynamo can't reconstruct the frozen dataclass Activation a manualbp layer holds",
-)
-
 pytestmark = pytest.mark.stacks  # in the subset CI runs on the pinned stacks (pyproject.toml)
 
 OPS = torch.ops.manualbp
@@ -151,7 +142,6 @@ def assert_same(eager, compiled, label):
                                    msg=lambda m: f"{label}: {kind} of {name}\n{m}")
 
 
-@_DYNAMO_FROZEN_DATACLASS
 def test_compiled_graphs_hold_the_operators_forward_and_backward():
     # aot_eager with graph recording: each manualbp layer is one operator node, forward and backward, in one graph.
     from torch._dynamo.testing import AotEagerAndRecordGraphs
@@ -173,6 +163,28 @@ def test_compiled_graphs_hold_the_operators_forward_and_backward():
     torch._dynamo.reset()
 
 
+def test_exporting_is_false_under_torch_compile_and_true_under_export():
+    # Dynamo before torch 2.13 traced torch.compiler.is_exporting() as a constant True under torch.compile too: the
+    # layers then took their no-gradient path and the compiled backward failed ("no autograd formula").
+    torch._dynamo.reset()
+
+    def probe(x):
+        return x + 1, manualbp.ops.exporting()
+
+    _, compiled = torch.compile(probe, backend="eager", fullgraph=True)(torch.zeros(2))
+    assert compiled is False, "ops.exporting() traced by torch.compile"
+    assert manualbp.ops.exporting() is False, "ops.exporting() in eager code"
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            return x + float(manualbp.ops.exporting())  # 1.0 only while exporting
+
+    program = torch.export.export(Probe(), (torch.zeros(2),))
+    assert torch.equal(program.module()(torch.zeros(2)), torch.ones(2)), \
+        f"ops.exporting() under torch.export\n{program}"
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="module")
 def compiled_net():
     """One Inductor compilation (fullgraph=True: a graph break raises) shared by the tests below."""
@@ -183,7 +195,6 @@ def compiled_net():
     torch._dynamo.reset()
 
 
-@_DYNAMO_FROZEN_DATACLASS
 def test_torch_compile_fullgraph_inductor_matches_eager(compiled_net):
     model, compiled = compiled_net
     for shape in ((2, 3, 8), (5, 8)):  # the second batch size recompiles with dynamic shapes
@@ -191,7 +202,6 @@ def test_torch_compile_fullgraph_inductor_matches_eager(compiled_net):
         assert_same(run(model, model, x), run(compiled, model, x), f"inductor, input {shape}")
 
 
-@_DYNAMO_FROZEN_DATACLASS
 def test_torch_compile_runs_the_triton_kernels(compiled_net, monkeypatch):
     # On a GPU the kernels are compiled; on the CPU they run through the interpreter. Either
     # way the compiled graph's operators must launch them, exactly as often as eager does.
@@ -214,6 +224,25 @@ def test_torch_compile_runs_the_triton_kernels(compiled_net, monkeypatch):
     assert_same(eager, run(compiled, model, x), "inductor")
     assert eager_calls["linear_forward"] == 4, f"eager launches: {eager_calls}"  # 2 Linear + 2 MLP layers
     assert calls == eager_calls, f"Triton launches: compiled {calls}, eager {eager_calls}"
+
+
+def test_a_warm_compiled_step_builds_no_launch_plan(compiled_net, monkeypatch):
+    # What mode="reduce-overhead" and CUDA graphs need of the launch path, checkable on the CPU: once a compiled
+    # step has run, the same step again tunes and compiles no kernel (triton_kernels/launch.py builds no plan).
+    require("triton", torch.float32)
+    from manualbp.triton_kernels import launch
+
+    model, compiled = compiled_net
+    x = torch.randn(2, 3, 8, device=DEVICE)
+    first = run(compiled, model, x)
+    plans = dict(launch.PLANS)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError(f"a warm compiled step built a launch plan: {args[:2]}")
+
+    monkeypatch.setattr(launch, "build", no_build)
+    assert_same(first, run(compiled, model, x), "inductor, warm")
+    assert launch.PLANS == plans, "no plan added"
 
 
 def test_torch_export_holds_the_operators():

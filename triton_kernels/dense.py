@@ -33,6 +33,9 @@ operand tiles through device-side tensor descriptors and a persistent grid, one 
 per SM walking the output tiles, as Triton's tutorial 09; same prologues and epilogues
 (_matmul_tile), kept only where _tma_layout finds every operand describable.
 
+Every launch goes through a cached launch plan per role (``launch.py``, whose docstring states the interface):
+a warm call allocates its outputs, builds its arguments and calls the compiled kernel's launcher.
+
 No operand is copied to make it contiguous: every kernel takes both strides of
 every matrix, so transposes are free. Offsets are 64-bit. Accumulation is in
 float32 (float64 for float64 data), and so are the activations.
@@ -50,6 +53,7 @@ import triton.language as tl
 
 from .. import config
 from . import activations as act
+from . import launch
 
 # --------------------------------------------------------------------------------------
 # Kernels
@@ -914,7 +918,7 @@ def _saved_kind_id(saved_kind: str) -> int:
     return SAVED_KINDS[saved_kind]
 
 
-def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0, negative_slope=0.0,
+def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=False, act_id=0, negative_slope=0.0,
                    grad_saved=None, prologue_saved=None, saved_kind="z", want_partials=False, row_sums=None,
                    delta_out=None, use_dot=None):
     """One matmul launch: a [M, K] @ b [K, N] into out [M, N], with a prologue or one of two epilogues.
@@ -927,27 +931,29 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
     Backward of a layer (prologue_saved [M, K] of saved_kind, a = G): out = (a ⊙ f'(...)) @ b;
     row_sums [M] (accumulator dtype), when given, receives the row sums of a ⊙ f'(...) (without prologue, of a);
     delta_out [M, K], when given with a prologue, receives a ⊙ f'(...) in a's dtype.
+    role: the launch plan's role (launch.py). Everything but the tensors and sizes is decided once per plan key
+    (_matmul_plan): a warm call allocates, builds the arguments and launches.
     """
     M, K = a.shape
     N = b.shape[1]
     fp64 = a.dtype == torch.float64
     if use_dot is None:
         use_dot = (not fp64) or fp64_dot_supported(a.device)
-    fixed = _fixed_config(fp64, use_dot)
-    partial_rows = _PARTIAL_ROWS if fixed is None else min(_PARTIAL_ROWS, fixed[0]["BLOCK_M"])
+    settings = config.get()
     partials = None
     if want_partials:
+        fixed = _fixed_config(fp64, use_dot)
+        partial_rows = _PARTIAL_ROWS if fixed is None else min(_PARTIAL_ROWS, fixed[0]["BLOCK_M"])
         partials = torch.empty((_cdiv(M, partial_rows), N), dtype=torch.float64 if fp64 else torch.float32,
                                device=a.device)
-    grad_epilogue = grad_saved is not None
-    prologue = prologue_saved is not None
-    saved = grad_saved if grad_epilogue else (prologue_saved if prologue else out)
-    layout = _tma_layout(a, b, prologue_saved if prologue and act_id != 0 else None,
-                         not fp64 and _tma_capable(a.device))
-    num_sms = _num_sms(a.device) if layout["TMA_OK"] else 1
+    saved = grad_saved if grad_saved is not None else (prologue_saved if prologue_saved is not None else out)
     if delta_out is not None:
         z = delta_out  # the kernel's Z slot: unused by a prologue launch otherwise
     buckets = (_tuning_bucket(M), _tuning_bucket(N), _tuning_bucket(K))  # the autotuner's sizes
+    tma_ok = False
+    if settings.tma and not fp64 and _tma_capable(a.device):  # TMA's describability is finer than the key's
+        tma_ok = _tma_layout(a, b, prologue_saved if prologue_saved is not None and act_id != 0 else None,
+                             True)["TMA_OK"]
     args = (
         a, b, bias if bias is not None else out, out, z if z is not None else out,
         M, N, K,
@@ -957,8 +963,35 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
         saved, saved.stride(0), saved.stride(1),
         partials if partials is not None else out,
         row_sums if row_sums is not None else out,
-        *buckets, num_sms,
+        *buckets, _num_sms(a.device) if tma_ok else 1,
     )
+    # Every input of the flags that the arguments' specialisation does not already hold (dtypes, strides of 1).
+    options = (act_id, negative_slope, f_prime_as_z, bias is not None, z is not None, grad_saved is not None,
+               prologue_saved is not None, saved_kind, want_partials, row_sums is not None, delta_out is not None,
+               use_dot, K % EVEN_K_STEP.value == 0, buckets, settings.autotune, tma_ok,
+               a.dtype is torch.float32 and a.is_cuda and tf32_allowed())  # INPUT_PRECISION
+
+    if tma_ok:
+        _ensure_allocator()  # device-side descriptors need a scratch buffer (in this thread's context)
+
+    def make():
+        return _matmul_plan(a, b, out, args, bias, z, f_prime_as_z, act_id, negative_slope, grad_saved,
+                            prologue_saved, saved_kind, want_partials, row_sums, delta_out, use_dot, tma_ok)
+
+    launch.run(role, options, args, M, N, make)
+    return partials
+
+
+def _matmul_plan(a, b, out, args, bias, z, f_prime_as_z, act_id, negative_slope, grad_saved, prologue_saved,
+                 saved_kind, want_partials, row_sums, delta_out, use_dot, tma_ok) -> dict:
+    """What launch.build needs for a matmul plan: the flags, and the tile (fixed, or the autotuner's)."""
+    M, K = a.shape
+    N = b.shape[1]
+    fp64 = a.dtype == torch.float64
+    fixed = _fixed_config(fp64, use_dot)
+    prologue = prologue_saved is not None
+    layout = _tma_layout(a, b, prologue_saved if prologue and act_id != 0 else None, False)
+    layout["TMA_OK"] = tma_ok
     flags = dict(
         **layout,
         HAS_BIAS=bias is not None,
@@ -969,60 +1002,36 @@ def _launch_matmul(a, b, out, *, bias=None, z=None, f_prime_as_z=False, act_id=0
         USE_DOT=use_dot,
         INPUT_PRECISION=_input_precision(a.dtype, a.device),
         ACC_FP64=fp64,
-        GRAD_EPILOGUE=grad_epilogue,
+        GRAD_EPILOGUE=grad_saved is not None,
         A_PROLOGUE=prologue,
         SAVED_KIND=_saved_kind_id(saved_kind),
         WRITE_PARTIALS=want_partials,
         ROW_SUMS=row_sums is not None,
-        PARTIAL_ROWS=partial_rows,
+        PARTIAL_ROWS=_PARTIAL_ROWS if fixed is None else min(_PARTIAL_ROWS, fixed[0]["BLOCK_M"]),
         STORE_DELTA=delta_out is not None,
         EVEN_K=_even_k(K),
         PACKED_PAIRS=_packed_pairs(a.dtype, a.device),
         INLINE_PTX=_inline_ptx(a.device),
         **COMPILE_OPTIONS,
     )
+    common = dict(interpreted=is_interpreted(), compiled_ok=_inline_ptx(a.device), programs=args[-1],
+                  device_index=a.device.index)
     if fixed is None:  # the GPU autotuner picks the tile, once per bucket of (M, N, K) and epilogue
-        if layout["TMA_OK"]:
-            _ensure_allocator()  # device-side descriptors need a scratch buffer (in this thread's context)
+        num_sms = args[-1]
 
         def grid(meta):
             tiles = _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])
             return (min(num_sms, tiles) if meta.get("TMA", False) else tiles,)  # TMA: persistent, one per SM
 
-        _launch_autotuned(_autotuned_matmul(), grid, args, flags, buckets)
-        return partials
-    config, launch = fixed
-    if row_sums is not None and config is _UNTUNED_CONFIG:
-        config, launch = _UNTUNED_ROW_SUMS_CONFIG, _UNTUNED_ROW_SUMS_LAUNCH
+        tuner = _autotuned_matmul()
+        return dict(fn=tuner.fn, tuner=tuner, constexprs=flags, grid=grid, **common)
+    tile, options = fixed
+    if row_sums is not None and tile is _UNTUNED_CONFIG:
+        tile, options = _UNTUNED_ROW_SUMS_CONFIG, _UNTUNED_ROW_SUMS_LAUNCH
     if row_sums is not None:
-        config = dict(config, BLOCK_K=_sum_block_k(out.dtype, use_dot))  # the row sums' fixed K step
-    grid = (_cdiv(M, config["BLOCK_M"]) * _cdiv(N, config["BLOCK_N"]),)
-    _matmul_kernel[grid](*args, **flags, **config, **launch)
-    return partials
-
-
-# The tile an autotuner chose, by a key finer than its own (the autotuner, every flag, the tensors' dtypes):
-# a repeat launch goes to the kernel with that tile directly, as the autotuner itself does once it has looked its
-# key up, without its generic key building over all 52 arguments (H200 host profile, 2026-12-04, Triton 3.6: the
-# autotuner's own Python was ~1/5 of a launch's host time). The first launch of a key goes through the autotuner.
-_chosen_tiles: dict = {}
-
-
-def _tile_key(tuner, args: tuple, flags: dict, buckets: tuple) -> tuple:
-    """_chosen_tiles' key: the autotuner, the sizes' buckets, every flag, the tensors' dtypes."""
-    return tuner, buckets, tuple(flags.items()), tuple(t.dtype for t in args if isinstance(t, torch.Tensor))
-
-
-def _launch_autotuned(tuner, grid, args: tuple, flags: dict, buckets: tuple) -> None:
-    """tuner[grid](*args, **flags) with the tile tuner chooses for them (the matmul's and the jvp's autotuners);
-    buckets: the sizes of its key."""
-    key = _tile_key(tuner, args, flags, buckets)
-    config = _chosen_tiles.get(key)
-    if config is None:
-        tuner[grid](*args, **flags)
-        _chosen_tiles[key] = tuner.best_config
-    else:
-        tuner.fn.run(*args, grid=grid, warmup=False, **flags, **config.all_kwargs())
+        tile = dict(tile, BLOCK_K=_sum_block_k(out.dtype, use_dot))  # the row sums' fixed K step
+    grid = (_cdiv(M, tile["BLOCK_M"]) * _cdiv(N, tile["BLOCK_N"]),)
+    return dict(fn=_matmul_kernel, constexprs={**flags, **tile, **options}, grid=grid, **common)
 
 
 def _even_k(K: int) -> bool:
@@ -1131,7 +1140,7 @@ def linear_forward(x, weight, bias, act_id: int, negative_slope: float, write_z:
         return a, z
     with _device_guard(x):
         # B = Wᵀ [K, N] is W read through swapped strides: no copy.
-        _launch_matmul(x, weight.t(), a, bias=bias, z=z, f_prime_as_z=f_prime_as_z, act_id=act_id,
+        _launch_matmul(x, weight.t(), a, role="forward", bias=bias, z=z, f_prime_as_z=f_prime_as_z, act_id=act_id,
                        negative_slope=negative_slope)
     return a, z
 
@@ -1158,26 +1167,19 @@ def delta_and_bias_grad(grad_a, saved, act_id: int, negative_slope: float, saved
     blocks_m = _cdiv(M, _DELTA_BLOCK["BLOCK_M"])
     partials = torch.empty((blocks_m, N), dtype=acc_dtype, device=grad_a.device) if want_bias else None
     if M > 0 and N > 0:
-        grid = (blocks_m, _cdiv(N, _DELTA_BLOCK["BLOCK_N"]))
         saved_t = saved if saved is not None else grad_a
+        args = (grad_a, saved_t, delta if write_delta else grad_a, partials if want_bias else grad_a, M, N,
+                grad_a.stride(0), grad_a.stride(1), saved_t.stride(0), saved_t.stride(1),
+                delta.stride(0) if write_delta else 0, delta.stride(1) if write_delta else 0)
+
+        def make():
+            constexprs = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, SAVED_KIND=_saved_kind_id(saved_kind),
+                              WRITE_DELTA=write_delta, WRITE_PARTIALS=want_bias, COMPUTE_FP64=fp64, **_DELTA_BLOCK,
+                              **COMPILE_OPTIONS)
+            return _elementwise_plan(_delta_kernel, constexprs, M, N, grad_a.device)
+
         with _device_guard(grad_a):
-            _delta_kernel[grid](
-                grad_a, saved_t,
-                delta if write_delta else grad_a,
-                partials if want_bias else grad_a,
-                M, N,
-                grad_a.stride(0), grad_a.stride(1),
-                saved_t.stride(0), saved_t.stride(1),
-                delta.stride(0) if write_delta else 0, delta.stride(1) if write_delta else 0,
-                ACTIVATION=act_id,
-                NEGATIVE_SLOPE=negative_slope,
-                SAVED_KIND=_saved_kind_id(saved_kind),
-                WRITE_DELTA=write_delta,
-                WRITE_PARTIALS=want_bias,
-                COMPUTE_FP64=fp64,
-                **_DELTA_BLOCK,
-                **COMPILE_OPTIONS,
-            )
+            launch.run("delta", (act_id, negative_slope, saved_kind, write_delta, want_bias), args, M, N, make)
     grad_bias = None
     if want_bias:
         # Rows of partial sums added in a fixed order: bitwise reproducible.
@@ -1191,14 +1193,23 @@ def activation_forward(z: torch.Tensor, act_id: int, negative_slope: float) -> t
     a = torch.empty((M, N), dtype=z.dtype, device=z.device)
     if a.numel() == 0:
         return a
-    grid = (_cdiv(M, _DELTA_BLOCK["BLOCK_M"]), _cdiv(N, _DELTA_BLOCK["BLOCK_N"]))
+    args = (z, a, M, N, z.stride(0), z.stride(1), a.stride(0), a.stride(1))
+
+    def make():
+        constexprs = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, COMPUTE_FP64=z.dtype == torch.float64,
+                          **_DELTA_BLOCK, **COMPILE_OPTIONS)
+        return _elementwise_plan(_activation_kernel, constexprs, M, N, z.device)
+
     with _device_guard(z):
-        _activation_kernel[grid](
-            z, a, M, N, z.stride(0), z.stride(1), a.stride(0), a.stride(1),
-            ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, COMPUTE_FP64=z.dtype == torch.float64, **_DELTA_BLOCK,
-            **COMPILE_OPTIONS,
-        )
+        launch.run("activation", (act_id, negative_slope), args, M, N, make)
     return a
+
+
+def _elementwise_plan(kernel, constexprs: dict, M: int, N: int, device: torch.device) -> dict:
+    """What launch.build needs for an elementwise pass (_delta_kernel, _activation_kernel): one fixed block."""
+    grid = (_cdiv(M, constexprs["BLOCK_M"]), _cdiv(N, constexprs["BLOCK_N"]))
+    return dict(fn=kernel, constexprs=constexprs, grid=grid, flat=False, interpreted=is_interpreted(),
+                compiled_ok=_inline_ptx(device), device_index=device.index)
 
 
 def matmul_times_activation_grad(delta, weight, saved, act_id: int, negative_slope: float, saved_kind: str,
@@ -1214,7 +1225,7 @@ def matmul_times_activation_grad(delta, weight, saved, act_id: int, negative_slo
         return out, (torch.zeros(K, dtype=delta.dtype, device=delta.device) if want_bias else None)
     with _device_guard(delta):
         partials = _launch_matmul(
-            delta, weight, out, act_id=act_id, negative_slope=negative_slope,
+            delta, weight, out, role="grad_below", act_id=act_id, negative_slope=negative_slope,
             grad_saved=saved if act_id != 0 else out, saved_kind=saved_kind, want_partials=want_bias,
         )
     # Rows of partial sums added in a fixed order: bitwise reproducible.
@@ -1271,9 +1282,9 @@ def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float
         if want_x:
             grad_x = torch.empty((M, K), dtype=grad_a.dtype, device=grad_a.device)
             if by_pass:
-                _launch_matmul(delta, weight, grad_x)  # ∂C/∂X = δ W   [M, N] [N, K]
+                _launch_matmul(delta, weight, grad_x, role="grad_x")  # ∂C/∂X = δ W   [M, N] [N, K]
             elif grad_x.numel() > 0:
-                _launch_matmul(grad_a, weight, grad_x, act_id=act_id, negative_slope=negative_slope,
+                _launch_matmul(grad_a, weight, grad_x, role="grad_x", act_id=act_id, negative_slope=negative_slope,
                                prologue_saved=saved, saved_kind=saved_kind,
                                delta_out=delta)  # ∂C/∂X = δ W   [M, N] [N, K]
         bias_from_matmul = want_bias and want_weight and K > 0 and N > 0
@@ -1281,10 +1292,11 @@ def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float
             grad_weight = torch.empty((N, K), dtype=grad_a.dtype, device=grad_a.device)
             row_sums = torch.empty((N,), dtype=acc_dtype, device=grad_a.device) if bias_from_matmul else None
             if delta is not None:  # ∂C/∂W = δᵀ X  [N, M] [M, K]: δᵀ read through swapped strides
-                _launch_matmul(delta.t(), x, grad_weight, row_sums=row_sums)
+                _launch_matmul(delta.t(), x, grad_weight, role="grad_weight", row_sums=row_sums)
             elif grad_weight.numel() > 0:
                 # ∂C/∂W = δᵀ X  [N, M] [M, K]: δᵀ and its saved factor read through swapped strides.
-                _launch_matmul(grad_a.t(), x, grad_weight, act_id=act_id, negative_slope=negative_slope,
+                _launch_matmul(grad_a.t(), x, grad_weight, role="grad_weight", act_id=act_id,
+                               negative_slope=negative_slope,
                                prologue_saved=saved.t(), saved_kind=saved_kind, row_sums=row_sums)
             if bias_from_matmul:
                 grad_bias = row_sums.to(grad_a.dtype)  # ∂C/∂b = 1ᵀ δ  [N]

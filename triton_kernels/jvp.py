@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dense
+from . import dense, launch
 
 
 @triton.jit
@@ -178,26 +178,35 @@ def linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, act_id
         tw.stride(0), tw.stride(1), tb.stride(0), saved.stride(0), saved.stride(1), out.stride(0), out.stride(1),
         *buckets,
     )
-    flags = dict(
-        HAS_TANGENT_X=tangent_x is not None,
-        HAS_TANGENT_WEIGHT=tangent_weight is not None,
-        HAS_TANGENT_BIAS=tangent_bias is not None,
-        ACTIVATION=act_id,
-        NEGATIVE_SLOPE=negative_slope,
-        SAVED_KIND=dense._saved_kind_id(saved_kind),
-        USE_DOT=use_dot,
-        INPUT_PRECISION=dense._input_precision(like.dtype, like.device),
-        ACC_FP64=fp64,
-        EVEN_K=dense._even_k(K),
-        **dense.COMPILE_OPTIONS,
-    )
-    fixed = dense._fixed_config(fp64, use_dot)
-    with dense._device_guard(like):
+    options = (tangent_x is not None, tangent_weight is not None, tangent_bias is not None, act_id, negative_slope,
+               saved_kind, use_dot, K % dense.EVEN_K_STEP.value == 0, buckets, dense.autotune_enabled(),
+               like.dtype is torch.float32 and like.is_cuda and dense.tf32_allowed())
+
+    def make():
+        flags = dict(
+            HAS_TANGENT_X=tangent_x is not None,
+            HAS_TANGENT_WEIGHT=tangent_weight is not None,
+            HAS_TANGENT_BIAS=tangent_bias is not None,
+            ACTIVATION=act_id,
+            NEGATIVE_SLOPE=negative_slope,
+            SAVED_KIND=dense._saved_kind_id(saved_kind),
+            USE_DOT=use_dot,
+            INPUT_PRECISION=dense._input_precision(like.dtype, like.device),
+            ACC_FP64=fp64,
+            EVEN_K=dense._even_k(K),
+            **dense.COMPILE_OPTIONS,
+        )
+        common = dict(interpreted=dense.is_interpreted(), compiled_ok=dense._inline_ptx(like.device),
+                      device_index=like.device.index)
+        fixed = dense._fixed_config(fp64, use_dot)
         if fixed is None:  # the GPU autotuner picks the tile, once per bucket of (M, N, K) and flags
+            tuner = _autotuned_jvp()
             grid = lambda meta: (dense._cdiv(rows, meta["BLOCK_M"]) * dense._cdiv(columns, meta["BLOCK_N"]),)  # noqa: E731
-            dense._launch_autotuned(_autotuned_jvp(), grid, args, flags, buckets)
-        else:
-            tile, launch = fixed
-            grid = (dense._cdiv(rows, tile["BLOCK_M"]) * dense._cdiv(columns, tile["BLOCK_N"]),)
-            _jvp_kernel[grid](*args, **flags, **tile, **launch)
+            return dict(fn=tuner.fn, tuner=tuner, constexprs=flags, grid=grid, **common)
+        tile, launch_options = fixed
+        grid = (dense._cdiv(rows, tile["BLOCK_M"]) * dense._cdiv(columns, tile["BLOCK_N"]),)
+        return dict(fn=_jvp_kernel, constexprs={**flags, **tile, **launch_options}, grid=grid, **common)
+
+    with dense._device_guard(like):
+        launch.run("jvp", options, args, rows, columns, make)
     return out

@@ -1,0 +1,316 @@
+"""The launch path (triton_kernels/launch.py): one cached plan per role and key, warm calls that tune, compile and
+synchronise nothing, the compiled launcher given addresses; and CUDA graphs over a warm step.
+
+On the CPU the kernels run through Triton's interpreter, whose launches go through the same plans (key, lookup,
+arguments, grid); the compiled launcher is checked with a stub GPU kernel. The CUDA-graph and reduce-overhead tests
+need a GPU.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import triton
+
+import manualbp
+from manualbp import backends
+from manualbp.triton_kernels import dense, launch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# What reads a tensor's value on the host (a host-device synchronisation on a GPU), as the profiler names it
+HOST_READS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::equal",
+              "aten::allclose", "aten::masked_select", "aten::unique", "aten::_unique2")
+
+
+def require_triton(dtype=torch.float32):
+    reason = backends.triton_unavailable_reason(DEVICE, dtype)
+    if reason is not None:
+        pytest.skip(f"triton backend unavailable: {reason}")
+
+
+def step(model, x, grad):
+    """One forward+backward; returns the output and every gradient, detached."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    out = model(x)
+    out.backward(grad)
+    return [out.detach(), x.grad] + [p.grad for p in model.parameters()]
+
+
+def models():
+    torch.manual_seed(0)
+    return {
+        "Linear relu": manualbp.Linear(40, 24, activation="relu", backend="triton"),
+        "Linear gelu": manualbp.Linear(40, 24, activation="gelu", backend="triton"),
+        "MLP tanh recompute": manualbp.MLP([40, 24, 40], activation="tanh", recompute=True, backend="triton"),
+    }
+
+
+@pytest.mark.parametrize("name", list(models()))
+def test_a_warm_step_reuses_its_plans(name, monkeypatch):
+    """The first step builds one plan per launch key; the same step again builds none (no tuning, no compiling:
+    build() is where both happen), launches through the plans it found, and gives the same bits."""
+    require_triton()
+    model = models()[name].to(DEVICE)
+    x, grad = torch.randn(37, 40, device=DEVICE), torch.randn(37, 24 if name.startswith("Linear") else 40,
+                                                               device=DEVICE)
+    launch.PLANS.clear()
+    first = step(model, x, grad)
+    plans = dict(launch.PLANS)
+    assert plans, "the first step recorded its launches' plans"
+    launched = {key: plan.launches for key, plan in plans.items()}
+
+    def no_build(*args, **kwargs):
+        raise AssertionError(f"a warm step built a plan: {args[:2]}")
+
+    monkeypatch.setattr(launch, "build", no_build)
+    second = step(model, x, grad)
+    assert launch.PLANS == plans, "the warm step found every plan it needed"
+    assert all(plan.launches > launched[key] for key, plan in plans.items()), "every plan launched again, warm"
+    assert all(plan.kind == ("interpreted" if dense.is_interpreted() else "compiled") for plan in plans.values()), \
+        f"launchers: {[plan.kind for plan in plans.values()]}"
+    for index, (a, b) in enumerate(zip(first, second)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"{name}: output/gradient {index}\n{m}")
+    roles = {plan.role for plan in plans.values()}
+    expected = {"forward", "grad_x", "grad_weight"} if name.startswith("Linear") else {"forward", "grad_below"}
+    assert expected <= roles, f"{name}: roles {sorted(roles)}"
+
+
+def test_a_warm_step_reads_no_tensor_value():
+    """A warm step reads nothing back from its tensors (on a GPU: no host-device synchronisation), as the
+    profiler's list of every aten op it ran shows; the same list shows a .item() where there is one."""
+    require_triton()
+    model = models()["Linear gelu"].to(DEVICE)
+    x, grad = torch.randn(37, 40, device=DEVICE), torch.randn(37, 24, device=DEVICE)
+    step(model, x, grad)  # cold: plans built
+    with torch.autograd.profiler.profile() as profile:
+        step(model, x, grad)
+    names = {event.name for event in profile.function_events}
+    assert any(name.startswith("manualbp::") for name in names), f"the profiler saw the operators: {sorted(names)}"
+    assert not names & set(HOST_READS), f"host reads in a warm step: {sorted(names & set(HOST_READS))}"
+    with torch.autograd.profiler.profile() as control:
+        step(model, x, grad)[0].sum().item()
+    assert "aten::_local_scalar_dense" in {event.name for event in control.function_events}, \
+        "the profiler does show a host read"
+
+
+def test_plan_keys_follow_every_kernel_choice():
+    """Launches that differ in anything the kernel is compiled for get plans of their own: the activation, a
+    16-byte misaligned tensor, a stride of 1 against a transposed one, an int that becomes a multiple of 16."""
+    require_triton()
+    torch.manual_seed(1)
+    x, weight = torch.randn(33, 40, device=DEVICE), torch.randn(24, 40, device=DEVICE)
+    launch.PLANS.clear()
+    keys = []
+    for args in ((x, weight, None, 1), (x, weight, None, 3), (x[:, 1:], weight[:, 1:], None, 1),
+                 (x.t().contiguous().t(), weight, None, 1), (x[:32], weight, None, 1)):
+        before = set(launch.PLANS)
+        a, _ = dense.linear_forward(*args, 0.0, write_z=False)
+        new = set(launch.PLANS) - before
+        assert len(new) == 1, f"one new plan for {[tuple(t.shape) if t is not None else t for t in args[:3]]}"
+        keys.append(new.pop())
+        torch.testing.assert_close(a, manualbp.activations.get_activation(["identity", "relu", "leaky_relu",
+                                                                             "gelu"][args[3]]).f(args[0] @ args[1].t()),
+                                   rtol=1e-5, atol=1e-5, msg=lambda m: f"values of {args[3]}\n{m}")
+    assert len(set(keys)) == 5, "five keys"
+    dense.linear_forward(x, weight, None, 1, 0.0, write_z=False)
+    assert set(launch.PLANS) == set(keys), "the first launch again: its plan"
+
+
+def test_specialization_is_at_least_as_fine_as_tritons():
+    """Every call of one key runs the kernel compiled for the key's first call, so two argument lists with one
+    key must be ones Triton compiles the same kernel for. Triton's own binder for the sm_90 backend (offline, on CPU
+    tensors) gives each argument list's specialisation; arguments varied one at a time as launches vary them:
+    tensors 16-byte aligned or not, ints equal to 1, multiples of 16 or not, past 32 bits."""
+    from triton.runtime import jit
+
+    if not (hasattr(jit, "create_function_from_signature") and hasattr(triton.compiler, "make_backend")):
+        pytest.skip("this Triton has no create_function_from_signature / make_backend (before 3.4)")
+    from triton.backends.compiler import GPUTarget
+
+    try:
+        backend = triton.compiler.make_backend(GPUTarget("cuda", 90, 32))
+    except Exception as error:  # no NVIDIA backend in this Triton build
+        pytest.skip(f"no sm_90 backend here: {error}")
+    fn = dense._matmul_kernel
+    kernel = jit.JITFunction(fn.fn) if not hasattr(fn, "params") else fn  # the interpreter's kernels have none
+    binder = jit.create_function_from_signature(kernel.signature, kernel.params, backend)
+    runtime = [p.name for p in kernel.params if not p.is_constexpr]
+    constexprs = {p.name: (p.default if p.default is not inspect.Parameter.empty else 1) for p in kernel.params
+                  if p.is_constexpr}
+    constexprs.update(INPUT_PRECISION="ieee", NEGATIVE_SLOPE=0.0)
+    storage = torch.zeros(4096, dtype=torch.float16)
+    tensors = [storage[0:1024], storage[8:1032], storage[1:1025], storage[3:1027], torch.zeros(64)]
+    ints = [1, 16, 17, 32, 0, 48, 3, 2 ** 31 + 16, 2 ** 31 + 1, 2 ** 40]
+    base = tuple(tensors[0] if name.endswith("_ptr") else 64 for name in runtime)
+    compared = 0
+    for position, name in enumerate(runtime):
+        seen = {}
+        for value in tensors if name.endswith("_ptr") else ints:
+            args = base[:position] + (value,) + base[position + 1:]
+            _, specialization, _ = binder(*args, **constexprs)
+            key = launch.specialization(args)
+            if key in seen:
+                compared += 1
+                assert seen[key] == specialization, f"{name}: one key, two Triton specialisations"
+            seen[key] = specialization
+    assert compared >= len(runtime), "values sharing a key compared at every argument"
+
+
+class _Compiled:
+    """A stub CompiledKernel: its launcher records what it is given."""
+
+    def __init__(self, calls):
+        self.calls = calls
+        self.function, self.packed_metadata = "function", "metadata"
+
+    def run(self, *args):
+        self.calls.append(("launcher", args))
+
+    def __getitem__(self, grid):
+        return lambda *args, stream=None: self.calls.append(("runner", grid, args, stream))
+
+
+def _stub_gpu(monkeypatch, compiled_kernel=None):
+    """dense's autotuned GPU path on meta tensors: a stub autotuned kernel (its runs recorded, returning
+    compiled_kernel), a stub timer, an H100's shared memory, a 'compiled for NVIDIA' launch, a stream handle."""
+    from triton.runtime import jit
+
+    params = jit.JITFunction(dense._matmul_kernel.fn).params
+    runs, timings = [], []
+
+    class StubKernel:
+        arg_names = [p.name for p in params]
+
+        def __init__(self):
+            self.fn = lambda: None
+            self.params = params
+
+        def run(self, *args, grid=None, warmup=False, **kwargs):
+            runs.append((args, kwargs, warmup))
+            return compiled_kernel
+
+    tuner = triton.autotune(configs=dense.matmul_configs(), key=dense._TUNING_KEY,
+                            prune_configs_by={"early_config_prune": dense._prune_configs},
+                            do_bench=lambda kernel_call, quantiles: (timings.append(1), [1.0] * 3)[1])(StubKernel())
+    monkeypatch.setattr(dense, "_autotuned_matmul", lambda: tuner)
+    monkeypatch.setattr(dense, "_fixed_config", lambda fp64, use_dot: None)
+    monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 232448)
+    monkeypatch.setattr(dense, "_inline_ptx", lambda device: True)
+    monkeypatch.setattr(dense, "is_interpreted", lambda: False)
+    monkeypatch.setattr(launch, "_raw_stream", lambda index: "the current stream")
+    launch.PLANS.clear()
+    return params, runs, timings
+
+
+def test_warm_launches_go_to_the_compiled_launcher_with_addresses(monkeypatch):
+    """The first launch of a key goes through the autotuner (which times its configs) and JITFunction.run; every
+    warm one goes to the compiled kernel's launcher: the grid of the chosen tile, the current stream, the tensors as
+    their data_ptr() ints, then every constexpr of the kernel's signature in order, no launch metadata or hooks;
+    nothing tuned, nothing run through JITFunction.run. With a launch hook set (a profiler), the public runner."""
+    calls = []
+    params, runs, timings = _stub_gpu(monkeypatch, _Compiled(calls))
+    meta = dict(device="meta", dtype=torch.float32)
+    x, weight, bias = torch.empty(100, 128, **meta), torch.empty(256, 128, **meta), torch.empty(256, **meta)
+    dense.linear_forward(x, weight, bias, 1, 0.0, write_z=False)
+    tuned = len(timings)
+    assert tuned > 0 and len(runs) == 2, f"first launch: timed {tuned} configs, {len(runs)} runs (launch, warmup)"
+    assert runs[1][2] is True, "the second run only looked the compiled kernel up (warmup)"
+    for _ in range(3):
+        dense.linear_forward(x, weight, bias, 1, 0.0, write_z=False)
+    assert len(timings) == tuned and len(runs) == 2, "warm launches: no tuning, no JITFunction.run"
+    assert [c[0] for c in calls] == ["launcher"] * 3, f"warm launches through the launcher: {calls}"
+    args = calls[0][1]
+    (run_args, run_kwargs, _) = runs[1]
+    n = len(run_args)
+    assert args[3:9] == ("the current stream", "function", "metadata", None, None, None), "stream, kernel, no hooks"
+    for p, value, given in zip(params[:n], args[9:9 + n], run_args):
+        expected = given.data_ptr() if isinstance(given, torch.Tensor) else given
+        assert type(value) is int and value == expected, f"{p.name}: {value!r}, expected {expected!r} (an int)"
+    for p, value in zip(params[n:], args[9 + n:]):
+        assert value == run_kwargs.get(p.name, p.default), f"constexpr {p.name}: {value} vs JITFunction.run's"
+    assert len(args) == 9 + len(params), "every parameter of the kernel"
+    tile = dict(zip([p.name for p in params], args[9:]))
+    assert args[:3] == (-(-100 // tile["BLOCK_M"]) * -(-256 // tile["BLOCK_N"]), 1, 1), f"grid {args[:3]}"
+
+    monkeypatch.setattr(launch._HOOKS, "launch_enter_hook", lambda metadata: None)
+    dense.linear_forward(x, weight, bias, 1, 0.0, write_z=False)
+    assert calls[-1][0] == "runner" and calls[-1][3] == "the current stream", "a hook set: the public runner"
+    assert all(isinstance(a, torch.Tensor) for a in calls[-1][2][:5]), "... given the tensors, which it describes"
+
+
+def test_without_a_compiled_launcher_warm_launches_use_jitfunction_run(monkeypatch):
+    """Where the compiled kernel lacks what the direct launch calls (another backend, an internal that moved), warm
+    launches go through JITFunction.run with the plan's tile and flags: correct on any Triton."""
+    params, runs, timings = _stub_gpu(monkeypatch, compiled_kernel=object())
+    meta = dict(device="meta", dtype=torch.float32)
+    x, weight = torch.empty(100, 128, **meta), torch.empty(256, 128, **meta)
+    dense.linear_forward(x, weight, None, 2, 0.1, write_z=True)
+    tuned = len(timings)
+    dense.linear_forward(x, weight, None, 2, 0.1, write_z=True)
+    assert len(timings) == tuned, "no tuning when warm"
+    (plan,) = launch.PLANS.values()
+    assert plan.kind == "jit", plan.kind
+    (first_args, first_kwargs, _), (args, kwargs, warmup) = runs[0], runs[-1]
+    assert not warmup and kwargs["ACTIVATION"] == 2 and kwargs["NEGATIVE_SLOPE"] == 0.1, "launched, with the flags"
+    assert "BLOCK_M" in kwargs and "num_warps" in kwargs, "... and the chosen tile"
+
+
+def _graph_model():
+    torch.manual_seed(2)
+    return manualbp.MLP([256, 512, 256], activation="gelu").to(DEVICE), manualbp.Linear(
+        256, 128, activation="relu").to(DEVICE)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graph_replays_eager_results():
+    """A model of manualbp layers, warmed up (tuned, compiled) on a side stream, captured forward+backward with
+    torch.cuda.graph and replayed on new data: the output and every gradient equal eager's on that data."""
+    mlp, head = _graph_model()
+    model = torch.nn.Sequential(mlp, head)
+    x = torch.randn(64, 256, device=DEVICE)
+    grad = torch.randn(64, 128, device=DEVICE)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(model, x, grad)
+    torch.cuda.current_stream().wait_stream(side)
+    static_x, static_grad = x.clone().requires_grad_(True), grad.clone()
+    for p in model.parameters():
+        p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = model(static_x)
+        static_out.backward(static_grad)
+    new_x, new_grad = torch.randn_like(x), torch.randn_like(grad)
+    static_x.data.copy_(new_x)
+    static_grad.copy_(new_grad)
+    for p in model.parameters():
+        p.grad.zero_()
+    static_x.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = [static_out.detach(), static_x.grad] + [p.grad.clone() for p in model.parameters()]
+    eager = step(model, new_x, new_grad)
+    for index, (a, b) in enumerate(zip(eager, replayed)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"graph replay, tensor {index}\n{m}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="mode='reduce-overhead' (CUDA graphs) needs a CUDA GPU")
+def test_reduce_overhead_matches_eager():
+    """torch.compile(mode="reduce-overhead") over manualbp layers: its CUDA-graph replays give eager's output and
+    gradients, step after step."""
+    mlp, head = _graph_model()
+    model = torch.nn.Sequential(mlp, head)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    torch._dynamo.reset()
+    for index in range(4):  # the first calls record, the later ones replay
+        x, grad = torch.randn(64, 256, device=DEVICE), torch.randn(64, 128, device=DEVICE)
+        torch.compiler.cudagraph_mark_step_begin()
+        got = [t.clone() for t in step(compiled, x, grad)]
+        want = step(model, x, grad)
+        for tensor, (a, b) in enumerate(zip(want, got)):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"step {index}, tensor {tensor}\n{m}")

@@ -1,0 +1,191 @@
+"""Launch plans: what a kernel launch of one role needs beyond its tensors, computed once and cached.
+
+The interface every launcher goes through (dense.py's matmuls, δ pass and activation pass, jvp.py's jvp; a
+persistent kernel per role plugs in the same way, with a make() of its own):
+
+    launch.run(role, options, args, M, N, make)
+        role      "forward", "grad_x", "grad_weight", "grad_below" (the MLP's fused δ), "matmul", "delta",
+                  "activation", "jvp": which kernel and tile list serve the launch
+        options   the launcher's hashable choices: every input of its flags (activation, what is read and written),
+                  the sizes' tuning buckets, the settings that change the kernel, the device
+        args      the kernel's runtime arguments in its order (tensors and ints), outputs already allocated
+        M, N      the output's size, for the grid
+        make()    called on the first launch of a key only: dict(fn=, constexprs=, grid=, tuner=, ...) for build()
+
+A warm call is one key computation (:func:`specialization` of args), one dict lookup and the launch;
+the first call of a key tunes (where it has a tuner), compiles, launches and records a Plan.
+
+args are a kernel's runtime arguments in its order (tensors and ints); the key folds in, per argument, what
+Triton compiles a kernel for (a tensor's dtype and 16-byte alignment; an int's being 1, its divisibility by 16 and
+its width: :func:`specialization`), so every call of one key can run the kernel compiled for the first. A Plan
+holds the constexprs (flags and tile), the grid rule and one of three launchers, chosen once by what the
+installed Triton offers (3.3 through 3.9):
+
+    compiled     the CompiledKernel's own launcher (``kernel.run``, what ``JITFunction.run`` ends with), given the
+                 tensors as their addresses (``data_ptr()`` ints: Triton's C launcher then asks the driver nothing
+                 per pointer, cuPointerGetAttribute, which manualbp's own device checks make redundant), the
+                 constexprs after them, on the current stream; where a launch hook is set (a profiler), the
+                 CompiledKernel's public ``kernel[grid](*args)`` instead, which builds the hooks' metadata
+    jit          ``JITFunction.run`` with the plan's constexprs (binder, cache lookup, launch): where the compiled
+                 launcher cannot be reached (another backend, an internal that moved)
+    interpreted  Triton's interpreter (TRITON_INTERPRET=1): the interpreted kernel's ``run`` with the constexprs, on
+                 tensors; everything before it (key, lookup, arguments, grid) is the GPU's path, so the CPU tests
+                 exercise it
+
+A warm call therefore tunes nothing and compiles nothing (on the compiled launcher it asks the driver for nothing
+but the current stream); nothing in it reads a tensor's value (no host-device synchronisation), and its outputs
+come from PyTorch's caching allocator (the launchers' torch.empty), so a warm step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Optional
+
+import torch
+import triton
+
+_Tensor = torch.Tensor
+PLANS: dict = {}  # (role, options, specialization(args)) -> Plan
+
+
+def specialization(args: tuple) -> tuple:
+    """Per argument, what Triton specialises a kernel on, or something finer: a tensor's dtype and whether its
+    data is 16-byte aligned; an int's being 1, its divisibility by 16 and its width (32 bits, 64). And each
+    tensor's device: tensors on another device than the plan's get a key of their own, whose first launch goes
+    through Triton's own pointer checks (a clear error), never through a plan's addresses."""
+    return tuple([(a.dtype, a.get_device(), a.data_ptr() & 15 == 0) if isinstance(a, _Tensor)
+                  else (a == 1, a & 15 == 0, -2147483648 <= a < 2147483648) for a in args])  # ints
+
+
+def run(role: str, options: tuple, args: tuple, M: int, N: int, make: Callable[[], dict]) -> "Plan":
+    """Launch a kernel of this role through its plan (module docstring); returns the plan."""
+    key = (role, options, specialization(args))
+    plan = PLANS.get(key)
+    if plan is None:
+        return build(key, role, args=args, **make())
+    plan.launch(args, M, N)
+    return plan
+
+
+def _hooks_source():
+    """Where this Triton keeps its launch hooks: triton.knobs.runtime (3.4+) or CompiledKernel (3.3)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs, "runtime"):
+        return knobs.runtime
+    from triton.compiler.compiler import CompiledKernel
+
+    return CompiledKernel
+
+
+_HOOKS = _hooks_source()
+
+
+def _hooks_idle() -> bool:
+    """Whether no launch hook is set: None (Triton 3.3) or an empty HookChain (3.9)."""
+    for hook in (_HOOKS.launch_enter_hook, _HOOKS.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
+# The current CUDA stream's handle, as Triton's own driver reads it (torch's C call)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _addresses(args: tuple) -> list:
+    return [a.data_ptr() if isinstance(a, _Tensor) else a for a in args]
+
+
+class Plan:
+    """One key's launch: kernel, constexprs, tile (grid rule) and launcher (module docstring).
+
+    ``grid(M, N)``: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),) for a matmul, at most ``programs`` with a persistent
+    config; (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)) for an elementwise pass (``flat`` False).
+    """
+
+    __slots__ = ("role", "kind", "fn", "compiled", "constexprs", "tail", "block_m", "block_n", "flat", "programs",
+                 "device_index", "launches")
+
+    def __init__(self, role, kind, fn, constexprs, block_m, block_n, flat, programs, compiled=None, tail=(),
+                 device_index=None):
+        self.role, self.kind, self.fn, self.constexprs = role, kind, fn, constexprs
+        self.block_m, self.block_n, self.flat, self.programs = block_m, block_n, flat, programs
+        self.compiled, self.tail, self.device_index = compiled, tail, device_index
+        self.launches = 0  # warm launches, for tests and benchmarks
+
+    def grid(self, M: int, N: int) -> tuple:
+        rows, columns = -(-M // self.block_m), -(-N // self.block_n)
+        if not self.flat:
+            return rows, columns
+        tiles = rows * columns
+        return (min(self.programs, tiles) if self.programs else tiles),
+
+    def launch(self, args: tuple, M: int, N: int) -> None:
+        """A warm launch: args as run() took them."""
+        self.launches += 1
+        grid = self.grid(M, N)
+        if self.kind == "compiled":
+            kernel, launcher, function, metadata = self.compiled
+            stream = _raw_stream(self.device_index)
+            if _hooks_idle():
+                launcher(grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, function, metadata, None, None, None,
+                         *_addresses(args), *self.tail)
+            else:  # a profiler's hooks: the public runner builds their metadata
+                kernel[grid + (1,) * (3 - len(grid))](*args, *self.tail, stream=stream)
+        else:  # "jit", "interpreted": the kernel's own run, as the autotuner calls it
+            self.fn.run(*args, grid=grid, warmup=False, **self.constexprs)
+
+
+def _compiled_tail(fn, n_args: int, constexprs: dict) -> Optional[tuple]:
+    """The values of fn's parameters after its n_args runtime ones (all constexprs), as JITFunction.run passes
+    them to the compiled launcher; None where fn does not describe them so."""
+    params = getattr(fn, "params", None)
+    if params is None or len(params) < n_args:
+        return None
+    tail = []
+    for p in params[n_args:]:
+        if not p.is_constexpr:
+            return None
+        if p.name in constexprs:
+            tail.append(constexprs[p.name])
+        elif p.default is not inspect.Parameter.empty:
+            tail.append(p.default)
+        else:
+            return None
+    return tuple(tail)
+
+
+def compiled_launch_available(kernel) -> bool:
+    """Whether a CompiledKernel exposes what Plan's compiled launcher calls (Triton 3.3 through 3.9 do)."""
+    return (_raw_stream is not None and all(hasattr(kernel, name) for name in ("run", "function", "packed_metadata"))
+            and hasattr(kernel, "__getitem__"))
+
+
+def build(key, role: str, args: tuple, fn, constexprs: dict, grid: Callable, *, tuner=None, interpreted: bool,
+          compiled_ok: bool, flat: bool = True, programs: int = 0, device_index: Optional[int] = None) -> Plan:
+    """The first launch of a key, and its Plan (stored in PLANS).
+
+    fn: the JITFunction (or the interpreter's kernel); tuner: its autotuner, which picks the tile on this launch
+    (benchmarking its configs where it has no choice for its own key yet), or None with the tile in constexprs.
+    grid: this launch's grid, or Triton's grid callable of its meta-parameters (autotuned). flat, programs: the
+    grid rule (Plan). compiled_ok: the launch compiles for a GPU whose launcher Plan may call (NVIDIA).
+    """
+    if tuner is not None:
+        tuner[grid](*args, **constexprs)
+        config = tuner.best_config
+        constexprs = {**constexprs, **config.all_kwargs()}
+    else:
+        fn[grid](*args, **constexprs)
+    block_m, block_n = constexprs["BLOCK_M"], constexprs["BLOCK_N"]
+    persistent = programs if constexprs.get("TMA", False) else 0
+    kind, compiled, tail = ("interpreted" if interpreted else "jit"), None, ()
+    if compiled_ok and not interpreted:
+        kernel = fn.run(*args, grid=grid, warmup=True, **constexprs)  # cached: compiles nothing new
+        tail = _compiled_tail(fn, len(args), constexprs)
+        if tail is not None and compiled_launch_available(kernel):
+            getattr(kernel, "_init_handles", lambda: None)()  # loaded already by the launch above; run is then set
+            kind, compiled = "compiled", (kernel, kernel.run, kernel.function, kernel.packed_metadata)
+    plan = Plan(role, kind, fn, constexprs, block_m, block_n, flat, persistent, compiled, tail or (), device_index)
+    PLANS[key] = plan
+    return plan
