@@ -25,6 +25,14 @@ from manualbp import backends, function, ops
 
 from checks import assert_close_to_float64, operator_calls, optional_import
 
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test exports from a reset Dynamo, as a new process would: torch 2.7's strict export counts every export
+    in a process against Dynamo's recompile limit (8), so its ninth fails, for plain nn.Linear + nn.GELU too."""
+    torch._dynamo.reset()
+    yield
+
 OPS = torch.ops.manualbp
 BACKENDS = ["reference", "triton"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
