@@ -80,6 +80,21 @@ def _deltas(grad_a, z_gate, z_up, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.c
     return delta_gate.to(dtype), delta_up.to(dtype)
 
 
+@triton.jit
+def _load_deltas(grad_a_ptr, z_gate_ptr, z_up_ptr, rows, cols, stride_g_row, stride_g_col, stride_zg_row,
+                 stride_zg_col, stride_zu_row, stride_zu_col, mask,
+                 ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, ACC_FP64: tl.constexpr):
+    """(δ_g, δ_u) of the tile rows × cols, formed as G, Z_g, Z_u load (the backward matmuls' operand loads).
+
+    rows, cols: offsets along the tile's two axes; each tensor's strides along them: (stride_m, stride_n) for a
+    [M, N] tile, (stride_n, stride_m) for its transpose."""
+    grad_a = tl.load(grad_a_ptr + rows[:, None] * stride_g_row + cols[None, :] * stride_g_col, mask=mask, other=0.0)
+    z_gate = tl.load(z_gate_ptr + rows[:, None] * stride_zg_row + cols[None, :] * stride_zg_col, mask=mask,
+                     other=0.0)
+    z_up = tl.load(z_up_ptr + rows[:, None] * stride_zu_row + cols[None, :] * stride_zu_col, mask=mask, other=0.0)
+    return _deltas(grad_a, z_gate, z_up, ACTIVATION, NEGATIVE_SLOPE, ACC_FP64)
+
+
 # --------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------
@@ -168,13 +183,9 @@ def _gated_grad_x_kernel(
     for n in range(0, tl.cdiv(N, BLOCK_N)):
         cols = n * BLOCK_N + offs_n
         mask_rows = mask_m[:, None] & (cols < N)[None, :]
-        grad_a = tl.load(grad_a_ptr + offs_m[:, None] * stride_gm + cols[None, :] * stride_gn, mask=mask_rows,
-                         other=0.0)
-        z_gate = tl.load(z_gate_ptr + offs_m[:, None] * stride_zgm + cols[None, :] * stride_zgn, mask=mask_rows,
-                         other=0.0)
-        z_up = tl.load(z_up_ptr + offs_m[:, None] * stride_zum + cols[None, :] * stride_zun, mask=mask_rows,
-                       other=0.0)
-        delta_gate, delta_up = _deltas(grad_a, z_gate, z_up, ACTIVATION, NEGATIVE_SLOPE, ACC_FP64)
+        delta_gate, delta_up = _load_deltas(grad_a_ptr, z_gate_ptr, z_up_ptr, offs_m, cols, stride_gm, stride_gn,
+                                            stride_zgm, stride_zgn, stride_zum, stride_zun, mask_rows,
+                                            ACTIVATION, NEGATIVE_SLOPE, ACC_FP64)
         mask_w = (cols < N)[:, None] & mask_k[None, :]
         gate_w = tl.load(gate_weight_ptr + cols[:, None] * stride_gwn + offs_k[None, :] * stride_gwk, mask=mask_w,
                          other=0.0)
@@ -218,13 +229,9 @@ def _gated_grad_weight_kernel(
     for m in range(0, tl.cdiv(M, BLOCK_M)):
         rows = m * BLOCK_M + offs_m
         mask_t = mask_n[:, None] & (rows < M)[None, :]
-        grad_t = tl.load(grad_a_ptr + offs_n[:, None] * stride_gn + rows[None, :] * stride_gm, mask=mask_t,
-                         other=0.0)
-        z_gate_t = tl.load(z_gate_ptr + offs_n[:, None] * stride_zgn + rows[None, :] * stride_zgm, mask=mask_t,
-                           other=0.0)
-        z_up_t = tl.load(z_up_ptr + offs_n[:, None] * stride_zun + rows[None, :] * stride_zum, mask=mask_t,
-                         other=0.0)
-        delta_gate_t, delta_up_t = _deltas(grad_t, z_gate_t, z_up_t, ACTIVATION, NEGATIVE_SLOPE, ACC_FP64)
+        delta_gate_t, delta_up_t = _load_deltas(grad_a_ptr, z_gate_ptr, z_up_ptr, offs_n, rows, stride_gn,
+                                                stride_gm, stride_zgn, stride_zgm, stride_zun, stride_zum, mask_t,
+                                                ACTIVATION, NEGATIVE_SLOPE, ACC_FP64)
         if WANT_GATE_WEIGHT or WANT_UP_WEIGHT:
             x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=(rows < M)[:, None] & mask_k[None, :], other=0.0)
