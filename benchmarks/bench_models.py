@@ -213,7 +213,7 @@ def _run(args, blocks, impls, cuda, device, dtype_name, dtype) -> int:
     if write:
         out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
         os.makedirs(out_dir, exist_ok=True)
-        stem = args.tag or "".join(c if c.isalnum() else "_" for c in info["device"]).strip("_")[:40]
+        stem = args.tag or bench_dense.device_stem(info["device"])
         writer = bench_dense.CsvRows(os.path.join(out_dir, f"bench_models_{stem}.csv"))
     cols = (f"{'block':6s} {'d -> h':12s} {'dtype':5s} {'impl':9s} {'median ms':>10s} {'p20':>9s} {'p80':>9s} "
             f"{'TFLOP/s':>8s} {'x eager':>8s} {'x compile':>9s} {'saved MiB':>9s} {'rel err':>9s} "
