@@ -119,6 +119,7 @@ MANUALBP_MLP_FUSION=0 timeout "$(capped 25)" $py benchmarks/bench_dense.py --dty
     | grep -v "^#"
 tar czf "$out/extra_runs.tgz" -C "$extra" . 2>/dev/null
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv,noheader
+cache_summary
 stamp "done"
 return "$tests_rc"
 }

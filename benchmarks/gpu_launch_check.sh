@@ -94,6 +94,7 @@ for name in ("test_cuda_graph_replays_eager_results", "test_reduce_overhead_matc
     print(f"{name}: {found[0] if found else 'not run'}")
 print("bench_overhead and bench_dense: their tables above (ratios against nn and eager per row)")
 EOF
+cache_summary
 stamp "done"
 return "$tests_rc"
 }

@@ -62,6 +62,7 @@ timeout "$(capped 150)" tail --pid=$warm_pid -f /dev/null
 pkill -P $warm_pid 2>/dev/null; kill $warm_pid 2>/dev/null; wait $warm_pid 2>/dev/null
 grep -E "^warm" "$out/warm_perf.log" | sort | uniq -c | sort -rn | head -20
 grep -c "FAILED\|Error" "$out/warm_perf.log" | sed 's/^/warm: lines naming a failure: /'
+cache_summary | head -1 | sed "s/^/after warming: /"
 
 # --- 3. the matmul against cuBLAS ------------------------------------------------------------------------------
 stamp "bench_matmul"
@@ -97,6 +98,7 @@ stamp "targets"
 $py benchmarks/perf_targets.py --since "$since" --matmul "$out/bench_matmul_$gpu.csv" --dense "$out/bench_dense_$gpu.csv"
 tar czf "$out/extra_perf.tgz" -C "$extra" . 2>/dev/null
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv,noheader
+cache_summary
 stamp "done"
 }
 
