@@ -55,7 +55,8 @@ ALIGNMENT = 256  # PyTorch's CUDA caching allocator's blocks are at least this a
 _BASE = 1 << 32  # fake allocations' address: aligned, never 0
 
 # The cache-warming commands of each GPU script, as (environment, script, arguments): what its warming step runs,
-# without the worker split (one process here compiles every config). The lists mirror the scripts' variables.
+# without the worker split (one process here compiles every config) and without Inductor's (--compile: the
+# torch.compile rows). tests/test_precompile.py checks them against the scripts' own lines.
 _TARGETS = "linear8192x1024x4096,linear8192x4096x1024"
 _BOUND = "linear8192x4096x16384,linear8192x16384x4096,mlp8192x1024x4096,mlp8192x4096x16384"
 _CROSSING = "linear8192x2048x4096,linear8192x2048x1024"
@@ -81,9 +82,9 @@ WARM_STEPS = {
         ({"MANUALBP_DELTA_PROLOGUE": "0"}, "warm_caches.py", ["--problems", _TARGETS]),
         ({"MANUALBP_MLP_FUSION": "0"}, "warm_caches.py", ["--problems", "mlp8192x1024x4096"]),
         ({"MANUALBP_TMA": "1"}, "warm_caches.py", ["--problems", _TARGETS]),
-        ({}, "bench_backward.py", ["--warm-only", "--activations", "relu,gelu,leaky_relu,tanh",
-                                   "--problems", "linear8192x1024x4096,linear8192x4096x1024,linear8192x2048x4096"]),
-    ],
+    ] + [({}, "bench_backward.py", ["--warm-only", "--activations", activation, "--problems",
+                                    "linear8192x1024x4096,linear8192x4096x1024,linear8192x2048x4096"])
+         for activation in ("relu", "gelu", "leaky_relu", "tanh")],
 }
 _SETTINGS = {"MANUALBP_MLP_FUSION": "mlp_fusion", "MANUALBP_DELTA_PROLOGUE": "delta_prologue",
              "MANUALBP_TMA": "tma", "MANUALBP_AUTOTUNE": "autotune"}
@@ -375,16 +376,18 @@ class Recorder:
     """Counts triton.compile's results by their listener: compiled here or loaded from the cache."""
 
     def __init__(self):
-        self.compiled, self.loaded, self.seconds = [], [], 0.0
+        self.compiled, self.loaded, self.previous = [], [], None
 
-    def __call__(self, *, src, metadata, metadata_group, times, cache_hit):
-        name = getattr(src, "name", "?")
-        (self.loaded if cache_hit else self.compiled).append(name)
+    def __call__(self, *, src=None, cache_hit=False, **details):
+        (self.loaded if cache_hit else self.compiled).append(getattr(src, "name", "?"))
+        if self.previous is not None:  # one set before (triton_cache_probe's): it hears of every compile too
+            self.previous(src=src, cache_hit=cache_hit, **details)
 
     @contextlib.contextmanager
     def listening(self):
         import triton
 
+        self.previous = triton.knobs.compilation.listener
         with _patched(triton.knobs.compilation, "listener", self):
             yield self
 
@@ -409,17 +412,29 @@ def source_state() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return dict(commit=git("rev-parse", "HEAD"), dirty=bool(git("status", "--porcelain", "--untracked-files=no")))
+    return dict(commit=git("rev-parse", "HEAD"), dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
+                kernels=kernel_sources())
+
+
+def kernel_sources(root: str = ROOT) -> dict:
+    """sha256 of each file of triton_kernels/: where one differs from the cache's, its kernels' keys do too."""
+    import hashlib
+
+    folder = os.path.join(root, "triton_kernels")
+    return {name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
+            for name in sorted(os.listdir(folder)) if name.endswith(".py")}
 
 
 def manifest(scripts, steps_run, recorder, seconds) -> dict:
     import torch
     import triton
     from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.compiler.compiler import make_backend
     from triton.runtime.cache import triton_key
 
     return dict(triton=triton.__version__, torch=torch.__version__, python=platform.python_version(),
                 triton_key=triton_key(), env=get_cache_invalidating_env_vars(), target="cuda sm_90 (warp 32)",
+                backend=make_backend(hopper_target()).hash(),
                 scripts=list(scripts), steps=steps_run, compiled=len(recorder.compiled), loaded=len(recorder.loaded),
                 kernels=sorted(set(recorder.compiled + recorder.loaded)), seconds=round(seconds, 1),
                 built=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), source=source_state())

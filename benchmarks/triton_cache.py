@@ -86,7 +86,35 @@ def key_differences(info: dict) -> list:
                            f"{info.get('python')} where the cache was built)")
     if env is not None and env != info.get("env"):
         differences.append(f"cache-invalidating environment variables: {env} here, {info.get('env')} in the cache")
+    backend = _backend_hash()
+    if backend is not None and backend != info.get("backend"):
+        differences.append(f"the CUDA backend (ptxas version, GPU arch) is {backend} here, {info.get('backend')} in "
+                           f"the cache")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import precompile
+
+    built = info.get("source", {}).get("kernels", {})
+    changed = sorted(name for name, digest in precompile.kernel_sources(root).items() if built.get(name) != digest)
+    if changed:
+        differences.append(f"triton_kernels/ changed since the cache was built ({', '.join(changed)}): their "
+                           f"kernels miss (rebuild it from this tree)")
     return differences
+
+
+def _backend_hash():
+    """This machine's CUDA backend hash (ptxas version and the GPU's arch), or None without a GPU."""
+    try:
+        import torch
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler.compiler import make_backend
+
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability()
+        return make_backend(GPUTarget("cuda", major * 10 + minor, 32)).hash()
+    except Exception:  # noqa: BLE001 - no CUDA backend here: nothing to compare
+        return None
 
 
 def unpack(path: str, cache_dir: str) -> dict:

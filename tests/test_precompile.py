@@ -29,8 +29,9 @@ def _python() -> str:
     return str(GPU_PYTHON) if GPU_PYTHON.exists() else sys.executable
 
 
-def _precompile(cache_dir, *extra):
+def _precompile(cache_dir, *extra, **environment):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not the interpreter
+    env.update(environment)
     done = subprocess.run([_python(), str(ROOT / "benchmarks" / "precompile.py"), "--cache-dir", str(cache_dir),
                            "--command", COMMAND, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -60,7 +61,8 @@ def test_pretend_target_is_what_the_cuda_driver_reports_on_sm90():
 @pytest.mark.compile_report
 def test_a_fresh_process_loads_every_precompiled_kernel(tmp_path):
     """Compiled once, then in a fresh process every kernel is loaded, none compiled (the keys do not depend on the
-    process); packed (metadata and binaries only), unpacked elsewhere and relocated, the same again."""
+    process); packed (metadata and binaries only), unpacked elsewhere and relocated, the same again, and the GPU
+    run's probe (triton_cache_probe) records each of those loads."""
     pytest.importorskip("triton")
     first = _precompile(tmp_path / "cache", "--fresh")
     assert first["compiled"] > 0 and first["loaded"] == 0, f"the first run compiles: {first['steps']}"
@@ -72,9 +74,14 @@ def test_a_fresh_process_loads_every_precompiled_kernel(tmp_path):
     assert 0 < size < 64 * 2**20, f"the pack fits what a GPU run carries: {size} bytes"
     info = triton_cache.unpack(str(tmp_path / "cache.tgz"), str(tmp_path / "moved"))
     assert info["kernels_here"] == first["compiled"], f"every kernel unpacked: {info['kernels_here']}"
-    moved = _precompile(tmp_path / "moved")
+    events = tmp_path / "events"  # as a GPU run records its compiles (gpu_common.sh)
+    moved = _precompile(tmp_path / "moved", TRITON_CACHE_EVENTS=str(events),
+                        PYTHONPATH=str(ROOT / "benchmarks" / "triton_cache_probe"))
     assert (moved["compiled"], moved["loaded"]) == (0, first["compiled"]), \
         f"the moved, binaries-only cache serves every kernel: compiled {moved['compiled']}, loaded {moved['loaded']}"
+    assert triton_cache.summary(str(events)).splitlines()[0] == (
+        f"triton cache: {first['compiled']} kernels loaded from the cache, 0 compiled on this machine"), \
+        f"the probe recorded each load: {triton_cache.summary(str(events))}"
 
 
 def test_summary_counts_loads_and_compiles(tmp_path):
@@ -121,3 +128,43 @@ def test_pretend_tensors_specialise_as_real_ones(view):
     finally:
         FakeTensor.data_ptr = saved
     assert got == want, f"{view}: the pretend tensor specialises as {got}, a real one as {want}"
+
+
+def _script_warmers(text: str) -> set:
+    """A GPU script's warming commands of Triton kernels (warm_caches.py without --compile, --warm-only runs), as
+    (environment, script, arguments): its variables and `for act in ...` loops expanded, the worker split dropped."""
+    import re
+    import shlex
+
+    text = text.replace("\\\n", " ")
+    variables = dict(re.findall(r"^\s*(\w+)=([^\s#$(]+)\s*$", text, re.M))
+    for values, body in re.findall(r"for act in ([\w ]+); do\n(.*?)\n\s*done", text, re.S):
+        text = text.replace(body, "\n".join(body.replace("$act", value) for value in values.split()))
+    found = set()
+    for line in text.splitlines():
+        match = re.search(r"^\s*((?:\w+=\S+\s+)*)(?:nice -n \d+ )?\$py benchmarks/(\w+\.py)([^&|>\n]*)", line)
+        if not match or (match.group(2) != "warm_caches.py" and "--warm-only" not in match.group(3)):
+            continue
+        arguments = shlex.split(re.sub(r"\$\{?(\w+)\}?", lambda m: variables.get(m.group(1), m.group(0)),
+                                       match.group(3)))
+        if "--compile" in arguments:  # Inductor's caches
+            continue
+        for option in ("--worker", "--workers"):
+            while option in arguments:
+                at = arguments.index(option)
+                del arguments[at:at + 2]
+        env = tuple(sorted(tuple(pair.split("=", 1)) for pair in match.group(1).split()))
+        found.add((env, match.group(2), tuple(arguments)))
+    return found
+
+
+@pytest.mark.parametrize("script", sorted(precompile.WARM_STEPS))
+def test_precompile_compiles_what_the_gpu_script_warms(script):
+    """precompile.py's warming commands for a GPU script are that script's own (its Triton warmers, expanded)."""
+    name = {"perf": "gpu_perf_check.sh", "check": "gpu_check.sh", "launch": "gpu_launch_check.sh"}[script]
+    warmers = _script_warmers((ROOT / "benchmarks" / name).read_text())
+    ours = {(tuple(sorted(env.items())), command, tuple(arguments))
+            for env, command, arguments in precompile.WARM_STEPS[script]}
+    assert warmers, f"{name}: warming commands found"
+    assert ours == warmers, f"{name}: only in precompile {sorted(ours - warmers)}; only in the script " \
+                            f"{sorted(warmers - ours)}"

@@ -8,7 +8,7 @@ if os.environ.get("TRITON_CACHE_EVENTS"):
     try:
         import triton
 
-        def _record(*, src, metadata, metadata_group, times, cache_hit):
+        def _record(*, src=None, cache_hit=False, **details):
             with open(os.environ["TRITON_CACHE_EVENTS"], "a") as events:
                 events.write(f"{'hit' if cache_hit else 'miss'} {getattr(src, 'name', '?')}\n")
 
