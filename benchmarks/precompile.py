@@ -1,8 +1,9 @@
 """Compile the GPU benchmark's Triton kernels for Hopper (sm_90) on a machine without a GPU, into a cache directory
 that the GPU run loads instead of compiling (docs/development.md, "Carrying Triton's cache to the GPU run").
 
-    .venv-gpu/bin/python benchmarks/precompile.py                 # gpu_perf_check.sh's launches -> .triton-cache/
+    bash benchmarks/precompile.sh           # in .venv-gpu: gpu_perf_check.sh's kernels -> .triton-cache.tgz
     .venv-gpu/bin/python benchmarks/precompile.py --script launch --script check --pack .triton-cache.tgz
+    .venv-gpu/bin/python benchmarks/precompile.py --command "warm_caches.py --problems linear8192x1024x4096"
 
 A bare GPU machine compiles every kernel variant the benchmark autotunes (ptxas, seconds each) before it times
 anything. Triton's cache key needs no GPU: triton_key() (Triton's own files, libtriton.so included), the kernel's
@@ -10,15 +11,16 @@ source and dependencies, its signature specialisation, constexprs and attributes
 arch), the compile options and the cache-invalidating environment variables. So the same launches are compiled here,
 by the benchmark's own code on a pretend H100 (:func:`pretend_hopper`):
 
-  tensors      FakeTensors on "cuda" (shapes, strides, dtypes, no memory); data_ptr() is a 256-byte aligned base plus
-               the storage offset, as PyTorch's caching allocator gives (a view keeps its offset)
+  tensors      what the benchmark puts on "cuda" (modules, inputs) lives on the meta device, where autograd runs
+               without a driver; a manualbp operator called on meta tensors runs its own implementation (the
+               launchers) on FakeTensors on "cuda" (the same shapes, strides, storage offsets and dtypes, no memory),
+               whose data_ptr() is an aligned base plus the storage offset, as PyTorch's caching allocator gives
+               (256-byte aligned blocks; a view keeps its offset); its outputs go back to meta
   torch.cuda   capability (9, 0), an H100 SXM's properties (132 SMs); synchronize and the device guard do nothing
   Triton       a driver whose target is GPUTarget("cuda", 90, 32), what CudaDriver.get_current_target reports on
                sm_90; an H100's device properties (227 KiB of shared memory per block); loading and launching do
                nothing; the autotuner's benchmark runs each config once (compiling it) and times nothing; its disk
                cache of timings is not written (a GPU run must tune for itself)
-  manualbp     FakeTensorMode runs each manualbp operator's implementation (the launchers) instead of its shapes-only
-               fake, so the layers go down the launch path they take on the GPU
 
 Everything between (the launchers and launch plans, Triton's JITFunction.run: its binder's specialisation of dtypes,
 16-byte alignment, ints equal to 1 or divisible by 16; the autotuner's pruning; the cache key and triton.compile) is
@@ -51,8 +53,7 @@ ROOT = os.path.dirname(HERE)
 # An H100 SXM (the H200 reports the same for everything compiled in: sm_90, 132 SMs, 227 KiB per block).
 H100 = dict(name="NVIDIA H100 80GB HBM3", capability=(9, 0), multi_processor_count=132, max_shared_mem=232448,
             max_num_regs=65536, total_memory=80 * 2**30, warp_size=32)
-ALIGNMENT = 256  # PyTorch's CUDA caching allocator's blocks are at least this aligned
-_BASE = 1 << 32  # fake allocations' address: aligned, never 0
+_BASE = 1 << 32  # a pretend allocation's address: aligned as the caching allocator's 256-byte blocks, never 0
 
 # The cache-warming commands of each GPU script, as (environment, script, arguments): what its warming step runs,
 # without the worker split (one process here compiles every config) and without Inductor's (--compile: the
@@ -249,6 +250,8 @@ def _on_hopper(implementation, fake_mode, on_meta):
         return value
 
     def run(*args, **kwargs):
+        if not on_meta.active:  # called from another operator's implementation: on the pretend GPU already
+            return implementation(*args, **kwargs)
         args, kwargs = tree_map(to_fake, (args, kwargs))
         on_meta.active = False
         try:

@@ -123,7 +123,8 @@ def unpack(path: str, cache_dir: str) -> dict:
     os.makedirs(cache_dir, exist_ok=True)
     with tarfile.open(path, "r:gz") as tar:
         members = [m for m in tar.getmembers() if m.isfile() and not os.path.isabs(m.name) and ".." not in m.name]
-        tar.extractall(cache_dir, members=members)
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.12 (and backports)
+        tar.extractall(cache_dir, members=members, **safe)
     with open(os.path.join(cache_dir, "manifest.json")) as handle:
         info = json.load(handle)
     info["kernels_here"] = relocate(cache_dir)

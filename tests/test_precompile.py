@@ -168,3 +168,27 @@ def test_precompile_compiles_what_the_gpu_script_warms(script):
     assert warmers, f"{name}: warming commands found"
     assert ours == warmers, f"{name}: only in precompile {sorted(ours - warmers)}; only in the script " \
                             f"{sorted(warmers - ours)}"
+
+
+def test_unpack_relocates_groups_and_says_when_keys_cannot_match(tmp_path):
+    """unpack rewrites a group file's absolute child paths to where the cache now lies (dropping children not
+    carried), and says WILL MISS where the cache was built by another Triton wheel or from other kernel sources."""
+    pytest.importorskip("triton")
+    built = tmp_path / "built" / "HASH"
+    built.mkdir(parents=True)
+    (built / "k.json").write_text("{}")
+    (built / "k.cubin").write_bytes(b"\0")
+    (built / "k.ptx").write_text("// not carried")
+    children = {name: str(built / name) for name in ("k.json", "k.cubin", "k.ptx")}
+    (built / "__grp__k.json").write_text(json.dumps({"child_paths": children}))
+    manifest = dict(triton="0.0", triton_key="another wheel", python="3.0", env={},
+                    source=dict(kernels={"dense.py": "another digest"}))
+    (tmp_path / "built" / "manifest.json").write_text(json.dumps(manifest))
+    triton_cache.pack(str(tmp_path / "built"), str(tmp_path / "c.tgz"))
+    info = triton_cache.unpack(str(tmp_path / "c.tgz"), str(tmp_path / "here"))
+    group = json.loads((tmp_path / "here" / "HASH" / "__grp__k.json").read_text())["child_paths"]
+    assert group == {name: str(tmp_path / "here" / "HASH" / name) for name in ("k.json", "k.cubin")}, \
+        f"children point into the new place, the IR file left behind: {group}"
+    assert info["kernels_here"] == 1, "one kernel carried"
+    text = " ".join(info["differences"])
+    assert "triton_key" in text and "dense.py" in text, f"the mismatches named: {info['differences']}"
