@@ -289,7 +289,7 @@ def _manualbp_opdefs():
     import manualbp  # noqa: F401 - registers the operators
     import manualbp.gated_ops  # noqa: F401
 
-    return {name: op for name, op in custom_ops.OPDEFS.items() if name.startswith("manualbp::")}
+    return {name: op for name, op in getattr(custom_ops, "OPDEFS", {}).items() if name.startswith("manualbp::")}
 
 
 @contextlib.contextmanager
@@ -329,6 +329,12 @@ def pretend_hopper(cache_dir: str):
         return False
 
     opdefs = _manualbp_opdefs()
+    if not opdefs or not all(hasattr(op, "_abstract_fn") and hasattr(op, "_init_fn") for op in opdefs.values()):
+        raise Unavailable(f"torch {torch.__version__}: custom operators keep their implementation elsewhere")
+    if not hasattr(fake_tensor.FakeTensorConverter, "from_meta_and_device"):
+        raise Unavailable(f"torch {torch.__version__}: no FakeTensorConverter.from_meta_and_device")
+    if not hasattr(knobs.compilation, "listener"):
+        raise Unavailable(f"triton {triton.__version__}: no compilation listener (loads and compiles uncounted)")
     with contextlib.ExitStack() as stack:
         patches = [
             (cuda, "is_available", lambda: True), (cuda, "device_count", lambda: 1),
