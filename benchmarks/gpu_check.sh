@@ -3,7 +3,8 @@
 # The launch path's figures (warm launch against an empty one, host time against eager's, tiny layers, the CUDA-graph
 # and reduce-overhead tests, the compiled rows) have a run of their own: benchmarks/gpu_launch_check.sh.
 # It stops itself at GPU_CHECK_SECONDS (default 575 s) after its start, each step cut to the time left:
-#   1. install manualbp (editable, no network: the machine has torch and triton);
+#   1. install manualbp (editable, no network: the machine has torch and triton); Triton's cache from
+#      .triton-cache.tgz where the run carried one (benchmarks/precompile.py --script check);
 #   2. side by side on the machine's CPUs, timing nothing: the test suite on the compiled kernels but
 #      test_special_values.py (gpu_followup.sh's; the GPU-specific files first: every autotune config, the packed
 #      selects), and benchmarks/warm_caches.py and bench_backward.py --warm-only filling Triton's and Inductor's
@@ -119,6 +120,7 @@ MANUALBP_MLP_FUSION=0 timeout "$(capped 25)" $py benchmarks/bench_dense.py --dty
     | grep -v "^#"
 tar czf "$out/extra_runs.tgz" -C "$extra" . 2>/dev/null
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv,noheader
+cache_summary
 stamp "done"
 return "$tests_rc"
 }

@@ -24,6 +24,28 @@ install_manualbp() {
         export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     fi
     $py -c "import manualbp; print('manualbp', manualbp.__version__, 'from', manualbp.__file__, manualbp.config.get())"
+    carried_cache
+}
+
+# Triton's cache: the one built without a GPU (benchmarks/precompile.py) where the run carried .triton-cache.tgz,
+# unpacked into .triton-cache/ and used by every process (TRITON_CACHE_DIR); else a fresh one there. Every compile
+# of every process is recorded (benchmarks/triton_cache_probe/sitecustomize.py) for cache_summary: loaded or
+# compiled here.
+carried_cache() {
+    export TRITON_CACHE_DIR="$PWD/.triton-cache"
+    if [ -f .triton-cache.tgz ]; then
+        $py benchmarks/triton_cache.py unpack .triton-cache.tgz "$TRITON_CACHE_DIR"
+    else
+        echo "triton cache: none carried (.triton-cache.tgz): every kernel compiles here"
+    fi
+    export TRITON_CACHE_EVENTS="$PWD/.triton-cache-events"
+    : > "$TRITON_CACHE_EVENTS"
+    export PYTHONPATH="$PWD/benchmarks/triton_cache_probe${PYTHONPATH:+:$PYTHONPATH}"
+}
+
+# How many kernels this run loaded from Triton's cache and how many it compiled (carried_cache's record).
+cache_summary() {
+    $py benchmarks/triton_cache.py summary "$TRITON_CACHE_EVENTS"
 }
 
 # run_tests LOG SECONDS WORKERS PER_TEST_S ARGS...: pytest on the compiled kernels with one fixed tile instead of

@@ -23,6 +23,7 @@ if [ "$(left)" -gt 40 ]; then
     stamp "the other tests again"
     run_tests "$out/gpu_followup_rerun.log" 400 "$workers" 100 ${GPU_FOLLOWUP_TESTS:---ignore=tests/test_special_values.py tests/}
 fi
+cache_summary
 stamp "done"
 return "$tests_rc"
 }

@@ -2,7 +2,8 @@
 # The launch path's figures in one run on a machine with a GPU: `bash benchmarks/gpu_launch_check.sh` (it stops itself
 # at GPU_CHECK_SECONDS, default 570 s: a 10-minute limit with time to pack up). Each figure, measured in this one run
 # on this one card:
-#   1. install manualbp (editable, no network);
+#   1. install manualbp (editable, no network); Triton's cache from .triton-cache.tgz where the run carried one
+#      (benchmarks/precompile.py --script launch);
 #   2. side by side: the CUDA-graph and reduce-overhead tests and the compile tests on the GPU (tests/test_launch.py,
 #      tests/test_compile.py; one fixed tile, MANUALBP_AUTOTUNE=0), and the caches the timings need warmed
 #      (warm_caches.py: every autotune config of the problem's launches, and Inductor's graphs) on the CPUs;
@@ -94,6 +95,7 @@ for name in ("test_cuda_graph_replays_eager_results", "test_reduce_overhead_matc
     print(f"{name}: {found[0] if found else 'not run'}")
 print("bench_overhead and bench_dense: their tables above (ratios against nn and eager per row)")
 EOF
+cache_summary
 stamp "done"
 return "$tests_rc"
 }

@@ -2,10 +2,13 @@
 # The matmuls' and the fused layers' speed in one run on a machine with a GPU: `bash benchmarks/gpu_perf_check.sh`
 # (docs/development.md, "Plan for the next GPU run"). It stops itself at GPU_CHECK_SECONDS (default 570 s: a 10-minute
 # limit with time to pack up), each step cut to the time left (the limits below and the install add up to about 555 s):
-#   1. install manualbp (editable, no network), about 15 s;
+#   1. install manualbp (editable, no network), about 15 s; Triton's cache from .triton-cache.tgz where the run
+#      carried one (benchmarks/precompile.py builds it without a GPU: docs/development.md, "Carrying Triton's cache
+#      to the GPU run"), and whether its keys can match here;
 #   2. side by side on the machine's CPUs, timing nothing, at most 150 s: Triton's cache filled for every timed
 #      launch (bench_matmul.py --warm-only and warm_caches.py, one process per autotune config; the first layers'
-#      and the per-layer MLP's launches too) and Inductor's for the torch.compile rows;
+#      and the per-layer MLP's launches too; loaded, not compiled, where the carried cache has them) and Inductor's
+#      for the torch.compile rows; then how many kernels were loaded from the cache and how many compiled;
 #   3. bench_matmul.py, at most 90 s: Triton's plain matmul against cuBLAS at 4096^3 and a layer's three products
 #      (X Wᵀ, δ W, δᵀ X) at (8192, 1024, 4096) and (8192, 4096, 1024), in bf16, float32 IEEE and TF32;
 #   4. bench_dense.py at the (1024 -> 4096) and (4096 -> 1024) layers, relu and gelu, hidden and first, bf16,
@@ -16,7 +19,8 @@
 #   6. the MLP's per-layer backward (MANUALBP_MLP_FUSION=0) at both MLPs, both timings, at most 35 s;
 #   7. bench_backward.py at in_features 1024, 2048 and 4096: a first and a hidden layer's backward by each plan for δ
 #      (in the loads, by a pass), kernels only, at most 35 s;
-#   8. perf_targets.py: each target of the persistent-kernel work met, missed or not measured, from this run's rows.
+#   8. perf_targets.py: each target of the persistent-kernel work met, missed or not measured, from this run's rows;
+#      the whole run's count of kernels loaded from Triton's cache and compiled.
 # Rows are appended as measured: a step cut short keeps what it measured. Files in $OUT (at most 8, the rest
 # packed): gpu_perf_check.log (all of stdout), warm_perf.log, bench_matmul_<GPU>.csv and .png,
 # bench_dense_<GPU>.csv and .png (steps 4 and 5: the timing column says which), extra_perf.tgz (steps 6 and 7's
@@ -62,6 +66,7 @@ timeout "$(capped 150)" tail --pid=$warm_pid -f /dev/null
 pkill -P $warm_pid 2>/dev/null; kill $warm_pid 2>/dev/null; wait $warm_pid 2>/dev/null
 grep -E "^warm" "$out/warm_perf.log" | sort | uniq -c | sort -rn | head -20
 grep -c "FAILED\|Error" "$out/warm_perf.log" | sed 's/^/warm: lines naming a failure: /'
+cache_summary | head -1 | sed "s/^/after warming: /"
 
 # --- 3. the matmul against cuBLAS ------------------------------------------------------------------------------
 stamp "bench_matmul"
@@ -97,6 +102,7 @@ stamp "targets"
 $py benchmarks/perf_targets.py --since "$since" --matmul "$out/bench_matmul_$gpu.csv" --dense "$out/bench_dense_$gpu.csv"
 tar czf "$out/extra_perf.tgz" -C "$extra" . 2>/dev/null
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv,noheader
+cache_summary
 stamp "done"
 }
 

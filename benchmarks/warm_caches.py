@@ -8,9 +8,9 @@ benchmark's first call: at the benchmark's shapes that is minutes, which a short
 This script runs what bench_dense.py runs (the same modules, shapes, dtype, hence the same kernel
 specialisations), once, with no timing, in N processes side by side: in worker i every autotuned launch
 offers only the i-th of the configs the autotuner would keep for it (i mod how many it keeps), so the N
-workers together compile every config of every launch into Triton's on-disk cache, on N CPU cores. The
-benchmark's autotuner then loads them and only times them. Nothing here is measured or written besides the
-caches; timings of a run that used it exclude compilation, first-call times then include loading only.
+workers together compile every config of every launch into Triton's on-disk cache, on N CPU cores (one worker
+alone compiles them all, as the autotuner would). The benchmark's autotuner then loads them and only times
+them. Nothing here is measured or written besides the caches; timings of a run that used it exclude compilation, first-call times then include loading only.
 
 --compile does the same for the torch.compile rows (Inductor's caches), the problems split among workers.
 """
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     manualbp.set_backend("triton")
     dense = manualbp.backends.kernels()
-    if not args.compile:
+    if not args.compile and args.workers > 1:
         offer_one_config(dense, args.worker)
 
     problems = bench_dense.gpu_problems(args.activations.split(","))
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
             done += 1
     print(f"warm worker {args.worker}/{args.workers}{' (compile)' if args.compile else ''}: {done} runs, "
           f"{failed} failed, {time.perf_counter() - start:.1f} s")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
