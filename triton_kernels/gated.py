@@ -121,6 +121,7 @@ def _gated_forward_kernel(
     WRITE_Z: tl.constexpr,
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,  # the epilogue works on this many column slices of the tile (1, 2, 4 or 8)
 ):
     pid_m, pid_n = dense._tile_position(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -145,9 +146,30 @@ def _gated_forward_kernel(
         x_ptrs += BLOCK_K * stride_xk
         gate_ptrs += BLOCK_K * stride_gwk
         up_ptrs += BLOCK_K * stride_uwk
-    # Epilogue: Z = acc + b, rounded to the data dtype as stored (the backward reads the stored Z), A = f(Z_g) ⊙ Z_u.
-    dtype: tl.constexpr = x_ptr.dtype.element_ty
-    mask = mask_m[:, None] & mask_n[None, :]
+    # The epilogue in EPILOGUE_SPLIT column slices, one after the other (as the dense forward's): the gating of
+    # two whole large tiles at once, beside both accumulators, would spill registers.
+    slice_n: tl.constexpr = BLOCK_N // EPILOGUE_SPLIT
+    gate_parts = dense._column_slices(acc_gate, EPILOGUE_SPLIT)
+    up_parts = dense._column_slices(acc_up, EPILOGUE_SPLIT)
+    for i in tl.static_range(EPILOGUE_SPLIT):
+        part_n = pid_n.to(tl.int64) * BLOCK_N + i * slice_n + tl.arange(0, slice_n)
+        _gated_epilogue(gate_parts[i], up_parts[i], offs_m, part_n, M, N, gate_bias_ptr, up_bias_ptr, stride_gb,
+                        stride_ub, a_ptr, stride_am, stride_an, z_gate_ptr, stride_zgm, stride_zgn, z_up_ptr,
+                        stride_zum, stride_zun, HAS_GATE_BIAS, HAS_UP_BIAS, ACTIVATION, NEGATIVE_SLOPE, WRITE_A,
+                        WRITE_Z, ACC_FP64)
+
+
+@triton.jit
+def _gated_epilogue(acc_gate, acc_up, offs_m, offs_n, M, N, gate_bias_ptr, up_bias_ptr, stride_gb, stride_ub,
+                    a_ptr, stride_am, stride_an, z_gate_ptr, stride_zgm, stride_zgn, z_up_ptr, stride_zum,
+                    stride_zun, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                    NEGATIVE_SLOPE: tl.constexpr, WRITE_A: tl.constexpr, WRITE_Z: tl.constexpr,
+                    ACC_FP64: tl.constexpr):
+    """The forward on acc_gate = X W_gᵀ, acc_up = X W_uᵀ for rows offs_m, columns offs_n: Z = acc + b, rounded to
+    the data dtype as stored (the backward reads the stored Z), A = f(Z_g) ⊙ Z_u."""
+    dtype: tl.constexpr = a_ptr.dtype.element_ty
+    mask_n = offs_n < N
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
     if HAS_GATE_BIAS:
         acc_gate += tl.load(gate_bias_ptr + offs_n * stride_gb, mask=mask_n, other=0.0)[None, :].to(acc_gate.dtype)
     if HAS_UP_BIAS:
@@ -339,41 +361,44 @@ def _gated_tangent_kernel(
 _ELEMENTWISE_BLOCK = {"BLOCK_M": 32, "BLOCK_N": 32}
 
 
-def matmul_configs(role: str) -> list:
+def matmul_configs(role: str, element_size: int) -> list:
     """The tiles the GPU autotuner tries for one gated matmul kernel (role: "gated_forward", "gated_grad_x",
-    "gated_grad_weight"), in the matmul's names: output tile [BLOCK_M, BLOCK_N], K step BLOCK_K.
+    "gated_grad_weight") on data of this element size (2: float16, bfloat16; 4: float32), in the matmul's names:
+    output tile [BLOCK_M, BLOCK_N], K step BLOCK_K; the forward's EPILOGUE_SPLIT column slices of its epilogue.
 
     Chosen with benchmarks/compile_report_gated.py (sm_90, Triton 3.9; compiler figures, not timings;
-    docs/compile-report.md): each has no spill and, for 16-bit data, wgmma in its main loop. Two float32
-    accumulators per program (the forward's Z_g and Z_u, ∂C/∂W's two weight gradients) keep BLOCK_M * BLOCK_N at
-    64 elements per thread each. The tiles with K steps of 16 are float32's (IEEE: FMA loops), the others 16-bit
-    data's (_prune_configs). The first of each dtype is the tile of an untuned GPU launch (autotune off).
+    docs/compile-report.md): none spills at any activation, and 16-bit data's have wgmma in their main loops.
+    The first is the tile of an untuned GPU launch (autotune off).
     """
     c = triton.Config
-    return [c(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8), num_warps=w, num_stages=st)
-            for m, n, k, w, st in _CONFIGS[role]]
+    split = role == "gated_forward"  # EPILOGUE_SPLIT: the forward's column slices of the gating epilogue
+    return [c(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, **(dict(EPILOGUE_SPLIT=e) if split else {})),
+              num_warps=w, num_stages=st) for m, n, k, w, st, e in _CONFIGS[role][element_size]]
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) per role: matmul_configs
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, EPILOGUE_SPLIT or None) per role and element size: matmul_configs
 _CONFIGS = {
-    "gated_forward": [(128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                      (64, 64, 16, 4, 3), (64, 128, 16, 8, 3)],
-    "gated_grad_x": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                     (64, 64, 16, 4, 3), (64, 128, 16, 8, 3)],
-    "gated_grad_weight": [(128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                          (64, 64, 16, 4, 3), (64, 128, 16, 8, 3)],
+    "gated_forward": {
+        2: [(128, 128, 64, 8, 3, 2), (64, 256, 64, 8, 3, 2), (64, 128, 64, 4, 4, 2), (64, 64, 64, 4, 4, 1)],
+        4: [(64, 64, 16, 4, 3, 1), (64, 128, 16, 8, 3, 2)],
+    },
+    "gated_grad_x": {
+        2: [(128, 128, 32, 8, 4, None), (64, 128, 32, 4, 4, None), (64, 64, 64, 4, 4, None)],
+        4: [(64, 64, 16, 4, 3, None), (64, 128, 16, 8, 3, None)],
+    },
+    "gated_grad_weight": {
+        2: [(128, 128, 32, 8, 4, None), (64, 128, 32, 4, 4, None), (64, 64, 64, 4, 4, None)],
+        4: [(64, 64, 16, 4, 3, None), (64, 128, 16, 8, 3, None)],
+    },
 }
 # Operand tiles each role pipelines per K step: [BLOCK_M, BLOCK_K] ones (X; G, Z_g, Z_u) and [BLOCK_K, BLOCK_N]
 # ones (the weights; X), for the shared-memory budget of _prune_configs.
 _OPERAND_TILES = {"gated_forward": (1, 2), "gated_grad_x": (3, 2), "gated_grad_weight": (3, 1)}
-_FP32_BLOCK_K = 16  # float32's tiles (matmul_configs)
 
 
 def _prune_configs(role: str, configs, named_args, **kwargs):
-    """A role's configs for the data's dtype (K steps of _FP32_BLOCK_K for float32, the others for 16-bit data) whose
-    pipelined operand tiles fit in shared memory; the last of them where none fits."""
+    """A role's configs whose pipelined operand tiles fit in the GPU's shared memory; the last where none fits."""
     x = next(a for a in named_args.values() if isinstance(a, torch.Tensor))  # the first operand: the data's dtype
-    configs = [cfg for cfg in configs if (cfg.kwargs["BLOCK_K"] == _FP32_BLOCK_K) == (x.element_size() == 4)]
     budget = dense._shared_memory_bytes(x.device.index or 0)
     kept = [cfg for cfg in configs if dense._pipelined_bytes(cfg, x.element_size(), *_OPERAND_TILES[role]) <= budget]
     return kept or configs[-1:]
@@ -392,12 +417,12 @@ _TUNING_KEYS = {
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(role: str):
+def _autotuned(role: str, element_size: int):
     # Built on first use, never at import (dense._autotuned_matmul: some Triton releases query the driver here).
     options = {}
     if "cache_results" in inspect.signature(triton.autotune).parameters:
-        options["cache_results"] = True
-    return triton.autotune(configs=matmul_configs(role), key=_TUNING_KEYS[role],
+        options["cache_results"] = True  # keep the winners on disk across processes (Triton >= 3.2)
+    return triton.autotune(configs=matmul_configs(role, element_size), key=_TUNING_KEYS[role],
                            prune_configs_by={"early_config_prune": functools.partial(_prune_configs, role)},
                            **options)(globals()[_KERNELS[role]])
 
@@ -407,12 +432,14 @@ def _fixed_tile(role: str, dtype: torch.dtype, use_dot: bool):
     layer's interpreter and float64 tiles; on a GPU with autotune off, the role's first config for the dtype."""
     fp64 = dtype == torch.float64
     if fp64 or not use_dot or dense.is_interpreted():
-        tile, launch_options = dense._fixed_config(fp64, use_dot)
-        return {name: tile[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}, launch_options
+        dense_tile, launch_options = dense._fixed_config(fp64, use_dot)
+        tile = {name: dense_tile[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        if role == "gated_forward":
+            tile["EPILOGUE_SPLIT"] = dense_tile.get("EPILOGUE_SPLIT", 1)
+        return tile, launch_options
     if dense.autotune_enabled():
         return None
-    config = next(cfg for cfg in matmul_configs(role)
-                  if (cfg.kwargs["BLOCK_K"] == _FP32_BLOCK_K) == (dtype.itemsize == 4))
+    config = matmul_configs(role, dtype.itemsize)[0]
     return dict(config.kwargs), dict(num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -431,7 +458,7 @@ def _launch_matmul(role: str, options: tuple, args: tuple, rows: int, columns: i
             def grid(meta):
                 return (dense._cdiv(rows, meta["BLOCK_M"]) * dense._cdiv(columns, meta["BLOCK_N"]),)
 
-            tuner = _autotuned(role)
+            tuner = _autotuned(role, like.element_size())
             return dict(fn=tuner.fn, tuner=tuner, constexprs=constexprs, grid=grid, **common)
         tile, launch_options = fixed
         grid = (dense._cdiv(rows, tile["BLOCK_M"]) * dense._cdiv(columns, tile["BLOCK_N"]),)
