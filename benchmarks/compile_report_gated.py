@@ -3,6 +3,7 @@
     python benchmarks/compile_report_gated.py                  # every launch below at every shipped config, sm_90
     python benchmarks/compile_report_gated.py --quick          # silu's three kernels, each at its first config
     python benchmarks/compile_report_gated.py --dtype fp32     # float32 (IEEE: FMA loops) at float32's configs
+    python benchmarks/compile_report_gated.py --dtype tf32     # float32 with TF32 products (wgmma)
     python benchmarks/compile_report_gated.py --sweep --only fwd   # a wider list of tiles (sweep_configs), to choose
     python benchmarks/compile_report_gated.py --out-dir benchmarks/results   # also writes the table and the JSON
 
@@ -51,6 +52,7 @@ def package_launches(gated, M, K, N, dtype, quick):
     launches = [
         ("fwd silu (A, Z)", fwd("silu")), ("fwd silu (A)", fwd("silu", save=False)),
         ("fwd gelu (A, Z)", fwd("gelu")), ("fwd gelu_tanh+bias (A, Z)", fwd("gelu_tanh", biases=True)),
+        ("fwd silu (Z: recompute)", lambda: gated._recomputed(x, w_gate, w_up, None, None, ids["silu"], 0.0)),
         ("dX silu", bwd("silu", (True, False, False, False, False))),
         ("dX gelu", bwd("gelu", (True, False, False, False, False))),
         ("dW silu", bwd("silu", (False, True, True, False, False))),
@@ -80,12 +82,14 @@ def package_launches(gated, M, K, N, dtype, quick):
     return out
 
 
-def sweep_configs(dtype, role):
-    """A wider list of tiles than the shipped ones, to choose them from (--sweep): not pruned by shared memory
-    (the smem column says what each takes), the forward's at 1, 2 and 4 epilogue slices."""
+def sweep_configs(dtype, role, tiles=None):
+    """A wider list of tiles than the shipped ones, to choose them from (--sweep; or tiles, --tiles): not pruned by
+    shared memory (the smem column says what each takes), the forward's at 1, 2 and 4 epilogue slices."""
     import triton
 
-    if dtype == torch.float32:
+    if tiles:
+        pass
+    elif dtype == torch.float32:
         tiles = [(64, 64, 16, 4, 3), (64, 128, 16, 4, 3), (64, 128, 16, 8, 3), (128, 64, 16, 8, 3),
                  (128, 128, 16, 8, 3), (32, 64, 16, 4, 3), (64, 64, 16, 8, 3), (32, 128, 16, 4, 3)]
     else:
@@ -99,8 +103,10 @@ def sweep_configs(dtype, role):
 
 
 def configs_for(gated, dense, role, args, kwargs, arch, sweep, dtype):
-    """The configs the autotuner could pick for this launch on the target (pruned as it prunes), or the sweep's."""
-    configs = sweep_configs(dtype, role) if sweep else gated.matmul_configs(role, dtype.itemsize)
+    """The configs the autotuner could pick for this launch on the target (pruned as it prunes), or the sweep's
+    (sweep: True, or a list of (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages))."""
+    configs = (sweep_configs(dtype, role, sweep if isinstance(sweep, list) else None) if sweep
+               else gated.matmul_configs(role, dtype.itemsize))
     budget = 1 << 30 if sweep else report.SHARED_MEMORY.get(arch, report.SHARED_MEMORY[80])
     saved = dense._shared_memory_bytes
     dense._shared_memory_bytes = lambda index: budget
@@ -111,7 +117,7 @@ def configs_for(gated, dense, role, args, kwargs, arch, sweep, dtype):
         dense._shared_memory_bytes = saved
 
 
-def run(arch, only, quick, sweep, M, K, N, dtype, progress=print):
+def run(arch, only, quick, sweep, M, K, N, dtype, progress=print, tf32=False):
     tri = report.internals()
     import platform
 
@@ -134,6 +140,8 @@ def run(arch, only, quick, sweep, M, K, N, dtype, progress=print):
     for label, (role, kernel, args, kwargs) in launches.items():
         if only and not any(part in label for part in only.split(",")):
             continue
+        if tf32:  # what a float32 launch compiles to where PyTorch's settings allow TF32 (dense.tf32_allowed)
+            kwargs = dict(kwargs, INPUT_PRECISION="tf32")
         configs = configs_for(gated, dense, role, args, kwargs, arch, sweep, dtype)
         if quick:
             configs = configs[:1]
@@ -159,7 +167,9 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="comma list of substrings of launch labels (fwd, dX, dW, silu)")
     parser.add_argument("--quick", action="store_true", help="silu's three kernels at their first config")
     parser.add_argument("--sweep", action="store_true", help="the wider tile list of sweep_configs, not the shipped")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--tiles", default="", help="with --sweep: these tiles only, 'M,N,K,warps,stages;...'")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "tf32"],
+                        help="tf32: float32 data with TF32 products (where PyTorch's settings allow them)")
     parser.add_argument("--shape", default="8192,4096,11008", help="M,K,N: rows, hidden, intermediate")
     parser.add_argument("--json", default="", help="write the header and rows as JSON to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -167,11 +177,14 @@ def main(argv=None) -> int:
                                                       ".{txt,json} here")
     args = parser.parse_args(argv)
     M, K, N = (int(v) for v in args.shape.split(","))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}[args.dtype]
     progress = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     arch = int(args.arch)
     try:
-        header, rows = run(arch, args.only, args.quick, args.sweep, M, K, N, dtype, progress=progress)
+        sweep = [tuple(int(v) for v in tile.split(",")) for tile in args.tiles.split(";")] if args.tiles else args.sweep
+        header, rows = run(arch, args.only, args.quick, sweep, M, K, N, dtype, progress=progress,
+                           tf32=args.dtype == "tf32")
+        header["dtype"] += " (TF32 products)" if args.dtype == "tf32" else ""
     except report.Unavailable as reason:
         print(f"compile_report_gated: unavailable: {reason}")
         if args.json:

@@ -25,8 +25,13 @@ float32 (float64 for float64 data); for float32 and float64 data the roundings a
 f and f' are the dense kernels' (``triton_kernels/activations.py``), the matmul step
 ``dense._tile_dot``, the tile order ``dense._tile_position``.
 
-Tiles are fixed, not autotuned: the dense layer's interpreter and float64 tiles (its
-``_fixed_config``), and on a GPU one untuned tile (_GPU_CONFIG), whose speed has not been measured.
+Every launch goes through a launch plan (``launch.run``; roles "gated_forward", "gated_grad_x",
+"gated_grad_weight", "gated_gate", "gated_tangent"): a warm call is key, lookup, launch. The matmul kernels
+name their tiles as a matmul's (output [BLOCK_M, BLOCK_N], K step BLOCK_K along the contracted dimension,
+whichever that is), so one config means one tile in every role. On a GPU they autotune per M/N/K bucket among
+:func:`matmul_configs`, spill-free tiles chosen from the offline sm_90 compile report
+(benchmarks/compile_report_gated.py), pruned by shared memory; the interpreter and float64 keep the dense
+layer's fixed tiles (``dense._fixed_config``). Speed on a GPU: not measured yet.
 """
 
 from __future__ import annotations
@@ -376,19 +381,33 @@ def matmul_configs(role: str, element_size: int) -> list:
               num_warps=w, num_stages=st) for m, n, k, w, st, e in _CONFIGS[role][element_size]]
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, EPILOGUE_SPLIT or None) per role and element size: matmul_configs
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, EPILOGUE_SPLIT or None) per role and element size: matmul_configs.
+# From the sweep of benchmarks/compile_report_gated.py (sm_90, bf16, silu / gelu / gelu_tanh with biases):
+# - forward: two [BLOCK_M, BLOCK_N] float32 accumulators; the gating of a whole 128x128 tile spilled 56-104 bytes
+#   (gelu, gelu_tanh), in 2-4 column slices none; 256x128 and 128x256 tiles spill over a kilobyte at any split.
+# - ∂C/∂X: one accumulator, δ_g and δ_u formed from three loaded tiles as wgmma's register operands: K steps of 32
+#   (64 spilled 12-420 bytes at 128x128, 64x128 and 128x64 tiles).
+# - ∂C/∂W: two accumulators and the δᵀ tiles, plus both bias sums: 128x128x32 spilled 4 bytes (gelu_tanh with
+#   ∂C/∂b), 64-wide K steps at 128x64 and 64x128 36-40; 64-row tiles in 8 warps and 128x128x16 none.
+# float32 (IEEE: FMA loops, K steps of 16; --dtype fp32): the forward's 64x64 and 64x128 tiles in 4 warps spilled
+# 16-968 bytes, 128x128 in 8 warps 8-1288; ∂C/∂W's 64x64 in 8 warps 12, 128x128 16 (with ∂C/∂b).
 _CONFIGS = {
     "gated_forward": {
-        2: [(128, 128, 64, 8, 3, 2), (64, 256, 64, 8, 3, 2), (64, 128, 64, 4, 4, 2), (64, 64, 64, 4, 4, 1)],
-        4: [(64, 64, 16, 4, 3, 1), (64, 128, 16, 8, 3, 2)],
+        2: [(128, 128, 64, 8, 3, 4), (64, 256, 64, 8, 3, 4), (128, 128, 32, 8, 4, 2), (64, 128, 64, 4, 4, 4),
+            (64, 64, 64, 4, 4, 1)],
+        4: [(64, 128, 16, 8, 3, 1), (128, 64, 16, 8, 3, 1), (64, 64, 16, 8, 3, 1), (32, 64, 16, 4, 3, 1)],
     },
     "gated_grad_x": {
-        2: [(128, 128, 32, 8, 4, None), (64, 128, 32, 4, 4, None), (64, 64, 64, 4, 4, None)],
-        4: [(64, 64, 16, 4, 3, None), (64, 128, 16, 8, 3, None)],
+        2: [(128, 128, 32, 8, 4, None), (128, 256, 32, 8, 3, None), (64, 128, 32, 4, 4, None),
+            (128, 64, 32, 4, 4, None), (64, 64, 64, 4, 4, None)],
+        4: [(128, 128, 16, 8, 3, None), (64, 128, 16, 8, 3, None), (128, 64, 16, 8, 3, None),
+            (64, 64, 16, 4, 3, None)],
     },
     "gated_grad_weight": {
-        2: [(128, 128, 32, 8, 4, None), (64, 128, 32, 4, 4, None), (64, 64, 64, 4, 4, None)],
-        4: [(64, 64, 16, 4, 3, None), (64, 128, 16, 8, 3, None)],
+        2: [(128, 128, 16, 8, 4, None), (64, 256, 32, 8, 4, None), (64, 128, 32, 8, 4, None),
+            (64, 64, 32, 4, 4, None)],
+        4: [(64, 128, 16, 8, 3, None), (128, 64, 16, 8, 3, None), (64, 64, 16, 4, 3, None),
+            (32, 128, 16, 4, 3, None)],
     },
 }
 # Operand tiles each role pipelines per K step: [BLOCK_M, BLOCK_K] ones (X; G, Z_g, Z_u) and [BLOCK_K, BLOCK_N]
