@@ -239,3 +239,32 @@ def test_fixed_tiles(monkeypatch):
             first = gated.matmul_configs(role, dtype.itemsize)[0]
             assert tile == first.kwargs and options == dict(num_warps=first.num_warps, num_stages=first.num_stages), \
                 f"{role} {dtype}, autotune off: the first config"
+
+
+def test_every_launch_states_its_compile_options(monkeypatch):
+    """Every gated launch passes dense.COMPILE_OPTIONS (FMA contraction on) instead of inheriting Triton's default,
+    which Triton 3.10 changes: the three matmuls, the gating alone (both ways) and the tangent kernel."""
+    dense, gated, _ = _modules()
+    launched = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((self.name, kwargs))
+
+    monkeypatch.setattr(dense, "is_interpreted", lambda: True)  # the fixed tile, launched directly
+    names = ("_gated_forward_kernel", "_gated_grad_x_kernel", "_gated_grad_weight_kernel", "_gate_kernel",
+             "_gated_tangent_kernel")
+    for name in names:
+        monkeypatch.setattr(gated, name, Recorder(name))
+    x, w, g = torch.randn(64, 32), torch.randn(16, 32), torch.randn(64, 16)
+    gated.gated_forward(x, w, w, None, None, 5, 0.0, True)
+    gated.gated_backward(g, x, w, w, None, None, g, g, 5, 0.0, (True,) * 5)
+    gated.gate_forward(g, g, 5, 0.0)
+    gated.gate_backward(g, g, g, 5, 0.0)
+    gated.gate_jvp(g, g, g, None, 5, 0.0)
+    assert {name for name, _ in launched} == set(names), f"launches recorded: {[name for name, _ in launched]}"
+    for name, kwargs in launched:
+        assert kwargs.get("enable_fp_fusion") is True, f"{name}: enable_fp_fusion stated"
