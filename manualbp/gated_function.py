@@ -33,7 +33,7 @@ from torch import Tensor
 
 from . import gated_ops, gated_reference, ops
 from .activations import Activation
-from .function import _check_unchanged, _tangents, _version, forward_mode_active, transforms_active
+from .function import _check_unchanged, _tangents, _version, forward_mode_active
 
 _NONE = (None,) * 9  # one per forward argument
 
@@ -82,8 +82,9 @@ class GatedLinearFunction(torch.autograd.Function):
         x, gate_weight, up_weight, gate_bias, up_bias, activation, recompute, backend, direct = inputs
         _, z_gate, z_up = output
         needs = ctx.needs_input_grad[:5]
-        # Under torch.func every backward is differentiable (jacrev, hessian): keep x to recompute Z.
-        keep_x = recompute or needs[1] or needs[2] or (not direct and transforms_active())
+        # Under torch.func every backward is differentiable (jacrev, hessian): keep x to recompute Z. In forward
+        # mode x is kept for jvp anyway (save_for_forward): keeping it here too costs nothing.
+        keep_x = recompute or needs[1] or needs[2] or (not direct and forward_mode_active())
         biases = (gate_bias, up_bias) if recompute else (None, None)  # read again only to recompute Z
         kept_z = (None, None) if recompute else (z_gate, z_up)
         ctx.save_for_backward(x if keep_x else None, gate_weight, up_weight, *biases, *kept_z)
