@@ -390,12 +390,13 @@ def matmul_configs(role: str, element_size: int) -> list:
 # - ∂C/∂W: two accumulators and the δᵀ tiles, plus both bias sums: 128x128x32 spilled 4 bytes (gelu_tanh with
 #   ∂C/∂b), 64-wide K steps at 128x64 and 64x128 36-40; 64-row tiles in 8 warps and 128x128x16 none.
 # float32 (IEEE: FMA loops, K steps of 16; --dtype fp32): the forward's 64x64 and 64x128 tiles in 4 warps spilled
-# 16-968 bytes, 128x128 in 8 warps 8-1288; ∂C/∂W's 64x64 in 8 warps 12, 128x128 16 (with ∂C/∂b).
+# 16-968 bytes, 128x128 in 8 warps 8-1288; ∂C/∂W's 64x64 in 8 warps 12, 128x128 16 (with ∂C/∂b). Rows of 64 at
+# least: with TF32 products (--dtype tf32) 32-row tiles compile to mma.sync, not wgmma (the forward's spilled 4).
 _CONFIGS = {
     "gated_forward": {
         2: [(128, 128, 64, 8, 3, 4), (64, 256, 64, 8, 3, 4), (128, 128, 32, 8, 4, 2), (64, 128, 64, 4, 4, 4),
             (64, 64, 64, 4, 4, 1)],
-        4: [(64, 128, 16, 8, 3, 1), (128, 64, 16, 8, 3, 1), (64, 64, 16, 8, 3, 1), (32, 64, 16, 4, 3, 1)],
+        4: [(64, 128, 16, 8, 3, 1), (128, 64, 16, 8, 3, 1), (64, 64, 16, 8, 3, 1)],
     },
     "gated_grad_x": {
         2: [(128, 128, 32, 8, 4, None), (128, 256, 32, 8, 3, None), (64, 128, 32, 4, 4, None),
@@ -406,8 +407,7 @@ _CONFIGS = {
     "gated_grad_weight": {
         2: [(128, 128, 16, 8, 4, None), (64, 256, 32, 8, 4, None), (64, 128, 32, 8, 4, None),
             (64, 64, 32, 4, 4, None)],
-        4: [(64, 128, 16, 8, 3, None), (128, 64, 16, 8, 3, None), (64, 64, 16, 4, 3, None),
-            (32, 128, 16, 4, 3, None)],
+        4: [(64, 128, 16, 8, 3, None), (128, 64, 16, 8, 3, None), (64, 64, 16, 4, 3, None)],
     },
 }
 # Operand tiles each role pipelines per K step: [BLOCK_M, BLOCK_K] ones (X; G, Z_g, Z_u) and [BLOCK_K, BLOCK_N]
