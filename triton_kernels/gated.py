@@ -484,7 +484,8 @@ def _launch_matmul(role: str, options: tuple, args: tuple, rows: int, columns: i
         return dict(fn=globals()[_KERNELS[role]], constexprs={**constexprs, **tile, **launch_options}, grid=grid,
                     **common)
 
-    settings = (use_dot, dense.autotune_enabled(), like.dtype is torch.float32 and like.is_cuda and dense.tf32_allowed())
+    tf32 = like.dtype is torch.float32 and like.is_cuda and dense.tf32_allowed()  # INPUT_PRECISION
+    settings = (use_dot, dense.autotune_enabled(), tf32)
     with dense._device_guard(like):
         launch.run(role, options + settings, args, rows, columns, make)
 
