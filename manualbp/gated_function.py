@@ -12,9 +12,13 @@ mirrors the dense layer's ``function.py`` (and uses its helpers). What it keeps:
     recompute=True    x only; the backward rebuilds Z_g and Z_u from x and the parameters
 The weights and, with recompute, the biases are kept too: parameters, so no memory.
 A double backward (create_graph=True) recomputes Z_g, Z_u from x and the parameters in
-differentiable ops, so it needs x: where no weight needed a gradient (x not kept) it
-raises. For forward mode, x, the weights, biases and Z's are kept only while a
-forward-mode transform is active.
+differentiable ops. Where no weight needs a gradient (frozen weights: x not kept), it reads
+the kept Z_g and Z_u instead: then those are differentiable outputs of the Function
+(connected to x and the biases by this node), so the double backward differentiates δ_g and
+δ_u through them, as the dense layer does with its frozen weight (function.py). Nothing more
+is kept for it: Z_g and Z_u, 2·M·I·element_size bytes, are what the first-order backward
+keeps anyway. Not while torch.compile traces (compiled code has no double backward). For
+forward mode, x, the weights, biases and Z's are kept only while a forward-mode transform is active.
 
 :class:`GateFunction` is the gating alone, A = f(Z_g) ⊙ Z_u from Z's computed elsewhere (GatedMLP's
 projections run as modules: hooks, adapters, quantized weights); it keeps Z_g and Z_u, as the layer does.
@@ -29,17 +33,27 @@ from torch import Tensor
 
 from . import gated_ops, gated_reference, ops
 from .activations import Activation
-from .function import _check_unchanged, _tangents, _version, forward_mode_active, transforms_active
+from .function import _check_unchanged, _tangents, _version, forward_mode_active
 
 _NONE = (None,) * 9  # one per forward argument
 
 
-def differentiable_backward(grad_a: Tensor, x: Tensor, gate_weight: Tensor, up_weight: Tensor,
-                            gate_bias: Optional[Tensor], up_bias: Optional[Tensor], activation: Activation, needs):
-    """The backward for create_graph=True: Z_g, Z_u recomputed from the inputs, then the same equations in
-    differentiable torch ops, so that the gradients depend on x and the parameters in the graph being built."""
-    z_gate, z_up = gated_reference.pre_activations(x, gate_weight, up_weight, gate_bias, up_bias)
-    delta_gate, delta_up = gated_reference.differentiable_deltas(grad_a, z_gate, z_up, activation)
+def differentiable_backward(grad_a: Optional[Tensor], x: Optional[Tensor], gate_weight: Tensor, up_weight: Tensor,
+                            gate_bias: Optional[Tensor], up_bias: Optional[Tensor], activation: Activation, needs,
+                            z_gate: Optional[Tensor] = None, z_up: Optional[Tensor] = None,
+                            grad_z_gate: Optional[Tensor] = None, grad_z_up: Optional[Tensor] = None):
+    """The backward for create_graph=True: the same equations in differentiable torch ops, so that the gradients
+    depend on x and the parameters in the graph being built. Z_g, Z_u [M, I] recomputed from the inputs, or, where
+    x was not kept (frozen weights), the layer's connected Z outputs (z_gate, z_up). grad_z_gate, grad_z_up:
+    ∂C/∂Z reaching those outputs (a double backward through δ), added to δ_g, δ_u; grad_a may then be None."""
+    if x is not None:
+        z_gate, z_up = gated_reference.pre_activations(x, gate_weight, up_weight, gate_bias, up_bias)
+    deltas = [grad_z_gate, grad_z_up]
+    if grad_a is not None:
+        formed = gated_reference.differentiable_deltas(grad_a, z_gate, z_up, activation)
+        deltas = [d if g is None else d + g for d, g in zip(formed, deltas)]
+    some = next(d for d in deltas if d is not None)
+    delta_gate, delta_up = (d if d is not None else torch.zeros_like(some) for d in deltas)
     return gated_reference.gated_backward(delta_gate, delta_up, x, gate_weight, up_weight, needs)
 
 
@@ -49,7 +63,7 @@ class GatedLinearFunction(torch.autograd.Function):
     ``GatedLinearFunction.apply(x, gate_weight, up_weight, gate_bias, up_bias, activation, recompute, backend,
     direct)``: x [M, K], weights [I, K], biases [I] or None, activation an Activation, backend 'triton' or
     'reference' (resolved), direct = ``ops.dispatch_free`` of the tensors -> (a [M, I], z_gate, z_up), the
-    Z's [M, I] ([0] with recompute) not differentiable.
+    Z's [M, I] ([0] with recompute) not differentiable, except where the weights are frozen (module docstring).
     """
 
     generate_vmap_rule = True
@@ -68,12 +82,17 @@ class GatedLinearFunction(torch.autograd.Function):
         x, gate_weight, up_weight, gate_bias, up_bias, activation, recompute, backend, direct = inputs
         _, z_gate, z_up = output
         needs = ctx.needs_input_grad[:5]
-        # Under torch.func every backward is differentiable (jacrev, hessian): keep x to recompute Z.
-        keep_x = recompute or needs[1] or needs[2] or (not direct and transforms_active())
+        # Under torch.func every backward is differentiable (jacrev, hessian): keep x to recompute Z. In forward
+        # mode x is kept for jvp anyway (save_for_forward): keeping it here too costs nothing.
+        keep_x = recompute or needs[1] or needs[2] or (not direct and forward_mode_active())
         biases = (gate_bias, up_bias) if recompute else (None, None)  # read again only to recompute Z
         kept_z = (None, None) if recompute else (z_gate, z_up)
         ctx.save_for_backward(x if keep_x else None, gate_weight, up_weight, *biases, *kept_z)
-        ctx.mark_non_differentiable(z_gate, z_up)
+        # No x to recompute Z from (frozen weights): the kept Z's are outputs connected to x and the biases by this
+        # node, so that a double backward differentiates δ through them (the module docstring).
+        ctx.z_connected = not keep_x and not torch.compiler.is_compiling()
+        if not ctx.z_connected:
+            ctx.mark_non_differentiable(z_gate, z_up)
         ctx.set_materialize_grads(False)  # as LinearFunction: no zeros built for the Z outputs' gradients
         ctx.activation, ctx.backend, ctx.direct, ctx.recompute = activation, backend, direct, recompute
         ctx.saved_unchanged = direct and ops.saved_unchanged()
@@ -85,23 +104,28 @@ class GatedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_a: Optional[Tensor], grad_z_gate: Optional[Tensor], grad_z_up: Optional[Tensor]):
-        if grad_a is None:  # no gradient reached A: every gradient is zero
+        # ∂C/∂Z reaches the kept Z's only where they are connected (a double backward through δ); elsewhere they
+        # are not differentiable and what arrives for them (zeros, when compiled) is not a gradient.
+        grad_zs = (grad_z_gate, grad_z_up) if ctx.z_connected else (None, None)
+        reaches_z = grad_zs[0] is not None or grad_zs[1] is not None
+        if grad_a is None and not reaches_z:  # no gradient reached A (nor Z): every gradient is zero
             return _NONE
         saved = ctx.saved_tensors
         x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up = saved
         needs = list(ctx.needs_input_grad[:5])
         needs[3] = needs[3] and ctx.biases[0] is not None
         needs[4] = needs[4] and ctx.biases[1] is not None
-        if torch.is_grad_enabled():
-            if x is None:
+        if torch.is_grad_enabled() or reaches_z:
+            if x is None and not ctx.z_connected:
                 raise RuntimeError(
-                    "double backward (create_graph=True) through a manualbp gated layer recomputes Z_g and Z_u "
-                    "from x, which the forward did not keep: neither weight required a gradient. Make a weight "
+                    "double backward (create_graph=True) through a manualbp gated layer whose forward torch.compile "
+                    "traced with frozen weights: Z_g, Z_u depend on x, which was not kept, and the kept Z's are not "
+                    "connected (compiled code has no double backward). Run the forward eagerly, make a weight "
                     "require grad, or use GatedMLP(recompute=True), which always keeps x.")
             gate_bias = _check_unchanged(ctx.biases[0], ctx.versions[0], "bias")
             up_bias = _check_unchanged(ctx.biases[1], ctx.versions[1], "bias")
             grads = differentiable_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, ctx.activation,
-                                            needs)
+                                            needs, z_gate, z_up, *grad_zs)
         else:
             # The forward's tensors were plain; the modes, G, and what saved-tensor hooks returned may not be.
             direct = ctx.direct and ops.dispatch_free((grad_a,) if ctx.saved_unchanged else (grad_a, *saved))

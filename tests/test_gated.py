@@ -323,16 +323,47 @@ def test_one_forward_and_one_backward_operator(backend):
     assert [name for name, _ in calls] == ["gated_forward", "gated_backward"], f"operators {calls}"
 
 
-def test_double_backward_without_a_kept_input_raises():
-    """Frozen weights: x is not kept, and a double backward (which recomputes Z from x) says so."""
-    x, gate_weight, up_weight, _, _, _ = tensors((3,), 4, 3, torch.float64)
-    x.requires_grad_(True)
-    out = gated_linear(x, gate_weight, up_weight)
-    with pytest.raises(RuntimeError, match="did not keep"):
-        torch.autograd.grad(out.sum(), x, create_graph=True)
-    recomputing = gated_linear(x, gate_weight, up_weight, recompute=True)
-    (first,) = torch.autograd.grad(recomputing.sum(), x, create_graph=True)
-    assert first.requires_grad, "recompute=True keeps x: double backward works"
+@pytest.mark.stacks
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("lead", [(7,), (2, 3), (0,)], ids=["2d", "3d", "empty"])
+def test_double_backward_with_frozen_weights(lead, activation, backend):
+    """Frozen weights keep no x; a double backward then differentiates δ_g, δ_u through the kept Z_g, Z_u (connected
+    outputs of the layer), giving the Llama MLP's first and second gradients for x and both biases, and keeps
+    nothing more than the first-order backward: Z_g and Z_u, 2·M·I·element_size bytes, beside the parameters."""
+    require(backend)
+    inputs = tensors(lead, 5, 4, torch.float64, seed=3)
+    x, gate_weight, up_weight, gate_bias, up_bias, grad_out = inputs
+
+    def second_order(fn):
+        leaf, biases = x.clone().requires_grad_(True), [b.clone().requires_grad_(True) for b in (gate_bias, up_bias)]
+        h = leaf * 1.0  # a non-leaf, as in a network
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn(h, gate_weight, up_weight, *biases)
+        wrt = [leaf, *biases]
+        first = torch.autograd.grad(out, wrt, grad_out, create_graph=True)
+        loss = sum((g * g.detach().sin()).sum() + (g ** 2).sum() for g in first)
+        second = torch.autograd.grad(loss, wrt, allow_unused=True)
+        second = [torch.zeros_like(t) if g is None else g for g in second]
+        return [g.detach() for g in first], second, saved
+
+    ours_first, ours_second, saved = second_order(
+        lambda *t: gated_linear(*t, activation=activation, backend=backend))
+    their_first, their_second, _ = second_order(lambda h, wg, wu, bg, bu: torch_gated(h, wg, wu, bg, bu, activation))
+    for order, (ours, theirs) in enumerate(((ours_first, their_first), (ours_second, their_second)), start=1):
+        for name, o, t in zip(("x", "gate_bias", "up_bias"), ours, theirs):
+            torch.testing.assert_close(o, t, rtol=1e-10, atol=1e-12,
+                                       msg=lambda m: f"order {order} d{name} [{activation}, {backend}, {lead}]: {m}")
+    activations = [t for t in saved if t is not gate_weight and t is not up_weight]
+    rows = x.numel() // x.shape[-1]
+    assert sorted(tuple(t.shape) for t in activations) == [(rows, 4), (rows, 4)], \
+        f"kept beside the weights: Z_g and Z_u only, {[tuple(t.shape) for t in activations]}"
 
 
 # --------------------------------------------------------------------------------------

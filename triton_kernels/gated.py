@@ -25,18 +25,26 @@ float32 (float64 for float64 data); for float32 and float64 data the roundings a
 f and f' are the dense kernels' (``triton_kernels/activations.py``), the matmul step
 ``dense._tile_dot``, the tile order ``dense._tile_position``.
 
-Tiles are fixed, not autotuned: the dense layer's interpreter and float64 tiles (its
-``_fixed_config``), and on a GPU one untuned tile (_GPU_CONFIG), whose speed has not been measured.
+Every launch goes through a launch plan (``launch.run``; roles "gated_forward", "gated_grad_x",
+"gated_grad_weight", "gated_gate", "gated_tangent"): a warm call is key, lookup, launch. The matmul kernels
+name their tiles as a matmul's (output [BLOCK_M, BLOCK_N], K step BLOCK_K along the contracted dimension,
+whichever that is), so one config means one tile in every role. On a GPU they autotune per M/N/K bucket among
+:func:`matmul_configs`, spill-free tiles chosen from the offline sm_90 compile report
+(benchmarks/compile_report_gated.py), pruned by shared memory; the interpreter and float64 keep the dense
+layer's fixed tiles (``dense._fixed_config``). Speed on a GPU: not measured yet.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 import triton
 import triton.language as tl
 
 from . import activations as act
-from . import dense, jvp
+from . import dense, jvp, launch
 
 # --------------------------------------------------------------------------------------
 # Shared parts
@@ -108,6 +116,7 @@ def _gated_forward_kernel(
     a_ptr,  # A [M, N]; written with WRITE_A
     z_gate_ptr, z_up_ptr,  # Z_g, Z_u [M, N]; written with WRITE_Z
     M, N, K,
+    tune_m, tune_n, tune_k,  # M, N, K rounded up to the autotuner's buckets (dense._tuning_bucket): its key, not read
     stride_xm, stride_xk, stride_gwn, stride_gwk, stride_uwn, stride_uwk, stride_gb, stride_ub,
     stride_am, stride_an, stride_zgm, stride_zgn, stride_zum, stride_zun,
     HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
@@ -117,6 +126,7 @@ def _gated_forward_kernel(
     WRITE_Z: tl.constexpr,
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,  # the epilogue works on this many column slices of the tile (1, 2, 4 or 8)
 ):
     pid_m, pid_n = dense._tile_position(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -141,9 +151,30 @@ def _gated_forward_kernel(
         x_ptrs += BLOCK_K * stride_xk
         gate_ptrs += BLOCK_K * stride_gwk
         up_ptrs += BLOCK_K * stride_uwk
-    # Epilogue: Z = acc + b, rounded to the data dtype as stored (the backward reads the stored Z), A = f(Z_g) ⊙ Z_u.
-    dtype: tl.constexpr = x_ptr.dtype.element_ty
-    mask = mask_m[:, None] & mask_n[None, :]
+    # The epilogue in EPILOGUE_SPLIT column slices, one after the other (as the dense forward's): the gating of
+    # two whole large tiles at once, beside both accumulators, would spill registers.
+    slice_n: tl.constexpr = BLOCK_N // EPILOGUE_SPLIT
+    gate_parts = dense._column_slices(acc_gate, EPILOGUE_SPLIT)
+    up_parts = dense._column_slices(acc_up, EPILOGUE_SPLIT)
+    for i in tl.static_range(EPILOGUE_SPLIT):
+        part_n = pid_n.to(tl.int64) * BLOCK_N + i * slice_n + tl.arange(0, slice_n)
+        _gated_epilogue(gate_parts[i], up_parts[i], offs_m, part_n, M, N, gate_bias_ptr, up_bias_ptr, stride_gb,
+                        stride_ub, a_ptr, stride_am, stride_an, z_gate_ptr, stride_zgm, stride_zgn, z_up_ptr,
+                        stride_zum, stride_zun, HAS_GATE_BIAS, HAS_UP_BIAS, ACTIVATION, NEGATIVE_SLOPE, WRITE_A,
+                        WRITE_Z, ACC_FP64)
+
+
+@triton.jit
+def _gated_epilogue(acc_gate, acc_up, offs_m, offs_n, M, N, gate_bias_ptr, up_bias_ptr, stride_gb, stride_ub,
+                    a_ptr, stride_am, stride_an, z_gate_ptr, stride_zgm, stride_zgn, z_up_ptr, stride_zum,
+                    stride_zun, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                    NEGATIVE_SLOPE: tl.constexpr, WRITE_A: tl.constexpr, WRITE_Z: tl.constexpr,
+                    ACC_FP64: tl.constexpr):
+    """The forward on acc_gate = X W_gᵀ, acc_up = X W_uᵀ for rows offs_m, columns offs_n: Z = acc + b, rounded to
+    the data dtype as stored (the backward reads the stored Z), A = f(Z_g) ⊙ Z_u."""
+    dtype: tl.constexpr = a_ptr.dtype.element_ty
+    mask_n = offs_n < N
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
     if HAS_GATE_BIAS:
         acc_gate += tl.load(gate_bias_ptr + offs_n * stride_gb, mask=mask_n, other=0.0)[None, :].to(acc_gate.dtype)
     if HAS_UP_BIAS:
@@ -164,24 +195,27 @@ def _gated_grad_x_kernel(
     gate_weight_ptr, up_weight_ptr,  # W_g, W_u [N, K]
     out_ptr,  # ∂C/∂X [M, K]
     M, N, K,
+    tune_m, tune_n, tune_k,  # the autotuner's key (_gated_forward_kernel), not read
     stride_gm, stride_gn, stride_zgm, stride_zgn, stride_zum, stride_zun,
     stride_gwn, stride_gwk, stride_uwn, stride_uwk, stride_om, stride_ok,
     ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # ∂C/∂X = δ_g W_g + δ_u W_u: output tile [BLOCK_M, BLOCK_K], both products in one accumulator over N.
-    pid_m, pid_k = dense._tile_position(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    # ∂C/∂X = δ_g W_g + δ_u W_u, both products in one accumulator over N. Tiles named as a matmul's (the launch
+    # plan's and the autotune configs' names): the output tile [BLOCK_M, BLOCK_N] spans M x K, the loop steps
+    # BLOCK_K along the contracted N.
+    pid_m, pid_k = dense._tile_position(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_k = pid_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_K).to(tl.int64)
     mask_m, mask_k = offs_m < M, offs_k < K
     if ACC_FP64:
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float64)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n in range(0, tl.cdiv(N, BLOCK_N)):
-        cols = n * BLOCK_N + offs_n
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for n in range(0, tl.cdiv(N, BLOCK_K)):
+        cols = n * BLOCK_K + offs_n
         mask_rows = mask_m[:, None] & (cols < N)[None, :]
         delta_gate, delta_up = _load_deltas(grad_a_ptr, z_gate_ptr, z_up_ptr, offs_m, cols, stride_gm, stride_gn,
                                             stride_zgm, stride_zgn, stride_zum, stride_zun, mask_rows,
@@ -204,30 +238,33 @@ def _gated_grad_weight_kernel(
     gate_out_ptr, up_out_ptr,  # ∂C/∂W_g, ∂C/∂W_u [N, K]
     gate_bias_out_ptr, up_bias_out_ptr,  # ∂C/∂b_g, ∂C/∂b_u [N] (compute dtype), by the first column of tiles
     M, N, K,
+    tune_m, tune_n, tune_k,  # the autotuner's key (_gated_forward_kernel), not read
     stride_gm, stride_gn, stride_zgm, stride_zgn, stride_zum, stride_zun, stride_xm, stride_xk,
     stride_gon, stride_gok, stride_uon, stride_uok,
     ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
     WANT_GATE_WEIGHT: tl.constexpr, WANT_UP_WEIGHT: tl.constexpr,
     WANT_GATE_BIAS: tl.constexpr, WANT_UP_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Output tiles [BLOCK_N, BLOCK_K] of δ_gᵀ X and δ_uᵀ X, summed over M; δᵀ formed as the Gᵀ, Zᵀ tiles load.
-    pid_n, pid_k = dense._tile_position(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    # Output tiles of δ_gᵀ X and δ_uᵀ X, summed over M; δᵀ formed as the Gᵀ, Zᵀ tiles load. Tiles named as a
+    # matmul's (_gated_grad_x_kernel): the output tile [BLOCK_M, BLOCK_N] spans N x K, the loop steps BLOCK_K
+    # along the contracted M (so ∂C/∂b's sums, in steps of BLOCK_K, depend on it).
+    pid_n, pid_k = dense._tile_position(tl.program_id(0), N, K, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_K).to(tl.int64)
     mask_n, mask_k = offs_n < N, offs_k < K
     if ACC_FP64:
-        acc_gate = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float64)
-        sums_gate = tl.zeros((BLOCK_N,), dtype=tl.float64)
+        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+        sums_gate = tl.zeros((BLOCK_M,), dtype=tl.float64)
     else:
-        acc_gate = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        sums_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        sums_gate = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_up = tl.zeros_like(acc_gate)
     sums_up = tl.zeros_like(sums_gate)
-    for m in range(0, tl.cdiv(M, BLOCK_M)):
-        rows = m * BLOCK_M + offs_m
+    for m in range(0, tl.cdiv(M, BLOCK_K)):
+        rows = m * BLOCK_K + offs_m
         mask_t = mask_n[:, None] & (rows < M)[None, :]
         delta_gate_t, delta_up_t = _load_deltas(grad_a_ptr, z_gate_ptr, z_up_ptr, offs_n, rows, stride_gn,
                                                 stride_gm, stride_zgn, stride_zgm, stride_zun, stride_zum, mask_t,
@@ -326,24 +363,139 @@ def _gated_tangent_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------
 
-# One untuned GPU tile (two accumulators of [BLOCK_M, BLOCK_N]); not measured on a GPU.
-_GPU_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}
-_GPU_LAUNCH = {"num_warps": 4, "num_stages": 3}
 _ELEMENTWISE_BLOCK = {"BLOCK_M": 32, "BLOCK_N": 32}
 
 
-def _tiles(dtype: torch.dtype, device: torch.device):
-    """(use_dot, tile, launch options) for data of this dtype: the dense layer's fixed tiles where it has them."""
+def matmul_configs(role: str, element_size: int) -> list:
+    """The tiles the GPU autotuner tries for one gated matmul kernel (role: "gated_forward", "gated_grad_x",
+    "gated_grad_weight") on data of this element size (2: float16, bfloat16; 4: float32), in the matmul's names:
+    output tile [BLOCK_M, BLOCK_N], K step BLOCK_K; the forward's EPILOGUE_SPLIT column slices of its epilogue.
+
+    Chosen with benchmarks/compile_report_gated.py (sm_90, Triton 3.9; compiler figures, not timings;
+    docs/compile-report.md): none spills at any activation, and 16-bit data's have wgmma in their main loops.
+    The first is the tile of an untuned GPU launch (autotune off).
+    """
+    c = triton.Config
+    split = role == "gated_forward"  # EPILOGUE_SPLIT: the forward's column slices of the gating epilogue
+    return [c(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, **(dict(EPILOGUE_SPLIT=e) if split else {})),
+              num_warps=w, num_stages=st) for m, n, k, w, st, e in _CONFIGS[role][element_size]]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, EPILOGUE_SPLIT or None) per role and element size: matmul_configs.
+# From the sweep of benchmarks/compile_report_gated.py (sm_90, bf16, silu / gelu / gelu_tanh with biases):
+# - forward: two [BLOCK_M, BLOCK_N] float32 accumulators; the gating of a whole 128x128 tile spilled 56-104 bytes
+#   (gelu, gelu_tanh), in 2-4 column slices none; 256x128 and 128x256 tiles spill over a kilobyte at any split.
+# - ∂C/∂X: one accumulator, δ_g and δ_u formed from three loaded tiles as wgmma's register operands: K steps of 32
+#   (64 spilled 12-420 bytes at 128x128, 64x128 and 128x64 tiles).
+# - ∂C/∂W: two accumulators and the δᵀ tiles, plus both bias sums: 128x128x32 spilled 4 bytes (gelu_tanh with
+#   ∂C/∂b), 64-wide K steps at 128x64 and 64x128 36-40; 64-row tiles in 8 warps and 128x128x16 none.
+# float32 (IEEE: FMA loops, K steps of 16; --dtype fp32): the forward's 64x64 and 64x128 tiles in 4 warps spilled
+# 16-968 bytes, 128x128 in 8 warps 8-1288; ∂C/∂W's 64x64 in 8 warps 12, 128x128 16 (with ∂C/∂b). Rows of 64 at
+# least: with TF32 products (--dtype tf32) 32-row tiles compile to mma.sync, not wgmma (the forward's spilled 4).
+_CONFIGS = {
+    "gated_forward": {
+        2: [(128, 128, 64, 8, 3, 4), (64, 256, 64, 8, 3, 4), (128, 128, 32, 8, 4, 2), (64, 128, 64, 4, 4, 4),
+            (64, 64, 64, 4, 4, 1)],
+        4: [(64, 128, 16, 8, 3, 1), (128, 64, 16, 8, 3, 1), (64, 64, 16, 8, 3, 1)],
+    },
+    "gated_grad_x": {
+        2: [(128, 128, 32, 8, 4, None), (128, 256, 32, 8, 3, None), (64, 128, 32, 4, 4, None),
+            (128, 64, 32, 4, 4, None), (64, 64, 64, 4, 4, None)],
+        4: [(128, 128, 16, 8, 3, None), (64, 128, 16, 8, 3, None), (128, 64, 16, 8, 3, None),
+            (64, 64, 16, 4, 3, None)],
+    },
+    "gated_grad_weight": {
+        2: [(128, 128, 16, 8, 4, None), (64, 256, 32, 8, 4, None), (64, 128, 32, 8, 4, None),
+            (64, 64, 32, 4, 4, None)],
+        4: [(64, 128, 16, 8, 3, None), (128, 64, 16, 8, 3, None), (64, 64, 16, 4, 3, None)],
+    },
+}
+# Operand tiles each role pipelines per K step: [BLOCK_M, BLOCK_K] ones (X; G, Z_g, Z_u) and [BLOCK_K, BLOCK_N]
+# ones (the weights; X), for the shared-memory budget of _prune_configs.
+_OPERAND_TILES = {"gated_forward": (1, 2), "gated_grad_x": (3, 2), "gated_grad_weight": (3, 1)}
+
+
+def _prune_configs(role: str, configs, named_args, **kwargs):
+    """A role's configs whose pipelined operand tiles fit in the GPU's shared memory; the last where none fits."""
+    x = next(a for a in named_args.values() if isinstance(a, torch.Tensor))  # the first operand: the data's dtype
+    budget = dense._shared_memory_bytes(x.device.index or 0)
+    kept = [cfg for cfg in configs if dense._pipelined_bytes(cfg, x.element_size(), *_OPERAND_TILES[role]) <= budget]
+    return kept or configs[-1:]
+
+
+_KERNELS = {"gated_forward": "_gated_forward_kernel", "gated_grad_x": "_gated_grad_x_kernel",
+            "gated_grad_weight": "_gated_grad_weight_kernel"}
+# The autotuners' keys: the sizes by bucket and every flag that changes a kernel's work; Triton adds the dtypes.
+_TUNING_KEYS = {
+    "gated_forward": ["tune_m", "tune_n", "tune_k", "HAS_GATE_BIAS", "HAS_UP_BIAS", "ACTIVATION", "WRITE_A",
+                      "WRITE_Z", "INPUT_PRECISION"],
+    "gated_grad_x": ["tune_m", "tune_n", "tune_k", "ACTIVATION", "INPUT_PRECISION"],
+    "gated_grad_weight": ["tune_m", "tune_n", "tune_k", "ACTIVATION", "WANT_GATE_WEIGHT", "WANT_UP_WEIGHT",
+                          "WANT_GATE_BIAS", "WANT_UP_BIAS", "INPUT_PRECISION"],
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(role: str, element_size: int):
+    # Built on first use, never at import (dense._autotuned_matmul: some Triton releases query the driver here).
+    options = {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        options["cache_results"] = True  # keep the winners on disk across processes (Triton >= 3.2)
+    return triton.autotune(configs=matmul_configs(role, element_size), key=_TUNING_KEYS[role],
+                           prune_configs_by={"early_config_prune": functools.partial(_prune_configs, role)},
+                           **options)(globals()[_KERNELS[role]])
+
+
+def _fixed_tile(role: str, dtype: torch.dtype, use_dot: bool):
+    """(tile, launch options) where no autotuning happens, or None where the GPU autotuner picks: the dense
+    layer's interpreter and float64 tiles; on a GPU with autotune off, the role's first config for the dtype."""
     fp64 = dtype == torch.float64
-    use_dot = (not fp64) or dense.fp64_dot_supported(device)
-    fixed = dense._fixed_config(fp64, use_dot)
-    tile, launch = fixed if fixed is not None else (_GPU_CONFIG, _GPU_LAUNCH)
-    return use_dot, {name: tile[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}, launch
+    if fp64 or not use_dot or dense.is_interpreted():
+        dense_tile, launch_options = dense._fixed_config(fp64, use_dot)
+        tile = {name: dense_tile[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        if role == "gated_forward":
+            tile["EPILOGUE_SPLIT"] = dense_tile.get("EPILOGUE_SPLIT", 1)
+        return tile, launch_options
+    if dense.autotune_enabled():
+        return None
+    config = matmul_configs(role, dtype.itemsize)[0]
+    return dict(config.kwargs), dict(num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _precision(t: torch.Tensor, use_dot: bool) -> dict:
-    return dict(USE_DOT=use_dot, INPUT_PRECISION=dense._input_precision(t.dtype, t.device),
-                ACC_FP64=t.dtype == torch.float64, **dense.COMPILE_OPTIONS)
+def _launch_matmul(role: str, options: tuple, args: tuple, rows: int, columns: int, flags: dict,
+                   like: torch.Tensor, use_dot: bool) -> None:
+    """One launch of a gated matmul kernel through its plan (launch.run): output [rows, columns] in tiles of
+    [BLOCK_M, BLOCK_N]; flags, the kernel's constexprs but the tile. A warm call: key, lookup, launch."""
+
+    def make():
+        constexprs = dict(flags, USE_DOT=use_dot, INPUT_PRECISION=dense._input_precision(like.dtype, like.device),
+                          ACC_FP64=like.dtype == torch.float64, **dense.COMPILE_OPTIONS)
+        common = dict(interpreted=dense.is_interpreted(), compiled_ok=dense._inline_ptx(like.device),
+                      device_index=like.device.index)
+        fixed = _fixed_tile(role, like.dtype, use_dot)
+        if fixed is None:
+            def grid(meta):
+                return (dense._cdiv(rows, meta["BLOCK_M"]) * dense._cdiv(columns, meta["BLOCK_N"]),)
+
+            tuner = _autotuned(role, like.element_size())
+            return dict(fn=tuner.fn, tuner=tuner, constexprs=constexprs, grid=grid, **common)
+        tile, launch_options = fixed
+        grid = (dense._cdiv(rows, tile["BLOCK_M"]) * dense._cdiv(columns, tile["BLOCK_N"]),)
+        return dict(fn=globals()[_KERNELS[role]], constexprs={**constexprs, **tile, **launch_options}, grid=grid,
+                    **common)
+
+    tf32 = like.dtype is torch.float32 and like.is_cuda and dense.tf32_allowed()  # INPUT_PRECISION
+    settings = (use_dot, dense.autotune_enabled(), tf32)
+    with dense._device_guard(like):
+        launch.run(role, options + settings, args, rows, columns, make)
+
+
+def _buckets(*sizes: int) -> tuple:
+    return tuple(dense._tuning_bucket(size) for size in sizes)
+
+
+def _use_dot(dtype: torch.dtype, device: torch.device) -> bool:
+    return dtype != torch.float64 or dense.fp64_dot_supported(device)
 
 
 def _forward(x, gate_weight, up_weight, gate_bias, up_bias, act_id, negative_slope, write_a: bool, write_z: bool):
@@ -355,19 +507,16 @@ def _forward(x, gate_weight, up_weight, gate_bias, up_bias, act_id, negative_slo
     if out.numel() == 0:
         return a, z_gate, z_up
     z_gate_or, z_up_or = (z if z is not None else out for z in (z_gate, z_up))
-    use_dot, tile, launch = _tiles(x.dtype, x.device)
-    grid = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"]),)
-    with dense._device_guard(x):
-        _gated_forward_kernel[grid](
-            x, gate_weight, up_weight, gate_bias if gate_bias is not None else out,
-            up_bias if up_bias is not None else out, out, z_gate_or, z_up_or, M, N, K,
+    buckets = _buckets(M, N, K)
+    args = (x, gate_weight, up_weight, gate_bias if gate_bias is not None else out,
+            up_bias if up_bias is not None else out, out, z_gate_or, z_up_or, M, N, K, *buckets,
             x.stride(0), x.stride(1), gate_weight.stride(0), gate_weight.stride(1), up_weight.stride(0),
             up_weight.stride(1), gate_bias.stride(0) if gate_bias is not None else 0,
             up_bias.stride(0) if up_bias is not None else 0, out.stride(0), out.stride(1),
-            z_gate_or.stride(0), z_gate_or.stride(1), z_up_or.stride(0), z_up_or.stride(1),
-            HAS_GATE_BIAS=gate_bias is not None, HAS_UP_BIAS=up_bias is not None, ACTIVATION=act_id,
-            NEGATIVE_SLOPE=negative_slope, WRITE_A=write_a, WRITE_Z=write_z, **_precision(x, use_dot), **tile,
-            **launch)
+            z_gate_or.stride(0), z_gate_or.stride(1), z_up_or.stride(0), z_up_or.stride(1))
+    flags = dict(HAS_GATE_BIAS=gate_bias is not None, HAS_UP_BIAS=up_bias is not None, ACTIVATION=act_id,
+                 NEGATIVE_SLOPE=negative_slope, WRITE_A=write_a, WRITE_Z=write_z)
+    _launch_matmul("gated_forward", (*flags.values(), buckets), args, M, N, flags, x, _use_dot(x.dtype, x.device))
     return a, z_gate, z_up
 
 
@@ -396,22 +545,19 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
     M, N = grad_a.shape
     K = gate_weight.shape[1]
     dtype, device = grad_a.dtype, grad_a.device
-    use_dot, tile, launch = _tiles(dtype, device)
-    common = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, **_precision(grad_a, use_dot), **launch)
+    use_dot = _use_dot(dtype, device)
+    activation = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope)
     grad_x = torch.empty((M, K), dtype=dtype, device=device) if needs_x else None
     if grad_x is not None and grad_x.numel() > 0:
         if N == 0:
             grad_x.zero_()
         else:
-            grid = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(K, tile["BLOCK_N"]),)
-            with dense._device_guard(grad_a):
-                _gated_grad_x_kernel[grid](
-                    grad_a, z_gate, z_up, gate_weight, up_weight, grad_x, M, N, K,
+            buckets = _buckets(M, K, N)  # rows, columns, contracted
+            args = (grad_a, z_gate, z_up, gate_weight, up_weight, grad_x, M, N, K, *buckets,
                     grad_a.stride(0), grad_a.stride(1), z_gate.stride(0), z_gate.stride(1), z_up.stride(0),
                     z_up.stride(1), gate_weight.stride(0), gate_weight.stride(1), up_weight.stride(0),
-                    up_weight.stride(1), grad_x.stride(0), grad_x.stride(1),
-                    BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_K"], BLOCK_K=tile["BLOCK_N"], GROUP_M=tile["GROUP_M"],
-                    **common)
+                    up_weight.stride(1), grad_x.stride(0), grad_x.stride(1))
+            _launch_matmul("gated_grad_x", (act_id, negative_slope, buckets), args, M, K, activation, grad_a, use_dot)
     wants = (needs_gate_weight, needs_up_weight, needs_gate_bias, needs_up_bias)
     grads = [torch.zeros((N, K), dtype=dtype, device=device) if want else None for want in wants[:2]]
     sum_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -422,16 +568,14 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
         columns = K if weight_grads else 1  # biases alone: one column of tiles, no product
         outs = [t if t is not None else grad_a for t in (*grads, *sums)]
         source = x if weight_grads else grad_a
-        grid = (triton.cdiv(N, tile["BLOCK_M"]) * triton.cdiv(columns, tile["BLOCK_N"]),)
-        with dense._device_guard(grad_a):
-            _gated_grad_weight_kernel[grid](
-                grad_a, z_gate, z_up, source, *outs, M, N, columns,
+        buckets = _buckets(N, columns, M)
+        args = (grad_a, z_gate, z_up, source, *outs, M, N, columns, *buckets,
                 grad_a.stride(0), grad_a.stride(1), z_gate.stride(0), z_gate.stride(1), z_up.stride(0),
                 z_up.stride(1), source.stride(0), source.stride(1), outs[0].stride(0), outs[0].stride(-1),
-                outs[1].stride(0), outs[1].stride(-1),
-                WANT_GATE_WEIGHT=want_weights[0], WANT_UP_WEIGHT=want_weights[1], WANT_GATE_BIAS=needs_gate_bias,
-                WANT_UP_BIAS=needs_up_bias, BLOCK_N=tile["BLOCK_M"], BLOCK_K=tile["BLOCK_N"],
-                BLOCK_M=tile["BLOCK_K"], GROUP_M=tile["GROUP_M"], **common)
+                outs[1].stride(0), outs[1].stride(-1))
+        flags = dict(activation, WANT_GATE_WEIGHT=want_weights[0], WANT_UP_WEIGHT=want_weights[1],
+                     WANT_GATE_BIAS=needs_gate_bias, WANT_UP_BIAS=needs_up_bias)
+        _launch_matmul("gated_grad_weight", (*flags.values(), buckets), args, N, columns, flags, grad_a, use_dot)
     grad_biases = [None if s is None else s.to(dtype) for s in sums]
     return grad_x, grads[0], grads[1], grad_biases[0], grad_biases[1]
 
@@ -461,14 +605,24 @@ def gate_jvp(z_gate, z_up, tangent_gate, tangent_up, act_id: int, negative_slope
         return out
     tg = tangent_gate if tangent_gate is not None else out
     tu = tangent_up if tangent_up is not None else out
-    grid = (triton.cdiv(M, _ELEMENTWISE_BLOCK["BLOCK_M"]), triton.cdiv(N, _ELEMENTWISE_BLOCK["BLOCK_N"]))
-    with dense._device_guard(out):
-        _gated_tangent_kernel[grid](
-            z_gate, z_up, tg, tu, out, M, N, z_gate.stride(0), z_gate.stride(1), z_up.stride(0), z_up.stride(1),
-            tg.stride(0), tg.stride(1), tu.stride(0), tu.stride(1), out.stride(0), out.stride(1),
-            HAS_TANGENT_GATE=tangent_gate is not None, HAS_TANGENT_UP=tangent_up is not None, ACTIVATION=act_id,
-            NEGATIVE_SLOPE=negative_slope, ACC_FP64=out.dtype == torch.float64, **_ELEMENTWISE_BLOCK)
+    args = (z_gate, z_up, tg, tu, out, M, N, z_gate.stride(0), z_gate.stride(1), z_up.stride(0), z_up.stride(1),
+            tg.stride(0), tg.stride(1), tu.stride(0), tu.stride(1), out.stride(0), out.stride(1))
+    flags = dict(HAS_TANGENT_GATE=tangent_gate is not None, HAS_TANGENT_UP=tangent_up is not None,
+                 ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope)
+    _launch_elementwise("gated_tangent", _gated_tangent_kernel, flags, args, out)
     return out
+
+
+def _launch_elementwise(role: str, kernel, flags: dict, args: tuple, out: torch.Tensor) -> None:
+    """One launch of an elementwise gated kernel over out [M, N] through its plan (launch.run): one fixed block."""
+    M, N = out.shape
+
+    def make():
+        constexprs = dict(flags, ACC_FP64=out.dtype == torch.float64, **_ELEMENTWISE_BLOCK, **dense.COMPILE_OPTIONS)
+        return dense._elementwise_plan(kernel, constexprs, M, N, out.device)
+
+    with dense._device_guard(out):
+        launch.run(role, tuple(flags.values()), args, M, N, make)
 
 
 def _launch_gate(z_gate, z_up, grad_a, act_id: int, negative_slope: float):
@@ -478,13 +632,11 @@ def _launch_gate(z_gate, z_up, grad_a, act_id: int, negative_slope: float):
     if M * N > 0:
         g = grad_a if grad_a is not None else z_gate
         last = outs[-1]
-        grid = (triton.cdiv(M, _ELEMENTWISE_BLOCK["BLOCK_M"]), triton.cdiv(N, _ELEMENTWISE_BLOCK["BLOCK_N"]))
-        with dense._device_guard(z_gate):
-            _gate_kernel[grid](
-                z_gate, z_up, g, outs[0], last, M, N, z_gate.stride(0), z_gate.stride(1), z_up.stride(0),
+        args = (z_gate, z_up, g, outs[0], last, M, N, z_gate.stride(0), z_gate.stride(1), z_up.stride(0),
                 z_up.stride(1), g.stride(0), g.stride(1), outs[0].stride(0), outs[0].stride(1), last.stride(0),
-                last.stride(1), BACKWARD=grad_a is not None, ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope,
-                ACC_FP64=z_gate.dtype == torch.float64, **_ELEMENTWISE_BLOCK)
+                last.stride(1))
+        flags = dict(BACKWARD=grad_a is not None, ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope)
+        _launch_elementwise("gated_gate", _gate_kernel, flags, args, outs[0])
     return outs[0] if grad_a is None else tuple(outs)
 
 

@@ -1,0 +1,270 @@
+"""The gated layer's kernels on their own: every autotune config of each matmul role, the pruning and the fixed
+tiles, and the launch plans (a second call reuses them; the autotuned path tunes once per key).
+
+On the CPU the kernels run in Triton's interpreter through the same launchers and plans as on a GPU; a config's
+tile is forced on one role by the launchers' own fixed-tile rule (gated._fixed_tile), so each config runs the
+kernel exactly as a launch the autotuner chose it for would.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import manualbp
+from manualbp import backends
+
+from checks import assert_close_to_float64, torch_activation
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def require_triton(dtype=torch.float32):
+    reason = backends.triton_unavailable_reason(DEVICE, dtype)
+    if reason is not None:
+        pytest.skip(f"triton backend unavailable: {reason}")
+
+
+def _modules():
+    backends.kernels()  # Triton's import error, if any, raised as the dense layer raises it
+    from manualbp.triton_kernels import dense, gated, launch
+
+    return dense, gated, launch
+
+
+ROLES = ("gated_forward", "gated_grad_x", "gated_grad_weight")
+
+
+def _config_id(role, cfg):
+    k = cfg.kwargs
+    split = f"-e{k['EPILOGUE_SPLIT']}" if "EPILOGUE_SPLIT" in k else ""
+    return f"{role}-{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-s{cfg.num_stages}-w{cfg.num_warps}{split}"
+
+
+def _every_config():
+    try:
+        _, gated, _ = _modules()
+    except Exception as error:  # noqa: BLE001 - no Triton: one skipped case, saying why
+        return [pytest.param(None, None, marks=pytest.mark.skip(reason=f"no triton kernels: {error}"))]
+    return [pytest.param(role, cfg, id=f"{_config_id(role, cfg)}-{8 * size}bit") for role in ROLES for size in (2, 4)
+            for cfg in gated.matmul_configs(role, size)]
+
+
+def _inputs(M, K, N, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype)
+
+    return (draw(M, K), draw(N, K, scale=K ** -0.5), draw(N, K, scale=K ** -0.5), draw(N), draw(N), draw(M, N))
+
+
+def _eager(x, gate_weight, up_weight, gate_bias, up_bias, grad_a, activation):
+    """(A, Z_g, Z_u, ∂C/∂X, ∂C/∂W_g, ∂C/∂W_u, ∂C/∂b_g, ∂C/∂b_u) by PyTorch's autograd in the inputs' dtype."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, gate_weight, up_weight, gate_bias, up_bias)]
+    z_gate = nn.functional.linear(leaves[0], leaves[1], leaves[3])
+    z_up = nn.functional.linear(leaves[0], leaves[2], leaves[4])
+    a = torch_activation(activation, z_gate) * z_up
+    a.backward(grad_a)
+    return [a.detach(), z_gate.detach(), z_up.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("role, config", _every_config())
+def test_every_autotune_config_is_correct(role, config, monkeypatch):
+    """Each config of each role on its own (not just the autotuner's winner), forced on that role's launches:
+    the forward's A, Z_g, Z_u; ∂C/∂X; ∂C/∂W_g, ∂C/∂W_u and both bias sums, against float64, within twice PyTorch's
+    own float32 error. Sizes span several tiles and K steps of every config and divide none of them."""
+    require_triton()
+    dense, gated, launch = _modules()
+    tile = dict(config.kwargs)
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    fixed = gated._fixed_tile
+    monkeypatch.setattr(gated, "_fixed_tile", lambda r, dtype, use_dot: (dict(tile), dict(options)) if r == role
+                        else fixed(r, dtype, use_dot))
+    M, K, N = 150, 140, 270  # rows, hidden (K), intermediate (N = I): over 2 steps of BLOCK_K = 64 each way
+    activation = "gelu_tanh" if role == "gated_grad_x" else "silu"
+    act = manualbp.get_activation(activation)
+    inputs = _inputs(M, K, N, torch.float32)
+    x, gate_weight, up_weight, gate_bias, up_bias, grad_a = inputs
+    a, z_gate, z_up = gated.gated_forward(x, gate_weight, up_weight, gate_bias, up_bias, act.kernel_id, 0.0, True)
+    grads = gated.gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, act.kernel_id,
+                                 0.0, (True,) * 5)
+    (plan,) = [plan for plan in launch.PLANS.values() if plan.role == role]
+    assert {name: plan.constexprs[name] for name in tile} == tile, f"{role}: launched with {plan.constexprs}"
+    theirs = _eager(*inputs, activation)
+    exact = _eager(*(t.double() for t in inputs), activation)
+    names = ("A", "Z_g", "Z_u", "dC/dX", "dC/dW_g", "dC/dW_u", "dC/db_g", "dC/db_u")
+    for name, ours, their, exact_ in zip(names, (a, z_gate, z_up, *grads), theirs, exact):
+        assert_close_to_float64(f"{_config_id(role, config)} {name}", ours, their, exact_)
+
+
+def test_a_second_call_reuses_the_plans(monkeypatch):
+    """A GatedMLP step builds one plan per launch (the forward, ∂C/∂X, ∂C/∂W; the gating alone where a hook runs
+    the projections as modules; the tangent kernel of forward AD); the same calls again build none (no tuning, no
+    compiling: build() is where both happen), launch through the plans they found and give the same bits."""
+    require_triton()
+    _, _, launch = _modules()
+    torch.manual_seed(0)
+    fused = manualbp.GatedMLP(24, 40, "silu", bias=True, backend="triton").to(DEVICE)
+    hooked = manualbp.GatedMLP(24, 40, "gelu", backend="triton").to(DEVICE)
+    hooked.gate_proj.register_forward_hook(lambda module, args, out: out)  # the projections as modules
+    x, grad = torch.randn(37, 24, device=DEVICE), torch.randn(37, 24, device=DEVICE)
+    tangent = torch.randn(37, 24, device=DEVICE)
+
+    def step():
+        outs = []
+        for model in (fused, hooked):
+            model.zero_grad(set_to_none=True)
+            leaf = x.clone().requires_grad_(True)
+            out = model(leaf)
+            out.backward(grad)
+            outs += [out.detach(), leaf.grad] + [p.grad for p in model.parameters()]
+        with torch.autograd.forward_ad.dual_level():
+            outs.append(torch.autograd.forward_ad.unpack_dual(fused(torch.autograd.forward_ad.make_dual(
+                x, tangent))).tangent)
+        return outs
+
+    first = step()
+    plans = dict(launch.PLANS)
+    roles = {plan.role for plan in plans.values()}
+    assert {"gated_forward", "gated_grad_x", "gated_grad_weight", "gated_gate", "gated_tangent"} <= roles, \
+        f"roles {sorted(roles)}"
+    launched = {key: plan.launches for key, plan in plans.items()}
+
+    def no_build(*args, **kwargs):
+        raise AssertionError(f"a warm call built a plan: {args[:2]}")
+
+    monkeypatch.setattr(launch, "build", no_build)
+    second = step()
+    assert launch.PLANS == plans, "the warm calls found every plan they needed"
+    assert all(plan.launches > launched[key] for key, plan in plans.items() if plan.role.startswith("gated")), \
+        "every gated plan launched again, warm"
+    for index, (a, b) in enumerate(zip(first, second)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"output/gradient {index}\n{m}")
+
+
+def test_autotuned_launches_tune_once_per_key(monkeypatch):
+    """With the GPU's rule (autotune on, not interpreted; the kernels still run in the interpreter here, the
+    autotuner's timings stubbed), the first launch of a key has the role's autotuner time its pruned configs and
+    launches the winner; a second launch of the same key, or of another size in the same M/N/K buckets, times
+    nothing and runs the same tile; results match float64 either way."""
+    require_triton()
+    dense, gated, launch = _modules()
+    if not dense.is_interpreted():
+        pytest.skip("stubs the autotuner's timings around interpreted kernels; a GPU tunes for real")
+    timed = []
+
+    def bench(self, *args, config, **meta):
+        timed.append(config)
+        return [float(config.kwargs["BLOCK_N"] != 128)] * 3  # a deterministic winner: the first 128-wide tile
+
+    gated._autotuned.cache_clear()  # autotuners of their own: no winner cached by another test
+    monkeypatch.setattr(type(gated._autotuned("gated_forward", 4)), "_bench", bench)
+    monkeypatch.setattr(dense, "is_interpreted", lambda: False)  # the plan's rule: autotune (the launch still is)
+    monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 232448)  # an H100's, for the pruning
+    manualbp.config.set(autotune=True)
+    act = manualbp.get_activation("silu")
+    for M in (70, 90):  # one bucket (128)
+        inputs = _inputs(M, 48, 80, torch.float32, seed=M)
+        x, gate_weight, up_weight, gate_bias, up_bias, grad_a = inputs
+        a, z_gate, z_up = gated.gated_forward(x, gate_weight, up_weight, gate_bias, up_bias, act.kernel_id, 0.0,
+                                              True)
+        grads = gated.gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up,
+                                     act.kernel_id, 0.0, (True,) * 5)
+        if M == 70:
+            tuned = len(timed)
+            float32 = [cfg for role in ROLES for cfg in gated.matmul_configs(role, 4)]
+            assert tuned == len(float32), f"each role timed its float32 configs once: {tuned}, {len(float32)}"
+        exact = _eager(*(t.double() for t in inputs), "silu")
+        theirs = _eager(*inputs, "silu")
+        for name, ours, their, exact_ in zip(("A", "dC/dX", "dC/dW_g", "dC/db_u"), (a, grads[0], grads[1], grads[4]),
+                                             (theirs[0], theirs[3], theirs[4], theirs[7]),
+                                             (exact[0], exact[3], exact[4], exact[7])):
+            assert_close_to_float64(f"autotuned M={M} {name}", ours, their, exact_)
+    assert len(timed) == tuned, "the second size of the bucket timed nothing"
+    roles = {plan.role: plan for plan in launch.PLANS.values()}
+    for role in ROLES:
+        assert roles[role].constexprs["BLOCK_N"] == 128 and roles[role].constexprs["BLOCK_K"] == 16, \
+            f"{role}: the winner's tile, {roles[role].constexprs}"
+    gated._autotuned.cache_clear()
+
+
+def test_pruning_keeps_the_tiles_that_fit():
+    """A config whose pipelined operand tiles exceed the GPU's shared memory is dropped (an H100's 227 KiB, an
+    A100's 163 KiB: something fits both), and where none fits the last is kept rather than none."""
+    dense, gated, _ = _modules()
+    saved = dense._shared_memory_bytes
+    try:
+        for role in ROLES:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                configs = gated.matmul_configs(role, dtype.itemsize)
+                x = torch.empty(8, 8, dtype=dtype, device="meta")
+                for budget in (232448, 166912):
+                    dense._shared_memory_bytes = lambda index, budget=budget: budget
+                    kept = gated._prune_configs(role, configs, {"x_ptr": x})
+                    need = {_config_id(role, cfg): dense._pipelined_bytes(cfg, dtype.itemsize,
+                                                                          *gated._OPERAND_TILES[role])
+                            for cfg in configs}
+                    label = f"{role} {dtype} {budget // 1024} KiB"
+                    assert kept, f"{label}: something kept"
+                    assert {_config_id(role, cfg) for cfg in kept} == {name for name, n in need.items()
+                                                                        if n <= budget}, f"{label}: {need}"
+                dense._shared_memory_bytes = lambda index: 1024
+                kept = gated._prune_configs(role, configs, {"x_ptr": x})
+                assert [_config_id(role, cfg) for cfg in kept] == [_config_id(role, configs[-1])], \
+                    f"{role} {dtype}: nothing fits, the last kept"
+    finally:
+        dense._shared_memory_bytes = saved
+
+
+def test_fixed_tiles(monkeypatch):
+    """The interpreter and float64 launches take the dense layer's fixed tiles; a GPU launch autotunes (None), or
+    with autotune off takes its role's first config for the dtype (spill-free, unlike the dense untuned tile)."""
+    dense, gated, _ = _modules()
+    monkeypatch.setattr(dense, "is_interpreted", lambda: True)
+    assert gated._fixed_tile("gated_forward", torch.float32, True)[0]["BLOCK_M"] == \
+        dense._INTERPRETER_CONFIG["BLOCK_M"], "interpreter: the dense layer's tile"
+    monkeypatch.setattr(dense, "is_interpreted", lambda: False)
+    assert gated._fixed_tile("gated_forward", torch.float64, True)[0]["BLOCK_K"] == dense._FP64_CONFIG["BLOCK_K"], \
+        "float64: the dense layer's tile"
+    assert gated._fixed_tile("gated_grad_x", torch.float64, False)[0]["BLOCK_M"] == \
+        dense._FP64_FMA_CONFIG["BLOCK_M"], "float64 without tl.dot: the FMA tile"
+    manualbp.config.set(autotune=True)
+    assert gated._fixed_tile("gated_grad_weight", torch.bfloat16, True) is None, "GPU: autotuned"
+    manualbp.config.set(autotune=False)
+    for role in ROLES:
+        for dtype in (torch.bfloat16, torch.float32):
+            tile, options = gated._fixed_tile(role, dtype, True)
+            first = gated.matmul_configs(role, dtype.itemsize)[0]
+            assert tile == first.kwargs and options == dict(num_warps=first.num_warps, num_stages=first.num_stages), \
+                f"{role} {dtype}, autotune off: the first config"
+
+
+def test_every_launch_states_its_compile_options(monkeypatch):
+    """Every gated launch passes dense.COMPILE_OPTIONS (FMA contraction on) instead of inheriting Triton's default,
+    which Triton 3.10 changes: the three matmuls, the gating alone (both ways) and the tangent kernel."""
+    dense, gated, _ = _modules()
+    launched = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((self.name, kwargs))
+
+    monkeypatch.setattr(dense, "is_interpreted", lambda: True)  # the fixed tile, launched directly
+    names = ("_gated_forward_kernel", "_gated_grad_x_kernel", "_gated_grad_weight_kernel", "_gate_kernel",
+             "_gated_tangent_kernel")
+    for name in names:
+        monkeypatch.setattr(gated, name, Recorder(name))
+    x, w, g = torch.randn(64, 32), torch.randn(16, 32), torch.randn(64, 16)
+    gated.gated_forward(x, w, w, None, None, 5, 0.0, True)
+    gated.gated_backward(g, x, w, w, None, None, g, g, 5, 0.0, (True,) * 5)
+    gated.gate_forward(g, g, 5, 0.0)
+    gated.gate_backward(g, g, g, 5, 0.0)
+    gated.gate_jvp(g, g, g, None, 5, 0.0)
+    assert {name for name, _ in launched} == set(names), f"launches recorded: {[name for name, _ in launched]}"
+    for name, kwargs in launched:
+        assert kwargs.get("enable_fp_fusion") is True, f"{name}: enable_fp_fusion stated"
