@@ -159,6 +159,136 @@ def test_specialization_is_at_least_as_fine_as_tritons():
     assert compared >= len(runtime), "values sharing a key compared at every argument"
 
 
+class _Kernel:
+    """A stub kernel for launch.run itself: records each launch's grid and arguments (no Triton involved)."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):  # the first launch of a key (build)
+        return lambda *args, **constexprs: self.launches.append((grid, args))
+
+    def run(self, *args, grid=None, warmup=False, **constexprs):  # a warm launch of an "interpreted" plan
+        self.launches.append((grid, args))
+
+
+class _Run:
+    """launch.run with a stub kernel and a block of 16 x 8, counting how many calls computed a plan key."""
+
+    def __init__(self, monkeypatch):
+        self.kernel, self.keys = _Kernel(), 0
+        real = launch.specialization
+
+        def counted(args):
+            self.keys += 1
+            return real(args)
+
+        monkeypatch.setattr(launch, "specialization", counted)
+        launch.PLANS.clear()
+
+    def __call__(self, args, M=40, N=24, options=("stub",)):
+        def make():
+            return dict(fn=self.kernel, constexprs=dict(BLOCK_M=16, BLOCK_N=8), grid=(-(-M // 16), -(-N // 8)),
+                        flat=False, interpreted=True, compiled_ok=False)
+
+        return launch.run("stub", options, args, M, N, make)
+
+
+def _stub_args(out=None, x=None, ints=(40, 24, 48)):
+    """A launch's arguments as a launcher builds them: x, out, out again in an unused slot, then ints."""
+    x = torch.zeros(64, 64) if x is None else x
+    out = torch.zeros(64, 64) if out is None else out
+    return (x, out, out, *ints)
+
+
+def test_a_warm_call_asks_no_key_and_finds_its_plan(monkeypatch):
+    """A call like one seen before launches through the plan found for it, without computing the key, on the grid
+    of its own M and N; a call of new ints of the same specialisation computes the key once and finds that plan."""
+    run = _Run(monkeypatch)
+    args = _stub_args()
+    first = run(args)
+    assert run.keys == 1 and len(launch.PLANS) == 1, "the first call: one key, one plan"
+    for _ in range(3):
+        assert run(_stub_args()) is first, "the same plan, warm"
+    assert run.keys == 1, f"warm calls computed no key ({run.keys} computed)"
+    assert first.launches == 3 and len(run.kernel.launches) == 4, "launched every time"
+    assert run(_stub_args(ints=(50, 24, 48)), M=50) is first, "another M of the same specialisation: that plan"
+    assert run.keys == 2 and run.kernel.launches[-1][0] == (4, 3), f"its own grid: {run.kernel.launches[-1][0]}"
+    run(_stub_args(ints=(50, 24, 48)), M=50)
+    assert run.keys == 2 and run.kernel.launches[-1][0] == (4, 3), "... remembered, with its grid"
+    assert run.kernel.launches[-1][1][3:] == (50, 24, 48), "the call's own arguments"
+
+
+@pytest.mark.parametrize("change", ["dtype", "alignment", "int equal to 1", "int a multiple of 16",
+                                    "int past 32 bits", "device", "options"])
+def test_a_warm_call_follows_every_change_the_key_holds(change, monkeypatch):
+    """Each thing a plan's key is made of, changed in a call otherwise seen before, reaches the key computation
+    (so the plan of that key, a new one where Triton compiles another kernel) instead of the remembered plan."""
+    run = _Run(monkeypatch)
+    base = run(_stub_args())
+    storage = torch.zeros(64 * 64 + 4)
+    changed = {
+        "dtype": lambda: _stub_args(x=torch.zeros(64, 64, dtype=torch.float64)),
+        "alignment": lambda: _stub_args(x=storage[1:1 + 64 * 64].view(64, 64)),
+        "int equal to 1": lambda: _stub_args(ints=(40, 1, 48)),
+        "int a multiple of 16": lambda: _stub_args(ints=(40, 32, 48)),
+        "int past 32 bits": lambda: _stub_args(ints=(40, 24, 2 ** 40 + 48)),
+        "device": lambda: _stub_args(),
+        "options": lambda: _stub_args(),
+    }[change]()
+    if change == "device":  # one GPU here at most: the tensors' device index as another GPU's
+        monkeypatch.setattr(launch, "_device_of", lambda t: 1)
+    plan = run(changed, options=("stub", "other") if change == "options" else ("stub",))
+    assert run.keys == 2, f"{change}: the key computed again"
+    if change == "device":
+        assert plan is base, "device: the key (its real device) finds the same plan"
+    else:
+        assert plan is not base and len(launch.PLANS) == 2, f"{change}: a plan of its own"
+    run(changed, options=("stub", "other") if change == "options" else ("stub",))
+    assert run.keys == 2, f"{change}: then remembered"
+    assert run(_stub_args()) is base and run.keys == 2, f"{change}: the first call's plan still found warm"
+
+
+def test_tensors_shared_among_slots_otherwise_reach_the_key(monkeypatch):
+    """A layout asks each tensor of its first call once: where a later call puts different tensors in slots that
+    shared one (here float64 in the unused slot), its key is computed (a plan of its own), every time."""
+    run = _Run(monkeypatch)
+    x, out = torch.zeros(64, 64), torch.zeros(64, 64)
+    base = run((x, out, out, 40, 24, 48))
+    apart = (x, out, torch.zeros(64, 64, dtype=torch.float64), 40, 24, 48)
+    plan = run(apart)
+    assert plan is not base and run.keys == 2, "another dtype in the shared slot: its own plan"
+    assert run(apart) is plan and run.keys == 3, "not remembered: the key computed again"
+    assert run((x, out, out, 40, 24, 48)) is base and run.keys == 3, "the shared call: warm"
+
+
+def test_the_calls_remembered_are_bounded_and_cleared_with_the_plans(monkeypatch):
+    """At most WARM_CALLS exact calls a layout (shapes that vary cost a key computation each, never unbounded
+    memory); PLANS.clear() forgets them, so a cleared store builds its plans again."""
+    monkeypatch.setattr(launch, "WARM_CALLS", 3)
+    run = _Run(monkeypatch)
+    for m in range(20, 30):
+        run(_stub_args(ints=(m, 24, 48)), M=m)
+    (layout,) = launch._LAYOUTS.values()
+    assert 1 <= len(layout.warm) <= 3, f"{len(layout.warm)} calls remembered"
+    launch.PLANS.clear()
+    assert not launch._LAYOUTS, "layouts forgotten with the plans"
+    keys = run.keys
+    run(_stub_args(ints=(29, 24, 48)), M=29)
+    assert run.keys == keys + 1 and len(launch.PLANS) == 1, "after clear(): the key computed, the plan built again"
+
+
+def test_a_launcher_that_moves_its_tensors_gets_a_clear_error(monkeypatch):
+    """One (role, options) always puts its tensors at the same positions; a call that does not is an error that
+    says so, never a launch with an int read as an address."""
+    run = _Run(monkeypatch)
+    run(_stub_args())
+    x = torch.zeros(64, 64)
+    for args in ((40, x, x, 40, 24, 48), (x, 7, x, x, 24, 48)):
+        with pytest.raises(TypeError, match="tensors at positions"):
+            run(args)
+
+
 class _Compiled:
     """A stub CompiledKernel: its launcher records what it is given."""
 
