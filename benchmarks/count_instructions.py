@@ -38,6 +38,7 @@ arguments; a layer's own share is its replays' count less the layer's below:
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -224,7 +225,9 @@ def _callgrind(directory: str, name: str, child_args: list) -> tuple[list, str]:
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     prefix = os.path.basename(stem) + "."
-    dumps = sorted((name for name in os.listdir(directory) if name.startswith(prefix)),
+    # the counter's dumps, <stem>.<pid>.<part>; <stem>.<pid> is callgrind's own at exit (nothing collected)
+    dumps = sorted((name for name in os.listdir(directory)
+                    if name.startswith(prefix) and name[len(prefix):].count(".") == 1),
                    key=lambda name: int(name.rsplit(".", 1)[1]))
     if result.returncode != 0 or not dumps:
         raise SystemExit(f"count_instructions: {name} failed (rc {result.returncode}):\n{result.stderr[-3000:]}")
@@ -303,8 +306,13 @@ def main(argv=None) -> int:
     import torch
 
     version = subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout.strip()
+    try:
+        triton_version = f"triton {importlib.metadata.version('triton')}"
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = "no triton"
     print(f"# instructions per step (callgrind, not a timing); {platform.processor() or platform.machine()}, "
-          f"Python {platform.python_version()}, torch {torch.__version__}, {version}, float32, {args.steps} steps; "
+          f"Python {platform.python_version()}, torch {torch.__version__}, {triton_version}, {version}, float32, "
+          f"{args.steps} steps; "
           f"manualbp: reference backend, manualbp-triton: triton backend, launches stubbed")
     with tempfile.TemporaryDirectory() as directory:
         helper = build_helper(directory)

@@ -278,6 +278,18 @@ def test_the_calls_remembered_are_bounded_and_cleared_with_the_plans(monkeypatch
     assert run.keys == keys + 1 and len(launch.PLANS) == 1, "after clear(): the key computed, the plan built again"
 
 
+def test_a_replaced_plan_launch_sees_every_warm_launch(monkeypatch):
+    """Benchmarks record or stub the warm launches by replacing Plan.launch (benchmarks/host_breakdown.py): a warm
+    call then goes through the replacement, with the plan, its arguments, M and N, and launches nothing itself."""
+    run = _Run(monkeypatch)
+    plan = run(_stub_args())
+    seen = []
+    monkeypatch.setattr(launch.Plan, "launch", lambda self, args, M, N: seen.append((self, args[3:], M, N)))
+    run(_stub_args(ints=(40, 24, 48)), M=40, N=24)
+    assert seen == [(plan, (40, 24, 48), 40, 24)], f"the replacement saw the warm launch: {seen}"
+    assert len(run.kernel.launches) == 1, "and nothing else launched it"
+
+
 def test_a_launcher_that_moves_its_tensors_gets_a_clear_error(monkeypatch):
     """One (role, options) always puts its tensors at the same positions; a call that does not is an error that
     says so, never a launch with an int read as an address."""
