@@ -17,6 +17,7 @@ import triton
 import manualbp
 from manualbp import backends
 from manualbp.triton_kernels import dense, launch
+from checks import assert_close_to_float64, compare_with_pytorch, torch_dense
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # What reads a tensor's value on the host (a host-device synchronisation on a GPU), as the profiler names it
@@ -76,6 +77,57 @@ def test_a_warm_step_reuses_its_plans(name, monkeypatch):
     roles = {plan.role for plan in plans.values()}
     expected = {"forward", "grad_x", "grad_weight"} if name.startswith("Linear") else {"forward", "grad_below"}
     assert expected <= roles, f"{name}: roles {sorted(roles)}"
+
+
+def _launched(fn) -> list:
+    """The plans a call of fn launched: those it built and the warm ones."""
+    before = {key: plan.launches for key, plan in launch.PLANS.items()}
+    fn()
+    return [plan for key, plan in launch.PLANS.items() if key not in before or plan.launches > before[key]]
+
+
+@pytest.mark.parametrize("change", ["delta_prologue off", "activation", "frozen weight"])
+def test_a_warm_layer_follows_settings_activation_and_requires_grad(change):
+    """What a call's launches depend on beyond its tensors -- the settings, the activation, what requires grad --
+    reaches the launches of a warm layer: after warm gelu steps, a δ pass (delta_prologue off), relu, or a frozen
+    weight launch plans of their own choice, with results within PyTorch's own error against float64."""
+    require_triton()
+    torch.manual_seed(4)
+    x, weight, bias = torch.randn(37, 40, device=DEVICE), torch.randn(24, 40, device=DEVICE) / 6, torch.randn(
+        24, device=DEVICE)
+    grad = torch.randn(37, 24, device=DEVICE)
+    gelu = manualbp.get_activation("gelu").kernel_id
+    for _ in range(2):
+        warm = _launched(lambda: compare_with_pytorch(x, weight, bias, "gelu", grad, "triton"))
+    assert sorted(plan.role for plan in warm) == ["forward", "grad_weight", "grad_x"], "the warm gelu step"
+    assert all(plan.launches > 0 for plan in warm), "... launched warm"
+    if change == "delta_prologue off":
+        with manualbp.config.override(delta_prologue=False):
+            plans = _launched(lambda: compare_with_pytorch(x, weight, bias, "gelu", grad, "triton"))
+        assert sorted(plan.role for plan in plans) == ["delta", "forward", "matmul", "matmul"], \
+            f"δ by a pass, then two plain matmuls: {[plan.role for plan in plans]}"
+    elif change == "activation":
+        plans = _launched(lambda: compare_with_pytorch(x, weight, bias, "relu", grad, "triton"))
+        relu = manualbp.get_activation("relu").kernel_id
+        assert {plan.constexprs["ACTIVATION"] for plan in plans if plan.role != "grad_weight"} == {relu}, \
+            "relu's plans (∂C/∂W's δ is stored by the ∂C/∂X launch: no activation of its own)"
+        assert not {plan for plan in plans if plan.role != "grad_weight"} & set(warm), \
+            "none of gelu's forward and ∂C/∂X plans (the plain δᵀ X launch is the same plan for both)"
+    else:
+        leaves = [x.clone().requires_grad_(True), weight.clone(), bias.clone().requires_grad_(True)]
+        plans = _launched(lambda: manualbp.functional.linear(*leaves, "gelu", backend="triton").backward(grad))
+        roles = sorted(plan.role for plan in plans)
+        assert roles == ["delta", "forward", "matmul"], \
+            f"Z kept: δ and ∂C/∂b by a pass, ∂C/∂X a plain matmul, no ∂C/∂W: {roles}"
+        assert [plan for plan in plans if plan.role == "forward"][0] not in warm, "the forward keeps Z: its own plan"
+        exact = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+        theirs = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+        torch_dense(*exact, "gelu").backward(grad.double())
+        torch_dense(*theirs, "gelu").backward(grad)
+        for index in (0, 2):
+            assert_close_to_float64(f"frozen weight: gradient {index}", leaves[index].grad, theirs[index].grad,
+                                    exact[index].grad)
+        assert leaves[1].grad is None, "no gradient for the frozen weight"
 
 
 def test_a_warm_step_reads_no_tensor_value():
