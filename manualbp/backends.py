@@ -83,7 +83,7 @@ def interpreter_numpy_reason() -> Optional[str]:
 
 def kernels():
     """The Triton kernels module, imported on first use (never at ``import manualbp``)."""
-    dense = sys.modules.get(_DENSE)  # a dict lookup: an import statement here costs every call ~8k instructions
+    dense = sys.modules.get(_DENSE)  # a dict lookup: an import statement here cost every call ~7k instructions
     if dense is None:
         dense = importlib.import_module(_DENSE)
     return dense
