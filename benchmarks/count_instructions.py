@@ -4,6 +4,7 @@
     python benchmarks/count_instructions.py --steps 500 --modes fwd,fwd+bwd
     python benchmarks/count_instructions.py --manualbp-path /tmp/old_checkout   # another manualbp's code
     python benchmarks/count_instructions.py --impls nn,manualbp-triton          # the GPU's launch path, stubbed
+    python benchmarks/count_instructions.py --breakdown --steps 100             # where a step's instructions go
 
 A timing on a busy 2-core machine moves with everything else that runs; an instruction count
 does not. Each (problem, implementation) runs in its own process under ``valgrind --tool=callgrind``
@@ -21,11 +22,30 @@ Implementations: ``nn`` (nn.Linear + the activation), ``manualbp`` (the referenc
 GPU's path of autotuned tiles and warm plans, each launch reaching the compiled launcher's call with addresses),
 so its count is the Python a GPU step runs before and around its launches, without the kernels, Triton's C
 launcher or the driver. Its math is not done, where nn's and manualbp's is (a tiny layer: little of it).
+
+``--breakdown``: for manualbp and manualbp-triton, the step's instructions by layer of the call chain. One step's
+calls of each layer's entry are recorded (``ops.direct``'s computations, the triton launchers of ``dense``/``jvp``
+that the operators call, ``launch.run``), then each is replayed --steps times under the counter, with the same
+arguments; a layer's own share is its replays' count less the layer's below:
+
+    forward: module, functional, autograd Function   model(x) less its operators' computations
+    backward: autograd, Function.backward            the step less model(x) and the backward's computations
+    operators' computations (ops.direct)             their replays less the launchers'
+    launchers' Python (arguments, outputs)           their replays less launch.run's
+    launch.run (lookup, launch)                      its replays (a stubbed launch: the compiled launcher's call)
+
+Counted on 2026-12-07 (the 2-core CPU machine, Python 3.11.7, torch 2.13.0+cpu, triton 3.9.0, valgrind 3.19.0,
+float32, ``--steps 100``; docs/performance.md has the history and the breakdown), instructions per fwd+bwd step:
+
+    code                                   Linear: nn  manualbp  manualbp-triton    MLP: nn   manualbp  manualbp-triton
+    65535e4 (plan key on every launch)        506,140   591,351          963,074  1,069,251  1,233,558        2,654,788
+    52c3521 (warm-call table)                 506,365   587,432          745,662  1,069,009  1,230,583        1,938,651
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -83,6 +103,109 @@ def child(helper: str, problem: str, impl: str, mode: str, steps: int, manualbp_
         counter.count_stop()
 
 
+def _record(owner, names, calls: list, phase: list) -> list:
+    """Wrap owner's functions named names so that their outermost calls are recorded into calls as
+    (phase, function, args, kwargs); returns what restores them."""
+    depth = [0]
+    restore = []
+
+    def wrap(name, real):
+        def recorded(*args, **kwargs):
+            if depth[0] == 0:
+                calls.append((phase[0], real, args, kwargs))
+            depth[0] += 1
+            try:
+                return real(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+        return recorded
+
+    for name in names:
+        real = owner.__dict__[name]
+        function = real.__func__ if isinstance(real, staticmethod) else real
+        setattr(owner, name, staticmethod(wrap(name, function)) if isinstance(real, staticmethod)
+                else wrap(name, function))
+        restore.append((owner, name, real))
+    return restore
+
+
+def breakdown_child(helper: str, problem: str, impl: str, steps: int) -> None:
+    """Runs under valgrind: counts the step, its forward, and replays of each layer's recorded calls (module
+    docstring), one dump each, in the order of the names printed to stderr."""
+    import ctypes
+    import gc
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    backend = "reference"
+    if impl == "manualbp-triton":
+        os.environ["TRITON_INTERPRET"] = "1"
+        import host_path
+
+        host_path.stub_kernels()
+        backend = "triton"
+    import torch
+
+    import bench_overhead
+    import manualbp
+    from manualbp import ops
+
+    torch.set_num_threads(1)
+    model = bench_overhead.build(problem, "manualbp", torch.device("cpu"), torch.float32)
+    x = torch.randn(bench_overhead.ROWS, bench_overhead.WIDTH, requires_grad=True)
+    grad = torch.randn(bench_overhead.ROWS, bench_overhead.WIDTH)
+    reset = [x, *model.parameters()]
+
+    def step():
+        for t in reset:
+            t.grad = None
+        model(x).backward(grad)
+
+    layers = {"ops": [], "launchers": [], "launch": []}
+    phase = ["forward"]
+    with manualbp.use_backend(backend):
+        for _ in range(WARMUP):
+            step()
+        restore = _record(ops.direct, [n for n, v in vars(ops.direct).items() if isinstance(v, staticmethod)],
+                          layers["ops"], phase)
+        if backend == "triton":
+            from manualbp.triton_kernels import dense, jvp, launch
+
+            launchers = ("linear_forward", "linear_backward", "delta_and_bias_grad", "activation_forward", "matmul",
+                         "matmul_times_activation_grad")
+            restore += _record(dense, launchers, layers["launchers"], phase)
+            restore += _record(jvp, ("linear_jvp",), layers["launchers"], phase)
+            restore += _record(launch, ("run",), layers["launch"], phase)
+        for t in reset:
+            t.grad = None
+        out = model(x)
+        phase[0] = "backward"
+        out.backward(grad)
+        for owner, name, real in restore:
+            setattr(owner, name, real)
+
+        def replay(calls, which=None):
+            chosen = [(fn, args, kwargs) for p, fn, args, kwargs in calls if which is None or p == which]
+            return lambda: [fn(*args, **kwargs) for fn, args, kwargs in chosen]
+
+        cases = {"step": step, "forward": lambda: model(x), "ops forward": replay(layers["ops"], "forward"),
+                 "ops backward": replay(layers["ops"], "backward")}
+        if backend == "triton":
+            cases.update({"launchers": replay(layers["launchers"]), "launch.run": replay(layers["launch"])})
+        counter = ctypes.CDLL(helper)
+        for name, fn in cases.items():
+            for _ in range(5):
+                fn()
+            gc.collect()
+            gc.disable()
+            counter.count_start()
+            for _ in range(steps):
+                fn()
+            counter.count_stop()
+            gc.enable()
+    print("counted " + ",".join(cases), file=sys.stderr)
+    print("calls " + ",".join(f"{name}={len(calls)}" for name, calls in layers.items()), file=sys.stderr)
+
+
 def build_helper(directory: str) -> str:
     source = os.path.join(directory, "count.c")
     library = os.path.join(directory, "libcount.so")
@@ -99,30 +222,78 @@ def build_helper(directory: str) -> str:
     return library
 
 
-def count(helper: str, directory: str, problem: str, impl: str, mode: str, steps: int,
-          manualbp_path: str) -> tuple[int, str]:
-    """(instructions per step, where manualbp came from) for one case, in a fresh process under callgrind."""
-    stem = os.path.join(directory, f"{problem}-{impl}-{mode}".replace("+", "_"))
+def _callgrind(directory: str, name: str, child_args: list) -> tuple[list, str]:
+    """Runs this file's child (child_args after --child) under callgrind in a fresh process: (the totals of its
+    dumps, in order; its stderr)."""
+    stem = os.path.join(directory, name.replace("+", "_"))
     command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
-               f"--callgrind-out-file={stem}.%p", sys.executable, os.path.abspath(__file__), "--child", helper,
-               problem, impl, mode, str(steps), manualbp_path]
+               f"--callgrind-out-file={stem}.%p", sys.executable, os.path.abspath(__file__), "--child", *child_args]
     env = dict(os.environ, PYTHONHASHSEED="0")
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run(command, capture_output=True, text=True, env=env)
-    dumps = [name for name in os.listdir(directory)
-             if name.startswith(os.path.basename(stem) + ".") and name.endswith(".1")]
-    if result.returncode != 0 or len(dumps) != 1:
-        raise SystemExit(f"count_instructions: {problem}/{impl}/{mode} failed (rc {result.returncode}):\n"
-                         f"{result.stderr[-3000:]}")
-    with open(os.path.join(directory, dumps[0])) as file:
-        total = next(int(line.split()[1]) for line in file if line.startswith("summary:"))
-    source = next((line.split(" from ", 1)[1] for line in result.stderr.splitlines()
+    prefix = os.path.basename(stem) + "."
+    # the counter's dumps, <stem>.<pid>.<part>; <stem>.<pid> is callgrind's own at exit (nothing collected)
+    dumps = sorted((name for name in os.listdir(directory)
+                    if name.startswith(prefix) and name[len(prefix):].count(".") == 1),
+                   key=lambda name: int(name.rsplit(".", 1)[1]))
+    if result.returncode != 0 or not dumps:
+        raise SystemExit(f"count_instructions: {name} failed (rc {result.returncode}):\n{result.stderr[-3000:]}")
+    totals = []
+    for dump in dumps:
+        with open(os.path.join(directory, dump)) as file:
+            totals.append(next(int(line.split()[1]) for line in file if line.startswith("summary:")))
+    return totals, result.stderr
+
+
+def count(helper: str, directory: str, problem: str, impl: str, mode: str, steps: int,
+          manualbp_path: str) -> tuple[int, str]:
+    """(instructions per step, where manualbp came from) for one case, in a fresh process under callgrind."""
+    totals, stderr = _callgrind(directory, f"{problem}-{impl}-{mode}",
+                                [helper, problem, impl, mode, str(steps), manualbp_path])
+    if len(totals) != 1:
+        raise SystemExit(f"count_instructions: {problem}/{impl}/{mode}: {len(totals)} dumps, expected 1")
+    source = next((line.split(" from ", 1)[1] for line in stderr.splitlines()
                    if line.startswith("manualbp from ")), "?")
-    return total // steps, source
+    return totals[0] // steps, source
+
+
+BREAKDOWN_ROWS = (  # (row, how its count is made from the counted cases)
+    ("forward: module, functional, autograd Function", lambda c: c["forward"] - c["ops forward"]),
+    ("backward: autograd, Function.backward", lambda c: c["step"] - c["forward"] - c["ops backward"]),
+    ("operators' computations (ops.direct)", lambda c: c["ops forward"] + c["ops backward"] - c.get("launchers", 0)),
+    ("launchers' Python (arguments, outputs)", lambda c: c["launchers"] - c["launch.run"]),
+    ("launch.run (lookup, launch)", lambda c: c["launch.run"]),
+    ("step (forward+backward)", lambda c: c["step"]),
+)
+
+
+def breakdown(helper: str, directory: str, problems: list, impls: list, steps: int) -> None:
+    """Prints, per problem, the step's instructions by layer for each manualbp implementation (module docstring)."""
+    impls = [impl for impl in impls if impl != "nn"]
+    for problem in problems:
+        table = {}
+        for impl in impls:
+            totals, stderr = _callgrind(directory, f"breakdown-{problem}-{impl}",
+                                        [helper, "breakdown", problem, impl, str(steps)])
+            names = next(line.split(" ", 1)[1] for line in stderr.splitlines() if line.startswith("counted "))
+            counted = dict(zip(names.split(","), (total // steps for total in totals)))
+            table[impl] = {row: rule(counted) for row, rule in BREAKDOWN_ROWS if "launch" not in row
+                           or "launchers" in counted}
+            calls = next(line.split(" ", 1)[1] for line in stderr.splitlines() if line.startswith("calls "))
+            print(f"# {problem} {impl}: calls recorded a step {calls}")
+        print(f"{problem + ', instructions per step':50s}" + "".join(f"{impl:>17s}" for impl in impls))
+        print("-" * (50 + 17 * len(impls)))
+        for row, _ in BREAKDOWN_ROWS:
+            print(f"{row:50s}" + "".join(f"{table[impl][row]:17,d}" if row in table[impl] else f"{'':17s}"
+                                         for impl in impls), flush=True)
 
 
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
+        if sys.argv[3] == "breakdown":
+            helper, _, problem, impl, steps = sys.argv[2:7]
+            breakdown_child(helper, problem, impl, int(steps))
+            return 0
         helper, problem, impl, mode, steps, path = sys.argv[2:8]
         child(helper, problem, impl, mode, int(steps), path)
         return 0
@@ -133,6 +304,8 @@ def main(argv=None) -> int:
                         help="comma-separated: nn (always counted first, the ratios' base), manualbp, manualbp-triton")
     parser.add_argument("--steps", type=int, default=300, help="counted calls per case")
     parser.add_argument("--manualbp-path", default="", help="a folder holding another manualbp package to count")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="the fwd+bwd step by layer of the call chain, for manualbp and manualbp-triton")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("count_instructions: valgrind is not installed", file=sys.stderr)
@@ -140,11 +313,19 @@ def main(argv=None) -> int:
     import torch
 
     version = subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout.strip()
+    try:
+        triton_version = f"triton {importlib.metadata.version('triton')}"
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = "no triton"
     print(f"# instructions per step (callgrind, not a timing); {platform.processor() or platform.machine()}, "
-          f"Python {platform.python_version()}, torch {torch.__version__}, {version}, float32, {args.steps} steps; "
+          f"Python {platform.python_version()}, torch {torch.__version__}, {triton_version}, {version}, float32, "
+          f"{args.steps} steps; "
           f"manualbp: reference backend, manualbp-triton: triton backend, launches stubbed")
     with tempfile.TemporaryDirectory() as directory:
         helper = build_helper(directory)
+        if args.breakdown:
+            breakdown(helper, directory, args.problems.split(","), args.impls.split(","), args.steps)
+            return 0
         print(f"{'problem':8s} {'mode':8s} {'impl':15s} {'instr/step':>11s} {'x nn':>6s}  manualbp")
         print("-" * 78)
         for problem in args.problems.split(","):

@@ -83,8 +83,9 @@ def interpreter_numpy_reason() -> Optional[str]:
 
 def kernels():
     """The Triton kernels module, imported on first use (never at ``import manualbp``)."""
-    from .triton_kernels import dense
-
+    dense = sys.modules.get(_DENSE)  # a dict lookup: an import statement here cost every call ~7k instructions
+    if dense is None:
+        dense = importlib.import_module(_DENSE)
     return dense
 
 

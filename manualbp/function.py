@@ -72,9 +72,11 @@ def saved_kind(backend: str, activation: Activation, frozen_weight: bool = False
     return "z"  # the reference's fused kernels take Z; leaky_relu < 0: f' is a select on Z, exact
 
 
-def forward_save(backend: str, activation: Activation, weight: Tensor) -> str:
-    """The ``save`` argument of manualbp::linear_forward for a layer that will be differentiated."""
-    frozen = not weight.requires_grad and not torch.compiler.is_compiling()
+def forward_save(backend: str, activation: Activation, weight: Tensor, direct: bool = False) -> str:
+    """The ``save`` argument of manualbp::linear_forward for a layer that will be differentiated.
+
+    direct: ``ops.dispatch_free`` held for this call, so nothing is compiling (not asked again)."""
+    frozen = not weight.requires_grad and (direct or not torch.compiler.is_compiling())
     kind = saved_kind(backend, activation, frozen)
     return kind if kind in ("z", "f_prime") else ""
 
@@ -216,7 +218,7 @@ class LinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x if keep_x else None, weight if needs_grad_x else None, saved)
         # No x to recompute Z from (frozen weight): the kept Z is an output connected to x and b by this node, so
         # that a double backward differentiates f'(Z) through it (the module docstring).
-        ctx.z_connected = kind == "z" and not keep_x and not torch.compiler.is_compiling()
+        ctx.z_connected = kind == "z" and not keep_x and (direct or not torch.compiler.is_compiling())
         if not ctx.z_connected:
             ctx.mark_non_differentiable(extra)
         # A gradient nobody sent stays None (the default builds zeros: here an [M, N] tensor for the saved
@@ -265,9 +267,11 @@ class TracedLinearFunction(LinearFunction):
     jvp = torch.autograd.Function.jvp
 
 
-def linear_function():
-    """The Function a call should apply: LinearFunction, or its traceable twin while torch.compile traces."""
-    return TracedLinearFunction if torch.compiler.is_compiling() else LinearFunction
+def linear_function(direct: bool = False):
+    """The Function a call should apply: LinearFunction, or its traceable twin while torch.compile traces.
+
+    direct: ``ops.dispatch_free`` held for this call, so nothing is compiling (not asked again)."""
+    return LinearFunction if direct or not torch.compiler.is_compiling() else TracedLinearFunction
 
 
 def apply(function, direct: bool, *args):

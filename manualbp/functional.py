@@ -251,8 +251,8 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activ
     """a [M, N] from checked x [M, K], weight [N, K], bias [N] or None, the backend resolved."""
     direct = ops.dispatch_free((x, weight, bias))
     if differentiable(direct, x, weight, bias):
-        return apply(linear_function(), direct, x, weight, bias, activation, backend,
-                     forward_save(backend, activation, weight), direct)[0]
+        return apply(linear_function(direct), direct, x, weight, bias, activation, backend,
+                     forward_save(backend, activation, weight, direct), direct)[0]
     # no_grad / inference_mode / nothing requires grad: compute A only, keep nothing
     return ops.route(direct).linear_forward(x, weight, bias, activation, "", backend)[0]
 

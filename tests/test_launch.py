@@ -17,6 +17,7 @@ import triton
 import manualbp
 from manualbp import backends
 from manualbp.triton_kernels import dense, launch
+from checks import assert_close_to_float64, compare_with_pytorch, torch_dense
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # What reads a tensor's value on the host (a host-device synchronisation on a GPU), as the profiler names it
@@ -76,6 +77,57 @@ def test_a_warm_step_reuses_its_plans(name, monkeypatch):
     roles = {plan.role for plan in plans.values()}
     expected = {"forward", "grad_x", "grad_weight"} if name.startswith("Linear") else {"forward", "grad_below"}
     assert expected <= roles, f"{name}: roles {sorted(roles)}"
+
+
+def _launched(fn) -> list:
+    """The plans a call of fn launched: those it built and the warm ones."""
+    before = {key: plan.launches for key, plan in launch.PLANS.items()}
+    fn()
+    return [plan for key, plan in launch.PLANS.items() if key not in before or plan.launches > before[key]]
+
+
+@pytest.mark.parametrize("change", ["delta_prologue off", "activation", "frozen weight"])
+def test_a_warm_layer_follows_settings_activation_and_requires_grad(change):
+    """What a call's launches depend on beyond its tensors -- the settings, the activation, what requires grad --
+    reaches the launches of a warm layer: after warm gelu steps, a δ pass (delta_prologue off), relu, or a frozen
+    weight launch plans of their own choice, with results within PyTorch's own error against float64."""
+    require_triton()
+    torch.manual_seed(4)
+    x, weight, bias = torch.randn(37, 40, device=DEVICE), torch.randn(24, 40, device=DEVICE) / 6, torch.randn(
+        24, device=DEVICE)
+    grad = torch.randn(37, 24, device=DEVICE)
+    gelu = manualbp.get_activation("gelu").kernel_id
+    for _ in range(2):
+        warm = _launched(lambda: compare_with_pytorch(x, weight, bias, "gelu", grad, "triton"))
+    assert sorted(plan.role for plan in warm) == ["forward", "grad_weight", "grad_x"], "the warm gelu step"
+    assert all(plan.launches > 0 for plan in warm), "... launched warm"
+    if change == "delta_prologue off":
+        with manualbp.config.override(delta_prologue=False):
+            plans = _launched(lambda: compare_with_pytorch(x, weight, bias, "gelu", grad, "triton"))
+        assert sorted(plan.role for plan in plans) == ["delta", "forward", "matmul", "matmul"], \
+            f"δ by a pass, then two plain matmuls: {[plan.role for plan in plans]}"
+    elif change == "activation":
+        plans = _launched(lambda: compare_with_pytorch(x, weight, bias, "relu", grad, "triton"))
+        relu = manualbp.get_activation("relu").kernel_id
+        assert {plan.constexprs["ACTIVATION"] for plan in plans if plan.role != "grad_weight"} == {relu}, \
+            "relu's plans (∂C/∂W's δ is stored by the ∂C/∂X launch: no activation of its own)"
+        assert not {plan for plan in plans if plan.role != "grad_weight"} & set(warm), \
+            "none of gelu's forward and ∂C/∂X plans (the plain δᵀ X launch is the same plan for both)"
+    else:
+        leaves = [x.clone().requires_grad_(True), weight.clone(), bias.clone().requires_grad_(True)]
+        plans = _launched(lambda: manualbp.functional.linear(*leaves, "gelu", backend="triton").backward(grad))
+        roles = sorted(plan.role for plan in plans)
+        assert roles == ["delta", "forward", "matmul"], \
+            f"Z kept: δ and ∂C/∂b by a pass, ∂C/∂X a plain matmul, no ∂C/∂W: {roles}"
+        assert [plan for plan in plans if plan.role == "forward"][0] not in warm, "the forward keeps Z: its own plan"
+        exact = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+        theirs = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+        torch_dense(*exact, "gelu").backward(grad.double())
+        torch_dense(*theirs, "gelu").backward(grad)
+        for index in (0, 2):
+            assert_close_to_float64(f"frozen weight: gradient {index}", leaves[index].grad, theirs[index].grad,
+                                    exact[index].grad)
+        assert leaves[1].grad is None, "no gradient for the frozen weight"
 
 
 def test_a_warm_step_reads_no_tensor_value():
@@ -157,6 +209,148 @@ def test_specialization_is_at_least_as_fine_as_tritons():
                 assert seen[key] == specialization, f"{name}: one key, two Triton specialisations"
             seen[key] = specialization
     assert compared >= len(runtime), "values sharing a key compared at every argument"
+
+
+class _Kernel:
+    """A stub kernel for launch.run itself: records each launch's grid and arguments (no Triton involved)."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):  # the first launch of a key (build)
+        return lambda *args, **constexprs: self.launches.append((grid, args))
+
+    def run(self, *args, grid=None, warmup=False, **constexprs):  # a warm launch of an "interpreted" plan
+        self.launches.append((grid, args))
+
+
+class _Run:
+    """launch.run with a stub kernel and a block of 16 x 8, counting how many calls computed a plan key."""
+
+    def __init__(self, monkeypatch):
+        self.kernel, self.keys = _Kernel(), 0
+        real = launch.specialization
+
+        def counted(args):
+            self.keys += 1
+            return real(args)
+
+        monkeypatch.setattr(launch, "specialization", counted)
+        launch.PLANS.clear()
+
+    def __call__(self, args, M=40, N=24, options=("stub",)):
+        def make():
+            return dict(fn=self.kernel, constexprs=dict(BLOCK_M=16, BLOCK_N=8), grid=(-(-M // 16), -(-N // 8)),
+                        flat=False, interpreted=True, compiled_ok=False)
+
+        return launch.run("stub", options, args, M, N, make)
+
+
+def _stub_args(out=None, x=None, ints=(40, 24, 48)):
+    """A launch's arguments as a launcher builds them: x, out, out again in an unused slot, then ints."""
+    x = torch.zeros(64, 64) if x is None else x
+    out = torch.zeros(64, 64) if out is None else out
+    return (x, out, out, *ints)
+
+
+def test_a_warm_call_asks_no_key_and_finds_its_plan(monkeypatch):
+    """A call like one seen before launches through the plan found for it, without computing the key, on the grid
+    of its own M and N; a call of new ints of the same specialisation computes the key once and finds that plan."""
+    run = _Run(monkeypatch)
+    args = _stub_args()
+    first = run(args)
+    assert run.keys == 1 and len(launch.PLANS) == 1, "the first call: one key, one plan"
+    for _ in range(3):
+        assert run(_stub_args()) is first, "the same plan, warm"
+    assert run.keys == 1, f"warm calls computed no key ({run.keys} computed)"
+    assert first.launches == 3 and len(run.kernel.launches) == 4, "launched every time"
+    assert run(_stub_args(ints=(50, 24, 48)), M=50) is first, "another M of the same specialisation: that plan"
+    assert run.keys == 2 and run.kernel.launches[-1][0] == (4, 3), f"its own grid: {run.kernel.launches[-1][0]}"
+    run(_stub_args(ints=(50, 24, 48)), M=50)
+    assert run.keys == 2 and run.kernel.launches[-1][0] == (4, 3), "... remembered, with its grid"
+    assert run.kernel.launches[-1][1][3:] == (50, 24, 48), "the call's own arguments"
+
+
+@pytest.mark.parametrize("change", ["dtype", "alignment", "int equal to 1", "int a multiple of 16",
+                                    "int past 32 bits", "device", "options"])
+def test_a_warm_call_follows_every_change_the_key_holds(change, monkeypatch):
+    """Each thing a plan's key is made of, changed in a call otherwise seen before, reaches the key computation
+    (so the plan of that key, a new one where Triton compiles another kernel) instead of the remembered plan."""
+    run = _Run(monkeypatch)
+    base = run(_stub_args())
+    storage = torch.zeros(64 * 64 + 4)
+    changed = {
+        "dtype": lambda: _stub_args(x=torch.zeros(64, 64, dtype=torch.float64)),
+        "alignment": lambda: _stub_args(x=storage[1:1 + 64 * 64].view(64, 64)),
+        "int equal to 1": lambda: _stub_args(ints=(40, 1, 48)),
+        "int a multiple of 16": lambda: _stub_args(ints=(40, 32, 48)),
+        "int past 32 bits": lambda: _stub_args(ints=(40, 24, 2 ** 40 + 48)),
+        "device": lambda: _stub_args(),
+        "options": lambda: _stub_args(),
+    }[change]()
+    if change == "device":  # one GPU here at most: the tensors' device index as another GPU's
+        monkeypatch.setattr(launch, "_device_of", lambda t: 1)
+    plan = run(changed, options=("stub", "other") if change == "options" else ("stub",))
+    assert run.keys == 2, f"{change}: the key computed again"
+    if change == "device":
+        assert plan is base, "device: the key (its real device) finds the same plan"
+    else:
+        assert plan is not base and len(launch.PLANS) == 2, f"{change}: a plan of its own"
+    run(changed, options=("stub", "other") if change == "options" else ("stub",))
+    assert run.keys == 2, f"{change}: then remembered"
+    assert run(_stub_args()) is base and run.keys == 2, f"{change}: the first call's plan still found warm"
+
+
+def test_tensors_shared_among_slots_otherwise_reach_the_key(monkeypatch):
+    """A layout asks each tensor of its first call once: where a later call puts different tensors in slots that
+    shared one (here float64 in the unused slot), its key is computed (a plan of its own), every time."""
+    run = _Run(monkeypatch)
+    x, out = torch.zeros(64, 64), torch.zeros(64, 64)
+    base = run((x, out, out, 40, 24, 48))
+    apart = (x, out, torch.zeros(64, 64, dtype=torch.float64), 40, 24, 48)
+    plan = run(apart)
+    assert plan is not base and run.keys == 2, "another dtype in the shared slot: its own plan"
+    assert run(apart) is plan and run.keys == 3, "not remembered: the key computed again"
+    assert run((x, out, out, 40, 24, 48)) is base and run.keys == 3, "the shared call: warm"
+
+
+def test_the_calls_remembered_are_bounded_and_cleared_with_the_plans(monkeypatch):
+    """At most WARM_CALLS exact calls a layout (shapes that vary cost a key computation each, never unbounded
+    memory); PLANS.clear() forgets them, so a cleared store builds its plans again."""
+    monkeypatch.setattr(launch, "WARM_CALLS", 3)
+    run = _Run(monkeypatch)
+    for m in range(20, 30):
+        run(_stub_args(ints=(m, 24, 48)), M=m)
+    (layout,) = launch._LAYOUTS.values()
+    assert 1 <= len(layout.warm) <= 3, f"{len(layout.warm)} calls remembered"
+    launch.PLANS.clear()
+    assert not launch._LAYOUTS, "layouts forgotten with the plans"
+    keys = run.keys
+    run(_stub_args(ints=(29, 24, 48)), M=29)
+    assert run.keys == keys + 1 and len(launch.PLANS) == 1, "after clear(): the key computed, the plan built again"
+
+
+def test_a_replaced_plan_launch_sees_every_warm_launch(monkeypatch):
+    """Benchmarks record or stub the warm launches by replacing Plan.launch (benchmarks/host_breakdown.py): a warm
+    call then goes through the replacement, with the plan, its arguments, M and N, and launches nothing itself."""
+    run = _Run(monkeypatch)
+    plan = run(_stub_args())
+    seen = []
+    monkeypatch.setattr(launch.Plan, "launch", lambda self, args, M, N: seen.append((self, args[3:], M, N)))
+    run(_stub_args(ints=(40, 24, 48)), M=40, N=24)
+    assert seen == [(plan, (40, 24, 48), 40, 24)], f"the replacement saw the warm launch: {seen}"
+    assert len(run.kernel.launches) == 1, "and nothing else launched it"
+
+
+def test_a_launcher_that_moves_its_tensors_gets_a_clear_error(monkeypatch):
+    """One (role, options) always puts its tensors at the same positions; a call that does not is an error that
+    says so, never a launch with an int read as an address."""
+    run = _Run(monkeypatch)
+    run(_stub_args())
+    x = torch.zeros(64, 64)
+    for args in ((40, x, x, 40, 24, 48), (x, 7, x, x, 24, 48)):
+        with pytest.raises(TypeError, match="tensors at positions"):
+            run(args)
 
 
 class _Compiled:
