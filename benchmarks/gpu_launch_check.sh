@@ -9,7 +9,7 @@
 #      (warm_caches.py: every autotune config of the problem's launches, and Inductor's graphs) on the CPUs;
 #   3. host_breakdown.py at linear8192x1024x4096 relu, bf16: a warm launch through its plan against an empty Triton
 #      launch with 8 tensor arguments (target: at most 2x), and the experiments of issue 24's item 1 (the plan's
-#      parts: keys and lookups alone, addresses alone, JITFunction.run, the compiled launcher given tensors against
+#      parts: the warm calls' lookups alone, addresses alone, JITFunction.run, the compiled launcher given tensors against
 #      the same given data_ptr() ints, fixed arguments; the empty 8-tensor kernel launched directly);
 #   4. profile_step.py at linear8192x1024x4096, relu and gelu: manualbp's forward+backward host time against
 #      eager's (nn.Linear + the activation) in the same process (target: at most eager's);

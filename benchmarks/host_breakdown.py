@@ -12,11 +12,12 @@ call, the GPU synchronised between rounds only, so the time is what the host spe
   eager step               nn.Linear + the activation, forward+backward (bench_dense.py's model)
   manualbp step            manualbp.Linear, forward+backward
   manualbp, no launches    the same with every warm launch (launch.Plan.launch) replaced by a no-op: manualbp's
-                           Python, the plans' keys and lookups, autograd and allocations (the launches' share is
-                           the difference)
-  N warm launches (plans)  the step's N launches again through their plans, with the arguments one step gave them
-    their keys + lookups            launch.specialization of each argument list and a dict lookup (the tile
-                                    lookup alone)
+                           Python, the warm calls' lookups, autograd and allocations (the launches' share is the
+                           difference)
+  N warm launches (launch.run)  the step's N launches again through launch.run, with the arguments one step
+                                gave them: the warm path itself (lookup, addresses, the launcher)
+    their lookups                   each call's exact values (launch._Layout.exact: ints, sizes, per tensor its
+                                    dtype, device and address mod 16) and the table lookup that finds its plan
     their addresses                 the tensors' data_ptr()s, as a plan passes them
     their JITFunction.run           the same launches through JITFunction.run (binder, cache key, launch): the
                                     path before launch plans, and their fallback
@@ -76,32 +77,34 @@ def per_call_us(fn, calls: int, rounds: int) -> tuple:
 
 
 def launch_parts(launch, step) -> dict:
-    """The step's warm launches (recorded from one step through launch.Plan.launch, so the same plans and
-    arguments), replayed whole and part by part, each item the time for all of them: the plan's launch (grid,
-    addresses, the compiled launcher), the key and lookup alone (launch.specialization and the dict), the addresses
-    alone, JITFunction.run (binder, cache lookup, launch) with the plan's constexprs, and the compiled launcher
-    given the tensors (Triton's C launcher then calls data_ptr() and cuPointerGetAttribute for each) against the
-    same given their addresses. Where a part cannot be built (a plan without a compiled launcher), it is left out,
-    saying why."""
-    calls = []
-    real_launch = launch.Plan.launch
+    """The step's warm launches (recorded from one step through launch.run, so the same roles, options and
+    arguments), replayed whole and part by part, each item the time for all of them: launch.run itself (the exact
+    values' lookup, the addresses, the compiled launcher), the lookup alone (launch._Layout.exact and the table),
+    the addresses alone, JITFunction.run (binder, cache lookup, launch) with the plan's constexprs, and the compiled
+    launcher given the tensors (Triton's C launcher then calls data_ptr() and cuPointerGetAttribute for each)
+    against the same given their addresses. Where a part cannot be built (a plan without a compiled launcher), it
+    is left out, saying why."""
+    runs = []
+    real_run = launch.run
 
-    def recording(plan, args, M, N):
-        calls.append((plan, args, M, N))
-        real_launch(plan, args, M, N)
+    def recording(role, options, args, M, N, make):
+        plan = real_run(role, options, args, M, N, make)
+        runs.append((role, options, args, M, N, make, plan))
+        return plan
 
-    launch.Plan.launch = recording
+    launch.run = recording  # the launchers call launch.run through the module: every launch passes here
     try:
         step()
     finally:
-        launch.Plan.launch = real_launch
+        launch.run = real_run
     torch.cuda.synchronize()
+    calls = [(plan, args, M, N) for _, _, args, M, N, _, plan in runs]
+    layouts = [(launch._LAYOUTS[(role, options, len(args))], args, M, N) for role, options, args, M, N, *_ in runs]
     kinds = sorted({plan.kind for plan, *_ in calls})
     print(f"# {len(calls)} warm launches a step, roles {[plan.role for plan, *_ in calls]}, launchers {kinds}")
     parts = {
-        f"{len(calls)} warm launches (plans)": lambda: [plan.launch(args, M, N) for plan, args, M, N in calls],
-        "  their keys + lookups": lambda: [launch.PLANS.get((plan.role, (), launch.specialization(args)))
-                                           for plan, args, _, _ in calls],
+        f"{len(calls)} warm launches (launch.run)": lambda: [real_run(*call[:6]) for call in runs],
+        "  their lookups": lambda: [layout.warm.get(layout.exact(args, M, N)[0]) for layout, args, M, N in layouts],
         "  their addresses": lambda: [launch._addresses(args) for _, args, _, _ in calls],
         "  their JITFunction.run": lambda: [plan.fn.run(*args, grid=plan.grid(M, N), warmup=False, **plan.constexprs)
                                             for plan, args, M, N in calls],
@@ -191,7 +194,7 @@ def main(argv=None) -> int:
         medians[name] = med
         print(f"{name:32s} {med:10.1f} {p20:8.1f} {p80:8.1f}")
     torch.cuda.synchronize()
-    warm = next(name for name in medians if name.endswith("warm launches (plans)"))
+    warm = next(name for name in medians if name.endswith("warm launches (launch.run)"))
     per_launch = medians[warm] / int(warm.split()[0])
     print(f"# a warm launch: {per_launch:.1f} µs, {per_launch / medians['triton launch, 8 tensors']:.2f}x an empty "
           f"8-tensor launch through JITFunction.run (issue 24's target: at most 2x); manualbp step "

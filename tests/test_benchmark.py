@@ -308,7 +308,7 @@ def test_host_breakdown_needs_a_gpu_and_its_launch_parts_run_on_the_stubbed_path
     """benchmarks/host_breakdown.py times a GPU machine's host work (gpu_check.sh runs it there): without CUDA it
     refuses with the reason. Its launch parts, dry-run on the CPU in a fresh process on host_path.py's stubbed GPU
     path (plans with the compiled launcher, every launch a no-op): each part runs, and the launches it replays are
-    the step's warm ones, through their plans."""
+    the step's warm ones, through launch.run."""
     import subprocess
 
     if torch.cuda.is_available():
@@ -335,15 +335,17 @@ parts = host_breakdown.launch_parts(launch, step)
 for name, part in parts.items():
     part()
     print("part", name)
+print("lookups found", [plan.role for plan, grid in parts["  their lookups"]()])
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, TRITON_INTERPRET="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     parts = [line[5:] for line in result.stdout.splitlines() if line.startswith("part ")]
-    assert parts == ["3 warm launches (plans)", "  their keys + lookups", "  their addresses",
+    assert parts == ["3 warm launches (launch.run)", "  their lookups", "  their addresses",
                      "  their JITFunction.run",
                      "  compiled launcher, tensors", "  compiled launcher, addresses"], result.stdout
     assert "roles ['forward', 'grad_x', 'grad_weight'], launchers ['compiled']" in result.stdout, result.stdout
+    assert "lookups found ['forward', 'grad_x', 'grad_weight']" in result.stdout, "the lookups time hits, not misses"
 
 
 def test_problem_names_read_back():
