@@ -94,8 +94,9 @@ _PERSISTENT_PROGRAMS = 3  # a TMA config's persistent grid in these tests: fewer
 
 @pytest.mark.parametrize("config", dense.matmul_configs(), ids=_config_id)
 def test_every_autotune_config_is_correct(config, device):
-    """Each config on its own (not just the autotuner's winner): the forward epilogue, the MLP's
-    backward epilogue and the layer backward's prologue."""
+    """Each config on its own (not just the autotuner's winner), by each role kernel: the forward epilogue, the plain
+    product, the MLP's backward epilogue and the layer backward's prologue (TMA configs too wherever this Triton has
+    tensor descriptors: its interpreter runs them, persistent grid included)."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
     M, N, K = 70, 296, 104  # not multiples of any tile; rows of 16-byte multiples in fp16 and fp32 (TMA)
@@ -110,6 +111,12 @@ def test_every_autotune_config_is_correct(config, device):
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(z.double(), z_exact, **tol, msg=lambda m: f"z with {name}: {m}")
     torch.testing.assert_close(a.double(), torch.nn.functional.gelu(z_exact), **tol, msg=lambda m: f"a with {name}: {m}")
+
+    # The plain product with the same tile (_matmul_kernel: no bias, no activation, nothing else written).
+    product = torch.empty(M, N, device=device, dtype=dtype)
+    _launch_with(config, x, weight.t(), product, ACTIVATION=0)
+    torch.testing.assert_close(product.double(), x.double() @ weight.double().t(), **tol,
+                               msg=lambda m: f"plain product with {name}: {m}")
 
     # The backward epilogue with the same tile: out = (x Wᵀ) ⊙ gelu'(z_below), column sums in 64-row groups.
     z_below = torch.randn(M, N, generator=g).to(device, dtype)

@@ -22,7 +22,7 @@ shape of its variable). With x [M, K], weight [N, K], bias [N], one kernel per r
 
 The role kernels are composed from shared @triton.jit parts: _source (an operand's pointer or TMA descriptor),
 _tile_walk (one output tile, or a persistent walk), _main_loop (the K loop, with the δ prologue _prologue_factor
-and the ∂C/∂b row sums as options), and the epilogues (_forward_epilogue, _slice_times_f_prime with
+and the ∂C/∂b row sums _row_sums_start/_add/_end as options), and the epilogues (_forward_epilogue, _slice_times_f_prime with
 _store_column_sums, _store_tile, _store_in_slices). jvp.py's kernel uses the same parts for its epilogue.
 
 What the backward reads for f' (the "saved kind", chosen in manualbp/function.py):
@@ -532,7 +532,7 @@ def _main_loop(
     ACTIVATION: tl.constexpr,  # the prologue's f: identity (no prologue), or δ = A ⊙ f'(saved) as A is loaded
     NEGATIVE_SLOPE: tl.constexpr, SAVED_KIND: tl.constexpr,
     ROW_SUMS: tl.constexpr,  # also sum the left factor's rows over K (∂C/∂b in the ∂C/∂W matmul)
-    SUM_DTYPE: tl.constexpr,  # the output's dtype: with SUMS_BY_MMA the ones tile's
+    SUM_DTYPE: tl.constexpr,  # the output's dtype: 16-bit row sums by the tensor cores (SUMS_BY_MMA)
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     STEP_K: tl.constexpr,  # the loop's K step: BLOCK_K, or the row sums' (_grad_weight_kernel); divides BLOCK_K
@@ -568,17 +568,7 @@ def _main_loop(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if ROW_SUMS:
-        # 1ᵀ δ, summed in the loop without a reduction or data movement, in an order no tile choice changes.
-        # 16-bit data (SUMS_BY_MMA): the tensor cores add δ's rows up, δ [BLOCK_M, STEP_K] times a [STEP_K,
-        # SUM_COLUMNS] tile of ones (exact products, a float32 sum over K in the MMA's fixed order: the same on every
-        # tile); 2.5x fewer loop instructions than adding the tile up in registers. Otherwise (float32, float64) a
-        # running sum in registers: per row, over K in WIDE_SUM_BLOCK_K steps, then a fixed pairwise tree after the
-        # loop. Either way STEP_K is the sums' step (_sum_block_k), whatever BLOCK_K.
-        if SUMS_BY_MMA:
-            ones = tl.full((STEP_K, SUM_COLUMNS), 1.0, SUM_DTYPE)
-            running_sums = tl.zeros((BLOCK_M, SUM_COLUMNS), dtype=acc.dtype)
-        else:
-            running_sums = tl.zeros((BLOCK_M, STEP_K), dtype=acc.dtype)
+        running_sums = _row_sums_start(BLOCK_M, STEP_K, SUMS_BY_MMA, acc.dtype)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         for step in tl.static_range(BLOCK_K // STEP_K):
             k_step = k * (BLOCK_K // STEP_K) + step  # in units of STEP_K
@@ -595,12 +585,8 @@ def _main_loop(
                     s_ptrs += s_step
                 # δ = G ⊙ f'(saved) for this tile, rounded to the data dtype as a stored δ would be.
                 a = _prologue_factor(a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, acc.dtype, PACKED_PAIRS)
-            if ROW_SUMS:
-                # δ as rounded for the product: eager sums a stored δ (fewer instructions than the unrounded δ)
-                if SUMS_BY_MMA:
-                    running_sums = tl.dot(a, ones, running_sums, out_dtype=acc.dtype)
-                else:
-                    running_sums += _materialised(a.to(acc.dtype), INLINE_PTX)
+            if ROW_SUMS:  # δ as rounded for the product: eager sums a stored δ (fewer instructions than unrounded)
+                running_sums = _row_sums_add(running_sums, a, SUMS_BY_MMA, INLINE_PTX)
             if TMA:
                 b = _descriptor_tile(b_src, k_step * STEP_K, pid_n * BLOCK_N, B_TRANSPOSED)
             else:
@@ -609,15 +595,52 @@ def _main_loop(
                 b_ptrs += b_step
             acc = _tile_dot(a, b, acc, USE_DOT, INPUT_PRECISION)
     if ROW_SUMS:
-        if SUMS_BY_MMA:  # its SUM_COLUMNS columns are the same sums: the first one
-            for _ in tl.static_range(SUM_COLUMN_LEVELS):
-                running_sums, _right = _column_halves(running_sums)
-            row_sums = tl.reshape(running_sums, (BLOCK_M,))
-        else:
-            row_sums = _row_sums_in_pairs(running_sums, WIDE_SUM_LEVELS)
+        row_sums = _row_sums_end(running_sums, SUMS_BY_MMA)
     else:
         row_sums = offs_m  # not asked for: a placeholder of the right length
     return acc, row_sums
+
+
+# The row sums of the left factor over K (1ᵀ δ: ∂C/∂b in the ∂C/∂W matmul), in three parts around _main_loop's loop:
+# summed without a reduction or data movement, in an order no tile choice changes. 16-bit data (SUMS_BY_MMA): the
+# tensor cores add δ's rows up, δ [BLOCK_M, STEP_K] times a [STEP_K, SUM_COLUMNS] tile of ones (exact products, a
+# float32 sum over K in the MMA's fixed order: the same on every tile); 2.5x fewer loop instructions than adding the
+# tile up in registers. Otherwise (float32, float64) a running sum in registers: per row, over K in WIDE_SUM_BLOCK_K
+# steps, then a fixed pairwise tree after the loop. Either way STEP_K is the sums' step (_sum_block_k), whatever
+# BLOCK_K.
+
+
+@triton.jit
+def _row_sums_start(BLOCK_M: tl.constexpr, STEP_K: tl.constexpr, SUMS_BY_MMA: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """The running sums before the first K step: [BLOCK_M, SUM_COLUMNS] MMA accumulators, or [BLOCK_M, STEP_K]."""
+    if SUMS_BY_MMA:
+        running = tl.zeros((BLOCK_M, SUM_COLUMNS), dtype=ACC_DTYPE)
+    else:
+        running = tl.zeros((BLOCK_M, STEP_K), dtype=ACC_DTYPE)
+    return running
+
+
+@triton.jit
+def _row_sums_add(running, a, SUMS_BY_MMA: tl.constexpr, INLINE_PTX: tl.constexpr):
+    """running plus the rows of one K step's left factor a [BLOCK_M, STEP_K]."""
+    if SUMS_BY_MMA:
+        ones = tl.full((a.shape[1], SUM_COLUMNS), 1.0, a.dtype)
+        running = tl.dot(a, ones, running, out_dtype=running.dtype)
+    else:
+        running += _materialised(a.to(running.dtype), INLINE_PTX)
+    return running
+
+
+@triton.jit
+def _row_sums_end(running, SUMS_BY_MMA: tl.constexpr):
+    """The row sums [BLOCK_M] after the last K step."""
+    if SUMS_BY_MMA:  # its SUM_COLUMNS columns are the same sums: the first one
+        for _ in tl.static_range(SUM_COLUMN_LEVELS):
+            running, _right = _column_halves(running)
+        sums = tl.reshape(running, (running.shape[0],))
+    else:
+        sums = _row_sums_in_pairs(running, WIDE_SUM_LEVELS)
+    return sums
 
 
 @triton.jit
