@@ -278,7 +278,7 @@ def _matmul_kernel(
     TMA: tl.constexpr = False,  # the config: operand tiles by TMA descriptors, a persistent grid
     EVEN_K: tl.constexpr = False,  # K a multiple of BLOCK_K: the pointer loads need no mask
 ):
-    """out = A B: the plain product (manualbp.functional's matmul, and δ W, δᵀ X of a stored δ)."""
+    """out = A B: the plain product (dense.matmul: the MLP's δᵀ X and δ₀ W₀; δ W, δᵀ X of a stored δ)."""
     a_src, b_src = _sources(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, BLOCK_M, BLOCK_N,
                             BLOCK_K, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA, TMA_OK)
     first, last, step = _tile_walk(M, N, BLOCK_M, BLOCK_N, TMA)
@@ -972,7 +972,7 @@ def _for_element_size(configs, element_size: int) -> list:
 def _sums_in_k_steps_of(config, block_k: int) -> bool:
     """Whether a launch forming ∂C/∂b (ROW_SUMS) in K steps of block_k (_sum_block_k) may take this config: its
     BLOCK_K, or where the tensor cores sum (block_k == SUM_BLOCK_K) a TMA config with a multiple of it (the loop
-    takes each BLOCK_K in steps of block_k, _matmul_kernel's STEP_K: the same sums; TMA's zero fill needs no mask
+    takes each BLOCK_K in steps of block_k, _grad_weight_kernel's STEP_K: the same sums; TMA's zero fill needs no mask
     for a step past K). Not float32's sums in registers: no compile report of theirs at longer K steps."""
     k = config.kwargs
     wider = block_k == SUM_BLOCK_K.value and bool(k.get("TMA", False)) and k["BLOCK_K"] % block_k == 0
@@ -982,7 +982,7 @@ def _sums_in_k_steps_of(config, block_k: int) -> bool:
 def _sum_block_k(out_dtype: torch.dtype, use_dot: bool) -> int:
     """The K step of a launch that forms ∂C/∂b (ROW_SUMS) into an out_dtype ∂C/∂W: SUM_BLOCK_K where the tensor
     cores sum (16-bit data), WIDE_SUM_BLOCK_K where registers do (float32, float64, the FMA fallback); the kernel
-    derives the same step itself (_matmul_kernel's STEP_K)."""
+    derives the same step itself (_grad_weight_kernel's STEP_K)."""
     return SUM_BLOCK_K.value if use_dot and out_dtype.itemsize == 2 else WIDE_SUM_BLOCK_K.value
 
 
