@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import os
 import platform
@@ -198,18 +199,21 @@ def analyse(kernel, log):
 
 
 class _Recorder:
-    """Stands in for a kernel: records the (args, kwargs) of each launch instead of running it."""
+    """Stands in for a kernel: records the (number, args, kwargs) of each launch instead of running it, numbered
+    across all recorders in the order of the launches."""
+
+    launches = itertools.count()
 
     def __init__(self, real):
         self.real = real
         self.calls = []
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+        return lambda *args, **kwargs: self.calls.append((next(self.launches), args, kwargs))
 
     def run(self, *args, grid=None, warmup=False, **kwargs):  # the autotuner's way in
         if not warmup:  # a warm-up launches nothing: a launch plan asks for its compiled kernel that way
-            self.calls.append((args, kwargs))
+            self.calls.append((next(self.launches), args, kwargs))
 
     def __getattr__(self, name):
         return getattr(self.real, name)
@@ -271,9 +275,13 @@ def package_launches(dense, jvp, M, K, N, dtype, quick):
         keep = ("fwd gelu (f')", "dW prologue+db relu", "dX prologue relu", "jvp gelu (Z) dX,dW,db",
                 "dX+δ store relu")
         launches = [launch for launch in launches if keep[-1] in launch[0] or launch[0] in keep]
-    # (module, kernel name) -> the pruning its autotuner applies (None: an elementwise pass, one fixed block)
-    kernels = {(dense, "_matmul_kernel"): dense._prune_configs, (dense, "_delta_kernel"): None,
-               (dense, "_activation_kernel"): None, (jvp, "_jvp_kernel"): jvp._prune_configs}
+    # (module, kernel name) -> the configs its autotuner keeps for a launch's named arguments and constexprs, as
+    # it prunes them (None: an elementwise pass, one fixed block). One role kernel per matmul (dense._role_kernel).
+    kernels = {(dense, name): (lambda names, name=name, **kwargs: dense._prune_role(
+        name, dense.role_configs(name), names, **kwargs)) for name in dense.MATMUL_KERNELS}
+    kernels.update({(dense, "_delta_kernel"): None, (dense, "_activation_kernel"): None,
+                    (jvp, "_jvp_kernel"): lambda names, **kwargs: jvp._prune_configs(dense.matmul_configs(), names,
+                                                                                     **kwargs)})
     recorders = {key: _Recorder(getattr(*key)) for key in kernels}
     out = {}
     try:
@@ -283,15 +291,17 @@ def package_launches(dense, jvp, M, K, N, dtype, quick):
             for recorder in recorders.values():
                 recorder.calls.clear()
             call()
-            for key, recorder in recorders.items():
-                for i, (args, kwargs) in enumerate(recorder.calls):
-                    if isinstance(label, tuple):  # a name and a layout for each of the launches
-                        tag, layout_i = label[i], layout[i]
-                    else:
-                        tag, layout_i = (label if len(recorder.calls) == 1 else f"{label} #{i + 1}"), layout
-                    kwargs = {k: v for k, v in kwargs.items() if k not in TILE_KEYS + LAUNCH_KEYS}
-                    pruner = kernels[key]
-                    out[tag] = (recorder.real, args, kwargs, layout_i if pruner else None, pruner)
+            # the call's launches in the order it made them, whichever kernels they went to
+            calls = sorted((number, key, args, kwargs) for key, recorder in recorders.items()
+                           for number, args, kwargs in recorder.calls)
+            for i, (_, key, args, kwargs) in enumerate(calls):
+                if isinstance(label, tuple):  # a name and a layout for each of the launches
+                    tag, layout_i = label[i], layout[i]
+                else:
+                    tag, layout_i = (label if len(calls) == 1 else f"{label} #{i + 1}"), layout
+                kwargs = {k: v for k, v in kwargs.items() if k not in TILE_KEYS + LAUNCH_KEYS}
+                pruner = kernels[key]
+                out[tag] = (recorders[key].real, args, kwargs, layout_i if pruner else None, pruner)
     finally:
         for (module, name), recorder in recorders.items():
             setattr(module, name, recorder.real)
@@ -420,7 +430,7 @@ def configs_for(dense, kernel, pruner, kernel_args, kwargs, arch):
     saved = dense._shared_memory_bytes
     dense._shared_memory_bytes = lambda index: budget
     try:
-        return pruner(dense.matmul_configs(), names, **kwargs)
+        return pruner(names, **kwargs)
     finally:
         dense._shared_memory_bytes = saved
 
@@ -462,7 +472,7 @@ def run(arch, only, quick, M, K, N, dtype, progress=print):
     # that MANUALBP_TMA=1 offers included.
     inline_ptx, num_sms, capability = dense._inline_ptx, dense._num_sms, torch.cuda.get_device_capability
     dense._inline_ptx = lambda device: True  # compiled for an NVIDIA target
-    dense._num_sms = lambda device: 132  # H100 SXM; the count is a runtime argument, not compiled in
+    dense._num_sms = lambda device: 132  # H100 SXM; the persistent grid's size, not compiled in
     torch.cuda.get_device_capability = lambda device=None: divmod(arch, 10)
     try:
         with manualbp.config.override(tma=True):
@@ -494,7 +504,8 @@ def run(arch, only, quick, M, K, N, dtype, progress=print):
                 products = 2 if kwargs.get("HAS_TANGENT_X") and kwargs.get("HAS_TANGENT_WEIGHT") else 1
                 row["press"] = issue_pressure(row, config, products)
                 tma = config.kwargs.get("TMA", False)  # twin: tutorial 09 (TMA, persistent; NT only), else 03
-                key = ("NT" if tma else layout, row["config"].split(" e")[0] + (" tma" if tma else ""))
+                tile_label = row["config"].split(" e")[0].removesuffix(" tma")  # no split, no tma: the twin's own
+                key = ("NT" if tma else layout, tile_label + (" tma" if tma else ""))
                 if key not in tutorial_rows:
                     rows_, cols_, inner_ = problem_of(label, M, K, N)
                     tile = {TUTORIAL_TILE_KEYS[k]: v for k, v in config.kwargs.items() if k in TUTORIAL_TILE_KEYS}

@@ -67,15 +67,17 @@ def stub_kernels():
     compiled launcher (launch.py), given the tensors' addresses."""
     from manualbp.triton_kernels import dense, jvp, launch
 
-    for name in ("_matmul_kernel", "_delta_kernel", "_activation_kernel"):
+    tuners = {}
+    for name in dense.MATMUL_KERNELS:  # one per role kernel, as dense._autotuned_matmul
+        tuners[name] = _NoLaunch(best_config=dense.role_configs(name)[0])
+        tuners[name].params = _NoLaunch(getattr(dense, name)).params
+    for name in (*dense.MATMUL_KERNELS, "_delta_kernel", "_activation_kernel"):
         setattr(dense, name, _NoLaunch(getattr(dense, name)))
-    tuner = _NoLaunch(best_config=dense.matmul_configs()[0])
-    tuner.params = dense._matmul_kernel.params
     jvp_tuner = _NoLaunch(jvp._jvp_kernel, best_config=dense.matmul_configs()[0])
     jvp._jvp_kernel = _NoLaunch(jvp._jvp_kernel)
     dense.is_interpreted = lambda: True  # the backend takes CPU tensors for the triton path ...
     dense._fixed_config = lambda fp64, use_dot: None  # ... and the launchers the GPU's autotuned launches
-    dense._autotuned_matmul = lambda: tuner
+    dense._autotuned_matmul = lambda kernel: tuners[kernel]
     jvp._autotuned_jvp = lambda: jvp_tuner
     real_build = launch.build
 

@@ -117,10 +117,11 @@ def main(argv=None) -> int:
                 continue
         print_kernels_in_order(prof, args.calls)
     if "manualbp" in args.impls and not args.warm_only:
-        tuner = manualbp.backends.kernels()._autotuned_matmul()
+        dense = manualbp.backends.kernels()
         print("\n## tiles the autotuner chose (key: sizes by bucket, flags, dtypes)")
-        for key, config in getattr(tuner, "cache", {}).items():
-            print(f"{config}  <-  {key}")
+        for kernel in dense.MATMUL_KERNELS:
+            for key, config in getattr(dense._autotuned_matmul(kernel), "cache", {}).items():
+                print(f"{kernel}: {config}  <-  {key}")
     return 0
 
 

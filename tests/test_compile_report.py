@@ -44,7 +44,7 @@ def test_compile_report_quick_subset(tmp_path):
         assert row["loop_spill"] == 0, f"{label}: spill instructions in the main loop"
         if not row["config"].endswith(" tma"):
             # Triton syncs after each group of wgmma: 2 for the product (and 1 more); the ∂C/∂b kernel's sums by
-            # MMA against a ones tile (dense._matmul_tile) are 2 groups more.
+            # MMA against a ones tile (dense._row_sums_add) are 2 groups more.
             bound = 5 if row["kernel"].startswith("dW prologue+db") else 3
             assert row["loop_bar"] <= bound, f"{label}: {row['loop_bar']} bar.sync per main-loop iteration"
 

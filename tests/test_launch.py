@@ -372,7 +372,7 @@ def _stub_gpu(monkeypatch, compiled_kernel=None):
     compiled_kernel), a stub timer, an H100's shared memory, a 'compiled for NVIDIA' launch, a stream handle."""
     from triton.runtime import jit
 
-    params = jit.JITFunction(dense._matmul_kernel.fn).params
+    params = jit.JITFunction(dense._forward_kernel.fn).params  # the launches below are forwards
     runs, timings = [], []
 
     class StubKernel:
@@ -386,10 +386,9 @@ def _stub_gpu(monkeypatch, compiled_kernel=None):
             runs.append((args, kwargs, warmup))
             return compiled_kernel
 
-    tuner = triton.autotune(configs=dense.matmul_configs(), key=dense._TUNING_KEY,
-                            prune_configs_by={"early_config_prune": dense._prune_configs},
-                            do_bench=lambda kernel_call, quantiles: (timings.append(1), [1.0] * 3)[1])(StubKernel())
-    monkeypatch.setattr(dense, "_autotuned_matmul", lambda: tuner)
+    tuner = dense.make_autotuner("_forward_kernel", StubKernel(), cache_results=False,
+                                 do_bench=lambda kernel_call, quantiles: (timings.append(1), [1.0] * 3)[1])
+    monkeypatch.setattr(dense, "_autotuned_matmul", lambda kernel: tuner)
     monkeypatch.setattr(dense, "_fixed_config", lambda fp64, use_dot: None)
     monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 232448)
     monkeypatch.setattr(dense, "_inline_ptx", lambda device: True)

@@ -2,20 +2,28 @@
 
 The equations are stated once, with shapes, in ``manualbp/reference.py``; the
 kernels below compute exactly those, in denominator layout (a gradient has the
-shape of its variable). With x [M, K], weight [N, K], bias [N]:
+shape of its variable). With x [M, K], weight [N, K], bias [N], one kernel per role:
 
-    forward     Z = X Wᵀ + b      [M, N] = [M, K] [K, N] + [N]   _matmul_kernel, A = X, B = Wᵀ (strides only),
-                A = f(Z)                                          bias and f fused in the epilogue
-    backward    δ = G ⊙ f'(Z)     [M, N]                         formed as the ∂C/∂X matmul loads its left factor
-                                                                  (A_PROLOGUE), which also stores it where ∂C/∂W
-                                                                  is wanted too (STORE_DELTA)
-                ∂C/∂X = δ W       [M, K] = [M, N] [N, K]         _matmul_kernel, A = δ, B = W
-                ∂C/∂W = δᵀ X      [N, K] = [N, M] [M, K]         _matmul_kernel, A = δᵀ (strides only), B = X;
-                                                                  δ formed on load where no ∂C/∂X stored it
-                ∂C/∂b = 1ᵀ δ      [N]                            row sums of the δᵀ tiles the ∂C/∂W matmul loads,
+    forward     Z = X Wᵀ + b      [M, N] = [M, K] [K, N] + [N]   _forward_kernel, Wᵀ by strides only;
+                A = f(Z)                                          bias and f (and Z or f'(Z)) in the epilogue
+    backward    δ = G ⊙ f'(Z)     [M, N]                         formed as the ∂C/∂X matmul loads its left factor,
+                                                                  which also stores it where ∂C/∂W is wanted too
+                                                                  (STORE_DELTA)
+                ∂C/∂X = δ W       [M, K] = [M, N] [N, K]         _grad_x_kernel (δ in the loads), or _matmul_kernel
+                                                                  for a stored δ and for identity
+                ∂C/∂W = δᵀ X      [N, K] = [N, M] [M, K]         _grad_weight_kernel, δᵀ by strides only; δ formed
+                                                                  on load where no ∂C/∂X stored it
+                ∂C/∂b = 1ᵀ δ      [N]                            row sums of the δᵀ tiles _grad_weight_kernel loads,
                                                                   summed in its loop: 16-bit data by the tensor cores
                                                                   (δᵀ times a tile of ones), else in registers
+    MLP         δₗ₋₁ = (δₗ Wₗ) ⊙ fₗ₋₁'(Zₗ₋₁), ∂C/∂bₗ₋₁            _grad_below_kernel: f' and column sums in the epilogue
+    plain       A B                                               _matmul_kernel (manualbp's matmul, δ W, δᵀ X)
     recompute   A = f(Z)          [M, N]                         _activation_kernel (manualbp.MLP, recompute=True)
+
+The role kernels are composed from shared @triton.jit parts: _source (an operand's pointer or TMA descriptor),
+_tile_walk (one output tile, or a persistent walk), _main_loop (the K loop, with the δ prologue _prologue_factor
+and the ∂C/∂b row sums _row_sums_start/_add/_end as options), and the epilogues (_forward_epilogue, _slice_times_f_prime with
+_store_column_sums, _store_tile, _store_in_slices). jvp.py's kernel uses the same parts for its epilogue.
 
 What the backward reads for f' (the "saved kind", chosen in manualbp/function.py):
 A where f' can be computed from it (relu, leaky_relu with slope >= 0, sigmoid,
@@ -28,10 +36,10 @@ only where it is a select (relu, leaky_relu); otherwise (manualbp.MLP keeps Z, t
 recompute A) δ takes one elementwise pass, _delta_kernel, which also writes
 per-block column sums for ∂C/∂b (summed in a fixed order: deterministic, no atomics).
 
-On Hopper (sm_90+) the autotuner also tries TMA configs of the same kernel (TMA=True):
-operand tiles through device-side tensor descriptors and a persistent grid, one program
-per SM walking the output tiles, as Triton's tutorial 09; same prologues and epilogues
-(_matmul_tile), kept only where _tma_layout finds every operand describable.
+On Hopper (sm_90+) the autotuner also tries TMA configs of every matmul kernel (TMA=True):
+operand tiles through device-side tensor descriptors and a persistent grid, at most one
+program per SM walking the output tiles, as Triton's tutorial 09; same prologues and epilogues,
+kept only where _tma_layout finds every operand describable (docs/kernels.md: why device-side).
 
 Every launch goes through a cached launch plan per role (``launch.py``, whose docstring states the interface):
 a warm call allocates its outputs, builds its arguments and calls the compiled kernel's launcher.
@@ -241,99 +249,255 @@ def _store_column_sums(delta, partial_ptr, tile_row, offs_n, M, N, BLOCK_M: tl.c
     tl.store(partial_ptr + rows[:, None] * N + offs_n[None, :], sums, mask=mask)
 
 
+# The role kernels below share one skeleton: operand sources (pointers, or with TMA device-side descriptors made
+# once per program), the output tiles this program owns (one, or with TMA a persistent walk: _tile_walk), and per
+# tile the shared main loop (_main_loop) and the role's epilogue. Their parameters follow the product they compute,
+# out [M, N] = A [M, K] B [K, N]: for ∂C/∂X = δ W, M rows, N = in_features, K = out_features. Each takes only what
+# its role reads; the optional outputs and inputs of a role (bias, Z, δ, ∂C/∂b sums) are flagged, their pointers
+# then not read. tune_m, tune_n, tune_k: M, N, K rounded up to the autotuner's buckets (_tuning_bucket), not read:
+# Triton's autotuner keys on named arguments only.
+
+
 @triton.jit
 def _matmul_kernel(
-    a_ptr,  # left factor A [M, K]; with A_PROLOGUE, G, and the factor is G ⊙ f'(saved)
-    b_ptr,  # right factor B [K, N]
-    bias_ptr,  # bias [N]; read only when HAS_BIAS
-    out_ptr,  # output [M, N]: f(A B + bias) with the epilogue, A B without
-    z_ptr,  # pre-activation Z = A B + bias [M, N], or f'(Z) with F_PRIME_AS_Z; written only when WRITE_Z.
-            # With STORE_DELTA, δ [M, K], the prologue's left factor
-    M,  # rows of A and of the output
-    N,  # columns of B and of the output
-    K,  # the contracted dimension
-    stride_am, stride_ak,  # A's strides, in elements
-    stride_bk, stride_bn,  # B's strides
-    stride_om, stride_on,  # output's strides
-    stride_zm, stride_zn,  # Z's strides
-    stride_bias,  # bias's stride (a sliced bias is not contiguous)
-    saved_ptr,  # what f' comes from (SAVED_KIND): [M, N] like the output with GRAD_EPILOGUE, [M, K] like A
-                # with A_PROLOGUE; not read otherwise
-    stride_s0, stride_s1,  # its strides (rows, columns)
-    partial_ptr,  # [cdiv(M, PARTIAL_ROWS), N] column sums of the output; written only with WRITE_PARTIALS
-    row_sum_ptr,  # [M] row sums of the prologue's factor over K; written only with ROW_SUMS
-    tune_m, tune_n, tune_k,  # M, N, K rounded up to the autotuner's buckets (_tuning_bucket): its key, not read
-    num_sms,  # programs of a persistent (TMA) launch, one per SM; not read otherwise
-    HAS_BIAS: tl.constexpr,  # add bias[None, :] to every row
-    ACTIVATION: tl.constexpr,  # kernel id of f (0 = identity)
-    NEGATIVE_SLOPE: tl.constexpr,  # leaky_relu's slope (unused otherwise)
-    WRITE_Z: tl.constexpr,  # also store Z (needed when f' must be computed from Z)
-    F_PRIME_AS_Z: tl.constexpr,  # with WRITE_Z: store f'(Z) instead of Z (what the backward needs of it)
+    a_ptr,  # A [M, K]
+    b_ptr,  # B [K, N]
+    out_ptr,  # A B [M, N], written
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on,
+    tune_m, tune_n, tune_k,
     USE_DOT: tl.constexpr,  # tl.dot, or the fp64 FMA fallback
     INPUT_PRECISION: tl.constexpr,  # "ieee", or "tf32" only when PyTorch allows TF32
     ACC_FP64: tl.constexpr,  # accumulate in float64 (float64 data) instead of float32
-    GRAD_EPILOGUE: tl.constexpr,  # output (A B) ⊙ f'(saved), the δ of the layer below, instead of f(A B + b)
-    A_PROLOGUE: tl.constexpr,  # the left factor is δ = G ⊙ f'(saved), formed as each G tile is loaded
-    SAVED_KIND: tl.constexpr,  # with GRAD_EPILOGUE or A_PROLOGUE: saved is Z, A or f'(Z) (SAVED_*)
-    WRITE_PARTIALS: tl.constexpr,  # with GRAD_EPILOGUE: store the output's column sums (that layer's ∂C/∂b)
-    ROW_SUMS: tl.constexpr,  # store the row sums of the left factor (δ, formed by A_PROLOGUE or stored; of δᵀ in
-                             # the ∂C/∂W matmul: ∂C/∂b), summed in the loop (_matmul_tile) in K steps of
-                             # _sum_block_k(...) (STEP_K); BLOCK_K a multiple of it (_sums_in_k_steps_of)
-    EPILOGUE_SPLIT: tl.constexpr,  # the epilogue (forward, or GRAD_EPILOGUE) works on this many column slices of
-                                   # the tile, one at a time (1, 2, 4 or 8): a whole large tile at once would spill
-    PARTIAL_ROWS: tl.constexpr,  # rows per column-sum group; divides BLOCK_M
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,  # the store in this many column slices (1, 2, 4 or 8)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # rows of tiles visited together, for L2 reuse
-    A_TRANSPOSED: tl.constexpr = False,  # A (and the prologue's saved tensor) is stored as its transpose: stride 1
-                                         # along M (δᵀ in ∂C/∂W); how TMA must describe it
-    B_TRANSPOSED: tl.constexpr = False,  # B is stored as its transpose: stride 1 along K (Wᵀ in the forward)
-    TMA_OK: tl.constexpr = False,  # the launcher found TMA usable: sm_90+, this Triton's descriptors, 16-byte
-                                   # aligned bases and strides (the pruning reads it; in the key)
-    TMA: tl.constexpr = False,  # the config: operand tiles by TMA descriptors, a persistent grid of num_sms programs
-    EVEN_K: tl.constexpr = False,  # K is a multiple of BLOCK_K: no partial K step, the loop's loads need no mask
-    PACKED_PAIRS: tl.constexpr = False,  # a compiled NVIDIA GPU with packed 16-bit instructions (_packed_pairs): the
-                                         # prologue's relu/leaky_relu selects, tanh/sigmoid arithmetic, two lanes each
-    STORE_DELTA: tl.constexpr = False,  # with A_PROLOGUE: also store δ to z_ptr, a share of its columns per output
-                                        # tile (_store_delta_share), for a plain ∂C/∂W matmul after this ∂C/∂X one
-    INLINE_PTX: tl.constexpr = False,  # compiled for an NVIDIA GPU (_inline_ptx): δ is kept out of FMA contraction
+    A_TRANSPOSED: tl.constexpr = False,  # A stored as its transpose (stride 1 along M): how TMA must describe it
+    B_TRANSPOSED: tl.constexpr = False,  # B stored as its transpose (stride 1 along K)
+    TMA_OK: tl.constexpr = False,  # the launcher found TMA usable (the pruning reads it; in the key)
+    TMA: tl.constexpr = False,  # the config: operand tiles by TMA descriptors, a persistent grid
+    EVEN_K: tl.constexpr = False,  # K a multiple of BLOCK_K: the pointer loads need no mask
+):
+    """out = A B: the plain product (dense.matmul: the MLP's δᵀ X and δ₀ W₀; δ W, δᵀ X of a stored δ)."""
+    a_src, b_src = _sources(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, BLOCK_M, BLOCK_N,
+                            BLOCK_K, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA, TMA_OK)
+    first, last, step = _tile_walk(M, N, BLOCK_M, BLOCK_N, TMA)
+    for tile in tl.range(first, last, step):
+        pid_m, pid_n = _tile_position(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = _product(pid_m, pid_n, a_src, b_src, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, USE_DOT,
+                       INPUT_PRECISION, ACC_FP64, BLOCK_M, BLOCK_N, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA,
+                       EVEN_K)
+        _store_in_slices(acc, pid_m, pid_n, M, N, out_ptr, stride_om, stride_on, BLOCK_M, BLOCK_N, EPILOGUE_SPLIT)
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr,  # X [M, K]
+    weight_ptr,  # W [N, K], read as Wᵀ [K, N] through swapped strides
+    bias_ptr,  # b [N]; read only with HAS_BIAS
+    a_ptr,  # A = f(Z) [M, N], written
+    z_ptr,  # Z = X Wᵀ + b [M, N], or f'(Z) with F_PRIME_AS_Z; written only with WRITE_Z
+    M, N, K,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_am, stride_an, stride_zm, stride_zn,
+    stride_bias,  # b's stride (a sliced bias is not contiguous)
+    tune_m, tune_n, tune_k,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # kernel id of f (0 = identity)
+    NEGATIVE_SLOPE: tl.constexpr,  # leaky_relu's slope (unused otherwise)
+    WRITE_Z: tl.constexpr,  # also store Z (the backward's f' needs it)
+    F_PRIME_AS_Z: tl.constexpr,  # with WRITE_Z: store f'(Z) instead of Z
+    USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,  # as _matmul_kernel's
+    EPILOGUE_SPLIT: tl.constexpr,  # bias, f and f' in this many column slices: a whole large tile at once spills
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_TRANSPOSED: tl.constexpr = False, B_TRANSPOSED: tl.constexpr = False, TMA_OK: tl.constexpr = False,
+    TMA: tl.constexpr = False, EVEN_K: tl.constexpr = False,
+):
+    """Z = X Wᵀ + b, A = f(Z) (manualbp/reference.py's linear_forward): the main loop, then bias, f and Z (or f'(Z))
+    in the epilogue."""
+    x_src, w_src = _sources(x_ptr, weight_ptr, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn, BLOCK_M, BLOCK_N,
+                            BLOCK_K, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA, TMA_OK)
+    first, last, step = _tile_walk(M, N, BLOCK_M, BLOCK_N, TMA)
+    for tile in tl.range(first, last, step):
+        pid_m, pid_n = _tile_position(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = _product(pid_m, pid_n, x_src, w_src, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn, USE_DOT,
+                       INPUT_PRECISION, ACC_FP64, BLOCK_M, BLOCK_N, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA,
+                       EVEN_K)
+        # The epilogue in EPILOGUE_SPLIT column slices, one after the other, as Triton's tutorial 09 splits its own.
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        parts = _column_slices(acc, EPILOGUE_SPLIT)
+        for i in tl.static_range(EPILOGUE_SPLIT):
+            part_n = _slice_columns(pid_n, i, BLOCK_N, EPILOGUE_SPLIT)
+            _forward_epilogue(parts[i], offs_m, part_n, M, N, bias_ptr, stride_bias, z_ptr, stride_zm, stride_zn,
+                              a_ptr, stride_am, stride_an, HAS_BIAS, ACTIVATION, NEGATIVE_SLOPE, WRITE_Z, F_PRIME_AS_Z)
+
+
+@triton.jit
+def _grad_x_kernel(
+    g_ptr,  # G = ∂C/∂A [M, K] (K = out_features): the left factor is δ = G ⊙ f'(saved), formed as it is loaded
+    weight_ptr,  # W [K, N]
+    saved_ptr,  # what f' comes from [M, K] (SAVED_KIND)
+    out_ptr,  # ∂C/∂X = δ W [M, N], written
+    delta_ptr,  # δ [M, K]; written only with STORE_DELTA
+    M, N, K,
+    stride_gm, stride_gk, stride_wk, stride_wn, stride_sm, stride_sk, stride_om, stride_on, stride_dm, stride_dk,
+    tune_m, tune_n, tune_k,
+    ACTIVATION: tl.constexpr,  # kernel id of f, not identity (whose ∂C/∂X is _matmul_kernel's plain G W)
+    NEGATIVE_SLOPE: tl.constexpr,
+    SAVED_KIND: tl.constexpr,  # saved is Z, A or f'(Z) (SAVED_*)
+    STORE_DELTA: tl.constexpr,  # also store δ, a share of its columns per output tile (_store_delta_share), for a
+                                # plain ∂C/∂W matmul after this one
+    USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_TRANSPOSED: tl.constexpr = False, B_TRANSPOSED: tl.constexpr = False, TMA_OK: tl.constexpr = False,
+    TMA: tl.constexpr = False, EVEN_K: tl.constexpr = False,
+    PACKED_PAIRS: tl.constexpr = False,  # a compiled NVIDIA GPU with packed 16-bit instructions (_packed_pairs)
+):
+    """∂C/∂X = δ W with δ = G ⊙ f'(Z) formed in the loads (the prologue, _prologue_factor): nothing left for the
+    epilogue but the store."""
+    g_src, w_src = _sources(g_ptr, weight_ptr, M, N, K, stride_gm, stride_gk, stride_wk, stride_wn, BLOCK_M, BLOCK_N,
+                            BLOCK_K, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA, TMA_OK)
+    s_src = _source(saved_ptr, M, K, stride_sm, stride_sk, BLOCK_M, BLOCK_K, A_TRANSPOSED, TMA, TMA_OK)
+    compute_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32  # the accumulator's
+    first, last, step = _tile_walk(M, N, BLOCK_M, BLOCK_N, TMA)
+    for tile in tl.range(first, last, step):
+        pid_m, pid_n = _tile_position(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        if STORE_DELTA:
+            _store_delta_share(g_ptr, saved_ptr, delta_ptr, offs_m, offs_m < M, pid_n, N, K, stride_gm, stride_gk,
+                               stride_sm, stride_sk, stride_dm, stride_dk, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND,
+                               compute_dtype, PACKED_PAIRS, BLOCK_N, BLOCK_K)
+        acc, _ = _main_loop(pid_m, pid_n, g_src, w_src, s_src, M, N, K, stride_gm, stride_gk, stride_wk, stride_wn,
+                            stride_sm, stride_sk, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, False,
+                            out_ptr.dtype.element_ty, USE_DOT, INPUT_PRECISION, ACC_FP64, BLOCK_M, BLOCK_N, BLOCK_K,
+                            BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, False)
+        _store_tile(acc, offs_m, pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N), M, N, out_ptr, stride_om,
+                    stride_on)
+
+
+@triton.jit
+def _grad_weight_kernel(
+    g_ptr,  # Gᵀ [M, K] (M = out_features, K = rows), read through swapped strides; the left factor is δᵀ, formed
+            # on load where ACTIVATION is not identity, else Gᵀ is δᵀ itself (stored by ∂C/∂X or a δ pass)
+    x_ptr,  # X [K, N]
+    saved_ptr,  # what f' comes from, transposed like Gᵀ [M, K]; read only where ACTIVATION is not identity
+    out_ptr,  # ∂C/∂W = δᵀ X [M, N], written
+    row_sum_ptr,  # ∂C/∂b = 1ᵀ δ [M], the row sums of δᵀ (accumulator dtype); written only with ROW_SUMS
+    M, N, K,
+    stride_gm, stride_gk, stride_xk, stride_xn, stride_sm, stride_sk, stride_om, stride_on,
+    tune_m, tune_n, tune_k,
+    ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, SAVED_KIND: tl.constexpr,
+    ROW_SUMS: tl.constexpr,  # form ∂C/∂b, summed in the loop in K steps of _sum_block_k(...) (STEP_K) whatever
+                             # BLOCK_K (a multiple of it, _sums_in_k_steps_of): the same bits on every tile
+    USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_TRANSPOSED: tl.constexpr = False, B_TRANSPOSED: tl.constexpr = False, TMA_OK: tl.constexpr = False,
+    TMA: tl.constexpr = False, EVEN_K: tl.constexpr = False, PACKED_PAIRS: tl.constexpr = False,
+    INLINE_PTX: tl.constexpr = False,  # compiled for an NVIDIA GPU (_inline_ptx): δ kept out of FMA contraction
                                        # before its sums (_materialised)
 ):
-    # The loop's K step: BLOCK_K, or with ROW_SUMS the sums' own step (_sum_block_k), taken BLOCK_K // STEP_K times
-    # per iteration: ∂C/∂b is then summed in the same order at every BLOCK_K, and a K step of 128 still pays the
+    """∂C/∂W = δᵀ X, with δ formed in the loads where it is not stored, and ∂C/∂b = 1ᵀ δ as the row sums of the δᵀ
+    tiles the loop loads (16-bit data: by the tensor cores against a tile of ones; else in registers)."""
+    # The loop's K step: BLOCK_K, or with ROW_SUMS the sums' own step, taken BLOCK_K // STEP_K times per
+    # iteration: ∂C/∂b is then summed in the same order at every BLOCK_K, and a K step of 128 still pays the
     # loop's per-iteration costs (barriers, waits, TMA issue) once per 128.
     SUMS_BY_MMA: tl.constexpr = USE_DOT and out_ptr.dtype.element_ty.primitive_bitwidth == 16
     STEP_K: tl.constexpr = (SUM_BLOCK_K.value if SUMS_BY_MMA else WIDE_SUM_BLOCK_K.value) if ROW_SUMS else BLOCK_K
+    g_src, x_src = _sources(g_ptr, x_ptr, M, N, K, stride_gm, stride_gk, stride_xk, stride_xn, BLOCK_M, BLOCK_N,
+                            BLOCK_K, STEP_K, A_TRANSPOSED, B_TRANSPOSED, TMA, TMA_OK)
+    s_src = _source(saved_ptr, M, K, stride_sm, stride_sk, BLOCK_M, STEP_K, A_TRANSPOSED,
+                    TMA and ACTIVATION != act.IDENTITY, TMA_OK)
+    first, last, step = _tile_walk(M, N, BLOCK_M, BLOCK_N, TMA)
+    for tile in tl.range(first, last, step):
+        pid_m, pid_n = _tile_position(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc, row_sums = _main_loop(pid_m, pid_n, g_src, x_src, s_src, M, N, K, stride_gm, stride_gk, stride_xk,
+                                   stride_xn, stride_sm, stride_sk, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, ROW_SUMS,
+                                   out_ptr.dtype.element_ty, USE_DOT, INPUT_PRECISION, ACC_FP64, BLOCK_M, BLOCK_N,
+                                   BLOCK_K, STEP_K, A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        if ROW_SUMS:
+            if pid_n == 0:  # every column tile has the same row sums; the first one stores them
+                tl.store(row_sum_ptr + offs_m, row_sums, mask=offs_m < M)
+        _store_tile(acc, offs_m, pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N), M, N, out_ptr, stride_om,
+                    stride_on)
+
+
+@triton.jit
+def _grad_below_kernel(
+    delta_ptr,  # δₗ [M, K] of a layer of manualbp.MLP (K = its out_features)
+    weight_ptr,  # Wₗ [K, N]
+    saved_ptr,  # what fₗ₋₁' comes from [M, N] (SAVED_KIND): Zₗ₋₁, Aₗ₋₁ or fₗ₋₁'(Zₗ₋₁); not read for identity
+    out_ptr,  # δₗ₋₁ = (δₗ Wₗ) ⊙ fₗ₋₁'(Zₗ₋₁) [M, N], written
+    partial_ptr,  # [cdiv(M, PARTIAL_ROWS), N] column sums of δₗ₋₁ (its ∂C/∂b); written only with WRITE_PARTIALS
+    M, N, K,
+    stride_dm, stride_dk, stride_wk, stride_wn, stride_sm, stride_sn, stride_om, stride_on,
+    tune_m, tune_n, tune_k,
+    ACTIVATION: tl.constexpr,  # kernel id of fₗ₋₁
+    NEGATIVE_SLOPE: tl.constexpr, SAVED_KIND: tl.constexpr,
+    WRITE_PARTIALS: tl.constexpr,
+    USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,  # f' and the column sums in this many column slices (their tree spills at once)
+    PARTIAL_ROWS: tl.constexpr,  # rows per column-sum group; divides BLOCK_M
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_TRANSPOSED: tl.constexpr = False, B_TRANSPOSED: tl.constexpr = False, TMA_OK: tl.constexpr = False,
+    TMA: tl.constexpr = False, EVEN_K: tl.constexpr = False, INLINE_PTX: tl.constexpr = False,
+):
+    """The backward of a stack: acc = δₗ Wₗ = ∂C/∂Aₗ₋₁ (G of the layer below), so this tile of δₗ₋₁ = G ⊙ f'(Zₗ₋₁)
+    is formed in the epilogue instead of in a separate pass, with its column sums."""
+    d_src, w_src = _sources(delta_ptr, weight_ptr, M, N, K, stride_dm, stride_dk, stride_wk, stride_wn, BLOCK_M,
+                            BLOCK_N, BLOCK_K, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA, TMA_OK)
+    first, last, step = _tile_walk(M, N, BLOCK_M, BLOCK_N, TMA)
+    for tile in tl.range(first, last, step):
+        pid_m, pid_n = _tile_position(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = _product(pid_m, pid_n, d_src, w_src, M, N, K, stride_dm, stride_dk, stride_wk, stride_wn, USE_DOT,
+                       INPUT_PRECISION, ACC_FP64, BLOCK_M, BLOCK_N, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA,
+                       EVEN_K)
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        parts = _column_slices(acc, EPILOGUE_SPLIT)
+        for i in tl.static_range(EPILOGUE_SPLIT):
+            part_n = _slice_columns(pid_n, i, BLOCK_N, EPILOGUE_SPLIT)
+            # G unrounded (the accumulator's) times f'
+            out, mask = _slice_times_f_prime(parts[i], offs_m, part_n, M, N, saved_ptr, stride_sm, stride_sn,
+                                             ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)
+            if WRITE_PARTIALS:
+                out = tl.where(mask, out, 0.0)  # the wrapped rows and columns must not reach the sums
+                out = _materialised(out, INLINE_PTX)
+                _store_column_sums(out, partial_ptr, pid_m, part_n, M, N, BLOCK_M, BLOCK_N // EPILOGUE_SPLIT,
+                                   PARTIAL_ROWS)
+            _store_tile(out, offs_m, part_n, M, N, out_ptr, stride_om, stride_on)
+
+
+@triton.jit
+def _tile_walk(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """(first, stop, step) of the output tiles this program computes: its own one, or with TMA (a persistent grid
+    of at most one program per SM, launch.Plan.grid) tiles program_id, + programs, ... as Triton's tutorial 09."""
     if TMA:
-        # Hopper: Triton's tutorial 09 design. The descriptors are made once per program; each program then walks
-        # the output tiles pid, pid + num_sms, ... (a persistent grid, one program per SM).
-        tl.static_assert(TMA_OK, "TMA configs only where the launcher found TMA usable")
-        a_desc = _descriptor(a_ptr, M, K, stride_am, stride_ak, BLOCK_M, STEP_K, A_TRANSPOSED)
-        b_desc = _descriptor(b_ptr, K, N, stride_bk, stride_bn, STEP_K, BLOCK_N, B_TRANSPOSED)
-        if A_PROLOGUE and ACTIVATION != act.IDENTITY:  # the saved tensor's tiles walk along with A's
-            s_desc = _descriptor(saved_ptr, M, K, stride_s0, stride_s1, BLOCK_M, STEP_K, A_TRANSPOSED)
-        else:
-            s_desc = saved_ptr  # not read in the loop
-        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-        for tile in tl.range(tl.program_id(0), num_tiles, num_sms):
-            pid_m, pid_n = _tile_position(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-            _matmul_tile(pid_m, pid_n, a_ptr, a_desc, b_desc, s_desc, bias_ptr, out_ptr, z_ptr, M, N, K,
-                         stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_zm, stride_zn,
-                         stride_bias, saved_ptr, stride_s0, stride_s1, partial_ptr, row_sum_ptr,
-                         HAS_BIAS, ACTIVATION, NEGATIVE_SLOPE, WRITE_Z, F_PRIME_AS_Z, USE_DOT, INPUT_PRECISION,
-                         ACC_FP64, GRAD_EPILOGUE, A_PROLOGUE, SAVED_KIND, WRITE_PARTIALS, ROW_SUMS, EPILOGUE_SPLIT,
-                         PARTIAL_ROWS, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K, SUMS_BY_MMA, A_TRANSPOSED, B_TRANSPOSED,
-                         True, STORE_DELTA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
+        walk = (tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), tl.num_programs(0))
     else:
-        pid_m, pid_n = _tile_position(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        _matmul_tile(pid_m, pid_n, a_ptr, a_ptr, b_ptr, saved_ptr, bias_ptr, out_ptr, z_ptr, M, N, K,
-                     stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_zm, stride_zn,
-                     stride_bias, saved_ptr, stride_s0, stride_s1, partial_ptr, row_sum_ptr,
-                     HAS_BIAS, ACTIVATION, NEGATIVE_SLOPE, WRITE_Z, F_PRIME_AS_Z, USE_DOT, INPUT_PRECISION,
-                     ACC_FP64, GRAD_EPILOGUE, A_PROLOGUE, SAVED_KIND, WRITE_PARTIALS, ROW_SUMS, EPILOGUE_SPLIT,
-                     PARTIAL_ROWS, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K, SUMS_BY_MMA, A_TRANSPOSED, B_TRANSPOSED,
-                     False, STORE_DELTA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
+        walk = (tl.program_id(0), tl.program_id(0) + 1, 1)
+    return walk
+
+
+@triton.jit
+def _sources(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STEP_K: tl.constexpr, A_TRANSPOSED: tl.constexpr,
+             B_TRANSPOSED: tl.constexpr, TMA: tl.constexpr, TMA_OK: tl.constexpr):
+    """_source of both factors, A [M, K] in [BLOCK_M, STEP_K] tiles and B [K, N] in [STEP_K, BLOCK_N] tiles."""
+    a_src = _source(a_ptr, M, K, stride_am, stride_ak, BLOCK_M, STEP_K, A_TRANSPOSED, TMA, TMA_OK)
+    b_src = _source(b_ptr, K, N, stride_bk, stride_bn, STEP_K, BLOCK_N, B_TRANSPOSED, TMA, TMA_OK)
+    return a_src, b_src
+
+
+@triton.jit
+def _source(ptr, rows, cols, stride_rows, stride_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+            TRANSPOSED: tl.constexpr, TMA: tl.constexpr, TMA_OK: tl.constexpr):
+    """Where the main loop reads a [rows, cols] operand: its pointer, or with TMA a _descriptor for
+    [BLOCK_ROWS, BLOCK_COLS] tiles, made once per program."""
+    if TMA:
+        tl.static_assert(TMA_OK, "TMA configs only where the launcher found TMA usable")
+        src = _descriptor(ptr, rows, cols, stride_rows, stride_cols, BLOCK_ROWS, BLOCK_COLS, TRANSPOSED)
+    else:
+        src = ptr
+    return src
 
 
 @triton.jit
@@ -361,28 +525,28 @@ def _descriptor_tile(desc, row, col, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def _matmul_tile(
+def _main_loop(
     pid_m, pid_n,  # which output tile
-    a_ptr,  # A's pointer (read only by STORE_DELTA's share)
-    a_src, b_src, s_src,  # A, B and the prologue's saved tensor: pointers, or with TMA their descriptors
-    bias_ptr, out_ptr, z_ptr, M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_zm, stride_zn, stride_bias,
-    saved_ptr, stride_s0, stride_s1, partial_ptr, row_sum_ptr,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, WRITE_Z: tl.constexpr,
-    F_PRIME_AS_Z: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
-    GRAD_EPILOGUE: tl.constexpr, A_PROLOGUE: tl.constexpr, SAVED_KIND: tl.constexpr, WRITE_PARTIALS: tl.constexpr,
-    ROW_SUMS: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr, PARTIAL_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STEP_K: tl.constexpr, SUMS_BY_MMA: tl.constexpr,
-    A_TRANSPOSED: tl.constexpr, B_TRANSPOSED: tl.constexpr, TMA: tl.constexpr, STORE_DELTA: tl.constexpr,
-    EVEN_K: tl.constexpr, PACKED_PAIRS: tl.constexpr, INLINE_PTX: tl.constexpr,
+    a_src, b_src, s_src,  # A, B and the prologue's saved tensor (_source: pointers, or with TMA descriptors)
+    M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_s0, stride_s1,
+    ACTIVATION: tl.constexpr,  # the prologue's f: identity (no prologue), or δ = A ⊙ f'(saved) as A is loaded
+    NEGATIVE_SLOPE: tl.constexpr, SAVED_KIND: tl.constexpr,
+    ROW_SUMS: tl.constexpr,  # also sum the left factor's rows over K (∂C/∂b in the ∂C/∂W matmul)
+    SUM_DTYPE: tl.constexpr,  # the output's dtype: 16-bit row sums by the tensor cores (SUMS_BY_MMA)
+    USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STEP_K: tl.constexpr,  # the loop's K step: BLOCK_K, or the row sums' (_grad_weight_kernel); divides BLOCK_K
+    A_TRANSPOSED: tl.constexpr, B_TRANSPOSED: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr,
+    PACKED_PAIRS: tl.constexpr, INLINE_PTX: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] output tile of _matmul_kernel (whose arguments these are): its K loop and epilogue.
-    Each iteration takes K in BLOCK_K // STEP_K steps of STEP_K (one but with ROW_SUMS: _matmul_kernel)."""
+    """The K loop of one [BLOCK_M, BLOCK_N] output tile: (acc = A B in the accumulator's dtype, the row sums of the
+    left factor [BLOCK_M] with ROW_SUMS, else acc's first column, unused). Each iteration takes K in
+    BLOCK_K // STEP_K steps of STEP_K."""
+    SUMS_BY_MMA: tl.constexpr = USE_DOT and SUM_DTYPE.primitive_bitwidth == 16
     # 64-bit offsets: M*stride may exceed 2**31.
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, STEP_K).to(tl.int64)
-    mask_m = offs_m < M
     # (TMA loads need no mask: EVEN_K is read by the pointer loads only)
     tl.static_assert(TMA or not EVEN_K or EVEN_K_STEP % BLOCK_K == 0, "EVEN_K pointer loads need BLOCK_K | EVEN_K_STEP")
     tl.static_assert(BLOCK_K % STEP_K == 0, "BLOCK_K is a multiple of the loop's K step")
@@ -395,7 +559,7 @@ def _matmul_tile(
         b_ptrs = b_src + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
         a_step = tl.cast(stride_ak, tl.int64) * STEP_K
         b_step = tl.cast(stride_bk, tl.int64) * STEP_K
-        # The prologue's saved tensor walks along with A (used only with A_PROLOGUE).
+        # The prologue's saved tensor walks along with A (used only with a prologue).
         s_ptrs = s_src + rows[:, None] * stride_s0 + offs_k[None, :] * stride_s1
         s_step = tl.cast(stride_s1, tl.int64) * STEP_K
 
@@ -403,22 +567,8 @@ def _matmul_tile(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if STORE_DELTA:
-        _store_delta_share(a_ptr, saved_ptr, z_ptr, offs_m, mask_m, pid_n, N, K, stride_am, stride_ak, stride_s0,
-                           stride_s1, stride_zm, stride_zn, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, acc.dtype,
-                           PACKED_PAIRS, BLOCK_N, BLOCK_K)
     if ROW_SUMS:
-        # 1ᵀ δ, summed in the loop without a reduction or data movement, in an order no tile choice changes.
-        # 16-bit data (SUMS_BY_MMA): the tensor cores add δ's rows up, δ [BLOCK_M, STEP_K] times a [STEP_K,
-        # SUM_COLUMNS] tile of ones (exact products, a float32 sum over K in the MMA's fixed order: the same on every
-        # tile); 2.5x fewer loop instructions than adding the tile up in registers. Otherwise (float32, float64) a
-        # running sum in registers: per row, over K in WIDE_SUM_BLOCK_K steps, then a fixed pairwise tree after the
-        # loop. Either way STEP_K is the sums' step (_sum_block_k: _matmul_kernel sets it so), whatever BLOCK_K.
-        if SUMS_BY_MMA:
-            ones = tl.full((STEP_K, SUM_COLUMNS), 1.0, out_ptr.dtype.element_ty)
-            running_sums = tl.zeros((BLOCK_M, SUM_COLUMNS), dtype=acc.dtype)
-        else:
-            running_sums = tl.zeros((BLOCK_M, STEP_K), dtype=acc.dtype)
+        running_sums = _row_sums_start(BLOCK_M, STEP_K, SUMS_BY_MMA, acc.dtype)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         for step in tl.static_range(BLOCK_K // STEP_K):
             k_step = k * (BLOCK_K // STEP_K) + step  # in units of STEP_K
@@ -427,21 +577,16 @@ def _matmul_tile(
             else:
                 mask_k = _k_step_mask(offs_k, k_step, K, STEP_K, EVEN_K)
                 a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
-            if A_PROLOGUE:
-                if ACTIVATION != act.IDENTITY:
-                    if TMA:
-                        saved = _descriptor_tile(s_src, pid_m * BLOCK_M, k_step * STEP_K, A_TRANSPOSED)
-                    else:
-                        saved = tl.load(s_ptrs, mask=mask_k[None, :], other=0.0)
-                        s_ptrs += s_step
-                    # δ = G ⊙ f'(saved) for this tile, rounded to the data dtype as a stored δ would be.
-                    a = _prologue_factor(a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, acc.dtype, PACKED_PAIRS)
-            if ROW_SUMS:
-                # δ as rounded for the product: eager sums a stored δ (fewer instructions than the unrounded δ)
-                if SUMS_BY_MMA:
-                    running_sums = tl.dot(a, ones, running_sums, out_dtype=acc.dtype)
+            if ACTIVATION != act.IDENTITY:
+                if TMA:
+                    saved = _descriptor_tile(s_src, pid_m * BLOCK_M, k_step * STEP_K, A_TRANSPOSED)
                 else:
-                    running_sums += _materialised(a.to(acc.dtype), INLINE_PTX)
+                    saved = tl.load(s_ptrs, mask=mask_k[None, :], other=0.0)
+                    s_ptrs += s_step
+                # δ = G ⊙ f'(saved) for this tile, rounded to the data dtype as a stored δ would be.
+                a = _prologue_factor(a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, acc.dtype, PACKED_PAIRS)
+            if ROW_SUMS:  # δ as rounded for the product: eager sums a stored δ (fewer instructions than unrounded)
+                running_sums = _row_sums_add(running_sums, a, SUMS_BY_MMA, INLINE_PTX)
             if TMA:
                 b = _descriptor_tile(b_src, k_step * STEP_K, pid_n * BLOCK_N, B_TRANSPOSED)
             else:
@@ -450,43 +595,99 @@ def _matmul_tile(
                 b_ptrs += b_step
             acc = _tile_dot(a, b, acc, USE_DOT, INPUT_PRECISION)
     if ROW_SUMS:
-        if SUMS_BY_MMA:  # its SUM_COLUMNS columns are the same sums: the first one
-            for _ in tl.static_range(SUM_COLUMN_LEVELS):
-                running_sums, _right = _column_halves(running_sums)
-            row_sums = tl.reshape(running_sums, (BLOCK_M,))
-        else:
-            row_sums = _row_sums_in_pairs(running_sums, WIDE_SUM_LEVELS)
-        if pid_n == 0:  # every column tile has the same row sums; the first one stores them
-            tl.store(row_sum_ptr + offs_m, row_sums, mask=mask_m)
-
-    if A_PROLOGUE:
-        # δ W or δᵀ X: f' was applied to the left factor, nothing is left to do.
-        _forward_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, stride_bias, z_ptr, stride_zm, stride_zn, out_ptr,
-                          stride_om, stride_on, False, act.IDENTITY, 0.0, False, False)
+        row_sums = _row_sums_end(running_sums, SUMS_BY_MMA)
     else:
-        # The epilogue in EPILOGUE_SPLIT column slices, one after the other, as Triton's tutorial 09 splits its
-        # own: f and f' (or f' and the column sums) of a whole large tile at once would spill registers.
-        slice_n: tl.constexpr = BLOCK_N // EPILOGUE_SPLIT
-        parts = _column_slices(acc, EPILOGUE_SPLIT)
-        for i in tl.static_range(EPILOGUE_SPLIT):
-            part_n = pid_n.to(tl.int64) * BLOCK_N + i * slice_n + tl.arange(0, slice_n)
-            if GRAD_EPILOGUE:
-                # Backward of a stack: acc = δₗ Wₗ = ∂C/∂Aₗ₋₁ (G of the layer below), so this tile of
-                # δₗ₋₁ = G ⊙ f'(Zₗ₋₁) is formed here instead of in a separate pass, with its column sums.
-                mask = mask_m[:, None] & (part_n < N)[None, :]
-                saved_ptrs = saved_ptr + offs_m[:, None] * stride_s0 + part_n[None, :] * stride_s1
-                out = _times_activation_grad(parts[i], saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND,
-                                             parts[i].dtype)  # G unrounded: the accumulator's
-                if WRITE_PARTIALS:
-                    out = tl.where(mask, out, 0.0)  # the wrapped rows and columns must not reach the sums
-                    out = _materialised(out, INLINE_PTX)
-                    _store_column_sums(out, partial_ptr, pid_m, part_n, M, N, BLOCK_M, slice_n, PARTIAL_ROWS)
-                out_ptrs = out_ptr + offs_m[:, None] * stride_om + part_n[None, :] * stride_on
-                tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
-            else:
-                _forward_epilogue(parts[i], offs_m, part_n, M, N, bias_ptr, stride_bias, z_ptr, stride_zm, stride_zn,
-                                  out_ptr, stride_om, stride_on, HAS_BIAS, ACTIVATION, NEGATIVE_SLOPE, WRITE_Z,
-                                  F_PRIME_AS_Z)
+        row_sums = offs_m  # not asked for: a placeholder of the right length
+    return acc, row_sums
+
+
+# The row sums of the left factor over K (1ᵀ δ: ∂C/∂b in the ∂C/∂W matmul), in three parts around _main_loop's loop:
+# summed without a reduction or data movement, in an order no tile choice changes. 16-bit data (SUMS_BY_MMA): the
+# tensor cores add δ's rows up, δ [BLOCK_M, STEP_K] times a [STEP_K, SUM_COLUMNS] tile of ones (exact products, a
+# float32 sum over K in the MMA's fixed order: the same on every tile); 2.5x fewer loop instructions than adding the
+# tile up in registers. Otherwise (float32, float64) a running sum in registers: per row, over K in WIDE_SUM_BLOCK_K
+# steps, then a fixed pairwise tree after the loop. Either way STEP_K is the sums' step (_sum_block_k), whatever
+# BLOCK_K.
+
+
+@triton.jit
+def _row_sums_start(BLOCK_M: tl.constexpr, STEP_K: tl.constexpr, SUMS_BY_MMA: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """The running sums before the first K step: [BLOCK_M, SUM_COLUMNS] MMA accumulators, or [BLOCK_M, STEP_K]."""
+    if SUMS_BY_MMA:
+        running = tl.zeros((BLOCK_M, SUM_COLUMNS), dtype=ACC_DTYPE)
+    else:
+        running = tl.zeros((BLOCK_M, STEP_K), dtype=ACC_DTYPE)
+    return running
+
+
+@triton.jit
+def _row_sums_add(running, a, SUMS_BY_MMA: tl.constexpr, INLINE_PTX: tl.constexpr):
+    """running plus the rows of one K step's left factor a [BLOCK_M, STEP_K]."""
+    if SUMS_BY_MMA:
+        ones = tl.full((a.shape[1], SUM_COLUMNS), 1.0, a.dtype)
+        running = tl.dot(a, ones, running, out_dtype=running.dtype)
+    else:
+        running += _materialised(a.to(running.dtype), INLINE_PTX)
+    return running
+
+
+@triton.jit
+def _row_sums_end(running, SUMS_BY_MMA: tl.constexpr):
+    """The row sums [BLOCK_M] after the last K step."""
+    if SUMS_BY_MMA:  # its SUM_COLUMNS columns are the same sums: the first one
+        for _ in tl.static_range(SUM_COLUMN_LEVELS):
+            running, _right = _column_halves(running)
+        sums = tl.reshape(running, (running.shape[0],))
+    else:
+        sums = _row_sums_in_pairs(running, WIDE_SUM_LEVELS)
+    return sums
+
+
+@triton.jit
+def _slice_times_f_prime(part, offs_m, part_n, M, N, saved_ptr, stride_s0, stride_s1, ACTIVATION: tl.constexpr,
+                         NEGATIVE_SLOPE: tl.constexpr, SAVED_KIND: tl.constexpr):
+    """(part ⊙ f'(saved), its mask) for the rows offs_m and columns part_n of an [M, N] output, part in the
+    compute dtype (an accumulator's slice: no stored G to round to), f' from saved (SAVED_KIND) at the same place."""
+    mask = (offs_m < M)[:, None] & (part_n < N)[None, :]
+    saved_ptrs = saved_ptr + offs_m[:, None] * stride_s0 + part_n[None, :] * stride_s1
+    return _times_activation_grad(part, saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, part.dtype), mask
+
+
+@triton.jit
+def _product(pid_m, pid_n, a_src, b_src, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, USE_DOT: tl.constexpr,
+             INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, A_TRANSPOSED: tl.constexpr, B_TRANSPOSED: tl.constexpr, TMA: tl.constexpr,
+             EVEN_K: tl.constexpr):
+    """A B for one output tile: _main_loop without a prologue or row sums."""
+    acc, _ = _main_loop(pid_m, pid_n, a_src, b_src, a_src, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, 0, 0,
+                        act.IDENTITY, 0.0, SAVED_Z, False, tl.float32, USE_DOT, INPUT_PRECISION, ACC_FP64, BLOCK_M,
+                        BLOCK_N, BLOCK_K, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, False, False)
+    return acc
+
+
+@triton.jit
+def _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on):
+    """acc stored as it is, at rows offs_m and columns offs_n of out [M, N], in out's dtype."""
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _store_in_slices(acc, pid_m, pid_n, M, N, out_ptr, stride_om, stride_on, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, SLICES: tl.constexpr):
+    """Output tile (pid_m, pid_n) of out stored in SLICES column slices, one after the other."""
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    parts = _column_slices(acc, SLICES)
+    for i in tl.static_range(SLICES):
+        _store_tile(parts[i], offs_m, _slice_columns(pid_n, i, BLOCK_N, SLICES), M, N, out_ptr, stride_om, stride_on)
+
+
+@triton.jit
+def _slice_columns(pid_n, i, BLOCK_N: tl.constexpr, SLICES: tl.constexpr):
+    """The 64-bit column offsets of slice i of SLICES (_column_slices) of output column tile pid_n."""
+    width: tl.constexpr = BLOCK_N // SLICES
+    return pid_n.to(tl.int64) * BLOCK_N + i * width + tl.arange(0, width)
 
 
 @triton.jit
@@ -771,7 +972,7 @@ def _for_element_size(configs, element_size: int) -> list:
 def _sums_in_k_steps_of(config, block_k: int) -> bool:
     """Whether a launch forming ∂C/∂b (ROW_SUMS) in K steps of block_k (_sum_block_k) may take this config: its
     BLOCK_K, or where the tensor cores sum (block_k == SUM_BLOCK_K) a TMA config with a multiple of it (the loop
-    takes each BLOCK_K in steps of block_k, _matmul_kernel's STEP_K: the same sums; TMA's zero fill needs no mask
+    takes each BLOCK_K in steps of block_k, _grad_weight_kernel's STEP_K: the same sums; TMA's zero fill needs no mask
     for a step past K). Not float32's sums in registers: no compile report of theirs at longer K steps."""
     k = config.kwargs
     wider = block_k == SUM_BLOCK_K.value and bool(k.get("TMA", False)) and k["BLOCK_K"] % block_k == 0
@@ -781,7 +982,7 @@ def _sums_in_k_steps_of(config, block_k: int) -> bool:
 def _sum_block_k(out_dtype: torch.dtype, use_dot: bool) -> int:
     """The K step of a launch that forms ∂C/∂b (ROW_SUMS) into an out_dtype ∂C/∂W: SUM_BLOCK_K where the tensor
     cores sum (16-bit data), WIDE_SUM_BLOCK_K where registers do (float32, float64, the FMA fallback); the kernel
-    derives the same step itself (_matmul_kernel's STEP_K)."""
+    derives the same step itself (_grad_weight_kernel's STEP_K)."""
     return SUM_BLOCK_K.value if use_dot and out_dtype.itemsize == 2 else WIDE_SUM_BLOCK_K.value
 
 
@@ -836,27 +1037,59 @@ def autotune_enabled() -> bool:
     return config.get().autotune
 
 
-# Sizes by bucket, and every flag that changes the kernel's work or shared memory; Triton adds the tensors' dtypes.
+# Sizes by bucket, and every flag that changes a kernel's work or shared memory; Triton adds the tensors' dtypes.
 # Not EVEN_K (it only drops the loads' masks: sizes of one bucket share their tuned tile) nor PACKED_PAIRS (fixed
-# by the GPU and the dtype).
+# by the GPU and the dtype). Each role kernel's autotuner keys on those of them it takes (_autotuned_matmul).
 _TUNING_KEY = ["tune_m", "tune_n", "tune_k", "HAS_BIAS", "ACTIVATION", "WRITE_Z", "F_PRIME_AS_Z", "INPUT_PRECISION",
-               "GRAD_EPILOGUE", "WRITE_PARTIALS", "A_PROLOGUE", "SAVED_KIND", "ROW_SUMS", "A_TRANSPOSED", "B_TRANSPOSED",
-               "TMA_OK", "STORE_DELTA"]
+               "WRITE_PARTIALS", "SAVED_KIND", "ROW_SUMS", "A_TRANSPOSED", "B_TRANSPOSED", "TMA_OK", "STORE_DELTA"]
+
+# The matmul kernels (by role, _role_kernel) and the names of their left factor and output, for _prune_role.
+MATMUL_KERNELS = {"_matmul_kernel": ("a_ptr", "out_ptr"), "_forward_kernel": ("x_ptr", "a_ptr"),
+                  "_grad_x_kernel": ("g_ptr", "out_ptr"), "_grad_weight_kernel": ("g_ptr", "out_ptr"),
+                  "_grad_below_kernel": ("delta_ptr", "out_ptr")}
+
+
+def kernel_arg_names(fn) -> list:
+    """The parameter names of a @triton.jit kernel (compiled or interpreted), in order."""
+    return list(inspect.signature(getattr(fn, "fn", fn)).parameters)
+
+
+def role_configs(kernel: str) -> list:
+    """matmul_configs() as kernel takes them (_tile_for: no EPILOGUE_SPLIT where it has no sliced epilogue)."""
+    return [triton.Config(_tile_for(kernel, cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            for cfg in matmul_configs()]
+
+
+def _prune_role(kernel: str, configs, named_args, **kwargs):
+    """_prune_configs for one role kernel's launch: its left factor and output by their names, A_PROLOGUE where the
+    kernel forms δ in its loads."""
+    left, out = MATMUL_KERNELS[kernel]
+    prologue = kernel == "_grad_x_kernel" or (kernel == "_grad_weight_kernel" and kwargs.get("ACTIVATION", 0) != 0)
+    flags = {name: kwargs[name] for name in ("TMA_OK", "USE_DOT", "ROW_SUMS", "WRITE_PARTIALS") if name in kwargs}
+    return _prune_configs(configs, {"a_ptr": named_args[left], "out_ptr": named_args[out]}, A_PROLOGUE=prologue,
+                          **flags)
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned_matmul():
-    # Built on first use, never at import: some Triton releases query the GPU driver
-    # when an autotuner is created, which fails on machines without one.
-    options = {}
+def _autotuned_matmul(kernel: str):
+    """The autotuner of one role kernel (a name of MATMUL_KERNELS). Built on first use, never at import: some
+    Triton releases query the GPU driver when an autotuner is created, which fails on machines without one."""
+    return make_autotuner(kernel, globals()[kernel])
+
+
+def make_autotuner(kernel: str, fn, **options):
+    """triton.autotune over fn for the role kernel named kernel: its configs (role_configs), its key (the names of
+    _TUNING_KEY it takes), its pruning (_prune_role); options go to triton.autotune (a test's do_bench)."""
     if "cache_results" in inspect.signature(triton.autotune).parameters:
-        options["cache_results"] = True  # keep the winners on disk across processes (Triton >= 3.2)
+        options.setdefault("cache_results", True)  # keep the winners on disk across processes (Triton >= 3.2)
+    names = kernel_arg_names(globals()[kernel])
     return triton.autotune(
-        configs=matmul_configs(),
-        key=_TUNING_KEY,
-        prune_configs_by={"early_config_prune": _prune_configs},
+        configs=role_configs(kernel),
+        key=[name for name in _TUNING_KEY if name in names],
+        prune_configs_by={"early_config_prune": lambda configs, named_args, **kwargs: _prune_role(
+            kernel, configs, named_args, **kwargs)},
         **options,
-    )(_matmul_kernel)
+    )(fn)
 
 
 def tf32_allowed() -> bool:
@@ -921,18 +1154,19 @@ def _saved_kind_id(saved_kind: str) -> int:
 def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=False, act_id=0, negative_slope=0.0,
                    grad_saved=None, prologue_saved=None, saved_kind="z", want_partials=False, row_sums=None,
                    delta_out=None, use_dot=None):
-    """One matmul launch: a [M, K] @ b [K, N] into out [M, N], with a prologue or one of two epilogues.
+    """One matmul launch: a [M, K] @ b [K, N] into out [M, N], with a prologue or one of two epilogues, by the
+    kernel of its role (_role_kernel).
 
-    Forward (default): out = f(a @ b + bias), and z = a @ b + bias when z is given
+    Forward (role "forward"): out = f(a @ b + bias), and z = a @ b + bias when z is given
     (f'(a @ b + bias) instead with f_prime_as_z).
-    Backward of a stack (grad_saved [M, N], what the layer below kept, of saved_kind):
+    Backward of a stack (role "grad_below", grad_saved [M, N], what the layer below kept, of saved_kind):
     out = (a @ b) ⊙ f'(...); with want_partials, returns the column sums of out per
     _PARTIAL_ROWS-row group, [cdiv(M, rows), N] in the accumulator's dtype.
-    Backward of a layer (prologue_saved [M, K] of saved_kind, a = G): out = (a ⊙ f'(...)) @ b;
-    row_sums [M] (accumulator dtype), when given, receives the row sums of a ⊙ f'(...) (without prologue, of a);
-    delta_out [M, K], when given with a prologue, receives a ⊙ f'(...) in a's dtype.
-    role: the launch plan's role (launch.py). Everything but the tensors and sizes is decided once per plan key
-    (_matmul_plan): a warm call allocates, builds the arguments and launches.
+    Backward of a layer (roles "grad_x", "grad_weight"; prologue_saved [M, K] of saved_kind, a = G): out =
+    (a ⊙ f'(...)) @ b; row_sums [M] (accumulator dtype), when given, receives the row sums of a ⊙ f'(...) (without
+    prologue, of a); delta_out [M, K], when given with a prologue, receives a ⊙ f'(...) in a's dtype.
+    Everything but the tensors and sizes is decided once per plan key (_matmul_plan, launch.py): a warm call
+    allocates, builds the arguments and launches.
     """
     M, K = a.shape
     N = b.shape[1]
@@ -940,31 +1174,37 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
     if use_dot is None:
         use_dot = (not fp64) or fp64_dot_supported(a.device)
     settings = config.get()
+    kernel = _role_kernel(role, act_id if prologue_saved is not None else 0, row_sums is not None)
     partials = None
     if want_partials:
         fixed = _fixed_config(fp64, use_dot)
         partial_rows = _PARTIAL_ROWS if fixed is None else min(_PARTIAL_ROWS, fixed[0]["BLOCK_M"])
         partials = torch.empty((_cdiv(M, partial_rows), N), dtype=torch.float64 if fp64 else torch.float32,
                                device=a.device)
-    saved = grad_saved if grad_saved is not None else (prologue_saved if prologue_saved is not None else out)
-    if delta_out is not None:
-        z = delta_out  # the kernel's Z slot: unused by a prologue launch otherwise
     buckets = (_tuning_bucket(M), _tuning_bucket(N), _tuning_bucket(K))  # the autotuner's sizes
+    prologue = prologue_saved if kernel in ("_grad_x_kernel", "_grad_weight_kernel") and act_id != 0 else None
     tma_ok = False
     if settings.tma and not fp64 and _tma_capable(a.device):  # TMA's describability is finer than the key's
-        tma_ok = _tma_layout(a, b, prologue_saved if prologue_saved is not None and act_id != 0 else None,
-                             True)["TMA_OK"]
-    args = (
-        a, b, bias if bias is not None else out, out, z if z is not None else out,
-        M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
-        bias.stride(0) if bias is not None else 0,
-        saved, saved.stride(0), saved.stride(1),
-        partials if partials is not None else out,
-        row_sums if row_sums is not None else out,
-        *buckets, _num_sms(a.device) if tma_ok else 1,
-    )
+        tma_ok = _tma_layout(a, b, prologue, True)["TMA_OK"]
+    strides = (M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+    if kernel == "_matmul_kernel":
+        args = (a, b, out, *strides, out.stride(0), out.stride(1), *buckets)
+    elif kernel == "_forward_kernel":
+        args = (a, b, bias if bias is not None else out, out, z if z is not None else out, *strides,
+                out.stride(0), out.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
+                bias.stride(0) if bias is not None else 0, *buckets)
+    elif kernel == "_grad_x_kernel":
+        delta = delta_out if delta_out is not None else out
+        args = (a, b, prologue_saved, out, delta, *strides, prologue_saved.stride(0), prologue_saved.stride(1),
+                out.stride(0), out.stride(1), delta.stride(0) if delta_out is not None else 0,
+                delta.stride(1) if delta_out is not None else 0, *buckets)
+    elif kernel == "_grad_weight_kernel":
+        saved = prologue if prologue is not None else a  # a stored δᵀ reads nothing more
+        args = (a, b, saved, out, row_sums if row_sums is not None else out, *strides, saved.stride(0),
+                saved.stride(1), out.stride(0), out.stride(1), *buckets)
+    else:  # _grad_below_kernel
+        args = (a, b, grad_saved, out, partials if partials is not None else out, *strides, grad_saved.stride(0),
+                grad_saved.stride(1), out.stride(0), out.stride(1), *buckets)
     # Every input of the flags that the arguments' specialisation does not already hold (dtypes, strides of 1).
     options = (act_id, negative_slope, f_prime_as_z, bias is not None, z is not None, grad_saved is not None,
                prologue_saved is not None, saved_kind, want_partials, row_sums is not None, delta_out is not None,
@@ -975,63 +1215,78 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
         _ensure_allocator()  # device-side descriptors need a scratch buffer (in this thread's context)
 
     def make():
-        return _matmul_plan(a, b, out, args, bias, z, f_prime_as_z, act_id, negative_slope, grad_saved,
-                            prologue_saved, saved_kind, want_partials, row_sums, delta_out, use_dot, tma_ok)
+        return _matmul_plan(kernel, a, b, out, bias, z, f_prime_as_z, act_id, negative_slope, saved_kind,
+                            want_partials, row_sums, delta_out, use_dot, tma_ok, prologue)
 
     launch.run(role, options, args, M, N, make)
     return partials
 
 
-def _matmul_plan(a, b, out, args, bias, z, f_prime_as_z, act_id, negative_slope, grad_saved, prologue_saved,
-                 saved_kind, want_partials, row_sums, delta_out, use_dot, tma_ok) -> dict:
-    """What launch.build needs for a matmul plan: the flags, and the tile (fixed, or the autotuner's)."""
+def _role_kernel(role: str, prologue_act: int, row_sums: bool) -> str:
+    """The name of the kernel serving a matmul launch: its role's, or the plain product where the role has nothing
+    to add (∂C/∂X of identity or of a stored δ; ∂C/∂W of a stored δ without ∂C/∂b)."""
+    if role == "forward" or role == "grad_below":
+        return f"_{role}_kernel"
+    if role == "grad_x" and prologue_act != 0:
+        return "_grad_x_kernel"
+    if role == "grad_weight" and (prologue_act != 0 or row_sums):
+        return "_grad_weight_kernel"
+    return "_matmul_kernel"
+
+
+def _matmul_plan(kernel: str, a, b, out, bias, z, f_prime_as_z, act_id, negative_slope, saved_kind, want_partials,
+                 row_sums, delta_out, use_dot, tma_ok, prologue) -> dict:
+    """What launch.build needs for a matmul plan: the kernel's flags (only those it takes), and the tile (fixed, or
+    the autotuner's)."""
     M, K = a.shape
     N = b.shape[1]
     fp64 = a.dtype == torch.float64
     fixed = _fixed_config(fp64, use_dot)
-    prologue = prologue_saved is not None
-    layout = _tma_layout(a, b, prologue_saved if prologue and act_id != 0 else None, False)
+    layout = _tma_layout(a, b, prologue, False)
     layout["TMA_OK"] = tma_ok
-    flags = dict(
-        **layout,
-        HAS_BIAS=bias is not None,
-        ACTIVATION=act_id,
-        NEGATIVE_SLOPE=negative_slope,
-        WRITE_Z=z is not None and delta_out is None,
-        F_PRIME_AS_Z=f_prime_as_z,
-        USE_DOT=use_dot,
-        INPUT_PRECISION=_input_precision(a.dtype, a.device),
-        ACC_FP64=fp64,
-        GRAD_EPILOGUE=grad_saved is not None,
-        A_PROLOGUE=prologue,
-        SAVED_KIND=_saved_kind_id(saved_kind),
-        WRITE_PARTIALS=want_partials,
-        ROW_SUMS=row_sums is not None,
-        PARTIAL_ROWS=_PARTIAL_ROWS if fixed is None else min(_PARTIAL_ROWS, fixed[0]["BLOCK_M"]),
-        STORE_DELTA=delta_out is not None,
-        EVEN_K=_even_k(K),
-        PACKED_PAIRS=_packed_pairs(a.dtype, a.device),
-        INLINE_PTX=_inline_ptx(a.device),
-        **COMPILE_OPTIONS,
-    )
-    common = dict(interpreted=is_interpreted(), compiled_ok=_inline_ptx(a.device), programs=args[-1],
+    flags = dict(**layout, USE_DOT=use_dot, INPUT_PRECISION=_input_precision(a.dtype, a.device), ACC_FP64=fp64,
+                 EVEN_K=_even_k(K), **COMPILE_OPTIONS)
+    backward = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, SAVED_KIND=_saved_kind_id(saved_kind))
+    if kernel == "_forward_kernel":
+        flags.update(HAS_BIAS=bias is not None, ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, WRITE_Z=z is not None,
+                     F_PRIME_AS_Z=f_prime_as_z)
+    elif kernel == "_grad_x_kernel":
+        flags.update(backward, STORE_DELTA=delta_out is not None, PACKED_PAIRS=_packed_pairs(a.dtype, a.device))
+    elif kernel == "_grad_weight_kernel":
+        if prologue is None:  # a stored δᵀ: its row sums only
+            backward.update(ACTIVATION=0, SAVED_KIND=SAVED_Z.value)
+        flags.update(backward, ROW_SUMS=row_sums is not None, PACKED_PAIRS=_packed_pairs(a.dtype, a.device),
+                     INLINE_PTX=_inline_ptx(a.device))
+    elif kernel == "_grad_below_kernel":
+        flags.update(backward, WRITE_PARTIALS=want_partials, INLINE_PTX=_inline_ptx(a.device),
+                     PARTIAL_ROWS=_PARTIAL_ROWS if fixed is None else min(_PARTIAL_ROWS, fixed[0]["BLOCK_M"]))
+    programs = _num_sms(a.device) if tma_ok else 0
+    common = dict(interpreted=is_interpreted(), compiled_ok=_inline_ptx(a.device), programs=programs,
                   device_index=a.device.index)
-    if fixed is None:  # the GPU autotuner picks the tile, once per bucket of (M, N, K) and epilogue
-        num_sms = args[-1]
-
+    if fixed is None:  # the GPU autotuner picks the tile, once per bucket of (M, N, K) and flags
         def grid(meta):
             tiles = _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])
-            return (min(num_sms, tiles) if meta.get("TMA", False) else tiles,)  # TMA: persistent, one per SM
+            return (min(programs, tiles) if meta.get("TMA", False) else tiles,)  # TMA: persistent, one per SM
 
-        tuner = _autotuned_matmul()
+        tuner = _autotuned_matmul(kernel)
         return dict(fn=tuner.fn, tuner=tuner, constexprs=flags, grid=grid, **common)
     tile, options = fixed
     if row_sums is not None and tile is _UNTUNED_CONFIG:
         tile, options = _UNTUNED_ROW_SUMS_CONFIG, _UNTUNED_ROW_SUMS_LAUNCH
     if row_sums is not None:
         tile = dict(tile, BLOCK_K=_sum_block_k(out.dtype, use_dot))  # the row sums' fixed K step
+    tile = _tile_for(kernel, tile)
     grid = (_cdiv(M, tile["BLOCK_M"]) * _cdiv(N, tile["BLOCK_N"]),)
-    return dict(fn=_matmul_kernel, constexprs={**flags, **tile, **options}, grid=grid, **common)
+    return dict(fn=globals()[kernel], constexprs={**flags, **tile, **options}, grid=grid, **common)
+
+
+# The kernels whose every store is one whole tile (their epilogue is a store): their tiles have no EPILOGUE_SPLIT.
+_UNSPLIT_KERNELS = ("_grad_x_kernel", "_grad_weight_kernel")
+
+
+def _tile_for(kernel: str, tile: dict) -> dict:
+    """A tile's constexprs as kernel takes them: without EPILOGUE_SPLIT where it has no sliced epilogue."""
+    return {k: v for k, v in tile.items() if k != "EPILOGUE_SPLIT"} if kernel in _UNSPLIT_KERNELS else tile
 
 
 def _even_k(K: int) -> bool:

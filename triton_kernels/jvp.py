@@ -66,9 +66,8 @@ def _jvp_kernel(
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    mask_m = offs_m < M
     tl.static_assert(not EVEN_K or dense.EVEN_K_STEP % BLOCK_K == 0, "EVEN_K launches need a BLOCK_K dividing EVEN_K_STEP")
-    # Rows and columns past the edge are wrapped onto valid ones (as dense._matmul_kernel): the loop masks only K
+    # Rows and columns past the edge are wrapped onto valid ones (as dense._main_loop): the loop masks only K
     # (not at all with EVEN_K).
     rows = offs_m % M
     cols = offs_n % N
@@ -93,22 +92,18 @@ def _jvp_kernel(
                 tangent_weight_ptr + k_now[:, None] * stride_twk + cols[None, :] * stride_twn,
                 mask=mask_cols, other=0.0)
             acc = dense._tile_dot(x, tangent_weight_t, acc, USE_DOT, INPUT_PRECISION)
-    # The epilogue in EPILOGUE_SPLIT column slices, one after the other (as dense._matmul_kernel's).
+    # The epilogue in EPILOGUE_SPLIT column slices, one after the other (as dense._forward_kernel's).
     slice_n: tl.constexpr = BLOCK_N // EPILOGUE_SPLIT
     parts = dense._column_slices(acc, EPILOGUE_SPLIT)
     for i in tl.static_range(EPILOGUE_SPLIT):
         part_n = pid_n.to(tl.int64) * BLOCK_N + i * slice_n + tl.arange(0, slice_n)
-        mask_n = part_n < N
         part = parts[i]
         if HAS_TANGENT_BIAS:  # + db, on every row
-            tangent_bias = tl.load(tangent_bias_ptr + part_n * stride_tb, mask=mask_n, other=0.0)
+            tangent_bias = tl.load(tangent_bias_ptr + part_n * stride_tb, mask=part_n < N, other=0.0)
             part = part + tangent_bias[None, :].to(acc.dtype)
-        mask = mask_m[:, None] & mask_n[None, :]
-        saved_ptrs = saved_ptr + offs_m[:, None] * stride_sm + part_n[None, :] * stride_sn
-        tangent_a = dense._times_activation_grad(part, saved_ptrs, mask, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND,
-                                                 part.dtype)  # no stored G: the compute dtype throughout
-        tl.store(out_ptr + offs_m[:, None] * stride_om + part_n[None, :] * stride_on,
-                 tangent_a.to(out_ptr.dtype.element_ty), mask=mask)
+        tangent_a, _ = dense._slice_times_f_prime(part, offs_m, part_n, M, N, saved_ptr, stride_sm, stride_sn,
+                                                  ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND)  # the compute dtype
+        dense._store_tile(tangent_a, offs_m, part_n, M, N, out_ptr, stride_om, stride_on)
 
 
 def _prune_configs(configs, named_args, **kwargs):
