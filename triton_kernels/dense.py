@@ -1011,6 +1011,7 @@ def _tma_wide_tile(config) -> bool:
 _TUNING_FLOOR = 64
 
 
+@functools.lru_cache(maxsize=4096)  # three per matmul launch: a C-level lookup costs a quarter of the arithmetic
 def _tuning_bucket(size: int) -> int:
     """size rounded up to its autotuning bucket: the next power of two, at least _TUNING_FLOOR."""
     return max(_TUNING_FLOOR, 1 << max(size - 1, 0).bit_length())
@@ -1186,25 +1187,25 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
     tma_ok = False
     if settings.tma and not fp64 and _tma_capable(a.device):  # TMA's describability is finer than the key's
         tma_ok = _tma_layout(a, b, prologue, True)["TMA_OK"]
-    strides = (M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+    # Each tensor's strides asked once (one stride() tuple costs less than two stride(i) calls).
+    sizes = (M, N, K, *a.stride(), *b.stride())
+    out_strides = out.stride()
     if kernel == "_matmul_kernel":
-        args = (a, b, out, *strides, out.stride(0), out.stride(1), *buckets)
+        args = (a, b, out, *sizes, *out_strides, *buckets)
     elif kernel == "_forward_kernel":
-        args = (a, b, bias if bias is not None else out, out, z if z is not None else out, *strides,
-                out.stride(0), out.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
-                bias.stride(0) if bias is not None else 0, *buckets)
+        args = (a, b, bias if bias is not None else out, out, z if z is not None else out, *sizes, *out_strides,
+                *(z.stride() if z is not None else (0, 0)), bias.stride(0) if bias is not None else 0, *buckets)
     elif kernel == "_grad_x_kernel":
         delta = delta_out if delta_out is not None else out
-        args = (a, b, prologue_saved, out, delta, *strides, prologue_saved.stride(0), prologue_saved.stride(1),
-                out.stride(0), out.stride(1), delta.stride(0) if delta_out is not None else 0,
-                delta.stride(1) if delta_out is not None else 0, *buckets)
+        args = (a, b, prologue_saved, out, delta, *sizes, *prologue_saved.stride(), *out_strides,
+                *(delta.stride() if delta_out is not None else (0, 0)), *buckets)
     elif kernel == "_grad_weight_kernel":
         saved = prologue if prologue is not None else a  # a stored δᵀ reads nothing more
-        args = (a, b, saved, out, row_sums if row_sums is not None else out, *strides, saved.stride(0),
-                saved.stride(1), out.stride(0), out.stride(1), *buckets)
+        args = (a, b, saved, out, row_sums if row_sums is not None else out, *sizes, *saved.stride(), *out_strides,
+                *buckets)
     else:  # _grad_below_kernel
-        args = (a, b, grad_saved, out, partials if partials is not None else out, *strides, grad_saved.stride(0),
-                grad_saved.stride(1), out.stride(0), out.stride(1), *buckets)
+        args = (a, b, grad_saved, out, partials if partials is not None else out, *sizes, *grad_saved.stride(),
+                *out_strides, *buckets)
     # Every input of the flags that the arguments' specialisation does not already hold (dtypes, strides of 1).
     options = (act_id, negative_slope, f_prime_as_z, bias is not None, z is not None, grad_saved is not None,
                prologue_saved is not None, saved_kind, want_partials, row_sums is not None, delta_out is not None,
@@ -1375,7 +1376,7 @@ def _fixed_config(fp64: bool, use_dot: bool):
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for a [M, K], b [K, N] of any strides -> a new contiguous [M, N]."""
     M, N = a.shape[0], b.shape[1]
-    out = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    out = a.new_empty((M, N))
     if out.numel() == 0:
         return out
     with _device_guard(a):
@@ -1389,8 +1390,8 @@ def linear_forward(x, weight, bias, act_id: int, negative_slope: float, write_z:
     x [M, K], weight [N, K], bias [N] or None -> (a [M, N], z or f'(z) [M, N] or None).
     """
     M, N = x.shape[0], weight.shape[0]
-    a = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    z = torch.empty((M, N), dtype=x.dtype, device=x.device) if write_z else None
+    a = x.new_empty((M, N))
+    z = x.new_empty((M, N)) if write_z else None
     if a.numel() == 0:
         return a, z
     with _device_guard(x):
@@ -1413,7 +1414,7 @@ def delta_and_bias_grad(grad_a, saved, act_id: int, negative_slope: float, saved
     write_delta = want_delta and not identity
     delta = grad_a if (want_delta and identity) else None
     if write_delta:
-        delta = torch.empty((M, N), dtype=grad_a.dtype, device=grad_a.device)
+        delta = grad_a.new_empty((M, N))
     if not (write_delta or want_bias):
         return delta, None
 
@@ -1445,7 +1446,7 @@ def delta_and_bias_grad(grad_a, saved, act_id: int, negative_slope: float, saved
 def activation_forward(z: torch.Tensor, act_id: int, negative_slope: float) -> torch.Tensor:
     """A = f(Z), elementwise: z [M, N] (any strides) -> a new contiguous [M, N]."""
     M, N = z.shape
-    a = torch.empty((M, N), dtype=z.dtype, device=z.device)
+    a = z.new_empty((M, N))
     if a.numel() == 0:
         return a
     args = (z, a, M, N, z.stride(0), z.stride(1), a.stride(0), a.stride(1))
@@ -1475,7 +1476,7 @@ def matmul_times_activation_grad(delta, weight, saved, act_id: int, negative_slo
     says (unused for identity) -> (δₗ₋₁ = (δₗ Wₗ) ⊙ f'(Zₗ₋₁) [M, K], ∂C/∂bₗ₋₁ = 1ᵀ δₗ₋₁ [K] or None).
     """
     M, K = delta.shape[0], weight.shape[1]
-    out = torch.empty((M, K), dtype=delta.dtype, device=delta.device)
+    out = delta.new_empty((M, K))
     if out.numel() == 0:
         return out, (torch.zeros(K, dtype=delta.dtype, device=delta.device) if want_bias else None)
     with _device_guard(delta):
@@ -1533,9 +1534,9 @@ def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float
                                            want_delta=True, want_bias=False)
         elif forms_delta and want_x and want_weight:
             # stored by the ∂C/∂X matmul for the ∂C/∂W matmul: one write for two reads fewer (G and saved)
-            delta = torch.empty((M, N), dtype=grad_a.dtype, device=grad_a.device)
+            delta = grad_a.new_empty((M, N))
         if want_x:
-            grad_x = torch.empty((M, K), dtype=grad_a.dtype, device=grad_a.device)
+            grad_x = grad_a.new_empty((M, K))
             if by_pass:
                 _launch_matmul(delta, weight, grad_x, role="grad_x")  # ∂C/∂X = δ W   [M, N] [N, K]
             elif grad_x.numel() > 0:
@@ -1544,7 +1545,7 @@ def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float
                                delta_out=delta)  # ∂C/∂X = δ W   [M, N] [N, K]
         bias_from_matmul = want_bias and want_weight and K > 0 and N > 0
         if want_weight:
-            grad_weight = torch.empty((N, K), dtype=grad_a.dtype, device=grad_a.device)
+            grad_weight = grad_a.new_empty((N, K))
             row_sums = torch.empty((N,), dtype=acc_dtype, device=grad_a.device) if bias_from_matmul else None
             if delta is not None:  # ∂C/∂W = δᵀ X  [N, M] [M, K]: δᵀ read through swapped strides
                 _launch_matmul(delta.t(), x, grad_weight, role="grad_weight", row_sums=row_sums)
