@@ -130,6 +130,64 @@ def test_a_warm_layer_follows_settings_activation_and_requires_grad(change):
         assert leaves[1].grad is None, "no gradient for the frozen weight"
 
 
+@pytest.mark.parametrize("change", ["autotune off", "tma on", "float64"])
+def test_a_matmuls_cached_setup_follows_settings_and_dtype(change):
+    """What _launch_matmul caches per flags (_MatmulSetup: kernel, options, TMA and TF32 questions) follows a
+    config.set() and a dtype made after warm calls: the next forward launches a plan of its own, with results within
+    PyTorch's own error against float64; back to the old settings, the warm plan again."""
+    require_triton(torch.float64 if change == "float64" else torch.float32)
+    torch.manual_seed(5)
+    x, weight, bias = torch.randn(9, 40, device=DEVICE), torch.randn(24, 40, device=DEVICE) / 6, torch.randn(
+        24, device=DEVICE)
+    gelu = manualbp.get_activation("gelu").kernel_id
+
+    def forward(x, weight, bias):
+        return dense.linear_forward(x, weight, bias, gelu, 0.0, False)[0]
+
+    for _ in range(2):
+        warm = _launched(lambda: forward(x, weight, bias))
+    assert [plan.role for plan in warm] == ["forward"] and warm[0].launches > 0, "the warm forward"
+    if change == "float64":
+        x, weight, bias = x.double(), weight.double(), bias.double()
+        dense.fp64_dot_supported(x.device)  # its probe, a launch of its own, first
+        plans = _launched(lambda: forward(x, weight, bias))
+    else:
+        setting = {"autotune off": dict(autotune=False), "tma on": dict(tma=True)}[change]
+        with manualbp.config.override(**setting):
+            plans = _launched(lambda: forward(x, weight, bias))
+            setups = [s for s in dense._MATMUL_SETUPS.values() if s.settings is manualbp.config.get()]
+            assert setups, f"{change}: a setup made under the new settings"
+            if change == "tma on":
+                assert all(s.tma for s in setups), "tma on: the setup asks about TMA"
+    assert len(plans) == 1, f"{change}: one launch: {plans}"
+    if change != "tma on":  # TMA changes the plan only where a TMA config may run (dense._tma_capable)
+        assert plans[0] not in warm and plans[0].launches == 0, f"{change}: a plan of its own, built on this call"
+    exact = torch_dense(x.double(), weight.double(), bias.double(), "gelu")
+    theirs = torch_dense(x, weight, bias, "gelu")
+    assert_close_to_float64(f"{change}: forward", forward(x, weight, bias), theirs, exact)
+    if change != "float64":
+        again = _launched(lambda: forward(x, weight, bias))
+        assert again == warm, f"{change}: the old settings again, the warm plan again"
+
+
+def test_a_forward_reads_the_weight_through_swapped_strides():
+    """The forward passes the weight itself as B = Wᵀ (b_transposed: no view made); a weight of any strides,
+    here one stored transposed and one a slice, gives the result of its contiguous copy, bitwise."""
+    require_triton()
+    torch.manual_seed(6)
+    x = torch.randn(7, 40, device=DEVICE)
+    stored_t = torch.randn(40, 24, device=DEVICE).t()
+    sliced = torch.randn(24, 80, device=DEVICE)[:, ::2]
+    relu = manualbp.get_activation("relu").kernel_id
+    for name, weight in (("stored transposed", stored_t), ("strided slice", sliced)):
+        ours = dense.linear_forward(x, weight, None, relu, 0.0, False)[0]
+        copy = dense.linear_forward(x, weight.contiguous(), None, relu, 0.0, False)[0]
+        torch.testing.assert_close(ours, copy, rtol=0, atol=0, msg=lambda m: f"{name}\n{m}")
+        theirs = torch.relu(x @ weight.t())
+        exact = torch.relu(x.double() @ weight.double().t())
+        assert_close_to_float64(f"{name}: against float64", ours, theirs, exact)
+
+
 def test_a_warm_step_reads_no_tensor_value():
     """A warm step reads nothing back from its tensors (on a GPU: no host-device synchronisation), as the
     profiler's list of every aten op it ran shows; the same list shows a .item() where there is one."""

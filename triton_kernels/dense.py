@@ -1154,9 +1154,10 @@ def _saved_kind_id(saved_kind: str) -> int:
 
 def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=False, act_id=0, negative_slope=0.0,
                    grad_saved=None, prologue_saved=None, saved_kind="z", want_partials=False, row_sums=None,
-                   delta_out=None, use_dot=None):
+                   delta_out=None, use_dot=None, b_transposed=False):
     """One matmul launch: a [M, K] @ b [K, N] into out [M, N], with a prologue or one of two epilogues, by the
-    kernel of its role (_role_kernel).
+    kernel of its role (_role_kernel). b_transposed: b is given as its transpose, [N, K] (a weight), and read
+    through swapped strides (no view made).
 
     Forward (role "forward"): out = f(a @ b + bias), and z = a @ b + bias when z is given
     (f'(a @ b + bias) instead with f_prime_as_z).
@@ -1166,61 +1167,102 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
     Backward of a layer (roles "grad_x", "grad_weight"; prologue_saved [M, K] of saved_kind, a = G): out =
     (a ⊙ f'(...)) @ b; row_sums [M] (accumulator dtype), when given, receives the row sums of a ⊙ f'(...) (without
     prologue, of a); delta_out [M, K], when given with a prologue, receives a ⊙ f'(...) in a's dtype.
-    Everything but the tensors and sizes is decided once per plan key (_matmul_plan, launch.py): a warm call
-    allocates, builds the arguments and launches.
+    What the flags, the dtype and the settings decide is computed once (_MatmulSetup); the plan once per key
+    (_matmul_plan, launch.py): a warm call reads sizes and strides, allocates, builds the arguments and launches.
     """
     M, K = a.shape
-    N = b.shape[1]
-    fp64 = a.dtype == torch.float64
+    if b_transposed:
+        N = b.shape[0]
+        b_strides = b.stride()[::-1]
+    else:
+        N = b.shape[1]
+        b_strides = b.stride()
+    dtype = a.dtype
     if use_dot is None:
-        use_dot = (not fp64) or fp64_dot_supported(a.device)
+        use_dot = dtype is not torch.float64 or fp64_dot_supported(a.device)
+    flags = (role, act_id, negative_slope, f_prime_as_z, bias is not None, z is not None, grad_saved is not None,
+             prologue_saved is not None, saved_kind, want_partials, row_sums is not None, delta_out is not None,
+             use_dot, dtype, a.is_cuda)
     settings = config.get()
-    kernel = _role_kernel(role, act_id if prologue_saved is not None else 0, row_sums is not None)
+    setup = _MATMUL_SETUPS.get(flags)
+    if setup is None or setup.settings is not settings:  # a config.set() since: every choice made again
+        setup = _MATMUL_SETUPS[flags] = _MatmulSetup(flags, settings)
+    kernel = setup.kernel
     partials = None
     if want_partials:
-        fixed = _fixed_config(fp64, use_dot)
-        partial_rows = _PARTIAL_ROWS if fixed is None else min(_PARTIAL_ROWS, fixed[0]["BLOCK_M"])
-        partials = torch.empty((_cdiv(M, partial_rows), N), dtype=torch.float64 if fp64 else torch.float32,
-                               device=a.device)
-    buckets = (_tuning_bucket(M), _tuning_bucket(N), _tuning_bucket(K))  # the autotuner's sizes
-    prologue = prologue_saved if kernel in ("_grad_x_kernel", "_grad_weight_kernel") and act_id != 0 else None
+        partials = a.new_empty((-(-M // setup.partial_rows), N), dtype=setup.acc_dtype)
+    sizes = (M, N, K)
+    buckets = _BUCKETS.get(sizes)  # the autotuner's sizes
+    if buckets is None:
+        buckets = _BUCKETS[sizes] = (_tuning_bucket(M), _tuning_bucket(N), _tuning_bucket(K))
+    prologue = prologue_saved if setup.prologue else None
     tma_ok = False
-    if settings.tma and not fp64 and _tma_capable(a.device):  # TMA's describability is finer than the key's
-        tma_ok = _tma_layout(a, b, prologue, True)["TMA_OK"]
+    if setup.tma and _tma_capable(a.device):  # TMA's describability is finer than the key's
+        tma_ok = _tma_layout(a, b.t() if b_transposed else b, prologue, True)["TMA_OK"]
     # Each tensor's strides asked once (one stride() tuple costs less than two stride(i) calls).
-    sizes = (M, N, K, *a.stride(), *b.stride())
+    ab_strides = (*a.stride(), *b_strides)
     out_strides = out.stride()
     if kernel == "_matmul_kernel":
-        args = (a, b, out, *sizes, *out_strides, *buckets)
+        args = (a, b, out, *sizes, *ab_strides, *out_strides, *buckets)
     elif kernel == "_forward_kernel":
-        args = (a, b, bias if bias is not None else out, out, z if z is not None else out, *sizes, *out_strides,
-                *(z.stride() if z is not None else (0, 0)), bias.stride(0) if bias is not None else 0, *buckets)
+        args = (a, b, bias if bias is not None else out, out, z if z is not None else out, *sizes, *ab_strides,
+                *out_strides, *(z.stride() if z is not None else (0, 0)), bias.stride(0) if bias is not None else 0,
+                *buckets)
     elif kernel == "_grad_x_kernel":
         delta = delta_out if delta_out is not None else out
-        args = (a, b, prologue_saved, out, delta, *sizes, *prologue_saved.stride(), *out_strides,
+        args = (a, b, prologue_saved, out, delta, *sizes, *ab_strides, *prologue_saved.stride(), *out_strides,
                 *(delta.stride() if delta_out is not None else (0, 0)), *buckets)
     elif kernel == "_grad_weight_kernel":
         saved = prologue if prologue is not None else a  # a stored δᵀ reads nothing more
-        args = (a, b, saved, out, row_sums if row_sums is not None else out, *sizes, *saved.stride(), *out_strides,
-                *buckets)
-    else:  # _grad_below_kernel
-        args = (a, b, grad_saved, out, partials if partials is not None else out, *sizes, *grad_saved.stride(),
+        args = (a, b, saved, out, row_sums if row_sums is not None else out, *sizes, *ab_strides, *saved.stride(),
                 *out_strides, *buckets)
-    # Every input of the flags that the arguments' specialisation does not already hold (dtypes, strides of 1).
-    options = (act_id, negative_slope, f_prime_as_z, bias is not None, z is not None, grad_saved is not None,
-               prologue_saved is not None, saved_kind, want_partials, row_sums is not None, delta_out is not None,
-               use_dot, K % EVEN_K_STEP.value == 0, buckets, settings.autotune, tma_ok,
-               a.dtype is torch.float32 and a.is_cuda and tf32_allowed())  # INPUT_PRECISION
+    else:  # _grad_below_kernel
+        args = (a, b, grad_saved, out, partials if partials is not None else out, *sizes, *ab_strides,
+                *grad_saved.stride(), *out_strides, *buckets)
+    # The setup's options, and the call's choices that the arguments' specialisation does not already hold.
+    options = setup.options + (K % _EVEN_K_STEP == 0, buckets, tma_ok,
+                               setup.tf32 and tf32_allowed())  # INPUT_PRECISION: a setting PyTorch may change
 
     if tma_ok:
         _ensure_allocator()  # device-side descriptors need a scratch buffer (in this thread's context)
 
     def make():
-        return _matmul_plan(kernel, a, b, out, bias, z, f_prime_as_z, act_id, negative_slope, saved_kind,
-                            want_partials, row_sums, delta_out, use_dot, tma_ok, prologue)
+        return _matmul_plan(kernel, a, b.t() if b_transposed else b, out, bias, z, f_prime_as_z, act_id,
+                            negative_slope, saved_kind, want_partials, row_sums, delta_out, use_dot, tma_ok, prologue)
 
     launch.run(role, options, args, M, N, make)
     return partials
+
+
+_EVEN_K_STEP = EVEN_K_STEP.value
+_BUCKETS: dict = {}  # (M, N, K) -> their tuning buckets; sizes a program uses are few
+
+
+class _MatmulSetup:
+    """What a matmul launch's flags decide with its dtype, kind of device and the settings (_launch_matmul's key
+    ``flags``): its kernel, the head of its plan options, its partial sums' buffer, whether it asks about TMA and
+    TF32. Made again when config.set() has replaced the settings."""
+
+    __slots__ = ("settings", "kernel", "prologue", "options", "acc_dtype", "partial_rows", "tma", "tf32")
+
+    def __init__(self, flags: tuple, settings):
+        (role, act_id, negative_slope, f_prime_as_z, has_bias, has_z, has_grad_saved, has_prologue, saved_kind,
+         want_partials, has_row_sums, has_delta_out, use_dot, dtype, is_cuda) = flags
+        fp64 = dtype == torch.float64
+        self.settings = settings
+        self.kernel = _role_kernel(role, act_id if has_prologue else 0, has_row_sums)
+        self.prologue = self.kernel in ("_grad_x_kernel", "_grad_weight_kernel") and act_id != 0
+        # Every input of the flags that the arguments' specialisation does not already hold (dtypes, strides of 1).
+        self.options = (act_id, negative_slope, f_prime_as_z, has_bias, has_z, has_grad_saved, has_prologue,
+                        saved_kind, want_partials, has_row_sums, has_delta_out, use_dot, settings.autotune)
+        self.acc_dtype = torch.float64 if fp64 else torch.float32
+        fixed = _fixed_config(fp64, use_dot)
+        self.partial_rows = _PARTIAL_ROWS if fixed is None else min(_PARTIAL_ROWS, fixed[0]["BLOCK_M"])
+        self.tma = settings.tma and not fp64
+        self.tf32 = dtype is torch.float32 and is_cuda
+
+
+_MATMUL_SETUPS: dict = {}
 
 
 def _role_kernel(role: str, prologue_act: int, row_sums: bool) -> str:
@@ -1395,9 +1437,9 @@ def linear_forward(x, weight, bias, act_id: int, negative_slope: float, write_z:
     if a.numel() == 0:
         return a, z
     with _device_guard(x):
-        # B = Wᵀ [K, N] is W read through swapped strides: no copy.
-        _launch_matmul(x, weight.t(), a, role="forward", bias=bias, z=z, f_prime_as_z=f_prime_as_z, act_id=act_id,
-                       negative_slope=negative_slope)
+        # B = Wᵀ [K, N] is W read through swapped strides: no copy, no view.
+        _launch_matmul(x, weight, a, role="forward", bias=bias, z=z, f_prime_as_z=f_prime_as_z, act_id=act_id,
+                       negative_slope=negative_slope, b_transposed=True)
     return a, z
 
 

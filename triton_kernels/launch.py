@@ -119,12 +119,17 @@ class _Layout:
         self.warm = {}
 
     def exact(self, args: tuple, M: int, N: int) -> tuple:
-        """(the call's exact values, the addresses of its tensors at the distinct positions)."""
+        """(the call's exact values, the addresses of its tensors at the distinct positions). The values are one
+        flat tuple (each part's length is fixed by the layout): its ints, M, N, per distinct tensor its dtype,
+        then its device index, then its address modulo 16, and last whether each repeat is its first's tensor."""
         tensors = self.tensors(args)
         addresses = tuple(map(_data_ptr, tensors))
-        return (self.ints(args), M, N, tuple(map(_dtype_of, tensors)), tuple(map(_device_of, tensors)),
-                tuple(map(_and, addresses, self.fifteens)),
-                tuple(map(_is, self.repeats(args), self.firsts(args)))), addresses
+        return (*self.ints(args), M, N, *map(_dtype_of, tensors), *map(_device_of, tensors),
+                *map(_and, addresses, self.fifteens), *map(_is, self.repeats(args), self.firsts(args))), addresses
+
+    def shared_as_first(self, exact: tuple) -> bool:
+        """Whether a call's exact values hold its tensors shared among slots as in the layout's first call."""
+        return not self.same or exact[-len(self.same):] == self.same
 
 
 def _tensor_positions(args: tuple) -> tuple:
@@ -168,7 +173,7 @@ def _first_call(role: str, options: tuple, args: tuple, M: int, N: int, make: Ca
     else:
         plan.launch(args, M, N)
     exact, _ = layout.exact(args, M, N)
-    if exact[-1] == layout.same:  # tensors shared among slots as in the layout's first call: all of them asked
+    if layout.shared_as_first(exact):  # tensors shared among slots as in the layout's first call: all of them asked
         if len(layout.warm) >= WARM_CALLS:
             layout.warm.clear()
         layout.warm[exact] = (plan, plan.grid(M, N))
