@@ -186,8 +186,9 @@ def test_needs_input_grad_skips_work(monkeypatch, device):
     calls = []
     real_launch, real_delta = dense._launch_matmul, dense.delta_and_bias_grad
 
-    def launch(a, b, out, **kwargs):
-        calls.append((tuple(a.shape), tuple(b.shape)))
+    def launch(a, b, out, **kwargs):  # the shapes of the product's factors, a given transposed or not
+        calls.append((tuple(a.shape)[::-1] if kwargs.get("a_transposed") else tuple(a.shape),
+                      tuple(b.shape)[::-1] if kwargs.get("b_transposed") else tuple(b.shape)))
         return real_launch(a, b, out, **kwargs)
 
     def delta_pass(*args, **kwargs):

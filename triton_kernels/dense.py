@@ -1134,8 +1134,14 @@ def fp64_dot_supported(device: torch.device) -> bool:
 
 
 def _device_guard(t: torch.Tensor):
-    # Launch on the tensor's GPU (cuda:1 ...), also from autograd's backward thread.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    # Launch on the tensor's GPU (cuda:1 ...), also from autograd's backward thread. Elsewhere one shared no-op
+    # context (reusable: it holds nothing), not a new one a call.
+    return torch.cuda.device(t.device) if t.is_cuda else _NO_GUARD
+
+
+_NO_GUARD = contextlib.nullcontext()
+# Allocations below pass sizes as separate ints: x.new_empty(M, N) parses in about 2/3 of the instructions of
+# x.new_empty((M, N)) (callgrind, torch 2.13).
 
 
 # --------------------------------------------------------------------------------------
@@ -1154,10 +1160,11 @@ def _saved_kind_id(saved_kind: str) -> int:
 
 def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=False, act_id=0, negative_slope=0.0,
                    grad_saved=None, prologue_saved=None, saved_kind="z", want_partials=False, row_sums=None,
-                   delta_out=None, use_dot=None, b_transposed=False):
+                   delta_out=None, use_dot=None, a_transposed=False, b_transposed=False):
     """One matmul launch: a [M, K] @ b [K, N] into out [M, N], with a prologue or one of two epilogues, by the
-    kernel of its role (_role_kernel). b_transposed: b is given as its transpose, [N, K] (a weight), and read
-    through swapped strides (no view made).
+    kernel of its role (_role_kernel). a_transposed: a is given as its transpose, [K, M] (∂C/∂W's G or δ), and so
+    is prologue_saved; b_transposed: b as its transpose, [N, K] (a weight). Each is read through swapped strides:
+    no view made on a warm call (a view costs about as much as the launch's other Python, callgrind).
 
     Forward (role "forward"): out = f(a @ b + bias), and z = a @ b + bias when z is given
     (f'(a @ b + bias) instead with f_prime_as_z).
@@ -1170,7 +1177,12 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
     What the flags, the dtype and the settings decide is computed once (_MatmulSetup); the plan once per key
     (_matmul_plan, launch.py): a warm call reads sizes and strides, allocates, builds the arguments and launches.
     """
-    M, K = a.shape
+    if a_transposed:
+        K, M = a.shape
+        a_strides = a.stride()[::-1]
+    else:
+        M, K = a.shape
+        a_strides = a.stride()
     if b_transposed:
         N = b.shape[0]
         b_strides = b.stride()[::-1]
@@ -1190,31 +1202,35 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
     kernel = setup.kernel
     partials = None
     if want_partials:
-        partials = a.new_empty((-(-M // setup.partial_rows), N), dtype=setup.acc_dtype)
+        partials = a.new_empty(-(-M // setup.partial_rows), N, dtype=setup.acc_dtype)
     sizes = (M, N, K)
     buckets = _BUCKETS.get(sizes)  # the autotuner's sizes
     if buckets is None:
         buckets = _BUCKETS[sizes] = (_tuning_bucket(M), _tuning_bucket(N), _tuning_bucket(K))
     prologue = prologue_saved if setup.prologue else None
+    saved_strides = None
+    if prologue_saved is not None:
+        saved_strides = prologue_saved.stride()[::-1] if a_transposed else prologue_saved.stride()
     tma_ok = False
     if setup.tma and _tma_capable(a.device):  # TMA's describability is finer than the key's
-        tma_ok = _tma_layout(a, b.t() if b_transposed else b, prologue, True)["TMA_OK"]
+        tma_ok = _tma_layout(*_views(a, b, prologue, a_transposed, b_transposed), True)["TMA_OK"]
     # Each tensor's strides asked once (one stride() tuple costs less than two stride(i) calls).
-    ab_strides = (*a.stride(), *b_strides)
+    ab_strides = (*a_strides, *b_strides)
     out_strides = out.stride()
     if kernel == "_matmul_kernel":
         args = (a, b, out, *sizes, *ab_strides, *out_strides, *buckets)
     elif kernel == "_forward_kernel":
         args = (a, b, bias if bias is not None else out, out, z if z is not None else out, *sizes, *ab_strides,
-                *out_strides, *(z.stride() if z is not None else (0, 0)), bias.stride(0) if bias is not None else 0,
+                *out_strides, *(z.stride() if z is not None else (0, 0)), bias.stride()[0] if bias is not None else 0,
                 *buckets)
     elif kernel == "_grad_x_kernel":
         delta = delta_out if delta_out is not None else out
-        args = (a, b, prologue_saved, out, delta, *sizes, *ab_strides, *prologue_saved.stride(), *out_strides,
+        args = (a, b, prologue_saved, out, delta, *sizes, *ab_strides, *saved_strides, *out_strides,
                 *(delta.stride() if delta_out is not None else (0, 0)), *buckets)
     elif kernel == "_grad_weight_kernel":
-        saved = prologue if prologue is not None else a  # a stored δᵀ reads nothing more
-        args = (a, b, saved, out, row_sums if row_sums is not None else out, *sizes, *ab_strides, *saved.stride(),
+        # a stored δᵀ reads nothing more: a in saved's slot
+        saved, strides = (prologue, saved_strides) if prologue is not None else (a, a_strides)
+        args = (a, b, saved, out, row_sums if row_sums is not None else out, *sizes, *ab_strides, *strides,
                 *out_strides, *buckets)
     else:  # _grad_below_kernel
         args = (a, b, grad_saved, out, partials if partials is not None else out, *sizes, *ab_strides,
@@ -1226,12 +1242,20 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
     if tma_ok:
         _ensure_allocator()  # device-side descriptors need a scratch buffer (in this thread's context)
 
-    def make():
-        return _matmul_plan(kernel, a, b.t() if b_transposed else b, out, bias, z, f_prime_as_z, act_id,
-                            negative_slope, saved_kind, want_partials, row_sums, delta_out, use_dot, tma_ok, prologue)
+    def make():  # the views only here, on a call not seen before
+        a_view, b_view, prologue_view = _views(a, b, prologue, a_transposed, b_transposed)
+        return _matmul_plan(kernel, a_view, b_view, out, bias, z, f_prime_as_z, act_id, negative_slope, saved_kind,
+                            want_partials, row_sums, delta_out, use_dot, tma_ok, prologue_view)
 
     launch.run(role, options, args, M, N, make)
     return partials
+
+
+def _views(a, b, prologue, a_transposed: bool, b_transposed: bool) -> tuple:
+    """_launch_matmul's a [M, K], b [K, N] and prologue [M, K] (or None) as views, from what it was given."""
+    if a_transposed:
+        a, prologue = a.t(), (prologue.t() if prologue is not None else None)
+    return a, (b.t() if b_transposed else b), prologue
 
 
 _EVEN_K_STEP = EVEN_K_STEP.value
@@ -1418,8 +1442,8 @@ def _fixed_config(fp64: bool, use_dot: bool):
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for a [M, K], b [K, N] of any strides -> a new contiguous [M, N]."""
     M, N = a.shape[0], b.shape[1]
-    out = a.new_empty((M, N))
-    if out.numel() == 0:
+    out = a.new_empty(M, N)
+    if not (M and N):  # nothing to write (sizes compared: numel() is a torch call)
         return out
     with _device_guard(a):
         _launch_matmul(a, b, out)
@@ -1432,9 +1456,9 @@ def linear_forward(x, weight, bias, act_id: int, negative_slope: float, write_z:
     x [M, K], weight [N, K], bias [N] or None -> (a [M, N], z or f'(z) [M, N] or None).
     """
     M, N = x.shape[0], weight.shape[0]
-    a = x.new_empty((M, N))
-    z = x.new_empty((M, N)) if write_z else None
-    if a.numel() == 0:
+    a = x.new_empty(M, N)
+    z = x.new_empty(M, N) if write_z else None
+    if not (M and N):
         return a, z
     with _device_guard(x):
         # B = Wᵀ [K, N] is W read through swapped strides: no copy, no view.
@@ -1456,14 +1480,14 @@ def delta_and_bias_grad(grad_a, saved, act_id: int, negative_slope: float, saved
     write_delta = want_delta and not identity
     delta = grad_a if (want_delta and identity) else None
     if write_delta:
-        delta = grad_a.new_empty((M, N))
+        delta = grad_a.new_empty(M, N)
     if not (write_delta or want_bias):
         return delta, None
 
     fp64 = grad_a.dtype == torch.float64
     acc_dtype = torch.float64 if fp64 else torch.float32
     blocks_m = _cdiv(M, _DELTA_BLOCK["BLOCK_M"])
-    partials = torch.empty((blocks_m, N), dtype=acc_dtype, device=grad_a.device) if want_bias else None
+    partials = grad_a.new_empty(blocks_m, N, dtype=acc_dtype) if want_bias else None
     if M > 0 and N > 0:
         saved_t = saved if saved is not None else grad_a
         args = (grad_a, saved_t, delta if write_delta else grad_a, partials if want_bias else grad_a, M, N,
@@ -1481,15 +1505,15 @@ def delta_and_bias_grad(grad_a, saved, act_id: int, negative_slope: float, saved
     grad_bias = None
     if want_bias:
         # Rows of partial sums added in a fixed order: bitwise reproducible.
-        grad_bias = partials.sum(dim=0).to(grad_a.dtype)
+        grad_bias = _in_dtype(partials.sum(dim=0), grad_a.dtype)
     return delta, grad_bias
 
 
 def activation_forward(z: torch.Tensor, act_id: int, negative_slope: float) -> torch.Tensor:
     """A = f(Z), elementwise: z [M, N] (any strides) -> a new contiguous [M, N]."""
     M, N = z.shape
-    a = z.new_empty((M, N))
-    if a.numel() == 0:
+    a = z.new_empty(M, N)
+    if not (M and N):
         return a
     args = (z, a, M, N, z.stride(0), z.stride(1), a.stride(0), a.stride(1))
 
@@ -1501,6 +1525,12 @@ def activation_forward(z: torch.Tensor, act_id: int, negative_slope: float) -> t
     with _device_guard(z):
         launch.run("activation", (act_id, negative_slope), args, M, N, make)
     return a
+
+
+def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t.to(dtype), without the call where t has that dtype already (.to would return t itself, for ~8k
+    instructions: a float32 layer's ∂C/∂b)."""
+    return t if t.dtype is dtype else t.to(dtype)
 
 
 def _elementwise_plan(kernel, constexprs: dict, M: int, N: int, device: torch.device) -> dict:
@@ -1518,8 +1548,8 @@ def matmul_times_activation_grad(delta, weight, saved, act_id: int, negative_slo
     says (unused for identity) -> (δₗ₋₁ = (δₗ Wₗ) ⊙ f'(Zₗ₋₁) [M, K], ∂C/∂bₗ₋₁ = 1ᵀ δₗ₋₁ [K] or None).
     """
     M, K = delta.shape[0], weight.shape[1]
-    out = delta.new_empty((M, K))
-    if out.numel() == 0:
+    out = delta.new_empty(M, K)
+    if not (M and K):
         return out, (torch.zeros(K, dtype=delta.dtype, device=delta.device) if want_bias else None)
     with _device_guard(delta):
         partials = _launch_matmul(
@@ -1527,7 +1557,7 @@ def matmul_times_activation_grad(delta, weight, saved, act_id: int, negative_slo
             grad_saved=saved if act_id != 0 else out, saved_kind=saved_kind, want_partials=want_bias,
         )
     # Rows of partial sums added in a fixed order: bitwise reproducible.
-    return out, (partials.sum(dim=0).to(delta.dtype) if want_bias else None)
+    return out, (_in_dtype(partials.sum(dim=0), delta.dtype) if want_bias else None)
 
 
 # δ formed in a backward matmul's operand loads is formed again for every column tile of that matmul's output
@@ -1565,7 +1595,8 @@ def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float
     M, N = grad_a.shape
     K = weight.shape[1]
     saved = saved if act_id != 0 else grad_a  # identity reads nothing; any tensor of the right shape
-    acc_dtype = torch.float64 if grad_a.dtype == torch.float64 else torch.float32
+    dtype = grad_a.dtype
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     grad_x = grad_weight = grad_bias = None
     forms_delta = act_id != 0 and (want_x or want_weight) and M * N * K > 0
     by_pass = forms_delta and not (K <= PROLOGUE_MAX_K if delta_in_loads is None else delta_in_loads)
@@ -1576,28 +1607,28 @@ def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float
                                            want_delta=True, want_bias=False)
         elif forms_delta and want_x and want_weight:
             # stored by the ∂C/∂X matmul for the ∂C/∂W matmul: one write for two reads fewer (G and saved)
-            delta = grad_a.new_empty((M, N))
+            delta = grad_a.new_empty(M, N)
         if want_x:
-            grad_x = grad_a.new_empty((M, K))
+            grad_x = grad_a.new_empty(M, K)
             if by_pass:
                 _launch_matmul(delta, weight, grad_x, role="grad_x")  # ∂C/∂X = δ W   [M, N] [N, K]
-            elif grad_x.numel() > 0:
+            elif M and K:
                 _launch_matmul(grad_a, weight, grad_x, role="grad_x", act_id=act_id, negative_slope=negative_slope,
                                prologue_saved=saved, saved_kind=saved_kind,
                                delta_out=delta)  # ∂C/∂X = δ W   [M, N] [N, K]
         bias_from_matmul = want_bias and want_weight and K > 0 and N > 0
         if want_weight:
-            grad_weight = grad_a.new_empty((N, K))
-            row_sums = torch.empty((N,), dtype=acc_dtype, device=grad_a.device) if bias_from_matmul else None
+            grad_weight = grad_a.new_empty(N, K)
+            row_sums = grad_a.new_empty(N, dtype=acc_dtype) if bias_from_matmul else None
             if delta is not None:  # ∂C/∂W = δᵀ X  [N, M] [M, K]: δᵀ read through swapped strides
-                _launch_matmul(delta.t(), x, grad_weight, role="grad_weight", row_sums=row_sums)
-            elif grad_weight.numel() > 0:
+                _launch_matmul(delta, x, grad_weight, role="grad_weight", row_sums=row_sums, a_transposed=True)
+            elif N and K:
                 # ∂C/∂W = δᵀ X  [N, M] [M, K]: δᵀ and its saved factor read through swapped strides.
-                _launch_matmul(grad_a.t(), x, grad_weight, role="grad_weight", act_id=act_id,
-                               negative_slope=negative_slope,
-                               prologue_saved=saved.t(), saved_kind=saved_kind, row_sums=row_sums)
+                _launch_matmul(grad_a, x, grad_weight, role="grad_weight", act_id=act_id,
+                               negative_slope=negative_slope, prologue_saved=saved, saved_kind=saved_kind,
+                               row_sums=row_sums, a_transposed=True)
             if bias_from_matmul:
-                grad_bias = row_sums.to(grad_a.dtype)  # ∂C/∂b = 1ᵀ δ  [N]
+                grad_bias = _in_dtype(row_sums, dtype)  # ∂C/∂b = 1ᵀ δ  [N]
     if want_bias and not bias_from_matmul:
         _, grad_bias = delta_and_bias_grad(grad_a, saved, act_id, negative_slope, saved_kind,
                                            want_delta=False, want_bias=True)
