@@ -1491,8 +1491,7 @@ def delta_and_bias_grad(grad_a, saved, act_id: int, negative_slope: float, saved
     if M > 0 and N > 0:
         saved_t = saved if saved is not None else grad_a
         args = (grad_a, saved_t, delta if write_delta else grad_a, partials if want_bias else grad_a, M, N,
-                grad_a.stride(0), grad_a.stride(1), saved_t.stride(0), saved_t.stride(1),
-                delta.stride(0) if write_delta else 0, delta.stride(1) if write_delta else 0)
+                *grad_a.stride(), *saved_t.stride(), *(delta.stride() if write_delta else (0, 0)))
 
         def make():
             constexprs = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, SAVED_KIND=_saved_kind_id(saved_kind),
@@ -1515,7 +1514,7 @@ def activation_forward(z: torch.Tensor, act_id: int, negative_slope: float) -> t
     a = z.new_empty(M, N)
     if not (M and N):
         return a
-    args = (z, a, M, N, z.stride(0), z.stride(1), a.stride(0), a.stride(1))
+    args = (z, a, M, N, *z.stride(), *a.stride())
 
     def make():
         constexprs = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, COMPUTE_FP64=z.dtype == torch.float64,

@@ -156,8 +156,8 @@ def linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, act_id
     "z", "f_prime"; None for identity); rows = M, columns = N.
     """
     like = next(t for t in (tangent_x, tangent_weight, tangent_bias) if t is not None)
-    out = torch.empty((rows, columns), dtype=like.dtype, device=like.device)
-    if out.numel() == 0:
+    out = like.new_empty(rows, columns)  # sizes as ints: dense.py's allocations say why
+    if not (rows and columns):
         return out
     K = x.shape[1]
     fp64 = like.dtype == torch.float64
@@ -169,9 +169,8 @@ def linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, act_id
     buckets = (dense._tuning_bucket(rows), dense._tuning_bucket(columns), dense._tuning_bucket(K))
     args = (
         tx, weight, x, tw, tb, saved, out, rows, columns, K,
-        tx.stride(0), tx.stride(1), weight.stride(0), weight.stride(1), x.stride(0), x.stride(1),
-        tw.stride(0), tw.stride(1), tb.stride(0), saved.stride(0), saved.stride(1), out.stride(0), out.stride(1),
-        *buckets,
+        *tx.stride(), *weight.stride(), *x.stride(), *tw.stride(), tb.stride()[0], *saved.stride(), *out.stride(),
+        *buckets,  # each tensor's strides asked once: a stride() tuple costs less than two stride(i) calls
     )
     options = (tangent_x is not None, tangent_weight is not None, tangent_bias is not None, act_id, negative_slope,
                saved_kind, use_dot, K % dense.EVEN_K_STEP.value == 0, buckets, dense.autotune_enabled(),
