@@ -12,8 +12,9 @@ x [M, K], gate_weight and up_weight [I, K], biases [I]:
                                                            (_deltas), never stored
                 ∂C/∂X = δ_g W_g + δ_u W_u    [M, K]        _gated_grad_x_kernel: one accumulator, one loop over I
                 ∂C/∂W_g = δ_gᵀ X, ∂C/∂W_u = δ_uᵀ X [I, K]  _gated_grad_weight_kernel: two accumulators, one
-                ∂C/∂b_g = 1ᵀ δ_g, ∂C/∂b_u = 1ᵀ δ_u   [I]   loop over M; the first column of tiles also sums
-                                                           the δᵀ rows it loads (∂C/∂b)
+                ∂C/∂b_g = 1ᵀ δ_g, ∂C/∂b_u = 1ᵀ δ_u   [I]   loop over M; it also sums the δᵀ rows it loads
+                                                           (∂C/∂b) in fixed steps of SUM_STEP, the dense layer's
+                                                           row sums: the same bits on every tile
     jvp         dZ = dX Wᵀ + X dWᵀ + db (each)             the dense layer's jvp kernel with identity (jvp.py)
                 dA = f'(Z_g) ⊙ dZ_g ⊙ Z_u + f(Z_g) ⊙ dZ_u  _gated_tangent_kernel, elementwise
     the gating alone (projections run as modules: GatedMLP with hooks, adapters or quantized weights)
@@ -106,6 +107,14 @@ def _load_deltas(grad_a_ptr, z_gate_ptr, z_up_ptr, rows, cols, stride_g_row, str
 # --------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------
+
+
+# ∂C/∂b's step along M in the ∂C/∂W kernel, whatever its BLOCK_K: float32 and float64 data sum in registers, one
+# running sum per column of the step, then the dense layer's fixed tree over them (its width, dense.WIDE_SUM_LEVELS);
+# 16-bit data by the tensor cores, δ [BLOCK_M, SUM_STEP] times a tile of ones per step. It divides every gated
+# BLOCK_K (16 and 32, the fixed tiles' too), so no tile changes the order of the sums. (The dense layer's 16-bit
+# step, dense.SUM_BLOCK_K = 64, would need K steps of 64 here: those spilled, compile report.)
+SUM_STEP = dense.WIDE_SUM_BLOCK_K
 
 
 @triton.jit
@@ -243,44 +252,52 @@ def _gated_grad_weight_kernel(
     stride_gon, stride_gok, stride_uon, stride_uok,
     ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
     WANT_GATE_WEIGHT: tl.constexpr, WANT_UP_WEIGHT: tl.constexpr,
-    WANT_GATE_BIAS: tl.constexpr, WANT_UP_BIAS: tl.constexpr,
+    WANT_GATE_BIAS: tl.constexpr, WANT_UP_BIAS: tl.constexpr,  # summed in M steps of SUM_STEP whatever BLOCK_K
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INLINE_PTX: tl.constexpr = False,  # compiled for an NVIDIA GPU (dense._inline_ptx): δ kept out of FMA
+                                       # contraction before its sums (dense._materialised)
 ):
     # Output tiles of δ_gᵀ X and δ_uᵀ X, summed over M; δᵀ formed as the Gᵀ, Zᵀ tiles load. Tiles named as a
     # matmul's (_gated_grad_x_kernel): the output tile [BLOCK_M, BLOCK_N] spans N x K, the loop steps BLOCK_K
-    # along the contracted M (so ∂C/∂b's sums, in steps of BLOCK_K, depend on it).
+    # along the contracted M. With ∂C/∂b each BLOCK_K is taken in BLOCK_K // STEP_K steps of SUM_STEP, and the
+    # sums are the dense layer's row sums (dense._row_sums_start/_add/_end) in that fixed step: the same bits on
+    # every tile. Every column tile forms them (no branch in the loop); the first one stores them.
+    SUMS: tl.constexpr = WANT_GATE_BIAS or WANT_UP_BIAS
+    SUMS_BY_MMA: tl.constexpr = USE_DOT and grad_a_ptr.dtype.element_ty.primitive_bitwidth == 16
+    STEP_K: tl.constexpr = SUM_STEP.value if SUMS else BLOCK_K
+    tl.static_assert(BLOCK_K % STEP_K == 0, "∂C/∂b's step divides BLOCK_K")
     pid_n, pid_k = dense._tile_position(tl.program_id(0), N, K, BLOCK_M, BLOCK_N, GROUP_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_K).to(tl.int64)
+    offs_m = tl.arange(0, STEP_K).to(tl.int64)
     mask_n, mask_k = offs_n < N, offs_k < K
     if ACC_FP64:
         acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-        sums_gate = tl.zeros((BLOCK_M,), dtype=tl.float64)
     else:
         acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        sums_gate = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_up = tl.zeros_like(acc_gate)
-    sums_up = tl.zeros_like(sums_gate)
+    if SUMS:
+        sums_gate = dense._row_sums_start(BLOCK_M, STEP_K, SUMS_BY_MMA, acc_gate.dtype)
+        sums_up = tl.zeros_like(sums_gate)
     for m in range(0, tl.cdiv(M, BLOCK_K)):
-        rows = m * BLOCK_K + offs_m
-        mask_t = mask_n[:, None] & (rows < M)[None, :]
-        delta_gate_t, delta_up_t = _load_deltas(grad_a_ptr, z_gate_ptr, z_up_ptr, offs_n, rows, stride_gn,
-                                                stride_gm, stride_zgn, stride_zgm, stride_zun, stride_zum, mask_t,
-                                                ACTIVATION, NEGATIVE_SLOPE, ACC_FP64)
-        if WANT_GATE_WEIGHT or WANT_UP_WEIGHT:
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=(rows < M)[:, None] & mask_k[None, :], other=0.0)
-            if WANT_GATE_WEIGHT:
-                acc_gate = dense._tile_dot(delta_gate_t, x, acc_gate, USE_DOT, INPUT_PRECISION)  # δ_gᵀ X
-            if WANT_UP_WEIGHT:
-                acc_up = dense._tile_dot(delta_up_t, x, acc_up, USE_DOT, INPUT_PRECISION)  # δ_uᵀ X
-        if pid_k == 0:  # 1ᵀ δ: every column tile loads the same δᵀ rows; the first one sums them
-            if WANT_GATE_BIAS:
-                sums_gate += tl.sum(delta_gate_t.to(sums_gate.dtype), axis=1)
+        for step in tl.static_range(BLOCK_K // STEP_K):
+            rows = (m * (BLOCK_K // STEP_K) + step) * STEP_K + offs_m
+            mask_t = mask_n[:, None] & (rows < M)[None, :]
+            delta_gate_t, delta_up_t = _load_deltas(grad_a_ptr, z_gate_ptr, z_up_ptr, offs_n, rows, stride_gn,
+                                                    stride_gm, stride_zgn, stride_zgm, stride_zun, stride_zum, mask_t,
+                                                    ACTIVATION, NEGATIVE_SLOPE, ACC_FP64)
+            if WANT_GATE_WEIGHT or WANT_UP_WEIGHT:
+                x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                            mask=(rows < M)[:, None] & mask_k[None, :], other=0.0)
+                if WANT_GATE_WEIGHT:
+                    acc_gate = dense._tile_dot(delta_gate_t, x, acc_gate, USE_DOT, INPUT_PRECISION)  # δ_gᵀ X
+                if WANT_UP_WEIGHT:
+                    acc_up = dense._tile_dot(delta_up_t, x, acc_up, USE_DOT, INPUT_PRECISION)  # δ_uᵀ X
+            if WANT_GATE_BIAS:  # 1ᵀ δ_g: the rows of δ_gᵀ
+                sums_gate = dense._row_sums_add(sums_gate, delta_gate_t, SUMS_BY_MMA, INLINE_PTX)
             if WANT_UP_BIAS:
-                sums_up += tl.sum(delta_up_t.to(sums_up.dtype), axis=1)
+                sums_up = dense._row_sums_add(sums_up, delta_up_t, SUMS_BY_MMA, INLINE_PTX)
     mask = mask_n[:, None] & mask_k[None, :]
     if WANT_GATE_WEIGHT:
         tl.store(gate_out_ptr + offs_n[:, None] * stride_gon + offs_k[None, :] * stride_gok,
@@ -288,11 +305,11 @@ def _gated_grad_weight_kernel(
     if WANT_UP_WEIGHT:
         tl.store(up_out_ptr + offs_n[:, None] * stride_uon + offs_k[None, :] * stride_uok,
                  acc_up.to(up_out_ptr.dtype.element_ty), mask=mask)
-    if pid_k == 0:
+    if pid_k == 0:  # every column tile has the same sums; the first one stores them
         if WANT_GATE_BIAS:
-            tl.store(gate_bias_out_ptr + offs_n, sums_gate, mask=mask_n)
+            tl.store(gate_bias_out_ptr + offs_n, dense._row_sums_end(sums_gate, SUMS_BY_MMA), mask=mask_n)
         if WANT_UP_BIAS:
-            tl.store(up_bias_out_ptr + offs_n, sums_up, mask=mask_n)
+            tl.store(up_bias_out_ptr + offs_n, dense._row_sums_end(sums_up, SUMS_BY_MMA), mask=mask_n)
 
 
 @triton.jit
@@ -539,7 +556,7 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
 
     z_gate, z_up None: recomputed from x, the weights and biases (the forward kernel, Z alone).
     """
-    needs_x, needs_gate_weight, needs_up_weight, needs_gate_bias, needs_up_bias = needs
+    needs_x = needs[0]
     if z_gate is None:
         z_gate, z_up = _recomputed(x, gate_weight, up_weight, gate_bias, up_bias, act_id, negative_slope)
     M, N = grad_a.shape
@@ -558,7 +575,18 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
                     z_up.stride(1), gate_weight.stride(0), gate_weight.stride(1), up_weight.stride(0),
                     up_weight.stride(1), grad_x.stride(0), grad_x.stride(1))
             _launch_matmul("gated_grad_x", (act_id, negative_slope, buckets), args, M, K, activation, grad_a, use_dot)
-    wants = (needs_gate_weight, needs_up_weight, needs_gate_bias, needs_up_bias)
+    grad_gate_weight, grad_up_weight, *sums = _grad_weights(grad_a, x, z_gate, z_up, K, act_id, negative_slope,
+                                                             needs[1:])
+    grad_biases = [None if s is None else s.to(dtype) for s in sums]
+    return grad_x, grad_gate_weight, grad_up_weight, grad_biases[0], grad_biases[1]
+
+
+def _grad_weights(grad_a, x, z_gate, z_up, K: int, act_id: int, negative_slope: float, wants):
+    """(∂C/∂W_g, ∂C/∂W_u [I, K] in G's dtype, ∂C/∂b_g, ∂C/∂b_u [I] in the compute dtype, as summed: the same bits on
+    every tile), None where wants (four bools) says no: one launch of the ∂C/∂W kernel. G, Z_g, Z_u [M, I]; x [M, K],
+    read only for the weight gradients."""
+    M, N = grad_a.shape
+    dtype, device = grad_a.dtype, grad_a.device
     grads = [torch.zeros((N, K), dtype=dtype, device=device) if want else None for want in wants[:2]]
     sum_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     sums = [torch.zeros((N,), dtype=sum_dtype, device=device) if want else None for want in wants[2:]]
@@ -573,11 +601,12 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
                 grad_a.stride(0), grad_a.stride(1), z_gate.stride(0), z_gate.stride(1), z_up.stride(0),
                 z_up.stride(1), source.stride(0), source.stride(1), outs[0].stride(0), outs[0].stride(-1),
                 outs[1].stride(0), outs[1].stride(-1))
-        flags = dict(activation, WANT_GATE_WEIGHT=want_weights[0], WANT_UP_WEIGHT=want_weights[1],
-                     WANT_GATE_BIAS=needs_gate_bias, WANT_UP_BIAS=needs_up_bias)
-        _launch_matmul("gated_grad_weight", (*flags.values(), buckets), args, N, columns, flags, grad_a, use_dot)
-    grad_biases = [None if s is None else s.to(dtype) for s in sums]
-    return grad_x, grads[0], grads[1], grad_biases[0], grad_biases[1]
+        flags = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, WANT_GATE_WEIGHT=want_weights[0],
+                     WANT_UP_WEIGHT=want_weights[1], WANT_GATE_BIAS=wants[2], WANT_UP_BIAS=wants[3],
+                     INLINE_PTX=dense._inline_ptx(device))
+        _launch_matmul("gated_grad_weight", (*flags.values(), buckets), args, N, columns, flags, grad_a,
+                       _use_dot(dtype, device))
+    return (*grads, *sums)
 
 
 def gated_jvp(x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, tangent_x, tangent_gate_weight,
