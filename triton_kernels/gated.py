@@ -260,8 +260,9 @@ def _gated_grad_weight_kernel(
 ):
     # Output tiles of δ_gᵀ X and δ_uᵀ X, summed over M; δᵀ formed as the Gᵀ, Zᵀ tiles load. Tiles named as a
     # matmul's (_gated_grad_x_kernel): the output tile [BLOCK_M, BLOCK_N] spans N x K, the loop steps BLOCK_K
-    # along the contracted M. With ∂C/∂b each BLOCK_K is taken in BLOCK_K // STEP_K steps of SUM_STEP, and the
-    # sums are the dense layer's row sums (dense._row_sums_start/_add/_end) in that fixed step: the same bits on
+    # along the contracted M. With ∂C/∂b each BLOCK_K is taken in BLOCK_K // SUM_STEP steps of SUM_STEP (as
+    # dense._main_loop takes its STEP_K; one step at the configs such launches autotune among, _prune_configs), and
+    # the sums are the dense layer's row sums (dense._row_sums_start/_add/_end) in that fixed step: the same bits on
     # every tile. Every column tile forms them (no branch in the loop); the first one stores them.
     SUMS: tl.constexpr = WANT_GATE_BIAS or WANT_UP_BIAS
     SUMS_BY_MMA: tl.constexpr = USE_DOT and grad_a_ptr.dtype.element_ty.primitive_bitwidth == 16
@@ -405,7 +406,9 @@ def matmul_configs(role: str, element_size: int) -> list:
 # - ∂C/∂X: one accumulator, δ_g and δ_u formed from three loaded tiles as wgmma's register operands: K steps of 32
 #   (64 spilled 12-420 bytes at 128x128, 64x128 and 128x64 tiles).
 # - ∂C/∂W: two accumulators and the δᵀ tiles, plus both bias sums: 128x128x32 spilled 4 bytes (gelu_tanh with
-#   ∂C/∂b), 64-wide K steps at 128x64 and 64x128 36-40; 64-row tiles in 8 warps and 128x128x16 none.
+#   ∂C/∂b), 64-wide K steps at 128x64 and 64x128 36-40; 64-row tiles in 8 warps and 128x128x16 none. With ∂C/∂b
+#   summed in fixed steps of SUM_STEP (its launches prune to K steps of 16, _prune_configs) K steps of 32 spilled
+#   84-1020 bytes: 64x256x16 and 64x64x16 give those launches wide and small tiles (none spills, with or without).
 # float32 (IEEE: FMA loops, K steps of 16; --dtype fp32): the forward's 64x64 and 64x128 tiles in 4 warps spilled
 # 16-968 bytes, 128x128 in 8 warps 8-1288; ∂C/∂W's 64x64 in 8 warps 12, 128x128 16 (with ∂C/∂b). Rows of 64 at
 # least: with TF32 products (--dtype tf32) 32-row tiles compile to mma.sync, not wgmma (the forward's spilled 4).
@@ -422,8 +425,8 @@ _CONFIGS = {
             (64, 64, 16, 4, 3, None)],
     },
     "gated_grad_weight": {
-        2: [(128, 128, 16, 8, 4, None), (64, 256, 32, 8, 4, None), (64, 128, 32, 8, 4, None),
-            (64, 64, 32, 4, 4, None)],
+        2: [(128, 128, 16, 8, 4, None), (64, 256, 32, 8, 4, None), (64, 256, 16, 8, 4, None),
+            (64, 128, 32, 8, 4, None), (64, 64, 32, 4, 4, None), (64, 64, 16, 4, 4, None)],
         4: [(64, 128, 16, 8, 3, None), (128, 64, 16, 8, 3, None), (64, 64, 16, 4, 3, None)],
     },
 }
@@ -433,9 +436,13 @@ _OPERAND_TILES = {"gated_forward": (1, 2), "gated_grad_x": (3, 2), "gated_grad_w
 
 
 def _prune_configs(role: str, configs, named_args, **kwargs):
-    """A role's configs whose pipelined operand tiles fit in the GPU's shared memory; the last where none fits."""
+    """A role's configs whose pipelined operand tiles fit in the GPU's shared memory, for a ∂C/∂W launch that sums
+    ∂C/∂b those whose K step is SUM_STEP; the last where none fits."""
     x = next(a for a in named_args.values() if isinstance(a, torch.Tensor))  # the first operand: the data's dtype
     budget = dense._shared_memory_bytes(x.device.index or 0)
+    if any(kwargs.get(name, named_args.get(name, False)) for name in ("WANT_GATE_BIAS", "WANT_UP_BIAS")):
+        # any multiple of SUM_STEP gives the same sums; longer K steps, taken in steps of it, spilled (_CONFIGS)
+        configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] == SUM_STEP.value] or configs
     kept = [cfg for cfg in configs if dense._pipelined_bytes(cfg, x.element_size(), *_OPERAND_TILES[role]) <= budget]
     return kept or configs[-1:]
 
