@@ -245,7 +245,7 @@ def _gated_grad_weight_kernel(
     grad_a_ptr, z_gate_ptr, z_up_ptr,  # G, Z_g, Z_u [M, N], read as their transposes [N, M]
     x_ptr,  # X [M, K]; read only with WANT_GATE_WEIGHT or WANT_UP_WEIGHT
     gate_out_ptr, up_out_ptr,  # ∂C/∂W_g, ∂C/∂W_u [N, K]
-    gate_bias_out_ptr, up_bias_out_ptr,  # ∂C/∂b_g, ∂C/∂b_u [N] (compute dtype), by the first column of tiles
+    gate_bias_out_ptr, up_bias_out_ptr,  # ∂C/∂b_g, ∂C/∂b_u [N] (compute dtype), stored by the first column of tiles
     M, N, K,
     tune_m, tune_n, tune_k,  # the autotuner's key (_gated_forward_kernel), not read
     stride_gm, stride_gn, stride_zgm, stride_zgn, stride_zum, stride_zun, stride_xm, stride_xk,
