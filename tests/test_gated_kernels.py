@@ -219,6 +219,27 @@ def test_pruning_keeps_the_tiles_that_fit():
         dense._shared_memory_bytes = saved
 
 
+def test_bias_launches_take_k_steps_of_the_sum_step():
+    """A ∂C/∂W launch that sums ∂C/∂b autotunes among the configs whose K step is gated.SUM_STEP (longer ones give
+    the same bits but spilled, compile report), at least two of each element size; one without ∂C/∂b among all."""
+    dense, gated, _ = _modules()
+    role = "gated_grad_weight"
+    saved = dense._shared_memory_bytes
+    dense._shared_memory_bytes = lambda index: 232448  # an H100's
+    try:
+        for dtype in (torch.float16, torch.float32):
+            configs = gated.matmul_configs(role, dtype.itemsize)
+            x = torch.empty(8, 8, dtype=dtype, device="meta")
+            for flags in (dict(WANT_GATE_BIAS=True, WANT_UP_BIAS=False), dict(WANT_GATE_BIAS=False, WANT_UP_BIAS=True)):
+                kept = gated._prune_configs(role, configs, {"x_ptr": x}, **flags)
+                steps = {cfg.kwargs["BLOCK_K"] for cfg in kept}
+                assert steps == {gated.SUM_STEP.value} and len(kept) >= 2, f"{dtype} {flags}: {steps}, {len(kept)}"
+            plain = gated._prune_configs(role, configs, {"x_ptr": x}, WANT_GATE_BIAS=False, WANT_UP_BIAS=False)
+            assert len(plain) == len(configs), f"{dtype} without ∂C/∂b: every config kept"
+    finally:
+        dense._shared_memory_bytes = saved
+
+
 def test_fixed_tiles(monkeypatch):
     """The interpreter and float64 launches take the dense layer's fixed tiles; a GPU launch autotunes (None), or
     with autotune off takes its role's first config for the dtype (spill-free, unlike the dense untuned tile)."""
@@ -279,14 +300,14 @@ def _bias_sum_tiles(dtype):
     sizes = (dtype.itemsize,) if DEVICE.type == "cuda" and dtype != torch.float64 else (2, 4)
     configs = [cfg for size in sizes for cfg in gated.matmul_configs(role, size)]
     if dense.is_interpreted():
-        configs += [triton_config(dict(tile, GROUP_M=4)) for tile in (
+        configs += [_fixed_tile_config(dict(tile, GROUP_M=4)) for tile in (
             dense._INTERPRETER_CONFIG, dense._FP64_CONFIG, dense._FP64_FMA_CONFIG)]
     if DEVICE.type == "cuda":
         configs = gated._prune_configs(role, configs, {"x_ptr": torch.empty(1, dtype=dtype, device=DEVICE)})
     return list({_config_id(role, cfg): cfg for cfg in configs}.values())
 
 
-def triton_config(tile):
+def _fixed_tile_config(tile):
     import triton
 
     return triton.Config({name: tile[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}, num_warps=4,
