@@ -72,7 +72,7 @@ def package_launches(gated, M, K, N, dtype, quick):
                 recorder.calls.clear()
             call()
             for role, recorder in recorders.items():
-                for args, kwargs in recorder.calls:
+                for _number, args, kwargs in recorder.calls:
                     kwargs = {k: v for k, v in kwargs.items() if k not in report.TILE_KEYS + report.LAUNCH_KEYS}
                     out[label] = (role, recorder.real, args, kwargs)
     finally:

@@ -15,6 +15,7 @@ from torch import nn
 import manualbp
 from manualbp import backends
 
+import fixed_order_dot
 from checks import assert_close_to_float64, torch_activation
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -218,6 +219,27 @@ def test_pruning_keeps_the_tiles_that_fit():
         dense._shared_memory_bytes = saved
 
 
+def test_bias_launches_take_k_steps_of_the_sum_step():
+    """A ∂C/∂W launch that sums ∂C/∂b autotunes among the configs whose K step is gated.SUM_STEP (longer ones give
+    the same bits but spilled, compile report), at least two of each element size; one without ∂C/∂b among all."""
+    dense, gated, _ = _modules()
+    role = "gated_grad_weight"
+    saved = dense._shared_memory_bytes
+    dense._shared_memory_bytes = lambda index: 232448  # an H100's
+    try:
+        for dtype in (torch.float16, torch.float32):
+            configs = gated.matmul_configs(role, dtype.itemsize)
+            x = torch.empty(8, 8, dtype=dtype, device="meta")
+            for flags in (dict(WANT_GATE_BIAS=True, WANT_UP_BIAS=False), dict(WANT_GATE_BIAS=False, WANT_UP_BIAS=True)):
+                kept = gated._prune_configs(role, configs, {"x_ptr": x}, **flags)
+                steps = {cfg.kwargs["BLOCK_K"] for cfg in kept}
+                assert steps == {gated.SUM_STEP.value} and len(kept) >= 2, f"{dtype} {flags}: {steps}, {len(kept)}"
+            plain = gated._prune_configs(role, configs, {"x_ptr": x}, WANT_GATE_BIAS=False, WANT_UP_BIAS=False)
+            assert len(plain) == len(configs), f"{dtype} without ∂C/∂b: every config kept"
+    finally:
+        dense._shared_memory_bytes = saved
+
+
 def test_fixed_tiles(monkeypatch):
     """The interpreter and float64 launches take the dense layer's fixed tiles; a GPU launch autotunes (None), or
     with autotune off takes its role's first config for the dtype (spill-free, unlike the dense untuned tile)."""
@@ -268,3 +290,100 @@ def test_every_launch_states_its_compile_options(monkeypatch):
     assert {name for name, _ in launched} == set(names), f"launches recorded: {[name for name, _ in launched]}"
     for name, kwargs in launched:
         assert kwargs.get("enable_fp_fusion") is True, f"{name}: enable_fp_fusion stated"
+
+
+def _bias_sum_tiles(dtype):
+    """Every tile a ∂C/∂W launch of this dtype may take: the role's configs (on a GPU the dtype's own, pruned by
+    shared memory as the autotuner prunes; in the interpreter both element sizes' and the fixed tiles too)."""
+    dense, gated, _ = _modules()
+    role = "gated_grad_weight"
+    sizes = (dtype.itemsize,) if DEVICE.type == "cuda" and dtype != torch.float64 else (2, 4)
+    configs = [cfg for size in sizes for cfg in gated.matmul_configs(role, size)]
+    if dense.is_interpreted():
+        configs += [_fixed_tile_config(dict(tile, GROUP_M=4)) for tile in (
+            dense._INTERPRETER_CONFIG, dense._FP64_CONFIG, dense._FP64_FMA_CONFIG)]
+    if DEVICE.type == "cuda":
+        configs = gated._prune_configs(role, configs, {"x_ptr": torch.empty(1, dtype=dtype, device=DEVICE)})
+    return list({_config_id(role, cfg): cfg for cfg in configs}.values())
+
+
+def _fixed_tile_config(tile):
+    import triton
+
+    return triton.Config({name: tile[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}, num_warps=4,
+                         num_stages=2)
+
+
+def _sums_in_registers(delta, step):
+    """1ᵀ δ [I] of δ [M, I] as the register sums add it up: lane j of each step of rows adds row step·s + j, in
+    order s = 0, 1, ...; then the lanes in a fixed pairwise tree, (l0 + l1) + (l2 + l3) + ...; in the compute dtype."""
+    rows = -(-delta.shape[0] // step) * step
+    padded = torch.zeros(rows, delta.shape[1], dtype=delta.dtype)
+    padded[:delta.shape[0]] = delta
+    lanes = torch.zeros(step, delta.shape[1], dtype=delta.dtype)
+    for start in range(0, rows, step):
+        lanes = lanes + padded[start:start + step]
+    while lanes.shape[0] > 1:
+        lanes = lanes[0::2] + lanes[1::2]
+    return lanes[0]
+
+
+def _sums_by_ones_products(delta, step):
+    """1ᵀ δ [I] as the interpreter's tensor-core sums add it up (tests/fixed_order_dot.py): per step of rows, the
+    product δ_stepᵀ 1 summed in row order from 0, then added to the running sum; in float32."""
+    running = torch.zeros(delta.shape[1], dtype=delta.dtype)
+    for start in range(0, delta.shape[0], step):
+        product = torch.zeros(delta.shape[1], dtype=delta.dtype)
+        for row in delta[start:start + step]:
+            product = product + row
+        running = product + running
+    return running
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_bias_grads_are_bitwise_equal_on_every_tile(activation, dtype, monkeypatch):
+    """∂C/∂b_g and ∂C/∂b_u from the ∂C/∂W kernel's sums: the same bits (as summed, before the rounding to the data
+    dtype) with every tile forced on the ∂W launch, with the weight gradients and without (one column of tiles),
+    and through the launcher's own tile; in the fixed order of gated.SUM_STEP steps of the stored δ (float32,
+    float64: in registers and a fixed tree; 16-bit: by products with ones, that order where the interpreter's dot
+    sums in a fixed one), and within rounding of its float64 sum. Sizes no tile divides."""
+    require_triton(dtype)
+    if dtype == torch.float16 and DEVICE.type == "cpu" and not fixed_order_dot.installed():
+        pytest.skip("the interpreter's tl.dot sums in the host BLAS's order (tests/fixed_order_dot.py not installed)")
+    dense, gated, launch = _modules()
+    role = "gated_grad_weight"
+    act = manualbp.get_activation(activation)
+    M, K, N = 150, 40, 70  # rows (the sums run over them: ragged last steps of 16 and 32), hidden, intermediate
+    x, gate_weight, up_weight, gate_bias, up_bias, grad_a = _inputs(M, K, N, dtype, seed=3)
+    _, z_gate, z_up = gated.gated_forward(x, gate_weight, up_weight, gate_bias, up_bias, act.kernel_id, 0.0, True)
+    fixed = gated._fixed_tile
+    results = {}
+    for config in _bias_sum_tiles(dtype):
+        tile = dict(config.kwargs)
+        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        monkeypatch.setattr(gated, "_fixed_tile", lambda r, dtype_, use_dot: (dict(tile), dict(options))
+                            if r == role else fixed(r, dtype_, use_dot))
+        for wants, label in (((True,) * 4, "with ∂W"), ((False, False, True, True), "alone")):
+            launch.PLANS.clear()  # the tile is not in the plan's key: a new plan for each
+            results[f"{_config_id(role, config)} {label}"] = gated._grad_weights(
+                grad_a, x, z_gate, z_up, K, act.kernel_id, 0.0, wants)[2:]
+            (plan,) = [plan for plan in launch.PLANS.values() if plan.role == role]
+            assert {name: plan.constexprs[name] for name in tile} == tile, f"{role}: launched {plan.constexprs}"
+    monkeypatch.setattr(gated, "_fixed_tile", fixed)
+    launch.PLANS.clear()
+    results["launcher's tile"] = gated._grad_weights(grad_a, x, z_gate, z_up, K, act.kernel_id, 0.0, (True,) * 4)[2:]
+    assert len(results) >= 8, f"several tiles compared: {list(results)}"
+    (first_name, first), *_ = results.items()
+    for name, sums in results.items():
+        for which, ours, theirs in zip(("db_g", "db_u"), sums, first):
+            assert torch.equal(ours, theirs), f"{which} [{activation} {dtype}] with {name} bitwise == {first_name}"
+    deltas = [d.to(first[0].dtype).cpu() for d in gated.gate_backward(grad_a, z_gate, z_up, act.kernel_id, 0.0)]
+    by_mma = dtype.itemsize == 2
+    for which, ours, delta in zip(("db_g", "db_u"), first, deltas):
+        label = f"{which} [{activation} {dtype}]"
+        if not by_mma or dense.is_interpreted():
+            fixed_order = (_sums_by_ones_products if by_mma else _sums_in_registers)(delta, gated.SUM_STEP.value)
+            assert torch.equal(ours.cpu(), fixed_order), f"{label}: the stored δ summed in the fixed order"
+        # as close to the float64 sum of the stored δ as PyTorch's own sum of it in the compute dtype
+        assert_close_to_float64(f"{label} against float64", ours.cpu(), delta.sum(0), delta.double().sum(0))

@@ -12,8 +12,9 @@ x [M, K], gate_weight and up_weight [I, K], biases [I]:
                                                            (_deltas), never stored
                 ∂C/∂X = δ_g W_g + δ_u W_u    [M, K]        _gated_grad_x_kernel: one accumulator, one loop over I
                 ∂C/∂W_g = δ_gᵀ X, ∂C/∂W_u = δ_uᵀ X [I, K]  _gated_grad_weight_kernel: two accumulators, one
-                ∂C/∂b_g = 1ᵀ δ_g, ∂C/∂b_u = 1ᵀ δ_u   [I]   loop over M; the first column of tiles also sums
-                                                           the δᵀ rows it loads (∂C/∂b)
+                ∂C/∂b_g = 1ᵀ δ_g, ∂C/∂b_u = 1ᵀ δ_u   [I]   loop over M; it also sums the δᵀ rows it loads
+                                                           (∂C/∂b) in fixed steps of SUM_STEP, the dense layer's
+                                                           row sums: the same bits on every tile
     jvp         dZ = dX Wᵀ + X dWᵀ + db (each)             the dense layer's jvp kernel with identity (jvp.py)
                 dA = f'(Z_g) ⊙ dZ_g ⊙ Z_u + f(Z_g) ⊙ dZ_u  _gated_tangent_kernel, elementwise
     the gating alone (projections run as modules: GatedMLP with hooks, adapters or quantized weights)
@@ -106,6 +107,14 @@ def _load_deltas(grad_a_ptr, z_gate_ptr, z_up_ptr, rows, cols, stride_g_row, str
 # --------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------
+
+
+# ∂C/∂b's step along M in the ∂C/∂W kernel, whatever its BLOCK_K: float32 and float64 data sum in registers, one
+# running sum per column of the step, then the dense layer's fixed tree over them (its width, dense.WIDE_SUM_LEVELS);
+# 16-bit data by the tensor cores, δ [BLOCK_M, SUM_STEP] times a tile of ones per step. It divides every gated
+# BLOCK_K (16 and 32, the fixed tiles' too), so no tile changes the order of the sums. (The dense layer's 16-bit
+# step, dense.SUM_BLOCK_K = 64, would need K steps of 64 here: those spilled, compile report.)
+SUM_STEP = dense.WIDE_SUM_BLOCK_K
 
 
 @triton.jit
@@ -236,51 +245,60 @@ def _gated_grad_weight_kernel(
     grad_a_ptr, z_gate_ptr, z_up_ptr,  # G, Z_g, Z_u [M, N], read as their transposes [N, M]
     x_ptr,  # X [M, K]; read only with WANT_GATE_WEIGHT or WANT_UP_WEIGHT
     gate_out_ptr, up_out_ptr,  # ∂C/∂W_g, ∂C/∂W_u [N, K]
-    gate_bias_out_ptr, up_bias_out_ptr,  # ∂C/∂b_g, ∂C/∂b_u [N] (compute dtype), by the first column of tiles
+    gate_bias_out_ptr, up_bias_out_ptr,  # ∂C/∂b_g, ∂C/∂b_u [N] (compute dtype), stored by the first column of tiles
     M, N, K,
     tune_m, tune_n, tune_k,  # the autotuner's key (_gated_forward_kernel), not read
     stride_gm, stride_gn, stride_zgm, stride_zgn, stride_zum, stride_zun, stride_xm, stride_xk,
     stride_gon, stride_gok, stride_uon, stride_uok,
     ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
     WANT_GATE_WEIGHT: tl.constexpr, WANT_UP_WEIGHT: tl.constexpr,
-    WANT_GATE_BIAS: tl.constexpr, WANT_UP_BIAS: tl.constexpr,
+    WANT_GATE_BIAS: tl.constexpr, WANT_UP_BIAS: tl.constexpr,  # summed in M steps of SUM_STEP whatever BLOCK_K
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INLINE_PTX: tl.constexpr = False,  # compiled for an NVIDIA GPU (dense._inline_ptx): δ kept out of FMA
+                                       # contraction before its sums (dense._materialised)
 ):
     # Output tiles of δ_gᵀ X and δ_uᵀ X, summed over M; δᵀ formed as the Gᵀ, Zᵀ tiles load. Tiles named as a
     # matmul's (_gated_grad_x_kernel): the output tile [BLOCK_M, BLOCK_N] spans N x K, the loop steps BLOCK_K
-    # along the contracted M (so ∂C/∂b's sums, in steps of BLOCK_K, depend on it).
+    # along the contracted M. With ∂C/∂b each BLOCK_K is taken in BLOCK_K // SUM_STEP steps of SUM_STEP (as
+    # dense._main_loop takes its STEP_K; one step at the configs such launches autotune among, _prune_configs), and
+    # the sums are the dense layer's row sums (dense._row_sums_start/_add/_end) in that fixed step: the same bits on
+    # every tile. Every column tile forms them (no branch in the loop); the first one stores them.
+    SUMS: tl.constexpr = WANT_GATE_BIAS or WANT_UP_BIAS
+    SUMS_BY_MMA: tl.constexpr = USE_DOT and grad_a_ptr.dtype.element_ty.primitive_bitwidth == 16
+    STEP_K: tl.constexpr = SUM_STEP.value if SUMS else BLOCK_K
+    tl.static_assert(BLOCK_K % STEP_K == 0, "∂C/∂b's step divides BLOCK_K")
     pid_n, pid_k = dense._tile_position(tl.program_id(0), N, K, BLOCK_M, BLOCK_N, GROUP_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_K).to(tl.int64)
+    offs_m = tl.arange(0, STEP_K).to(tl.int64)
     mask_n, mask_k = offs_n < N, offs_k < K
     if ACC_FP64:
         acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-        sums_gate = tl.zeros((BLOCK_M,), dtype=tl.float64)
     else:
         acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        sums_gate = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_up = tl.zeros_like(acc_gate)
-    sums_up = tl.zeros_like(sums_gate)
+    if SUMS:
+        sums_gate = dense._row_sums_start(BLOCK_M, STEP_K, SUMS_BY_MMA, acc_gate.dtype)
+        sums_up = tl.zeros_like(sums_gate)
     for m in range(0, tl.cdiv(M, BLOCK_K)):
-        rows = m * BLOCK_K + offs_m
-        mask_t = mask_n[:, None] & (rows < M)[None, :]
-        delta_gate_t, delta_up_t = _load_deltas(grad_a_ptr, z_gate_ptr, z_up_ptr, offs_n, rows, stride_gn,
-                                                stride_gm, stride_zgn, stride_zgm, stride_zun, stride_zum, mask_t,
-                                                ACTIVATION, NEGATIVE_SLOPE, ACC_FP64)
-        if WANT_GATE_WEIGHT or WANT_UP_WEIGHT:
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=(rows < M)[:, None] & mask_k[None, :], other=0.0)
-            if WANT_GATE_WEIGHT:
-                acc_gate = dense._tile_dot(delta_gate_t, x, acc_gate, USE_DOT, INPUT_PRECISION)  # δ_gᵀ X
-            if WANT_UP_WEIGHT:
-                acc_up = dense._tile_dot(delta_up_t, x, acc_up, USE_DOT, INPUT_PRECISION)  # δ_uᵀ X
-        if pid_k == 0:  # 1ᵀ δ: every column tile loads the same δᵀ rows; the first one sums them
-            if WANT_GATE_BIAS:
-                sums_gate += tl.sum(delta_gate_t.to(sums_gate.dtype), axis=1)
+        for step in tl.static_range(BLOCK_K // STEP_K):
+            rows = (m * (BLOCK_K // STEP_K) + step) * STEP_K + offs_m
+            mask_t = mask_n[:, None] & (rows < M)[None, :]
+            delta_gate_t, delta_up_t = _load_deltas(grad_a_ptr, z_gate_ptr, z_up_ptr, offs_n, rows, stride_gn,
+                                                    stride_gm, stride_zgn, stride_zgm, stride_zun, stride_zum, mask_t,
+                                                    ACTIVATION, NEGATIVE_SLOPE, ACC_FP64)
+            if WANT_GATE_WEIGHT or WANT_UP_WEIGHT:
+                x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                            mask=(rows < M)[:, None] & mask_k[None, :], other=0.0)
+                if WANT_GATE_WEIGHT:
+                    acc_gate = dense._tile_dot(delta_gate_t, x, acc_gate, USE_DOT, INPUT_PRECISION)  # δ_gᵀ X
+                if WANT_UP_WEIGHT:
+                    acc_up = dense._tile_dot(delta_up_t, x, acc_up, USE_DOT, INPUT_PRECISION)  # δ_uᵀ X
+            if WANT_GATE_BIAS:  # 1ᵀ δ_g: the rows of δ_gᵀ
+                sums_gate = dense._row_sums_add(sums_gate, delta_gate_t, SUMS_BY_MMA, INLINE_PTX)
             if WANT_UP_BIAS:
-                sums_up += tl.sum(delta_up_t.to(sums_up.dtype), axis=1)
+                sums_up = dense._row_sums_add(sums_up, delta_up_t, SUMS_BY_MMA, INLINE_PTX)
     mask = mask_n[:, None] & mask_k[None, :]
     if WANT_GATE_WEIGHT:
         tl.store(gate_out_ptr + offs_n[:, None] * stride_gon + offs_k[None, :] * stride_gok,
@@ -288,11 +306,11 @@ def _gated_grad_weight_kernel(
     if WANT_UP_WEIGHT:
         tl.store(up_out_ptr + offs_n[:, None] * stride_uon + offs_k[None, :] * stride_uok,
                  acc_up.to(up_out_ptr.dtype.element_ty), mask=mask)
-    if pid_k == 0:
+    if pid_k == 0:  # every column tile has the same sums; the first one stores them
         if WANT_GATE_BIAS:
-            tl.store(gate_bias_out_ptr + offs_n, sums_gate, mask=mask_n)
+            tl.store(gate_bias_out_ptr + offs_n, dense._row_sums_end(sums_gate, SUMS_BY_MMA), mask=mask_n)
         if WANT_UP_BIAS:
-            tl.store(up_bias_out_ptr + offs_n, sums_up, mask=mask_n)
+            tl.store(up_bias_out_ptr + offs_n, dense._row_sums_end(sums_up, SUMS_BY_MMA), mask=mask_n)
 
 
 @triton.jit
@@ -388,7 +406,9 @@ def matmul_configs(role: str, element_size: int) -> list:
 # - ∂C/∂X: one accumulator, δ_g and δ_u formed from three loaded tiles as wgmma's register operands: K steps of 32
 #   (64 spilled 12-420 bytes at 128x128, 64x128 and 128x64 tiles).
 # - ∂C/∂W: two accumulators and the δᵀ tiles, plus both bias sums: 128x128x32 spilled 4 bytes (gelu_tanh with
-#   ∂C/∂b), 64-wide K steps at 128x64 and 64x128 36-40; 64-row tiles in 8 warps and 128x128x16 none.
+#   ∂C/∂b), 64-wide K steps at 128x64 and 64x128 36-40; 64-row tiles in 8 warps and 128x128x16 none. With ∂C/∂b
+#   summed in fixed steps of SUM_STEP (its launches prune to K steps of 16, _prune_configs) K steps of 32 spilled
+#   84-1020 bytes: 64x256x16 and 64x64x16 give those launches wide and small tiles (none spills, with or without).
 # float32 (IEEE: FMA loops, K steps of 16; --dtype fp32): the forward's 64x64 and 64x128 tiles in 4 warps spilled
 # 16-968 bytes, 128x128 in 8 warps 8-1288; ∂C/∂W's 64x64 in 8 warps 12, 128x128 16 (with ∂C/∂b). Rows of 64 at
 # least: with TF32 products (--dtype tf32) 32-row tiles compile to mma.sync, not wgmma (the forward's spilled 4).
@@ -405,8 +425,8 @@ _CONFIGS = {
             (64, 64, 16, 4, 3, None)],
     },
     "gated_grad_weight": {
-        2: [(128, 128, 16, 8, 4, None), (64, 256, 32, 8, 4, None), (64, 128, 32, 8, 4, None),
-            (64, 64, 32, 4, 4, None)],
+        2: [(128, 128, 16, 8, 4, None), (64, 256, 32, 8, 4, None), (64, 256, 16, 8, 4, None),
+            (64, 128, 32, 8, 4, None), (64, 64, 32, 4, 4, None), (64, 64, 16, 4, 4, None)],
         4: [(64, 128, 16, 8, 3, None), (128, 64, 16, 8, 3, None), (64, 64, 16, 4, 3, None)],
     },
 }
@@ -416,9 +436,13 @@ _OPERAND_TILES = {"gated_forward": (1, 2), "gated_grad_x": (3, 2), "gated_grad_w
 
 
 def _prune_configs(role: str, configs, named_args, **kwargs):
-    """A role's configs whose pipelined operand tiles fit in the GPU's shared memory; the last where none fits."""
+    """A role's configs whose pipelined operand tiles fit in the GPU's shared memory, for a ∂C/∂W launch that sums
+    ∂C/∂b those whose K step is SUM_STEP; the last where none fits."""
     x = next(a for a in named_args.values() if isinstance(a, torch.Tensor))  # the first operand: the data's dtype
     budget = dense._shared_memory_bytes(x.device.index or 0)
+    if any(kwargs.get(name, named_args.get(name, False)) for name in ("WANT_GATE_BIAS", "WANT_UP_BIAS")):
+        # any multiple of SUM_STEP gives the same sums; longer K steps, taken in steps of it, spilled (_CONFIGS)
+        configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] == SUM_STEP.value] or configs
     kept = [cfg for cfg in configs if dense._pipelined_bytes(cfg, x.element_size(), *_OPERAND_TILES[role]) <= budget]
     return kept or configs[-1:]
 
@@ -539,7 +563,7 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
 
     z_gate, z_up None: recomputed from x, the weights and biases (the forward kernel, Z alone).
     """
-    needs_x, needs_gate_weight, needs_up_weight, needs_gate_bias, needs_up_bias = needs
+    needs_x = needs[0]
     if z_gate is None:
         z_gate, z_up = _recomputed(x, gate_weight, up_weight, gate_bias, up_bias, act_id, negative_slope)
     M, N = grad_a.shape
@@ -558,7 +582,18 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
                     z_up.stride(1), gate_weight.stride(0), gate_weight.stride(1), up_weight.stride(0),
                     up_weight.stride(1), grad_x.stride(0), grad_x.stride(1))
             _launch_matmul("gated_grad_x", (act_id, negative_slope, buckets), args, M, K, activation, grad_a, use_dot)
-    wants = (needs_gate_weight, needs_up_weight, needs_gate_bias, needs_up_bias)
+    grad_gate_weight, grad_up_weight, *sums = _grad_weights(grad_a, x, z_gate, z_up, K, act_id, negative_slope,
+                                                             needs[1:])
+    grad_biases = [None if s is None else s.to(dtype) for s in sums]
+    return grad_x, grad_gate_weight, grad_up_weight, grad_biases[0], grad_biases[1]
+
+
+def _grad_weights(grad_a, x, z_gate, z_up, K: int, act_id: int, negative_slope: float, wants):
+    """(∂C/∂W_g, ∂C/∂W_u [I, K] in G's dtype, ∂C/∂b_g, ∂C/∂b_u [I] in the compute dtype, as summed: the same bits on
+    every tile), None where wants (four bools) says no: one launch of the ∂C/∂W kernel. G, Z_g, Z_u [M, I]; x [M, K],
+    read only for the weight gradients."""
+    M, N = grad_a.shape
+    dtype, device = grad_a.dtype, grad_a.device
     grads = [torch.zeros((N, K), dtype=dtype, device=device) if want else None for want in wants[:2]]
     sum_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     sums = [torch.zeros((N,), dtype=sum_dtype, device=device) if want else None for want in wants[2:]]
@@ -573,11 +608,12 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
                 grad_a.stride(0), grad_a.stride(1), z_gate.stride(0), z_gate.stride(1), z_up.stride(0),
                 z_up.stride(1), source.stride(0), source.stride(1), outs[0].stride(0), outs[0].stride(-1),
                 outs[1].stride(0), outs[1].stride(-1))
-        flags = dict(activation, WANT_GATE_WEIGHT=want_weights[0], WANT_UP_WEIGHT=want_weights[1],
-                     WANT_GATE_BIAS=needs_gate_bias, WANT_UP_BIAS=needs_up_bias)
-        _launch_matmul("gated_grad_weight", (*flags.values(), buckets), args, N, columns, flags, grad_a, use_dot)
-    grad_biases = [None if s is None else s.to(dtype) for s in sums]
-    return grad_x, grads[0], grads[1], grad_biases[0], grad_biases[1]
+        flags = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, WANT_GATE_WEIGHT=want_weights[0],
+                     WANT_UP_WEIGHT=want_weights[1], WANT_GATE_BIAS=wants[2], WANT_UP_BIAS=wants[3],
+                     INLINE_PTX=dense._inline_ptx(device))
+        _launch_matmul("gated_grad_weight", (*flags.values(), buckets), args, N, columns, flags, grad_a,
+                       _use_dot(dtype, device))
+    return (*grads, *sums)
 
 
 def gated_jvp(x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, tangent_x, tangent_gate_weight,
