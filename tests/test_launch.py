@@ -388,6 +388,20 @@ def test_the_calls_remembered_are_bounded_and_cleared_with_the_plans(monkeypatch
     assert run.keys == keys + 1 and len(launch.PLANS) == 1, "after clear(): the key computed, the plan built again"
 
 
+def test_the_matmuls_tuning_buckets_remembered_are_bounded(monkeypatch):
+    """dense._launch_matmul remembers each (M, N, K)'s tuning buckets; sizes that vary call after call (a sequence
+    length) keep at most _MAX_BUCKETS of them, and the buckets stay right after the table starts afresh."""
+    monkeypatch.setattr(dense, "_MAX_BUCKETS", 4)
+    monkeypatch.setattr(dense, "_BUCKETS", {})
+    weight = torch.randn(24, 48, dtype=torch.float64)
+    for m in range(1, 12):
+        x = torch.randn(m, 48, dtype=torch.float64)
+        a, _ = dense.linear_forward(x, weight, None, 0, 0.0, False)
+        assert torch.allclose(a, x @ weight.t()), f"the product at M = {m}"
+        assert 1 <= len(dense._BUCKETS) <= 4, f"{len(dense._BUCKETS)} sizes remembered after M = {m}"
+    assert dense._BUCKETS[(11, 24, 48)] == (64, 64, 64), "the last size's buckets (powers of two, at least 64)"
+
+
 def test_a_replaced_plan_launch_sees_every_warm_launch(monkeypatch):
     """Benchmarks record or stub the warm launches by replacing Plan.launch (benchmarks/host_breakdown.py): a warm
     call then goes through the replacement, with the plan, its arguments, M and N, and launches nothing itself."""

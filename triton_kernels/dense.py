@@ -1206,6 +1206,8 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
     sizes = (M, N, K)
     buckets = _BUCKETS.get(sizes)  # the autotuner's sizes
     if buckets is None:
+        if len(_BUCKETS) >= _MAX_BUCKETS:  # sizes that vary call after call (a sequence length) start afresh
+            _BUCKETS.clear()
         buckets = _BUCKETS[sizes] = (_tuning_bucket(M), _tuning_bucket(N), _tuning_bucket(K))
     prologue = prologue_saved if setup.prologue else None
     saved_strides = None
@@ -1260,6 +1262,7 @@ def _views(a, b, prologue, a_transposed: bool, b_transposed: bool) -> tuple:
 
 _EVEN_K_STEP = EVEN_K_STEP.value
 _BUCKETS: dict = {}  # (M, N, K) -> their tuning buckets; sizes a program uses are few
+_MAX_BUCKETS = 4096  # ... bounded all the same, as launch.py's table of warm calls
 
 
 class _MatmulSetup:
