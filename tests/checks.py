@@ -113,6 +113,16 @@ def operator_calls():
 _PROBES = {"transformers": "transformers.modeling_utils"}
 
 
+class LaunchRecorder:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` appends (name, kwargs) to ``launched``."""
+
+    def __init__(self, name: str, launched: list):
+        self.name, self.launched = name, launched
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launched.append((self.name, kwargs))
+
+
 def optional_import(name: str, reason: str, module_level: bool = False):
     """The module, or a skip naming why not: missing (reason), or installed but failing to import on this
     stack (e.g. the newest transformers on torch 2.7: pytest.importorskip lets that ImportError through)."""

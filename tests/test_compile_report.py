@@ -12,31 +12,45 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _quick_report(script: str, tmp_path) -> dict:
+    """benchmarks/<script> --quick on the compiled kernels (not the interpreter): its JSON report; skips where this
+    machine cannot compile for sm_90."""
+    pytest.importorskip("triton")
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not the interpreter
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--quiet", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, f"the report ran: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+    report = json.loads(out.read_text())
+    if "unavailable" in report:
+        pytest.skip(f"no sm_90 compile here: {report['unavailable']}")
+    report["stdout"] = done.stdout
+    return report
+
+
+def _assert_wgmma_and_no_spill(row: dict, report: dict) -> str:
+    """A report row compiled, with wgmma and no spill store (skips where this Triton gives no ptxas log); its label."""
+    label = f"{row['kernel']} {row['config']}"
+    assert "error" not in row, f"{label} compiles: {row.get('error')}"
+    assert row["mma"].startswith("wgmma"), f"{label}: wgmma, got {row['mma']}"
+    if "spill" not in row:
+        pytest.skip(f"no ptxas log on this Triton ({report['header']['notes']})")
+    assert row["spill"] == 0, f"{label}: {row['spill']} bytes of spill stores"
+    return label
+
+
 @pytest.mark.compile_report
 def test_compile_report_quick_subset(tmp_path):
     """wgmma in every matmul, no spill anywhere, none in a main loop; at most 3 bar.sync per iteration with cp.async
     loads; a TMA config (sm_90) loads by TMA only (its bar.sync are Triton's around each TMA issue, as in tutorial
     09's kernel: the report shows both, no bound asserted here)."""
-    pytest.importorskip("triton")
-    out = tmp_path / "report.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not the interpreter
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_report.py"), "--quick", "--quiet",
-                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
-    assert done.returncode == 0, f"the report ran: {done.stdout[-2000:]}{done.stderr[-2000:]}"
-    report = json.loads(out.read_text())
-    if "unavailable" in report:
-        pytest.skip(f"no sm_90 compile here: {report['unavailable']}")
+    report = _quick_report("compile_report.py", tmp_path)
     rows = [row for row in report["rows"] if not row["kernel"].startswith("tutorial")]
-    assert len(rows) >= 4, f"the quick subset compiled: {done.stdout}"
+    assert len(rows) >= 4, f"the quick subset compiled: {report['stdout']}"
     if hasattr(pytest.importorskip("triton.language"), "make_tensor_descriptor"):
         assert any(row["config"].endswith(" tma") for row in rows), "TMA configs compiled where Triton has them"
     for row in rows:
-        label = f"{row['kernel']} {row['config']}"
-        assert "error" not in row, f"{label} compiles: {row.get('error')}"
-        assert row["mma"].startswith("wgmma"), f"{label}: wgmma, got {row['mma']}"
-        if "spill" not in row:
-            pytest.skip(f"no ptxas log on this Triton ({report['header']['notes']})")
-        assert row["spill"] == 0, f"{label}: {row['spill']} bytes of spill stores"
+        label = _assert_wgmma_and_no_spill(row, report)
         if row["config"].endswith(" tma"):
             assert row["tma"] > 0 and row["cp_async"] == 0, f"{label}: TMA loads, not cp.async"
         if "loop_instr" not in row:
@@ -47,6 +61,17 @@ def test_compile_report_quick_subset(tmp_path):
             # MMA against a ones tile (dense._row_sums_add) are 2 groups more.
             bound = 5 if row["kernel"].startswith("dW prologue+db") else 3
             assert row["loop_bar"] <= bound, f"{label}: {row['loop_bar']} bar.sync per main-loop iteration"
+
+
+@pytest.mark.compile_report
+def test_gated_compile_report_quick_subset(tmp_path):
+    """The gated layer's kernels (benchmarks/compile_report_gated.py --quick), each of the three matmul kernels at
+    its first (untuned) 16-bit config: wgmma in every one (forward, ∂C/∂X, ∂C/∂W), no register spill."""
+    report = _quick_report("compile_report_gated.py", tmp_path)
+    rows = report["rows"]
+    assert {row["kernel"].split()[0] for row in rows} == {"fwd", "dX", "dW"}, f"the three kernels: {report['stdout']}"
+    for row in rows:
+        _assert_wgmma_and_no_spill(row, report)
 
 
 def test_main_loop_is_the_loop_not_a_wait_retry_block(monkeypatch):

@@ -16,7 +16,7 @@ import manualbp
 from manualbp import backends
 
 import fixed_order_dot
-from checks import assert_close_to_float64, torch_activation
+from checks import LaunchRecorder, assert_close_to_float64, torch_activation
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -269,18 +269,11 @@ def test_every_launch_states_its_compile_options(monkeypatch):
     dense, gated, _ = _modules()
     launched = []
 
-    class Recorder:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launched.append((self.name, kwargs))
-
     monkeypatch.setattr(dense, "is_interpreted", lambda: True)  # the fixed tile, launched directly
     names = ("_gated_forward_kernel", "_gated_grad_x_kernel", "_gated_grad_weight_kernel", "_gate_kernel",
              "_gated_tangent_kernel")
     for name in names:
-        monkeypatch.setattr(gated, name, Recorder(name))
+        monkeypatch.setattr(gated, name, LaunchRecorder(name, launched))
     x, w, g = torch.randn(64, 32), torch.randn(16, 32), torch.randn(64, 16)
     gated.gated_forward(x, w, w, None, None, 5, 0.0, True)
     gated.gated_backward(g, x, w, w, None, None, g, g, 5, 0.0, (True,) * 5)

@@ -9,7 +9,7 @@ import torch
 import manualbp
 from manualbp import functional as F
 
-from checks import torch_dense
+from checks import LaunchRecorder, torch_dense
 
 dense = manualbp.backends.kernels()
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton)")
@@ -319,17 +319,10 @@ def test_every_launch_states_its_compile_options(monkeypatch):
     assert dense.COMPILE_OPTIONS == {"enable_fp_fusion": True}, "FMA contraction, stated"
     launched = []
 
-    class Recorder:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launched.append((self.name, kwargs))
-
     monkeypatch.setattr(dense, "is_interpreted", lambda: True)  # the fixed tile, launched directly
     for name in (*dense.MATMUL_KERNELS, "_delta_kernel", "_activation_kernel"):
-        monkeypatch.setattr(dense, name, Recorder(name))
-    monkeypatch.setattr(jvp, "_jvp_kernel", Recorder("_jvp_kernel"))
+        monkeypatch.setattr(dense, name, LaunchRecorder(name, launched))
+    monkeypatch.setattr(jvp, "_jvp_kernel", LaunchRecorder("_jvp_kernel", launched))
     x, w, g = torch.randn(64, 32), torch.randn(16, 32), torch.randn(64, 16)
     dense.linear_forward(x, w, None, 1, 0.0, write_z=False)
     dense.linear_backward(g, x, w, g, 1, 0.0, "a", want_x=True, want_weight=True, want_bias=True)
