@@ -132,11 +132,10 @@ class Compiler:
         return kernel, log.getvalue()
 
 
-def main_loop(sass):
-    """Opcode counts of the innermost loop (a backward branch) holding the most MMA instructions."""
+def loop_bodies(sass):
+    """The instructions of each loop (a backward branch's span), predicates and labels stripped, in order."""
     lines = sass.splitlines()
     labels = {line[:-1]: i for i, line in enumerate(lines) if re.match(r"^\w+:$", line)}
-    best, loops_with_mma, side = None, 0, 0
     block_start = 0  # the label line that begins the block the current line is in
     for i, line in enumerate(lines):
         if re.match(r"^\w+:$", line):
@@ -149,16 +148,26 @@ def main_loop(sass):
                 # (the loop's tail, the epilogue, the other retry blocks) is no loop.
                 continue
             body = [x.split("\t", 1)[-1] for x in lines[labels[target.group(1)] + 1:i + 1]]
-            body = [re.sub(r"^@!?U?P\w+\s+", "", x) for x in body
-                    if x.strip() and not x.startswith("@!PT") and not re.match(r"^\w+:$", x)]  # labels: no instruction
-            ops = [x.split()[0].rstrip(";") for x in body]
-            n_mma = sum(o.startswith(("HGMMA", "HMMA")) for o in ops)
-            loops_with_mma += n_mma > 0
-            if not n_mma and len(ops) > 2:  # not a wait's spin
-                side = max(side, len(ops))
-            if best is None or n_mma > best[0] or (n_mma == best[0] and len(ops) < len(best[1])):
-                best = (n_mma, ops)
-    ops = best[1] if best and best[0] else []
+            yield [re.sub(r"^@!?U?P\w+\s+", "", x) for x in body
+                   if x.strip() and not x.startswith("@!PT") and not re.match(r"^\w+:$", x)]  # labels: no instruction
+
+
+def _mma_count(body) -> int:
+    return sum(x.split()[0].startswith(("HGMMA", "HMMA")) for x in body)
+
+
+def main_loop_body(sass) -> list:
+    """The instructions of the innermost loop holding the most MMA instructions (loop_bodies; [] where none)."""
+    best = max(loop_bodies(sass), key=lambda body: (_mma_count(body), -len(body)), default=[])
+    return best if _mma_count(best) else []
+
+
+def main_loop(sass):
+    """Opcode counts of the innermost loop (a backward branch) holding the most MMA instructions."""
+    bodies = list(loop_bodies(sass))
+    loops_with_mma = sum(_mma_count(body) > 0 for body in bodies)
+    side = max((len(body) for body in bodies if not _mma_count(body) and len(body) > 2), default=0)  # not a spin
+    ops = [x.split()[0].rstrip(";") for x in main_loop_body(sass)]
     count = lambda *prefixes: sum(o.startswith(prefixes) for o in ops)  # noqa: E731
     return dict(loop_instr=len(ops), loop_mma=count("HGMMA", "HMMA"), loop_bar=count("BAR.SYNC", "BAR.ARV"),
                 loop_shfl=count("SHFL"), loop_spill=count("STL", "LDL"), loop_ldgsts=count("LDGSTS"),

@@ -4,7 +4,9 @@
 # and reduce-overhead tests, the compiled rows) have a run of their own: benchmarks/gpu_launch_check.sh.
 # It stops itself at GPU_CHECK_SECONDS (default 575 s) after its start, each step cut to the time left:
 #   1. install manualbp (editable, no network: the machine has torch and triton); Triton's cache from
-#      .triton-cache.tgz where the run carried one (benchmarks/precompile.py --script check);
+#      .triton-cache.tgz where the run carried one (benchmarks/precompile.py --script check); then, <= 20 s, the
+#      minimal reproducer of the excluded TMA tile (benchmarks/tma_tile_repro.py: right or wrong per variant, and
+#      what follows from it: docs/kernels.md, "The excluded tile");
 #   2. side by side on the machine's CPUs, timing nothing: the test suite on the compiled kernels but
 #      test_special_values.py (gpu_followup.sh's; the GPU-specific files first: every autotune config, the packed
 #      selects, the excluded TMA tile compiled), and benchmarks/warm_caches.py and bench_backward.py --warm-only
@@ -34,6 +36,10 @@ main() {
 start_run || return 1
 
 extra=$(mktemp -d)  # CSVs and plots that come back packed in extra_runs.tgz ($OUT holds 8 files)
+
+# --- 1b. the excluded TMA tile in a minimal kernel, Triton alone (before anything else loads the GPU) --------
+stamp "TMA tile reproducer"
+timeout "$(capped 20)" $py benchmarks/tma_tile_repro.py --repeats 3
 
 # --- 2. tests and cache warming, side by side -----------------------------------------------------------
 stamp "tests + cache warming"
