@@ -90,6 +90,38 @@ def repro_kernel(g_ptr, s_ptr, b_ptr, c_ptr, M, N, K, stride_gm, stride_sm, stri
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+def sm90_ptxas_version():
+    """(major, minor) of the ptxas this Triton runs for sm_90 (Triton 3.9 runs its `ptxas-blackwell`, 3.6-3.8 their
+    `ptxas`; TRITON_PTXAS_PATH and TRITON_PTXAS_BLACKWELL_PATH choose others), or None where it cannot be told."""
+    import re
+    import subprocess
+
+    try:
+        from triton.backends.nvidia import compiler
+
+        out = subprocess.run([compiler.get_ptxas(90).path, "--version"], capture_output=True, text=True).stdout
+    except Exception:  # noqa: BLE001 - no NVIDIA backend or ptxas here, or Triton moved the function
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def rs_hazard() -> str | None:
+    """Why this toolchain's compiled loops may rewrite the A registers of register-sourced wgmmas still in flight
+    (triton-lang/triton issue 9433), or None: Triton before 3.8, or a ptxas for sm_90 before 13.3. From sm_90
+    compiles of repro_kernel (rs_operand_overwrites): Triton 3.6.0, 3.7.1 with ptxas 12.8 and 13.4, 3.8.0 with 12.9,
+    3.9.0 with 12.8 and 12.9 rewrite; 3.8.0 with 13.3 and 13.4, 3.9.0 with 13.4 do not (docs/kernels.md)."""
+    version = tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:2])
+    ptxas = sm90_ptxas_version()
+    if version < (3, 8):
+        return f"Triton {triton.__version__} (< 3.8: rewrites with every ptxas tried)"
+    if ptxas is None:
+        return f"Triton {triton.__version__} with a ptxas whose version cannot be told"
+    if ptxas < (13, 3):
+        return f"Triton {triton.__version__} with ptxas {ptxas[0]}.{ptxas[1]} for sm_90 (< 13.3)"
+    return None
+
+
 def interpreted() -> bool:
     return type(repro_kernel).__name__ == "InterpretedFunction"
 
@@ -154,10 +186,15 @@ def gpu_main(dtypes, repeats) -> int:
         return 2
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
+    ptxas = sm90_ptxas_version()
     print(f"# tma_tile_repro: {props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs), "
-          f"triton {triton.__version__}, torch {torch.__version__}, CUDA {torch.version.cuda}; tile "
-          f"{TILE['BLOCK_M']}x{TILE['BLOCK_N']}x{TILE['BLOCK_K']} w{NUM_WARPS} s{NUM_STAGES}; {repeats} launches "
-          f"per row; wrong = normwise error > {TOLERANCE_FACTOR}x torch.mm's")
+          f"triton {triton.__version__}, ptxas {'.'.join(map(str, ptxas)) if ptxas else '?'} for sm_90, torch "
+          f"{torch.__version__}, CUDA {torch.version.cuda}; tile {TILE['BLOCK_M']}x{TILE['BLOCK_N']}x{TILE['BLOCK_K']}"
+          f" w{NUM_WARPS} s{NUM_STAGES}; {repeats} launches per row; wrong = normwise error > {TOLERANCE_FACTOR}x "
+          f"torch.mm's")
+    hazard = rs_hazard()
+    print(f"# RS wgmma operand hazard (triton-lang/triton issue 9433) on this toolchain: "
+          f"{'yes, ' + hazard if hazard else 'no'}")
     outcome = {}
     for dtype in dtypes:
         for M, N, K in SHAPES:

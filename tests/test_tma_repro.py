@@ -23,30 +23,46 @@ def _repro():
     return module
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_every_variant_is_right(dtype, device):
-    """Each variant (the suspect TMA + prologue, and its two controls) at sizes no tile divides, with 2 programs
-    walking 2 x 3 output tiles where the grid is persistent: right by the script's own rule (normwise error within
-    8x torch.mm's against the same float64 reference); in the interpreter (fixed-order dot) the TMA and pointer
-    prologues give the same bits."""
+def _runs_here(repro, dtype, device):
+    """Skips where the reproducer cannot run: bfloat16 in the interpreter, TMA before sm_90 or Triton 3.4."""
     import triton.language as tl
 
-    repro = _repro()
     if dtype == torch.bfloat16 and repro.interpreted():
         pytest.skip("Triton's CPU interpreter has no bfloat16")
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
         pytest.skip("TMA descriptors need sm_90 or newer")
     if not hasattr(tl, "make_tensor_descriptor"):
         pytest.skip("this Triton has no tensor descriptors (tl.make_tensor_descriptor, Triton >= 3.4)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["tma-prologue", "tma", "pointer-prologue"])
+def test_every_variant_is_right(name, dtype, device):
+    """Each variant (the suspect TMA + prologue, and its two controls) at sizes no tile divides, with 2 programs
+    walking 2 x 3 output tiles where the grid is persistent, 3 launches: right by the script's own rule (normwise
+    error within 8x torch.mm's against the same float64 reference). Compiled, the variants with the prologue are
+    skipped where the toolchain rewrites the registers of RS wgmmas in flight (rs_hazard: their result is a race
+    there; benchmarks/gpu_check.sh runs the script, which reports it)."""
+    repro = _repro()
+    _runs_here(repro, dtype, device)
+    assert set(repro.VARIANTS) == {"tma-prologue", "tma", "pointer-prologue"}, "the variants this test names"
+    if device.type == "cuda" and repro.VARIANTS[name][0] and repro.rs_hazard():
+        pytest.skip(f"RS wgmma operand hazard, triton-lang/triton issue 9433: {repro.rs_hazard()}")
     g, s, b = repro.inputs(136, 520, 200, dtype, device)  # 400-byte rows in float16: TMA can describe them
-    products = {}
-    for name in repro.VARIANTS:
-        worst, torch_error, right = repro.check(name, g, s, b, repeats=1, programs=2)
-        assert right, f"{name} {dtype}: normwise error {worst:.3e} against torch.mm's {torch_error:.3e}"
-        products[name] = repro.run_variant(name, g, s, b, programs=2)
-    if repro.interpreted():
-        assert torch.equal(products["tma-prologue"], products["pointer-prologue"]), \
-            f"{dtype}: the TMA and pointer prologues, bitwise"
+    worst, torch_error, right = repro.check(name, g, s, b, repeats=3, programs=2)
+    assert right, f"{name} {dtype}: normwise error {worst:.3e} against torch.mm's {torch_error:.3e}"
+
+
+def test_the_tma_and_pointer_prologues_give_the_same_bits_in_the_interpreter(device):
+    """In the interpreter (one program at a time, a fixed-order dot) the persistent TMA walk and the pointer grid
+    compute the same products: the descriptors' zero fill and the pointers' masks agree at every edge."""
+    repro = _repro()
+    if not repro.interpreted():
+        pytest.skip("compiled, the two loops may sum in other orders")
+    _runs_here(repro, torch.float16, device)
+    g, s, b = repro.inputs(136, 520, 200, torch.float16, device)
+    tma, pointer = (repro.run_variant(name, g, s, b, programs=2) for name in ("tma-prologue", "pointer-prologue"))
+    assert torch.equal(tma, pointer), "the TMA and pointer prologues, bitwise"
 
 
 def test_the_check_calls_a_wrong_product_wrong(monkeypatch):
@@ -107,9 +123,8 @@ def test_sm90_compile_puts_the_reproducer_on_manualbps_code_path(tmp_path):
     """tma_tile_repro.py --sm90: the suspect variant and manualbp's ∂C/∂X launch with δ = G ⊙ f'(Z) in the loads,
     at the excluded tile, compile to the same code path: RS wgmma m64n256k16 with TMA loads and the same operand
     buffers and TMA issues per loop; the controls differ where they should (SS without the prologue, cp.async with
-    pointers); the suspect's register-hazard count is manualbp's, and none at all from Triton 3.9 on."""
-    import triton
-
+    pointers); the suspect's register-hazard count is manualbp's, above 0 exactly where rs_hazard says so, and
+    where it does not, 0 in every row."""
     out = tmp_path / "repro.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not the interpreter
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tma_tile_repro.py"), "--sm90", "--json",
@@ -129,6 +144,9 @@ def test_sm90_compile_puts_the_reproducer_on_manualbps_code_path(tmp_path):
     assert rows["repro tma"]["A"] == "SS", "without the prologue both operands come from shared memory"
     pointer = rows["repro pointer-prologue"]
     assert pointer["A"] == "RS" and pointer["tma"] == 0 and pointer["cp_async"] > 0, f"pointer loads: {pointer}"
-    if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 9):
+    hazard = _repro().rs_hazard()
+    assert (suspect["rs_overwrites"] > 0) == bool(hazard), \
+        f"the version rule ({hazard or 'no hazard'}) and this toolchain's loop ({suspect['rs_overwrites']} writes)"
+    if not hazard:
         for label, row in rows.items():
             assert row["rs_overwrites"] == 0, f"{label}: {row['rs_overwrites']} writes to pending wgmma registers"
