@@ -150,3 +150,22 @@ def test_sm90_compile_puts_the_reproducer_on_manualbps_code_path(tmp_path):
     if not hazard:
         for label, row in rows.items():
             assert row["rs_overwrites"] == 0, f"{label}: {row['rs_overwrites']} writes to pending wgmma registers"
+
+
+def test_the_verdict_follows_the_rule_in_docs_kernels_md():
+    """verdict() for each kind of outcome docs/kernels.md lists: the suspect (or the pointer prologue) wrong with and
+    without the known hazard, all right with and without it, and the SS control wrong."""
+    repro = _repro()
+    right = {name: [True, True] for name in repro.VARIANTS}
+    hazard = "Triton 3.6.0 (< 3.8: rewrites with every ptxas tried)"
+    cases = [
+        (dict(right, **{"tma-prologue": [True, False]}), hazard, "Triton's (triton-lang/triton issue 9433)"),
+        (dict(right, **{"pointer-prologue": [False, True]}), hazard, "Triton's (triton-lang/triton issue 9433)"),
+        (dict(right, **{"tma-prologue": [False, False]}), None, "not a known issue"),
+        (right, hazard, "the race was not lost"),
+        (right, None, "the fault is manualbp's"),
+        (dict(right, tma=[False, True], **{"tma-prologue": [False, True]}), hazard, "the SS control is wrong"),
+    ]
+    for outcome, toolchain, expected in cases:
+        said = repro.verdict(outcome, toolchain)
+        assert expected in said, f"{outcome}, hazard {toolchain!r}: {said!r} says {expected!r}"
