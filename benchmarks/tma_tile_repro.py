@@ -195,19 +195,25 @@ def gpu_main(dtypes, repeats) -> int:
     hazard = rs_hazard()
     print(f"# RS wgmma operand hazard (triton-lang/triton issue 9433) on this toolchain: "
           f"{'yes, ' + hazard if hazard else 'no'}")
+    outcome = run_all(device, dtypes, SHAPES, repeats)
+    print(f"verdict: {verdict(outcome, hazard)}")
+    return 0
+
+
+def run_all(device, dtypes, shapes, repeats, programs=None) -> dict:
+    """Every variant at every dtype and (M, N, K) in shapes, one line each: {variant: [right?, ...]}."""
     outcome = {}
     for dtype in dtypes:
-        for M, N, K in SHAPES:
+        for M, N, K in shapes:
             g, s, b = inputs(M, N, K, dtype, device)
             for name in VARIANTS:
                 start = time.perf_counter()
-                worst, torch_error, right = check(name, g, s, b, repeats)
+                worst, torch_error, right = check(name, g, s, b, repeats, programs)
                 outcome.setdefault(name, []).append(right)
                 print(f"{name:17s} {str(dtype).replace('torch.', ''):8s} M={M:5d} N={N:5d} K={K:5d}  "
                       f"{'right' if right else 'WRONG':5s}  max error {worst:.3e}  (torch.mm {torch_error:.3e})  "
                       f"{time.perf_counter() - start:.1f} s", flush=True)
-    print(f"verdict: {verdict(outcome, hazard)}")
-    return 0
+    return outcome
 
 
 def verdict(outcome: dict, hazard: str | None) -> str:
@@ -389,11 +395,12 @@ def sm90_main(with_ours: bool, every_config: bool, json_path: str) -> int:
         print(f"tma_tile_repro --sm90: unavailable: {reason}")
         report = dict(unavailable=str(reason))
     else:
-        print(f"# tma_tile_repro --sm90: triton {triton.__version__}, compiled for sm_90 on the CPU (compiler output, "
-              f"no run); bf16; loop_* = the SASS main loop (compile_report.main_loop), the rest whole-kernel PTX "
+        ptxas = sm90_ptxas_version()
+        print(f"# tma_tile_repro --sm90: triton {triton.__version__}, ptxas {'.'.join(map(str, ptxas or '?'))}, "
+              f"compiled for sm_90 on the CPU (compiler output, no run); bf16; loop_* = the SASS main loop (compile_report.main_loop), the rest whole-kernel PTX "
               f"counts; rs_overwrites = rs_operand_overwrites", flush=True)
         rows = compile_variants() + (compile_ours(every_config=every_config) if with_ours else [])
-        report = dict(triton=triton.__version__, rows=rows)
+        report = dict(triton=triton.__version__, ptxas=ptxas, rows=rows)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=1)

@@ -65,6 +65,20 @@ def test_the_tma_and_pointer_prologues_give_the_same_bits_in_the_interpreter(dev
     assert torch.equal(tma, pointer), "the TMA and pointer prologues, bitwise"
 
 
+def test_run_all_prints_a_line_per_variant_and_shape(device, capsys):
+    """The GPU run's loop (run_all) on small float16 shapes: one line per variant and shape, saying right, and the
+    outcome the verdict reads."""
+    repro = _repro()
+    _runs_here(repro, torch.float16, device)
+    if device.type == "cuda" and repro.rs_hazard():
+        pytest.skip(f"RS wgmma operand hazard, triton-lang/triton issue 9433: {repro.rs_hazard()}")
+    outcome = repro.run_all(device, [torch.float16], [(136, 520, 200), (64, 256, 64)], repeats=1, programs=2)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 * len(repro.VARIANTS), f"a line per variant and shape: {lines}"
+    assert all(" right " in line for line in lines), f"every row right: {lines}"
+    assert outcome == {name: [True, True] for name in repro.VARIANTS}, f"the outcome: {outcome}"
+
+
 def test_the_check_calls_a_wrong_product_wrong(monkeypatch):
     """The script's rule is not vacuous: a kernel whose product is off by 1% of its largest entry in one place is
     called wrong, and a NaN is too."""
