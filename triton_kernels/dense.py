@@ -61,7 +61,7 @@ import triton.language as tl
 
 from .. import config
 from . import activations as act
-from . import launch
+from . import launch, toolchain
 
 # --------------------------------------------------------------------------------------
 # Kernels
@@ -1582,7 +1582,8 @@ def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float
     saved [M, N] (Z, A or f'(Z) as saved_kind says; unused for identity) ->
     (grad_x [M, K], grad_weight [N, K], grad_bias [N]), each None when not wanted.
 
-    Two plans for δ; delta_in_loads picks one (None: the loads where K <= PROLOGUE_MAX_K, measured there).
+    Two plans for δ; delta_in_loads picks one (None: the loads where K <= PROLOGUE_MAX_K, measured there), except
+    where toolchain.rs_operand_hazard names a reason: the pass then, whatever delta_in_loads says.
     In the loads: the ∂C/∂X matmul multiplies its G tiles by f' on load (relu: a select); where
     ∂C/∂W is wanted too, that launch also stores δ, each element once, in the data dtype (the
     output tiles of a row block share its column blocks: _store_delta_share), and the ∂C/∂W
@@ -1602,6 +1603,8 @@ def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float
     grad_x = grad_weight = grad_bias = None
     forms_delta = act_id != 0 and (want_x or want_weight) and M * N * K > 0
     by_pass = forms_delta and not (K <= PROLOGUE_MAX_K if delta_in_loads is None else delta_in_loads)
+    if forms_delta and not by_pass and toolchain.rs_operand_hazard(grad_a.device, grad_a.dtype):
+        by_pass = True  # δ in the loads makes an RS wgmma, miscompiled by this toolchain (toolchain.py)
     with _device_guard(grad_a):
         delta = None  # δ [M, N] in memory, read plainly by the matmuls
         if by_pass:

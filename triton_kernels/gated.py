@@ -15,6 +15,9 @@ x [M, K], gate_weight and up_weight [I, K], biases [I]:
                 ∂C/∂b_g = 1ᵀ δ_g, ∂C/∂b_u = 1ᵀ δ_u   [I]   loop over M; it also sums the δᵀ rows it loads
                                                            (∂C/∂b) in fixed steps of SUM_STEP, the dense layer's
                                                            row sums: the same bits on every tile
+                where toolchain.rs_operand_hazard says so  δ_g, δ_u stored by _gate_kernel, the products by
+                (RS wgmma miscompiled)                     the dense layer's plain kernels
+                                                           (_backward_from_stored_deltas)
     jvp         dZ = dX Wᵀ + X dWᵀ + db (each)             the dense layer's jvp kernel with identity (jvp.py)
                 dA = f'(Z_g) ⊙ dZ_g ⊙ Z_u + f(Z_g) ⊙ dZ_u  _gated_tangent_kernel, elementwise
     the gating alone (projections run as modules: GatedMLP with hooks, adapters or quantized weights)
@@ -45,7 +48,7 @@ import triton
 import triton.language as tl
 
 from . import activations as act
-from . import dense, jvp, launch
+from . import dense, jvp, launch, toolchain
 
 # --------------------------------------------------------------------------------------
 # Shared parts
@@ -566,6 +569,9 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
     needs_x = needs[0]
     if z_gate is None:
         z_gate, z_up = _recomputed(x, gate_weight, up_weight, gate_bias, up_bias, act_id, negative_slope)
+    if toolchain.rs_operand_hazard(grad_a.device, grad_a.dtype):
+        return _backward_from_stored_deltas(grad_a, x, gate_weight, up_weight, z_gate, z_up, act_id, negative_slope,
+                                            needs)
     M, N = grad_a.shape
     K = gate_weight.shape[1]
     dtype, device = grad_a.dtype, grad_a.device
@@ -586,6 +592,22 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
                                                              needs[1:])
     grad_biases = [None if s is None else s.to(dtype) for s in sums]
     return grad_x, grad_gate_weight, grad_up_weight, grad_biases[0], grad_biases[1]
+
+
+def _backward_from_stored_deltas(grad_a, x, gate_weight, up_weight, z_gate, z_up, act_id: int, negative_slope: float,
+                                needs):
+    """gated_backward where no matmul may form δ in its operand loads (toolchain.rs_operand_hazard: the fused
+    kernels' RS wgmma is miscompiled there): δ_g, δ_u stored by _gate_kernel, then gated_reference.gated_backward's
+    products by the dense layer's plain kernels (both operands from shared memory), ∂C/∂b by its ∂C/∂W matmul's
+    row sums, ∂C/∂X = δ_g W_g + δ_u W_u as eager adds them: each product rounded, then the sum."""
+    needs_x, needs_gate_weight, needs_up_weight, needs_gate_bias, needs_up_bias = needs
+    delta_gate, delta_up = _launch_gate(z_gate, z_up, grad_a, act_id, negative_slope)
+    grad_x_gate, grad_gate_weight, grad_gate_bias = dense.linear_backward(
+        delta_gate, x, gate_weight, None, 0, 0.0, "z", needs_x, needs_gate_weight, needs_gate_bias)
+    grad_x_up, grad_up_weight, grad_up_bias = dense.linear_backward(
+        delta_up, x, up_weight, None, 0, 0.0, "z", needs_x, needs_up_weight, needs_up_bias)
+    grad_x = grad_x_gate.add_(grad_x_up) if needs_x else None
+    return grad_x, grad_gate_weight, grad_up_weight, grad_gate_bias, grad_up_bias
 
 
 def _grad_weights(grad_a, x, z_gate, z_up, K: int, act_id: int, negative_slope: float, wants):
