@@ -1,9 +1,10 @@
-"""A minimal reproducer of the excluded TMA tile (docs/kernels.md, "The excluded tile"): Triton alone, no manualbp.
+"""A minimal reproducer of the excluded TMA tile (docs/kernels.md, "The excluded tile"): its kernel is Triton alone.
 
     python benchmarks/tma_tile_repro.py            # GPU: every variant against torch in float64, right or wrong
     python benchmarks/tma_tile_repro.py --sm90     # CPU: every variant compiled for sm_90, its compiler features,
                                                    # and manualbp's ∂C/∂X kernel at the same tile beside them
-    python benchmarks/tma_tile_repro.py --sm90 --every-config   # manualbp's prologue launches at every config
+    python benchmarks/tma_tile_repro.py --sm90 --every-config   # manualbp's prologue launches (dense ∂C/∂X and
+                                                   # ∂C/∂W, the gated layer's backward) at every config
 
 The kernel has the structure of manualbp's ∂C/∂X launch with δ formed in the loads (_grad_x_kernel with f'(Z)
 saved), stripped to the product: a persistent grid (at most one program per SM walking the output tiles in
@@ -28,6 +29,7 @@ a CUDA GPU. On the CPU under TRITON_INTERPRET=1 `run_variant` runs in Triton's i
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -35,6 +37,22 @@ import time
 import torch
 import triton
 import triton.language as tl
+
+
+def _toolchain():
+    """The package's toolchain rule (triton_kernels/toolchain.py: one fact, one place), loaded from its file
+    without importing manualbp: the script stays Triton alone, and --sm90 sets the environment manualbp reads at
+    import (compile_report) before anything imports it."""
+    path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "triton_kernels",
+                                         "toolchain.py"))
+    spec = importlib.util.spec_from_file_location("manualbp_toolchain", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TOOLCHAIN = _toolchain()
+rs_hazard, sm90_ptxas_version = TOOLCHAIN.rs_hazard, TOOLCHAIN.sm90_ptxas_version
 
 TILE = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8)
 NUM_WARPS, NUM_STAGES = 8, 3
@@ -88,38 +106,6 @@ def repro_kernel(g_ptr, s_ptr, b_ptr, c_ptr, M, N, K, stride_gm, stride_sm, stri
             acc = tl.dot(a, b, acc)
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
-
-
-def sm90_ptxas_version():
-    """(major, minor) of the ptxas this Triton runs for sm_90 (Triton 3.9 runs its `ptxas-blackwell`, 3.6-3.8 their
-    `ptxas`; TRITON_PTXAS_PATH and TRITON_PTXAS_BLACKWELL_PATH choose others), or None where it cannot be told."""
-    import re
-    import subprocess
-
-    try:
-        from triton.backends.nvidia import compiler
-
-        out = subprocess.run([compiler.get_ptxas(90).path, "--version"], capture_output=True, text=True).stdout
-    except Exception:  # noqa: BLE001 - no NVIDIA backend or ptxas here, or Triton moved the function
-        return None
-    found = re.search(r"release (\d+)\.(\d+)", out)
-    return (int(found.group(1)), int(found.group(2))) if found else None
-
-
-def rs_hazard() -> str | None:
-    """Why this toolchain's compiled loops may rewrite the A registers of register-sourced wgmmas still in flight
-    (triton-lang/triton issue 9433), or None: Triton before 3.8, or a ptxas for sm_90 before 13.3. From sm_90
-    compiles of repro_kernel (rs_operand_overwrites): Triton 3.6.0, 3.7.1 with ptxas 12.8 and 13.4, 3.8.0 with 12.9,
-    3.9.0 with 12.8 and 12.9 rewrite; 3.8.0 with 13.3 and 13.4, 3.9.0 with 13.4 do not (docs/kernels.md)."""
-    version = tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:2])
-    ptxas = sm90_ptxas_version()
-    if version < (3, 8):
-        return f"Triton {triton.__version__} (< 3.8: rewrites with every ptxas tried)"
-    if ptxas is None:
-        return f"Triton {triton.__version__} with a ptxas whose version cannot be told"
-    if ptxas < (13, 3):
-        return f"Triton {triton.__version__} with ptxas {ptxas[0]}.{ptxas[1]} for sm_90 (< 13.3)"
-    return None
 
 
 def interpreted() -> bool:
@@ -369,6 +355,37 @@ def compile_ours(dtype=torch.bfloat16, M=8192, K=1024, N=4096, every_config=Fals
     return rows
 
 
+GATED_BACKWARD = ("dX silu", "dW silu", "dW+db gelu_tanh")  # compile_report_gated's labels: δ_g, δ_u in the loads
+
+
+def compile_gated(dtype=torch.bfloat16, M=8192, K=4096, N=11008, every_config=False, progress=print) -> list:
+    """The gated layer's backward launches (δ_g, δ_u formed in both matmuls' operand loads: RS wgmma), captured as
+    benchmarks/compile_report_gated.py captures them (GatedMLP 4096 -> 11008), compiled at the first config the
+    autotuner keeps for each, or with every_config at every one. Not part of the reproducer: the comparison only."""
+    cr = _compile_report()
+    tri = cr.internals()
+    compiler = cr.Compiler(tri, 90)
+    import compile_report_gated as crg
+    from manualbp.triton_kernels import dense, gated
+
+    saved = dense._inline_ptx
+    dense._inline_ptx = lambda device: True
+    try:
+        launches = crg.package_launches(gated, M, K, N, dtype, quick=False)
+    finally:
+        dense._inline_ptx = saved
+    rows = []
+    for label in GATED_BACKWARD:
+        role, kernel, args, kwargs = launches[label]
+        configs = crg.configs_for(gated, dense, role, args, kwargs, 90, False, dtype)
+        for config in configs if every_config else configs[:1]:
+            options = dict(kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+            rows.append(_compiled_row(cr, compiler, f"manualbp gated {label} ({cr.config_label(config)})", kernel,
+                                      args, options))
+            progress(_format(rows[-1]))
+    return rows
+
+
 COLUMNS = ("mma", "A", "regs", "spill", "bufs", "tma", "cp_async", "loop_instr", "loop_mma", "loop_bar", "loop_tma",
            "wgmma_wait", "bar_sync", "mbarrier_wait", "rs_overwrites", "compile_s")
 
@@ -399,7 +416,8 @@ def sm90_main(with_ours: bool, every_config: bool, json_path: str) -> int:
         print(f"# tma_tile_repro --sm90: triton {triton.__version__}, ptxas {'.'.join(map(str, ptxas or '?'))}, "
               f"compiled for sm_90 on the CPU (compiler output, no run); bf16; loop_* = the SASS main loop (compile_report.main_loop), the rest whole-kernel PTX "
               f"counts; rs_overwrites = rs_operand_overwrites", flush=True)
-        rows = compile_variants() + (compile_ours(every_config=every_config) if with_ours else [])
+        rows = compile_variants() + (compile_ours(every_config=every_config) + compile_gated(
+            every_config=every_config) if with_ours else [])
         report = dict(triton=triton.__version__, ptxas=ptxas, rows=rows)
     if json_path:
         with open(json_path, "w") as f:
