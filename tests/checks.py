@@ -123,6 +123,18 @@ class LaunchRecorder:
         return lambda *args, **kwargs: self.launched.append((self.name, kwargs))
 
 
+def skip_where_rs_operands_miscompiled(device, dtype) -> None:
+    """Skips a test that forces δ formed in a matmul's operand loads (an RS wgmma) where this toolchain miscompiles
+    it (manualbp.triton_kernels.toolchain.rs_operand_hazard: sm_90 with Triton < 3.8 or ptxas < 13.3, triton-lang/
+    triton issue 9433): its result is a race there, and the layers never launch it (docs/kernels.md)."""
+    from manualbp.triton_kernels import toolchain
+
+    hazard = toolchain.rs_operand_hazard(torch.device(device), dtype)
+    if hazard:
+        pytest.skip(f"δ in the loads is an RS wgmma, miscompiled on this toolchain ({hazard}); not launched by the "
+                    f"layers here")
+
+
 def optional_import(name: str, reason: str, module_level: bool = False):
     """The module, or a skip naming why not: missing (reason), or installed but failing to import on this
     stack (e.g. the newest transformers on torch 2.7: pytest.importorskip lets that ImportError through)."""

@@ -47,7 +47,7 @@ def test_every_variant_is_right(name, dtype, device):
     _runs_here(repro, dtype, device)
     assert set(repro.VARIANTS) == {"tma-prologue", "tma", "pointer-prologue"}, "the variants this test names"
     if device.type == "cuda" and repro.VARIANTS[name][0] and repro.rs_hazard():
-        pytest.skip(f"RS wgmma operand hazard, triton-lang/triton issue 9433: {repro.rs_hazard()}")
+        pytest.skip(f"RS wgmma operand hazard: {repro.rs_hazard()}")
     g, s, b = repro.inputs(136, 520, 200, dtype, device)  # 400-byte rows in float16: TMA can describe them
     worst, torch_error, right = repro.check(name, g, s, b, repeats=3, programs=2)
     assert right, f"{name} {dtype}: normwise error {worst:.3e} against torch.mm's {torch_error:.3e}"
@@ -71,12 +71,23 @@ def test_run_all_prints_a_line_per_variant_and_shape(device, capsys):
     repro = _repro()
     _runs_here(repro, torch.float16, device)
     if device.type == "cuda" and repro.rs_hazard():
-        pytest.skip(f"RS wgmma operand hazard, triton-lang/triton issue 9433: {repro.rs_hazard()}")
+        pytest.skip(f"RS wgmma operand hazard: {repro.rs_hazard()}")
     outcome = repro.run_all(device, [torch.float16], [(136, 520, 200), (64, 256, 64)], repeats=1, programs=2)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 * len(repro.VARIANTS), f"a line per variant and shape: {lines}"
     assert all(" right " in line for line in lines), f"every row right: {lines}"
     assert outcome == {name: [True, True] for name in repro.VARIANTS}, f"the outcome: {outcome}"
+
+
+def test_the_script_asks_the_packages_toolchain_rule():
+    """One rule, one place: the script's rs_hazard and ptxas version are triton_kernels/toolchain.py's, loaded from
+    its file (the script imports no manualbp)."""
+    from manualbp.triton_kernels import toolchain
+
+    repro = _repro()
+    assert repro.TOOLCHAIN.__file__ == toolchain.__file__, f"the package's file: {repro.TOOLCHAIN.__file__}"
+    assert repro.rs_hazard() == toolchain.rs_hazard(), "the same verdict on this toolchain"
+    assert repro.rs_hazard.__code__ is repro.TOOLCHAIN.rs_hazard.__code__, "the module's own function"
 
 
 def test_the_check_calls_a_wrong_product_wrong(monkeypatch):
@@ -137,8 +148,8 @@ def test_sm90_compile_puts_the_reproducer_on_manualbps_code_path(tmp_path):
     """tma_tile_repro.py --sm90: the suspect variant and manualbp's ∂C/∂X launch with δ = G ⊙ f'(Z) in the loads,
     at the excluded tile, compile to the same code path: RS wgmma m64n256k16 with TMA loads and the same operand
     buffers and TMA issues per loop; the controls differ where they should (SS without the prologue, cp.async with
-    pointers); the suspect's register-hazard count is manualbp's, above 0 exactly where rs_hazard says so, and
-    where it does not, 0 in every row."""
+    pointers); the gated backward's launches take δ_g, δ_u from registers (RS) too; the suspect's register-hazard
+    count is manualbp's, above 0 exactly where rs_hazard says so, and where it does not, 0 in every row."""
     out = tmp_path / "repro.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not the interpreter
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tma_tile_repro.py"), "--sm90", "--json",
@@ -158,6 +169,10 @@ def test_sm90_compile_puts_the_reproducer_on_manualbps_code_path(tmp_path):
     assert rows["repro tma"]["A"] == "SS", "without the prologue both operands come from shared memory"
     pointer = rows["repro pointer-prologue"]
     assert pointer["A"] == "RS" and pointer["tma"] == 0 and pointer["cp_async"] > 0, f"pointer loads: {pointer}"
+    gated = {label: row for label, row in rows.items() if label.startswith("manualbp gated")}
+    assert len(gated) == 3, f"the gated backward's ∂C/∂X, ∂C/∂W and ∂C/∂W+∂C/∂b launches: {sorted(gated)}"
+    for label, row in gated.items():
+        assert row["A"] == "RS" and row["mma"].startswith("wgmma"), f"{label}: δ_g, δ_u from registers, {row}"
     hazard = _repro().rs_hazard()
     assert (suspect["rs_overwrites"] > 0) == bool(hazard), \
         f"the version rule ({hazard or 'no hazard'}) and this toolchain's loop ({suspect['rs_overwrites']} writes)"

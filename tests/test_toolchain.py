@@ -20,6 +20,7 @@ def _modules():
     return dense, gated, launch, toolchain
 
 
+@pytest.mark.stacks
 @pytest.mark.parametrize("triton_at, ptxas, affected", [
     ((3, 6), (12, 8), True), ((3, 6), (13, 4), True), ((3, 7), (13, 4), True), ((3, 8), (12, 9), True),
     ((3, 8), (13, 3), False), ((3, 8), (13, 4), False), ((3, 9), (13, 4), False), ((3, 9), (12, 8), True),
@@ -41,7 +42,8 @@ def test_the_rule_on_devices(monkeypatch):
     dense, _, _, toolchain = _modules()
     asked = []
     capability = {0: (9, 0), 1: (8, 0), 2: (10, 0), 3: (9, 0)}
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: asked.append(index) or capability[index])
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device: asked.append(device.index) or capability[device.index])
     monkeypatch.setattr(toolchain, "rs_hazard", lambda: "Triton 3.6.0 (< 3.8), triton-lang/triton issue 9433")
     monkeypatch.setattr(toolchain, "_interpreted", lambda: False)
     monkeypatch.setattr(dense, "tf32_allowed", lambda: False)
@@ -60,6 +62,7 @@ def test_the_rule_on_devices(monkeypatch):
         assert toolchain.rs_operand_hazard(torch.device("cpu"), torch.float16) is None, "the CPU"
         assert asked == [0, 1, 2], f"the capability asked once per device: {asked}"
         monkeypatch.setattr(toolchain, "_interpreted", lambda: True)
+        toolchain._hazard_on.cache_clear()
         assert toolchain.rs_operand_hazard(cuda(3), torch.float16) is None, "Triton's interpreter runs no wgmma"
         monkeypatch.setattr(toolchain, "_interpreted", lambda: False)
         monkeypatch.setattr(torch.version, "hip", "6.2")
@@ -73,6 +76,7 @@ def test_the_rule_on_devices(monkeypatch):
         toolchain._hazard_on.cache_clear()
 
 
+@pytest.mark.stacks
 def test_the_installed_toolchain_is_judged_by_the_rule():
     """rs_hazard() is the rule applied to the installed Triton and its ptxas (whatever they are here)."""
     _, _, _, toolchain = _modules()
@@ -220,3 +224,19 @@ def test_the_gated_backward_forms_no_delta_in_loads_on_an_affected_toolchain(act
                 continue
             assert_close_to_float64(f"{name} {label} Z {saved}", mine, their, exact_one)
             assert_close_to_float64(f"{name} {label} fused kernels", fused_one, their, exact_one)
+
+
+def test_tests_forcing_the_prologue_skip_naming_the_reason(monkeypatch):
+    """checks.skip_where_rs_operands_miscompiled: a skip naming the issue and the toolchain where the hazard holds
+    for the device and dtype, nothing where it does not."""
+    _, _, _, toolchain = _modules()
+    from checks import skip_where_rs_operands_miscompiled
+
+    asked = []
+    monkeypatch.setattr(toolchain, "rs_operand_hazard", lambda device, dtype: asked.append((device, dtype)) or (
+        "sm_90: Triton 3.6 (< 3.8: rewrites with every ptxas tried), triton-lang/triton issue 9433"
+        if dtype == torch.float16 else None))
+    with pytest.raises(pytest.skip.Exception, match=r"issue 9433.*Triton 3\.6|Triton 3\.6.*issue 9433"):
+        skip_where_rs_operands_miscompiled("cuda", torch.float16)
+    skip_where_rs_operands_miscompiled("cuda", torch.float32)  # no hazard: returns, the test goes on
+    assert asked == [(torch.device("cuda"), torch.float16), (torch.device("cuda"), torch.float32)], asked

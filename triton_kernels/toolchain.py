@@ -66,10 +66,10 @@ def rs_hazard() -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _hazard_on(device_type: str, index: int, interpreted: bool) -> str | None:
-    if device_type != "cuda" or interpreted or torch.version.hip is not None:
+def _hazard_on(device: torch.device) -> str | None:
+    if device.type != "cuda" or _interpreted() or torch.version.hip is not None:
         return None  # the interpreter, the CPU and ROCm run no wgmma (ROCm's gfx9 would read as 9.x)
-    major, minor = torch.cuda.get_device_capability(index)
+    major, minor = torch.cuda.get_device_capability(device)
     if major != 9:  # wgmma is sm_90's; sm_80 has mma.sync, sm_100 tcgen05
         return None
     reason = rs_hazard()
@@ -77,15 +77,15 @@ def _hazard_on(device_type: str, index: int, interpreted: bool) -> str | None:
 
 
 def rs_operand_hazard(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why launches of dtype data on device must not take an MMA's left operand from registers (RS wgmma), or
-    None: a CUDA device of compute capability 9.x, compiled (not Triton's interpreter), on a toolchain rs_hazard
-    names, for data whose tl.dot compiles to wgmma there: 16-bit, and float32 where PyTorch's settings allow TF32
-    (dense.tf32_allowed; IEEE float32 runs FMAs, float64 the DMMA of mma.sync). Cached per device."""
-    if dtype == torch.float64:
+    """Why launches of dtype data on device (a tensor's: a CUDA device with its index) must not take an MMA's left
+    operand from registers (RS wgmma), or None: a CUDA device of compute capability 9.x, compiled (not Triton's
+    interpreter), on a toolchain rs_hazard names, for data whose tl.dot compiles to wgmma there: 16-bit, and float32
+    where PyTorch's settings allow TF32 (dense.tf32_allowed; IEEE float32 runs FMAs, float64 the DMMA of mma.sync).
+    Cached per device: a warm call is a dtype test and a cache lookup (every backward asks)."""
+    if dtype is torch.float64:
         return None
-    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
-    reason = _hazard_on(device.type, index, _interpreted())
-    if reason is None or dtype != torch.float32:
+    reason = _hazard_on(device)
+    if reason is None or dtype is not torch.float32:
         return reason
     from . import dense
 
