@@ -396,6 +396,13 @@ def header(device, args) -> dict:
     for key, value in info.items():
         print(f"#   {key:9s} {value}")
     print(f"#   dtypes    {args.dtypes}   modes {args.modes}   impls {args.impls}")
+    if device.type == "cuda":  # δ in the loads is not launched there: its rows time the δ-pass plan (docs/kernels.md)
+        from manualbp.triton_kernels import toolchain
+
+        hazard = toolchain.rs_operand_hazard(device, torch.bfloat16)
+        if hazard:
+            print(f"#   NOTE      no δ in the matmuls' loads on this toolchain ({hazard}): rows that ask for it "
+                  f"time the δ-pass plan")
     print("#   MiB       GPU: peak memory allocated during one call; CPU: bytes saved for backward")
     print("#   saved MiB bytes the forward keeps for the backward beyond the input (manualbp.saved_bytes), any device")
     return info
