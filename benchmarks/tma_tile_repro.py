@@ -179,8 +179,8 @@ def gpu_main(dtypes, repeats) -> int:
           f" w{NUM_WARPS} s{NUM_STAGES}; {repeats} launches per row; wrong = normwise error > {TOLERANCE_FACTOR}x "
           f"torch.mm's")
     hazard = rs_hazard()
-    print(f"# RS wgmma operand hazard (triton-lang/triton issue 9433) on this toolchain: "
-          f"{'yes, ' + hazard if hazard else 'no'}")
+    said = f"yes, {hazard}" if hazard else f"no ({TOOLCHAIN.ISSUE})"
+    print(f"# RS wgmma operand hazard on this toolchain: {said}")
     outcome = run_all(device, dtypes, SHAPES, repeats)
     print(f"verdict: {verdict(outcome, hazard)}")
     return 0

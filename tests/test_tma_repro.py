@@ -148,8 +148,9 @@ def test_sm90_compile_puts_the_reproducer_on_manualbps_code_path(tmp_path):
     """tma_tile_repro.py --sm90: the suspect variant and manualbp's ∂C/∂X launch with δ = G ⊙ f'(Z) in the loads,
     at the excluded tile, compile to the same code path: RS wgmma m64n256k16 with TMA loads and the same operand
     buffers and TMA issues per loop; the controls differ where they should (SS without the prologue, cp.async with
-    pointers); the gated backward's launches take δ_g, δ_u from registers (RS) too; the suspect's register-hazard
-    count is manualbp's, above 0 exactly where rs_hazard says so, and where it does not, 0 in every row."""
+    pointers); the gated backward's launches take δ_g, δ_u from registers (RS) too; the suspect's
+    register-hazard count is manualbp's, above 0 exactly where rs_hazard says so, and where it does not, 0 in
+    every row."""
     out = tmp_path / "repro.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not the interpreter
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tma_tile_repro.py"), "--sm90", "--json",
