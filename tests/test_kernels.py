@@ -224,7 +224,8 @@ def test_every_role_kernel_reads_every_argument_it_takes():
         assert key <= set(params) and not key & read, f"{name}: the autotuner's key, never read"
         assert [p for p in params if p not in read and p not in key] == [], f"{name}: parameters nothing reads"
     picked = {dense._role_kernel(role, act, sums) for role in ("forward", "grad_x", "grad_weight", "grad_below",
-                                                                 "matmul") for act in (0, 1) for sums in (False, True)}
+                                                                 "matmul", "grad_weight_split")
+              for act in (0, 1) for sums in (False, True)}
     assert picked == set(dense.MATMUL_KERNELS), f"the kernels the launchers pick: {picked}"
 
 
