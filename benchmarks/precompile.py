@@ -74,6 +74,8 @@ WARM_STEPS = {
                                    "--problems", "linear8192x1024x4096,linear8192x2048x4096,linear8192x4096x1024"]),
         ({}, "bench_backward.py", ["--warm-only", "--activations", "gelu",
                                    "--problems", "linear8192x1024x4096,linear8192x2048x4096,linear8192x4096x1024"]),
+        ({}, "bench_backward.py", ["--warm-only", "--activations", "relu", "--ways", "fused,unsplit",
+                                   "--problems", "linear8192x1024x1024"]),
     ],
     "launch": [  # gpu_launch_check.sh, step 2
         ({}, "warm_caches.py", ["--problems", "linear8192x1024x4096", "--activations", "relu,gelu"]),

@@ -441,6 +441,7 @@ def _grad_weight_split_kernel(
     ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, SAVED_KIND: tl.constexpr,
     ROW_SUMS: tl.constexpr,  # also each chunk's row sums, for ∂C/∂b
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,  # the partials' store in this many column slices
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_TRANSPOSED: tl.constexpr = False, B_TRANSPOSED: tl.constexpr = False, TMA_OK: tl.constexpr = False,
     TMA: tl.constexpr = False, EVEN_K: tl.constexpr = False, PACKED_PAIRS: tl.constexpr = False,
@@ -467,7 +468,6 @@ def _grad_weight_split_kernel(
         if pid_m * BLOCK_M < M:
             chunk_first = split * per_split
             chunk_last = tl.minimum(chunk_first + per_split, chunks)
-            offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
             if ACC_FP64:
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
             else:
@@ -480,6 +480,7 @@ def _grad_weight_split_kernel(
                                             INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K, A_TRANSPOSED,
                                             B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
                     if pid_n == 0:  # every column tile has the same sums; the first one stores them
+                        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
                         tl.store(chunk_sum_ptr + tl.cast(chunk, tl.int64) * M + offs_m, sums, mask=offs_m < M)
             else:
                 steps: tl.constexpr = SUM_CHUNK_K // BLOCK_K
@@ -488,9 +489,9 @@ def _grad_weight_split_kernel(
                                   stride_xn, stride_sm, stride_sk, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, False,
                                   False, USE_DOT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K, A_TRANSPOSED,
                                   B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
-            _store_tile(acc, split.to(tl.int64) * split_rows + offs_m,
-                        pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N), split.to(tl.int64) * split_rows + M,
-                        N, partial_ptr, N, 1)
+            # float32 partials in column slices: the whole tile's 64-bit addresses at once spilled (compile report)
+            _store_in_slices(acc, stacked_m, pid_n, split.to(tl.int64) * split_rows + M, N, partial_ptr, N, 1,
+                             BLOCK_M, BLOCK_N, EPILOGUE_SPLIT)
 
 
 @triton.jit
@@ -1506,7 +1507,7 @@ def _matmul_plan(kernel: str, a, b, out, bias, z, f_prime_as_z, act_id, negative
 
 
 # The kernels whose every store is one whole tile (their epilogue is a store): their tiles have no EPILOGUE_SPLIT.
-_UNSPLIT_KERNELS = ("_grad_x_kernel", "_grad_weight_kernel", "_grad_weight_split_kernel")
+_UNSPLIT_KERNELS = ("_grad_x_kernel", "_grad_weight_kernel")
 
 
 def _tile_for(kernel: str, tile: dict) -> dict:
