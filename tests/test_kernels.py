@@ -779,12 +779,13 @@ def _row_sum_configs(data):
 @pytest.mark.parametrize("activation, kind", [("relu", "a"), ("gelu", "f_prime"), ("leaky_relu", "z")])
 def test_bias_grad_is_bitwise_equal_on_every_tile(activation, kind, half, device):
     """∂C/∂b from the ∂C/∂W matmul's row sums: the same bits whichever tile the autotuner picks (and the fixed
-    tiles), and within float32 rounding of the float64 sum of the rounded δ. Both ways of summing: in registers
-    (float32) and by the tensor cores against a tile of ones (16-bit data)."""
+    tiles), split-K or not (dense.grad_weight_splits: ∂C/∂b's chunks of SUM_CHUNK_K rows added in order either way),
+    and within float32 rounding of the float64 sum of the rounded δ. Both ways of summing: in registers (float32) and
+    by the tensor cores against a tile of ones (16-bit data)."""
     dtype = torch.float16 if half else torch.float32
     g = torch.Generator().manual_seed(10)
-    M, N, K = 300, 72, 40  # the sum runs over M: several K steps of the ∂C/∂W matmul, a ragged last one (rows of
-    # 16-byte multiples in fp16 and fp32: the TMA configs are compared too)
+    M, N, K = dense.SUM_CHUNK_K.value + 76, 72, 40  # the sum runs over M: two chunks, several K steps of the ∂C/∂W
+    # matmul, a ragged last one (rows of 16-byte multiples in fp16 and fp32: the TMA configs are compared too)
     act = manualbp.get_activation(activation)
     slope = act.kernel_slope
     grad_a = torch.randn(M, N, generator=g).to(device, dtype)
@@ -804,6 +805,12 @@ def test_bias_grad_is_bitwise_equal_on_every_tile(activation, kind, half, device
     # with ∂C/∂X too: δ stored by the ∂C/∂X matmul, ∂C/∂b from the plain ∂C/∂W matmul over it
     _, _, results["launcher, δ stored"] = dense.linear_backward(grad_a, x, weight, saved, act.kernel_id, slope, kind,
                                                                 True, True, True)
+    with manualbp.config.override(grad_weight_split=2):  # split-K: the two chunks of rows in two splits
+        assert dense.grad_weight_splits(M, N, K, grad_a.device) == 2, "a split plan"
+        for want_x in (False, True):
+            name = "launcher, split in 2" + (", δ stored" if want_x else "")
+            _, _, results[name] = dense.linear_backward(grad_a, x, weight, saved, act.kernel_id, slope, kind, want_x,
+                                                        True, True)
     first_name, first = next(iter(results.items()))
     assert len(results) >= 3, "several tiles compared"
     for name, sums in results.items():

@@ -33,6 +33,8 @@ def test_a_bad_environment_value_is_reported_when_read(monkeypatch):
     monkeypatch.setattr(manualbp.config, "_current", settings)
     with pytest.raises(ValueError, match="MANUALBP_GRAD_WEIGHT_SPLIT must be 'auto'"):
         manualbp.config.grad_weight_split()
+    with pytest.raises(ValueError, match="MANUALBP_GRAD_WEIGHT_SPLIT must be 'auto'"):
+        dense.grad_weight_splits(8 * CHUNK, 64, 64, torch.device("cpu"))  # the plan asks: before any launch
     monkeypatch.setenv("MANUALBP_GRAD_WEIGHT_SPLIT", "3")
     assert manualbp.config._from_environment().grad_weight_split == 3, "an int from the environment"
 
@@ -286,3 +288,19 @@ def test_the_layer_splits_3d_and_non_contiguous_inputs(activation, device, monke
     assert torch.equal(results[3][1], results[1][1]), f"db [{activation}]: the same bits split or not"
     torch.testing.assert_close(results[3][0], results[1][0], rtol=1e-5, atol=1e-5 * ROWS ** 0.5,
                                msg=lambda m: f"dW [{activation}] split against unsplit: {m}")
+
+
+def test_chunks_and_split_rows_fit_every_tile():
+    """A chunk of rows is whole K steps of every config and fixed tile (a split ends where a K step does), a split's
+    workspace rows are whole row tiles of every one (no tile straddles two splits), and the split count is in the
+    autotuner's key (a forced S tunes its own tile)."""
+    tiles = [cfg.kwargs for cfg in dense.matmul_configs()] + [
+        dense._INTERPRETER_CONFIG, dense._FP64_CONFIG, dense._FP64_FMA_CONFIG, dense._UNTUNED_CONFIG,
+        dense._UNTUNED_ROW_SUMS_CONFIG]
+    for tile in tiles:
+        assert CHUNK % tile["BLOCK_K"] == 0, f"{tile}: SUM_CHUNK_K a multiple of BLOCK_K"
+        assert dense._SPLIT_ROWS % tile["BLOCK_M"] == 0, f"{tile}: _SPLIT_ROWS a multiple of BLOCK_M"
+    for step in (dense.SUM_BLOCK_K.value, dense.WIDE_SUM_BLOCK_K.value):
+        assert CHUNK % step == 0, f"SUM_CHUNK_K a multiple of the sums' K step {step}"
+    names = dense.kernel_arg_names(dense._grad_weight_split_kernel)
+    assert "splits" in names and "splits" in dense._TUNING_KEY, "the autotuner keys on the split count"

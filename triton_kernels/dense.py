@@ -15,7 +15,12 @@ shape of its variable). With x [M, K], weight [N, K], bias [N], one kernel per r
                                                                   on load where no ∂C/∂X stored it
                 ∂C/∂b = 1ᵀ δ      [N]                            row sums of the δᵀ tiles _grad_weight_kernel loads,
                                                                   summed in its loop: 16-bit data by the tensor cores
-                                                                  (δᵀ times a tile of ones), else in registers
+                                                                  (δᵀ times a tile of ones), else in registers, per
+                                                                  chunk of SUM_CHUNK_K rows, the chunks in order
+    split-K     ∂C/∂W, ∂C/∂b over S splits of the rows            _grad_weight_split_kernel (float32 partials), then
+                                                                  _split_sum_kernel (their sum in a fixed order);
+                                                                  where few output tiles would leave SMs idle
+                                                                  (grad_weight_splits)
     MLP         δₗ₋₁ = (δₗ Wₗ) ⊙ fₗ₋₁'(Zₗ₋₁), ∂C/∂bₗ₋₁            _grad_below_kernel: f' and column sums in the epilogue
     plain       A B                                               _matmul_kernel (manualbp's matmul, δ W, δᵀ X)
     recompute   A = f(Z)          [M, N]                         _activation_kernel (manualbp.MLP, recompute=True)
@@ -1813,12 +1818,14 @@ def grad_weight_splits(rows: int, out_features: int, in_features: int, device: t
     S x its output tiles (at _SPLIT_TILE) within one program per SM (a compiled CUDA launch; elsewhere 1). Never more
     than the rows' chunks of SUM_CHUNK_K (a split is whole chunks); made even: S = cdiv(chunks, cdiv(chunks, S)),
     so that no split is empty. 1: no split."""
-    wanted = config.grad_weight_split()
-    chunks = _cdiv(rows, SUM_CHUNK_K.value)
-    if wanted == "auto":
+    wanted = config.get().grad_weight_split
+    if wanted == "auto":  # every backward asks: the CPU's answer first
         if device.type != "cuda" or is_interpreted():
             return 1
         wanted = _num_sms(device) // (_cdiv(out_features, _SPLIT_TILE[0]) * _cdiv(in_features, _SPLIT_TILE[1]))
+    else:
+        wanted = config.grad_weight_split()  # checked (a bad MANUALBP_GRAD_WEIGHT_SPLIT raises here)
+    chunks = _cdiv(rows, SUM_CHUNK_K.value)
     splits = min(wanted, chunks)
     return 1 if splits < 2 else _cdiv(chunks, _cdiv(chunks, splits))
 
