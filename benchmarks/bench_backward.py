@@ -221,7 +221,8 @@ def main(argv=None) -> int:
             splits = manualbp.backends.kernels().grad_weight_splits(problem.m, problem.sizes[1], problem.sizes[0],
                                                                     device)
             if splits > 1 and not args.warm_only:
-                print(f"# {problem.name}: ∂C/∂W split in {splits} (dense.grad_weight_splits); the unsplit way beside it")
+                print(f"# {problem.name}: ∂C/∂W split in {splits} (dense.grad_weight_splits); the unsplit way "
+                      "beside it")
             for layer in layers:
                 found, exact = ways(problem, layer, device, dtype)
                 flops = (6 if layer == "hidden" else 4) * problem.m * problem.sizes[0] * problem.sizes[1] / 3

@@ -1862,8 +1862,8 @@ def _launch_grad_weight_split(a, b, out, row_sums, splits: int, act_id: int, neg
 
     def make():
         a_view, b_view, prologue_view = _views(a, b, prologue, True, False)
-        return _matmul_plan(_role_kernel("grad_weight_split", act_id, sums), a_view, b_view, out, None, None, False, act_id, negative_slope,
-                            saved_kind, False, row_sums, None, use_dot, tma_ok, prologue_view,
+        return _matmul_plan(_role_kernel("grad_weight_split", act_id, sums), a_view, b_view, out, None, None, False,
+                            act_id, negative_slope, saved_kind, False, row_sums, None, use_dot, tma_ok, prologue_view,
                             grid_rows=splits * split_rows)
 
     launch.run("grad_weight_split", options, args, splits * split_rows, N, make)
