@@ -314,14 +314,15 @@ def test_launchers_ask_for_even_k_where_every_tile_divides_k(monkeypatch):
 
 def test_every_launch_states_its_compile_options(monkeypatch):
     """Every kernel launch passes dense.COMPILE_OPTIONS (FMA contraction on) instead of inheriting Triton's default,
-    which Triton 3.10 changes: the matmuls (forward, ∂C/∂X, ∂C/∂W), the δ pass, the activation pass, the jvp."""
+    which Triton 3.10 changes: the matmuls (forward, ∂C/∂X, ∂C/∂W, split-K's and its sum), the δ pass, the activation
+    pass, the jvp."""
     from manualbp.triton_kernels import jvp
 
     assert dense.COMPILE_OPTIONS == {"enable_fp_fusion": True}, "FMA contraction, stated"
     launched = []
 
     monkeypatch.setattr(dense, "is_interpreted", lambda: True)  # the fixed tile, launched directly
-    for name in (*dense.MATMUL_KERNELS, "_delta_kernel", "_activation_kernel"):
+    for name in (*dense.MATMUL_KERNELS, "_delta_kernel", "_activation_kernel", "_split_sum_kernel"):
         monkeypatch.setattr(dense, name, LaunchRecorder(name, launched))
     monkeypatch.setattr(jvp, "_jvp_kernel", LaunchRecorder("_jvp_kernel", launched))
     x, w, g = torch.randn(64, 32), torch.randn(16, 32), torch.randn(64, 16)
@@ -332,8 +333,12 @@ def test_every_launch_states_its_compile_options(monkeypatch):
     dense.delta_and_bias_grad(g, g, 3, 0.0, "z", want_delta=True, want_bias=True)
     dense.activation_forward(g, 3, 0.0)
     jvp.linear_jvp(x, w, g, x, None, None, 1, 0.0, "a", 64, 16)
+    rows = dense.SUM_CHUNK_K.value + 1  # two chunks: a split in 2
+    with manualbp.config.override(grad_weight_split=2):
+        dense.linear_backward(torch.randn(rows, 16), torch.randn(rows, 32), w, torch.randn(rows, 16), 1, 0.0, "a",
+                              want_x=False, want_weight=True, want_bias=True)
     assert {name for name, _ in launched} == {*dense.MATMUL_KERNELS, "_delta_kernel", "_activation_kernel",
-                                              "_jvp_kernel"}, f"launches recorded: {launched}"
+                                              "_split_sum_kernel", "_jvp_kernel"}, f"launches recorded: {launched}"
     for name, kwargs in launched:
         assert kwargs.get("enable_fp_fusion") is True, f"{name}: enable_fp_fusion stated"
 
