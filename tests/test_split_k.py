@@ -52,6 +52,7 @@ def test_the_plan_picks_splits_by_shape_and_sm_count(monkeypatch):
         # out_features x in_features: 8 x 4 = 32 tiles of 128x256 -> 4 per SM wave; 8 chunks of 1024 rows
         assert dense.grad_weight_splits(8192, 1024, 1024, gpu) == 4, "1024 -> 1024 at 8192 rows: 4 splits"
         assert dense.grad_weight_splits(8192, 4096, 1024, gpu) == 1, "128 tiles: no room for a second split"
+        assert dense.grad_weight_splits(8192, 1024, 2048, gpu) == 2, "2048 -> 1024: 64 tiles, 2 splits"
         assert dense.grad_weight_splits(8192, 1024, 4096, gpu) == 1, "128 tiles the other way round"
         assert dense.grad_weight_splits(8192, 256, 256, gpu) == 8, "2 tiles: as many splits as chunks"
         assert dense.grad_weight_splits(3 * CHUNK, 256, 256, gpu) == 3, "3 chunks, 3 splits"
@@ -210,7 +211,8 @@ def _layer_backward(act, kind, dtype, device, rows, wants, splits, seed=29):
 @pytest.mark.parametrize("activation", manualbp.ACTIVATIONS)
 def test_linear_backward_split_or_not(activation, dtype, device):
     """dense.linear_backward split in 2 (two chunks, the second ragged) against unsplit, for the first layer (δ formed
-    in the ∂C/∂W matmul's loads) and a hidden one (δ stored by the ∂C/∂X matmul), strided G and saved tensors: ∂C/∂b
+    in the ∂C/∂W matmul's loads) and, for relu and gelu, a hidden one (δ stored by the ∂C/∂X matmul, read by the same
+    split launch whatever the activation), strided G and saved tensors: ∂C/∂b
     bitwise the same, ∂C/∂W within the unsplit launch's error against float64 (PyTorch's own as the measure) and the
     same bits run after run, ∂C/∂X untouched. (Three splits: the tests above.)"""
     if dtype != torch.float32 and activation not in ("identity", "relu", "gelu", "tanh"):
@@ -218,7 +220,9 @@ def test_linear_backward_split_or_not(activation, dtype, device):
     act = manualbp.get_activation(activation)
     kind = "f_prime" if act.kernel_id and not act.saves_output else ("a" if act.saves_output else "z")
     rows = CHUNK + 52
-    for wants in ((False, True, True), (True, True, True)):
+    # the hidden layer's split kernel reads the stored δ, the same launch for every activation: two of them
+    layers = [(False, True, True)] + ([(True, True, True)] if activation in ("relu", "gelu") else [])
+    for wants in layers:
         label = f"[{activation}, {dtype}, {'hidden' if wants[0] else 'first'} layer]"
         unsplit, (grad_a, x, z) = _layer_backward(act, kind, dtype, device, rows, wants, 1)
         split, _ = _layer_backward(act, kind, dtype, device, rows, wants, 2)
