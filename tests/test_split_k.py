@@ -308,3 +308,20 @@ def test_chunks_and_split_rows_fit_every_tile():
         assert CHUNK % step == 0, f"SUM_CHUNK_K a multiple of the sums' K step {step}"
     names = dense.kernel_arg_names(dense._grad_weight_split_kernel)
     assert "splits" in names and "splits" in dense._TUNING_KEY, "the autotuner keys on the split count"
+
+
+@pytest.mark.parametrize("fma", [False, True], ids=["dot", "fp64-fma-fallback"])
+def test_split_without_bias_and_on_the_fma_fallback(fma, monkeypatch, device):
+    """Split in 2 without ∂C/∂b (no chunk sums: the plain split launch and its sum), float64, with tl.dot and with the
+    exact FMA fallback where a Triton build cannot lower a float64 tl.dot: the float64 answers."""
+    if fma:
+        dense.fp64_dot_supported.cache_clear()
+        monkeypatch.setattr(dense, "fp64_dot_supported", lambda device: False)
+    act = manualbp.get_activation("gelu")
+    for wants in ((False, True, False), (True, True, False)):
+        (grad_x, grad_weight, grad_bias), (grad_a, x, z) = _layer_backward(act, "f_prime", torch.float64, device,
+                                                                           CHUNK + 3, wants, 2)
+        assert grad_bias is None, f"{wants}: no ∂C/∂b asked, none given"
+        delta = grad_a * act.f_grad(z)
+        torch.testing.assert_close(grad_weight.cpu(), delta.t() @ x, rtol=1e-12, atol=1e-12,
+                                   msg=lambda m: f"dW split in 2 without db, {wants}, fma={fma}: {m}")
