@@ -526,6 +526,7 @@ def _split_sum_kernel(
                 sums += tl.load(chunk_sum_ptr + c * M + offs_m, mask=offs_m < M, other=0.0)
             tl.store(row_sum_ptr + offs_m, sums, mask=offs_m < M)
 
+
 @triton.jit
 def _grad_below_kernel(
     delta_ptr,  # δₗ [M, K] of a layer of manualbp.MLP (K = its out_features)
