@@ -14,6 +14,9 @@ and a `hidden` one (∂C/∂X too), from G and the tensor the forward saved (A, 
     delta+dW     δ by a pass first (delta_in_loads=False): the δ pass stores δ (no sums), then plain matmuls,
                  ∂C/∂b by the ∂C/∂W launch (so the same bits as the fused way's)
     (manualbp's default is one of these two by in_features: dense.PROLOGUE_MAX_K, set from this benchmark)
+    unsplit      the fused way with split-K off (grad_weight_split=1); listed only where the plan splits ∂C/∂W
+                 (dense.grad_weight_splits: few output tiles for the SMs, e.g. linear8192x2048x1024), where the
+                 fused and delta+dW ways are the split plan (its S printed before the table's rows)
     unfused      MANUALBP_DELTA_PROLOGUE=0's path: the δ pass with ∂C/∂b's partial sums, then plain matmuls
     eager        what autograd runs for nn.Linear + the activation: its backward op, mm, (mm,) sum
 
@@ -40,7 +43,7 @@ import bench_dense  # noqa: E402
 import manualbp  # noqa: E402
 from manualbp import activations, function  # noqa: E402
 
-WAYS = ("fused", "delta+dW", "unfused", "eager")
+WAYS = ("fused", "unsplit", "delta+dW", "unfused", "eager")
 LAYERS = ("first", "hidden")
 GPU_PROBLEMS = "linear8192x1024x4096,linear8192x4096x1024"
 CPU_PROBLEMS = "linear64x48x80"  # the interpreter: a check of the ways, not a timing
@@ -103,9 +106,15 @@ def ways(problem, layer: str, device, dtype):
         delta = eager_delta(act.name, grad_a, z, a, act.kernel_slope)
         return (delta.mm(weight) if want_x else None), delta.t().mm(x), delta.sum(0)
 
+    def unsplit():
+        with manualbp.config.override(grad_weight_split=1):
+            return fused()
+
     found = {"fused": fused, "delta+dW": delta_then_matmuls, "unfused": unfused, "eager": eager}
     if act.name == "identity":
         found = {"fused": fused, "eager": eager}
+    if dense.grad_weight_splits(m, n, k, device) > 1:  # split-K: the same way unsplit, beside it
+        found["unsplit"] = unsplit
     z64 = z.double()
     delta64 = grad_a.double() * act.f_grad(z64)
     exact = ((delta64 @ weight.double()) if want_x else None, delta64.t() @ x.double(), delta64.sum(0))
@@ -168,6 +177,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", default=",".join(LAYERS), help=f"comma list of {list(LAYERS)}")
     parser.add_argument("--dtype", default=None, choices=list(bench_dense.DTYPES),
                         help="bf16 on a GPU, fp32 on the CPU")
+    parser.add_argument("--ways", default=",".join(WAYS), help=f"comma list of {list(WAYS)} (eager always runs: "
+                                                               "the yardstick)")
     parser.add_argument("--rep-ms", type=float, default=60.0)
     parser.add_argument("--warm-only", action="store_true", help="run each way once (compile, autotune); no timing")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -186,6 +197,7 @@ def main(argv=None) -> int:
     dtype = bench_dense.DTYPES[dtype_name]
     problems = args.problems or (GPU_PROBLEMS if cuda else CPU_PROBLEMS)
     layers = bench_dense.check_choices(parser, "layer", args.layers, LAYERS)
+    chosen = bench_dense.check_choices(parser, "way", args.ways, WAYS)
     manualbp.set_backend("triton")
     torch.set_float32_matmul_precision("high" if dtype_name == "fp32-tf32" else "highest")
     if not args.warm_only:
@@ -206,11 +218,16 @@ def main(argv=None) -> int:
                 parser.error(f"--problems: {error}")
             if problem.kind != "linear":
                 parser.error(f"--problems: {problem_name} is not a single layer (linearMxINxOUT)")
+            splits = manualbp.backends.kernels().grad_weight_splits(problem.m, problem.sizes[1], problem.sizes[0],
+                                                                    device)
+            if splits > 1 and not args.warm_only:
+                print(f"# {problem.name}: ∂C/∂W split in {splits} (dense.grad_weight_splits); the unsplit way "
+                      "beside it")
             for layer in layers:
                 found, exact = ways(problem, layer, device, dtype)
                 flops = (6 if layer == "hidden" else 4) * problem.m * problem.sizes[0] * problem.sizes[1] / 3
                 eager_ms = None
-                for way in ("eager", *[w for w in WAYS if w != "eager" and w in found]):
+                for way in ("eager", *[w for w in WAYS if w != "eager" and w in found and w in chosen]):
                     fn = found[way]
                     results = fn()  # compile, autotune
                     if args.warm_only:

@@ -242,9 +242,14 @@ def package_launches(dense, jvp, M, K, N, dtype, quick):
         return lambda: dense.linear_forward(x, w, b, ids[act], slope.get(act, 0.0), write_z=kind != "a",
                                             f_prime_as_z=kind == "f_prime")
 
-    def bwd(act, kind, want_x, want_w, want_b):
-        return lambda: dense.linear_backward(g, x, w, saved, ids[act], slope.get(act, 0.0), kind, want_x, want_w,
+    def bwd(act, kind, want_x, want_w, want_b, splits=1):
+        import manualbp
+
+        def call():
+            with manualbp.config.override(grad_weight_split=splits):
+                return dense.linear_backward(g, x, w, saved, ids[act], slope.get(act, 0.0), kind, want_x, want_w,
                                              want_b)
+        return call
 
     launches = [  # every class of epilogue / prologue: select (relu, leaky_relu), f' from A (tanh), f'(Z) saved
         ("fwd identity", fwd("identity", "a"), "NT"), ("fwd relu", fwd("relu", "a"), "NT"),
@@ -268,6 +273,14 @@ def package_launches(dense, jvp, M, K, N, dtype, quick):
         ("dW prologue+db tanh", bwd("tanh", "a", False, True, True), "TN"),
         ("dW prologue relu (no db)", bwd("relu", "a", False, True, False), "TN"),
         ("dW prologue gelu (no db)", bwd("gelu", "f_prime", False, True, False), "TN"),
+        # split-K ∂C/∂W (4 splits of the rows: as grad_weight_split="auto" picks for 32 output tiles on 132 SMs),
+        # then the fixed-order sum of the splits and of ∂C/∂b's chunks
+        (("dW split4 prologue+db relu", "split sum+db"), bwd("relu", "a", False, True, True, 4), ("TN", None)),
+        (("dW split4 prologue+db gelu", "split sum+db #2"), bwd("gelu", "f_prime", False, True, True, 4),
+         ("TN", None)),
+        (("dX+δ store relu #2", "dW split4 plain+db relu", "split sum+db #3"), bwd("relu", "a", True, True, True, 4),
+         ("NN", "TN", None)),
+        (("dW split4 prologue relu (no db)", "split sum"), bwd("relu", "a", False, True, False, 4), ("TN", None)),
         ("dX plain (δ stored)", lambda: dense.matmul(g, w), "NN"),
         ("dW plain (δᵀ strides)", lambda: dense.matmul(g.t(), x), "TN"),
         ("MLP epilogue+db relu", lambda: dense.matmul_times_activation_grad(g, w, below, 1, 0.0, "z", True), "NN"),
@@ -289,6 +302,7 @@ def package_launches(dense, jvp, M, K, N, dtype, quick):
     kernels = {(dense, name): (lambda names, name=name, **kwargs: dense._prune_role(
         name, dense.role_configs(name), names, **kwargs)) for name in dense.MATMUL_KERNELS}
     kernels.update({(dense, "_delta_kernel"): None, (dense, "_activation_kernel"): None,
+                    (dense, "_split_sum_kernel"): None,
                     (jvp, "_jvp_kernel"): lambda names, **kwargs: jvp._prune_configs(dense.matmul_configs(), names,
                                                                                      **kwargs)})
     recorders = {key: _Recorder(getattr(*key)) for key in kernels}

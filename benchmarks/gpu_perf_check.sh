@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The matmuls' and the fused layers' speed in one run on a machine with a GPU: `bash benchmarks/gpu_perf_check.sh`
 # (docs/development.md, "Plan for the next GPU run"). It stops itself at GPU_CHECK_SECONDS (default 570 s: a 10-minute
-# limit with time to pack up), each step cut to the time left (the limits below and the install add up to about 555 s):
+# limit with time to pack up), each step cut to the time left (the limits below and the install add up to about 560 s):
 #   1. install manualbp (editable, no network), about 15 s; Triton's cache from .triton-cache.tgz where the run
 #      carried one (benchmarks/precompile.py builds it without a GPU: docs/development.md, "Carrying Triton's cache
 #      to the GPU run"), and whether its keys can match here;
@@ -18,7 +18,8 @@
 #      the two MLPs, linear8192x2048x{4096,1024}, hidden layers, at most 100 s;
 #   6. the MLP's per-layer backward (MANUALBP_MLP_FUSION=0) at both MLPs, both timings, at most 35 s;
 #   7. bench_backward.py at in_features 1024, 2048 and 4096: a first and a hidden layer's backward by each plan for δ
-#      (in the loads, by a pass), kernels only, at most 35 s;
+#      (in the loads, by a pass), kernels only, at most 40 s; last, the (2048 -> 1024) layer, whose ∂C/∂W the plan
+#      splits in 2 (64 output tiles of 128x256 for 132 SMs): its "unsplit" rows time the same plan without split-K;
 #   8. perf_targets.py: each target of the persistent-kernel work met, missed or not measured, from this run's rows;
 #      the whole run's count of kernels loaded from Triton's cache and compiled.
 # Rows are appended as measured: a step cut short keeps what it measured. Files in $OUT (at most 8, the rest
@@ -56,7 +57,7 @@ workers=9  # the most configs any launch keeps (matmul_configs(), pruned)
     done
     for act in relu gelu; do
         nice -n 10 $py benchmarks/bench_backward.py --warm-only --activations $act \
-            --problems linear8192x1024x4096,linear8192x2048x4096,linear8192x4096x1024 &
+            --problems linear8192x1024x4096,linear8192x2048x4096,linear8192x4096x1024,linear8192x2048x1024 &
     done
     wait
 ) > "$out/warm_perf.log" 2>&1 &
@@ -94,8 +95,9 @@ MANUALBP_MLP_FUSION=0 timeout "$(capped 35)" $py benchmarks/bench_dense.py --dty
 
 # --- 7. the backward's plans for δ around PROLOGUE_MAX_K, kernels only -------------------------------------------
 stamp "bench_backward"
-timeout "$(capped 35)" $py benchmarks/bench_backward.py --out-dir "$extra" --activations relu,gelu \
-    --problems linear8192x1024x4096,linear8192x2048x4096,linear8192x4096x1024 2>&1 | grep -v "^#"
+timeout "$(capped 40)" $py benchmarks/bench_backward.py --out-dir "$extra" --activations relu,gelu \
+    --problems linear8192x1024x4096,linear8192x2048x4096,linear8192x4096x1024,linear8192x2048x1024 2>&1 \
+    | grep -v "^#   "
 
 # --- 8. the targets, read from this run's rows --------------------------------------------------------------------
 stamp "targets"

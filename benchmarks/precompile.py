@@ -62,6 +62,8 @@ _TARGETS = "linear8192x1024x4096,linear8192x4096x1024"
 _BOUND = "linear8192x4096x16384,linear8192x16384x4096,mlp8192x1024x4096,mlp8192x4096x16384"
 _CROSSING = "linear8192x2048x4096,linear8192x2048x1024"
 _MLPS = "mlp8192x1024x4096,mlp8192x4096x16384"
+# bench_backward's: (2048 -> 1024) last, where the plan splits ∂C/∂W (its "unsplit" way beside it)
+_BACKWARD = "linear8192x1024x4096,linear8192x2048x4096,linear8192x4096x1024,linear8192x2048x1024"
 _CHECK_PROBLEMS = ("linear8192x1024x4096,mlp8192x1024x4096,linear8192x4096x1024,linear8192x4096x16384,"
                    "linear8192x16384x4096,mlp8192x4096x16384")
 WARM_STEPS = {
@@ -70,10 +72,8 @@ WARM_STEPS = {
         ({}, "warm_caches.py", ["--problems", _TARGETS, "--layers", "hidden,first"]),
         ({}, "warm_caches.py", ["--problems", f"{_BOUND},{_CROSSING}"]),
         ({"MANUALBP_MLP_FUSION": "0"}, "warm_caches.py", ["--problems", _MLPS]),
-        ({}, "bench_backward.py", ["--warm-only", "--activations", "relu",
-                                   "--problems", "linear8192x1024x4096,linear8192x2048x4096,linear8192x4096x1024"]),
-        ({}, "bench_backward.py", ["--warm-only", "--activations", "gelu",
-                                   "--problems", "linear8192x1024x4096,linear8192x2048x4096,linear8192x4096x1024"]),
+        ({}, "bench_backward.py", ["--warm-only", "--activations", "relu", "--problems", _BACKWARD]),
+        ({}, "bench_backward.py", ["--warm-only", "--activations", "gelu", "--problems", _BACKWARD]),
     ],
     "launch": [  # gpu_launch_check.sh, step 2
         ({}, "warm_caches.py", ["--problems", "linear8192x1024x4096", "--activations", "relu,gelu"]),

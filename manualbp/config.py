@@ -10,6 +10,9 @@
     tma             bool   the autotuner may pick the TMA + persistent matmul configs (sm_90+)   MANUALBP_TMA=1 turns on
                            (off by default: on an H200 one TMA tile gave wrong products with the prologue, now
                            not offered there, and the others are unchecked at full size; see docs/performance.md)
+    grad_weight_split  'auto' | int >= 1   the ∂C/∂W matmul split into that many parts of the batch rows (split-K)
+                           ('auto': by the shape and the GPU's SM count, triton_kernels/dense.py's grad_weight_splits;
+                           1: never; at most one per chunk of rows, docs/kernels.md)   MANUALBP_GRAD_WEIGHT_SPLIT
 
 The environment is read once, when manualbp is imported; afterwards only
 :func:`set` and :func:`override` change a setting. A bad MANUALBP_BACKEND is
@@ -33,6 +36,7 @@ ENVIRONMENT = {
     "mlp_fusion": "MANUALBP_MLP_FUSION",
     "autotune": "MANUALBP_AUTOTUNE",
     "tma": "MANUALBP_TMA",
+    "grad_weight_split": "MANUALBP_GRAD_WEIGHT_SPLIT",
 }
 
 
@@ -43,6 +47,7 @@ class Settings:
     mlp_fusion: bool = True
     autotune: bool = True
     tma: bool = False  # opt-in until a GPU run has checked the TMA configs' results (config docstring)
+    grad_weight_split: object = "auto"  # "auto" or an int >= 1 (check_split)
 
 
 def check_backend(name, source: str) -> str:
@@ -59,6 +64,13 @@ def check_flag(value, argument: str, hint: str = "") -> bool:
     return value
 
 
+def check_split(value, source: str):
+    """value if it is "auto" or an int >= 1 (not a bool), else a ValueError naming where it came from."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError(f"grad_weight_split from {source} must be 'auto' or an int >= 1 (1: no split), got {value!r}")
+
+
 def _from_environment() -> Settings:
     values = {}
     backend = os.environ.get(ENVIRONMENT["backend"], "").strip().lower()
@@ -67,6 +79,8 @@ def _from_environment() -> Settings:
     for field in ("delta_prologue", "mlp_fusion", "autotune", "tma"):
         default = "1" if getattr(Settings, field) else "0"
         values[field] = os.environ.get(ENVIRONMENT[field], default).strip() != "0"
+    split = os.environ.get(ENVIRONMENT["grad_weight_split"], "auto").strip().lower()
+    values["grad_weight_split"] = int(split) if split.isdigit() else split  # checked when first read
     return Settings(**values)
 
 
@@ -85,6 +99,11 @@ def backend() -> str:
     return check_backend(_current.backend, "the environment variable MANUALBP_BACKEND")
 
 
+def grad_weight_split():
+    """The split-K setting: 'auto' or an int >= 1 (a bad MANUALBP_GRAD_WEIGHT_SPLIT raises here)."""
+    return check_split(_current.grad_weight_split, "the environment variable MANUALBP_GRAD_WEIGHT_SPLIT")
+
+
 def _checked(changes: dict) -> dict:
     fields = {f.name for f in dataclasses.fields(Settings)}
     unknown = sorted(frozenset(changes) - fields)
@@ -93,6 +112,8 @@ def _checked(changes: dict) -> dict:
     for name, value in changes.items():
         if name == "backend":
             check_backend(value, "manualbp.config")
+        elif name == "grad_weight_split":
+            check_split(value, "manualbp.config")
         else:
             check_flag(value, f"manualbp setting {name!r}")
     return changes
@@ -108,7 +129,7 @@ def restore(*names: str) -> None:
     """Back to what the environment said at import: the named settings, or all of them."""
     global _current
     names = names or tuple(f.name for f in dataclasses.fields(Settings))
-    _checked({name: getattr(_AT_IMPORT, name) for name in names if name != "backend"})
+    _checked({name: getattr(_AT_IMPORT, name) for name in names if name not in ("backend", "grad_weight_split")})
     _current = dataclasses.replace(_current, **{name: getattr(_AT_IMPORT, name) for name in names})
 
 

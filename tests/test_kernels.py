@@ -227,7 +227,8 @@ def test_every_role_kernel_reads_every_argument_it_takes():
         assert key <= set(params) and not key & read, f"{name}: the autotuner's key, never read"
         assert [p for p in params if p not in read and p not in key] == [], f"{name}: parameters nothing reads"
     picked = {dense._role_kernel(role, act, sums) for role in ("forward", "grad_x", "grad_weight", "grad_below",
-                                                                 "matmul") for act in (0, 1) for sums in (False, True)}
+                                                                 "matmul", "grad_weight_split")
+              for act in (0, 1) for sums in (False, True)}
     assert picked == set(dense.MATMUL_KERNELS), f"the kernels the launchers pick: {picked}"
 
 
@@ -317,14 +318,15 @@ def test_launchers_ask_for_even_k_where_every_tile_divides_k(monkeypatch):
 
 def test_every_launch_states_its_compile_options(monkeypatch):
     """Every kernel launch passes dense.COMPILE_OPTIONS (FMA contraction on) instead of inheriting Triton's default,
-    which Triton 3.10 changes: the matmuls (forward, ∂C/∂X, ∂C/∂W), the δ pass, the activation pass, the jvp."""
+    which Triton 3.10 changes: the matmuls (forward, ∂C/∂X, ∂C/∂W, split-K's and its sum), the δ pass, the activation
+    pass, the jvp."""
     from manualbp.triton_kernels import jvp
 
     assert dense.COMPILE_OPTIONS == {"enable_fp_fusion": True}, "FMA contraction, stated"
     launched = []
 
     monkeypatch.setattr(dense, "is_interpreted", lambda: True)  # the fixed tile, launched directly
-    for name in (*dense.MATMUL_KERNELS, "_delta_kernel", "_activation_kernel"):
+    for name in (*dense.MATMUL_KERNELS, "_delta_kernel", "_activation_kernel", "_split_sum_kernel"):
         monkeypatch.setattr(dense, name, LaunchRecorder(name, launched))
     monkeypatch.setattr(jvp, "_jvp_kernel", LaunchRecorder("_jvp_kernel", launched))
     x, w, g = torch.randn(64, 32), torch.randn(16, 32), torch.randn(64, 16)
@@ -335,8 +337,12 @@ def test_every_launch_states_its_compile_options(monkeypatch):
     dense.delta_and_bias_grad(g, g, 3, 0.0, "z", want_delta=True, want_bias=True)
     dense.activation_forward(g, 3, 0.0)
     jvp.linear_jvp(x, w, g, x, None, None, 1, 0.0, "a", 64, 16)
+    rows = dense.SUM_CHUNK_K.value + 1  # two chunks: a split in 2
+    with manualbp.config.override(grad_weight_split=2):
+        dense.linear_backward(torch.randn(rows, 16), torch.randn(rows, 32), w, torch.randn(rows, 16), 1, 0.0, "a",
+                              want_x=False, want_weight=True, want_bias=True)
     assert {name for name, _ in launched} == {*dense.MATMUL_KERNELS, "_delta_kernel", "_activation_kernel",
-                                              "_jvp_kernel"}, f"launches recorded: {launched}"
+                                              "_split_sum_kernel", "_jvp_kernel"}, f"launches recorded: {launched}"
     for name, kwargs in launched:
         assert kwargs.get("enable_fp_fusion") is True, f"{name}: enable_fp_fusion stated"
 
@@ -782,13 +788,14 @@ def _row_sum_configs(data):
 @pytest.mark.parametrize("activation, kind", [("relu", "a"), ("gelu", "f_prime"), ("leaky_relu", "z")])
 def test_bias_grad_is_bitwise_equal_on_every_tile(activation, kind, half, device):
     """∂C/∂b from the ∂C/∂W matmul's row sums: the same bits whichever tile the autotuner picks (and the fixed
-    tiles), and within float32 rounding of the float64 sum of the rounded δ. Both ways of summing: in registers
-    (float32) and by the tensor cores against a tile of ones (16-bit data)."""
+    tiles), split-K or not (dense.grad_weight_splits: ∂C/∂b's chunks of SUM_CHUNK_K rows added in order either way),
+    and within float32 rounding of the float64 sum of the rounded δ. Both ways of summing: in registers (float32) and
+    by the tensor cores against a tile of ones (16-bit data)."""
     dtype = torch.float16 if half else torch.float32
     skip_where_rs_operands_miscompiled(device, dtype)
     g = torch.Generator().manual_seed(10)
-    M, N, K = 300, 72, 40  # the sum runs over M: several K steps of the ∂C/∂W matmul, a ragged last one (rows of
-    # 16-byte multiples in fp16 and fp32: the TMA configs are compared too)
+    M, N, K = dense.SUM_CHUNK_K.value + 76, 72, 40  # the sum runs over M: two chunks, several K steps of the ∂C/∂W
+    # matmul, a ragged last one (rows of 16-byte multiples in fp16 and fp32: the TMA configs are compared too)
     act = manualbp.get_activation(activation)
     slope = act.kernel_slope
     grad_a = torch.randn(M, N, generator=g).to(device, dtype)
@@ -808,6 +815,12 @@ def test_bias_grad_is_bitwise_equal_on_every_tile(activation, kind, half, device
     # with ∂C/∂X too: δ stored by the ∂C/∂X matmul, ∂C/∂b from the plain ∂C/∂W matmul over it
     _, _, results["launcher, δ stored"] = dense.linear_backward(grad_a, x, weight, saved, act.kernel_id, slope, kind,
                                                                 True, True, True)
+    with manualbp.config.override(grad_weight_split=2):  # split-K: the two chunks of rows in two splits
+        assert dense.grad_weight_splits(M, N, K, grad_a.device) == 2, "a split plan"
+        for want_x in (False, True):
+            name = "launcher, split in 2" + (", δ stored" if want_x else "")
+            _, _, results[name] = dense.linear_backward(grad_a, x, weight, saved, act.kernel_id, slope, kind, want_x,
+                                                        True, True)
     first_name, first = next(iter(results.items()))
     assert len(results) >= 3, "several tiles compared"
     for name, sums in results.items():

@@ -29,11 +29,11 @@ def _python() -> str:
     return str(GPU_PYTHON) if GPU_PYTHON.exists() else sys.executable
 
 
-def _precompile(cache_dir, *extra, **environment):
+def _precompile(cache_dir, *extra, command=COMMAND, **environment):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not the interpreter
     env.update(environment)
     done = subprocess.run([_python(), str(ROOT / "benchmarks" / "precompile.py"), "--cache-dir", str(cache_dir),
-                           "--command", COMMAND, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+                           "--command", command, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     if "precompile: unavailable" in done.stdout:
         pytest.skip(done.stdout.strip().splitlines()[-1])
@@ -82,6 +82,21 @@ def test_a_fresh_process_loads_every_precompiled_kernel(tmp_path):
     assert triton_cache.summary(str(events)).splitlines()[0] == (
         f"triton cache: {first['compiled']} kernels loaded from the cache, 0 compiled on this machine"), \
         f"the probe recorded each load: {triton_cache.summary(str(events))}"
+
+
+@pytest.mark.compile_report
+def test_precompile_derives_the_split_k_kernels(tmp_path):
+    """A layer whose ∂C/∂W the plan splits on the pretend H100 (2048 -> 1024 at 8192 rows: 64 output tiles for 132
+    SMs, dense.grad_weight_splits gives 2): the launchers' own choice compiles split-K's kernel, at the configs its
+    autotuner keeps, and its fixed-order sum, and no unsplit ∂C/∂W kernel."""
+    pytest.importorskip("triton")
+    manifest = _precompile(tmp_path / "cache", "--fresh",
+                           command="warm_caches.py --problems linear8192x2048x1024 --activations relu --layers first")
+    assert all(step["status"] == 0 for step in manifest["steps"]), f"every step ran: {manifest['steps']}"
+    names = [path.name for path in (tmp_path / "cache").rglob("*.json") if not path.name.startswith("__grp__")]
+    assert names.count("_grad_weight_split_kernel.json") >= 2, f"the split kernel at its configs: {sorted(names)}"
+    assert names.count("_split_sum_kernel.json") == 1, f"its sum: {sorted(names)}"
+    assert "_grad_weight_kernel.json" not in names, f"no unsplit ∂C/∂W kernel: {sorted(names)}"
 
 
 def test_summary_counts_loads_and_compiles(tmp_path):

@@ -15,7 +15,12 @@ shape of its variable). With x [M, K], weight [N, K], bias [N], one kernel per r
                                                                   on load where no ∂C/∂X stored it
                 ∂C/∂b = 1ᵀ δ      [N]                            row sums of the δᵀ tiles _grad_weight_kernel loads,
                                                                   summed in its loop: 16-bit data by the tensor cores
-                                                                  (δᵀ times a tile of ones), else in registers
+                                                                  (δᵀ times a tile of ones), else in registers, per
+                                                                  chunk of SUM_CHUNK_K rows, the chunks in order
+    split-K     ∂C/∂W, ∂C/∂b over S splits of the rows            _grad_weight_split_kernel (float32 partials), then
+                                                                  _split_sum_kernel (their sum in a fixed order);
+                                                                  where few output tiles would leave SMs idle
+                                                                  (grad_weight_splits)
     MLP         δₗ₋₁ = (δₗ Wₗ) ⊙ fₗ₋₁'(Zₗ₋₁), ∂C/∂bₗ₋₁            _grad_below_kernel: f' and column sums in the epilogue
     plain       A B                                               _matmul_kernel (manualbp's matmul, δ W, δᵀ X)
     recompute   A = f(Z)          [M, N]                         _activation_kernel (manualbp.MLP, recompute=True)
@@ -106,6 +111,11 @@ WIDE_SUM_BLOCK_K = tl.constexpr(2 ** 4)
 EVEN_K_STEP = tl.constexpr(64)
 SUM_COLUMN_LEVELS = tl.constexpr(4)
 SUM_COLUMNS = tl.constexpr(2 ** 4)  # of the ones tile the tensor cores sum 16-bit δ with (wgmma n16)
+# ∂C/∂b's order over the ∂C/∂W matmul's K (the batch rows): chunks of this many rows, each summed from zero in the
+# steps above, the chunk sums then added in order, chunk 0 first. Split-K (_grad_weight_split_kernel) splits K at
+# chunk boundaries and keeps each chunk's sums for the fixed-order reduction (_split_sum_kernel): the same bits split
+# or not. A multiple of every BLOCK_K; the unsplit loop pays a pipeline restart per chunk (docs/kernels.md).
+SUM_CHUNK_K = tl.constexpr(1024)
 
 
 @triton.jit
@@ -422,6 +432,102 @@ def _grad_weight_kernel(
 
 
 @triton.jit
+def _grad_weight_split_kernel(
+    g_ptr,  # Gᵀ or a stored δᵀ [M, K], as _grad_weight_kernel's (K = rows, split here)
+    x_ptr,  # X [K, N]
+    saved_ptr,  # what f' comes from, transposed like Gᵀ [M, K]; read only where ACTIVATION is not identity
+    partial_ptr,  # [splits, split_rows, N], accumulator dtype: each split's δᵀ X over its chunks of K, written
+    chunk_sum_ptr,  # [cdiv(K, SUM_CHUNK_K), M], accumulator dtype: each chunk's row sums; written with ROW_SUMS
+    M, N, K,
+    stride_gm, stride_gk, stride_xk, stride_xn, stride_sm, stride_sk,
+    split_rows,  # rows of one split's partial product: M rounded up to a multiple of every BLOCK_M
+    splits,  # the splits of K: each takes cdiv(chunks, splits) whole chunks of SUM_CHUNK_K, the last the rest
+    tune_m, tune_n, tune_k,
+    ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, SAVED_KIND: tl.constexpr,
+    ROW_SUMS: tl.constexpr,  # also each chunk's row sums, for ∂C/∂b
+    USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,  # the partials' store in this many column slices
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_TRANSPOSED: tl.constexpr = False, B_TRANSPOSED: tl.constexpr = False, TMA_OK: tl.constexpr = False,
+    TMA: tl.constexpr = False, EVEN_K: tl.constexpr = False, PACKED_PAIRS: tl.constexpr = False,
+    INLINE_PTX: tl.constexpr = False,
+):
+    """Split-K ∂C/∂W: _grad_weight_kernel's product (and ∂C/∂b's chunk sums) over one split of K per program,
+    written in the accumulator's dtype for _split_sum_kernel to add up in a fixed order. The output tiles of all
+    splits are one stacked [splits * split_rows, N] grid; a split's tiles past M (its padding) compute nothing."""
+    SUMS_BY_MMA: tl.constexpr = USE_DOT and g_ptr.dtype.element_ty.primitive_bitwidth == 16  # the data's dtype
+    STEP_K: tl.constexpr = (SUM_BLOCK_K.value if SUMS_BY_MMA else WIDE_SUM_BLOCK_K.value) if ROW_SUMS else BLOCK_K
+    tl.static_assert(SUM_CHUNK_K % BLOCK_K == 0, "a split is whole K steps")
+    g_src, x_src = _sources(g_ptr, x_ptr, M, N, K, stride_gm, stride_gk, stride_xk, stride_xn, BLOCK_M, BLOCK_N,
+                            BLOCK_K, STEP_K, A_TRANSPOSED, B_TRANSPOSED, TMA, TMA_OK)
+    s_src = _source(saved_ptr, M, K, stride_sm, stride_sk, BLOCK_M, STEP_K, A_TRANSPOSED,
+                    TMA and ACTIVATION != act.IDENTITY, TMA_OK)
+    chunks = tl.cdiv(K, SUM_CHUNK_K)
+    per_split = tl.cdiv(chunks, splits)
+    tiles_per_split = split_rows // BLOCK_M
+    first, last, step = _tile_walk(splits * split_rows, N, BLOCK_M, BLOCK_N, TMA)
+    for tile in tl.range(first, last, step):
+        stacked_m, pid_n = _tile_position(tile, splits * split_rows, N, BLOCK_M, BLOCK_N, GROUP_M)
+        split = stacked_m // tiles_per_split
+        pid_m = stacked_m - split * tiles_per_split
+        if pid_m * BLOCK_M < M:
+            chunk_first = split * per_split
+            chunk_last = tl.minimum(chunk_first + per_split, chunks)
+            if ACC_FP64:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if ROW_SUMS:
+                for chunk in range(chunk_first, chunk_last):
+                    acc, sums = _chunk_of_k(chunk, acc, pid_m, pid_n, g_src, x_src, s_src, M, N, K, stride_gm,
+                                            stride_gk, stride_xk, stride_xn, stride_sm, stride_sk, ACTIVATION,
+                                            NEGATIVE_SLOPE, SAVED_KIND, g_ptr.dtype.element_ty, USE_DOT,
+                                            INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K, A_TRANSPOSED,
+                                            B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
+                    if pid_n == 0:  # every column tile has the same sums; the first one stores them
+                        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+                        tl.store(chunk_sum_ptr + tl.cast(chunk, tl.int64) * M + offs_m, sums, mask=offs_m < M)
+            else:
+                steps: tl.constexpr = SUM_CHUNK_K // BLOCK_K
+                acc, _ = _k_range(acc, acc, chunk_first * steps, tl.minimum(chunk_last * steps, tl.cdiv(K, BLOCK_K)),
+                                  pid_m, pid_n, g_src, x_src, s_src, M, N, K, stride_gm, stride_gk, stride_xk,
+                                  stride_xn, stride_sm, stride_sk, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, False,
+                                  False, USE_DOT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K, A_TRANSPOSED,
+                                  B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
+            # float32 partials in column slices: the whole tile's 64-bit addresses at once spilled (compile report)
+            _store_in_slices(acc, stacked_m, pid_n, split.to(tl.int64) * split_rows + M, N, partial_ptr, N, 1,
+                             BLOCK_M, BLOCK_N, EPILOGUE_SPLIT)
+
+
+@triton.jit
+def _split_sum_kernel(
+    partial_ptr,  # [splits, split_rows, N] partial products of _grad_weight_split_kernel
+    out_ptr,  # ∂C/∂W [M, N] in the data's dtype, written
+    chunk_sum_ptr,  # [chunks, M] row sums per chunk of K; read only with ROW_SUMS
+    row_sum_ptr,  # ∂C/∂b [M] in the accumulator's dtype; written only with ROW_SUMS
+    M, N, split_rows, splits, chunks, stride_om, stride_on,
+    ROW_SUMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """∂C/∂W = the splits' partial products added in order, split 0 first (no atomics: the same bits run after
+    run), and ∂C/∂b = the chunks' row sums added in order, chunk 0 first: _main_loop's own order, so the bits of
+    the unsplit kernel."""
+    offs_m, offs_n, mask = _elementwise_tile(M, N, BLOCK_M, BLOCK_N)
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=partial_ptr.dtype.element_ty)
+    for s in range(0, splits):
+        rows = s * split_rows + offs_m
+        total += tl.load(partial_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, total.to(out_ptr.dtype.element_ty),
+             mask=mask)
+    if ROW_SUMS:
+        if tl.program_id(1) == 0:
+            sums = tl.zeros((BLOCK_M,), dtype=row_sum_ptr.dtype.element_ty)
+            for c in range(0, chunks):
+                sums += tl.load(chunk_sum_ptr + c * M + offs_m, mask=offs_m < M, other=0.0)
+            tl.store(row_sum_ptr + offs_m, sums, mask=offs_m < M)
+
+
+@triton.jit
 def _grad_below_kernel(
     delta_ptr,  # δₗ [M, K] of a layer of manualbp.MLP (K = its out_features)
     weight_ptr,  # Wₗ [K, N]
@@ -532,7 +638,7 @@ def _main_loop(
     ACTIVATION: tl.constexpr,  # the prologue's f: identity (no prologue), or δ = A ⊙ f'(saved) as A is loaded
     NEGATIVE_SLOPE: tl.constexpr, SAVED_KIND: tl.constexpr,
     ROW_SUMS: tl.constexpr,  # also sum the left factor's rows over K (∂C/∂b in the ∂C/∂W matmul)
-    SUM_DTYPE: tl.constexpr,  # the output's dtype: 16-bit row sums by the tensor cores (SUMS_BY_MMA)
+    SUM_DTYPE: tl.constexpr,  # the data's dtype: 16-bit row sums by the tensor cores (SUMS_BY_MMA)
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     STEP_K: tl.constexpr,  # the loop's K step: BLOCK_K, or the row sums' (_grad_weight_kernel); divides BLOCK_K
@@ -540,9 +646,65 @@ def _main_loop(
     PACKED_PAIRS: tl.constexpr, INLINE_PTX: tl.constexpr,
 ):
     """The K loop of one [BLOCK_M, BLOCK_N] output tile: (acc = A B in the accumulator's dtype, the row sums of the
-    left factor [BLOCK_M] with ROW_SUMS, else acc's first column, unused). Each iteration takes K in
-    BLOCK_K // STEP_K steps of STEP_K."""
+    left factor [BLOCK_M] with ROW_SUMS, else acc's first column, unused). With ROW_SUMS the loop runs chunk by
+    chunk of SUM_CHUNK_K (_chunk_of_k) and adds the chunks' sums in order: the order split-K keeps
+    (_grad_weight_split_kernel, _split_sum_kernel)."""
+    if ACC_FP64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if ROW_SUMS:
+        row_sums = tl.zeros((BLOCK_M,), dtype=acc.dtype)
+        for chunk in range(0, tl.cdiv(K, SUM_CHUNK_K)):
+            acc, sums = _chunk_of_k(chunk, acc, pid_m, pid_n, a_src, b_src, s_src, M, N, K, stride_am, stride_ak,
+                                    stride_bk, stride_bn, stride_s0, stride_s1, ACTIVATION, NEGATIVE_SLOPE,
+                                    SAVED_KIND, SUM_DTYPE, USE_DOT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                                    STEP_K, A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
+            row_sums += sums
+    else:
+        acc, _ = _k_range(acc, acc, 0, tl.cdiv(K, BLOCK_K), pid_m, pid_n, a_src, b_src, s_src, M, N, K, stride_am,
+                          stride_ak, stride_bk, stride_bn, stride_s0, stride_s1, ACTIVATION, NEGATIVE_SLOPE,
+                          SAVED_KIND, False, False, USE_DOT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K,
+                          A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
+        row_sums = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # not asked for: a placeholder
+    return acc, row_sums
+
+
+@triton.jit
+def _chunk_of_k(chunk, acc, pid_m, pid_n, a_src, b_src, s_src, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                stride_s0, stride_s1, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
+                SAVED_KIND: tl.constexpr, SUM_DTYPE: tl.constexpr, USE_DOT: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                STEP_K: tl.constexpr, A_TRANSPOSED: tl.constexpr, B_TRANSPOSED: tl.constexpr, TMA: tl.constexpr,
+                EVEN_K: tl.constexpr, PACKED_PAIRS: tl.constexpr, INLINE_PTX: tl.constexpr):
+    """(acc plus chunk number chunk of K's product, that chunk's row sums of the left factor [BLOCK_M]): K from
+    chunk * SUM_CHUNK_K on, at most SUM_CHUNK_K of it, the sums started from zero in STEP_K steps. Neither the tile,
+    BLOCK_K nor a split-K changes which steps a chunk sums, or in which order."""
+    tl.static_assert(SUM_CHUNK_K % BLOCK_K == 0, "a chunk of K is whole K steps")
     SUMS_BY_MMA: tl.constexpr = USE_DOT and SUM_DTYPE.primitive_bitwidth == 16
+    steps: tl.constexpr = SUM_CHUNK_K // BLOCK_K
+    running = _row_sums_start(BLOCK_M, STEP_K, SUMS_BY_MMA, acc.dtype)
+    acc, running = _k_range(acc, running, chunk * steps, tl.minimum(chunk * steps + steps, tl.cdiv(K, BLOCK_K)),
+                            pid_m, pid_n, a_src, b_src, s_src, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                            stride_s0, stride_s1, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, True, SUMS_BY_MMA, USE_DOT,
+                            INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K, A_TRANSPOSED, B_TRANSPOSED, TMA,
+                            EVEN_K, PACKED_PAIRS, INLINE_PTX)
+    return acc, _row_sums_end(running, SUMS_BY_MMA)
+
+
+@triton.jit
+def _k_range(
+    acc, running,  # the accumulator, and with ROW_SUMS the running row sums (_row_sums_start), carried in
+    k_first, k_last,  # the BLOCK_K steps of K this call takes: k_first, ..., k_last - 1
+    pid_m, pid_n, a_src, b_src, s_src, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_s0, stride_s1,
+    ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, SAVED_KIND: tl.constexpr, ROW_SUMS: tl.constexpr,
+    SUMS_BY_MMA: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STEP_K: tl.constexpr, A_TRANSPOSED: tl.constexpr,
+    B_TRANSPOSED: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, PACKED_PAIRS: tl.constexpr,
+    INLINE_PTX: tl.constexpr,
+):
+    """The loop over K steps k_first .. k_last - 1 (of BLOCK_K, each taken in BLOCK_K // STEP_K steps of STEP_K) of
+    _main_loop's tile: (acc, running) after them."""
     # 64-bit offsets: M*stride may exceed 2**31.
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -555,21 +717,16 @@ def _main_loop(
     rows = offs_m % M
     cols = offs_n % N
     if not TMA:
-        a_ptrs = a_src + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-        b_ptrs = b_src + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+        start = tl.cast(k_first, tl.int64) * BLOCK_K  # the first column of K this range reads
+        a_ptrs = a_src + rows[:, None] * stride_am + (start + offs_k)[None, :] * stride_ak
+        b_ptrs = b_src + (start + offs_k)[:, None] * stride_bk + cols[None, :] * stride_bn
         a_step = tl.cast(stride_ak, tl.int64) * STEP_K
         b_step = tl.cast(stride_bk, tl.int64) * STEP_K
         # The prologue's saved tensor walks along with A (used only with a prologue).
-        s_ptrs = s_src + rows[:, None] * stride_s0 + offs_k[None, :] * stride_s1
+        s_ptrs = s_src + rows[:, None] * stride_s0 + (start + offs_k)[None, :] * stride_s1
         s_step = tl.cast(stride_s1, tl.int64) * STEP_K
 
-    if ACC_FP64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if ROW_SUMS:
-        running_sums = _row_sums_start(BLOCK_M, STEP_K, SUMS_BY_MMA, acc.dtype)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(k_first, k_last):
         for step in tl.static_range(BLOCK_K // STEP_K):
             k_step = k * (BLOCK_K // STEP_K) + step  # in units of STEP_K
             if TMA:
@@ -586,7 +743,7 @@ def _main_loop(
                 # δ = G ⊙ f'(saved) for this tile, rounded to the data dtype as a stored δ would be.
                 a = _prologue_factor(a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, acc.dtype, PACKED_PAIRS)
             if ROW_SUMS:  # δ as rounded for the product: eager sums a stored δ (fewer instructions than unrounded)
-                running_sums = _row_sums_add(running_sums, a, SUMS_BY_MMA, INLINE_PTX)
+                running = _row_sums_add(running, a, SUMS_BY_MMA, INLINE_PTX)
             if TMA:
                 b = _descriptor_tile(b_src, k_step * STEP_K, pid_n * BLOCK_N, B_TRANSPOSED)
             else:
@@ -594,11 +751,7 @@ def _main_loop(
                 a_ptrs += a_step
                 b_ptrs += b_step
             acc = _tile_dot(a, b, acc, USE_DOT, INPUT_PRECISION)
-    if ROW_SUMS:
-        row_sums = _row_sums_end(running_sums, SUMS_BY_MMA)
-    else:
-        row_sums = offs_m  # not asked for: a placeholder of the right length
-    return acc, row_sums
+    return acc, running
 
 
 # The row sums of the left factor over K (1ᵀ δ: ∂C/∂b in the ∂C/∂W matmul), in three parts around _main_loop's loop:
@@ -1042,12 +1195,15 @@ def autotune_enabled() -> bool:
 # Not EVEN_K (it only drops the loads' masks: sizes of one bucket share their tuned tile) nor PACKED_PAIRS (fixed
 # by the GPU and the dtype). Each role kernel's autotuner keys on those of them it takes (_autotuned_matmul).
 _TUNING_KEY = ["tune_m", "tune_n", "tune_k", "HAS_BIAS", "ACTIVATION", "WRITE_Z", "F_PRIME_AS_Z", "INPUT_PRECISION",
-               "WRITE_PARTIALS", "SAVED_KIND", "ROW_SUMS", "A_TRANSPOSED", "B_TRANSPOSED", "TMA_OK", "STORE_DELTA"]
+               "WRITE_PARTIALS", "SAVED_KIND", "ROW_SUMS", "A_TRANSPOSED", "B_TRANSPOSED", "TMA_OK", "STORE_DELTA",
+               "splits"]
 
 # The matmul kernels (by role, _role_kernel) and the names of their left factor and output, for _prune_role.
 MATMUL_KERNELS = {"_matmul_kernel": ("a_ptr", "out_ptr"), "_forward_kernel": ("x_ptr", "a_ptr"),
                   "_grad_x_kernel": ("g_ptr", "out_ptr"), "_grad_weight_kernel": ("g_ptr", "out_ptr"),
-                  "_grad_below_kernel": ("delta_ptr", "out_ptr")}
+                  "_grad_below_kernel": ("delta_ptr", "out_ptr"),
+                  # its output is float32 partials: the data's dtype (∂C/∂b's K step) is its left factor's
+                  "_grad_weight_split_kernel": ("g_ptr", "g_ptr")}
 
 
 def kernel_arg_names(fn) -> list:
@@ -1065,7 +1221,7 @@ def _prune_role(kernel: str, configs, named_args, **kwargs):
     """_prune_configs for one role kernel's launch: its left factor and output by their names, A_PROLOGUE where the
     kernel forms δ in its loads."""
     left, out = MATMUL_KERNELS[kernel]
-    prologue = kernel == "_grad_x_kernel" or (kernel == "_grad_weight_kernel" and kwargs.get("ACTIVATION", 0) != 0)
+    prologue = kernel == "_grad_x_kernel" or (kernel in _GRAD_WEIGHT_KERNELS and kwargs.get("ACTIVATION", 0) != 0)
     flags = {name: kwargs[name] for name in ("TMA_OK", "USE_DOT", "ROW_SUMS", "WRITE_PARTIALS") if name in kwargs}
     return _prune_configs(configs, {"a_ptr": named_args[left], "out_ptr": named_args[out]}, A_PROLOGUE=prologue,
                           **flags)
@@ -1292,10 +1448,14 @@ class _MatmulSetup:
 _MATMUL_SETUPS: dict = {}
 
 
+_GRAD_WEIGHT_KERNELS = ("_grad_weight_kernel", "_grad_weight_split_kernel")
+
+
 def _role_kernel(role: str, prologue_act: int, row_sums: bool) -> str:
     """The name of the kernel serving a matmul launch: its role's, or the plain product where the role has nothing
-    to add (∂C/∂X of identity or of a stored δ; ∂C/∂W of a stored δ without ∂C/∂b)."""
-    if role == "forward" or role == "grad_below":
+    to add (∂C/∂X of identity or of a stored δ; ∂C/∂W of a stored δ without ∂C/∂b). Split-K ∂C/∂W has one kernel
+    for every case (grad_weight_splits picks the role)."""
+    if role == "forward" or role == "grad_below" or role == "grad_weight_split":
         return f"_{role}_kernel"
     if role == "grad_x" and prologue_act != 0:
         return "_grad_x_kernel"
@@ -1305,9 +1465,10 @@ def _role_kernel(role: str, prologue_act: int, row_sums: bool) -> str:
 
 
 def _matmul_plan(kernel: str, a, b, out, bias, z, f_prime_as_z, act_id, negative_slope, saved_kind, want_partials,
-                 row_sums, delta_out, use_dot, tma_ok, prologue) -> dict:
+                 row_sums, delta_out, use_dot, tma_ok, prologue, grid_rows=None) -> dict:
     """What launch.build needs for a matmul plan: the kernel's flags (only those it takes), and the tile (fixed, or
-    the autotuner's)."""
+    the autotuner's). grid_rows: the rows of output tiles the grid covers, where not a's (split-K's stacked
+    splits)."""
     M, K = a.shape
     N = b.shape[1]
     fp64 = a.dtype == torch.float64
@@ -1322,7 +1483,7 @@ def _matmul_plan(kernel: str, a, b, out, bias, z, f_prime_as_z, act_id, negative
                      F_PRIME_AS_Z=f_prime_as_z)
     elif kernel == "_grad_x_kernel":
         flags.update(backward, STORE_DELTA=delta_out is not None, PACKED_PAIRS=_packed_pairs(a.dtype, a.device))
-    elif kernel == "_grad_weight_kernel":
+    elif kernel in _GRAD_WEIGHT_KERNELS:
         if prologue is None:  # a stored δᵀ: its row sums only
             backward.update(ACTIVATION=0, SAVED_KIND=SAVED_Z.value)
         flags.update(backward, ROW_SUMS=row_sums is not None, PACKED_PAIRS=_packed_pairs(a.dtype, a.device),
@@ -1333,9 +1494,10 @@ def _matmul_plan(kernel: str, a, b, out, bias, z, f_prime_as_z, act_id, negative
     programs = _num_sms(a.device) if tma_ok else 0
     common = dict(interpreted=is_interpreted(), compiled_ok=_inline_ptx(a.device), programs=programs,
                   device_index=a.device.index)
+    rows = M if grid_rows is None else grid_rows
     if fixed is None:  # the GPU autotuner picks the tile, once per bucket of (M, N, K) and flags
         def grid(meta):
-            tiles = _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])
+            tiles = _cdiv(rows, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])
             return (min(programs, tiles) if meta.get("TMA", False) else tiles,)  # TMA: persistent, one per SM
 
         tuner = _autotuned_matmul(kernel)
@@ -1346,7 +1508,7 @@ def _matmul_plan(kernel: str, a, b, out, bias, z, f_prime_as_z, act_id, negative
     if row_sums is not None:
         tile = dict(tile, BLOCK_K=_sum_block_k(out.dtype, use_dot))  # the row sums' fixed K step
     tile = _tile_for(kernel, tile)
-    grid = (_cdiv(M, tile["BLOCK_M"]) * _cdiv(N, tile["BLOCK_N"]),)
+    grid = (_cdiv(rows, tile["BLOCK_M"]) * _cdiv(N, tile["BLOCK_N"]),)
     return dict(fn=globals()[kernel], constexprs={**flags, **tile, **options}, grid=grid, **common)
 
 
@@ -1625,7 +1787,13 @@ def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float
         if want_weight:
             grad_weight = grad_a.new_empty(N, K)
             row_sums = grad_a.new_empty(N, dtype=acc_dtype) if bias_from_matmul else None
-            if delta is not None:  # ∂C/∂W = δᵀ X  [N, M] [M, K]: δᵀ read through swapped strides
+            splits = grad_weight_splits(M, N, K, grad_a.device) if N and K else 1
+            if splits > 1:  # split-K over the rows, then their fixed-order sum (δ stored, or formed on load)
+                stored = delta is not None
+                _launch_grad_weight_split(delta if stored else grad_a, x, grad_weight, row_sums, splits,
+                                          0 if stored else act_id, negative_slope, None if stored else saved,
+                                          saved_kind)
+            elif delta is not None:  # ∂C/∂W = δᵀ X  [N, M] [M, K]: δᵀ read through swapped strides
                 _launch_matmul(delta, x, grad_weight, role="grad_weight", row_sums=row_sums, a_transposed=True)
             elif N and K:
                 # ∂C/∂W = δᵀ X  [N, M] [M, K]: δᵀ and its saved factor read through swapped strides.
@@ -1638,3 +1806,75 @@ def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float
         _, grad_bias = delta_and_bias_grad(grad_a, saved, act_id, negative_slope, saved_kind,
                                            want_delta=False, want_bias=True)
     return grad_x, grad_weight, grad_bias
+
+
+# Split-K of ∂C/∂W = δᵀ X [N, K] = [N, M] [M, K] (reduced over the M rows): where its output tiles are too few to
+# fill the GPU, each of S programs per tile takes whole chunks of SUM_CHUNK_K rows and writes float32 (float64)
+# partials to a workspace [S, N, K] from PyTorch's allocator, and _split_sum_kernel adds them in order s = 0, 1, ...
+# (no atomics, no host sync: deterministic and CUDA-graph safe). ∂C/∂b's chunk sums go the same way: its bits do
+# not change with S. "auto" counts the output tiles at the largest tile of matmul_configs (the autotuner's first):
+_SPLIT_TILE = (128, 256)
+_SPLIT_ROWS = 256  # a split's rows in the workspace: M rounded up to this, a multiple of every BLOCK_M
+
+
+def grad_weight_splits(rows: int, out_features: int, in_features: int, device: torch.device) -> int:
+    """S, the splits of the ∂C/∂W matmul's rows: manualbp.config's grad_weight_split, "auto" the most that keep
+    S x its output tiles (at _SPLIT_TILE) within one program per SM (a compiled CUDA launch; elsewhere 1). Never more
+    than the rows' chunks of SUM_CHUNK_K (a split is whole chunks); made even: S = cdiv(chunks, cdiv(chunks, S)),
+    so that no split is empty. 1: no split."""
+    wanted = config.get().grad_weight_split
+    if wanted == "auto":  # every backward asks: the CPU's answer first
+        if device.type != "cuda" or is_interpreted():
+            return 1
+        wanted = _num_sms(device) // (_cdiv(out_features, _SPLIT_TILE[0]) * _cdiv(in_features, _SPLIT_TILE[1]))
+    else:
+        wanted = config.grad_weight_split()  # checked (a bad MANUALBP_GRAD_WEIGHT_SPLIT raises here)
+    chunks = _cdiv(rows, SUM_CHUNK_K.value)
+    splits = min(wanted, chunks)
+    return 1 if splits < 2 else _cdiv(chunks, _cdiv(chunks, splits))
+
+
+def _launch_grad_weight_split(a, b, out, row_sums, splits: int, act_id: int, negative_slope: float, prologue_saved,
+                              saved_kind: str) -> None:
+    """∂C/∂W = δᵀ X into out [M, N] by split-K, and ∂C/∂b into row_sums [M] (accumulator dtype) when given: a = G
+    (δ formed on load from prologue_saved, as _launch_matmul's "grad_weight") or a stored δ (act_id 0), both given
+    as [K, M] (read as their transposes); b = X [K, N]. Two launches: _grad_weight_split_kernel, then
+    _split_sum_kernel."""
+    K, M = a.shape
+    N = b.shape[1]
+    fp64 = a.dtype == torch.float64
+    acc_dtype = torch.float64 if fp64 else torch.float32
+    use_dot = not fp64 or fp64_dot_supported(a.device)
+    chunks = _cdiv(K, SUM_CHUNK_K.value)
+    split_rows = _cdiv(M, _SPLIT_ROWS) * _SPLIT_ROWS
+    partials = a.new_empty(splits * split_rows, N, dtype=acc_dtype)
+    chunk_sums = a.new_empty(chunks, M, dtype=acc_dtype) if row_sums is not None else partials
+    prologue = prologue_saved if act_id != 0 else None
+    a_strides = a.stride()[::-1]
+    saved, saved_strides = (prologue, prologue.stride()[::-1]) if prologue is not None else (a, a_strides)
+    buckets = (_tuning_bucket(M), _tuning_bucket(N), _tuning_bucket(K))
+    settings = config.get()
+    sums = row_sums is not None
+    tma_ok = (settings.tma and not fp64 and _tma_capable(a.device)
+              and _tma_layout(*_views(a, b, prologue, True, False), True)["TMA_OK"])
+    args = (a, b, saved, partials, chunk_sums, M, N, K, *a_strides, *b.stride(), *saved_strides, split_rows, splits,
+            *buckets)
+    options = (act_id, negative_slope, saved_kind, sums, use_dot, settings.autotune, _even_k(K),
+               buckets, tma_ok, a.dtype is torch.float32 and a.is_cuda and tf32_allowed())
+    if tma_ok:
+        _ensure_allocator()
+
+    def make():
+        a_view, b_view, prologue_view = _views(a, b, prologue, True, False)
+        return _matmul_plan(_role_kernel("grad_weight_split", act_id, sums), a_view, b_view, out, None, None, False,
+                            act_id, negative_slope, saved_kind, False, row_sums, None, use_dot, tma_ok, prologue_view,
+                            grid_rows=splits * split_rows)
+
+    launch.run("grad_weight_split", options, args, splits * split_rows, N, make)
+    args = (partials, out, chunk_sums, row_sums if sums else out, M, N, split_rows, splits, chunks, *out.stride())
+
+    def make_sum():
+        constexprs = dict(ROW_SUMS=sums, **_DELTA_BLOCK, **COMPILE_OPTIONS)
+        return _elementwise_plan(_split_sum_kernel, constexprs, M, N, a.device)
+
+    launch.run("grad_weight_sum", (sums,), args, M, N, make_sum)
