@@ -1238,19 +1238,23 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
         args = (a, b, grad_saved, out, partials if partials is not None else out, *sizes, *ab_strides,
                 *grad_saved.stride(), *out_strides, *buckets)
     # The setup's options, and the call's choices that the arguments' specialisation does not already hold.
-    options = setup.options + (K % _EVEN_K_STEP == 0, buckets, tma_ok,
-                               setup.tf32 and tf32_allowed())  # INPUT_PRECISION: a setting PyTorch may change
-
+    options = (setup.options_id, buckets, K % _EVEN_K_STEP == 0, tma_ok,
+               setup.tf32 and tf32_allowed())  # INPUT_PRECISION: a setting PyTorch may change
     if tma_ok:
         _ensure_allocator()  # device-side descriptors need a scratch buffer (in this thread's context)
-
-    def make():  # the views only here, on a call not seen before
-        a_view, b_view, prologue_view = _views(a, b, prologue, a_transposed, b_transposed)
-        return _matmul_plan(kernel, a_view, b_view, out, bias, z, f_prime_as_z, act_id, negative_slope, saved_kind,
-                            want_partials, row_sums, delta_out, use_dot, tma_ok, prologue_view)
-
-    launch.run(role, options, args, M, N, make)
+    # _matmul_launch_plan on a call not seen before only (a closure made on every call cost ~6k instructions)
+    launch.run(role, options, args, M, N, _matmul_launch_plan, kernel, a, b, out, bias, z, f_prime_as_z, act_id,
+               negative_slope, saved_kind, want_partials, row_sums, delta_out, use_dot, tma_ok, prologue, a_transposed,
+               b_transposed)
     return partials
+
+
+def _matmul_launch_plan(kernel, a, b, out, bias, z, f_prime_as_z, act_id, negative_slope, saved_kind, want_partials,
+                        row_sums, delta_out, use_dot, tma_ok, prologue, a_transposed, b_transposed) -> dict:
+    """_launch_matmul's make (launch.run): the plan of a call not seen before, from views of its operands."""
+    a_view, b_view, prologue_view = _views(a, b, prologue, a_transposed, b_transposed)
+    return _matmul_plan(kernel, a_view, b_view, out, bias, z, f_prime_as_z, act_id, negative_slope, saved_kind,
+                        want_partials, row_sums, delta_out, use_dot, tma_ok, prologue_view)
 
 
 def _views(a, b, prologue, a_transposed: bool, b_transposed: bool) -> tuple:
@@ -1270,7 +1274,7 @@ class _MatmulSetup:
     ``flags``): its kernel, the head of its plan options, its partial sums' buffer, whether it asks about TMA and
     TF32. Made again when config.set() has replaced the settings."""
 
-    __slots__ = ("settings", "kernel", "prologue", "options", "acc_dtype", "partial_rows", "tma", "tf32")
+    __slots__ = ("settings", "kernel", "prologue", "options_id", "acc_dtype", "partial_rows", "tma", "tf32")
 
     def __init__(self, flags: tuple, settings):
         (role, act_id, negative_slope, f_prime_as_z, has_bias, has_z, has_grad_saved, has_prologue, saved_kind,
@@ -1279,9 +1283,11 @@ class _MatmulSetup:
         self.settings = settings
         self.kernel = _role_kernel(role, act_id if has_prologue else 0, has_row_sums)
         self.prologue = self.kernel in ("_grad_x_kernel", "_grad_weight_kernel") and act_id != 0
-        # Every input of the flags that the arguments' specialisation does not already hold (dtypes, strides of 1).
-        self.options = (act_id, negative_slope, f_prime_as_z, has_bias, has_z, has_grad_saved, has_prologue,
-                        saved_kind, want_partials, has_row_sums, has_delta_out, use_dot, settings.autotune)
+        # Every input of the flags that the arguments' specialisation does not already hold (dtypes, strides of 1),
+        # as a small int (one per distinct tuple: a launch's options are hashed on every call).
+        options = (act_id, negative_slope, f_prime_as_z, has_bias, has_z, has_grad_saved, has_prologue, saved_kind,
+                   want_partials, has_row_sums, has_delta_out, use_dot, settings.autotune)
+        self.options_id = _OPTIONS_IDS.setdefault(options, len(_OPTIONS_IDS))
         self.acc_dtype = torch.float64 if fp64 else torch.float32
         fixed = _fixed_config(fp64, use_dot)
         self.partial_rows = _PARTIAL_ROWS if fixed is None else min(_PARTIAL_ROWS, fixed[0]["BLOCK_M"])
@@ -1290,6 +1296,7 @@ class _MatmulSetup:
 
 
 _MATMUL_SETUPS: dict = {}
+_OPTIONS_IDS: dict = {}  # a setup's options -> its options_id
 
 
 def _role_kernel(role: str, prologue_act: int, row_sums: bool) -> str:
@@ -1495,15 +1502,9 @@ def delta_and_bias_grad(grad_a, saved, act_id: int, negative_slope: float, saved
         saved_t = saved if saved is not None else grad_a
         args = (grad_a, saved_t, delta if write_delta else grad_a, partials if want_bias else grad_a, M, N,
                 *grad_a.stride(), *saved_t.stride(), *(delta.stride() if write_delta else (0, 0)))
-
-        def make():
-            constexprs = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, SAVED_KIND=_saved_kind_id(saved_kind),
-                              WRITE_DELTA=write_delta, WRITE_PARTIALS=want_bias, COMPUTE_FP64=fp64, **_DELTA_BLOCK,
-                              **COMPILE_OPTIONS)
-            return _elementwise_plan(_delta_kernel, constexprs, M, N, grad_a.device)
-
         with _device_guard(grad_a):
-            launch.run("delta", (act_id, negative_slope, saved_kind, write_delta, want_bias), args, M, N, make)
+            launch.run("delta", (act_id, negative_slope, saved_kind, write_delta, want_bias), args, M, N, _delta_plan,
+                       grad_a, act_id, negative_slope, saved_kind, write_delta, want_bias, M, N)
     grad_bias = None
     if want_bias:
         # Rows of partial sums added in a fixed order: bitwise reproducible.
@@ -1518,15 +1519,26 @@ def activation_forward(z: torch.Tensor, act_id: int, negative_slope: float) -> t
     if not (M and N):
         return a
     args = (z, a, M, N, *z.stride(), *a.stride())
-
-    def make():
-        constexprs = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, COMPUTE_FP64=z.dtype == torch.float64,
-                          **_DELTA_BLOCK, **COMPILE_OPTIONS)
-        return _elementwise_plan(_activation_kernel, constexprs, M, N, z.device)
-
     with _device_guard(z):
-        launch.run("activation", (act_id, negative_slope), args, M, N, make)
+        launch.run("activation", (act_id, negative_slope), args, M, N, _activation_plan, z, act_id, negative_slope, M,
+                   N)
     return a
+
+
+def _delta_plan(grad_a, act_id: int, negative_slope: float, saved_kind: str, write_delta: bool, want_bias: bool,
+                M: int, N: int) -> dict:
+    """delta_and_bias_grad's make (launch.run): the δ pass's plan."""
+    constexprs = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, SAVED_KIND=_saved_kind_id(saved_kind),
+                      WRITE_DELTA=write_delta, WRITE_PARTIALS=want_bias, COMPUTE_FP64=grad_a.dtype == torch.float64,
+                      **_DELTA_BLOCK, **COMPILE_OPTIONS)
+    return _elementwise_plan(_delta_kernel, constexprs, M, N, grad_a.device)
+
+
+def _activation_plan(z, act_id: int, negative_slope: float, M: int, N: int) -> dict:
+    """activation_forward's make (launch.run): the activation pass's plan."""
+    constexprs = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, COMPUTE_FP64=z.dtype == torch.float64,
+                      **_DELTA_BLOCK, **COMPILE_OPTIONS)
+    return _elementwise_plan(_activation_kernel, constexprs, M, N, z.device)
 
 
 def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
