@@ -300,6 +300,12 @@ def _compute_matmul(a: Tensor, b: Tensor, backend: str) -> Tensor:
     return backends.kernels().matmul(a, b) if backend == "triton" else a.mm(b)
 
 
+def _compute_transposed_matmul(a: Tensor, b: Tensor, backend: str) -> Tensor:
+    """aᵀ b: a [K, M], b [K, N] -> [M, N] (the MLP's ∂C/∂W = δᵀ X); the Triton kernel reads aᵀ through swapped
+    strides, where the operator would take a view (a view costs about as much as a launch's other Python)."""
+    return backends.kernels().matmul(a, b, a_transposed=True) if backend == "triton" else a.t().mm(b)
+
+
 def _matmul_fake(a, b, backend):
     return a.new_empty((a.shape[0], b.shape[1]))
 
@@ -414,6 +420,7 @@ class direct:  # noqa: N801 - a namespace, used as ops.direct.linear_forward(...
     activation_forward = staticmethod(_compute_activation_forward)
     delta = staticmethod(_compute_delta)
     matmul = staticmethod(_compute_matmul)
+    transposed_matmul = staticmethod(_compute_transposed_matmul)
     matmul_times_activation_grad = staticmethod(_compute_matmul_times_activation_grad)
 
 
@@ -455,6 +462,10 @@ class dispatched:  # noqa: N801 - a namespace, used as ops.dispatched.linear_for
     @staticmethod
     def matmul(a, b, backend):
         return matmul(a, b, backend)
+
+    @staticmethod
+    def transposed_matmul(a, b, backend):  # aᵀ b: the matmul operator of the view aᵀ
+        return matmul(a.t(), b, backend)
 
     @staticmethod
     def matmul_times_activation_grad(delta, weight, saved, act, saved_kind, want_bias, backend):

@@ -506,6 +506,41 @@ def test_warm_launches_go_to_the_compiled_launcher_with_addresses(monkeypatch):
     assert all(isinstance(a, torch.Tensor) for a in calls[-1][2][:5]), "... given the tensors, which it describes"
 
 
+def test_a_warm_launch_runs_on_its_tensors_gpu(monkeypatch):
+    """The launchers hold no device guard of their own: a warm launch whose plan's GPU is not the current device
+    (tensors on cuda:1, say) makes it current for the launch and back; on the current device it switches nothing."""
+    calls = []
+    _stub_gpu(monkeypatch, _Compiled(calls))
+    real_plan = dense._matmul_plan
+    monkeypatch.setattr(dense, "_matmul_plan", lambda *args: {**real_plan(*args), "device_index": 1})  # cuda:1's
+    current, switches = [1], []
+
+    class Switch:  # torch.cuda.device(index), recorded
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            switches.append(self.index)
+            current.append(self.index)
+
+        def __exit__(self, *exc):
+            current.pop()
+            calls.append(("back", current[-1]))
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[-1])
+    monkeypatch.setattr(torch.cuda, "device", Switch)
+    meta = dict(device="meta", dtype=torch.float32)
+    x, weight = torch.empty(100, 128, **meta), torch.empty(256, 128, **meta)
+    dense.linear_forward(x, weight, None, 1, 0.0, write_z=False)  # the first launch: builds the plan
+    dense.linear_forward(x, weight, None, 1, 0.0, write_z=False)
+    assert switches == [] and [c[0] for c in calls] == ["launcher"], f"on the current GPU: no switch ({calls})"
+    current[:] = [0]
+    dense.linear_forward(x, weight, None, 1, 0.0, write_z=False)
+    assert switches == [1], f"another GPU current: switched to the plan's ({switches})"
+    assert [c[0] for c in calls[1:]] == ["launcher", "back"] and calls[-1][1] == 0, \
+        f"launched on it, then the current device back: {calls[1:]}"
+
+
 def test_without_a_compiled_launcher_warm_launches_use_jitfunction_run(monkeypatch):
     """Where the compiled kernel lacks what the direct launch calls (another backend, an internal that moved), warm
     launches go through JITFunction.run with the plan's tile and flags: correct on any Triton."""

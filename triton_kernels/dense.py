@@ -1134,8 +1134,9 @@ def fp64_dot_supported(device: torch.device) -> bool:
 
 
 def _device_guard(t: torch.Tensor):
-    # Launch on the tensor's GPU (cuda:1 ...), also from autograd's backward thread. Elsewhere one shared no-op
-    # context (reusable: it holds nothing), not a new one a call.
+    # The tensor's GPU as the current device (cuda:1 ...), also from autograd's backward thread. Elsewhere one shared
+    # no-op context (reusable: it holds nothing), not a new one a call. launch.run switches to the tensors' GPU itself
+    # (launch._on_device): the launchers here need no guard of their own.
     return torch.cuda.device(t.device) if t.is_cuda else _NO_GUARD
 
 
@@ -1449,14 +1450,14 @@ def _fixed_config(fp64: bool, use_dot: bool):
     return None
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for a [M, K], b [K, N] of any strides -> a new contiguous [M, N]."""
-    M, N = a.shape[0], b.shape[1]
+def matmul(a: torch.Tensor, b: torch.Tensor, a_transposed: bool = False) -> torch.Tensor:
+    """a @ b for a [M, K], b [K, N] of any strides -> a new contiguous [M, N]. a_transposed: a is given as its
+    transpose [K, M] (the product is aᵀ b, read through swapped strides: no view made)."""
+    M, N = a.shape[1 if a_transposed else 0], b.shape[1]
     out = a.new_empty(M, N)
     if not (M and N):  # nothing to write (sizes compared: numel() is a torch call)
         return out
-    with _device_guard(a):
-        _launch_matmul(a, b, out)
+    _launch_matmul(a, b, out, a_transposed=a_transposed)
     return out
 
 
@@ -1470,10 +1471,9 @@ def linear_forward(x, weight, bias, act_id: int, negative_slope: float, write_z:
     z = x.new_empty(M, N) if write_z else None
     if not (M and N):
         return a, z
-    with _device_guard(x):
-        # B = Wᵀ [K, N] is W read through swapped strides: no copy, no view.
-        _launch_matmul(x, weight, a, role="forward", bias=bias, z=z, f_prime_as_z=f_prime_as_z, act_id=act_id,
-                       negative_slope=negative_slope, b_transposed=True)
+    # B = Wᵀ [K, N] is W read through swapped strides: no copy, no view.
+    _launch_matmul(x, weight, a, role="forward", bias=bias, z=z, f_prime_as_z=f_prime_as_z, act_id=act_id,
+                   negative_slope=negative_slope, b_transposed=True)
     return a, z
 
 
@@ -1502,9 +1502,8 @@ def delta_and_bias_grad(grad_a, saved, act_id: int, negative_slope: float, saved
         saved_t = saved if saved is not None else grad_a
         args = (grad_a, saved_t, delta if write_delta else grad_a, partials if want_bias else grad_a, M, N,
                 *grad_a.stride(), *saved_t.stride(), *(delta.stride() if write_delta else (0, 0)))
-        with _device_guard(grad_a):
-            launch.run("delta", (act_id, negative_slope, saved_kind, write_delta, want_bias), args, M, N, _delta_plan,
-                       grad_a, act_id, negative_slope, saved_kind, write_delta, want_bias, M, N)
+        launch.run("delta", (act_id, negative_slope, saved_kind, write_delta, want_bias), args, M, N, _delta_plan,
+                   grad_a, act_id, negative_slope, saved_kind, write_delta, want_bias, M, N)
     grad_bias = None
     if want_bias:
         # Rows of partial sums added in a fixed order: bitwise reproducible.
@@ -1519,9 +1518,7 @@ def activation_forward(z: torch.Tensor, act_id: int, negative_slope: float) -> t
     if not (M and N):
         return a
     args = (z, a, M, N, *z.stride(), *a.stride())
-    with _device_guard(z):
-        launch.run("activation", (act_id, negative_slope), args, M, N, _activation_plan, z, act_id, negative_slope, M,
-                   N)
+    launch.run("activation", (act_id, negative_slope), args, M, N, _activation_plan, z, act_id, negative_slope, M, N)
     return a
 
 
@@ -1565,11 +1562,8 @@ def matmul_times_activation_grad(delta, weight, saved, act_id: int, negative_slo
     out = delta.new_empty(M, K)
     if not (M and K):
         return out, (torch.zeros(K, dtype=delta.dtype, device=delta.device) if want_bias else None)
-    with _device_guard(delta):
-        partials = _launch_matmul(
-            delta, weight, out, role="grad_below", act_id=act_id, negative_slope=negative_slope,
-            grad_saved=saved if act_id != 0 else out, saved_kind=saved_kind, want_partials=want_bias,
-        )
+    partials = _launch_matmul(delta, weight, out, role="grad_below", act_id=act_id, negative_slope=negative_slope,
+                              grad_saved=saved if act_id != 0 else out, saved_kind=saved_kind, want_partials=want_bias)
     # Rows of partial sums added in a fixed order: bitwise reproducible.
     return out, (_in_dtype(partials.sum(dim=0), delta.dtype) if want_bias else None)
 

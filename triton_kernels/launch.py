@@ -45,6 +45,7 @@ come from PyTorch's caching allocator (the launchers' torch.empty), so a warm st
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 from typing import Callable, Optional
@@ -162,8 +163,10 @@ def make(_warm_get):
                 (enter is None or not getattr(enter, "calls", True))
                 and (leave is None or not getattr(leave, "calls", True)))):  # or a hook set
             return _launch_slowly(plan, args, ({launched},), grid, M, N)
-        plan.launches += 1
         compiled, function, metadata, tail, device_index = launcher
+        if device_index is not None and device_index != torch.cuda.current_device():  # another GPU than the current
+            return _launch_slowly(plan, args, ({launched},), grid, M, N)
+        plan.launches += 1
         compiled(grid[0], grid[1] if len(grid) > 1 else 1, 1, _raw_stream(device_index), function, metadata,
                  None, None, None, {launched}, *tail)
         return plan
@@ -178,14 +181,28 @@ def make(_warm_get):
 
 
 def _launch_slowly(plan: "Plan", args: tuple, values: tuple, grid: tuple, M: int, N: int) -> "Plan":
-    """A warm call's launch other than the compiled launcher's with no hook set: Plan.launch replaced (a benchmark
-    records or stubs the warm launches), a launch hook set (a profiler), a plan without a compiled launcher."""
-    if Plan.launch is not _PLAN_LAUNCH:
-        plan.launch(args, M, N)
-        return plan
-    plan.launches += 1
-    plan.fire(args, values, grid)
+    """A warm call's launch other than the compiled launcher's with no hook set, on the current GPU: Plan.launch
+    replaced (a benchmark records or stubs the warm launches), a launch hook set (a profiler), a plan without a
+    compiled launcher, tensors on another GPU than the current one."""
+    with _on_device(plan.device_index):
+        if Plan.launch is not _PLAN_LAUNCH:
+            plan.launch(args, M, N)
+            return plan
+        plan.launches += 1
+        plan.fire(args, values, grid)
     return plan
+
+
+# A kernel launches on the current CUDA device: launch.py makes it the tensors' device where it is not (cuda:1),
+# so the launchers need no device guard of their own (entering one cost every launch a context manager's calls).
+_NOT_SWITCHED = contextlib.nullcontext()
+
+
+def _on_device(index: Optional[int]):
+    """A context that makes GPU index the current device, where it is not (None, -1: not a GPU)."""
+    if index is None or index < 0 or index == torch.cuda.current_device():
+        return _NOT_SWITCHED
+    return torch.cuda.device(index)
 
 
 def _hooked() -> bool:
@@ -222,10 +239,11 @@ def _first_call(role: str, options: tuple, args: tuple, M: int, N: int, make: Ca
                         f"where earlier calls with these options had them at {layout.positions}")
     key = (role, options, specialization(args))
     plan = PLANS.get(key)
-    if plan is None:
-        plan = build(key, role, args=args, **make(*make_args))
-    else:
-        plan.launch(args, M, N)
+    with _on_device(args[layout.positions[0]].get_device() if layout.positions else None):  # on the tensors' GPU
+        if plan is None:
+            plan = build(key, role, args=args, **make(*make_args))
+        else:
+            plan.launch(args, M, N)
     exact = layout.exact(args, M, N)
     if layout.shared_as_first(exact):  # tensors shared among slots as in the layout's first call: all of them asked
         layout.remember(exact, plan, M, N)
