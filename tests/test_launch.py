@@ -170,6 +170,38 @@ def test_a_matmuls_cached_setup_follows_settings_and_dtype(change):
         assert again == warm, f"{change}: the old settings again, the warm plan again"
 
 
+def test_every_matmul_output_is_a_new_contiguous_tensor(monkeypatch):
+    """dense._launch_matmul does not ask its outputs' strides (out, z, δ stored by ∂C/∂X): every launcher gives it
+    new contiguous ones. Checked on every matmul launch of Linear and MLP steps (relu, gelu, a frozen weight, the δ
+    pass, the MLP's fused and per-layer backward, recompute), whatever the input's strides."""
+    require_triton()
+    real, seen = dense._launch_matmul, []
+
+    def checked(a, b, out, **kwargs):
+        for name in ("out", "z", "delta_out"):
+            t = out if name == "out" else kwargs.get(name)
+            if t is not None:
+                seen.append(name)
+                assert t.stride() == (t.shape[1], 1), f"{kwargs.get('role')}: {name} strides {t.stride()}"
+        return real(a, b, out, **kwargs)
+
+    monkeypatch.setattr(dense, "_launch_matmul", checked)
+    torch.manual_seed(7)
+    x = torch.randn(40, 37, device=DEVICE)[:, 3:].t()  # [34, 40], neither row- nor column-contiguous
+    for activation in ("relu", "gelu"):
+        for frozen in (False, True):
+            layer = manualbp.Linear(40, 24, activation=activation, backend="triton").to(DEVICE)
+            layer.weight.requires_grad_(not frozen)
+            layer(x.clone().requires_grad_(True)).sum().backward()
+    with manualbp.config.override(delta_prologue=False):
+        manualbp.Linear(40, 24, activation="gelu", backend="triton").to(DEVICE)(x).sum().backward()
+    for fusion, recompute in ((True, False), (False, False), (True, True)):
+        with manualbp.config.override(mlp_fusion=fusion):
+            mlp = manualbp.MLP([40, 24, 16, 8], activation="gelu", recompute=recompute, backend="triton").to(DEVICE)
+            mlp(x.clone().requires_grad_(True)).sum().backward()
+    assert {"out", "z", "delta_out"} <= set(seen), f"outputs checked: {sorted(set(seen))}"
+
+
 def test_a_forward_reads_the_weight_through_swapped_strides():
     """The forward passes the weight itself as B = Wᵀ (b_transposed: no view made); a weight of any strides,
     here one stored transposed and one a slice, gives the result of its contiguous copy, bitwise."""

@@ -1175,6 +1175,8 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
     Backward of a layer (roles "grad_x", "grad_weight"; prologue_saved [M, K] of saved_kind, a = G): out =
     (a ⊙ f'(...)) @ b; row_sums [M] (accumulator dtype), when given, receives the row sums of a ⊙ f'(...) (without
     prologue, of a); delta_out [M, K], when given with a prologue, receives a ⊙ f'(...) in a's dtype.
+    out, z and delta_out are new contiguous tensors (every launcher allocates them so; tests/test_launch.py checks):
+    their strides are not asked (a stride() call and its tuple cost ~1-2k instructions a tensor, callgrind).
     What the flags, the dtype and the settings decide is computed once (_MatmulSetup); the plan once per key
     (_matmul_plan, launch.py): a warm call reads sizes and strides, allocates, builds the arguments and launches.
     """
@@ -1219,17 +1221,17 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
         tma_ok = _tma_layout(*_views(a, b, prologue, a_transposed, b_transposed), True)["TMA_OK"]
     # Each tensor's strides asked once (one stride() tuple costs less than two stride(i) calls).
     ab_strides = (*a_strides, *b_strides)
-    out_strides = out.stride()
+    out_strides = (N, 1)  # out: a new contiguous [M, N] (the docstring)
     if kernel == "_matmul_kernel":
         args = (a, b, out, *sizes, *ab_strides, *out_strides, *buckets)
     elif kernel == "_forward_kernel":
         args = (a, b, bias if bias is not None else out, out, z if z is not None else out, *sizes, *ab_strides,
-                *out_strides, *(z.stride() if z is not None else (0, 0)), bias.stride()[0] if bias is not None else 0,
+                *out_strides, *(out_strides if z is not None else (0, 0)), bias.stride()[0] if bias is not None else 0,
                 *buckets)
     elif kernel == "_grad_x_kernel":
         delta = delta_out if delta_out is not None else out
         args = (a, b, prologue_saved, out, delta, *sizes, *ab_strides, *saved_strides, *out_strides,
-                *(delta.stride() if delta_out is not None else (0, 0)), *buckets)
+                *((K, 1) if delta_out is not None else (0, 0)), *buckets)  # delta_out: a new contiguous [M, K]
     elif kernel == "_grad_weight_kernel":
         # a stored δᵀ reads nothing more: a in saved's slot
         saved, strides = (prologue, saved_strides) if prologue is not None else (a, a_strides)
