@@ -1509,7 +1509,9 @@ def delta_and_bias_grad(grad_a, saved, act_id: int, negative_slope: float, saved
     grad_bias = None
     if want_bias:
         # Rows of partial sums added in a fixed order: bitwise reproducible.
-        grad_bias = _in_dtype(partials.sum(dim=0), grad_a.dtype)
+        grad_bias = partials.sum(0)
+        if grad_bias.dtype is not grad_a.dtype:  # 16-bit data: summed in float32 (a .to() costs ~8k where a no-op)
+            grad_bias = grad_bias.to(grad_a.dtype)
     return delta, grad_bias
 
 
@@ -1566,8 +1568,10 @@ def matmul_times_activation_grad(delta, weight, saved, act_id: int, negative_slo
         return out, (torch.zeros(K, dtype=delta.dtype, device=delta.device) if want_bias else None)
     partials = _launch_matmul(delta, weight, out, role="grad_below", act_id=act_id, negative_slope=negative_slope,
                               grad_saved=saved if act_id != 0 else out, saved_kind=saved_kind, want_partials=want_bias)
-    # Rows of partial sums added in a fixed order: bitwise reproducible.
-    return out, (_in_dtype(partials.sum(dim=0), delta.dtype) if want_bias else None)
+    if not want_bias:
+        return out, None
+    grad_bias = partials.sum(0)  # rows of partial sums added in a fixed order: bitwise reproducible
+    return out, (grad_bias if grad_bias.dtype is delta.dtype else grad_bias.to(delta.dtype))
 
 
 # δ formed in a backward matmul's operand loads is formed again for every column tile of that matmul's output

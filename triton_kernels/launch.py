@@ -107,14 +107,16 @@ class _Layout:
         return all(exact[len(exact) - self.repeats:]) if self.repeats else True
 
     def remember(self, exact: tuple, plan: "Plan", M: int, N: int) -> None:
-        """A call's exact values -> its plan, grid and compiled launcher's parts (None: the plan has none)."""
+        """A call's exact values -> its plan, grid and compiled launcher's parts (None: the plan has none): the
+        launcher, the grid's first two sizes, the kernel, its metadata, the constexprs after the runtime arguments,
+        the GPU."""
         if len(self.warm) >= WARM_CALLS:
             self.warm.clear()
-        launcher = None
+        grid, launcher = plan.grid(M, N), None
         if plan.kind == "compiled":
             _, call, function, metadata = plan.compiled
-            launcher = (call, function, metadata, plan.tail, plan.device_index)
-        self.warm[exact] = (plan, plan.grid(M, N), launcher)
+            launcher = (call, grid[0], grid[1] if len(grid) > 1 else 1, function, metadata, plan.tail, plan.device_index)
+        self.warm[exact] = (plan, grid, launcher)
 
 
 def _generated(args: tuple, positions: tuple, warm: dict):
@@ -157,16 +159,16 @@ def make(_warm_get):
             return None
         plan, grid, launcher = hit
         enter, leave = _HOOKS.launch_enter_hook, _HOOKS.launch_exit_hook  # None (Triton 3.3), a HookChain (3.4+)
-        if (launcher is None or Plan.launch is not _PLAN_LAUNCH or not (
-                (enter is None or not getattr(enter, "calls", True))
-                and (leave is None or not getattr(leave, "calls", True)))):  # or a hook set
+        if (launcher is None or Plan.launch is not _PLAN_LAUNCH or not (  # or a hook set (Triton's own chains
+                (enter is None or (not enter.calls if enter is _ENTER else _no_calls(enter)))  # asked directly)
+                and (leave is None or (not leave.calls if leave is _EXIT else _no_calls(leave))))):
             return _launch_slowly(plan, args, ({launched},), grid, M, N)
-        compiled, function, metadata, tail, device_index = launcher
+        compiled, rows, columns, function, metadata, tail, device_index = launcher
         if device_index is not None and device_index != torch.cuda.current_device():  # another GPU than the current
             return _launch_slowly(plan, args, ({launched},), grid, M, N)
         plan.launches += 1
-        compiled(grid[0], grid[1] if len(grid) > 1 else 1, 1, _raw_stream(device_index), function, metadata,
-                 None, None, None, {launched}, *tail)
+        compiled(rows, columns, 1, _raw_stream(device_index), function, metadata, None, None, None, {launched},
+                 *tail)
         return plan
 
     return exact, call
@@ -206,8 +208,12 @@ def _on_device(index: Optional[int]):
 def _hooked() -> bool:
     """Whether a launch hook is set (a profiler): None (Triton 3.3) or a HookChain without calls (3.4+) is none."""
     enter, leave = _HOOKS.launch_enter_hook, _HOOKS.launch_exit_hook
-    return not ((enter is None or not getattr(enter, "calls", True))
-                and (leave is None or not getattr(leave, "calls", True)))
+    return not ((enter is None or _no_calls(enter)) and (leave is None or _no_calls(leave)))
+
+
+def _no_calls(hook) -> bool:
+    """Whether a launch hook that is not None calls nothing: a HookChain without calls (a function always calls)."""
+    return not getattr(hook, "calls", True)
 
 
 def _tensor_positions(args: tuple) -> tuple:
@@ -259,6 +265,7 @@ def _hooks_source():
 
 
 _HOOKS = _hooks_source()
+_ENTER, _EXIT = _HOOKS.launch_enter_hook, _HOOKS.launch_exit_hook  # Triton's own chains (3.4+), None on 3.3
 
 
 # The current CUDA stream's handle, as Triton's own driver reads it (torch's C call)
