@@ -115,7 +115,8 @@ class _Layout:
         grid, launcher = plan.grid(M, N), None
         if plan.kind == "compiled":
             _, call, function, metadata = plan.compiled
-            launcher = (call, grid[0], grid[1] if len(grid) > 1 else 1, function, metadata, plan.tail, plan.device_index)
+            rows, columns = grid[0], grid[1] if len(grid) > 1 else 1
+            launcher = (call, rows, columns, function, metadata, plan.tail, plan.device_index)
         self.warm[exact] = (plan, grid, launcher)
 
 
