@@ -17,7 +17,8 @@ A warm call is one dict lookup of the call's exact values and the launch; the fi
 has a tuner), compiles, launches and records a Plan. In detail: the launchers of one (role, options, number of
 args) put their tensors at the same positions (a _Layout, found by one lookup); the call's exact values -- its ints,
 M and N, and per tensor its dtype, device index and address modulo 16 -- are looked up in that layout's table of
-calls already seen (``_Layout.warm``), which gives the plan and the grid. Only a call not seen before computes the
+calls already seen (``_Layout.warm``), which gives the plan and the grid (the questions, the lookup and the launch
+are code generated for the layout: ``_Layout.call``). Only a call not seen before computes the
 plan key (:func:`specialization`) and finds or builds its Plan; the table holds at most WARM_CALLS entries a layout
 (then starts afresh), so shapes that vary cost a key computation per new shape, never unbounded memory.
 
@@ -38,8 +39,9 @@ installed Triton offers (3.3 through 3.9):
                  tensors; everything before it (key, lookup, arguments, grid) is the GPU's path, so the CPU tests
                  exercise it
 
-A warm call therefore tunes nothing and compiles nothing (on the compiled launcher it asks the driver for nothing
-but the current stream); nothing in it reads a tensor's value (no host-device synchronisation), and its outputs
+Kernels launch on their tensors' GPU: where that is not the current device (cuda:1), run() makes it current for
+the launch (``_on_device``), so launchers need no device guard. A warm call therefore tunes nothing and compiles
+nothing (on the compiled launcher it asks nothing but the current device and stream); nothing in it reads a tensor's value (no host-device synchronisation), and its outputs
 come from PyTorch's caching allocator (the launchers' torch.empty), so a warm step can be captured in a CUDA graph.
 """
 
