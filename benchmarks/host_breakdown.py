@@ -87,9 +87,9 @@ def launch_parts(launch, step) -> dict:
     runs = []
     real_run = launch.run
 
-    def recording(role, options, args, M, N, make):
-        plan = real_run(role, options, args, M, N, make)
-        runs.append((role, options, args, M, N, make, plan))
+    def recording(role, options, args, M, N, make, *make_args):
+        plan = real_run(role, options, args, M, N, make, *make_args)
+        runs.append((role, options, args, M, N, (make, *make_args), plan))
         return plan
 
     launch.run = recording  # the launchers call launch.run through the module: every launch passes here
@@ -103,8 +103,8 @@ def launch_parts(launch, step) -> dict:
     kinds = sorted({plan.kind for plan, *_ in calls})
     print(f"# {len(calls)} warm launches a step, roles {[plan.role for plan, *_ in calls]}, launchers {kinds}")
     parts = {
-        f"{len(calls)} warm launches (launch.run)": lambda: [real_run(*call[:6]) for call in runs],
-        "  their lookups": lambda: [layout.warm.get(layout.exact(args, M, N)[0]) for layout, args, M, N in layouts],
+        f"{len(calls)} warm launches (launch.run)": lambda: [real_run(*call[:5], *call[5]) for call in runs],
+        "  their lookups": lambda: [layout.warm.get(layout.exact(args, M, N)) for layout, args, M, N in layouts],
         "  their addresses": lambda: [launch._addresses(args) for _, args, _, _ in calls],
         "  their JITFunction.run": lambda: [plan.fn.run(*args, grid=plan.grid(M, N), warmup=False, **plan.constexprs)
                                             for plan, args, M, N in calls],

@@ -163,7 +163,8 @@ def resolve(requested: Optional[str], device: torch.device, dtype: torch.dtype) 
         config.backend()  # only from MANUALBP_BACKEND (settings are checked when set): raises, naming it
     if name == "reference":
         return "reference"
-    reason = _device_reason(device, dtype, _interpreting())
+    dense = sys.modules.get(_DENSE)  # _interpreting(), without its call: every layer call asks
+    reason = _device_reason(device, dtype, dense.is_interpreted() if dense is not None else _interpreting())
     if reason is _META:
         return "triton" if name == "triton" else "reference"  # shapes only: nothing runs
     if name == "triton":

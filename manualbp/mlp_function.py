@@ -203,7 +203,7 @@ def _backward_fused(route, grad_output, weights, activations, needs_grad_weights
     grad_biases[top] = grad_bias
     for index in reversed(range(top + 1)):
         if needs_grad_weights[index]:
-            grad_weights[index] = route.matmul(delta.t(), layer_input(index), "triton")  # ∂C/∂Wₗ = δₗᵀ Xₗ
+            grad_weights[index] = route.transposed_matmul(delta, layer_input(index), "triton")  # ∂C/∂Wₗ = δₗᵀ Xₗ
         if not below[index]:
             return None
         if index == 0:

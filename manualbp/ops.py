@@ -40,6 +40,7 @@ import contextlib
 import functools
 import importlib
 import inspect
+import sys
 from typing import List, Optional, Sequence
 
 import torch
@@ -109,6 +110,9 @@ def _check_saved(op: str, act: Activation, saved: Optional[Tensor], saved_kind: 
                          f"pass Z or f'(Z)")
 
 
+# The Triton kernels module: imported on first use by backends.kernels(), then one dict lookup a call (no call).
+_modules, _DENSE = sys.modules, backends._DENSE
+
 _IMPLEMENTATIONS = {}  # operator -> its Python implementation (for the export decompositions)
 
 
@@ -131,7 +135,7 @@ def _compute_linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], a
                             backend: str) -> tuple[Tensor, Optional[Tensor]]:
     """A = f(X Wᵀ + b) [M, N] and, as save says, Z or f'(Z) [M, N] (None for "")."""
     if backend == "triton":
-        a, saved = backends.kernels().linear_forward(
+        a, saved = (_modules.get(_DENSE) or backends.kernels()).linear_forward(
             x, weight, bias, act.kernel_id, act.kernel_slope, write_z=bool(save), f_prime_as_z=save == "f_prime")
     else:
         a, z = reference.linear_forward(x, weight, bias, act)
@@ -181,7 +185,7 @@ def _linear_backward(grad_a: Tensor, x: Optional[Tensor], weight: Optional[Tenso
 
 
 def _linear_backward_triton(grad_a, x, weight, saved, act, saved_kind, needs_x, needs_weight, needs_bias):
-    dense = backends.kernels()
+    dense = _modules.get(_DENSE) or backends.kernels()
     if weight is None:
         # Only the shape [N, K] is read when ∂C/∂X is not wanted: a stride-0 view, no memory.
         weight = grad_a.new_empty(()).expand(grad_a.shape[1], x.shape[1] if x is not None else 0)
@@ -253,7 +257,7 @@ def _compute_activation_forward(z: Tensor, act: Activation, backend: str) -> Ten
     if act.name == "identity":
         return z.clone()
     if backend == "triton":
-        return backends.kernels().activation_forward(z, act.kernel_id, act.kernel_slope)
+        return (_modules.get(_DENSE) or backends.kernels()).activation_forward(z, act.kernel_id, act.kernel_slope)
     return reference.activation_forward(act, z)
 
 
@@ -274,7 +278,7 @@ def _delta(grad_a: Tensor, saved: Optional[Tensor], activation_name: str, negati
 
 def _compute_delta(grad_a, saved, act, saved_kind, want_delta, want_bias, backend):
     if backend == "triton":
-        delta, grad_bias = backends.kernels().delta_and_bias_grad(
+        delta, grad_bias = (_modules.get(_DENSE) or backends.kernels()).delta_and_bias_grad(
             grad_a, saved, act.kernel_id, act.kernel_slope, saved_kind, want_delta=want_delta, want_bias=want_bias)
     else:
         delta = reference.delta(grad_a, saved, act, saved_kind)
@@ -297,7 +301,15 @@ def _matmul(a: Tensor, b: Tensor, backend: str) -> Tensor:
 
 
 def _compute_matmul(a: Tensor, b: Tensor, backend: str) -> Tensor:
-    return backends.kernels().matmul(a, b) if backend == "triton" else a.mm(b)
+    return (_modules.get(_DENSE) or backends.kernels()).matmul(a, b) if backend == "triton" else a.mm(b)
+
+
+def _compute_transposed_matmul(a: Tensor, b: Tensor, backend: str) -> Tensor:
+    """aᵀ b: a [K, M], b [K, N] -> [M, N] (the MLP's ∂C/∂W = δᵀ X); the Triton kernel reads aᵀ through swapped
+    strides, where the operator would take a view (a view costs about as much as a launch's other Python)."""
+    if backend == "triton":
+        return (_modules.get(_DENSE) or backends.kernels()).matmul(a, b, a_transposed=True)
+    return a.t().mm(b)
 
 
 def _matmul_fake(a, b, backend):
@@ -318,7 +330,7 @@ def _matmul_times_activation_grad(delta: Tensor, weight: Tensor, saved: Optional
 
 def _compute_matmul_times_activation_grad(delta, weight, saved, act, saved_kind, want_bias, backend):
     if backend == "triton":
-        below, grad_bias = backends.kernels().matmul_times_activation_grad(
+        below, grad_bias = (_modules.get(_DENSE) or backends.kernels()).matmul_times_activation_grad(
             delta, weight, saved, act.kernel_id, act.kernel_slope, saved_kind, want_bias=want_bias)
     else:
         below = reference.delta(delta.mm(weight), saved, act, saved_kind)
@@ -414,6 +426,7 @@ class direct:  # noqa: N801 - a namespace, used as ops.direct.linear_forward(...
     activation_forward = staticmethod(_compute_activation_forward)
     delta = staticmethod(_compute_delta)
     matmul = staticmethod(_compute_matmul)
+    transposed_matmul = staticmethod(_compute_transposed_matmul)
     matmul_times_activation_grad = staticmethod(_compute_matmul_times_activation_grad)
 
 
@@ -455,6 +468,10 @@ class dispatched:  # noqa: N801 - a namespace, used as ops.dispatched.linear_for
     @staticmethod
     def matmul(a, b, backend):
         return matmul(a, b, backend)
+
+    @staticmethod
+    def transposed_matmul(a, b, backend):  # aᵀ b: the matmul operator of the view aᵀ
+        return matmul(a.t(), b, backend)
 
     @staticmethod
     def matmul_times_activation_grad(delta, weight, saved, act, saved_kind, want_bias, backend):

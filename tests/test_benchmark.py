@@ -335,7 +335,7 @@ parts = host_breakdown.launch_parts(launch, step)
 for name, part in parts.items():
     part()
     print("part", name)
-print("lookups found", [plan.role for plan, grid in parts["  their lookups"]()])
+print("lookups found", [plan.role for plan, *_ in parts["  their lookups"]()])
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, TRITON_INTERPRET="1"))

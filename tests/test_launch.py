@@ -170,6 +170,38 @@ def test_a_matmuls_cached_setup_follows_settings_and_dtype(change):
         assert again == warm, f"{change}: the old settings again, the warm plan again"
 
 
+def test_every_matmul_output_is_a_new_contiguous_tensor(monkeypatch):
+    """dense._launch_matmul does not ask its outputs' strides (out, z, δ stored by ∂C/∂X): every launcher gives it
+    new contiguous ones. Checked on every matmul launch of Linear and MLP steps (relu, gelu, a frozen weight, the δ
+    pass, the MLP's fused and per-layer backward, recompute), whatever the input's strides."""
+    require_triton()
+    real, seen = dense._launch_matmul, []
+
+    def checked(a, b, out, **kwargs):
+        for name in ("out", "z", "delta_out"):
+            t = out if name == "out" else kwargs.get(name)
+            if t is not None:
+                seen.append(name)
+                assert t.stride() == (t.shape[1], 1), f"{kwargs.get('role')}: {name} strides {t.stride()}"
+        return real(a, b, out, **kwargs)
+
+    monkeypatch.setattr(dense, "_launch_matmul", checked)
+    torch.manual_seed(7)
+    x = torch.randn(40, 37, device=DEVICE)[:, 3:].t()  # [34, 40], neither row- nor column-contiguous
+    for activation in ("relu", "gelu"):
+        for frozen in (False, True):
+            layer = manualbp.Linear(40, 24, activation=activation, backend="triton").to(DEVICE)
+            layer.weight.requires_grad_(not frozen)
+            layer(x.clone().requires_grad_(True)).sum().backward()
+    with manualbp.config.override(delta_prologue=False):
+        manualbp.Linear(40, 24, activation="gelu", backend="triton").to(DEVICE)(x).sum().backward()
+    for fusion, recompute in ((True, False), (False, False), (True, True)):
+        with manualbp.config.override(mlp_fusion=fusion):
+            mlp = manualbp.MLP([40, 24, 16, 8], activation="gelu", recompute=recompute, backend="triton").to(DEVICE)
+            mlp(x.clone().requires_grad_(True)).sum().backward()
+    assert {"out", "z", "delta_out"} <= set(seen), f"outputs checked: {sorted(set(seen))}"
+
+
 def test_a_forward_reads_the_weight_through_swapped_strides():
     """The forward passes the weight itself as B = Wᵀ (b_transposed: no view made); a weight of any strides,
     here one stored transposed and one a slice, gives the result of its contiguous copy, bitwise."""
@@ -347,15 +379,17 @@ def test_a_warm_call_follows_every_change_the_key_holds(change, monkeypatch):
         "options": lambda: _stub_args(),
     }[change]()
     if change == "device":  # one GPU here at most: the tensors' device index as another GPU's
-        monkeypatch.setattr(launch, "_device_of", lambda t: 1)
+        monkeypatch.setattr(torch.Tensor, "get_device", lambda t: 1)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # ... and the current one (no switch)
     plan = run(changed, options=("stub", "other") if change == "options" else ("stub",))
     assert run.keys == 2, f"{change}: the key computed again"
-    if change == "device":
-        assert plan is base, "device: the key (its real device) finds the same plan"
-    else:
-        assert plan is not base and len(launch.PLANS) == 2, f"{change}: a plan of its own"
+    assert plan is not base and len(launch.PLANS) == 2, f"{change}: a plan of its own"
     run(changed, options=("stub", "other") if change == "options" else ("stub",))
     assert run.keys == 2, f"{change}: then remembered"
+    if change == "device":
+        monkeypatch.undo()  # the real device again (and the counting key function gone: keys no longer counted)
+        assert run(_stub_args()) is base, "device: the first call's plan still found warm"
+        return
     assert run(_stub_args()) is base and run.keys == 2, f"{change}: the first call's plan still found warm"
 
 
@@ -504,6 +538,41 @@ def test_warm_launches_go_to_the_compiled_launcher_with_addresses(monkeypatch):
     dense.linear_forward(x, weight, bias, 1, 0.0, write_z=False)
     assert calls[-1][0] == "runner" and calls[-1][3] == "the current stream", "a hook set: the public runner"
     assert all(isinstance(a, torch.Tensor) for a in calls[-1][2][:5]), "... given the tensors, which it describes"
+
+
+def test_a_warm_launch_runs_on_its_tensors_gpu(monkeypatch):
+    """The launchers hold no device guard of their own: a warm launch whose plan's GPU is not the current device
+    (tensors on cuda:1, say) makes it current for the launch and back; on the current device it switches nothing."""
+    calls = []
+    _stub_gpu(monkeypatch, _Compiled(calls))
+    real_plan = dense._matmul_plan
+    monkeypatch.setattr(dense, "_matmul_plan", lambda *args: {**real_plan(*args), "device_index": 1})  # cuda:1's
+    current, switches = [1], []
+
+    class Switch:  # torch.cuda.device(index), recorded
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            switches.append(self.index)
+            current.append(self.index)
+
+        def __exit__(self, *exc):
+            current.pop()
+            calls.append(("back", current[-1]))
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[-1])
+    monkeypatch.setattr(torch.cuda, "device", Switch)
+    meta = dict(device="meta", dtype=torch.float32)
+    x, weight = torch.empty(100, 128, **meta), torch.empty(256, 128, **meta)
+    dense.linear_forward(x, weight, None, 1, 0.0, write_z=False)  # the first launch: builds the plan
+    dense.linear_forward(x, weight, None, 1, 0.0, write_z=False)
+    assert switches == [] and [c[0] for c in calls] == ["launcher"], f"on the current GPU: no switch ({calls})"
+    current[:] = [0]
+    dense.linear_forward(x, weight, None, 1, 0.0, write_z=False)
+    assert switches == [1], f"another GPU current: switched to the plan's ({switches})"
+    assert [c[0] for c in calls[1:]] == ["launcher", "back"] and calls[-1][1] == 0, \
+        f"launched on it, then the current device back: {calls[1:]}"
 
 
 def test_without_a_compiled_launcher_warm_launches_use_jitfunction_run(monkeypatch):

@@ -1290,8 +1290,9 @@ def fp64_dot_supported(device: torch.device) -> bool:
 
 
 def _device_guard(t: torch.Tensor):
-    # Launch on the tensor's GPU (cuda:1 ...), also from autograd's backward thread. Elsewhere one shared no-op
-    # context (reusable: it holds nothing), not a new one a call.
+    # The tensor's GPU as the current device (cuda:1 ...), also from autograd's backward thread. Elsewhere one shared
+    # no-op context (reusable: it holds nothing), not a new one a call. launch.run switches to the tensors' GPU itself
+    # (launch._on_device): the launchers here need no guard of their own.
     return torch.cuda.device(t.device) if t.is_cuda else _NO_GUARD
 
 
@@ -1330,6 +1331,8 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
     Backward of a layer (roles "grad_x", "grad_weight"; prologue_saved [M, K] of saved_kind, a = G): out =
     (a ⊙ f'(...)) @ b; row_sums [M] (accumulator dtype), when given, receives the row sums of a ⊙ f'(...) (without
     prologue, of a); delta_out [M, K], when given with a prologue, receives a ⊙ f'(...) in a's dtype.
+    out, z and delta_out are new contiguous tensors (every launcher allocates them so; tests/test_launch.py checks):
+    their strides are not asked (a stride() call and its tuple cost ~1-2k instructions a tensor, callgrind).
     What the flags, the dtype and the settings decide is computed once (_MatmulSetup); the plan once per key
     (_matmul_plan, launch.py): a warm call reads sizes and strides, allocates, builds the arguments and launches.
     """
@@ -1374,17 +1377,17 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
         tma_ok = _tma_layout(*_views(a, b, prologue, a_transposed, b_transposed), True)["TMA_OK"]
     # Each tensor's strides asked once (one stride() tuple costs less than two stride(i) calls).
     ab_strides = (*a_strides, *b_strides)
-    out_strides = out.stride()
+    out_strides = (N, 1)  # out: a new contiguous [M, N] (the docstring)
     if kernel == "_matmul_kernel":
         args = (a, b, out, *sizes, *ab_strides, *out_strides, *buckets)
     elif kernel == "_forward_kernel":
         args = (a, b, bias if bias is not None else out, out, z if z is not None else out, *sizes, *ab_strides,
-                *out_strides, *(z.stride() if z is not None else (0, 0)), bias.stride()[0] if bias is not None else 0,
+                *out_strides, *(out_strides if z is not None else (0, 0)), bias.stride()[0] if bias is not None else 0,
                 *buckets)
     elif kernel == "_grad_x_kernel":
         delta = delta_out if delta_out is not None else out
         args = (a, b, prologue_saved, out, delta, *sizes, *ab_strides, *saved_strides, *out_strides,
-                *(delta.stride() if delta_out is not None else (0, 0)), *buckets)
+                *((K, 1) if delta_out is not None else (0, 0)), *buckets)  # delta_out: a new contiguous [M, K]
     elif kernel == "_grad_weight_kernel":
         # a stored δᵀ reads nothing more: a in saved's slot
         saved, strides = (prologue, saved_strides) if prologue is not None else (a, a_strides)
@@ -1394,19 +1397,23 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
         args = (a, b, grad_saved, out, partials if partials is not None else out, *sizes, *ab_strides,
                 *grad_saved.stride(), *out_strides, *buckets)
     # The setup's options, and the call's choices that the arguments' specialisation does not already hold.
-    options = setup.options + (K % _EVEN_K_STEP == 0, buckets, tma_ok,
-                               setup.tf32 and tf32_allowed())  # INPUT_PRECISION: a setting PyTorch may change
-
+    options = (setup.options_id, buckets, K % _EVEN_K_STEP == 0, tma_ok,
+               setup.tf32 and tf32_allowed())  # INPUT_PRECISION: a setting PyTorch may change
     if tma_ok:
         _ensure_allocator()  # device-side descriptors need a scratch buffer (in this thread's context)
-
-    def make():  # the views only here, on a call not seen before
-        a_view, b_view, prologue_view = _views(a, b, prologue, a_transposed, b_transposed)
-        return _matmul_plan(kernel, a_view, b_view, out, bias, z, f_prime_as_z, act_id, negative_slope, saved_kind,
-                            want_partials, row_sums, delta_out, use_dot, tma_ok, prologue_view)
-
-    launch.run(role, options, args, M, N, make)
+    # _matmul_launch_plan on a call not seen before only (a closure made on every call cost ~6k instructions)
+    launch.run(role, options, args, M, N, _matmul_launch_plan, kernel, a, b, out, bias, z, f_prime_as_z, act_id,
+               negative_slope, saved_kind, want_partials, row_sums, delta_out, use_dot, tma_ok, prologue, a_transposed,
+               b_transposed)
     return partials
+
+
+def _matmul_launch_plan(kernel, a, b, out, bias, z, f_prime_as_z, act_id, negative_slope, saved_kind, want_partials,
+                        row_sums, delta_out, use_dot, tma_ok, prologue, a_transposed, b_transposed) -> dict:
+    """_launch_matmul's make (launch.run): the plan of a call not seen before, from views of its operands."""
+    a_view, b_view, prologue_view = _views(a, b, prologue, a_transposed, b_transposed)
+    return _matmul_plan(kernel, a_view, b_view, out, bias, z, f_prime_as_z, act_id, negative_slope, saved_kind,
+                        want_partials, row_sums, delta_out, use_dot, tma_ok, prologue_view)
 
 
 def _views(a, b, prologue, a_transposed: bool, b_transposed: bool) -> tuple:
@@ -1426,7 +1433,7 @@ class _MatmulSetup:
     ``flags``): its kernel, the head of its plan options, its partial sums' buffer, whether it asks about TMA and
     TF32. Made again when config.set() has replaced the settings."""
 
-    __slots__ = ("settings", "kernel", "prologue", "options", "acc_dtype", "partial_rows", "tma", "tf32")
+    __slots__ = ("settings", "kernel", "prologue", "options_id", "acc_dtype", "partial_rows", "tma", "tf32")
 
     def __init__(self, flags: tuple, settings):
         (role, act_id, negative_slope, f_prime_as_z, has_bias, has_z, has_grad_saved, has_prologue, saved_kind,
@@ -1435,9 +1442,11 @@ class _MatmulSetup:
         self.settings = settings
         self.kernel = _role_kernel(role, act_id if has_prologue else 0, has_row_sums)
         self.prologue = self.kernel in ("_grad_x_kernel", "_grad_weight_kernel") and act_id != 0
-        # Every input of the flags that the arguments' specialisation does not already hold (dtypes, strides of 1).
-        self.options = (act_id, negative_slope, f_prime_as_z, has_bias, has_z, has_grad_saved, has_prologue,
-                        saved_kind, want_partials, has_row_sums, has_delta_out, use_dot, settings.autotune)
+        # Every input of the flags that the arguments' specialisation does not already hold (dtypes, strides of 1),
+        # as a small int (one per distinct tuple: a launch's options are hashed on every call).
+        options = (act_id, negative_slope, f_prime_as_z, has_bias, has_z, has_grad_saved, has_prologue, saved_kind,
+                   want_partials, has_row_sums, has_delta_out, use_dot, settings.autotune)
+        self.options_id = _OPTIONS_IDS.setdefault(options, len(_OPTIONS_IDS))
         self.acc_dtype = torch.float64 if fp64 else torch.float32
         fixed = _fixed_config(fp64, use_dot)
         self.partial_rows = _PARTIAL_ROWS if fixed is None else min(_PARTIAL_ROWS, fixed[0]["BLOCK_M"])
@@ -1446,6 +1455,7 @@ class _MatmulSetup:
 
 
 _MATMUL_SETUPS: dict = {}
+_OPTIONS_IDS: dict = {}  # a setup's options -> its options_id
 
 
 _GRAD_WEIGHT_KERNELS = ("_grad_weight_kernel", "_grad_weight_split_kernel")
@@ -1604,14 +1614,14 @@ def _fixed_config(fp64: bool, use_dot: bool):
     return None
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for a [M, K], b [K, N] of any strides -> a new contiguous [M, N]."""
-    M, N = a.shape[0], b.shape[1]
+def matmul(a: torch.Tensor, b: torch.Tensor, a_transposed: bool = False) -> torch.Tensor:
+    """a @ b for a [M, K], b [K, N] of any strides -> a new contiguous [M, N]. a_transposed: a is given as its
+    transpose [K, M] (the product is aᵀ b, read through swapped strides: no view made)."""
+    M, N = a.shape[1 if a_transposed else 0], b.shape[1]
     out = a.new_empty(M, N)
     if not (M and N):  # nothing to write (sizes compared: numel() is a torch call)
         return out
-    with _device_guard(a):
-        _launch_matmul(a, b, out)
+    _launch_matmul(a, b, out, a_transposed=a_transposed)
     return out
 
 
@@ -1625,10 +1635,9 @@ def linear_forward(x, weight, bias, act_id: int, negative_slope: float, write_z:
     z = x.new_empty(M, N) if write_z else None
     if not (M and N):
         return a, z
-    with _device_guard(x):
-        # B = Wᵀ [K, N] is W read through swapped strides: no copy, no view.
-        _launch_matmul(x, weight, a, role="forward", bias=bias, z=z, f_prime_as_z=f_prime_as_z, act_id=act_id,
-                       negative_slope=negative_slope, b_transposed=True)
+    # B = Wᵀ [K, N] is W read through swapped strides: no copy, no view.
+    _launch_matmul(x, weight, a, role="forward", bias=bias, z=z, f_prime_as_z=f_prime_as_z, act_id=act_id,
+                   negative_slope=negative_slope, b_transposed=True)
     return a, z
 
 
@@ -1657,19 +1666,14 @@ def delta_and_bias_grad(grad_a, saved, act_id: int, negative_slope: float, saved
         saved_t = saved if saved is not None else grad_a
         args = (grad_a, saved_t, delta if write_delta else grad_a, partials if want_bias else grad_a, M, N,
                 *grad_a.stride(), *saved_t.stride(), *(delta.stride() if write_delta else (0, 0)))
-
-        def make():
-            constexprs = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, SAVED_KIND=_saved_kind_id(saved_kind),
-                              WRITE_DELTA=write_delta, WRITE_PARTIALS=want_bias, COMPUTE_FP64=fp64, **_DELTA_BLOCK,
-                              **COMPILE_OPTIONS)
-            return _elementwise_plan(_delta_kernel, constexprs, M, N, grad_a.device)
-
-        with _device_guard(grad_a):
-            launch.run("delta", (act_id, negative_slope, saved_kind, write_delta, want_bias), args, M, N, make)
+        launch.run("delta", (act_id, negative_slope, saved_kind, write_delta, want_bias), args, M, N, _delta_plan,
+                   grad_a, act_id, negative_slope, saved_kind, write_delta, want_bias, M, N)
     grad_bias = None
     if want_bias:
         # Rows of partial sums added in a fixed order: bitwise reproducible.
-        grad_bias = _in_dtype(partials.sum(dim=0), grad_a.dtype)
+        grad_bias = partials.sum(0)
+        if grad_bias.dtype is not grad_a.dtype:  # 16-bit data: summed in float32 (a .to() costs ~8k where a no-op)
+            grad_bias = grad_bias.to(grad_a.dtype)
     return delta, grad_bias
 
 
@@ -1680,15 +1684,24 @@ def activation_forward(z: torch.Tensor, act_id: int, negative_slope: float) -> t
     if not (M and N):
         return a
     args = (z, a, M, N, *z.stride(), *a.stride())
-
-    def make():
-        constexprs = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, COMPUTE_FP64=z.dtype == torch.float64,
-                          **_DELTA_BLOCK, **COMPILE_OPTIONS)
-        return _elementwise_plan(_activation_kernel, constexprs, M, N, z.device)
-
-    with _device_guard(z):
-        launch.run("activation", (act_id, negative_slope), args, M, N, make)
+    launch.run("activation", (act_id, negative_slope), args, M, N, _activation_plan, z, act_id, negative_slope, M, N)
     return a
+
+
+def _delta_plan(grad_a, act_id: int, negative_slope: float, saved_kind: str, write_delta: bool, want_bias: bool,
+                M: int, N: int) -> dict:
+    """delta_and_bias_grad's make (launch.run): the δ pass's plan."""
+    constexprs = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, SAVED_KIND=_saved_kind_id(saved_kind),
+                      WRITE_DELTA=write_delta, WRITE_PARTIALS=want_bias, COMPUTE_FP64=grad_a.dtype == torch.float64,
+                      **_DELTA_BLOCK, **COMPILE_OPTIONS)
+    return _elementwise_plan(_delta_kernel, constexprs, M, N, grad_a.device)
+
+
+def _activation_plan(z, act_id: int, negative_slope: float, M: int, N: int) -> dict:
+    """activation_forward's make (launch.run): the activation pass's plan."""
+    constexprs = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, COMPUTE_FP64=z.dtype == torch.float64,
+                      **_DELTA_BLOCK, **COMPILE_OPTIONS)
+    return _elementwise_plan(_activation_kernel, constexprs, M, N, z.device)
 
 
 def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -1715,13 +1728,12 @@ def matmul_times_activation_grad(delta, weight, saved, act_id: int, negative_slo
     out = delta.new_empty(M, K)
     if not (M and K):
         return out, (torch.zeros(K, dtype=delta.dtype, device=delta.device) if want_bias else None)
-    with _device_guard(delta):
-        partials = _launch_matmul(
-            delta, weight, out, role="grad_below", act_id=act_id, negative_slope=negative_slope,
-            grad_saved=saved if act_id != 0 else out, saved_kind=saved_kind, want_partials=want_bias,
-        )
-    # Rows of partial sums added in a fixed order: bitwise reproducible.
-    return out, (_in_dtype(partials.sum(dim=0), delta.dtype) if want_bias else None)
+    partials = _launch_matmul(delta, weight, out, role="grad_below", act_id=act_id, negative_slope=negative_slope,
+                              grad_saved=saved if act_id != 0 else out, saved_kind=saved_kind, want_partials=want_bias)
+    if not want_bias:
+        return out, None
+    grad_bias = partials.sum(0)  # rows of partial sums added in a fixed order: bitwise reproducible
+    return out, (grad_bias if grad_bias.dtype is delta.dtype else grad_bias.to(delta.dtype))
 
 
 # δ formed in a backward matmul's operand loads is formed again for every column tile of that matmul's output

@@ -201,6 +201,5 @@ def linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, act_id
         grid = (dense._cdiv(rows, tile["BLOCK_M"]) * dense._cdiv(columns, tile["BLOCK_N"]),)
         return dict(fn=_jvp_kernel, constexprs={**flags, **tile, **launch_options}, grid=grid, **common)
 
-    with dense._device_guard(like):
-        launch.run("jvp", options, args, rows, columns, make)
+    launch.run("jvp", options, args, rows, columns, make)  # on the tensors' GPU (launch.py switches to it)
     return out

@@ -3,20 +3,22 @@
 The interface every launcher goes through (dense.py's matmuls, δ pass and activation pass, jvp.py's jvp; a
 persistent kernel per role plugs in the same way, with a make() of its own):
 
-    launch.run(role, options, args, M, N, make)
+    launch.run(role, options, args, M, N, make, *make_args)
         role      "forward", "grad_x", "grad_weight", "grad_below" (the MLP's fused δ), "matmul", "delta",
                   "activation", "jvp": which kernel and tile list serve the launch
         options   the launcher's hashable choices: every input of its flags (activation, what is read and written),
                   the sizes' tuning buckets, the settings that change the kernel, the device
         args      the kernel's runtime arguments in its order (tensors and ints), outputs already allocated
         M, N      the output's size, for the grid
-        make()    called on the first launch of a key only: dict(fn=, constexprs=, grid=, tuner=, ...) for build()
+        make      make(*make_args) is called on the first launch of a key only: dict(fn=, constexprs=, grid=, tuner=,
+                  ...) for build() (a function and its arguments rather than a closure made on every call)
 
 A warm call is one dict lookup of the call's exact values and the launch; the first call of a key tunes (where it
 has a tuner), compiles, launches and records a Plan. In detail: the launchers of one (role, options, number of
 args) put their tensors at the same positions (a _Layout, found by one lookup); the call's exact values -- its ints,
 M and N, and per tensor its dtype, device index and address modulo 16 -- are looked up in that layout's table of
-calls already seen (``_Layout.warm``), which gives the plan and the grid. Only a call not seen before computes the
+calls already seen (``_Layout.warm``), which gives the plan and the grid (the questions, the lookup and the launch
+are code generated for the layout: ``_Layout.call``). Only a call not seen before computes the
 plan key (:func:`specialization`) and finds or builds its Plan; the table holds at most WARM_CALLS entries a layout
 (then starts afresh), so shapes that vary cost a key computation per new shape, never unbounded memory.
 
@@ -37,24 +39,22 @@ installed Triton offers (3.3 through 3.9):
                  tensors; everything before it (key, lookup, arguments, grid) is the GPU's path, so the CPU tests
                  exercise it
 
-A warm call therefore tunes nothing and compiles nothing (on the compiled launcher it asks the driver for nothing
-but the current stream); nothing in it reads a tensor's value (no host-device synchronisation), and its outputs
+Kernels launch on their tensors' GPU: where that is not the current device (cuda:1), run() makes it current for
+the launch (``_on_device``), so launchers need no device guard. A warm call therefore tunes nothing and compiles
+nothing (on the compiled launcher it asks nothing but the current device and stream); nothing in it reads a tensor's value (no host-device synchronisation), and its outputs
 come from PyTorch's caching allocator (the launchers' torch.empty), so a warm step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-import operator
 from typing import Callable, Optional
 
 import torch
 import triton
 
 _Tensor = torch.Tensor
-# A warm call's per-tensor questions, as C calls mapped over the tensors (no Python frame per tensor)
-_data_ptr, _device_of, _and, _is = _Tensor.data_ptr, _Tensor.get_device, operator.and_, operator.is_
-_dtype_of = operator.attrgetter("dtype")
 WARM_CALLS = 1024  # exact calls remembered per layout (_Layout.warm) before it starts afresh
 
 
@@ -80,83 +80,161 @@ def specialization(args: tuple) -> tuple:
                   else (a == 1, a & 15 == 0, -2147483648 <= a < 2147483648) for a in args])  # ints
 
 
-def _getter(positions: tuple) -> Callable[[tuple], tuple]:
-    """args -> the tuple of args at positions (operator.itemgetter, which returns a lone item bare)."""
-    if len(positions) == 1:
-        (position,) = positions
-        return lambda args: (args[position],)
-    return operator.itemgetter(*positions) if positions else (lambda args: ())
-
-
 class _Layout:
     """Where one (role, options, number of args)'s tensors sit among its args, and the calls of it seen so far.
 
     Launchers pass one tensor in several slots (an output in the slots of inputs a kernel does not read): the
-    layout asks each tensor of the first call once, at its first position (``tensors``), and a later call checks
-    that the same positions hold the same tensor objects (``repeats`` is ``firsts``).
-    ``warm``: the exact values of a call (:meth:`exact`) -> (its Plan, its grid). Every value a plan's key is made
-    of is in there, or something finer (the address modulo 16 for the alignment; each int itself), so a call found
-    here has the plan the key computation would have given.
+    layout asks each tensor of the first call once, at its first position, and a later call checks that the same
+    positions hold the same tensor objects (``is``).
+    ``warm``: the exact values of a call (:meth:`exact`) -> (its Plan, and its launch: the grid, and the compiled
+    launcher's parts where the plan has one). Every value a plan's key is made of is in there, or something finer
+    (the address modulo 16 for the alignment; each int itself), so a call found here has the plan the key
+    computation would have given.
+
+    ``exact`` and ``call`` (the warm call: exact values, lookup, launch) are generated for the layout, as Triton
+    generates its own binder: each argument unpacked by position, each distinct tensor asked its address, dtype
+    and device by one C call each (methods and attribute: cheaper than the same descriptors called, callgrind), no
+    loop, and the compiled launcher called with the values in place.
     """
 
-    __slots__ = ("positions", "tensors", "ints", "repeats", "firsts", "order", "fifteens", "same", "warm")
+    __slots__ = ("positions", "repeats", "warm", "exact", "call")
 
     def __init__(self, args: tuple):
         self.positions = _tensor_positions(args)
-        first = {}  # id -> the first position of that tensor
-        for i in self.positions:
-            first.setdefault(id(args[i]), i)
-        distinct = tuple(sorted(first.values()))
-        repeats = tuple(i for i in self.positions if first[id(args[i])] != i)
-        self.tensors = _getter(distinct)
-        self.ints = _getter(tuple(i for i in range(len(args)) if i not in self.positions))
-        self.repeats, self.firsts = _getter(repeats), _getter(tuple(first[id(args[i])] for i in repeats))
-        # args + addresses -> the launcher's values: each tensor replaced by its address, in args' order
-        slot = {i: len(args) + distinct.index(first[id(args[i])]) for i in self.positions}
-        self.order = _getter(tuple(slot.get(i, i) for i in range(len(args))))
-        self.fifteens = (15,) * len(distinct)
-        self.same = (True,) * len(repeats)  # what exact() gives for the repeats of a call like the first
         self.warm = {}
-
-    def exact(self, args: tuple, M: int, N: int) -> tuple:
-        """(the call's exact values, the addresses of its tensors at the distinct positions). The values are one
-        flat tuple (each part's length is fixed by the layout): its ints, M, N, per distinct tensor its dtype,
-        then its device index, then its address modulo 16, and last whether each repeat is its first's tensor."""
-        tensors = self.tensors(args)
-        addresses = tuple(map(_data_ptr, tensors))
-        return (*self.ints(args), M, N, *map(_dtype_of, tensors), *map(_device_of, tensors),
-                *map(_and, addresses, self.fifteens), *map(_is, self.repeats(args), self.firsts(args))), addresses
+        self.exact, self.call, self.repeats = _generated(args, self.positions, self.warm)
 
     def shared_as_first(self, exact: tuple) -> bool:
         """Whether a call's exact values hold its tensors shared among slots as in the layout's first call."""
-        return not self.same or exact[-len(self.same):] == self.same
+        return all(exact[len(exact) - self.repeats:]) if self.repeats else True
+
+    def remember(self, exact: tuple, plan: "Plan", M: int, N: int) -> None:
+        """A call's exact values -> its plan, grid and compiled launcher's parts (None: the plan has none): the
+        launcher, the grid's first two sizes, the kernel, its metadata, the constexprs after the runtime arguments,
+        the GPU."""
+        if len(self.warm) >= WARM_CALLS:
+            self.warm.clear()
+        grid, launcher = plan.grid(M, N), None
+        if plan.kind == "compiled":
+            _, call, function, metadata = plan.compiled
+            rows, columns = grid[0], grid[1] if len(grid) > 1 else 1
+            launcher = (call, rows, columns, function, metadata, plan.tail, plan.device_index)
+        self.warm[exact] = (plan, grid, launcher)
+
+
+def _generated(args: tuple, positions: tuple, warm: dict):
+    """A layout's exact(args, M, N) and call(args, M, N) (the _Layout docstring), as Python source made for its
+    positions and compiled once; and its number of repeats. exact -> the exact values: one flat tuple of the ints, M,
+    N, per distinct tensor its dtype, then its device index, then its address modulo 16, last whether each repeat
+    is its first's tensor. call -> the Plan launched, or None where the call was not seen before (or an int sits
+    where the layout has a tensor)."""
+    first = {}  # id -> the first position of that tensor
+    for i in positions:
+        first.setdefault(id(args[i]), i)
+    distinct = sorted(first.values())
+    repeats = [i for i in positions if first[id(args[i])] != i]
+    names = [f"t{i}" if i in positions else f"i{i}" for i in range(len(args))]
+    ints = [names[i] for i in range(len(args)) if i not in positions]
+    addresses = [f"p{i}" for i in distinct]
+    values = ", ".join([*ints, "M", "N", *(f"t{i}.dtype" for i in distinct),
+                        *(f"t{i}.get_device()" for i in distinct), *(f"p{i} & 15" for i in distinct),
+                        *(f"t{i} is t{first[id(args[i])]}" for i in repeats)])
+    # each slot's launcher value: a tensor's address (that of its first slot), an int itself
+    launched = ", ".join(f"p{first[id(args[i])]}" if i in positions else names[i] for i in range(len(args)))
+    unpack = "".join(f"{name}, " for name in names)
+    asked = "".join(f"p{i} = t{i}.data_ptr(); " for i in distinct)
+    source = f"""
+def make(_warm_get):
+    def exact(args, M, N):
+        ({unpack}) = args
+        {asked}
+        return ({values},)
+
+    def call(args, M, N):
+        ({unpack}) = args
+        try:
+            {asked}
+            values = ({values},)
+        except AttributeError:  # an int where this layout has a tensor: not a call of this layout
+            return None
+        hit = _warm_get(values)
+        if hit is None:
+            return None
+        plan, grid, launcher = hit
+        enter, leave = _HOOKS.launch_enter_hook, _HOOKS.launch_exit_hook  # None (Triton 3.3), a HookChain (3.4+)
+        if (launcher is None or Plan.launch is not _PLAN_LAUNCH or not (  # or a hook set (Triton's own chains
+                (enter is None or (not enter.calls if enter is _ENTER else _no_calls(enter)))  # asked directly)
+                and (leave is None or (not leave.calls if leave is _EXIT else _no_calls(leave))))):
+            return _launch_slowly(plan, args, ({launched},), grid, M, N)
+        compiled, rows, columns, function, metadata, tail, device_index = launcher
+        if device_index is not None and device_index != torch.cuda.current_device():  # another GPU than the current
+            return _launch_slowly(plan, args, ({launched},), grid, M, N)
+        plan.launches += 1
+        compiled(rows, columns, 1, _raw_stream(device_index), function, metadata, None, None, None, {launched},
+                 *tail)
+        return plan
+
+    return exact, call
+"""
+    scope = {}
+    exec(compile(source, f"<launch.py: a layout of {len(args)} arguments, tensors at {positions}>", "exec"),
+         globals(), scope)  # the module's own globals: what tests and benchmarks replace there reaches these
+    exact, call = scope["make"](warm.get)
+    return exact, call, len(repeats)
+
+
+def _launch_slowly(plan: "Plan", args: tuple, values: tuple, grid: tuple, M: int, N: int) -> "Plan":
+    """A warm call's launch other than the compiled launcher's with no hook set, on the current GPU: Plan.launch
+    replaced (a benchmark records or stubs the warm launches), a launch hook set (a profiler), a plan without a
+    compiled launcher, tensors on another GPU than the current one."""
+    with _on_device(plan.device_index):
+        if Plan.launch is not _PLAN_LAUNCH:
+            plan.launch(args, M, N)
+            return plan
+        plan.launches += 1
+        plan.fire(args, values, grid)
+    return plan
+
+
+# A kernel launches on the current CUDA device: launch.py makes it the tensors' device where it is not (cuda:1),
+# so the launchers need no device guard of their own (entering one cost every launch a context manager's calls).
+_NOT_SWITCHED = contextlib.nullcontext()
+
+
+def _on_device(index: Optional[int]):
+    """A context that makes GPU index the current device, where it is not (None, -1: not a GPU)."""
+    if index is None or index < 0 or index == torch.cuda.current_device():
+        return _NOT_SWITCHED
+    return torch.cuda.device(index)
+
+
+def _hooked() -> bool:
+    """Whether a launch hook is set (a profiler): None (Triton 3.3) or a HookChain without calls (3.4+) is none."""
+    enter, leave = _HOOKS.launch_enter_hook, _HOOKS.launch_exit_hook
+    return not ((enter is None or _no_calls(enter)) and (leave is None or _no_calls(leave)))
+
+
+def _no_calls(hook) -> bool:
+    """Whether a launch hook that is not None calls nothing: a HookChain without calls (a function always calls)."""
+    return not getattr(hook, "calls", True)
 
 
 def _tensor_positions(args: tuple) -> tuple:
     return tuple(i for i, a in enumerate(args) if isinstance(a, _Tensor))
 
 
-def run(role: str, options: tuple, args: tuple, M: int, N: int, make: Callable[[], dict]) -> "Plan":
+def run(role: str, options: tuple, args: tuple, M: int, N: int, make: Callable[..., dict], *make_args) -> "Plan":
     """Launch a kernel of this role through its plan (module docstring); returns the plan."""
     layout = _LAYOUTS.get((role, options, len(args)))
     if layout is not None:
-        try:
-            exact, addresses = layout.exact(args, M, N)
-            warm = layout.warm.get(exact)
-        except TypeError:  # an int where this layout has a tensor: not a call of this layout
-            warm = None
-        if warm is not None:  # the tensors shared as in the layout's first call (else never remembered)
-            plan, grid = warm
-            if Plan.launch is not _PLAN_LAUNCH:  # replaced (a benchmark records or stubs the warm launches)
-                plan.launch(args, M, N)
-                return plan
-            plan.launches += 1
-            plan.fire(args, layout.order(args + addresses), grid)
+        plan = layout.call(args, M, N)
+        if plan is not None:
             return plan
-    return _first_call(role, options, args, M, N, make)
+    return _first_call(role, options, args, M, N, make, make_args)
 
 
-def _first_call(role: str, options: tuple, args: tuple, M: int, N: int, make: Callable[[], dict]) -> "Plan":
+def _first_call(role: str, options: tuple, args: tuple, M: int, N: int, make: Callable[..., dict],
+                make_args: tuple) -> "Plan":
     """A call whose exact values run() has not seen: its plan found by key, or built (which launches); then
     remembered for the calls like it."""
     layout_key = (role, options, len(args))
@@ -168,15 +246,14 @@ def _first_call(role: str, options: tuple, args: tuple, M: int, N: int, make: Ca
                         f"where earlier calls with these options had them at {layout.positions}")
     key = (role, options, specialization(args))
     plan = PLANS.get(key)
-    if plan is None:
-        plan = build(key, role, args=args, **make())
-    else:
-        plan.launch(args, M, N)
-    exact, _ = layout.exact(args, M, N)
+    with _on_device(args[layout.positions[0]].get_device() if layout.positions else None):  # on the tensors' GPU
+        if plan is None:
+            plan = build(key, role, args=args, **make(*make_args))
+        else:
+            plan.launch(args, M, N)
+    exact = layout.exact(args, M, N)
     if layout.shared_as_first(exact):  # tensors shared among slots as in the layout's first call: all of them asked
-        if len(layout.warm) >= WARM_CALLS:
-            layout.warm.clear()
-        layout.warm[exact] = (plan, plan.grid(M, N))
+        layout.remember(exact, plan, M, N)
     return plan
 
 
@@ -191,6 +268,7 @@ def _hooks_source():
 
 
 _HOOKS = _hooks_source()
+_ENTER, _EXIT = _HOOKS.launch_enter_hook, _HOOKS.launch_exit_hook  # Triton's own chains (3.4+), None on 3.3
 
 
 # The current CUDA stream's handle, as Triton's own driver reads it (torch's C call)
@@ -238,9 +316,7 @@ class Plan:
         if self.kind == "compiled":
             kernel, launcher, function, metadata = self.compiled
             stream = _raw_stream(self.device_index)
-            enter, leave = _HOOKS.launch_enter_hook, _HOOKS.launch_exit_hook  # None (Triton 3.3), a HookChain (3.9)
-            if ((enter is None or not getattr(enter, "calls", True))
-                    and (leave is None or not getattr(leave, "calls", True))):  # no hook set
+            if not _hooked():
                 launcher(grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, function, metadata, None, None, None,
                          *values, *self.tail)
             else:  # a profiler's hooks: the public runner builds their metadata
