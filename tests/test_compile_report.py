@@ -78,10 +78,11 @@ def test_main_loop_is_the_loop_not_a_wait_retry_block(monkeypatch):
     """The report's main loop: the backward branch that closes the K loop, not a wait's retry block placed after the
     kernel that jumps back into the loop (its span holds the loop's MMAs too, and may be shorter than the loop)."""
     for name in ("TRITON_INTERPRET", "MANUALBP_AUTOTUNE"):  # the report's import sets both for itself: restored after
-        if name in os.environ:
-            monkeypatch.setenv(name, os.environ[name])
-        else:
-            monkeypatch.delenv(name, raising=False)
+        # (setenv records the old value, or its absence, for the teardown; a delenv of an absent name records
+        # nothing, and MANUALBP_AUTOTUNE=0 then reached every later test's subprocesses)
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+        if not os.environ[name]:
+            monkeypatch.delenv(name)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import compile_report

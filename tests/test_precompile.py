@@ -30,7 +30,9 @@ def _python() -> str:
 
 
 def _precompile(cache_dir, *extra, command=COMMAND, **environment):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not the interpreter
+    # compiled kernels, not the interpreter; the settings a GPU script's run has (its own MANUALBP_* only), not
+    # whatever this process's environment holds
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("MANUALBP_")}
     env.update(environment)
     done = subprocess.run([_python(), str(ROOT / "benchmarks" / "precompile.py"), "--cache-dir", str(cache_dir),
                            "--command", command, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
