@@ -1,7 +1,8 @@
 """Split-K of the ∂C/∂W matmul (dense.grad_weight_splits, _grad_weight_split_kernel, _split_sum_kernel): the setting,
 the plan's rule, every autotune config of the split kernel on its own, ∂C/∂b with the same bits split or not, ∂C/∂W
 within the unsplit kernel's error against float64, and the edge cases (empty, ragged, fewer rows than chunks)
-through the launcher and the layer."""
+through the launcher and the layer; the same plan for every plain product (dense.matmul: the MLP's ∂C/∂Wₗ, the gated
+layer's stored-δ products)."""
 
 import pytest
 import torch

@@ -1362,7 +1362,8 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
     if setup.may_split:  # a plain product on a GPU, or S forced: split-K where its output tiles are too few
         splits = grad_weight_splits(K, M, N, a.device)
         if splits > 1:  # the split launch takes a as [K, M]: a view only here
-            _launch_grad_weight_split(a if a_transposed else a.t(), b, out, None, splits, 0, 0.0, None, "z")
+            _launch_grad_weight_split(a if a_transposed else a.t(), b, out, None, splits, 0, 0.0, None, "z",
+                                      use_dot)
             return None
     kernel = setup.kernel
     partials = None
@@ -1869,16 +1870,17 @@ _ON_GPU: dict = {}  # device -> device.type == "cuda" (device.type builds a new 
 
 
 def _launch_grad_weight_split(a, b, out, row_sums, splits: int, act_id: int, negative_slope: float, prologue_saved,
-                              saved_kind: str) -> None:
+                              saved_kind: str, use_dot=None) -> None:
     """∂C/∂W = δᵀ X into out [M, N] by split-K, and ∂C/∂b into row_sums [M] (accumulator dtype) when given: a = G
     (δ formed on load from prologue_saved, as _launch_matmul's "grad_weight") or a stored δ (act_id 0), both given
     as [K, M] (read as their transposes); b = X [K, N]. Two launches: _grad_weight_split_kernel, then
-    _split_sum_kernel."""
+    _split_sum_kernel. use_dot: as _launch_matmul's (None: tl.dot where it is exact)."""
     K, M = a.shape
     N = b.shape[1]
     fp64 = a.dtype == torch.float64
     acc_dtype = torch.float64 if fp64 else torch.float32
-    use_dot = not fp64 or fp64_dot_supported(a.device)
+    if use_dot is None:
+        use_dot = not fp64 or fp64_dot_supported(a.device)
     chunks = _cdiv(K, SUM_CHUNK_K.value)
     split_rows = _cdiv(M, _SPLIT_ROWS) * _SPLIT_ROWS
     partials = a.new_empty(splits * split_rows, N, dtype=acc_dtype)
