@@ -16,7 +16,8 @@ and a `hidden` one (∂C/∂X too), from G and the tensor the forward saved (A, 
     (manualbp's default is one of these two by in_features: dense.PROLOGUE_MAX_K, set from this benchmark)
     unsplit      the fused way with split-K off (grad_weight_split=1); listed only where the plan splits ∂C/∂W
                  (dense.grad_weight_splits: few output tiles for the SMs, e.g. linear8192x2048x1024), where the
-                 fused and delta+dW ways are the split plan (its S printed before the table's rows)
+                 fused, delta+dW and unfused ways are the split plan (its S printed before the table's rows; the
+                 unfused way's δᵀ X is dense.matmul's, split by the same rule)
     unfused      MANUALBP_DELTA_PROLOGUE=0's path: the δ pass with ∂C/∂b's partial sums, then plain matmuls
     eager        what autograd runs for nn.Linear + the activation: its backward op, mm, (mm,) sum
 

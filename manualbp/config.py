@@ -10,7 +10,8 @@
     tma             bool   the autotuner may pick the TMA + persistent matmul configs (sm_90+)   MANUALBP_TMA=1 turns on
                            (off by default: on an H200 one TMA tile gave wrong products with the prologue, now
                            not offered there, and the others are unchecked at full size; see docs/performance.md)
-    grad_weight_split  'auto' | int >= 1   the ∂C/∂W matmul split into that many parts of the batch rows (split-K)
+    grad_weight_split  'auto' | int >= 1   the ∂C/∂W matmul split into that many parts of the batch rows (split-K),
+                           and every plain product (dense.matmul: the MLP's ∂C/∂W) into parts of its reduction
                            ('auto': by the shape and the GPU's SM count, triton_kernels/dense.py's grad_weight_splits;
                            1: never; at most one per chunk of rows, docs/kernels.md)   MANUALBP_GRAD_WEIGHT_SPLIT
 

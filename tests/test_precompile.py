@@ -101,6 +101,22 @@ def test_precompile_derives_the_split_k_kernels(tmp_path):
     assert "_grad_weight_kernel.json" not in names, f"no unsplit ∂C/∂W kernel: {sorted(names)}"
 
 
+@pytest.mark.compile_report
+def test_precompile_derives_the_split_plain_product(tmp_path):
+    """The plain product takes the split plan too (dense.matmul): a first layer 2048 -> 1024 at 8192 rows with δ by
+    a pass (MANUALBP_DELTA_PROLOGUE=0: then ∂C/∂W = δᵀ X by dense.matmul, 64 output tiles on the pretend H100's 132
+    SMs, 2 splits) compiles the split kernel and its sum, and no plain matmul kernel."""
+    pytest.importorskip("triton")
+    manifest = _precompile(tmp_path / "cache", "--fresh", MANUALBP_DELTA_PROLOGUE="0",
+                           command="warm_caches.py --problems linear8192x2048x1024 --activations relu --layers first")
+    assert all(step["status"] == 0 for step in manifest["steps"]), f"every step ran: {manifest['steps']}"
+    names = [path.name for path in (tmp_path / "cache").rglob("*.json") if not path.name.startswith("__grp__")]
+    assert "_delta_kernel.json" in names, f"δ by its pass (the setting reached the run): {sorted(names)}"
+    assert names.count("_grad_weight_split_kernel.json") >= 2, f"the split kernel at its configs: {sorted(names)}"
+    assert names.count("_split_sum_kernel.json") == 1, f"its sum: {sorted(names)}"
+    assert "_matmul_kernel.json" not in names, f"no unsplit plain product: {sorted(names)}"
+
+
 def test_summary_counts_loads_and_compiles(tmp_path):
     """The GPU run's record of its compiles (triton_cache_probe) counted per kernel."""
     events = tmp_path / "events"

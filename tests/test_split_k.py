@@ -1,7 +1,8 @@
 """Split-K of the ∂C/∂W matmul (dense.grad_weight_splits, _grad_weight_split_kernel, _split_sum_kernel): the setting,
 the plan's rule, every autotune config of the split kernel on its own, ∂C/∂b with the same bits split or not, ∂C/∂W
 within the unsplit kernel's error against float64, and the edge cases (empty, ragged, fewer rows than chunks)
-through the launcher and the layer."""
+through the launcher and the layer; the same plan for every plain product (dense.matmul: the MLP's ∂C/∂Wₗ, the gated
+layer's stored-δ products)."""
 
 import pytest
 import torch
@@ -325,3 +326,145 @@ def test_split_without_bias_and_on_the_fma_fallback(fma, monkeypatch, device):
         delta = grad_a * act.f_grad(z)
         torch.testing.assert_close(grad_weight.cpu(), delta.t() @ x, rtol=1e-12, atol=1e-12,
                                    msg=lambda m: f"dW split in 2 without db, {wants}, fma={fma}: {m}")
+
+
+def _roles_of(monkeypatch):
+    """The roles of the launches that follow (launch.run's first argument), in order."""
+    roles = []
+    real = dense.launch.run
+    monkeypatch.setattr(dense.launch, "run", lambda role, *args: roles.append(role) or real(role, *args))
+    return roles
+
+
+# dense.matmul's three ways of being given its left operand: (label, its [M, K] from a [K, M] tensor, a_transposed)
+_MATMUL_FORMS = {
+    "a_transposed": (lambda a_t: a_t, True),  # the MLP's ∂C/∂Wₗ = δₗᵀ Xₗ: δ given, read through swapped strides
+    "view aᵀ": (lambda a_t: a_t.t(), False),  # the dispatched route: the matmul operator of the view δᵀ
+    "a [M, K]": (lambda a_t: a_t.t().contiguous(), False),  # a row-major left operand
+}
+
+
+@pytest.mark.parametrize("form", list(_MATMUL_FORMS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_the_plain_product_splits_where_asked(form, dtype, device, monkeypatch):
+    """dense.matmul with S forced: a @ b reduced over three chunks of rows (the last ragged), odd M and N, split in 2
+    and 3 (the split kernel without ∂C/∂b, then the fixed-order sum; no plain launch) and unsplit: each within
+    PyTorch's own error against float64, the same bits run after run."""
+    g = torch.Generator().manual_seed(31)
+    rows, M, N = ROWS, 33, 37
+    a_t = torch.randn(rows, M, generator=g).to(device, dtype)  # the left operand's transpose [K, M]: δ
+    b = torch.randn(rows, N, generator=g).to(device, dtype)
+    make, a_transposed = _MATMUL_FORMS[form]
+    a = make(a_t)
+    exact = a_t.double().t() @ b.double()
+    theirs = (a_t.t() @ b) if dtype == torch.float32 or device.type == "cuda" else (
+        a_t.float().t() @ b.float()).to(dtype)  # PyTorch's CPU half matmul: float32 then rounded
+    roles = _roles_of(monkeypatch)
+    for splits, launched in ((1, ["matmul"]), (2, ["grad_weight_split", "grad_weight_sum"]),
+                             (3, ["grad_weight_split", "grad_weight_sum"])):
+        label = f"a @ b [{form}, {dtype}, S={splits}]"
+        with manualbp.config.override(grad_weight_split=splits):
+            roles.clear()
+            ours = dense.matmul(a, b, a_transposed=a_transposed)
+            assert roles == launched, f"{label}: launches {roles}, expected {launched}"
+            again = dense.matmul(a, b, a_transposed=a_transposed)
+        assert ours.is_contiguous(), f"{label}: a new contiguous output"
+        assert torch.equal(ours, again), f"{label}: the same bits run after run"
+        assert_close_to_float64(label, ours, theirs, exact)
+
+
+@pytest.mark.parametrize("rows, M, N", [(CHUNK, 9, 7), (CHUNK + 1, 0, 7), (CHUNK + 1, 9, 0), (0, 9, 7)],
+                         ids=["one-chunk", "M0", "N0", "K0"])
+@pytest.mark.parametrize("a_transposed", [False, True], ids=["a", "a_transposed"])
+def test_the_plain_product_edges(rows, M, N, a_transposed, device, monkeypatch):
+    """S = 4 forced: one chunk of rows (never split: a split is whole chunks), an empty output (no launch) and an
+    empty reduction (zeros, unsplit): the float64 answers."""
+    g = torch.Generator().manual_seed(32)
+    a = torch.randn(*((rows, M) if a_transposed else (M, rows)), generator=g, dtype=torch.float64)
+    b = torch.randn(rows, N, generator=g, dtype=torch.float64)
+    dense.fp64_dot_supported(torch.device(device))  # probed once by a matmul launch of its own: not recorded
+    roles = _roles_of(monkeypatch)
+    with manualbp.config.override(grad_weight_split=4):
+        ours = dense.matmul(a.to(device), b.to(device), a_transposed=a_transposed)
+    expected_roles = ["matmul"] if M and N else []
+    assert roles == expected_roles, f"rows {rows}, [{M}, {N}]: launches {roles}, expected {expected_roles}"
+    torch.testing.assert_close(ours.cpu(), (a.t() if a_transposed else a) @ b, rtol=1e-12, atol=1e-12,
+                               msg=lambda m: f"a @ b at {rows} rows, [{M}, {N}], S = 4: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("sizes", [[24, 40, 16], [24, 40, 16, 8]], ids=["2 layers", "3 layers"])
+def test_the_mlp_backward_splits_its_weight_gradients(sizes, dtype, device, monkeypatch):
+    """manualbp.MLP's fused backward (δₗ₋₁ in the epilogue of δₗ Wₗ, ∂C/∂Wₗ = δₗᵀ Xₗ by dense.matmul) with S forced
+    to 2 over two chunks of rows (the second ragged): every ∂C/∂Wₗ by the split kernel and its sum, the rest
+    unchanged; ∂C/∂X and ∂C/∂b the bits of S = 1, ∂C/∂W within PyTorch's own error against float64 split or not."""
+    reason = manualbp.backends.triton_unavailable_reason(device, dtype)
+    if reason is not None:
+        pytest.skip(f"triton backend unavailable: {reason}")
+    torch.manual_seed(33)
+    mlp = manualbp.MLP(sizes, activation="gelu", last_activation="tanh", dtype=dtype, device=device,
+                       backend="triton")
+    eager, eager64 = mlp.to_sequential(), mlp.to_sequential().double()  # the same (rounded) weights
+    rows = CHUNK + 52
+    x = torch.randn(rows, sizes[0], device=device).to(dtype)
+    grad_out = torch.randn(rows, sizes[-1], device=device).to(dtype)
+
+    def gradients(model, dtype):
+        model.zero_grad()
+        leaf = x.detach().to(dtype).requires_grad_(True)
+        model(leaf).backward(grad_out.to(dtype))
+        return {"x": leaf.grad, **{name: p.grad.clone() for name, p in model.named_parameters()}}
+
+    roles = _roles_of(monkeypatch)
+    results = {}
+    for splits in (1, 2):
+        roles.clear()
+        with manualbp.config.override(grad_weight_split=splits, mlp_fusion=True):
+            results[splits] = gradients(mlp, dtype)
+        layers = len(sizes) - 1
+        expected = {"grad_weight_split": layers if splits > 1 else 0, "grad_weight_sum": layers if splits > 1 else 0,
+                    "matmul": 1 if splits > 1 else layers + 1, "grad_below": layers - 1}
+        counted = {role: roles.count(role) for role in expected}
+        assert counted == expected, f"{sizes} {dtype} S={splits}: launches {roles}"
+    roles.clear()
+    theirs = gradients(eager, dtype)
+    exact = gradients(eager64, torch.float64)
+    for name, split in results[2].items():
+        label = f"{name} [{sizes}, {dtype}]"
+        if not name.endswith("weight"):
+            assert torch.equal(split, results[1][name]), f"{label}: the bits of S = 1"
+            continue
+        assert_close_to_float64(f"{label} unsplit", results[1][name], theirs[name], exact[name])
+        assert_close_to_float64(f"{label} S = 2", split, theirs[name], exact[name])
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu"])
+def test_the_gated_hazard_path_splits(activation, device, monkeypatch):
+    """The gated layer where no matmul may form δ in its loads (toolchain.rs_operand_hazard forced, as in
+    tests/test_toolchain.py): δ_g, δ_u stored, then the dense products; with S = 2 forced each ∂C/∂W by the split
+    kernel, within PyTorch's own error against float64 as unsplit, ∂C/∂X and ∂C/∂b the bits of S = 1."""
+    from manualbp.triton_kernels import gated, toolchain
+    from test_toolchain import FORCED, _gated_eager, _gated_inputs
+
+    monkeypatch.setattr(toolchain, "rs_operand_hazard", lambda device, dtype: FORCED)
+    act = manualbp.get_activation(activation)
+    inputs = _gated_inputs(CHUNK + 52, 24, 40, torch.float32, device, seed=34)
+    theirs = _gated_eager(*inputs, activation)
+    exact = _gated_eager(*(t.double() for t in inputs), activation)
+    roles = _roles_of(monkeypatch)
+    results = {}
+    for splits in (1, 2):
+        roles.clear()
+        with manualbp.config.override(grad_weight_split=splits):
+            results[splits] = gated.gated_backward(*inputs[-1:], *inputs[:-1], None, None, act.kernel_id,
+                                                   act.kernel_slope, (True,) * 5)
+        assert roles.count("grad_weight_split") == (2 if splits > 1 else 0), f"S={splits}: launches {roles}"
+        assert "gated_grad_weight" not in roles, f"S={splits}: the stored-δ plan, launches {roles}"
+    for name, split, unsplit, their, exact_one in zip(("dx", "dW_g", "dW_u", "db_g", "db_u"), results[2], results[1],
+                                                       theirs, exact):
+        label = f"{name} [{activation}, hazard forced]"
+        if "W" not in name:
+            assert torch.equal(split, unsplit), f"{label}: the bits of S = 1"
+            continue
+        assert_close_to_float64(f"{label} unsplit", unsplit, their, exact_one)
+        assert_close_to_float64(f"{label} S = 2", split, their, exact_one)

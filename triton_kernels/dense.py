@@ -1323,6 +1323,7 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
     is prologue_saved; b_transposed: b as its transpose, [N, K] (a weight). Each is read through swapped strides:
     no view made on a warm call (a view costs about as much as the launch's other Python, callgrind).
 
+    Plain product (role "matmul"): out = a @ b; by split-K where grad_weight_splits(K, M, N) > 1.
     Forward (role "forward"): out = f(a @ b + bias), and z = a @ b + bias when z is given
     (f'(a @ b + bias) instead with f_prime_as_z).
     Backward of a stack (role "grad_below", grad_saved [M, N], what the layer below kept, of saved_kind):
@@ -1358,6 +1359,12 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
     setup = _MATMUL_SETUPS.get(flags)
     if setup is None or setup.settings is not settings:  # a config.set() since: every choice made again
         setup = _MATMUL_SETUPS[flags] = _MatmulSetup(flags, settings)
+    if setup.may_split:  # a plain product on a GPU, or S forced: split-K where its output tiles are too few
+        splits = grad_weight_splits(K, M, N, a.device)
+        if splits > 1:  # the split launch takes a as [K, M]: a view only here
+            _launch_grad_weight_split(a if a_transposed else a.t(), b, out, None, splits, 0, 0.0, None, "z",
+                                      use_dot)
+            return None
     kernel = setup.kernel
     partials = None
     if want_partials:
@@ -1433,7 +1440,8 @@ class _MatmulSetup:
     ``flags``): its kernel, the head of its plan options, its partial sums' buffer, whether it asks about TMA and
     TF32. Made again when config.set() has replaced the settings."""
 
-    __slots__ = ("settings", "kernel", "prologue", "options_id", "acc_dtype", "partial_rows", "tma", "tf32")
+    __slots__ = ("settings", "kernel", "prologue", "options_id", "acc_dtype", "partial_rows", "tma", "tf32",
+                 "may_split")
 
     def __init__(self, flags: tuple, settings):
         (role, act_id, negative_slope, f_prime_as_z, has_bias, has_z, has_grad_saved, has_prologue, saved_kind,
@@ -1452,6 +1460,9 @@ class _MatmulSetup:
         self.partial_rows = _PARTIAL_ROWS if fixed is None else min(_PARTIAL_ROWS, fixed[0]["BLOCK_M"])
         self.tma = settings.tma and not fp64
         self.tf32 = dtype is torch.float32 and is_cuda
+        # the plain product asks grad_weight_splits where it may answer S > 1 ("auto" splits on a GPU only): the
+        # CPU's answer here, not a call a launch
+        self.may_split = role == "matmul" and (is_cuda or settings.grad_weight_split != "auto")
 
 
 _MATMUL_SETUPS: dict = {}
@@ -1616,7 +1627,10 @@ def _fixed_config(fp64: bool, use_dot: bool):
 
 def matmul(a: torch.Tensor, b: torch.Tensor, a_transposed: bool = False) -> torch.Tensor:
     """a @ b for a [M, K], b [K, N] of any strides -> a new contiguous [M, N]. a_transposed: a is given as its
-    transpose [K, M] (the product is aᵀ b, read through swapped strides: no view made)."""
+    transpose [K, M] (the product is aᵀ b, read through swapped strides: no view made).
+
+    Where its output tiles are too few for the GPU (grad_weight_splits over the reduction length K: the MLP's
+    ∂C/∂Wₗ = δₗᵀ Xₗ, a δ pass's δᵀ X), split-K (_launch_matmul's role "matmul")."""
     M, N = a.shape[1 if a_transposed else 0], b.shape[1]
     out = a.new_empty(M, N)
     if not (M and N):  # nothing to write (sizes compared: numel() is a torch call)
@@ -1824,19 +1838,25 @@ def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float
 # fill the GPU, each of S programs per tile takes whole chunks of SUM_CHUNK_K rows and writes float32 (float64)
 # partials to a workspace [S, N, K] from PyTorch's allocator, and _split_sum_kernel adds them in order s = 0, 1, ...
 # (no atomics, no host sync: deterministic and CUDA-graph safe). ∂C/∂b's chunk sums go the same way: its bits do
-# not change with S. "auto" counts the output tiles at the largest tile of matmul_configs (the autotuner's first):
+# not change with S. The same plan serves every plain product a @ b (dense.matmul: the MLP's δₗᵀ Xₗ, a δ pass's
+# δᵀ X), reduced over its K, without ∂C/∂b. "auto" counts the output tiles at the largest tile of matmul_configs
+# (the autotuner's first):
 _SPLIT_TILE = (128, 256)
 _SPLIT_ROWS = 256  # a split's rows in the workspace: M rounded up to this, a multiple of every BLOCK_M
 
 
 def grad_weight_splits(rows: int, out_features: int, in_features: int, device: torch.device) -> int:
-    """S, the splits of the ∂C/∂W matmul's rows: manualbp.config's grad_weight_split, "auto" the most that keep
-    S x its output tiles (at _SPLIT_TILE) within one program per SM (a compiled CUDA launch; elsewhere 1). Never more
-    than the rows' chunks of SUM_CHUNK_K (a split is whole chunks); made even: S = cdiv(chunks, cdiv(chunks, S)),
-    so that no split is empty. 1: no split."""
+    """S, the splits of the ∂C/∂W matmul's rows (of any plain product's reduction length: rows, then its output's
+    [out_features, in_features]): manualbp.config's grad_weight_split, "auto" the most that keep S x its output
+    tiles (at _SPLIT_TILE) within one program per SM (a compiled CUDA launch; elsewhere 1). Never more than the
+    rows' chunks of SUM_CHUNK_K (a split is whole chunks); made even: S = cdiv(chunks, cdiv(chunks, S)), so that no
+    split is empty. 1: no split."""
     wanted = config.get().grad_weight_split
     if wanted == "auto":  # every backward asks: the CPU's answer first
-        if device.type != "cuda" or is_interpreted():
+        on_gpu = _ON_GPU.get(device)
+        if on_gpu is None:
+            on_gpu = _ON_GPU[device] = device.type == "cuda"
+        if not on_gpu or is_interpreted():
             return 1
         wanted = _num_sms(device) // (_cdiv(out_features, _SPLIT_TILE[0]) * _cdiv(in_features, _SPLIT_TILE[1]))
     else:
@@ -1846,17 +1866,21 @@ def grad_weight_splits(rows: int, out_features: int, in_features: int, device: t
     return 1 if splits < 2 else _cdiv(chunks, _cdiv(chunks, splits))
 
 
+_ON_GPU: dict = {}  # device -> device.type == "cuda" (device.type builds a new string: ~4x a dict lookup)
+
+
 def _launch_grad_weight_split(a, b, out, row_sums, splits: int, act_id: int, negative_slope: float, prologue_saved,
-                              saved_kind: str) -> None:
+                              saved_kind: str, use_dot=None) -> None:
     """∂C/∂W = δᵀ X into out [M, N] by split-K, and ∂C/∂b into row_sums [M] (accumulator dtype) when given: a = G
     (δ formed on load from prologue_saved, as _launch_matmul's "grad_weight") or a stored δ (act_id 0), both given
     as [K, M] (read as their transposes); b = X [K, N]. Two launches: _grad_weight_split_kernel, then
-    _split_sum_kernel."""
+    _split_sum_kernel. use_dot: as _launch_matmul's (None: tl.dot where it is exact)."""
     K, M = a.shape
     N = b.shape[1]
     fp64 = a.dtype == torch.float64
     acc_dtype = torch.float64 if fp64 else torch.float32
-    use_dot = not fp64 or fp64_dot_supported(a.device)
+    if use_dot is None:
+        use_dot = not fp64 or fp64_dot_supported(a.device)
     chunks = _cdiv(K, SUM_CHUNK_K.value)
     split_rows = _cdiv(M, _SPLIT_ROWS) * _SPLIT_ROWS
     partials = a.new_empty(splits * split_rows, N, dtype=acc_dtype)
