@@ -1323,7 +1323,8 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
     is prologue_saved; b_transposed: b as its transpose, [N, K] (a weight). Each is read through swapped strides:
     no view made on a warm call (a view costs about as much as the launch's other Python, callgrind).
 
-    Plain product (role "matmul"): out = a @ b; by split-K where grad_weight_splits(K, M, N) > 1.
+    Plain product (role "matmul"): out = a @ b; by split-K where grad_weight_splits(K, M, N) > 1 (so is ∂C/∂W,
+    role "grad_weight").
     Forward (role "forward"): out = f(a @ b + bias), and z = a @ b + bias when z is given
     (f'(a @ b + bias) instead with f_prime_as_z).
     Backward of a stack (role "grad_below", grad_saved [M, N], what the layer below kept, of saved_kind):
@@ -1359,11 +1360,11 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
     setup = _MATMUL_SETUPS.get(flags)
     if setup is None or setup.settings is not settings:  # a config.set() since: every choice made again
         setup = _MATMUL_SETUPS[flags] = _MatmulSetup(flags, settings)
-    if setup.may_split:  # a plain product on a GPU, or S forced: split-K where its output tiles are too few
+    if setup.may_split:  # ∂C/∂W or a plain product, on a GPU or S forced: split-K where its output tiles are too few
         splits = grad_weight_splits(K, M, N, a.device)
-        if splits > 1:  # the split launch takes a as [K, M]: a view only here
-            _launch_grad_weight_split(a if a_transposed else a.t(), b, out, None, splits, 0, 0.0, None, "z",
-                                      use_dot)
+        if splits > 1:  # the split launch takes a as [K, M]: a view only here (a plain product's)
+            _launch_grad_weight_split(a if a_transposed else a.t(), b, out, row_sums, splits, act_id, negative_slope,
+                                      prologue_saved, saved_kind, use_dot)
             return None
     kernel = setup.kernel
     partials = None
@@ -1460,9 +1461,9 @@ class _MatmulSetup:
         self.partial_rows = _PARTIAL_ROWS if fixed is None else min(_PARTIAL_ROWS, fixed[0]["BLOCK_M"])
         self.tma = settings.tma and not fp64
         self.tf32 = dtype is torch.float32 and is_cuda
-        # the plain product asks grad_weight_splits where it may answer S > 1 ("auto" splits on a GPU only): the
-        # CPU's answer here, not a call a launch
-        self.may_split = role == "matmul" and (is_cuda or settings.grad_weight_split != "auto")
+        # ∂C/∂W and the plain product ask grad_weight_splits where it may answer S > 1 ("auto" splits on a GPU
+        # only): the CPU's answer here, not a call a launch
+        self.may_split = role in ("grad_weight", "matmul") and (is_cuda or settings.grad_weight_split != "auto")
 
 
 _MATMUL_SETUPS: dict = {}
@@ -1813,13 +1814,8 @@ def linear_backward(grad_a, x, weight, saved, act_id: int, negative_slope: float
         if want_weight:
             grad_weight = grad_a.new_empty(N, K)
             row_sums = grad_a.new_empty(N, dtype=acc_dtype) if bias_from_matmul else None
-            splits = grad_weight_splits(M, N, K, grad_a.device) if N and K else 1
-            if splits > 1:  # split-K over the rows, then their fixed-order sum (δ stored, or formed on load)
-                stored = delta is not None
-                _launch_grad_weight_split(delta if stored else grad_a, x, grad_weight, row_sums, splits,
-                                          0 if stored else act_id, negative_slope, None if stored else saved,
-                                          saved_kind)
-            elif delta is not None:  # ∂C/∂W = δᵀ X  [N, M] [M, K]: δᵀ read through swapped strides
+            # (split-K over the rows where _launch_matmul's grad_weight_splits says so: δ stored, or formed on load)
+            if delta is not None:  # ∂C/∂W = δᵀ X  [N, M] [M, K]: δᵀ read through swapped strides
                 _launch_matmul(delta, x, grad_weight, role="grad_weight", row_sums=row_sums, a_transposed=True)
             elif N and K:
                 # ∂C/∂W = δᵀ X  [N, M] [M, K]: δᵀ and its saved factor read through swapped strides.
