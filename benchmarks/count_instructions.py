@@ -43,6 +43,10 @@ float32, ``--steps 100``; docs/performance.md has the history and the breakdown)
     52c3521 (warm-call table)                 506,365   587,432          745,662  1,069,009  1,230,583        1,938,651
     3a16d09 (setup cached, no views)          504,327   588,687          599,130  1,063,984  1,229,964        1,522,942
     50c69d8 (generated warm call, no guards)  504,769   587,603          521,292  1,064,759  1,230,915        1,226,121
+
+    --problems gated (GatedMLP(16, 16) silu)  GatedMLP: nn  manualbp  manualbp-triton
+    b4321ca (before its launchers' change)        653,998   843,212        1,177,071
+    8340c8b (gated launchers as dense ones)       653,051   767,995          905,825
 """
 
 from __future__ import annotations
