@@ -4,9 +4,11 @@
     python benchmarks/bench_overhead.py --rounds 4000 --tag cpu_2core
     python benchmarks/bench_overhead.py --depth          # the call chain from Linear.forward to the first kernel
 
-Problems: one layer, x [4, 16] -> 16 with gelu, and a 3-layer MLP 16 -> 16 -> 16 -> 16
-(gelu, gelu, identity), each beside the same model of ``nn.Linear`` + ``nn.GELU``
-(``nn.Sequential`` for the MLP); and one matrix product [4, 16] [16, 16]: ``torch.mm``, the
+Problems: one layer, x [4, 16] -> 16 with gelu, a 3-layer MLP 16 -> 16 -> 16 -> 16
+(gelu, gelu, identity), and a gated MLP (``manualbp.GatedMLP(16, 16, "silu")``, SwiGLU, no biases), each beside
+the same model of ``nn.Linear`` + ``nn.GELU`` (``nn.Sequential`` for the MLP; for the gated MLP
+bench_dense's ``GatedEager``, transformers' LlamaMLP written out, holding the same parameters: manualbp.revert
+leaves a GatedMLP's gating manualbp's); and one matrix product [4, 16] [16, 16]: ``torch.mm``, the
 same inside a ``torch.library.custom_op`` defined here (the price of a bare custom_op call)
 and ``torch.ops.manualbp.matmul`` (where the installed manualbp has it).
 At this size a call is all Python and dispatch: the time is the overhead.
@@ -47,11 +49,13 @@ from torch import nn
 import manualbp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_dense beside this file, however it is run
-from bench_dense import CsvRows, _triton_version, check_choices, finish_bar_plot, pick_device, pyplot  # noqa: E402
+from bench_dense import (CsvRows, GatedEager, _triton_version, check_choices, finish_bar_plot,  # noqa: E402
+                         pick_device, pyplot)
 
 ROWS, WIDTH = 4, 16
 MLP_SIZES = [WIDTH, WIDTH, WIDTH, WIDTH]
-PROBLEMS = ("linear", "mlp", "op")
+GATED_ACTIVATION = "silu"  # SwiGLU, the gated tests' most common activation
+PROBLEMS = ("linear", "mlp", "gated", "op")
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -64,6 +68,13 @@ def build(problem: str, impl: str, device, dtype):
             return ours
         theirs = nn.Sequential(nn.Linear(WIDTH, WIDTH, device=device, dtype=dtype), nn.GELU())
         theirs[0].load_state_dict(ours.state_dict())
+        return theirs
+    if problem == "gated":
+        ours = manualbp.GatedMLP(WIDTH, WIDTH, GATED_ACTIVATION, device=device, dtype=dtype)
+        if impl == "manualbp":
+            return ours
+        theirs = GatedEager(WIDTH, WIDTH, GATED_ACTIVATION, device, dtype)
+        theirs.load_state_dict(ours.state_dict())  # the same keys: gate_proj, up_proj, down_proj .weight
         return theirs
     ours = manualbp.MLP(MLP_SIZES, activation="gelu", device=device, dtype=dtype)
     return ours if impl == "manualbp" else ours.to_sequential()
@@ -177,6 +188,7 @@ def header(device, dtype_name: str, backend: str, clock_name: str, args) -> dict
     for key, value in info.items():
         print(f"#   {key:13s} {value}")
     print(f"#   dtype         {dtype_name}   x [{ROWS}, {WIDTH}]   MLP {MLP_SIZES}   "
+          f"gated MLP {WIDTH} -> {WIDTH} -> {WIDTH} ({GATED_ACTIVATION})   "
           f"rounds {args.rounds} x {args.calls} calls per implementation")
     print("#   µs per call: median over rounds (p20, p80); ratio = this median / nn's median")
     return info

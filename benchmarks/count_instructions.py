@@ -1,6 +1,7 @@
 """Call overhead as CPU instructions: bench_overhead.py's problems, counted by valgrind instead of timed.
 
     python benchmarks/count_instructions.py                         # linear and mlp, fwd+bwd, 300 steps
+    python benchmarks/count_instructions.py --problems gated        # GatedMLP (silu) beside LlamaMLP written out
     python benchmarks/count_instructions.py --steps 500 --modes fwd,fwd+bwd
     python benchmarks/count_instructions.py --manualbp-path /tmp/old_checkout   # another manualbp's code
     python benchmarks/count_instructions.py --impls nn,manualbp-triton          # the GPU's launch path, stubbed
@@ -42,6 +43,10 @@ float32, ``--steps 100``; docs/performance.md has the history and the breakdown)
     52c3521 (warm-call table)                 506,365   587,432          745,662  1,069,009  1,230,583        1,938,651
     3a16d09 (setup cached, no views)          504,327   588,687          599,130  1,063,984  1,229,964        1,522,942
     50c69d8 (generated warm call, no guards)  504,769   587,603          521,292  1,064,759  1,230,915        1,226,121
+
+    --problems gated (GatedMLP(16, 16) silu)  GatedMLP: nn  manualbp  manualbp-triton
+    b4321ca (before its launchers' change)        653,998   843,212        1,177,071
+    8340c8b (gated launchers as dense ones)       653,051   767,995          905,825
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ void count_start(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; 
 void count_stop(void) { CALLGRIND_TOGGLE_COLLECT; CALLGRIND_DUMP_STATS; CALLGRIND_STOP_INSTRUMENTATION; }
 """
 WARMUP = 50
+PROBLEMS = ("linear", "mlp", "gated")  # bench_overhead's problems that have a backward
 
 
 def child(helper: str, problem: str, impl: str, mode: str, steps: int, manualbp_path: str) -> None:
@@ -149,7 +155,7 @@ def breakdown_child(helper: str, problem: str, impl: str, steps: int) -> None:
 
     import bench_overhead
     import manualbp
-    from manualbp import ops
+    from manualbp import gated_ops, ops
 
     torch.set_num_threads(1)
     model = bench_overhead.build(problem, "manualbp", torch.device("cpu"), torch.float32)
@@ -167,15 +173,19 @@ def breakdown_child(helper: str, problem: str, impl: str, steps: int) -> None:
     with manualbp.use_backend(backend):
         for _ in range(WARMUP):
             step()
-        restore = _record(ops.direct, [n for n, v in vars(ops.direct).items() if isinstance(v, staticmethod)],
-                          layers["ops"], phase)
+        restore = []
+        for namespace in (ops.direct, gated_ops.direct):  # the dense and the gated layer's computations
+            restore += _record(namespace, [n for n, v in vars(namespace).items() if isinstance(v, staticmethod)],
+                               layers["ops"], phase)
         if backend == "triton":
-            from manualbp.triton_kernels import dense, jvp, launch
+            from manualbp.triton_kernels import dense, gated, jvp, launch
 
             launchers = ("linear_forward", "linear_backward", "delta_and_bias_grad", "activation_forward", "matmul",
                          "matmul_times_activation_grad")
             restore += _record(dense, launchers, layers["launchers"], phase)
             restore += _record(jvp, ("linear_jvp",), layers["launchers"], phase)
+            restore += _record(gated, ("gated_forward", "gated_backward", "gated_jvp", "gate_forward",
+                                       "gate_backward", "gate_jvp"), layers["launchers"], phase)
             restore += _record(launch, ("run",), layers["launch"], phase)
         for t in reset:
             t.grad = None
@@ -300,7 +310,7 @@ def main(argv=None) -> int:
         child(helper, problem, impl, mode, int(steps), path)
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--problems", default="linear,mlp", help="comma-separated: linear, mlp")
+    parser.add_argument("--problems", default="linear,mlp", help=f"comma-separated: {', '.join(PROBLEMS)}")
     parser.add_argument("--modes", default="fwd+bwd", help="comma-separated: fwd, fwd+bwd")
     parser.add_argument("--impls", default="nn,manualbp,manualbp-triton",
                         help="comma-separated: nn (always counted first, the ratios' base), manualbp, manualbp-triton")
@@ -309,6 +319,9 @@ def main(argv=None) -> int:
     parser.add_argument("--breakdown", action="store_true",
                         help="the fwd+bwd step by layer of the call chain, for manualbp and manualbp-triton")
     args = parser.parse_args(argv)
+    unknown = [p for p in args.problems.split(",") if p not in PROBLEMS]
+    if unknown:
+        parser.error(f"--problems: unknown {unknown}; choose from {list(PROBLEMS)}")
     if shutil.which("valgrind") is None:
         print("count_instructions: valgrind is not installed", file=sys.stderr)
         return 2

@@ -79,6 +79,16 @@ def stub_kernels():
     dense._fixed_config = lambda fp64, use_dot: None  # ... and the launchers the GPU's autotuned launches
     dense._autotuned_matmul = lambda kernel: tuners[kernel]
     jvp._autotuned_jvp = lambda: jvp_tuner
+    from manualbp.triton_kernels import gated  # the gated layer's launchers: the same path
+
+    gated_tuners = {}
+    for role, name in gated._KERNELS.items():  # one autotuner per role and element size (gated._autotuned)
+        for size in (2, 4):
+            gated_tuners[role, size] = _NoLaunch(getattr(gated, name), best_config=gated.matmul_configs(role, size)[0])
+    for name in (*gated._KERNELS.values(), "_gate_kernel", "_gated_tangent_kernel"):
+        setattr(gated, name, _NoLaunch(getattr(gated, name)))
+    gated._autotuned = lambda role, element_size: gated_tuners[role, element_size]
+    gated._fixed_tile = lambda role, dtype, use_dot: None  # the autotuned tiles, as on a GPU
     real_build = launch.build
 
     def build(*args, **kwargs):  # ... whose plans keep the compiled launcher, as on an NVIDIA GPU

@@ -20,14 +20,17 @@ from torch import Tensor, nn
 from . import backends, config, gated_ops, ops, quantization
 from .activations import Activation, get_activation
 from .function import apply
-from .functional import (FLOAT_DTYPES, _any_autocast, _autocast, _autocast_dtype, _check_inputs, as_rows,
-                         differentiable, from_rows, run_in)
+from .functional import (FLOAT_DTYPES, _any_autocast, _autocast, _autocast_dtype, _check_inputs, _first_layer_ok,
+                         as_rows, differentiable, from_rows, run_in)
 from .gated_function import gate_function, gated_linear_function
 from .modules import Linear, has_hooks
 
 
 def _check_gated(input, gate_weight, up_weight, gate_bias, up_bias) -> None:
     """Every bad-input error of gated_linear, before anything runs."""
+    if (_first_layer_ok(input, gate_weight, gate_bias) and _first_layer_ok(input, up_weight, up_bias)
+            and gate_weight.shape == up_weight.shape):
+        return  # the checks below as one expression, for every call (functional.check_layers)
     for label, weight, bias in (("gate", gate_weight, gate_bias), ("up", up_weight, up_bias)):
         try:
             _check_inputs(input, weight, bias)
@@ -86,7 +89,7 @@ def _gated_linear(x, gate_weight, up_weight, gate_bias, up_bias, activation: Act
     tensors = (x, gate_weight, up_weight, gate_bias, up_bias)
     direct = ops.dispatch_free(tensors)
     if differentiable(direct, *tensors):
-        return apply(gated_linear_function(), direct, *tensors, activation, recompute, backend, direct)[0]
+        return apply(gated_linear_function(direct), direct, *tensors, activation, recompute, backend, direct)[0]
     # no_grad / inference_mode / nothing requires grad: compute A only, keep nothing
     return gated_ops.route(direct).gated_forward(*tensors, activation, False, backend)[0]
 
@@ -107,7 +110,7 @@ def gating(z_gate: Tensor, z_up: Tensor, activation: "str | Activation" = "silu"
     rows = (as_rows(z_gate), as_rows(z_up))
     direct = ops.dispatch_free(rows)
     if differentiable(direct, *rows):
-        a = apply(gate_function(), direct, *rows, activation, name, direct)
+        a = apply(gate_function(direct), direct, *rows, activation, name, direct)
     else:
         a = gated_ops.route(direct).gate_forward(*rows, activation, name)
     return from_rows(a, z_gate)
@@ -158,21 +161,30 @@ class GatedMLP(nn.Module):
         self.recompute = bool(recompute)
         self.backend = backend
 
-    def _fused(self) -> bool:
-        gate, up = self.gate_proj, self.up_proj
-        # torchao's quantize_ swaps in quantized weights: each projection then runs torchao's own linear
-        return (type(gate) is Linear and type(up) is Linear and not has_hooks(gate) and not has_hooks(up)
-                and gate.activation.name == "identity" and up.activation.name == "identity"
-                and not quantization.is_quantized(gate.weight) and not quantization.is_quantized(up.weight))
+    @staticmethod
+    def _fused_parameters(gate: nn.Module, up: nn.Module):
+        """(gate_weight, up_weight, gate_bias, up_bias) where the projections gate and up run inside the gated
+        layer, None where each runs as a module (the class docstring)."""
+        if not (type(gate) is Linear and type(up) is Linear and not has_hooks(gate) and not has_hooks(up)
+                and gate.activation.name == "identity" and up.activation.name == "identity"):
+            return None
+        gate_weight, up_weight = gate.weight, up.weight
+        # torchao's quantize_ swaps in quantized weights (tensor subclasses, never plain Parameters): each projection
+        # then runs torchao's own linear
+        if ((type(gate_weight) is not nn.Parameter and quantization.is_quantized(gate_weight))
+                or (type(up_weight) is not nn.Parameter and quantization.is_quantized(up_weight))):
+            return None
+        return gate_weight, up_weight, gate.bias, up.bias
 
     def forward(self, input: Tensor) -> Tensor:
-        if self._fused():
-            gate_proj, up_proj = self.gate_proj, self.up_proj
-            a = gated_linear(input, gate_proj.weight, up_proj.weight, gate_proj.bias, up_proj.bias, self.activation,
-                             recompute=self.recompute, backend=self.backend)
+        modules = self._modules  # each submodule asked once (nn.Module's __getattr__ on every access)
+        gate, up = modules["gate_proj"], modules["up_proj"]
+        parameters = self._fused_parameters(gate, up)
+        if parameters is not None:
+            a = gated_linear(input, *parameters, self.activation, recompute=self.recompute, backend=self.backend)
         else:
-            a = gating(self.gate_proj(input), self.up_proj(input), self.activation, backend=self.backend)
-        return self.down_proj(a)
+            a = gating(gate(input), up(input), self.activation, backend=self.backend)
+        return modules["down_proj"](a)
 
     def extra_repr(self) -> str:
         text = (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "

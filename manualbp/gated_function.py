@@ -98,7 +98,11 @@ class GatedLinearFunction(torch.autograd.Function):
         ctx.saved_unchanged = direct and ops.saved_unchanged()
         # For a double backward only (it recomputes Z): parameters, so no memory; versions to detect changes.
         ctx.biases = (gate_bias, up_bias)
-        ctx.versions = (_version(gate_bias), _version(up_bias))
+        if direct:  # plain eager code: plain tensors, not compiling (ops.dispatch_free); no call per bias
+            ctx.versions = (None if gate_bias is None else gate_bias._version,
+                            None if up_bias is None else up_bias._version)
+        else:
+            ctx.versions = (_version(gate_bias), _version(up_bias))
         if not direct and forward_mode_active():
             ctx.save_for_forward(x, gate_weight, up_weight, gate_bias, up_bias, *kept_z)
 
@@ -153,9 +157,11 @@ class TracedGatedLinearFunction(GatedLinearFunction):
     jvp = torch.autograd.Function.jvp
 
 
-def gated_linear_function():
-    """The Function a call should apply: GatedLinearFunction, or its traceable twin while torch.compile traces."""
-    return TracedGatedLinearFunction if torch.compiler.is_compiling() else GatedLinearFunction
+def gated_linear_function(direct: bool = False):
+    """The Function a call should apply: GatedLinearFunction, or its traceable twin while torch.compile traces.
+
+    direct: ``ops.dispatch_free`` held for this call, so nothing is compiling (not asked again)."""
+    return GatedLinearFunction if direct or not torch.compiler.is_compiling() else TracedGatedLinearFunction
 
 
 class GateFunction(torch.autograd.Function):
@@ -208,5 +214,6 @@ class TracedGateFunction(GateFunction):
     jvp = torch.autograd.Function.jvp
 
 
-def gate_function():
-    return TracedGateFunction if torch.compiler.is_compiling() else GateFunction
+def gate_function(direct: bool = False):
+    """GateFunction, or its traceable twin while torch.compile traces (direct: as gated_linear_function's)."""
+    return GateFunction if direct or not torch.compiler.is_compiling() else TracedGateFunction

@@ -27,6 +27,8 @@ sharding of the gated layer itself has none: f of a partial sum is not the sum o
 
 from __future__ import annotations
 
+import importlib
+import sys
 from typing import List, Optional
 
 import torch
@@ -52,11 +54,16 @@ def _check_shapes(op: str, x: Tensor, gate_weight: Tensor, up_weight: Tensor, ga
 
 
 def _triton():
-    """The Triton launchers of the gated layer."""
-    backends.kernels()  # Triton's import error, if any, raised as the dense layer raises it
-    from .triton_kernels import gated
-
+    """The Triton launchers of the gated layer: one dict lookup once imported (an import statement here cost every
+    call ~7k instructions, as backends.kernels() says of the dense layer's)."""
+    gated = _modules.get(_GATED)
+    if gated is None:
+        backends.kernels()  # Triton's import error, if any, raised as the dense layer raises it
+        gated = importlib.import_module(_GATED)
     return gated
+
+
+_modules, _GATED = sys.modules, f"{__package__}.triton_kernels.gated"
 
 
 # --------------------------------------------------------------------------------------

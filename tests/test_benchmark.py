@@ -202,7 +202,8 @@ def test_overhead_run_writes_csv_rows(tmp_path, capsys):
     assert "# manualbp call-overhead benchmark" in printed and "torch" in printed, "header with versions"
     rows = list(csv.DictReader(open(tmp_path / "bench_overhead_test.csv")))
     cases = sorted((r["problem"], r["mode"], r["impl"]) for r in rows)
-    expected = sorted([(p, m, i) for p in ("linear", "mlp") for m in ("fwd", "fwd+bwd") for i in ("nn", "manualbp")]
+    expected = sorted([(p, m, i) for p in ("linear", "mlp", "gated") for m in ("fwd", "fwd+bwd")
+                       for i in ("nn", "manualbp")]
                       + [("op", "fwd", "nn"), ("op", "fwd", "custom_op"), ("op", "fwd", "manualbp")])
     assert cases == expected, f"rows: {cases}"
     for row in rows:
@@ -210,6 +211,47 @@ def test_overhead_run_writes_csv_rows(tmp_path, capsys):
         assert row["backend"] == "reference", "the CPU times the reference backend"
         if row["impl"] == "nn":
             assert float(row["ratio_to_nn"]) == pytest.approx(1.0), "nn's ratio to itself"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_overhead_gated_problem_compares_like_with_like(backend):
+    """bench_overhead's gated problem: manualbp.GatedMLP (SwiGLU) and its nn twin (bench_dense's GatedEager, loaded
+    with the GatedMLP's state_dict) hold the same parameters, and a step of each gives the same output and
+    gradients: within twice PyTorch's own float32 error against the twin in float64 (the reference backend runs
+    PyTorch's own ops: the same bits)."""
+    from checks import assert_close_to_float64
+
+    if backend == "triton":
+        reason = manualbp.backends.triton_unavailable_reason(torch.device("cpu"), torch.float32)
+        if reason:
+            pytest.skip(reason)
+    bench = _load_overhead()
+    ours = bench.build("gated", "manualbp", torch.device("cpu"), torch.float32)
+    theirs = bench.build("gated", "nn", torch.device("cpu"), torch.float32)
+    assert isinstance(ours, manualbp.GatedMLP) and ours.activation.name == "silu", f"ours: {ours}"
+    assert type(theirs).__name__ == "GatedEager" and isinstance(theirs.act_fn, torch.nn.SiLU), f"theirs: {theirs}"
+    assert ours.state_dict().keys() == theirs.state_dict().keys(), "the same state_dict keys"
+    for name, tensor in theirs.state_dict().items():
+        assert torch.equal(tensor, ours.state_dict()[name]), f"{name}: the same values"
+    exact = bench.build("gated", "nn", torch.device("cpu"), torch.float64)
+    exact.load_state_dict({k: v.double() for k, v in theirs.state_dict().items()})
+    torch.manual_seed(3)
+    x = torch.randn(bench.ROWS, bench.WIDTH)
+    grad = torch.randn(bench.ROWS, bench.WIDTH)
+    results = {}
+    for label, model, dtype in (("ours", ours, torch.float32), ("theirs", theirs, torch.float32),
+                                ("exact", exact, torch.float64)):
+        leaf = x.to(dtype).detach().clone().requires_grad_(True)
+        with manualbp.use_backend(backend):
+            out = model(leaf)
+            out.backward(grad.to(dtype))
+        results[label] = [out.detach(), leaf.grad, *(p.grad for p in model.parameters())]
+    names = ["output", "x.grad", *(name for name, _ in ours.named_parameters())]
+    assert len(results["ours"]) == len(results["theirs"]) == len(names) == 5, f"compared: {names}"
+    for name, mine, their, exact_ in zip(names, results["ours"], results["theirs"], results["exact"]):
+        if backend == "reference":
+            assert torch.equal(mine, their), f"reference: {name} bitwise equal to nn's"
+        assert_close_to_float64(f"{backend}: {name}", mine, their, exact_)
 
 
 def test_overhead_call_chain_reaches_the_reference(capsys):
@@ -220,26 +262,56 @@ def test_overhead_call_chain_reaches_the_reference(capsys):
     assert frames[-1] == "manualbp/reference.py:pre_activation", f"ends where the kernel is called: {frames}"
 
 
-def test_instruction_counter_child_runs_natively(tmp_path):
-    """count_instructions.py's measured loop, outside valgrind (its client requests then do nothing): the
-    helper builds and the child runs bench_overhead's case, so the script keeps up with that harness."""
+def _counter_and_helper(tmp_path, triton: bool = False):
+    """count_instructions.py as a module and its valgrind helper built in tmp_path, or a skip saying what is missing
+    (triton: the stubbed triton path, which takes CPU tensors through the interpreter's kernels)."""
     import shutil
-    import subprocess
 
-    script = ROOT / "benchmarks" / "count_instructions.py"
-    spec = importlib.util.spec_from_file_location("count_instructions", script)
-    counter = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(counter)
+    counter = _load_script("count_instructions")
     if (shutil.which("cc") or shutil.which("gcc")) is None:
         pytest.skip("no C compiler to build the valgrind helper")
     if not pathlib.Path("/usr/include/valgrind/callgrind.h").exists():
         pytest.skip("valgrind's callgrind.h is not installed")
-    helper = counter.build_helper(str(tmp_path))
-    for problem in ("linear", "mlp"):
+    reason = manualbp.backends.interpreter_numpy_reason() if triton else None
+    if reason:
+        pytest.skip(reason)
+    return counter, counter.build_helper(str(tmp_path))
+
+
+def test_instruction_counter_child_runs_natively(tmp_path):
+    """count_instructions.py's measured loop, outside valgrind (its client requests then do nothing): the
+    helper builds and the child runs bench_overhead's case, so the script keeps up with that harness."""
+    import subprocess
+
+    script = ROOT / "benchmarks" / "count_instructions.py"
+    counter, helper = _counter_and_helper(tmp_path)
+    for problem in ("linear", "mlp", "gated"):
         result = subprocess.run([sys.executable, str(script), "--child", helper, problem, "manualbp", "fwd+bwd", "3",
                                  ""], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, f"{problem}: child failed:\n{result.stderr[-2000:]}"
         assert "manualbp from" in result.stderr, f"{problem}: the child names the manualbp it counted"
+    assert counter.PROBLEMS == ("linear", "mlp", "gated"), "the problems it counts"
+    with pytest.raises(SystemExit):
+        counter.main(["--problems", "linear,gatd"])  # refused before valgrind is asked for
+
+
+def test_instruction_counter_takes_the_gated_problem_on_the_stubbed_triton_path(tmp_path):
+    """count_instructions.py --problems gated: the child counts GatedMLP's step on the triton path with every launch
+    stubbed (host_path.stub_kernels stubs the gated kernels too), and --breakdown records the gated layer's
+    computation and launchers: a step is 2 computations (forward, backward) and 2 launchers per layer (GatedMLP's
+    gated layer and its down_proj), 6 launches (the gated forward, ∂C/∂X, ∂C/∂W; down_proj's three)."""
+    import subprocess
+
+    _, helper = _counter_and_helper(tmp_path, triton=True)
+    script = str(ROOT / "benchmarks" / "count_instructions.py")
+    result = subprocess.run([sys.executable, script, "--child", helper, "gated", "manualbp-triton", "fwd+bwd", "3", ""],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"child failed:\n{result.stderr[-2000:]}"
+    result = subprocess.run([sys.executable, script, "--child", helper, "breakdown", "gated", "manualbp-triton", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"breakdown child failed:\n{result.stderr[-2000:]}"
+    lines = result.stderr.splitlines()
+    assert "calls ops=4,launchers=4,launch=6" in lines, f"the calls recorded a step: {lines[-5:]}"
 
 
 def test_problems_run_in_the_order_given_and_unknown_ones_are_refused(tmp_path):

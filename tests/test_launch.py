@@ -9,6 +9,7 @@ need a GPU.
 from __future__ import annotations
 
 import inspect
+import sys
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import triton
 
 import manualbp
 from manualbp import backends
-from manualbp.triton_kernels import dense, launch
+from manualbp.triton_kernels import dense, gated, launch
 from checks import assert_close_to_float64, compare_with_pytorch, torch_dense
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -168,6 +169,105 @@ def test_a_matmuls_cached_setup_follows_settings_and_dtype(change):
     if change != "float64":
         again = _launched(lambda: forward(x, weight, bias))
         assert again == warm, f"{change}: the old settings again, the warm plan again"
+
+
+def gated_models():
+    torch.manual_seed(8)
+    hooked = manualbp.GatedMLP(40, 24, "gelu_tanh", backend="triton")
+    hooked.up_proj.register_forward_hook(lambda module, inputs, output: output)  # the gating alone
+    return {
+        "GatedMLP silu bias": manualbp.GatedMLP(40, 24, "silu", bias=True, backend="triton"),
+        "GatedMLP relu recompute": manualbp.GatedMLP(40, 24, "relu", recompute=True, backend="triton"),
+        "GatedMLP gating alone": hooked,
+    }
+
+
+GATED_ROLES = {"GatedMLP silu bias": {"gated_forward", "gated_grad_x", "gated_grad_weight"},
+               "GatedMLP relu recompute": {"gated_forward", "gated_grad_x", "gated_grad_weight"},
+               "GatedMLP gating alone": {"gated_gate"}}
+
+
+@pytest.mark.parametrize("name", list(gated_models()))
+def test_a_warm_gated_step_builds_no_plan_closure_or_layout(name, monkeypatch):
+    """The gated layer's launchers on the dense layer's launch path: a warm GatedMLP step finds every launch in its
+    layout's table of calls seen (no key computed, no plan built, no new layout), hands launch.run a module-level
+    make (no closure made per call), enters no device guard and asks no setting but config.get() (the autotune and
+    TF32 questions once per setup); the same bits as the cold step."""
+    require_triton()
+    model = gated_models()[name].to(DEVICE)
+    x, grad = torch.randn(37, 40, device=DEVICE), torch.randn(37, 40, device=DEVICE)
+    launch.PLANS.clear()
+    first = step(model, x, grad)
+    plans, layouts = dict(launch.PLANS), dict(launch._LAYOUTS)
+    assert GATED_ROLES[name] <= {plan.role for plan in plans.values()}, f"{name}: roles {plans}"
+    launched = {key: plan.launches for key, plan in plans.items()}
+    real_run, makes = launch.run, []
+
+    def run(role, options, args, M, N, make, *make_args):
+        makes.append((role, make))
+        return real_run(role, options, args, M, N, make, *make_args)
+
+    def refuse(what):
+        def refused(*args, **kwargs):
+            raise AssertionError(f"{name}: a warm step called {what}")
+        return refused
+
+    asked = []  # (what, the module that asked): the dense layer's own launchers may ask, the gated layer's not
+
+    def recorded(what, real):
+        def record(*args, **kwargs):
+            asked.append((what, sys._getframe(1).f_globals["__name__"]))
+            return real(*args, **kwargs)
+        return record
+
+    monkeypatch.setattr(launch, "run", run)
+    for what in ("build", "_first_call", "specialization"):
+        monkeypatch.setattr(launch, what, refuse(what))
+    for what in ("_device_guard", "autotune_enabled", "tf32_allowed"):
+        monkeypatch.setattr(dense, what, recorded(what, getattr(dense, what)))
+    second = step(model, x, grad)
+    monkeypatch.undo()
+    assert not [(what, who) for what, who in asked if who == gated.__name__], f"{name}: the gated launchers asked"
+    assert launch.PLANS == plans and launch._LAYOUTS == layouts, f"{name}: no plan, no layout made"
+    assert all(plan.launches > launched[key] for key, plan in plans.items()), f"{name}: every plan launched warm"
+    gated_makes = [(role, make) for role, make in makes if role.startswith("gated_")]
+    assert {role for role, _ in gated_makes} == GATED_ROLES[name], f"{name}: the gated launches {gated_makes}"
+    for role, make in makes:
+        assert make.__closure__ is None and "<locals>" not in make.__qualname__, \
+            f"{name}: {role} launched with a closure {make.__qualname__}"
+    for index, (a, b) in enumerate(zip(first, second)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"{name}: output/gradient {index}\n{m}")
+
+
+def test_a_gated_launch_follows_a_config_change():
+    """What the gated launchers cache per flags (gated._Setup: the plan options, the constexpr flags) is made again
+    when config.set() replaces the settings: after warm GatedMLP steps, a step with autotune off launches plans of
+    its own for the forward, ∂C/∂X and ∂C/∂W (built on that step), with the same bits (the interpreter's tile is
+    fixed either way; on a GPU the untuned tile); back to the old settings, the warm plans again."""
+    require_triton()
+    model = gated_models()["GatedMLP silu bias"].to(DEVICE)
+    x, grad = torch.randn(37, 40, device=DEVICE), torch.randn(37, 40, device=DEVICE)
+    roles = GATED_ROLES["GatedMLP silu bias"]
+
+    def gated_plans(fn):
+        return [plan for plan in _launched(fn) if plan.role in roles]
+
+    for _ in range(2):
+        warm = gated_plans(lambda: step(model, x, grad))
+    assert {plan.role for plan in warm} == roles and all(plan.launches > 0 for plan in warm), "the warm step"
+    results = []
+    with manualbp.config.override(autotune=False):
+        plans = gated_plans(lambda: results.append(step(model, x, grad)))
+        setups = [s for s in gated._SETUPS.values() if s.settings is manualbp.config.get()]
+    assert {s.flags.get("ACTIVATION") for s in setups} == {manualbp.get_activation("silu").kernel_id}, \
+        f"setups made under the new settings: {setups}"
+    assert {plan.role for plan in plans} == roles, f"autotune off: {[plan.role for plan in plans]}"
+    assert not set(plans) & set(warm) and all(plan.launches == 0 for plan in plans), \
+        "plans of their own, built on this step"
+    if dense.is_interpreted():
+        for index, (a, b) in enumerate(zip(step(model, x, grad), results[0])):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"autotune off: output/gradient {index}")
+    assert gated_plans(lambda: step(model, x, grad)) == warm, "the old settings again, the warm plans again"
 
 
 def test_every_matmul_output_is_a_new_contiguous_tensor(monkeypatch):

@@ -30,7 +30,11 @@ f and f' are the dense kernels' (``triton_kernels/activations.py``), the matmul 
 ``dense._tile_dot``, the tile order ``dense._tile_position``.
 
 Every launch goes through a launch plan (``launch.run``; roles "gated_forward", "gated_grad_x",
-"gated_grad_weight", "gated_gate", "gated_tangent"): a warm call is key, lookup, launch. The matmul kernels
+"gated_grad_weight", "gated_gate", "gated_tangent") as the dense layer's do: what a launch's flags decide with its
+dtype, kind of device and the settings is cached (``_Setup``, made again after a ``config.set()``), the plan's make
+is a module-level function passed with its arguments (no closure a call), no device guard (``launch.run`` switches
+to the tensors' GPU itself), outputs are new contiguous tensors whose strides are not asked: a warm call is the
+arguments, one setup lookup and launch.run's lookup and launch. The matmul kernels
 name their tiles as a matmul's (output [BLOCK_M, BLOCK_N], K step BLOCK_K along the contracted dimension,
 whichever that is), so one config means one tile in every role. On a GPU they autotune per M/N/K bucket among
 :func:`matmul_configs`, spill-free tiles chosen from the offline sm_90 compile report
@@ -47,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import config
 from . import activations as act
 from . import dense, jvp, launch, toolchain
 
@@ -489,61 +494,107 @@ def _fixed_tile(role: str, dtype: torch.dtype, use_dot: bool):
     return dict(config.kwargs), dict(num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _launch_matmul(role: str, options: tuple, args: tuple, rows: int, columns: int, flags: dict,
-                   like: torch.Tensor, use_dot: bool) -> None:
+# Each role's flags: the kernel's constexprs but the tile and what the dtype, device and settings decide, in the order
+# its launcher passes their values (a tuple: a dict is built once a setup, _Setup.flags).
+_FLAG_NAMES = {
+    "gated_forward": ("HAS_GATE_BIAS", "HAS_UP_BIAS", "ACTIVATION", "NEGATIVE_SLOPE", "WRITE_A", "WRITE_Z"),
+    "gated_grad_x": ("ACTIVATION", "NEGATIVE_SLOPE"),
+    "gated_grad_weight": ("ACTIVATION", "NEGATIVE_SLOPE", "WANT_GATE_WEIGHT", "WANT_UP_WEIGHT", "WANT_GATE_BIAS",
+                          "WANT_UP_BIAS"),
+    "gated_gate": ("BACKWARD", "ACTIVATION", "NEGATIVE_SLOPE"),
+    "gated_tangent": ("HAS_TANGENT_GATE", "HAS_TANGENT_UP", "ACTIVATION", "NEGATIVE_SLOPE"),
+}
+_ELEMENTWISE_KERNELS = {"gated_gate": "_gate_kernel", "gated_tangent": "_gated_tangent_kernel"}
+
+
+class _Setup:
+    """What a gated matmul launch's flags decide with its dtype, kind of device, use of tl.dot and the settings
+    (_launch_matmul's key): the head of its plan options, its constexpr flags, whether it asks about TF32. Made again
+    when config.set() has replaced the settings (dense._MatmulSetup, for the dense layer's matmuls)."""
+
+    __slots__ = ("settings", "options_id", "flags", "tf32")
+
+    def __init__(self, key: tuple, settings):
+        role, flags, dtype, is_cuda, use_dot = key
+        self.settings = settings
+        # Every input of the plan that the arguments' specialisation does not already hold, as a small int (a launch's
+        # options are hashed on every call).
+        self.options_id = _OPTIONS_IDS.setdefault((role, flags, use_dot, settings.autotune), len(_OPTIONS_IDS))
+        self.flags = dict(zip(_FLAG_NAMES[role], flags))
+        self.tf32 = dtype is torch.float32 and is_cuda  # INPUT_PRECISION asks PyTorch's TF32 setting
+
+
+_SETUPS: dict = {}  # (role, flags, dtype, is_cuda, use_dot) -> _Setup
+_OPTIONS_IDS: dict = {}
+
+
+def _launch_matmul(role: str, flags: tuple, args: tuple, rows: int, columns: int, buckets: tuple,
+                   like: torch.Tensor) -> None:
     """One launch of a gated matmul kernel through its plan (launch.run): output [rows, columns] in tiles of
-    [BLOCK_M, BLOCK_N]; flags, the kernel's constexprs but the tile. A warm call: key, lookup, launch."""
-
-    def make():
-        constexprs = dict(flags, USE_DOT=use_dot, INPUT_PRECISION=dense._input_precision(like.dtype, like.device),
-                          ACC_FP64=like.dtype == torch.float64, **dense.COMPILE_OPTIONS)
-        common = dict(interpreted=dense.is_interpreted(), compiled_ok=dense._inline_ptx(like.device),
-                      device_index=like.device.index)
-        fixed = _fixed_tile(role, like.dtype, use_dot)
-        if fixed is None:
-            def grid(meta):
-                return (dense._cdiv(rows, meta["BLOCK_M"]) * dense._cdiv(columns, meta["BLOCK_N"]),)
-
-            tuner = _autotuned(role, like.element_size())
-            return dict(fn=tuner.fn, tuner=tuner, constexprs=constexprs, grid=grid, **common)
-        tile, launch_options = fixed
-        grid = (dense._cdiv(rows, tile["BLOCK_M"]) * dense._cdiv(columns, tile["BLOCK_N"]),)
-        return dict(fn=globals()[_KERNELS[role]], constexprs={**constexprs, **tile, **launch_options}, grid=grid,
-                    **common)
-
-    tf32 = like.dtype is torch.float32 and like.is_cuda and dense.tf32_allowed()  # INPUT_PRECISION
-    settings = (use_dot, dense.autotune_enabled(), tf32)
-    with dense._device_guard(like):
-        launch.run(role, options + settings, args, rows, columns, make)
+    [BLOCK_M, BLOCK_N]; flags, the values of the role's _FLAG_NAMES; buckets, the sizes' tuning buckets (_buckets);
+    like, the tensor whose dtype and device the kernel computes in. A warm call: the setup and the plan looked up,
+    the launch (no closure, no device guard: launch.run switches to the tensors' GPU itself)."""
+    dtype = like.dtype
+    use_dot = dtype is not torch.float64 or dense.fp64_dot_supported(like.device)
+    key = (role, flags, dtype, like.is_cuda, use_dot)
+    settings = config.get()
+    setup = _SETUPS.get(key)
+    if setup is None or setup.settings is not settings:  # a config.set() since: every choice made again
+        setup = _SETUPS[key] = _Setup(key, settings)
+    options = (setup.options_id, buckets, setup.tf32 and dense.tf32_allowed())  # TF32: a setting PyTorch may change
+    launch.run(role, options, args, rows, columns, _matmul_plan, role, setup.flags, like, use_dot, rows, columns)
 
 
-def _buckets(*sizes: int) -> tuple:
-    return tuple(dense._tuning_bucket(size) for size in sizes)
+def _matmul_plan(role: str, flags: dict, like: torch.Tensor, use_dot: bool, rows: int, columns: int) -> dict:
+    """_launch_matmul's make (launch.run), called on a call not seen before only: what launch.build needs, the tile
+    fixed (_fixed_tile) or the autotuner's."""
+    constexprs = dict(flags, USE_DOT=use_dot, INPUT_PRECISION=dense._input_precision(like.dtype, like.device),
+                      ACC_FP64=like.dtype == torch.float64, **dense.COMPILE_OPTIONS)
+    if role == "gated_grad_weight":
+        constexprs["INLINE_PTX"] = dense._inline_ptx(like.device)
+    common = dict(interpreted=dense.is_interpreted(), compiled_ok=dense._inline_ptx(like.device),
+                  device_index=like.device.index)
+    fixed = _fixed_tile(role, like.dtype, use_dot)
+    if fixed is None:
+        def grid(meta):
+            return (dense._cdiv(rows, meta["BLOCK_M"]) * dense._cdiv(columns, meta["BLOCK_N"]),)
+
+        tuner = _autotuned(role, like.element_size())
+        return dict(fn=tuner.fn, tuner=tuner, constexprs=constexprs, grid=grid, **common)
+    tile, launch_options = fixed
+    grid = (dense._cdiv(rows, tile["BLOCK_M"]) * dense._cdiv(columns, tile["BLOCK_N"]),)
+    return dict(fn=globals()[_KERNELS[role]], constexprs={**constexprs, **tile, **launch_options}, grid=grid, **common)
 
 
-def _use_dot(dtype: torch.dtype, device: torch.device) -> bool:
-    return dtype != torch.float64 or dense.fp64_dot_supported(device)
+def _buckets(M: int, N: int, K: int) -> tuple:
+    """The sizes' tuning buckets (dense._tuning_bucket), remembered per sizes in the dense layer's table."""
+    sizes = (M, N, K)
+    buckets = dense._BUCKETS.get(sizes)
+    if buckets is None:
+        if len(dense._BUCKETS) >= dense._MAX_BUCKETS:  # sizes that vary call after call start afresh
+            dense._BUCKETS.clear()
+        buckets = dense._BUCKETS[sizes] = (dense._tuning_bucket(M), dense._tuning_bucket(N), dense._tuning_bucket(K))
+    return buckets
 
 
 def _forward(x, gate_weight, up_weight, gate_bias, up_bias, act_id, negative_slope, write_a: bool, write_z: bool):
     """(a, z_gate, z_up) [M, I] by the forward kernel, each None where not written."""
-    M, N, K = x.shape[0], gate_weight.shape[0], x.shape[1]
-    a, z_gate, z_up = (torch.empty((M, N), dtype=x.dtype, device=x.device) if write else None
-                       for write in (write_a, write_z, write_z))
-    out = a if write_a else z_gate  # a valid pointer for what is not written
-    if out.numel() == 0:
+    M, K = x.shape
+    N = gate_weight.shape[0]
+    a = x.new_empty(M, N) if write_a else None
+    z_gate, z_up = (x.new_empty(M, N), x.new_empty(M, N)) if write_z else (None, None)
+    if not (M and N):
         return a, z_gate, z_up
-    z_gate_or, z_up_or = (z if z is not None else out for z in (z_gate, z_up))
+    out = a if write_a else z_gate  # a valid pointer for what is not written
+    z_gate_or, z_up_or = (z_gate, z_up) if write_z else (out, out)
+    has_gate_bias, has_up_bias = gate_bias is not None, up_bias is not None
     buckets = _buckets(M, N, K)
-    args = (x, gate_weight, up_weight, gate_bias if gate_bias is not None else out,
-            up_bias if up_bias is not None else out, out, z_gate_or, z_up_or, M, N, K, *buckets,
-            x.stride(0), x.stride(1), gate_weight.stride(0), gate_weight.stride(1), up_weight.stride(0),
-            up_weight.stride(1), gate_bias.stride(0) if gate_bias is not None else 0,
-            up_bias.stride(0) if up_bias is not None else 0, out.stride(0), out.stride(1),
-            z_gate_or.stride(0), z_gate_or.stride(1), z_up_or.stride(0), z_up_or.stride(1))
-    flags = dict(HAS_GATE_BIAS=gate_bias is not None, HAS_UP_BIAS=up_bias is not None, ACTIVATION=act_id,
-                 NEGATIVE_SLOPE=negative_slope, WRITE_A=write_a, WRITE_Z=write_z)
-    _launch_matmul("gated_forward", (*flags.values(), buckets), args, M, N, flags, x, _use_dot(x.dtype, x.device))
+    # a, z_gate, z_up: new contiguous [M, N], strides (N, 1) not asked (dense._launch_matmul's outputs)
+    args = (x, gate_weight, up_weight, gate_bias if has_gate_bias else out, up_bias if has_up_bias else out, out,
+            z_gate_or, z_up_or, M, N, K, *buckets, *x.stride(), *gate_weight.stride(), *up_weight.stride(),
+            gate_bias.stride()[0] if has_gate_bias else 0, up_bias.stride()[0] if has_up_bias else 0, N, 1, N, 1, N, 1)
+    _launch_matmul("gated_forward", (has_gate_bias, has_up_bias, act_id, negative_slope, write_a, write_z), args, M,
+                   N, buckets, x)
     return a, z_gate, z_up
 
 
@@ -574,24 +625,21 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
                                             needs)
     M, N = grad_a.shape
     K = gate_weight.shape[1]
-    dtype, device = grad_a.dtype, grad_a.device
-    use_dot = _use_dot(dtype, device)
-    activation = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope)
-    grad_x = torch.empty((M, K), dtype=dtype, device=device) if needs_x else None
-    if grad_x is not None and grad_x.numel() > 0:
+    operand_strides = (*grad_a.stride(), *z_gate.stride(), *z_up.stride())  # G, Z_g, Z_u: asked once for both
+    grad_x = grad_a.new_empty(M, K) if needs_x else None
+    if needs_x and M and K:
         if N == 0:
             grad_x.zero_()
         else:
             buckets = _buckets(M, K, N)  # rows, columns, contracted
-            args = (grad_a, z_gate, z_up, gate_weight, up_weight, grad_x, M, N, K, *buckets,
-                    grad_a.stride(0), grad_a.stride(1), z_gate.stride(0), z_gate.stride(1), z_up.stride(0),
-                    z_up.stride(1), gate_weight.stride(0), gate_weight.stride(1), up_weight.stride(0),
-                    up_weight.stride(1), grad_x.stride(0), grad_x.stride(1))
-            _launch_matmul("gated_grad_x", (act_id, negative_slope, buckets), args, M, K, activation, grad_a, use_dot)
-    grad_gate_weight, grad_up_weight, *sums = _grad_weights(grad_a, x, z_gate, z_up, K, act_id, negative_slope,
-                                                             needs[1:])
-    grad_biases = [None if s is None else s.to(dtype) for s in sums]
-    return grad_x, grad_gate_weight, grad_up_weight, grad_biases[0], grad_biases[1]
+            args = (grad_a, z_gate, z_up, gate_weight, up_weight, grad_x, M, N, K, *buckets, *operand_strides,
+                    *gate_weight.stride(), *up_weight.stride(), K, 1)  # grad_x: a new contiguous [M, K]
+            _launch_matmul("gated_grad_x", (act_id, negative_slope), args, M, K, buckets, grad_a)
+    grad_gate_weight, grad_up_weight, gate_sum, up_sum = _grad_weights(grad_a, x, z_gate, z_up, K, act_id,
+                                                                       negative_slope, needs[1:], operand_strides)
+    dtype = grad_a.dtype
+    return (grad_x, grad_gate_weight, grad_up_weight, None if gate_sum is None else dense._in_dtype(gate_sum, dtype),
+            None if up_sum is None else dense._in_dtype(up_sum, dtype))
 
 
 def _backward_from_stored_deltas(grad_a, x, gate_weight, up_weight, z_gate, z_up, act_id: int, negative_slope: float,
@@ -610,32 +658,38 @@ def _backward_from_stored_deltas(grad_a, x, gate_weight, up_weight, z_gate, z_up
     return grad_x, grad_gate_weight, grad_up_weight, grad_gate_bias, grad_up_bias
 
 
-def _grad_weights(grad_a, x, z_gate, z_up, K: int, act_id: int, negative_slope: float, wants):
+def _grad_weights(grad_a, x, z_gate, z_up, K: int, act_id: int, negative_slope: float, wants, operand_strides=None):
     """(∂C/∂W_g, ∂C/∂W_u [I, K] in G's dtype, ∂C/∂b_g, ∂C/∂b_u [I] in the compute dtype, as summed: the same bits on
     every tile), None where wants (four bools) says no: one launch of the ∂C/∂W kernel. G, Z_g, Z_u [M, I]; x [M, K],
-    read only for the weight gradients."""
+    read only for the weight gradients; operand_strides: G's, Z_g's and Z_u's strides (six ints), or None."""
     M, N = grad_a.shape
-    dtype, device = grad_a.dtype, grad_a.device
-    grads = [torch.zeros((N, K), dtype=dtype, device=device) if want else None for want in wants[:2]]
-    sum_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    sums = [torch.zeros((N,), dtype=sum_dtype, device=device) if want else None for want in wants[2:]]
-    if any(wants) and M > 0 and N > 0:
-        want_weights = [want and K > 0 for want in wants[:2]]  # K = 0: the weight gradients are empty
-        weight_grads = any(want_weights)
+    want_gate_weight, want_up_weight, want_gate_bias, want_up_bias = wants
+    # The kernel writes every element of what it is asked for where M and N are not 0: zeros only where it is not run
+    written = M > 0 and N > 0
+    new = grad_a.new_empty if written else grad_a.new_zeros
+    grad_gate_weight = new(N, K) if want_gate_weight else None
+    grad_up_weight = new(N, K) if want_up_weight else None
+    sum_dtype = torch.float64 if grad_a.dtype is torch.float64 else torch.float32
+    gate_sum = new(N, dtype=sum_dtype) if want_gate_bias else None
+    up_sum = new(N, dtype=sum_dtype) if want_up_bias else None
+    if written and (want_gate_weight or want_up_weight or want_gate_bias or want_up_bias):
+        want_weights = (want_gate_weight and K > 0, want_up_weight and K > 0)  # K = 0: the weight gradients are empty
+        weight_grads = want_weights[0] or want_weights[1]
         columns = K if weight_grads else 1  # biases alone: one column of tiles, no product
-        outs = [t if t is not None else grad_a for t in (*grads, *sums)]
         source = x if weight_grads else grad_a
+        if operand_strides is None:
+            operand_strides = (*grad_a.stride(), *z_gate.stride(), *z_up.stride())
+        # each weight gradient's slot: the new contiguous [N, K] (strides not asked: PyTorch's (max(K, 1), 1)), else G
+        weight_strides = (max(K, 1), 1)
+        gate_strides = operand_strides[:2] if grad_gate_weight is None else weight_strides
+        up_strides = operand_strides[:2] if grad_up_weight is None else weight_strides
         buckets = _buckets(N, columns, M)
-        args = (grad_a, z_gate, z_up, source, *outs, M, N, columns, *buckets,
-                grad_a.stride(0), grad_a.stride(1), z_gate.stride(0), z_gate.stride(1), z_up.stride(0),
-                z_up.stride(1), source.stride(0), source.stride(1), outs[0].stride(0), outs[0].stride(-1),
-                outs[1].stride(0), outs[1].stride(-1))
-        flags = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, WANT_GATE_WEIGHT=want_weights[0],
-                     WANT_UP_WEIGHT=want_weights[1], WANT_GATE_BIAS=wants[2], WANT_UP_BIAS=wants[3],
-                     INLINE_PTX=dense._inline_ptx(device))
-        _launch_matmul("gated_grad_weight", (*flags.values(), buckets), args, N, columns, flags, grad_a,
-                       _use_dot(dtype, device))
-    return (*grads, *sums)
+        args = (grad_a, z_gate, z_up, source,
+                *(t if t is not None else grad_a for t in (grad_gate_weight, grad_up_weight, gate_sum, up_sum)),
+                M, N, columns, *buckets, *operand_strides, *source.stride(), *gate_strides, *up_strides)
+        _launch_matmul("gated_grad_weight", (act_id, negative_slope, *want_weights, want_gate_bias, want_up_bias),
+                       args, N, columns, buckets, grad_a)
+    return grad_gate_weight, grad_up_weight, gate_sum, up_sum
 
 
 def gated_jvp(x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, tangent_x, tangent_gate_weight,
@@ -657,45 +711,44 @@ def gated_jvp(x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, tange
 def gate_jvp(z_gate, z_up, tangent_gate, tangent_up, act_id: int, negative_slope: float):
     """dA = f'(Z_g) ⊙ dZ_g ⊙ Z_u + f(Z_g) ⊙ dZ_u [M, I] from the tangents of Z_g, Z_u (None: zero, not both)."""
     M, N = z_gate.shape
-    like = tangent_gate if tangent_gate is not None else tangent_up
-    out = torch.empty((M, N), dtype=like.dtype, device=like.device)
-    if out.numel() == 0:
+    has_gate, has_up = tangent_gate is not None, tangent_up is not None
+    out = (tangent_gate if has_gate else tangent_up).new_empty(M, N)
+    if not (M and N):
         return out
-    tg = tangent_gate if tangent_gate is not None else out
-    tu = tangent_up if tangent_up is not None else out
-    args = (z_gate, z_up, tg, tu, out, M, N, z_gate.stride(0), z_gate.stride(1), z_up.stride(0), z_up.stride(1),
-            tg.stride(0), tg.stride(1), tu.stride(0), tu.stride(1), out.stride(0), out.stride(1))
-    flags = dict(HAS_TANGENT_GATE=tangent_gate is not None, HAS_TANGENT_UP=tangent_up is not None,
-                 ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope)
-    _launch_elementwise("gated_tangent", _gated_tangent_kernel, flags, args, out)
+    # out: a new contiguous [M, N], strides (N, 1) not asked; it fills the slot of a tangent not given
+    args = (z_gate, z_up, tangent_gate if has_gate else out, tangent_up if has_up else out, out, M, N,
+            *z_gate.stride(), *z_up.stride(), *(tangent_gate.stride() if has_gate else (N, 1)),
+            *(tangent_up.stride() if has_up else (N, 1)), N, 1)
+    _launch_elementwise("gated_tangent", (has_gate, has_up, act_id, negative_slope), args, out)
     return out
 
 
-def _launch_elementwise(role: str, kernel, flags: dict, args: tuple, out: torch.Tensor) -> None:
-    """One launch of an elementwise gated kernel over out [M, N] through its plan (launch.run): one fixed block."""
+def _launch_elementwise(role: str, flags: tuple, args: tuple, out: torch.Tensor) -> None:
+    """One launch of an elementwise gated kernel over out [M, N] through its plan (launch.run): one fixed block;
+    flags, the values of the role's _FLAG_NAMES. No closure, no device guard (_launch_matmul)."""
     M, N = out.shape
+    launch.run(role, flags, args, M, N, _elementwise_plan, role, flags, out, M, N)
 
-    def make():
-        constexprs = dict(flags, ACC_FP64=out.dtype == torch.float64, **_ELEMENTWISE_BLOCK, **dense.COMPILE_OPTIONS)
-        return dense._elementwise_plan(kernel, constexprs, M, N, out.device)
 
-    with dense._device_guard(out):
-        launch.run(role, tuple(flags.values()), args, M, N, make)
+def _elementwise_plan(role: str, flags: tuple, out: torch.Tensor, M: int, N: int) -> dict:
+    """_launch_elementwise's make (launch.run), on a call not seen before only."""
+    constexprs = dict(zip(_FLAG_NAMES[role], flags), ACC_FP64=out.dtype == torch.float64, **_ELEMENTWISE_BLOCK,
+                      **dense.COMPILE_OPTIONS)
+    return dense._elementwise_plan(globals()[_ELEMENTWISE_KERNELS[role]], constexprs, M, N, out.device)
 
 
 def _launch_gate(z_gate, z_up, grad_a, act_id: int, negative_slope: float):
     """The gating alone: A (grad_a None) or (δ_g, δ_u) [M, I], new contiguous tensors."""
     M, N = z_gate.shape
-    outs = [torch.empty((M, N), dtype=z_gate.dtype, device=z_gate.device) for _ in range(1 if grad_a is None else 2)]
-    if M * N > 0:
-        g = grad_a if grad_a is not None else z_gate
-        last = outs[-1]
-        args = (z_gate, z_up, g, outs[0], last, M, N, z_gate.stride(0), z_gate.stride(1), z_up.stride(0),
-                z_up.stride(1), g.stride(0), g.stride(1), outs[0].stride(0), outs[0].stride(1), last.stride(0),
-                last.stride(1))
-        flags = dict(BACKWARD=grad_a is not None, ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope)
-        _launch_elementwise("gated_gate", _gate_kernel, flags, args, outs[0])
-    return outs[0] if grad_a is None else tuple(outs)
+    backward = grad_a is not None
+    out = z_gate.new_empty(M, N)
+    out_up = z_gate.new_empty(M, N) if backward else out
+    if M and N:
+        g = grad_a if backward else z_gate
+        # the outputs: new contiguous [M, N], strides (N, 1) not asked
+        args = (z_gate, z_up, g, out, out_up, M, N, *z_gate.stride(), *z_up.stride(), *g.stride(), N, 1, N, 1)
+        _launch_elementwise("gated_gate", (backward, act_id, negative_slope), args, out)
+    return (out, out_up) if backward else out
 
 
 def gate_forward(z_gate, z_up, act_id: int, negative_slope: float):
