@@ -22,7 +22,8 @@ Columns (all of them compiler output, none a timing):
   A        where wgmma's left operand comes from: SS shared memory, RS registers
   loads    cp.async / TMA / plain global loads in the PTX
   bufs     pipelined shared-memory buffers (= stages realised)
-  regs, spill   registers per thread and spill-store bytes (ptxas -v, the log Triton produces)
+  regs, spill   registers per thread and spill-store bytes (ptxas -v, the log Triton produces); in the JSON also
+           wgmma_serialized: ptxas's reason where it serialized the wgmmas (each waited for before the next)
   smem     shared memory per block (Triton's metadata), KiB
   loop     SASS instructions of the main loop (the innermost backward branch with the most MMAs)
   bar, shfl     bar.sync / shuffles per main-loop iteration
@@ -244,6 +245,11 @@ def analyse(kernel, log):
     if regs and spills:
         row.update(regs=int(regs[-1]), stack=int(spills.group(1)), spill=int(spills.group(2)),
                    spill_loads=int(spills.group(3)))
+        # ptxas's "wgmma.mma_async instructions are serialized due to ...": each wgmma waited for before the next
+        serialized = re.search(r"wgmma\.mma_async instructions are serialized due to ([^\n]*?)(?: in the function|$)",
+                               log, re.MULTILINE)
+        row["wgmma_serialized"] = serialized.group(1).strip() if serialized else ""
+
     try:  # disassembled on first access (nvdisasm); without it, no loop columns
         row.update(main_loop(asm["sass"]))
     except Exception as error:  # noqa: BLE001 - a disassembler problem costs the loop columns only

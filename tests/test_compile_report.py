@@ -41,9 +41,9 @@ def _assert_wgmma_and_no_spill(row: dict, report: dict) -> str:
 
 @pytest.mark.compile_report
 def test_compile_report_quick_subset(tmp_path):
-    """wgmma in every matmul, no spill anywhere, none in a main loop; at most 3 bar.sync per iteration with cp.async
-    loads; a TMA config (sm_90) loads by TMA only (its bar.sync are Triton's around each TMA issue, as in tutorial
-    09's kernel: the report shows both, no bound asserted here)."""
+    """wgmma in every matmul, never serialized by ptxas, no spill anywhere, none in a main loop; at most 3 bar.sync per
+    iteration with cp.async loads; a TMA config (sm_90) loads by TMA only (its bar.sync are Triton's around each TMA
+    issue, as in tutorial 09's kernel: the report shows both, no bound asserted here)."""
     report = _quick_report("compile_report.py", tmp_path)
     rows = [row for row in report["rows"] if not row["kernel"].startswith("tutorial")]
     assert len(rows) >= 4, f"the quick subset compiled: {report['stdout']}"
@@ -51,6 +51,7 @@ def test_compile_report_quick_subset(tmp_path):
         assert any(row["config"].endswith(" tma") for row in rows), "TMA configs compiled where Triton has them"
     for row in rows:
         label = _assert_wgmma_and_no_spill(row, report)
+        assert not row.get("wgmma_serialized"), f"{label}: ptxas serialized its wgmmas ({row['wgmma_serialized']})"
         if row["config"].endswith(" tma"):
             assert row["tma"] > 0 and row["cp_async"] == 0, f"{label}: TMA loads, not cp.async"
         if "loop_instr" not in row:

@@ -702,6 +702,12 @@ def _k_range(
         running = _row_sums_start(BLOCK_M, STEP_K, SUMS_BY_MMA, acc.dtype)  # the current chunk's
 
     for k in range(k_first, k_last):
+        if ROW_SUMS:
+            # A chunk's first K step starts its sums from zero, a select just before its add (the ones-MMA). Zeroed
+            # at a chunk's end instead, the accumulator's registers were written while wgmmas ran, and ptxas 12.8
+            # (Triton 3.6) serialized every wgmma of the kernel (compile report: wgmma_serialized).
+            if k % steps == 0:
+                running = _row_sums_start(BLOCK_M, STEP_K, SUMS_BY_MMA, acc.dtype)
         for step in tl.static_range(BLOCK_K // STEP_K):
             k_step = k * (BLOCK_K // STEP_K) + step  # in units of STEP_K
             if TMA:
@@ -734,7 +740,6 @@ def _k_range(
                         tl.store(chunk_sum_ptr + tl.cast(k // steps, tl.int64) * M + offs_m, sums, mask=offs_m < M)
                 else:
                     row_sums += sums
-                running = _row_sums_start(BLOCK_M, STEP_K, SUMS_BY_MMA, acc.dtype)
     return acc, row_sums
 
 
