@@ -22,7 +22,8 @@ Columns (all of them compiler output, none a timing):
   A        where wgmma's left operand comes from: SS shared memory, RS registers
   loads    cp.async / TMA / plain global loads in the PTX
   bufs     pipelined shared-memory buffers (= stages realised)
-  regs, spill   registers per thread and spill-store bytes (ptxas -v, the log Triton produces)
+  regs, spill   registers per thread and spill-store bytes (ptxas -v, the log Triton produces); in the JSON also
+           wgmma_serialized: ptxas's reason where it serialized the wgmmas (each waited for before the next)
   smem     shared memory per block (Triton's metadata), KiB
   loop     SASS instructions of the main loop (the innermost backward branch with the most MMAs)
   bar, shfl     bar.sync / shuffles per main-loop iteration
@@ -132,9 +133,8 @@ class Compiler:
         return kernel, log.getvalue()
 
 
-def loop_bodies(sass):
-    """The instructions of each loop (a backward branch's span), predicates and labels stripped, in order."""
-    lines = sass.splitlines()
+def _loop_spans(lines):
+    """(first, last) line numbers of each loop (a backward branch's span: its target label to the branch)."""
     labels = {line[:-1]: i for i, line in enumerate(lines) if re.match(r"^\w+:$", line)}
     block_start = 0  # the label line that begins the block the current line is in
     for i, line in enumerate(lines):
@@ -147,9 +147,42 @@ def loop_bodies(sass):
                 # A wait's retry block, placed after the kernel's code, that jumps back into the loop: its span
                 # (the loop's tail, the epilogue, the other retry blocks) is no loop.
                 continue
-            body = [x.split("\t", 1)[-1] for x in lines[labels[target.group(1)] + 1:i + 1]]
-            yield [re.sub(r"^@!?U?P\w+\s+", "", x) for x in body
-                   if x.strip() and not x.startswith("@!PT") and not re.match(r"^\w+:$", x)]  # labels: no instruction
+            yield labels[target.group(1)], i
+
+
+def _instructions(lines):
+    return [x for x in lines if x.strip() and not x.startswith("@!PT") and not re.match(r"^\w+:$", x)]
+
+
+def loop_bodies(sass):
+    """The instructions of each loop (a backward branch's span), predicates and labels stripped, in order."""
+    lines = sass.splitlines()
+    for first, last in _loop_spans(lines):
+        body = [x.split("\t", 1)[-1] for x in lines[first + 1:last + 1]]
+        yield [re.sub(r"^@!?U?P\w+\s+", "", x) for x in _instructions(body)]  # labels: no instruction
+
+
+def branch_instructions(sass, first, last) -> list:
+    """The instructions (opcode first) of the loop spanning lines first..last that a forward branch inside it can skip:
+    code run on some iterations only (the ∂C/∂W + ∂C/∂b loop's chunk end). A branch's target is a label or an address
+    (16 bytes an instruction, counted from the function's first)."""
+    lines = sass.splitlines()
+    is_instruction = [bool(x.strip()) and not re.match(r"^\w+:$", x) and not x.startswith(("Function:", ".", "//"))
+                      for x in lines]
+    line_at = [i for i, yes in enumerate(is_instruction) if yes]  # instruction number -> line
+    labels = {line[:-1]: i for i, line in enumerate(lines) if re.match(r"^\w+:$", line)}
+    skipped = set()
+    for i in range(first + 1, last):
+        target = re.search(r"BRA (?:!?U?P\w+, )?(\w+);", lines[i])
+        if not target:
+            continue
+        name = target.group(1)
+        to = labels.get(name) if not name.startswith("0x") else (
+            line_at[int(name, 16) // 16] if int(name, 16) // 16 < len(line_at) else None)
+        if to is not None and i < to <= last:
+            skipped.update(j for j in range(i + 1, to)
+                           if is_instruction[j] and not lines[j].split("\t", 1)[-1].startswith("@!PT"))
+    return [re.sub(r"^@!?U?P\w+\s+", "", lines[j].split("\t", 1)[-1]) for j in sorted(skipped)]
 
 
 def _mma_count(body) -> int:
@@ -163,7 +196,9 @@ def main_loop_body(sass) -> list:
 
 
 def main_loop(sass):
-    """Opcode counts of the innermost loop (a backward branch) holding the most MMA instructions."""
+    """Opcode counts of the innermost loop (a backward branch) holding the most MMA instructions; loop_branch_instr
+    and loop_branch_bar: those of its instructions (and bar.sync) that a branch inside it skips on some iterations
+    (branch_instructions): an iteration that skips them runs loop_instr - loop_branch_instr."""
     bodies = list(loop_bodies(sass))
     loops_with_mma = sum(_mma_count(body) > 0 for body in bodies)
     side = max((len(body) for body in bodies if not _mma_count(body) and len(body) > 2), default=0)  # not a spin
@@ -171,7 +206,22 @@ def main_loop(sass):
     count = lambda *prefixes: sum(o.startswith(prefixes) for o in ops)  # noqa: E731
     return dict(loop_instr=len(ops), loop_mma=count("HGMMA", "HMMA"), loop_bar=count("BAR.SYNC", "BAR.ARV"),
                 loop_shfl=count("SHFL"), loop_spill=count("STL", "LDL"), loop_ldgsts=count("LDGSTS"),
-                loop_tma=count("UTMALDG"), loops_with_mma=loops_with_mma, side_loop_instr=side or None)
+                loop_tma=count("UTMALDG"), loops_with_mma=loops_with_mma, side_loop_instr=side or None,
+                **_main_loop_branch(sass))
+
+
+def _main_loop_branch(sass) -> dict:
+    """loop_branch_instr and loop_branch_bar: the main loop's instructions and bar.sync run on some iterations only."""
+    lines = sass.splitlines()
+    spans = list(_loop_spans(lines))
+    bodies = list(loop_bodies(sass))
+    skipped = []
+    if spans:
+        best = max(range(len(spans)), key=lambda i: (_mma_count(bodies[i]), -len(bodies[i])))
+        if _mma_count(bodies[best]):
+            skipped = branch_instructions(sass, *spans[best])
+    return dict(loop_branch_instr=len(skipped), loop_branch_bar=sum(x.startswith(("BAR.SYNC", "BAR.ARV"))
+                                                                     for x in skipped))
 
 
 def analyse(kernel, log):
@@ -195,6 +245,11 @@ def analyse(kernel, log):
     if regs and spills:
         row.update(regs=int(regs[-1]), stack=int(spills.group(1)), spill=int(spills.group(2)),
                    spill_loads=int(spills.group(3)))
+        # ptxas's "wgmma.mma_async instructions are serialized due to ...": each wgmma waited for before the next
+        serialized = re.search(r"wgmma\.mma_async instructions are serialized due to ([^\n]*?)(?: in the function|$)",
+                               log, re.MULTILINE)
+        row["wgmma_serialized"] = serialized.group(1).strip() if serialized else ""
+
     try:  # disassembled on first access (nvdisasm); without it, no loop columns
         row.update(main_loop(asm["sass"]))
     except Exception as error:  # noqa: BLE001 - a disassembler problem costs the loop columns only

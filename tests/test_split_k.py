@@ -160,6 +160,37 @@ def test_every_split_config_gives_the_unsplit_bias_bits(half, device):
                                msg=lambda m: f"the chunk sums add up to 1ᵀ δ: {m}")
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
+def test_unsplit_bias_grad_is_its_chunks_added_in_order(half, device):
+    """The unsplit kernel's one K loop over three chunks of rows (the last ragged: 52 rows, no multiple of a K step)
+    gives ∂C/∂b bit for bit as the same kernel launched on each chunk's rows alone, their sums added in order from
+    zero in float32: each chunk summed from zero, its sums added at its last K step. At the configs with the
+    smallest and the largest BLOCK_K (the most and the fewest K steps a chunk)."""
+    dtype = torch.float16 if half else torch.float32
+    g = torch.Generator().manual_seed(31)
+    rows, out_features, in_features = ROWS, 72, 40
+    act = manualbp.get_activation("relu")
+    grad_a = torch.randn(rows, out_features, generator=g).to(device, dtype)
+    a = act.f(torch.randn(rows, out_features, generator=g)).to(device, dtype)
+    x = torch.randn(rows, in_features, generator=g).to(device, dtype)
+    flags = dict(A_PROLOGUE=True, ACTIVATION=act.kernel_id, SAVED_KIND=dense.SAVED_KINDS["a"])
+    configs = sorted(_row_sum_configs(grad_a), key=lambda config: config.kwargs["BLOCK_K"])
+    assert configs[0].kwargs["BLOCK_K"] < CHUNK // 8, f"a chunk is many K steps: {_config_id(configs[0])}"
+    for config in (configs[0], configs[-1]):
+        name = _config_id(config)
+        whole = torch.full((out_features,), float("nan"), device=device)
+        grad_weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
+        _launch_with(config, grad_a.t(), x, grad_weight, saved=a.t(), row_sums=whole, **flags)
+        in_order = torch.zeros(out_features, device=device)
+        for first in range(0, rows, CHUNK):
+            chunk = slice(first, min(first + CHUNK, rows))
+            sums = torch.full((out_features,), float("nan"), device=device)
+            _launch_with(config, grad_a[chunk].t(), x[chunk], grad_weight, saved=a[chunk].t(), row_sums=sums,
+                         **flags)
+            in_order += sums
+        assert torch.equal(whole, in_order), f"db with {name}: its chunks' sums added in order, bit for bit"
+
+
 @pytest.mark.parametrize("config", dense.matmul_configs(), ids=_config_id)
 def test_every_split_config_is_correct(config, device):
     """Every config of matmul_configs() on the split kernel on its own, without ∂C/∂b (every BLOCK_K may serve such

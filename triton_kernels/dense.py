@@ -114,7 +114,7 @@ SUM_COLUMNS = tl.constexpr(2 ** 4)  # of the ones tile the tensor cores sum 16-b
 # ∂C/∂b's order over the ∂C/∂W matmul's K (the batch rows): chunks of this many rows, each summed from zero in the
 # steps above, the chunk sums then added in order, chunk 0 first. Split-K (_grad_weight_split_kernel) splits K at
 # chunk boundaries and keeps each chunk's sums for the fixed-order reduction (_split_sum_kernel): the same bits split
-# or not. A multiple of every BLOCK_K; the unsplit loop pays a pipeline restart per chunk (docs/kernels.md).
+# or not. A multiple of every BLOCK_K; a chunk ends inside the one K loop (_k_range), which never restarts.
 SUM_CHUNK_K = tl.constexpr(1024)
 
 
@@ -477,23 +477,12 @@ def _grad_weight_split_kernel(
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
             else:
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            if ROW_SUMS:
-                for chunk in range(chunk_first, chunk_last):
-                    acc, sums = _chunk_of_k(chunk, acc, pid_m, pid_n, g_src, x_src, s_src, M, N, K, stride_gm,
-                                            stride_gk, stride_xk, stride_xn, stride_sm, stride_sk, ACTIVATION,
-                                            NEGATIVE_SLOPE, SAVED_KIND, g_ptr.dtype.element_ty, USE_DOT,
-                                            INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K, A_TRANSPOSED,
-                                            B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
-                    if pid_n == 0:  # every column tile has the same sums; the first one stores them
-                        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-                        tl.store(chunk_sum_ptr + tl.cast(chunk, tl.int64) * M + offs_m, sums, mask=offs_m < M)
-            else:
-                steps: tl.constexpr = SUM_CHUNK_K // BLOCK_K
-                acc, _ = _k_range(acc, acc, chunk_first * steps, tl.minimum(chunk_last * steps, tl.cdiv(K, BLOCK_K)),
-                                  pid_m, pid_n, g_src, x_src, s_src, M, N, K, stride_gm, stride_gk, stride_xk,
-                                  stride_xn, stride_sm, stride_sk, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, False,
-                                  False, USE_DOT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K, A_TRANSPOSED,
-                                  B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
+            steps: tl.constexpr = SUM_CHUNK_K // BLOCK_K
+            acc, _ = _k_range(acc, chunk_first * steps, tl.minimum(chunk_last * steps, tl.cdiv(K, BLOCK_K)), pid_m,
+                              pid_n, g_src, x_src, s_src, chunk_sum_ptr, M, N, K, stride_gm, stride_gk, stride_xk,
+                              stride_xn, stride_sm, stride_sk, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, ROW_SUMS, True,
+                              g_ptr.dtype.element_ty, USE_DOT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K,
+                              A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
             # float32 partials in column slices: the whole tile's 64-bit addresses at once spilled (compile report)
             _store_in_slices(acc, stacked_m, pid_n, split.to(tl.int64) * split_rows + M, N, partial_ptr, N, 1,
                              BLOCK_M, BLOCK_N, EPILOGUE_SPLIT)
@@ -646,65 +635,48 @@ def _main_loop(
     PACKED_PAIRS: tl.constexpr, INLINE_PTX: tl.constexpr,
 ):
     """The K loop of one [BLOCK_M, BLOCK_N] output tile: (acc = A B in the accumulator's dtype, the row sums of the
-    left factor [BLOCK_M] with ROW_SUMS, else acc's first column, unused). With ROW_SUMS the loop runs chunk by
-    chunk of SUM_CHUNK_K (_chunk_of_k) and adds the chunks' sums in order: the order split-K keeps
-    (_grad_weight_split_kernel, _split_sum_kernel)."""
+    left factor [BLOCK_M] with ROW_SUMS, else acc's first column, unused). With ROW_SUMS the sums run chunk by chunk
+    of SUM_CHUNK_K, the chunks' sums added in order (_k_range): the order split-K keeps (_grad_weight_split_kernel,
+    _split_sum_kernel)."""
     if ACC_FP64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if ROW_SUMS:
-        row_sums = tl.zeros((BLOCK_M,), dtype=acc.dtype)
-        for chunk in range(0, tl.cdiv(K, SUM_CHUNK_K)):
-            acc, sums = _chunk_of_k(chunk, acc, pid_m, pid_n, a_src, b_src, s_src, M, N, K, stride_am, stride_ak,
-                                    stride_bk, stride_bn, stride_s0, stride_s1, ACTIVATION, NEGATIVE_SLOPE,
-                                    SAVED_KIND, SUM_DTYPE, USE_DOT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-                                    STEP_K, A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
-            row_sums += sums
-    else:
-        acc, _ = _k_range(acc, acc, 0, tl.cdiv(K, BLOCK_K), pid_m, pid_n, a_src, b_src, s_src, M, N, K, stride_am,
-                          stride_ak, stride_bk, stride_bn, stride_s0, stride_s1, ACTIVATION, NEGATIVE_SLOPE,
-                          SAVED_KIND, False, False, USE_DOT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K,
-                          A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
+    acc, row_sums = _k_range(acc, 0, tl.cdiv(K, BLOCK_K), pid_m, pid_n, a_src, b_src, s_src, a_src, M, N, K, stride_am,
+                             stride_ak, stride_bk, stride_bn, stride_s0, stride_s1, ACTIVATION, NEGATIVE_SLOPE,
+                             SAVED_KIND, ROW_SUMS, False, SUM_DTYPE, USE_DOT, INPUT_PRECISION, BLOCK_M, BLOCK_N,
+                             BLOCK_K, STEP_K, A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
+    if not ROW_SUMS:
         row_sums = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # not asked for: a placeholder
     return acc, row_sums
 
 
 @triton.jit
-def _chunk_of_k(chunk, acc, pid_m, pid_n, a_src, b_src, s_src, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                stride_s0, stride_s1, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
-                SAVED_KIND: tl.constexpr, SUM_DTYPE: tl.constexpr, USE_DOT: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                STEP_K: tl.constexpr, A_TRANSPOSED: tl.constexpr, B_TRANSPOSED: tl.constexpr, TMA: tl.constexpr,
-                EVEN_K: tl.constexpr, PACKED_PAIRS: tl.constexpr, INLINE_PTX: tl.constexpr):
-    """(acc plus chunk number chunk of K's product, that chunk's row sums of the left factor [BLOCK_M]): K from
-    chunk * SUM_CHUNK_K on, at most SUM_CHUNK_K of it, the sums started from zero in STEP_K steps. Neither the tile,
-    BLOCK_K nor a split-K changes which steps a chunk sums, or in which order."""
-    tl.static_assert(SUM_CHUNK_K % BLOCK_K == 0, "a chunk of K is whole K steps")
-    SUMS_BY_MMA: tl.constexpr = USE_DOT and SUM_DTYPE.primitive_bitwidth == 16
-    steps: tl.constexpr = SUM_CHUNK_K // BLOCK_K
-    running = _row_sums_start(BLOCK_M, STEP_K, SUMS_BY_MMA, acc.dtype)
-    acc, running = _k_range(acc, running, chunk * steps, tl.minimum(chunk * steps + steps, tl.cdiv(K, BLOCK_K)),
-                            pid_m, pid_n, a_src, b_src, s_src, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                            stride_s0, stride_s1, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, True, SUMS_BY_MMA, USE_DOT,
-                            INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K, A_TRANSPOSED, B_TRANSPOSED, TMA,
-                            EVEN_K, PACKED_PAIRS, INLINE_PTX)
-    return acc, _row_sums_end(running, SUMS_BY_MMA)
-
-
-@triton.jit
 def _k_range(
-    acc, running,  # the accumulator, and with ROW_SUMS the running row sums (_row_sums_start), carried in
-    k_first, k_last,  # the BLOCK_K steps of K this call takes: k_first, ..., k_last - 1
-    pid_m, pid_n, a_src, b_src, s_src, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_s0, stride_s1,
-    ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, SAVED_KIND: tl.constexpr, ROW_SUMS: tl.constexpr,
-    SUMS_BY_MMA: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    acc,  # the accumulator, carried in
+    k_first, k_last,  # the BLOCK_K steps of K this call takes: k_first, ..., k_last - 1; with ROW_SUMS k_first
+                      # starts a chunk of SUM_CHUNK_K
+    pid_m, pid_n, a_src, b_src, s_src,
+    chunk_sum_ptr,  # with STORE_CHUNK_SUMS: [cdiv(K, SUM_CHUNK_K), M], each chunk's row sums, written
+    M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_s0, stride_s1,
+    ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, SAVED_KIND: tl.constexpr,
+    ROW_SUMS: tl.constexpr,  # also the row sums of the left factor, per chunk of SUM_CHUNK_K
+    STORE_CHUNK_SUMS: tl.constexpr,  # with ROW_SUMS: store each chunk's sums instead of adding them up
+    SUM_DTYPE: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STEP_K: tl.constexpr, A_TRANSPOSED: tl.constexpr,
     B_TRANSPOSED: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, PACKED_PAIRS: tl.constexpr,
     INLINE_PTX: tl.constexpr,
 ):
     """The loop over K steps k_first .. k_last - 1 (of BLOCK_K, each taken in BLOCK_K // STEP_K steps of STEP_K) of
-    _main_loop's tile: (acc, running) after them."""
+    _main_loop's tile: (acc after them, the row sums [BLOCK_M] with ROW_SUMS and not STORE_CHUNK_SUMS).
+
+    With ROW_SUMS each chunk of SUM_CHUNK_K is summed from zero in STEP_K steps and, at its last K step, its sums are
+    added to the row sums (chunk k_first's first) or stored: neither the tile, BLOCK_K nor a split-K changes which
+    steps a chunk sums, or in which order. One flat loop, its chunk ends a branch inside: a loop per chunk would
+    restart the software pipeline (its prologue and drain) every chunk (docs/kernels.md)."""
+    SUMS_BY_MMA: tl.constexpr = USE_DOT and SUM_DTYPE.primitive_bitwidth == 16
+    steps: tl.constexpr = SUM_CHUNK_K.value // BLOCK_K  # K steps per chunk (an int: the interpreter's k is one)
+    tl.static_assert(not ROW_SUMS or SUM_CHUNK_K % BLOCK_K == 0, "a chunk of K is whole K steps")
     # 64-bit offsets: M*stride may exceed 2**31.
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -725,8 +697,17 @@ def _k_range(
         # The prologue's saved tensor walks along with A (used only with a prologue).
         s_ptrs = s_src + rows[:, None] * stride_s0 + (start + offs_k)[None, :] * stride_s1
         s_step = tl.cast(stride_s1, tl.int64) * STEP_K
+    row_sums = tl.zeros((BLOCK_M,), dtype=acc.dtype)
+    if ROW_SUMS:
+        running = _row_sums_start(BLOCK_M, STEP_K, SUMS_BY_MMA, acc.dtype)  # the current chunk's
 
     for k in range(k_first, k_last):
+        if ROW_SUMS:
+            # A chunk's first K step starts its sums from zero, a select just before its add (the ones-MMA). Zeroed
+            # at a chunk's end instead, the accumulator's registers were written while wgmmas ran, and ptxas 12.8
+            # (Triton 3.6) serialized every wgmma of the kernel (compile report: wgmma_serialized).
+            if k % steps == 0:
+                running = _row_sums_start(BLOCK_M, STEP_K, SUMS_BY_MMA, acc.dtype)
         for step in tl.static_range(BLOCK_K // STEP_K):
             k_step = k * (BLOCK_K // STEP_K) + step  # in units of STEP_K
             if TMA:
@@ -751,21 +732,29 @@ def _k_range(
                 a_ptrs += a_step
                 b_ptrs += b_step
             acc = _tile_dot(a, b, acc, USE_DOT, INPUT_PRECISION)
-    return acc, running
+        if ROW_SUMS:
+            if (k % steps == steps - 1) | (k == k_last - 1):  # the chunk's last K step: its sums are finished
+                sums = _row_sums_end(running, SUMS_BY_MMA)
+                if STORE_CHUNK_SUMS:
+                    if pid_n == 0:  # every column tile has the same sums; the first one stores them
+                        tl.store(chunk_sum_ptr + tl.cast(k // steps, tl.int64) * M + offs_m, sums, mask=offs_m < M)
+                else:
+                    row_sums += sums
+    return acc, row_sums
 
 
-# The row sums of the left factor over K (1ᵀ δ: ∂C/∂b in the ∂C/∂W matmul), in three parts around _main_loop's loop:
+# The row sums of the left factor over K (1ᵀ δ: ∂C/∂b in the ∂C/∂W matmul), in three parts in _k_range's loop per chunk:
 # summed without a reduction or data movement, in an order no tile choice changes. 16-bit data (SUMS_BY_MMA): the
 # tensor cores add δ's rows up, δ [BLOCK_M, STEP_K] times a [STEP_K, SUM_COLUMNS] tile of ones (exact products, a
 # float32 sum over K in the MMA's fixed order: the same on every tile); 2.5x fewer loop instructions than adding the
 # tile up in registers. Otherwise (float32, float64) a running sum in registers: per row, over K in WIDE_SUM_BLOCK_K
-# steps, then a fixed pairwise tree after the loop. Either way STEP_K is the sums' step (_sum_block_k), whatever
+# steps, then a fixed pairwise tree at the chunk's end. Either way STEP_K is the sums' step (_sum_block_k), whatever
 # BLOCK_K.
 
 
 @triton.jit
 def _row_sums_start(BLOCK_M: tl.constexpr, STEP_K: tl.constexpr, SUMS_BY_MMA: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """The running sums before the first K step: [BLOCK_M, SUM_COLUMNS] MMA accumulators, or [BLOCK_M, STEP_K]."""
+    """The running sums before a chunk's first K step: [BLOCK_M, SUM_COLUMNS] MMA accumulators, or [BLOCK_M, STEP_K]."""
     if SUMS_BY_MMA:
         running = tl.zeros((BLOCK_M, SUM_COLUMNS), dtype=ACC_DTYPE)
     else:
@@ -786,7 +775,7 @@ def _row_sums_add(running, a, SUMS_BY_MMA: tl.constexpr, INLINE_PTX: tl.constexp
 
 @triton.jit
 def _row_sums_end(running, SUMS_BY_MMA: tl.constexpr):
-    """The row sums [BLOCK_M] after the last K step."""
+    """The row sums [BLOCK_M] after a chunk's last K step."""
     if SUMS_BY_MMA:  # its SUM_COLUMNS columns are the same sums: the first one
         for _ in tl.static_range(SUM_COLUMN_LEVELS):
             running, _right = _column_halves(running)
