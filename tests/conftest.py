@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+import deep_stack
 import fixed_order_dot
 import interpreter_patch_once
 
@@ -28,6 +29,15 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import pytest  # noqa: E402
 
 import manualbp  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    """pytest's test loop (the hook's other implementations: pytest's own, or a plugin's such as pytest-xdist's)
+    called by deep_stack: without it Python maps and unmaps frame-stack chunks on most calls of the interpreter's
+    kernels (tests/deep_stack.py)."""
+    others = session.config.pluginmanager.subset_hook_caller("pytest_runtestloop", remove_plugins=[sys.modules[__name__]])
+    return deep_stack.call(others, session=session)
 
 
 @pytest.fixture(autouse=True)

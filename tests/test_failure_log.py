@@ -8,7 +8,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_failures_are_logged_as_they_happen(tmp_path):
-    for name in ("conftest.py", "fixed_order_dot.py"):  # the conftest and the module it imports
+    for name in ("conftest.py", "deep_stack.py", "fixed_order_dot.py", "interpreter_patch_once.py"):  # conftest, its modules
         (tmp_path / name).write_text((ROOT / "tests" / name).read_text())
     (tmp_path / "test_sample.py").write_text(
         "def test_passes():\n    assert 1 + 1 == 2\n\n\ndef test_fails():\n    assert 1 + 1 == 3, 'arithmetic'\n")

@@ -733,7 +733,9 @@ def _k_range(
                 b_ptrs += b_step
             acc = _tile_dot(a, b, acc, USE_DOT, INPUT_PRECISION)
         if ROW_SUMS:
-            if (k % steps == steps - 1) | (k == k_last - 1):  # the chunk's last K step: its sums are finished
+            # the chunk's last K step: its sums are finished (`or`, not `|`: in Triton 3.3's interpreter k is a Python
+            # int, and a bool | tensor fails there)
+            if k % steps == steps - 1 or k == k_last - 1:
                 sums = _row_sums_end(running, SUMS_BY_MMA)
                 if STORE_CHUNK_SUMS:
                     if pid_n == 0:  # every column tile has the same sums; the first one stores them
