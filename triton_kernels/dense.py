@@ -635,7 +635,7 @@ def _main_loop(
     PACKED_PAIRS: tl.constexpr, INLINE_PTX: tl.constexpr,
 ):
     """The K loop of one [BLOCK_M, BLOCK_N] output tile: (acc = A B in the accumulator's dtype, the row sums of the
-    left factor [BLOCK_M] with ROW_SUMS, else acc's first column, unused). With ROW_SUMS the sums run chunk by chunk
+    left factor [BLOCK_M] with ROW_SUMS, else zeros, unused). With ROW_SUMS the sums run chunk by chunk
     of SUM_CHUNK_K, the chunks' sums added in order (_k_range): the order split-K keeps (_grad_weight_split_kernel,
     _split_sum_kernel)."""
     if ACC_FP64:
@@ -646,8 +646,6 @@ def _main_loop(
                              stride_ak, stride_bk, stride_bn, stride_s0, stride_s1, ACTIVATION, NEGATIVE_SLOPE,
                              SAVED_KIND, ROW_SUMS, False, SUM_DTYPE, USE_DOT, INPUT_PRECISION, BLOCK_M, BLOCK_N,
                              BLOCK_K, STEP_K, A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
-    if not ROW_SUMS:
-        row_sums = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # not asked for: a placeholder
     return acc, row_sums
 
 
@@ -1362,11 +1360,7 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
     if want_partials:
         partials = a.new_empty(-(-M // setup.partial_rows), N, dtype=setup.acc_dtype)
     sizes = (M, N, K)
-    buckets = _BUCKETS.get(sizes)  # the autotuner's sizes
-    if buckets is None:
-        if len(_BUCKETS) >= _MAX_BUCKETS:  # sizes that vary call after call (a sequence length) start afresh
-            _BUCKETS.clear()
-        buckets = _BUCKETS[sizes] = (_tuning_bucket(M), _tuning_bucket(N), _tuning_bucket(K))
+    buckets = _BUCKETS.get(sizes) or tuning_buckets(M, N, K)  # the autotuner's sizes (a call only on a miss)
     prologue = prologue_saved if setup.prologue else None
     saved_strides = None
     if prologue_saved is not None:
@@ -1423,6 +1417,16 @@ def _views(a, b, prologue, a_transposed: bool, b_transposed: bool) -> tuple:
 
 
 _EVEN_K_STEP = EVEN_K_STEP.value
+def tuning_buckets(M: int, N: int, K: int) -> tuple:
+    """(M, N, K)'s tuning buckets (_tuning_bucket): a launch's tune_m, tune_n, tune_k, remembered per sizes."""
+    buckets = _BUCKETS.get((M, N, K))
+    if buckets is None:
+        if len(_BUCKETS) >= _MAX_BUCKETS:  # sizes that vary call after call (a sequence length) start afresh
+            _BUCKETS.clear()
+        buckets = _BUCKETS[M, N, K] = (_tuning_bucket(M), _tuning_bucket(N), _tuning_bucket(K))
+    return buckets
+
+
 _BUCKETS: dict = {}  # (M, N, K) -> their tuning buckets; sizes a program uses are few
 _MAX_BUCKETS = 4096  # ... bounded all the same, as launch.py's table of warm calls
 
@@ -1875,7 +1879,7 @@ def _launch_grad_weight_split(a, b, out, row_sums, splits: int, act_id: int, neg
     prologue = prologue_saved if act_id != 0 else None
     a_strides = a.stride()[::-1]
     saved, saved_strides = (prologue, prologue.stride()[::-1]) if prologue is not None else (a, a_strides)
-    buckets = (_tuning_bucket(M), _tuning_bucket(N), _tuning_bucket(K))
+    buckets = tuning_buckets(M, N, K)
     settings = config.get()
     sums = row_sums is not None
     tma_ok = (settings.tma and not fp64 and _tma_capable(a.device)

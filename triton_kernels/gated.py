@@ -531,7 +531,7 @@ _OPTIONS_IDS: dict = {}
 def _launch_matmul(role: str, flags: tuple, args: tuple, rows: int, columns: int, buckets: tuple,
                    like: torch.Tensor) -> None:
     """One launch of a gated matmul kernel through its plan (launch.run): output [rows, columns] in tiles of
-    [BLOCK_M, BLOCK_N]; flags, the values of the role's _FLAG_NAMES; buckets, the sizes' tuning buckets (_buckets);
+    [BLOCK_M, BLOCK_N]; flags, the values of the role's _FLAG_NAMES; buckets, the sizes' tuning buckets (dense.tuning_buckets);
     like, the tensor whose dtype and device the kernel computes in. A warm call: the setup and the plan looked up,
     the launch (no closure, no device guard: launch.run switches to the tensors' GPU itself)."""
     dtype = like.dtype
@@ -566,17 +566,6 @@ def _matmul_plan(role: str, flags: dict, like: torch.Tensor, use_dot: bool, rows
     return dict(fn=globals()[_KERNELS[role]], constexprs={**constexprs, **tile, **launch_options}, grid=grid, **common)
 
 
-def _buckets(M: int, N: int, K: int) -> tuple:
-    """The sizes' tuning buckets (dense._tuning_bucket), remembered per sizes in the dense layer's table."""
-    sizes = (M, N, K)
-    buckets = dense._BUCKETS.get(sizes)
-    if buckets is None:
-        if len(dense._BUCKETS) >= dense._MAX_BUCKETS:  # sizes that vary call after call start afresh
-            dense._BUCKETS.clear()
-        buckets = dense._BUCKETS[sizes] = (dense._tuning_bucket(M), dense._tuning_bucket(N), dense._tuning_bucket(K))
-    return buckets
-
-
 def _forward(x, gate_weight, up_weight, gate_bias, up_bias, act_id, negative_slope, write_a: bool, write_z: bool):
     """(a, z_gate, z_up) [M, I] by the forward kernel, each None where not written."""
     M, K = x.shape
@@ -588,7 +577,7 @@ def _forward(x, gate_weight, up_weight, gate_bias, up_bias, act_id, negative_slo
     out = a if write_a else z_gate  # a valid pointer for what is not written
     z_gate_or, z_up_or = (z_gate, z_up) if write_z else (out, out)
     has_gate_bias, has_up_bias = gate_bias is not None, up_bias is not None
-    buckets = _buckets(M, N, K)
+    buckets = dense.tuning_buckets(M, N, K)
     # a, z_gate, z_up: new contiguous [M, N], strides (N, 1) not asked (dense._launch_matmul's outputs)
     args = (x, gate_weight, up_weight, gate_bias if has_gate_bias else out, up_bias if has_up_bias else out, out,
             z_gate_or, z_up_or, M, N, K, *buckets, *x.stride(), *gate_weight.stride(), *up_weight.stride(),
@@ -631,7 +620,7 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
         if N == 0:
             grad_x.zero_()
         else:
-            buckets = _buckets(M, K, N)  # rows, columns, contracted
+            buckets = dense.tuning_buckets(M, K, N)  # rows, columns, contracted
             args = (grad_a, z_gate, z_up, gate_weight, up_weight, grad_x, M, N, K, *buckets, *operand_strides,
                     *gate_weight.stride(), *up_weight.stride(), K, 1)  # grad_x: a new contiguous [M, K]
             _launch_matmul("gated_grad_x", (act_id, negative_slope), args, M, K, buckets, grad_a)
@@ -683,7 +672,7 @@ def _grad_weights(grad_a, x, z_gate, z_up, K: int, act_id: int, negative_slope: 
         weight_strides = (max(K, 1), 1)
         gate_strides = operand_strides[:2] if grad_gate_weight is None else weight_strides
         up_strides = operand_strides[:2] if grad_up_weight is None else weight_strides
-        buckets = _buckets(N, columns, M)
+        buckets = dense.tuning_buckets(N, columns, M)
         args = (grad_a, z_gate, z_up, source,
                 *(t if t is not None else grad_a for t in (grad_gate_weight, grad_up_weight, gate_sum, up_sum)),
                 M, N, columns, *buckets, *operand_strides, *source.stride(), *gate_strides, *up_strides)

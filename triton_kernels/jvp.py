@@ -166,7 +166,7 @@ def linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, act_id
     tx = tangent_x if tangent_x is not None else x  # absent tangents: flags off, a valid pointer
     tw = tangent_weight if tangent_weight is not None else weight
     tb = tangent_bias if tangent_bias is not None else out
-    buckets = (dense._tuning_bucket(rows), dense._tuning_bucket(columns), dense._tuning_bucket(K))
+    buckets = dense.tuning_buckets(rows, columns, K)
     args = (
         tx, weight, x, tw, tb, saved, out, rows, columns, K,
         *tx.stride(), *weight.stride(), *x.stride(), *tw.stride(), tb.stride()[0], *saved.stride(), *out.stride(),
