@@ -25,6 +25,10 @@ Columns (all of them compiler output, none a timing):
   regs, spill   registers per thread and spill-store bytes (ptxas -v, the log Triton produces); in the JSON also
            wgmma_serialized: ptxas's reason where it serialized the wgmmas (each waited for before the next)
   smem     shared memory per block (Triton's metadata), KiB
+  ws       where Triton warp-specialized the K loop ("ws" configs, Triton 3.6+ on sm_90): the warps launched (a
+           producer warpgroup issuing the TMA loads, consumer warpgroups running the MMAs) and the registers per
+           thread its partitions asked for (setmaxnreg); the loop columns are then left out: each partition has
+           loops of its own, and no one of them is the main loop the columns below describe
   loop     SASS instructions of the main loop (the innermost backward branch with the most MMAs)
   bar, shfl     bar.sync / shuffles per main-loop iteration
   side     SASS instructions of the largest loop without MMA (the ∂C/∂X launch's loop storing δ), per iteration
@@ -250,11 +254,28 @@ def analyse(kernel, log):
                                log, re.MULTILINE)
         row["wgmma_serialized"] = serialized.group(1).strip() if serialized else ""
 
+    row.update(warp_specialization(kernel, ttgir))
+    if row.get("ws_partitions"):  # each partition has loops of its own: the loop columns' one loop is not there
+        row["note"] = "warp-specialized: loop columns not comparable (one loop per partition)"
+        return row
     try:  # disassembled on first access (nvdisasm); without it, no loop columns
         row.update(main_loop(asm["sass"]))
     except Exception as error:  # noqa: BLE001 - a disassembler problem costs the loop columns only
         row["note"] = f"no SASS ({type(error).__name__}: {str(error)[:80]})"
     return row
+
+
+def warp_specialization(kernel, ttgir) -> dict:
+    """Where Triton warp-specialized the kernel (a ttg.warp_specialize op in the TTGIR: the default region and its
+    partitions, each a warpgroup of its own code): ws_partitions (regions, the default one included), ws_warps (the
+    warps launched: more than the config's num_warps), ws_registers (the registers per thread the partitions asked
+    for, setmaxnreg; the default region gets what is left). {} where not specialized."""
+    if "ttg.warp_specialize(" not in ttgir:
+        return {}
+    asked = re.search(r"ttg\.warp_specialize\(.*requestedRegisters = array<i32: ([\d, ]+)>", ttgir)
+    return dict(ws_partitions=1 + len(re.findall(r"^\s*partition\d+\(", ttgir, re.MULTILINE)),
+                ws_warps=kernel.metadata.num_warps,
+                ws_registers=[int(n) for n in asked.group(1).split(",")] if asked else [])
 
 
 # --------------------------------------------------------------------------------------
@@ -517,7 +538,8 @@ def config_label(config):
     k = config.kwargs
     split = f" e{k['EPILOGUE_SPLIT']}" if "EPILOGUE_SPLIT" in k else ""  # the forward epilogue's column slices
     tma = " tma" if k.get("TMA", False) else ""  # TMA descriptors, persistent grid
-    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{config.num_warps} s{config.num_stages}{split}{tma}"
+    ws = " ws" if k.get("WARP_SPECIALIZE", False) else ""  # the K loop warp-specialized
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{config.num_warps} s{config.num_stages}{split}{tma}{ws}"
 
 
 def issue_pressure(row, config, products=1):
@@ -564,8 +586,9 @@ def run(arch, only, quick, M, K, N, dtype, progress=print):
             configs = [None]
         else:
             configs = configs_for(dense, kernel, pruner, args, kwargs, arch)
-            if quick:  # the first config, and the first TMA config where the target has TMA
-                configs = configs[:1] + [c for c in configs if c.kwargs.get("TMA", False)][:1]
+            if quick:  # the first config, the first TMA config where the target has TMA, and the first warp-specialized
+                configs = (configs[:1] + [c for c in configs if c.kwargs.get("TMA", False)][:1]
+                           + [c for c in configs if c.kwargs.get("WARP_SPECIALIZE", False)][:1])
         for config in configs:
             row = dict(kernel=label, config="fixed block" if config is None else config_label(config))
             launch = dict(kwargs) if config is None else dict(kwargs, **config.kwargs, num_warps=config.num_warps,
@@ -613,16 +636,16 @@ def run(arch, only, quick, M, K, N, dtype, progress=print):
 
 
 COLUMNS = [  # (title, width, key, format)
-    ("kernel", 28, "kernel", "s"), ("config", 24, "config", "s"), ("mma", 17, "mma", "s"), ("A", 2, "A", "s"),
+    ("kernel", 28, "kernel", "s"), ("config", 27, "config", "s"), ("mma", 17, "mma", "s"), ("A", 2, "A", "s"),
     ("cp.async/TMA/ld", 15, None, None), ("bufs", 5, None, None), ("regs", 4, "regs", "d"),
-    ("spill", 5, "spill", "d"), ("smem KiB", 8, None, None), ("loop", 4, "loop_instr", "d"), ("bar", 3, "loop_bar", "d"),
+    ("spill", 5, "spill", "d"), ("smem KiB", 8, None, None), ("ws", 11, None, None), ("loop", 4, "loop_instr", "d"), ("bar", 3, "loop_bar", "d"),
     ("shfl", 4, "loop_shfl", "d"), ("side", 4, "side_loop_instr", "d"), ("x tut", 5, "x_tut", ".2f"), ("press", 5, "press", ".2f"), ("s", 4, "compile_s", ".1f"),
 ]
 
 
 def format_row(row):
     if "error" in row:
-        return f"{row['kernel'][:28]:28s} {row['config']:24s} ERROR {row['error']}"
+        return f"{row['kernel'][:28]:28s} {row['config']:27s} ERROR {row['error']}"
     cells = []
     for title, width, key, fmt in COLUMNS:
         if title == "cp.async/TMA/ld":
@@ -631,6 +654,9 @@ def format_row(row):
             value = str(len(row["bufs"]) and int(row["bufs"][0].split("x")[0])) if row["bufs"] else "-"
         elif title == "smem KiB":
             value = f"{row['smem'] / 1024:.0f}"
+        elif title == "ws":  # warps launched, registers the partitions asked for
+            value = (f"{row['ws_warps']}w {'/'.join(map(str, row['ws_registers']))}" if row.get("ws_partitions")
+                     else "-")
         elif row.get(key) is None:
             value = "-"
         else:

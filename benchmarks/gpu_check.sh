@@ -44,7 +44,7 @@ timeout "$(capped 20)" $py benchmarks/tma_tile_repro.py --repeats 3
 # --- 2. tests and cache warming, side by side -----------------------------------------------------------
 stamp "tests + cache warming"
 problems=linear8192x1024x4096,mlp8192x1024x4096,linear8192x4096x1024,linear8192x4096x16384,linear8192x16384x4096,mlp8192x4096x16384
-warm_workers=9  # the most configs any launch keeps (matmul_configs(), pruned)
+warm_workers=11  # the most configs any launch keeps (matmul_configs(), pruned, TMA on)
 (
     for i in $(seq 0 $((warm_workers - 1))); do
         $py benchmarks/warm_caches.py --worker "$i" --workers $warm_workers --problems "$problems" \

@@ -336,7 +336,10 @@ def compile_ours(dtype=torch.bfloat16, M=8192, K=1024, N=4096, every_config=Fals
     pointer = [cfg for cfg in configs if not cfg.kwargs.get("TMA", False) and cfg.num_warps == excluded[0].num_warps
                and all(cfg.kwargs[k] == excluded[0].kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))][:1]
     if every_config:
-        sixteen_bit = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] != dense.WIDE_SUM_BLOCK_K.value]
+        # (not the warp-specialized configs: each partition has loops of its own, and main_loop_body picks one loop;
+        # where this hazard is, rs_operand_hazard sends these launches to the δ pass, whatever the config)
+        sixteen_bit = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] != dense.WIDE_SUM_BLOCK_K.value
+                       and not cfg.kwargs.get("WARP_SPECIALIZE", False)]
         sums_block_k = dense._sum_block_k(dtype, True)  # ∂C/∂b's K step: the configs that can take it
         plan = {"dX prologue gelu": sixteen_bit,
                 "dW prologue+db relu": [cfg for cfg in sixteen_bit if dense._sums_in_k_steps_of(cfg, sums_block_k)]}

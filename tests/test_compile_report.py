@@ -48,16 +48,30 @@ def test_compile_report_quick_subset(tmp_path):
     rows = [row for row in report["rows"] if not row["kernel"].startswith("tutorial")]
     assert len(rows) >= 4, f"the quick subset compiled: {report['stdout']}"
     if hasattr(pytest.importorskip("triton.language"), "make_tensor_descriptor"):
-        assert any(row["config"].endswith(" tma") for row in rows), "TMA configs compiled where Triton has them"
+        assert any(" tma" in row["config"] for row in rows), "TMA configs compiled where Triton has them"
+    from manualbp.triton_kernels import dense
+
+    warp_specialized = [row for row in rows if row["config"].endswith(" ws")]
+    assert bool(warp_specialized) == dense.WARP_SPECIALIZE_AVAILABLE, (
+        f"warp-specialized configs compiled exactly where this Triton partitions a Hopper loop "
+        f"({dense.WARP_SPECIALIZE_AVAILABLE}): {[row['kernel'] for row in warp_specialized]}")
     for row in rows:
         label = _assert_wgmma_and_no_spill(row, report)
         assert not row.get("wgmma_serialized"), f"{label}: ptxas serialized its wgmmas ({row['wgmma_serialized']})"
-        if row["config"].endswith(" tma"):
+        if " tma" in row["config"]:
             assert row["tma"] > 0 and row["cp_async"] == 0, f"{label}: TMA loads, not cp.async"
+        if row["config"].endswith(" ws"):  # a producer warpgroup and two consumers, registers moved to the consumers
+            assert row.get("ws_partitions") == 3 and row["ws_warps"] == 12, (
+                f"{label}: the K loop warp-specialized into 3 warpgroups, got {row.get('ws_partitions')} "
+                f"partitions, {row.get('ws_warps')} warps")
+            assert min(row["ws_registers"]) > row["regs"], (
+                f"{label}: the consumers asked for more registers ({row['ws_registers']}) than the launch's {row['regs']}")
+        else:
+            assert not row.get("ws_partitions"), f"{label}: warp-specialized without the config asking"
         if "loop_instr" not in row:
             continue
         assert row["loop_spill"] == 0, f"{label}: spill instructions in the main loop"
-        if not row["config"].endswith(" tma"):
+        if " tma" not in row["config"]:
             # Triton syncs after each group of wgmma: 2 for the product (and 1 more); the ∂C/∂b kernel's sums by
             # MMA against a ones tile (dense._row_sums_add) are 2 groups more. A chunk's end (the ∂C/∂b kernels'
             # branch, once per SUM_CHUNK_K rows) is not in every iteration: counted apart, and bounded too.

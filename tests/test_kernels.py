@@ -18,7 +18,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _config_id(cfg):
     k = cfg.kwargs
-    tma = "-tma" if k.get("TMA", False) else ""
+    tma = ("-tma" if k.get("TMA", False) else "") + ("-ws" if k.get("WARP_SPECIALIZE", False) else "")
     return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-s{cfg.num_stages}-w{cfg.num_warps}{tma}"
 
 
@@ -1124,6 +1124,45 @@ def test_host_arithmetic_matches_triton():
             assert dense._cdiv(a, b) == triton.cdiv(a, b), f"cdiv({a}, {b})"
     for size in list(range(0, 5000)) + [2 ** 31 - 1, 2 ** 31, 2 ** 31 + 1]:
         assert dense._tuning_bucket(size) == max(dense._TUNING_FLOOR, triton.next_power_of_2(size)), f"bucket {size}"
+
+
+def test_warp_specialized_configs_where_triton_partitions_the_loop(monkeypatch):
+    """The warp-specialized configs (TMA, 4 warps asked, Triton's producer and consumer warpgroups launched) exist
+    exactly where this Triton partitions a Hopper K loop (tl.range's warp_specialize and the Hopper pass), and are
+    offered only with TMA: to the plain, forward, ∂C/∂X, MLP ∂C/∂X and split-K ∂C/∂W launches, not to the ∂C/∂W
+    launch that adds ∂C/∂b's chunk sums in its loop (left whole by the pass: one warpgroup that spills) nor to the
+    MLP epilogue's partial sums (spills), and never to float32 (its K steps of 16; no TMA there)."""
+    import inspect
+
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 232448)  # H100
+    ws = lambda configs: [c for c in configs if c.kwargs.get("WARP_SPECIALIZE", False)]  # noqa: E731
+    takes_it = "warp_specialize" in inspect.signature(triton.language.range.__init__).parameters
+    assert not dense.WARP_SPECIALIZE_AVAILABLE or takes_it, "only where tl.range takes warp_specialize"
+    shipped = ws(dense.matmul_configs())
+    assert len(shipped) == (2 if dense.WARP_SPECIALIZE_AVAILABLE else 0), f"the warp-specialized configs: {shipped}"
+    assert all(c.kwargs.get("TMA", False) and c.num_warps == 4 for c in shipped), "TMA, one warpgroup asked"
+    if not shipped:
+        pytest.skip(f"triton {triton.__version__} does not partition a Hopper loop: no warp-specialized config")
+    a16 = torch.empty(4, 4, dtype=torch.bfloat16, device="meta")
+    names = lambda kernel: dict.fromkeys(dense.MATMUL_KERNELS[kernel], a16)  # noqa: E731 - left factor, output
+    offered = {  # (kernel, flags) -> whether the warp-specialized configs are offered with TMA
+        ("_matmul_kernel", ()): True, ("_forward_kernel", ()): True, ("_grad_x_kernel", (("ACTIVATION", 1),)): True,
+        ("_grad_below_kernel", ()): True, ("_grad_below_kernel", (("WRITE_PARTIALS", True),)): False,
+        ("_grad_weight_kernel", ()): True, ("_grad_weight_kernel", (("ACTIVATION", 1),)): True,
+        ("_grad_weight_kernel", (("ROW_SUMS", True),)): False,
+        ("_grad_weight_kernel", (("ACTIVATION", 1), ("ROW_SUMS", True))): False,
+        ("_grad_weight_split_kernel", (("ROW_SUMS", True),)): True,
+        ("_grad_weight_split_kernel", (("ACTIVATION", 1), ("ROW_SUMS", True))): True,
+    }
+    for (kernel, flags), expected in offered.items():
+        configs = dense.role_configs(kernel)
+        with_tma = dense._prune_role(kernel, configs, names(kernel), TMA_OK=True, USE_DOT=True, **dict(flags))
+        without = dense._prune_role(kernel, configs, names(kernel), TMA_OK=False, USE_DOT=True, **dict(flags))
+        assert bool(ws(with_tma)) == expected, f"{kernel} {flags}: warp-specialized configs offered: {expected}"
+        assert not ws(without), f"{kernel} {flags}: none without TMA"
+    a32 = torch.empty(4, 4, dtype=torch.float32, device="meta")
+    assert not ws(dense._prune_configs(dense.matmul_configs(), {"a_ptr": a32}, TMA_OK=True)), "none for float32"
 
 
 def test_bias_grad_matmul_configs(monkeypatch):

@@ -287,6 +287,7 @@ def _matmul_kernel(
     TMA_OK: tl.constexpr = False,  # the launcher found TMA usable (the pruning reads it; in the key)
     TMA: tl.constexpr = False,  # the config: operand tiles by TMA descriptors, a persistent grid
     EVEN_K: tl.constexpr = False,  # K a multiple of BLOCK_K: the pointer loads need no mask
+    WARP_SPECIALIZE: tl.constexpr = False,  # the config, with TMA: the K loop warp-specialized (_k_range)
 ):
     """out = A B: the plain product (dense.matmul: the MLP's δᵀ X and δ₀ W₀; δ W, δᵀ X of a stored δ)."""
     a_src, b_src = _sources(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, BLOCK_M, BLOCK_N,
@@ -296,7 +297,7 @@ def _matmul_kernel(
         pid_m, pid_n = _tile_position(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = _product(pid_m, pid_n, a_src, b_src, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, USE_DOT,
                        INPUT_PRECISION, ACC_FP64, BLOCK_M, BLOCK_N, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA,
-                       EVEN_K)
+                       EVEN_K, WARP_SPECIALIZE)
         _store_in_slices(acc, pid_m, pid_n, M, N, out_ptr, stride_om, stride_on, BLOCK_M, BLOCK_N, EPILOGUE_SPLIT)
 
 
@@ -320,7 +321,7 @@ def _forward_kernel(
     EPILOGUE_SPLIT: tl.constexpr,  # bias, f and f' in this many column slices: a whole large tile at once spills
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_TRANSPOSED: tl.constexpr = False, B_TRANSPOSED: tl.constexpr = False, TMA_OK: tl.constexpr = False,
-    TMA: tl.constexpr = False, EVEN_K: tl.constexpr = False,
+    TMA: tl.constexpr = False, EVEN_K: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """Z = X Wᵀ + b, A = f(Z) (manualbp/reference.py's linear_forward): the main loop, then bias, f and Z (or f'(Z))
     in the epilogue."""
@@ -331,7 +332,7 @@ def _forward_kernel(
         pid_m, pid_n = _tile_position(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = _product(pid_m, pid_n, x_src, w_src, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn, USE_DOT,
                        INPUT_PRECISION, ACC_FP64, BLOCK_M, BLOCK_N, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA,
-                       EVEN_K)
+                       EVEN_K, WARP_SPECIALIZE)
         # The epilogue in EPILOGUE_SPLIT column slices, one after the other, as Triton's tutorial 09 splits its own.
         offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         parts = _column_slices(acc, EPILOGUE_SPLIT)
@@ -361,6 +362,7 @@ def _grad_x_kernel(
     A_TRANSPOSED: tl.constexpr = False, B_TRANSPOSED: tl.constexpr = False, TMA_OK: tl.constexpr = False,
     TMA: tl.constexpr = False, EVEN_K: tl.constexpr = False,
     PACKED_PAIRS: tl.constexpr = False,  # a compiled NVIDIA GPU with packed 16-bit instructions (_packed_pairs)
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """∂C/∂X = δ W with δ = G ⊙ f'(Z) formed in the loads (the prologue, _prologue_factor): nothing left for the
     epilogue but the store."""
@@ -379,7 +381,7 @@ def _grad_x_kernel(
         acc, _ = _main_loop(pid_m, pid_n, g_src, w_src, s_src, M, N, K, stride_gm, stride_gk, stride_wk, stride_wn,
                             stride_sm, stride_sk, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, False,
                             out_ptr.dtype.element_ty, USE_DOT, INPUT_PRECISION, ACC_FP64, BLOCK_M, BLOCK_N, BLOCK_K,
-                            BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, False)
+                            BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, False, WARP_SPECIALIZE)
         _store_tile(acc, offs_m, pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N), M, N, out_ptr, stride_om,
                     stride_on)
 
@@ -404,6 +406,7 @@ def _grad_weight_kernel(
     TMA: tl.constexpr = False, EVEN_K: tl.constexpr = False, PACKED_PAIRS: tl.constexpr = False,
     INLINE_PTX: tl.constexpr = False,  # compiled for an NVIDIA GPU (_inline_ptx): δ kept out of FMA contraction
                                        # before its sums (_materialised)
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """∂C/∂W = δᵀ X, with δ formed in the loads where it is not stored, and ∂C/∂b = 1ᵀ δ as the row sums of the δᵀ
     tiles the loop loads (16-bit data: by the tensor cores against a tile of ones; else in registers)."""
@@ -422,7 +425,8 @@ def _grad_weight_kernel(
         acc, row_sums = _main_loop(pid_m, pid_n, g_src, x_src, s_src, M, N, K, stride_gm, stride_gk, stride_xk,
                                    stride_xn, stride_sm, stride_sk, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, ROW_SUMS,
                                    out_ptr.dtype.element_ty, USE_DOT, INPUT_PRECISION, ACC_FP64, BLOCK_M, BLOCK_N,
-                                   BLOCK_K, STEP_K, A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
+                                   BLOCK_K, STEP_K, A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX,
+                                   WARP_SPECIALIZE)
         offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         if ROW_SUMS:
             if pid_n == 0:  # every column tile has the same row sums; the first one stores them
@@ -450,7 +454,7 @@ def _grad_weight_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_TRANSPOSED: tl.constexpr = False, B_TRANSPOSED: tl.constexpr = False, TMA_OK: tl.constexpr = False,
     TMA: tl.constexpr = False, EVEN_K: tl.constexpr = False, PACKED_PAIRS: tl.constexpr = False,
-    INLINE_PTX: tl.constexpr = False,
+    INLINE_PTX: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """Split-K ∂C/∂W: _grad_weight_kernel's product (and ∂C/∂b's chunk sums) over one split of K per program,
     written in the accumulator's dtype for _split_sum_kernel to add up in a fixed order. The output tiles of all
@@ -482,7 +486,7 @@ def _grad_weight_split_kernel(
                               pid_n, g_src, x_src, s_src, chunk_sum_ptr, M, N, K, stride_gm, stride_gk, stride_xk,
                               stride_xn, stride_sm, stride_sk, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, ROW_SUMS, True,
                               g_ptr.dtype.element_ty, USE_DOT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K,
-                              A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
+                              A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX, WARP_SPECIALIZE)
             # float32 partials in column slices: the whole tile's 64-bit addresses at once spilled (compile report)
             _store_in_slices(acc, stacked_m, pid_n, split.to(tl.int64) * split_rows + M, N, partial_ptr, N, 1,
                              BLOCK_M, BLOCK_N, EPILOGUE_SPLIT)
@@ -535,6 +539,7 @@ def _grad_below_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_TRANSPOSED: tl.constexpr = False, B_TRANSPOSED: tl.constexpr = False, TMA_OK: tl.constexpr = False,
     TMA: tl.constexpr = False, EVEN_K: tl.constexpr = False, INLINE_PTX: tl.constexpr = False,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """The backward of a stack: acc = δₗ Wₗ = ∂C/∂Aₗ₋₁ (G of the layer below), so this tile of δₗ₋₁ = G ⊙ f'(Zₗ₋₁)
     is formed in the epilogue instead of in a separate pass, with its column sums."""
@@ -545,7 +550,7 @@ def _grad_below_kernel(
         pid_m, pid_n = _tile_position(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = _product(pid_m, pid_n, d_src, w_src, M, N, K, stride_dm, stride_dk, stride_wk, stride_wn, USE_DOT,
                        INPUT_PRECISION, ACC_FP64, BLOCK_M, BLOCK_N, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA,
-                       EVEN_K)
+                       EVEN_K, WARP_SPECIALIZE)
         offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         parts = _column_slices(acc, EPILOGUE_SPLIT)
         for i in tl.static_range(EPILOGUE_SPLIT):
@@ -632,7 +637,7 @@ def _main_loop(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     STEP_K: tl.constexpr,  # the loop's K step: BLOCK_K, or the row sums' (_grad_weight_kernel); divides BLOCK_K
     A_TRANSPOSED: tl.constexpr, B_TRANSPOSED: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr,
-    PACKED_PAIRS: tl.constexpr, INLINE_PTX: tl.constexpr,
+    PACKED_PAIRS: tl.constexpr, INLINE_PTX: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """The K loop of one [BLOCK_M, BLOCK_N] output tile: (acc = A B in the accumulator's dtype, the row sums of the
     left factor [BLOCK_M] with ROW_SUMS, else zeros, unused). With ROW_SUMS the sums run chunk by chunk
@@ -645,7 +650,8 @@ def _main_loop(
     acc, row_sums = _k_range(acc, 0, tl.cdiv(K, BLOCK_K), pid_m, pid_n, a_src, b_src, s_src, a_src, M, N, K, stride_am,
                              stride_ak, stride_bk, stride_bn, stride_s0, stride_s1, ACTIVATION, NEGATIVE_SLOPE,
                              SAVED_KIND, ROW_SUMS, False, SUM_DTYPE, USE_DOT, INPUT_PRECISION, BLOCK_M, BLOCK_N,
-                             BLOCK_K, STEP_K, A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
+                             BLOCK_K, STEP_K, A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX,
+                             WARP_SPECIALIZE)
     return acc, row_sums
 
 
@@ -664,6 +670,7 @@ def _k_range(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STEP_K: tl.constexpr, A_TRANSPOSED: tl.constexpr,
     B_TRANSPOSED: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, PACKED_PAIRS: tl.constexpr,
     INLINE_PTX: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,  # with TMA: Triton's warp specialization of the loop (WARP_SPECIALIZE_AVAILABLE)
 ):
     """The loop over K steps k_first .. k_last - 1 (of BLOCK_K, each taken in BLOCK_K // STEP_K steps of STEP_K) of
     _main_loop's tile: (acc after them, the row sums [BLOCK_M] with ROW_SUMS and not STORE_CHUNK_SUMS).
@@ -671,9 +678,14 @@ def _k_range(
     With ROW_SUMS each chunk of SUM_CHUNK_K is summed from zero in STEP_K steps and, at its last K step, its sums are
     added to the row sums (chunk k_first's first) or stored: neither the tile, BLOCK_K nor a split-K changes which
     steps a chunk sums, or in which order. One flat loop, its chunk ends a branch inside: a loop per chunk would
-    restart the software pipeline (its prologue and drain) every chunk (docs/kernels.md)."""
+    restart the software pipeline (its prologue and drain) every chunk (docs/kernels.md).
+
+    WARP_SPECIALIZE: the loop as ``tl.range(..., warp_specialize=True)``: Triton (3.6 and newer on Hopper) splits it
+    into a producer warpgroup issuing the TMA loads and consumer warpgroups running the MMAs, with registers moved
+    to the consumers (setmaxnreg). The same K steps in the same order: the same bits. Its own loop header, in a
+    branch the compiler never reads where the flag is off (Triton 3.3's tl.range has no such argument)."""
+    tl.static_assert(TMA or not WARP_SPECIALIZE, "warp specialization partitions TMA loads")
     SUMS_BY_MMA: tl.constexpr = USE_DOT and SUM_DTYPE.primitive_bitwidth == 16
-    steps: tl.constexpr = SUM_CHUNK_K.value // BLOCK_K  # K steps per chunk (an int: the interpreter's k is one)
     tl.static_assert(not ROW_SUMS or SUM_CHUNK_K % BLOCK_K == 0, "a chunk of K is whole K steps")
     # 64-bit offsets: M*stride may exceed 2**31.
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -682,65 +694,103 @@ def _k_range(
     # (TMA loads need no mask: EVEN_K is read by the pointer loads only)
     tl.static_assert(TMA or not EVEN_K or EVEN_K_STEP % BLOCK_K == 0, "EVEN_K pointer loads need BLOCK_K | EVEN_K_STEP")
     tl.static_assert(BLOCK_K % STEP_K == 0, "BLOCK_K is a multiple of the loop's K step")
+    tl.static_assert(TMA or BLOCK_K == STEP_K, "pointer loads take each BLOCK_K in one step")
     # Rows and columns past the edge are wrapped onto valid ones (Triton's matmul tutorial): the main
     # loop then masks only K (not at all with EVEN_K), and what they compute is never stored.
     rows = offs_m % M
     cols = offs_n % N
-    if not TMA:
+    if TMA:  # the descriptors take the tiles' places; nothing walks
+        a_at, b_at, s_at = a_src, b_src, s_src
+    else:
         start = tl.cast(k_first, tl.int64) * BLOCK_K  # the first column of K this range reads
-        a_ptrs = a_src + rows[:, None] * stride_am + (start + offs_k)[None, :] * stride_ak
-        b_ptrs = b_src + (start + offs_k)[:, None] * stride_bk + cols[None, :] * stride_bn
+        a_at = a_src + rows[:, None] * stride_am + (start + offs_k)[None, :] * stride_ak
+        b_at = b_src + (start + offs_k)[:, None] * stride_bk + cols[None, :] * stride_bn
         a_step = tl.cast(stride_ak, tl.int64) * STEP_K
         b_step = tl.cast(stride_bk, tl.int64) * STEP_K
         # The prologue's saved tensor walks along with A (used only with a prologue).
-        s_ptrs = s_src + rows[:, None] * stride_s0 + (start + offs_k)[None, :] * stride_s1
+        s_at = s_src + rows[:, None] * stride_s0 + (start + offs_k)[None, :] * stride_s1
         s_step = tl.cast(stride_s1, tl.int64) * STEP_K
     row_sums = tl.zeros((BLOCK_M,), dtype=acc.dtype)
     if ROW_SUMS:
         running = _row_sums_start(BLOCK_M, STEP_K, SUMS_BY_MMA, acc.dtype)  # the current chunk's
+    else:
+        running = row_sums  # unused: carried through unchanged
 
-    for k in range(k_first, k_last):
-        if ROW_SUMS:
-            # A chunk's first K step starts its sums from zero, a select just before its add (the ones-MMA). Zeroed
-            # at a chunk's end instead, the accumulator's registers were written while wgmmas ran, and ptxas 12.8
-            # (Triton 3.6) serialized every wgmma of the kernel (compile report: wgmma_serialized).
-            if k % steps == 0:
-                running = _row_sums_start(BLOCK_M, STEP_K, SUMS_BY_MMA, acc.dtype)
-        for step in tl.static_range(BLOCK_K // STEP_K):
-            k_step = k * (BLOCK_K // STEP_K) + step  # in units of STEP_K
-            if TMA:
-                a = _descriptor_tile(a_src, pid_m * BLOCK_M, k_step * STEP_K, A_TRANSPOSED)
-            else:
-                mask_k = _k_step_mask(offs_k, k_step, K, STEP_K, EVEN_K)
-                a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
-            if ACTIVATION != act.IDENTITY:
-                if TMA:
-                    saved = _descriptor_tile(s_src, pid_m * BLOCK_M, k_step * STEP_K, A_TRANSPOSED)
-                else:
-                    saved = tl.load(s_ptrs, mask=mask_k[None, :], other=0.0)
-                    s_ptrs += s_step
-                # δ = G ⊙ f'(saved) for this tile, rounded to the data dtype as a stored δ would be.
-                a = _prologue_factor(a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, acc.dtype, PACKED_PAIRS)
-            if ROW_SUMS:  # δ as rounded for the product: eager sums a stored δ (fewer instructions than unrounded)
-                running = _row_sums_add(running, a, SUMS_BY_MMA, INLINE_PTX)
-            if TMA:
-                b = _descriptor_tile(b_src, k_step * STEP_K, pid_n * BLOCK_N, B_TRANSPOSED)
-            else:
-                b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
-                a_ptrs += a_step
-                b_ptrs += b_step
-            acc = _tile_dot(a, b, acc, USE_DOT, INPUT_PRECISION)
-        if ROW_SUMS:
-            # the chunk's last K step: its sums are finished (`or`, not `|`: in Triton 3.3's interpreter k is a Python
-            # int, and a bool | tensor fails there)
-            if k % steps == steps - 1 or k == k_last - 1:
-                sums = _row_sums_end(running, SUMS_BY_MMA)
-                if STORE_CHUNK_SUMS:
-                    if pid_n == 0:  # every column tile has the same sums; the first one stores them
-                        tl.store(chunk_sum_ptr + tl.cast(k // steps, tl.int64) * M + offs_m, sums, mask=offs_m < M)
-                else:
-                    row_sums += sums
+    if WARP_SPECIALIZE:
+        for k in tl.range(k_first, k_last, warp_specialize=True):
+            acc, running, row_sums = _k_step(
+                k, k_last, acc, running, row_sums, a_at, b_at, s_at, offs_k, offs_m, pid_m,
+                pid_n, chunk_sum_ptr, M, K, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, ROW_SUMS, STORE_CHUNK_SUMS,
+                SUMS_BY_MMA, USE_DOT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K, A_TRANSPOSED, B_TRANSPOSED,
+                TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
+    else:
+        for k in range(k_first, k_last):
+            acc, running, row_sums = _k_step(
+                k, k_last, acc, running, row_sums, a_at, b_at, s_at, offs_k, offs_m, pid_m,
+                pid_n, chunk_sum_ptr, M, K, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, ROW_SUMS, STORE_CHUNK_SUMS,
+                SUMS_BY_MMA, USE_DOT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K, A_TRANSPOSED, B_TRANSPOSED,
+                TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
+            if not TMA:  # the pointers past this K step
+                a_at += a_step
+                b_at += b_step
+                if ACTIVATION != act.IDENTITY:
+                    s_at += s_step
     return acc, row_sums
+
+
+@triton.jit
+def _k_step(
+    k, k_last,  # this BLOCK_K step, and the range's end (a chunk's sums end at it)
+    acc, running, row_sums,  # the accumulator, the current chunk's running sums, the row sums: carried
+    a_at, b_at, s_at,  # where this step's tiles of A, B and the saved tensor are: pointers, or with TMA descriptors
+    offs_k, offs_m, pid_m, pid_n, chunk_sum_ptr, M, K,
+    ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, SAVED_KIND: tl.constexpr, ROW_SUMS: tl.constexpr,
+    STORE_CHUNK_SUMS: tl.constexpr, SUMS_BY_MMA: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STEP_K: tl.constexpr,
+    A_TRANSPOSED: tl.constexpr, B_TRANSPOSED: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr,
+    PACKED_PAIRS: tl.constexpr, INLINE_PTX: tl.constexpr,
+):
+    """One BLOCK_K step of _k_range's loop (its docstring): (acc, running, row_sums) after it. With TMA in
+    BLOCK_K // STEP_K steps of STEP_K; the pointer loads in one (_k_range advances them)."""
+    steps: tl.constexpr = SUM_CHUNK_K.value // BLOCK_K  # K steps per chunk (an int: the interpreter's k is one)
+    if ROW_SUMS:
+        # A chunk's first K step starts its sums from zero, a select just before its add (the ones-MMA). Zeroed
+        # at a chunk's end instead, the accumulator's registers were written while wgmmas ran, and ptxas 12.8
+        # (Triton 3.6) serialized every wgmma of the kernel (compile report: wgmma_serialized).
+        if k % steps == 0:
+            running = _row_sums_start(BLOCK_M, STEP_K, SUMS_BY_MMA, acc.dtype)
+    for step in tl.static_range(BLOCK_K // STEP_K):
+        k_step = k * (BLOCK_K // STEP_K) + step  # in units of STEP_K
+        if TMA:
+            a = _descriptor_tile(a_at, pid_m * BLOCK_M, k_step * STEP_K, A_TRANSPOSED)
+        else:
+            mask_k = _k_step_mask(offs_k, k_step, K, STEP_K, EVEN_K)
+            a = tl.load(a_at, mask=mask_k[None, :], other=0.0)
+        if ACTIVATION != act.IDENTITY:
+            if TMA:
+                saved = _descriptor_tile(s_at, pid_m * BLOCK_M, k_step * STEP_K, A_TRANSPOSED)
+            else:
+                saved = tl.load(s_at, mask=mask_k[None, :], other=0.0)
+            # δ = G ⊙ f'(saved) for this tile, rounded to the data dtype as a stored δ would be.
+            a = _prologue_factor(a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, acc.dtype, PACKED_PAIRS)
+        if ROW_SUMS:  # δ as rounded for the product: eager sums a stored δ (fewer instructions than unrounded)
+            running = _row_sums_add(running, a, SUMS_BY_MMA, INLINE_PTX)
+        if TMA:
+            b = _descriptor_tile(b_at, k_step * STEP_K, pid_n * BLOCK_N, B_TRANSPOSED)
+        else:
+            b = tl.load(b_at, mask=mask_k[:, None], other=0.0)
+        acc = _tile_dot(a, b, acc, USE_DOT, INPUT_PRECISION)
+    if ROW_SUMS:
+        # the chunk's last K step: its sums are finished (`or`, not `|`: in Triton 3.3's interpreter k is a Python
+        # int, and a bool | tensor fails there)
+        if k % steps == steps - 1 or k == k_last - 1:
+            sums = _row_sums_end(running, SUMS_BY_MMA)
+            if STORE_CHUNK_SUMS:
+                if pid_n == 0:  # every column tile has the same sums; the first one stores them
+                    tl.store(chunk_sum_ptr + tl.cast(k // steps, tl.int64) * M + offs_m, sums, mask=offs_m < M)
+            else:
+                row_sums += sums
+    return acc, running, row_sums
 
 
 # The row sums of the left factor over K (1ᵀ δ: ∂C/∂b in the ∂C/∂W matmul), in three parts in _k_range's loop per chunk:
@@ -799,11 +849,12 @@ def _slice_times_f_prime(part, offs_m, part_n, M, N, saved_ptr, stride_s0, strid
 def _product(pid_m, pid_n, a_src, b_src, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, USE_DOT: tl.constexpr,
              INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr, A_TRANSPOSED: tl.constexpr, B_TRANSPOSED: tl.constexpr, TMA: tl.constexpr,
-             EVEN_K: tl.constexpr):
+             EVEN_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """A B for one output tile: _main_loop without a prologue or row sums."""
     acc, _ = _main_loop(pid_m, pid_n, a_src, b_src, a_src, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, 0, 0,
                         act.IDENTITY, 0.0, SAVED_Z, False, tl.float32, USE_DOT, INPUT_PRECISION, ACC_FP64, BLOCK_M,
-                        BLOCK_N, BLOCK_K, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, False, False)
+                        BLOCK_N, BLOCK_K, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA, EVEN_K, False, False,
+                        WARP_SPECIALIZE)
     return acc
 
 
@@ -1003,6 +1054,22 @@ def is_interpreted() -> bool:
     return type(_matmul_kernel).__name__ == "InterpretedFunction"
 
 
+def _warp_specialize_available() -> bool:
+    """Whether this Triton warp-specializes a Hopper K loop: tl.range takes warp_specialize (Triton 3.4+) and the
+    NVIDIA backend has the Hopper partitioning pass (3.6+; before it the flag changes nothing on sm_90, and a config
+    meant for three warpgroups would compile as one)."""
+    if "warp_specialize" not in inspect.signature(tl.range.__init__).parameters:
+        return False
+    try:
+        from triton._C.libtriton import nvidia
+    except ImportError:  # a Triton without the NVIDIA backend
+        return False
+    return hasattr(getattr(nvidia.passes, "hopper", None), "add_hopper_warpspec")
+
+
+WARP_SPECIALIZE_AVAILABLE = _warp_specialize_available()
+
+
 def matmul_configs() -> list:
     """The tile shapes the GPU autotuner tries for every matmul (forward, ∂C/∂X, ∂C/∂W).
 
@@ -1042,6 +1109,15 @@ def matmul_configs() -> list:
         # its two stages and single warpgroup hide latency as well is the GPU autotuner's call.
         c({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "EPILOGUE_SPLIT": 4, "TMA": True},
           num_stages=2, num_warps=4),
+        # Hopper, warp-specialized (WARP_SPECIALIZE_AVAILABLE): Triton splits the TMA K loop into a producer
+        # warpgroup issuing the loads and two consumer warpgroups of 64 rows each (12 warps from num_warps=4,
+        # registers moved to the consumers by setmaxnreg), which run the MMAs, δ's prologue and the epilogue; at
+        # the two TMA tiles above. Not where the ∂C/∂W loop adds ∂C/∂b's chunk sums, nor with the MLP epilogue's
+        # partial sums (_warp_specialize_excluded).
+        *([c({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 8, "TMA": True,
+               "WARP_SPECIALIZE": True}, num_stages=3, num_warps=4),
+           c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 4, "TMA": True,
+               "WARP_SPECIALIZE": True}, num_stages=4, num_warps=4)] if WARP_SPECIALIZE_AVAILABLE else []),
         # float32 only (_prune_configs): short K steps for the FMA loop of IEEE products (no tensor cores), the only
         # tiles of that loop with no spill in any kernel (compile report --dtype fp32: 128x128x32 w4 spilled 280-408
         # bytes, 64x128x64 224 with the prologue); and the K step of float32's ∂C/∂b (WIDE_SUM_BLOCK_K).
@@ -1082,8 +1158,8 @@ def _prune_configs(configs, named_args, **kwargs):
     """Drop tiles whose pipelined operand tiles would not fit in shared memory (they would fail to compile), the
     float32 tiles (K steps of WIDE_SUM_BLOCK_K) for other data, for ∂C/∂b in the ∂C/∂W matmul (ROW_SUMS) every
     BLOCK_K _sums_in_k_steps_of refuses (the sums' order would change) and the narrow tiles, K steps over 64 where no
-    prologue forms δ, and the two exclusions of the TMA 128x256 tile (_tma_prologue_excluded,
-    _tma_partials_excluded)."""
+    prologue forms δ, the two exclusions of the TMA 128x256 tile (_tma_prologue_excluded,
+    _tma_partials_excluded), and the warp-specialized configs where _warp_specialize_excluded says."""
     a = named_args["a_ptr"]
     budget = _shared_memory_bytes(a.device.index or 0)  # a CUDA tensor's device always has its index
     flag = lambda name: bool(kwargs.get(name, named_args.get(name, False)))  # noqa: E731
@@ -1100,6 +1176,8 @@ def _prune_configs(configs, named_args, **kwargs):
         configs = [cfg for cfg in configs if not _tma_prologue_excluded(cfg)]
     if flag("WRITE_PARTIALS"):  # the MLP epilogue's ∂C/∂b partial sums
         configs = [cfg for cfg in configs if not _tma_partials_excluded(cfg)]
+    if flag("ROW_SUMS_ADDED") or flag("WRITE_PARTIALS"):
+        configs = [cfg for cfg in configs if not _warp_specialize_excluded(cfg)]
     a_tiles = 2 if flag("A_PROLOGUE") else 1
     kept = [cfg for cfg in configs if _pipelined_bytes(cfg, a.element_size(), a_tiles) <= budget]
     return kept or configs[-1:]
@@ -1141,6 +1219,15 @@ def _tma_partials_excluded(config) -> bool:
     ∂C/∂b partial sums spilled 20 bytes under Triton 3.6 (compile report, gelu; none under 3.9), where the pointer
     tile of the same shape has none. Right on an H200 (test_kernels); dropped for the spill alone."""
     return _tma_wide_tile(config)
+
+
+def _warp_specialize_excluded(config) -> bool:
+    """A warp-specialized config, not offered to the ∂C/∂W launch that adds ∂C/∂b's chunk sums in its loop
+    (ROW_SUMS_ADDED: Triton 3.6 and 3.9 leave that loop whole, so the config compiles as one 4-warp warpgroup, which
+    spills 2204 bytes at 128x256x64; the split-K launch, which stores each chunk's sums, is partitioned) nor to the
+    MLP epilogue's partial sums (WRITE_PARTIALS: partitioned, but its epilogue spills 16-9856 bytes). Compile report,
+    sm_90, bf16, 2026-12-07."""
+    return bool(config.kwargs.get("WARP_SPECIALIZE", False))
 
 
 def _tma_wide_tile(config) -> bool:
@@ -1212,8 +1299,10 @@ def _prune_role(kernel: str, configs, named_args, **kwargs):
     left, out = MATMUL_KERNELS[kernel]
     prologue = kernel == "_grad_x_kernel" or (kernel in _GRAD_WEIGHT_KERNELS and kwargs.get("ACTIVATION", 0) != 0)
     flags = {name: kwargs[name] for name in ("TMA_OK", "USE_DOT", "ROW_SUMS", "WRITE_PARTIALS") if name in kwargs}
+    # the ∂C/∂W kernel adds each chunk's sums up in its loop; the split-K one stores them
+    row_sums_added = kernel == "_grad_weight_kernel" and bool(kwargs.get("ROW_SUMS", False))
     return _prune_configs(configs, {"a_ptr": named_args[left], "out_ptr": named_args[out]}, A_PROLOGUE=prologue,
-                          **flags)
+                          ROW_SUMS_ADDED=row_sums_added, **flags)
 
 
 @functools.lru_cache(maxsize=None)
