@@ -575,7 +575,7 @@ def run(arch, only, quick, M, K, N, dtype, progress=print):
     dense._num_sms = lambda device: 132  # H100 SXM; the persistent grid's size, not compiled in
     torch.cuda.get_device_capability = lambda device=None: divmod(arch, 10)
     try:
-        with manualbp.config.override(tma=True):
+        with manualbp.config.override(tma=True, warp_specialize=True):
             launches = package_launches(dense, jvp, M, K, N, dtype, quick)
     finally:
         dense._inline_ptx, dense._num_sms, torch.cuda.get_device_capability = inline_ptx, num_sms, capability

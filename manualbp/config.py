@@ -10,6 +10,9 @@
     tma             bool   the autotuner may pick the TMA + persistent matmul configs (sm_90+)   MANUALBP_TMA=1 turns on
                            (off by default: on an H200 one TMA tile gave wrong products with the prologue, now
                            not offered there, and the others are unchecked at full size; see docs/performance.md)
+    warp_specialize bool   with tma, also the warp-specialized TMA configs        MANUALBP_WARP_SPECIALIZE=1 turns on
+                           (Triton >= 3.8 on sm_90: a producer warpgroup for the loads, two for the MMAs,
+                           docs/kernels.md; off by default: compiled for sm_90 offline, never run on a GPU)
     grad_weight_split  'auto' | int >= 1   the ∂C/∂W matmul split into that many parts of the batch rows (split-K),
                            and every plain product (dense.matmul: the MLP's ∂C/∂W) into parts of its reduction
                            ('auto': by the shape and the GPU's SM count, triton_kernels/dense.py's grad_weight_splits;
@@ -19,7 +22,8 @@ The environment is read once, when manualbp is imported; afterwards only
 :func:`set` and :func:`override` change a setting. A bad MANUALBP_BACKEND is
 reported (naming the variable) when the backend is first needed, not at import.
 The switches off are for measuring what the fusions buy (benchmarks/), not for users; tma is off until
-its configs have been checked on a GPU (benchmarks/gpu_check.sh turns it on for one benchmark step).
+its configs have been checked on a GPU (benchmarks/gpu_check.sh turns it on for one benchmark step), and
+warp_specialize until a GPU with Triton >= 3.8 has run its configs.
 Compiled graphs (torch.compile, torch.export) bake in the settings they were traced with.
 """
 
@@ -37,6 +41,7 @@ ENVIRONMENT = {
     "mlp_fusion": "MANUALBP_MLP_FUSION",
     "autotune": "MANUALBP_AUTOTUNE",
     "tma": "MANUALBP_TMA",
+    "warp_specialize": "MANUALBP_WARP_SPECIALIZE",
     "grad_weight_split": "MANUALBP_GRAD_WEIGHT_SPLIT",
 }
 
@@ -48,6 +53,7 @@ class Settings:
     mlp_fusion: bool = True
     autotune: bool = True
     tma: bool = False  # opt-in until a GPU run has checked the TMA configs' results (config docstring)
+    warp_specialize: bool = False  # opt-in until a GPU run with Triton >= 3.8 has checked them (config docstring)
     grad_weight_split: object = "auto"  # "auto" or an int >= 1 (check_split)
 
 
@@ -77,7 +83,7 @@ def _from_environment() -> Settings:
     backend = os.environ.get(ENVIRONMENT["backend"], "").strip().lower()
     if backend:
         values["backend"] = backend  # checked when first read (see backend())
-    for field in ("delta_prologue", "mlp_fusion", "autotune", "tma"):
+    for field in ("delta_prologue", "mlp_fusion", "autotune", "tma", "warp_specialize"):
         default = "1" if getattr(Settings, field) else "0"
         values[field] = os.environ.get(ENVIRONMENT[field], default).strip() != "0"
     split = os.environ.get(ENVIRONMENT["grad_weight_split"], "auto").strip().lower()

@@ -49,18 +49,20 @@ def test_environment_is_read_once_at_import():
         print("back to env", manualbp.get_backend())
         """,
         MANUALBP_BACKEND="reference", MANUALBP_DELTA_PROLOGUE="0", MANUALBP_MLP_FUSION="0", MANUALBP_AUTOTUNE="0",
-        MANUALBP_TMA="0", MANUALBP_GRAD_WEIGHT_SPLIT="3",
+        MANUALBP_TMA="0", MANUALBP_WARP_SPECIALIZE="0", MANUALBP_GRAD_WEIGHT_SPLIT="3",
     )
     assert result.returncode == 0, result.stderr
     assert ("settings Settings(backend='reference', delta_prologue=False, mlp_fusion=False, autotune=False, tma=False, "
-            "grad_weight_split=3)" in result.stdout), result.stdout
+            "warp_specialize=False, grad_weight_split=3)" in result.stdout), result.stdout
     defaults = _run("import manualbp; print('settings', manualbp.config.get())",
                     **{variable: None for variable in manualbp.config.ENVIRONMENT.values()})
     assert ("settings Settings(backend='auto', delta_prologue=True, mlp_fusion=True, autotune=True, tma=False, "
-            "grad_weight_split='auto')" in defaults.stdout), \
-        f"the defaults: TMA opt-in\n{defaults.stdout}{defaults.stderr}"
-    opted_in = _run("import manualbp; print('tma', manualbp.config.get().tma)", MANUALBP_TMA="1")
-    assert "tma True" in opted_in.stdout, f"MANUALBP_TMA=1 turns TMA on\n{opted_in.stdout}{opted_in.stderr}"
+            "warp_specialize=False, grad_weight_split='auto')" in defaults.stdout), \
+        f"the defaults: TMA and warp specialization opt-in\n{defaults.stdout}{defaults.stderr}"
+    opted_in = _run("import manualbp; print('tma', manualbp.config.get().tma, manualbp.config.get().warp_specialize)",
+                    MANUALBP_TMA="1", MANUALBP_WARP_SPECIALIZE="1")
+    assert "tma True True" in opted_in.stdout, (
+        f"MANUALBP_TMA=1 and MANUALBP_WARP_SPECIALIZE=1 turn both on\n{opted_in.stdout}{opted_in.stderr}")
     assert "after env change reference" in result.stdout, "a later os.environ change is not read"
     assert "back to env reference" in result.stdout, "set_backend(None) restores the environment's value"
 

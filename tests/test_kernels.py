@@ -1129,7 +1129,8 @@ def test_host_arithmetic_matches_triton():
 def test_warp_specialized_configs_where_triton_partitions_the_loop(monkeypatch):
     """The warp-specialized configs (TMA, 4 warps asked, Triton's producer and consumer warpgroups launched) exist
     exactly where this Triton partitions a Hopper K loop (tl.range's warp_specialize and the Hopper pass), and are
-    offered only with TMA: to the plain, forward, ∂C/∂X, MLP ∂C/∂X and split-K ∂C/∂W launches, not to the ∂C/∂W
+    offered only with TMA and the warp_specialize setting (WARP_SPECIALIZE_OK): to the plain, forward, ∂C/∂X, MLP
+    ∂C/∂X and split-K ∂C/∂W launches, not to the ∂C/∂W
     launch that adds ∂C/∂b's chunk sums in its loop (left whole by the pass: one warpgroup that spills) nor to the
     MLP epilogue's partial sums (spills), and never to float32 (its K steps of 16; no TMA there)."""
     import inspect
@@ -1157,12 +1158,14 @@ def test_warp_specialized_configs_where_triton_partitions_the_loop(monkeypatch):
     }
     for (kernel, flags), expected in offered.items():
         configs = dense.role_configs(kernel)
-        with_tma = dense._prune_role(kernel, configs, names(kernel), TMA_OK=True, USE_DOT=True, **dict(flags))
-        without = dense._prune_role(kernel, configs, names(kernel), TMA_OK=False, USE_DOT=True, **dict(flags))
-        assert bool(ws(with_tma)) == expected, f"{kernel} {flags}: warp-specialized configs offered: {expected}"
-        assert not ws(without), f"{kernel} {flags}: none without TMA"
+        prune = lambda **ok: dense._prune_role(kernel, configs, names(kernel), USE_DOT=True, **ok, **dict(flags))  # noqa: E731
+        assert bool(ws(prune(TMA_OK=True, WARP_SPECIALIZE_OK=True))) == expected, (
+            f"{kernel} {flags}: warp-specialized configs offered: {expected}")
+        assert not ws(prune(TMA_OK=True, WARP_SPECIALIZE_OK=False)), f"{kernel} {flags}: none unless the setting allows"
+        assert not ws(prune(TMA_OK=False, WARP_SPECIALIZE_OK=False)), f"{kernel} {flags}: none without TMA"
     a32 = torch.empty(4, 4, dtype=torch.float32, device="meta")
-    assert not ws(dense._prune_configs(dense.matmul_configs(), {"a_ptr": a32}, TMA_OK=True)), "none for float32"
+    assert not ws(dense._prune_configs(dense.matmul_configs(), {"a_ptr": a32}, TMA_OK=True, WARP_SPECIALIZE_OK=True)), \
+        "none for float32"
 
 
 def test_bias_grad_matmul_configs(monkeypatch):

@@ -131,7 +131,7 @@ def test_a_warm_layer_follows_settings_activation_and_requires_grad(change):
         assert leaves[1].grad is None, "no gradient for the frozen weight"
 
 
-@pytest.mark.parametrize("change", ["autotune off", "tma on", "float64"])
+@pytest.mark.parametrize("change", ["autotune off", "tma on", "warp specialization on", "float64"])
 def test_a_matmuls_cached_setup_follows_settings_and_dtype(change):
     """What _launch_matmul caches per flags (_MatmulSetup: kernel, options, TMA and TF32 questions) follows a
     config.set() and a dtype made after warm calls: the next forward launches a plan of its own, with results within
@@ -153,7 +153,8 @@ def test_a_matmuls_cached_setup_follows_settings_and_dtype(change):
         dense.fp64_dot_supported(x.device)  # its probe, a launch of its own, first
         plans = _launched(lambda: forward(x, weight, bias))
     else:
-        setting = {"autotune off": dict(autotune=False), "tma on": dict(tma=True)}[change]
+        setting = {"autotune off": dict(autotune=False), "tma on": dict(tma=True),
+                   "warp specialization on": dict(tma=True, warp_specialize=True)}[change]
         with manualbp.config.override(**setting):
             plans = _launched(lambda: forward(x, weight, bias))
             setups = [s for s in dense._MATMUL_SETUPS.values() if s.settings is manualbp.config.get()]
@@ -161,7 +162,8 @@ def test_a_matmuls_cached_setup_follows_settings_and_dtype(change):
             if change == "tma on":
                 assert all(s.tma for s in setups), "tma on: the setup asks about TMA"
     assert len(plans) == 1, f"{change}: one launch: {plans}"
-    if change != "tma on":  # TMA changes the plan only where a TMA config may run (dense._tma_capable)
+    if change != "tma on":  # TMA changes the plan only where a TMA config may run (dense._tma_capable); the
+        # warp-specialization setting is in the plan's options wherever it is
         assert plans[0] not in warm and plans[0].launches == 0, f"{change}: a plan of its own, built on this call"
     exact = torch_dense(x.double(), weight.double(), bias.double(), "gelu")
     theirs = torch_dense(x, weight, bias, "gelu")

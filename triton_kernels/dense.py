@@ -285,6 +285,7 @@ def _matmul_kernel(
     A_TRANSPOSED: tl.constexpr = False,  # A stored as its transpose (stride 1 along M): how TMA must describe it
     B_TRANSPOSED: tl.constexpr = False,  # B stored as its transpose (stride 1 along K)
     TMA_OK: tl.constexpr = False,  # the launcher found TMA usable (the pruning reads it; in the key)
+    WARP_SPECIALIZE_OK: tl.constexpr = False,  # the settings allow the warp-specialized configs (likewise)
     TMA: tl.constexpr = False,  # the config: operand tiles by TMA descriptors, a persistent grid
     EVEN_K: tl.constexpr = False,  # K a multiple of BLOCK_K: the pointer loads need no mask
     WARP_SPECIALIZE: tl.constexpr = False,  # the config, with TMA: the K loop warp-specialized (_k_range)
@@ -321,6 +322,7 @@ def _forward_kernel(
     EPILOGUE_SPLIT: tl.constexpr,  # bias, f and f' in this many column slices: a whole large tile at once spills
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_TRANSPOSED: tl.constexpr = False, B_TRANSPOSED: tl.constexpr = False, TMA_OK: tl.constexpr = False,
+    WARP_SPECIALIZE_OK: tl.constexpr = False,
     TMA: tl.constexpr = False, EVEN_K: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """Z = X Wᵀ + b, A = f(Z) (manualbp/reference.py's linear_forward): the main loop, then bias, f and Z (or f'(Z))
@@ -360,6 +362,7 @@ def _grad_x_kernel(
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_TRANSPOSED: tl.constexpr = False, B_TRANSPOSED: tl.constexpr = False, TMA_OK: tl.constexpr = False,
+    WARP_SPECIALIZE_OK: tl.constexpr = False,
     TMA: tl.constexpr = False, EVEN_K: tl.constexpr = False,
     PACKED_PAIRS: tl.constexpr = False,  # a compiled NVIDIA GPU with packed 16-bit instructions (_packed_pairs)
     WARP_SPECIALIZE: tl.constexpr = False,
@@ -403,6 +406,7 @@ def _grad_weight_kernel(
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_TRANSPOSED: tl.constexpr = False, B_TRANSPOSED: tl.constexpr = False, TMA_OK: tl.constexpr = False,
+    WARP_SPECIALIZE_OK: tl.constexpr = False,
     TMA: tl.constexpr = False, EVEN_K: tl.constexpr = False, PACKED_PAIRS: tl.constexpr = False,
     INLINE_PTX: tl.constexpr = False,  # compiled for an NVIDIA GPU (_inline_ptx): δ kept out of FMA contraction
                                        # before its sums (_materialised)
@@ -453,6 +457,7 @@ def _grad_weight_split_kernel(
     EPILOGUE_SPLIT: tl.constexpr,  # the partials' store in this many column slices
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_TRANSPOSED: tl.constexpr = False, B_TRANSPOSED: tl.constexpr = False, TMA_OK: tl.constexpr = False,
+    WARP_SPECIALIZE_OK: tl.constexpr = False,
     TMA: tl.constexpr = False, EVEN_K: tl.constexpr = False, PACKED_PAIRS: tl.constexpr = False,
     INLINE_PTX: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
 ):
@@ -538,6 +543,7 @@ def _grad_below_kernel(
     PARTIAL_ROWS: tl.constexpr,  # rows per column-sum group; divides BLOCK_M
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_TRANSPOSED: tl.constexpr = False, B_TRANSPOSED: tl.constexpr = False, TMA_OK: tl.constexpr = False,
+    WARP_SPECIALIZE_OK: tl.constexpr = False,
     TMA: tl.constexpr = False, EVEN_K: tl.constexpr = False, INLINE_PTX: tl.constexpr = False,
     WARP_SPECIALIZE: tl.constexpr = False,
 ):
@@ -1055,9 +1061,13 @@ def is_interpreted() -> bool:
 
 
 def _warp_specialize_available() -> bool:
-    """Whether this Triton warp-specializes a Hopper K loop: tl.range takes warp_specialize (Triton 3.4+) and the
-    NVIDIA backend has the Hopper partitioning pass (3.6+; before it the flag changes nothing on sm_90, and a config
-    meant for three warpgroups would compile as one)."""
+    """Whether this Triton warp-specializes our Hopper K loops: tl.range takes warp_specialize (Triton 3.4+), the
+    NVIDIA backend has the Hopper partitioning pass (before it the flag changes nothing on sm_90, and a config meant
+    for three warpgroups would compile as one), and the pass compiles them: Triton 3.8 and 3.9 do; 3.6's fails
+    ("PassManager::run failed") on the forward, plain-product and split-K loops (compile report, sm_90, 2026-12-07),
+    an error Triton's autotuner would not catch."""
+    if toolchain.triton_version() < (3, 8):
+        return False
     if "warp_specialize" not in inspect.signature(tl.range.__init__).parameters:
         return False
     try:
@@ -1159,7 +1169,8 @@ def _prune_configs(configs, named_args, **kwargs):
     float32 tiles (K steps of WIDE_SUM_BLOCK_K) for other data, for ∂C/∂b in the ∂C/∂W matmul (ROW_SUMS) every
     BLOCK_K _sums_in_k_steps_of refuses (the sums' order would change) and the narrow tiles, K steps over 64 where no
     prologue forms δ, the two exclusions of the TMA 128x256 tile (_tma_prologue_excluded,
-    _tma_partials_excluded), and the warp-specialized configs where _warp_specialize_excluded says."""
+    _tma_partials_excluded), and the warp-specialized configs unless the settings allow them (WARP_SPECIALIZE_OK),
+    and where _warp_specialize_excluded says."""
     a = named_args["a_ptr"]
     budget = _shared_memory_bytes(a.device.index or 0)  # a CUDA tensor's device always has its index
     flag = lambda name: bool(kwargs.get(name, named_args.get(name, False)))  # noqa: E731
@@ -1176,7 +1187,7 @@ def _prune_configs(configs, named_args, **kwargs):
         configs = [cfg for cfg in configs if not _tma_prologue_excluded(cfg)]
     if flag("WRITE_PARTIALS"):  # the MLP epilogue's ∂C/∂b partial sums
         configs = [cfg for cfg in configs if not _tma_partials_excluded(cfg)]
-    if flag("ROW_SUMS_ADDED") or flag("WRITE_PARTIALS"):
+    if not flag("WARP_SPECIALIZE_OK") or flag("ROW_SUMS_ADDED") or flag("WRITE_PARTIALS"):
         configs = [cfg for cfg in configs if not _warp_specialize_excluded(cfg)]
     a_tiles = 2 if flag("A_PROLOGUE") else 1
     kept = [cfg for cfg in configs if _pipelined_bytes(cfg, a.element_size(), a_tiles) <= budget]
@@ -1271,8 +1282,8 @@ def autotune_enabled() -> bool:
 # Not EVEN_K (it only drops the loads' masks: sizes of one bucket share their tuned tile) nor PACKED_PAIRS (fixed
 # by the GPU and the dtype). Each role kernel's autotuner keys on those of them it takes (_autotuned_matmul).
 _TUNING_KEY = ["tune_m", "tune_n", "tune_k", "HAS_BIAS", "ACTIVATION", "WRITE_Z", "F_PRIME_AS_Z", "INPUT_PRECISION",
-               "WRITE_PARTIALS", "SAVED_KIND", "ROW_SUMS", "A_TRANSPOSED", "B_TRANSPOSED", "TMA_OK", "STORE_DELTA",
-               "splits"]
+               "WRITE_PARTIALS", "SAVED_KIND", "ROW_SUMS", "A_TRANSPOSED", "B_TRANSPOSED", "TMA_OK", "WARP_SPECIALIZE_OK",
+               "STORE_DELTA", "splits"]
 
 # The matmul kernels (by role, _role_kernel) and the names of their left factor and output, for _prune_role.
 MATMUL_KERNELS = {"_matmul_kernel": ("a_ptr", "out_ptr"), "_forward_kernel": ("x_ptr", "a_ptr"),
@@ -1298,7 +1309,8 @@ def _prune_role(kernel: str, configs, named_args, **kwargs):
     kernel forms δ in its loads."""
     left, out = MATMUL_KERNELS[kernel]
     prologue = kernel == "_grad_x_kernel" or (kernel in _GRAD_WEIGHT_KERNELS and kwargs.get("ACTIVATION", 0) != 0)
-    flags = {name: kwargs[name] for name in ("TMA_OK", "USE_DOT", "ROW_SUMS", "WRITE_PARTIALS") if name in kwargs}
+    flags = {name: kwargs[name] for name in ("TMA_OK", "WARP_SPECIALIZE_OK", "USE_DOT", "ROW_SUMS", "WRITE_PARTIALS")
+             if name in kwargs}
     # the ∂C/∂W kernel adds each chunk's sums up in its loop; the split-K one stores them
     row_sums_added = kernel == "_grad_weight_kernel" and bool(kwargs.get("ROW_SUMS", False))
     return _prune_configs(configs, {"a_ptr": named_args[left], "out_ptr": named_args[out]}, A_PROLOGUE=prologue,
@@ -1538,7 +1550,7 @@ class _MatmulSetup:
         # Every input of the flags that the arguments' specialisation does not already hold (dtypes, strides of 1),
         # as a small int (one per distinct tuple: a launch's options are hashed on every call).
         options = (act_id, negative_slope, f_prime_as_z, has_bias, has_z, has_grad_saved, has_prologue, saved_kind,
-                   want_partials, has_row_sums, has_delta_out, use_dot, settings.autotune)
+                   want_partials, has_row_sums, has_delta_out, use_dot, settings.autotune, settings.warp_specialize)
         self.options_id = _OPTIONS_IDS.setdefault(options, len(_OPTIONS_IDS))
         self.acc_dtype = torch.float64 if fp64 else torch.float32
         fixed = _fixed_config(fp64, use_dot)
@@ -1581,6 +1593,8 @@ def _matmul_plan(kernel: str, a, b, out, bias, z, f_prime_as_z, act_id, negative
     fixed = _fixed_config(fp64, use_dot)
     layout = _tma_layout(a, b, prologue, False)
     layout["TMA_OK"] = tma_ok
+    # the settings are in the plan's key (the setup's options, the split launch's): read once per plan
+    layout["WARP_SPECIALIZE_OK"] = tma_ok and WARP_SPECIALIZE_AVAILABLE and config.get().warp_specialize
     flags = dict(**layout, USE_DOT=use_dot, INPUT_PRECISION=_input_precision(a.dtype, a.device), ACC_FP64=fp64,
                  EVEN_K=_even_k(K), **COMPILE_OPTIONS)
     backward = dict(ACTIVATION=act_id, NEGATIVE_SLOPE=negative_slope, SAVED_KIND=_saved_kind_id(saved_kind))
@@ -1975,8 +1989,8 @@ def _launch_grad_weight_split(a, b, out, row_sums, splits: int, act_id: int, neg
               and _tma_layout(*_views(a, b, prologue, True, False), True)["TMA_OK"])
     args = (a, b, saved, partials, chunk_sums, M, N, K, *a_strides, *b.stride(), *saved_strides, split_rows, splits,
             *buckets)
-    options = (act_id, negative_slope, saved_kind, sums, use_dot, settings.autotune, _even_k(K),
-               buckets, tma_ok, a.dtype is torch.float32 and a.is_cuda and tf32_allowed())
+    options = (act_id, negative_slope, saved_kind, sums, use_dot, settings.autotune, settings.warp_specialize,
+               _even_k(K), buckets, tma_ok, a.dtype is torch.float32 and a.is_cuda and tf32_allowed())
     if tma_ok:
         _ensure_allocator()
 
