@@ -14,7 +14,8 @@
 #      (the autotuner compiles configs one after another, minutes at these shapes);
 #   3. bench_backward.py: a layer's backward, kernels only (CUDA graphs), each way of forming δ against eager,
 #      at the (1024, 4096) shapes, then at in_features 2048 (where PROLOGUE_MAX_K's crossing may lie);
-#   4. the TMA configs on (MANUALBP_TMA=1: opt-in until a run like this one has checked their results; the table's
+#   4. the TMA configs on (MANUALBP_TMA=1, and MANUALBP_WARP_SPECIALIZE=1 for the warp-specialized ones: opt-in
+#      until a run like this one has checked their results; the table's
 #      error column against float64) at the two host-bound shapes;
 #   5. the benchmark at the shapes in bf16, forward+backward, against eager and torch.compile,
 #      the targets first (CSV rows appended as measured, so a cut-short run keeps them); then Triton's
@@ -58,7 +59,7 @@ warm_workers=11  # the most configs any launch keeps (matmul_configs(), pruned, 
             --problems linear8192x1024x4096,linear8192x4096x1024 &
         MANUALBP_MLP_FUSION=0 $py benchmarks/warm_caches.py --worker "$i" --workers $warm_workers \
             --problems mlp8192x1024x4096 &
-        MANUALBP_TMA=1 $py benchmarks/warm_caches.py --worker "$i" --workers $warm_workers \
+        MANUALBP_TMA=1 MANUALBP_WARP_SPECIALIZE=1 $py benchmarks/warm_caches.py --worker "$i" --workers $warm_workers \
             --problems linear8192x1024x4096,linear8192x4096x1024 &
     done
     wait
@@ -92,9 +93,10 @@ timeout "$(capped 40)" $py benchmarks/bench_backward.py --out-dir "$extra" --pro
     --activations relu,gelu 2>&1 | grep -v "^#"
 cp "$extra"/bench_backward_*.csv "$out"/ 2>/dev/null  # its plot stays in extra_runs.tgz
 
-# --- 4. the TMA configs on (opt-in until a run like this checks them: the table's error column) ---------------
+# --- 4. the TMA configs on (opt-in until a run like this checks them: the table's error column), the
+# warp-specialized ones among them where this Triton has them (dense.WARP_SPECIALIZE_AVAILABLE) --------------------
 stamp "TMA configs on"
-MANUALBP_TMA=1 timeout "$(capped 40)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
+MANUALBP_TMA=1 MANUALBP_WARP_SPECIALIZE=1 timeout "$(capped 40)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd \
     --impls eager,manualbp --activations relu,gelu --problems linear8192x1024x4096,linear8192x4096x1024 \
     --out-dir "$extra" --tag "${gpu}_tma_on" 2>&1 | grep -v "^#"
 

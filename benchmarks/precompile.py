@@ -82,13 +82,13 @@ WARM_STEPS = {
         ({}, "warm_caches.py", ["--problems", _CHECK_PROBLEMS, "--matmul-dtypes", "fp32,fp32-tf32"]),
         ({"MANUALBP_DELTA_PROLOGUE": "0"}, "warm_caches.py", ["--problems", _TARGETS]),
         ({"MANUALBP_MLP_FUSION": "0"}, "warm_caches.py", ["--problems", "mlp8192x1024x4096"]),
-        ({"MANUALBP_TMA": "1"}, "warm_caches.py", ["--problems", _TARGETS]),
+        ({"MANUALBP_TMA": "1", "MANUALBP_WARP_SPECIALIZE": "1"}, "warm_caches.py", ["--problems", _TARGETS]),
     ] + [({}, "bench_backward.py", ["--warm-only", "--activations", activation, "--problems",
                                     "linear8192x1024x4096,linear8192x4096x1024,linear8192x2048x4096"])
          for activation in ("relu", "gelu", "leaky_relu", "tanh")],
 }
 _SETTINGS = {"MANUALBP_MLP_FUSION": "mlp_fusion", "MANUALBP_DELTA_PROLOGUE": "delta_prologue",
-             "MANUALBP_TMA": "tma", "MANUALBP_AUTOTUNE": "autotune"}
+             "MANUALBP_TMA": "tma", "MANUALBP_WARP_SPECIALIZE": "warp_specialize", "MANUALBP_AUTOTUNE": "autotune"}
 
 
 class Unavailable(Exception):

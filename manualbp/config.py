@@ -11,7 +11,7 @@
                            (off by default: on an H200 one TMA tile gave wrong products with the prologue, now
                            not offered there, and the others are unchecked at full size; see docs/performance.md)
     warp_specialize bool   with tma, also the warp-specialized TMA configs        MANUALBP_WARP_SPECIALIZE=1 turns on
-                           (Triton >= 3.8 on sm_90: a producer warpgroup for the loads, two for the MMAs,
+                           (Triton >= 3.6 on sm_90: a producer warpgroup for the loads, two for the MMAs,
                            docs/kernels.md; off by default: compiled for sm_90 offline, never run on a GPU)
     grad_weight_split  'auto' | int >= 1   the ∂C/∂W matmul split into that many parts of the batch rows (split-K),
                            and every plain product (dense.matmul: the MLP's ∂C/∂W) into parts of its reduction
@@ -23,7 +23,7 @@ The environment is read once, when manualbp is imported; afterwards only
 reported (naming the variable) when the backend is first needed, not at import.
 The switches off are for measuring what the fusions buy (benchmarks/), not for users; tma is off until
 its configs have been checked on a GPU (benchmarks/gpu_check.sh turns it on for one benchmark step), and
-warp_specialize until a GPU with Triton >= 3.8 has run its configs.
+warp_specialize likewise (gpu_check.sh turns both on for that step).
 Compiled graphs (torch.compile, torch.export) bake in the settings they were traced with.
 """
 
@@ -53,7 +53,7 @@ class Settings:
     mlp_fusion: bool = True
     autotune: bool = True
     tma: bool = False  # opt-in until a GPU run has checked the TMA configs' results (config docstring)
-    warp_specialize: bool = False  # opt-in until a GPU run with Triton >= 3.8 has checked them (config docstring)
+    warp_specialize: bool = False  # opt-in until a GPU run has checked them (config docstring)
     grad_weight_split: object = "auto"  # "auto" or an int >= 1 (check_split)
 
 

@@ -1061,12 +1061,10 @@ def is_interpreted() -> bool:
 
 
 def _warp_specialize_available() -> bool:
-    """Whether this Triton warp-specializes our Hopper K loops: tl.range takes warp_specialize (Triton 3.4+), the
-    NVIDIA backend has the Hopper partitioning pass (before it the flag changes nothing on sm_90, and a config meant
-    for three warpgroups would compile as one), and the pass compiles them: Triton 3.8 and 3.9 do; 3.6's fails
-    ("PassManager::run failed") on the forward, plain-product and split-K loops (compile report, sm_90, 2026-12-07),
-    an error Triton's autotuner would not catch."""
-    if toolchain.triton_version() < (3, 8):
+    """Whether this Triton warp-specializes a Hopper K loop: tl.range takes warp_specialize (Triton 3.4+) and the
+    NVIDIA backend has the Hopper partitioning pass (without it the flag changes nothing on sm_90, and a config meant
+    for three warpgroups would compile as one); from Triton 3.6, the oldest whose pass compiled these kernels here."""
+    if toolchain.triton_version() < (3, 6):
         return False
     if "warp_specialize" not in inspect.signature(tl.range.__init__).parameters:
         return False
@@ -1078,6 +1076,24 @@ def _warp_specialize_available() -> bool:
 
 
 WARP_SPECIALIZE_AVAILABLE = _warp_specialize_available()
+
+
+def _warp_specialized_configs() -> list:
+    """The TMA configs whose K loop Triton warp-specializes (WARP_SPECIALIZE_AVAILABLE): a producer warpgroup issuing
+    the loads and two consumer warpgroups of 64 rows each (12 warps from num_warps=4, registers moved to the consumers
+    by setmaxnreg) running the MMAs, δ's prologue and the epilogue. Not offered to launches that sum ∂C/∂b
+    (_warp_specialize_excluded). The epilogue's column slices decide where the pass compiles (compile report, sm_90,
+    bf16, 2026-12-07): Triton 3.8 and 3.9 partition the sliced epilogues of the two TMA tiles with no spill, where the
+    128x128 tile unsliced spills 40-860 bytes (tanh, gelu_tanh); Triton 3.6's pass fails on a sliced epilogue
+    ("PassManager::run failed": an error the autotuner would not catch) and partitions the 128x128 tile unsliced
+    with no spill (128x256 unsliced spills 1824-1964 bytes)."""
+    if not WARP_SPECIALIZE_AVAILABLE:
+        return []
+    tile = {"BLOCK_M": 128, "BLOCK_K": 64, "GROUP_M": 8, "TMA": True, "WARP_SPECIALIZE": True}
+    if toolchain.triton_version() >= (3, 8):
+        return [triton.Config({**tile, "BLOCK_N": 256, "EPILOGUE_SPLIT": 8}, num_stages=3, num_warps=4),
+                triton.Config({**tile, "BLOCK_N": 128, "EPILOGUE_SPLIT": 4}, num_stages=4, num_warps=4)]
+    return [triton.Config({**tile, "BLOCK_N": 128, "EPILOGUE_SPLIT": 1}, num_stages=4, num_warps=4)]
 
 
 def matmul_configs() -> list:
@@ -1119,15 +1135,8 @@ def matmul_configs() -> list:
         # its two stages and single warpgroup hide latency as well is the GPU autotuner's call.
         c({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "EPILOGUE_SPLIT": 4, "TMA": True},
           num_stages=2, num_warps=4),
-        # Hopper, warp-specialized (WARP_SPECIALIZE_AVAILABLE): Triton splits the TMA K loop into a producer
-        # warpgroup issuing the loads and two consumer warpgroups of 64 rows each (12 warps from num_warps=4,
-        # registers moved to the consumers by setmaxnreg), which run the MMAs, δ's prologue and the epilogue; at
-        # the two TMA tiles above. Not where the ∂C/∂W loop adds ∂C/∂b's chunk sums, nor with the MLP epilogue's
-        # partial sums (_warp_specialize_excluded).
-        *([c({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 8, "TMA": True,
-               "WARP_SPECIALIZE": True}, num_stages=3, num_warps=4),
-           c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_SPLIT": 4, "TMA": True,
-               "WARP_SPECIALIZE": True}, num_stages=4, num_warps=4)] if WARP_SPECIALIZE_AVAILABLE else []),
+        # Hopper, warp-specialized where Triton partitions the loop (_warp_specialized_configs).
+        *_warp_specialized_configs(),
         # float32 only (_prune_configs): short K steps for the FMA loop of IEEE products (no tensor cores), the only
         # tiles of that loop with no spill in any kernel (compile report --dtype fp32: 128x128x32 w4 spilled 280-408
         # bytes, 64x128x64 224 with the prologue); and the K step of float32's ∂C/∂b (WIDE_SUM_BLOCK_K).
@@ -1187,7 +1196,7 @@ def _prune_configs(configs, named_args, **kwargs):
         configs = [cfg for cfg in configs if not _tma_prologue_excluded(cfg)]
     if flag("WRITE_PARTIALS"):  # the MLP epilogue's ∂C/∂b partial sums
         configs = [cfg for cfg in configs if not _tma_partials_excluded(cfg)]
-    if not flag("WARP_SPECIALIZE_OK") or flag("ROW_SUMS_ADDED") or flag("WRITE_PARTIALS"):
+    if not flag("WARP_SPECIALIZE_OK") or flag("ROW_SUMS") or flag("WRITE_PARTIALS"):
         configs = [cfg for cfg in configs if not _warp_specialize_excluded(cfg)]
     a_tiles = 2 if flag("A_PROLOGUE") else 1
     kept = [cfg for cfg in configs if _pipelined_bytes(cfg, a.element_size(), a_tiles) <= budget]
@@ -1233,11 +1242,10 @@ def _tma_partials_excluded(config) -> bool:
 
 
 def _warp_specialize_excluded(config) -> bool:
-    """A warp-specialized config, not offered to the ∂C/∂W launch that adds ∂C/∂b's chunk sums in its loop
-    (ROW_SUMS_ADDED: Triton 3.6 and 3.9 leave that loop whole, so the config compiles as one 4-warp warpgroup, which
-    spills 2204 bytes at 128x256x64; the split-K launch, which stores each chunk's sums, is partitioned) nor to the
-    MLP epilogue's partial sums (WRITE_PARTIALS: partitioned, but its epilogue spills 16-9856 bytes). Compile report,
-    sm_90, bf16, 2026-12-07."""
+    """A warp-specialized config, not offered to launches that sum ∂C/∂b (compile report, sm_90, bf16, 2026-12-07):
+    the ∂C/∂W launches (ROW_SUMS: the loop that adds each chunk's sums is left whole by Triton 3.8's and 3.9's pass,
+    one 4-warp warpgroup that spills 2204-2260 bytes at 128x256x64; the split-K one that stores them fails in 3.6's)
+    and the MLP epilogue's partial sums (WRITE_PARTIALS: partitioned, but its epilogue spills 16-9856 bytes)."""
     return bool(config.kwargs.get("WARP_SPECIALIZE", False))
 
 
@@ -1311,10 +1319,8 @@ def _prune_role(kernel: str, configs, named_args, **kwargs):
     prologue = kernel == "_grad_x_kernel" or (kernel in _GRAD_WEIGHT_KERNELS and kwargs.get("ACTIVATION", 0) != 0)
     flags = {name: kwargs[name] for name in ("TMA_OK", "WARP_SPECIALIZE_OK", "USE_DOT", "ROW_SUMS", "WRITE_PARTIALS")
              if name in kwargs}
-    # the ∂C/∂W kernel adds each chunk's sums up in its loop; the split-K one stores them
-    row_sums_added = kernel == "_grad_weight_kernel" and bool(kwargs.get("ROW_SUMS", False))
     return _prune_configs(configs, {"a_ptr": named_args[left], "out_ptr": named_args[out]}, A_PROLOGUE=prologue,
-                          ROW_SUMS_ADDED=row_sums_added, **flags)
+                          **flags)
 
 
 @functools.lru_cache(maxsize=None)
