@@ -44,6 +44,7 @@ def _launch_with(config, a, b, out, *, bias=None, z=None, saved=None, partials=N
     grid = (triton_cdiv(M, kw["BLOCK_M"]) * triton_cdiv(N, kw["BLOCK_N"]),)
     prologue = flags.pop("A_PROLOGUE", False)
     layout = dense._tma_layout(a, b, saved if prologue else None, capable=kw.get("TMA", False))
+    layout["WARP_SPECIALIZE_OK"] = bool(kw.get("WARP_SPECIALIZE", False))  # the config forced: allowed
     if kw.get("TMA", False):
         if not layout["TMA_OK"]:
             pytest.skip(f"a TMA config, operands TMA cannot describe ({layout})")

@@ -79,6 +79,7 @@ def _split_launch(config, grad_t, x, partials, chunk_sums, splits, *, saved_t=No
     grid = (splits * split_rows // kw["BLOCK_M"] * triton_cdiv(N, kw["BLOCK_N"]),)
     prologue = flags.get("ACTIVATION", 0) != 0
     layout = dense._tma_layout(grad_t, x, saved_t if prologue else None, capable=kw.get("TMA", False))
+    layout["WARP_SPECIALIZE_OK"] = bool(kw.get("WARP_SPECIALIZE", False))  # the config forced: allowed
     if kw.get("TMA", False):
         if not layout["TMA_OK"]:
             pytest.skip(f"a TMA config, operands TMA cannot describe ({layout})")

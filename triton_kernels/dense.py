@@ -293,7 +293,7 @@ def _matmul_kernel(
     """out = A B: the plain product (dense.matmul: the MLP's δᵀ X and δ₀ W₀; δ W, δᵀ X of a stored δ)."""
     a_src, b_src = _sources(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, BLOCK_M, BLOCK_N,
                             BLOCK_K, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA, TMA_OK)
-    first, last, step = _tile_walk(M, N, BLOCK_M, BLOCK_N, TMA)
+    first, last, step = _tile_walk(M, N, BLOCK_M, BLOCK_N, TMA, WARP_SPECIALIZE, WARP_SPECIALIZE_OK)
     for tile in tl.range(first, last, step):
         pid_m, pid_n = _tile_position(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = _product(pid_m, pid_n, a_src, b_src, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, USE_DOT,
@@ -329,7 +329,7 @@ def _forward_kernel(
     in the epilogue."""
     x_src, w_src = _sources(x_ptr, weight_ptr, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn, BLOCK_M, BLOCK_N,
                             BLOCK_K, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA, TMA_OK)
-    first, last, step = _tile_walk(M, N, BLOCK_M, BLOCK_N, TMA)
+    first, last, step = _tile_walk(M, N, BLOCK_M, BLOCK_N, TMA, WARP_SPECIALIZE, WARP_SPECIALIZE_OK)
     for tile in tl.range(first, last, step):
         pid_m, pid_n = _tile_position(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = _product(pid_m, pid_n, x_src, w_src, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn, USE_DOT,
@@ -373,7 +373,7 @@ def _grad_x_kernel(
                             BLOCK_K, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA, TMA_OK)
     s_src = _source(saved_ptr, M, K, stride_sm, stride_sk, BLOCK_M, BLOCK_K, A_TRANSPOSED, TMA, TMA_OK)
     compute_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32  # the accumulator's
-    first, last, step = _tile_walk(M, N, BLOCK_M, BLOCK_N, TMA)
+    first, last, step = _tile_walk(M, N, BLOCK_M, BLOCK_N, TMA, WARP_SPECIALIZE, WARP_SPECIALIZE_OK)
     for tile in tl.range(first, last, step):
         pid_m, pid_n = _tile_position(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -423,7 +423,7 @@ def _grad_weight_kernel(
                             BLOCK_K, STEP_K, A_TRANSPOSED, B_TRANSPOSED, TMA, TMA_OK)
     s_src = _source(saved_ptr, M, K, stride_sm, stride_sk, BLOCK_M, STEP_K, A_TRANSPOSED,
                     TMA and ACTIVATION != act.IDENTITY, TMA_OK)
-    first, last, step = _tile_walk(M, N, BLOCK_M, BLOCK_N, TMA)
+    first, last, step = _tile_walk(M, N, BLOCK_M, BLOCK_N, TMA, WARP_SPECIALIZE, WARP_SPECIALIZE_OK)
     for tile in tl.range(first, last, step):
         pid_m, pid_n = _tile_position(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc, row_sums = _main_loop(pid_m, pid_n, g_src, x_src, s_src, M, N, K, stride_gm, stride_gk, stride_xk,
@@ -474,7 +474,8 @@ def _grad_weight_split_kernel(
     chunks = tl.cdiv(K, SUM_CHUNK_K)
     per_split = tl.cdiv(chunks, splits)
     tiles_per_split = split_rows // BLOCK_M
-    first, last, step = _tile_walk(splits * split_rows, N, BLOCK_M, BLOCK_N, TMA)
+    first, last, step = _tile_walk(splits * split_rows, N, BLOCK_M, BLOCK_N, TMA, WARP_SPECIALIZE,
+                                   WARP_SPECIALIZE_OK)
     for tile in tl.range(first, last, step):
         stacked_m, pid_n = _tile_position(tile, splits * split_rows, N, BLOCK_M, BLOCK_N, GROUP_M)
         split = stacked_m // tiles_per_split
@@ -551,7 +552,7 @@ def _grad_below_kernel(
     is formed in the epilogue instead of in a separate pass, with its column sums."""
     d_src, w_src = _sources(delta_ptr, weight_ptr, M, N, K, stride_dm, stride_dk, stride_wk, stride_wn, BLOCK_M,
                             BLOCK_N, BLOCK_K, BLOCK_K, A_TRANSPOSED, B_TRANSPOSED, TMA, TMA_OK)
-    first, last, step = _tile_walk(M, N, BLOCK_M, BLOCK_N, TMA)
+    first, last, step = _tile_walk(M, N, BLOCK_M, BLOCK_N, TMA, WARP_SPECIALIZE, WARP_SPECIALIZE_OK)
     for tile in tl.range(first, last, step):
         pid_m, pid_n = _tile_position(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = _product(pid_m, pid_n, d_src, w_src, M, N, K, stride_dm, stride_dk, stride_wk, stride_wn, USE_DOT,
@@ -573,9 +574,11 @@ def _grad_below_kernel(
 
 
 @triton.jit
-def _tile_walk(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+def _tile_walk(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+               WARP_SPECIALIZE_OK: tl.constexpr):
     """(first, stop, step) of the output tiles this program computes: its own one, or with TMA (a persistent grid
     of at most one program per SM, launch.Plan.grid) tiles program_id, + programs, ... as Triton's tutorial 09."""
+    tl.static_assert(WARP_SPECIALIZE_OK or not WARP_SPECIALIZE, "warp-specialized configs only where the settings allow")
     if TMA:
         walk = (tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), tl.num_programs(0))
     else:
