@@ -1,18 +1,20 @@
 """What the gated layer's matmul kernels compile to on Hopper (sm_90), on a CPU machine: no GPU needed.
 
     python benchmarks/compile_report_gated.py                  # every launch below at every shipped config, sm_90
-    python benchmarks/compile_report_gated.py --quick          # silu's three kernels, each at its first config
+    python benchmarks/compile_report_gated.py --quick          # silu's three kernels and ∂C/∂X of a stored δ,
+                                                               # each at its first config
     python benchmarks/compile_report_gated.py --dtype fp32     # float32 (IEEE: FMA loops) at float32's configs
     python benchmarks/compile_report_gated.py --dtype tf32     # float32 with TF32 products (wgmma)
     python benchmarks/compile_report_gated.py --sweep --only fwd   # a wider list of tiles (sweep_configs), to choose
     python benchmarks/compile_report_gated.py --out-dir benchmarks/results   # also writes the table and the JSON
 
-The gated layer's launches (GatedMLP 4096 -> 11008, M = 8192 rows, bf16 by default: Llama-2 7B's MLP) are
-captured from its launchers (triton_kernels/gated.py) on meta tensors, as compile_report.py captures the dense
-layer's, and compiled with that report's Compiler for ``GPUTarget("cuda", arch, 32)`` at every config the
-autotuner could pick (``gated.matmul_configs(role)`` after its pruning at the target's shared memory). The columns
-are compile_report.py's (see its docstring; no tutorial twin here, so no "x tut"); "press" counts the two products
-of a K step where a kernel does two (the forward; ∂C/∂X's δ_g W_g + δ_u W_u; ∂C/∂W's two gradients).
+The gated layer's launches (GatedMLP 4096 -> 11008, M = 8192 rows, bf16 by default: Llama-2 7B's MLP; the backward
+in both plans for δ_g, δ_u, formed in the loads and stored, "δ stored") are captured from its launchers
+(triton_kernels/gated.py) on meta tensors, as compile_report.py captures the dense layer's, and compiled with that
+report's Compiler for ``GPUTarget("cuda", arch, 32)`` at every config the autotuner could pick
+(``gated.matmul_configs(role)`` after its pruning at the target's shared memory). The columns are
+compile_report.py's (see its docstring; no tutorial twin here, so no "x tut"); "press" counts the two products of a
+K step where a kernel does two (the forward; ∂C/∂X's δ_g W_g + δ_u W_u; ∂C/∂W's two gradients).
 All compiler output, no timing.
 """
 
@@ -46,8 +48,9 @@ def package_launches(gated, M, K, N, dtype, quick):
         b = bias if biases else None
         return lambda: gated.gated_forward(x, w_gate, w_up, b, b, ids[act], 0.0, save)
 
-    def bwd(act, needs):
-        return lambda: gated.gated_backward(g, x, w_gate, w_up, None, None, z_gate, z_up, ids[act], 0.0, needs)
+    def bwd(act, needs, in_loads=True):  # δ_g, δ_u formed in the loads, or stored (one kernel for every f)
+        return lambda: gated.gated_backward(g, x, w_gate, w_up, None, None, z_gate, z_up, ids[act], 0.0, needs,
+                                            delta_in_loads=in_loads)
 
     launches = [
         ("fwd silu (A, Z)", fwd("silu")), ("fwd silu (A)", fwd("silu", save=False)),
@@ -58,10 +61,16 @@ def package_launches(gated, M, K, N, dtype, quick):
         ("dW silu", bwd("silu", (False, True, True, False, False))),
         ("dW gelu", bwd("gelu", (False, True, True, False, False))),
         ("dW+db gelu_tanh", bwd("gelu_tanh", (False, True, True, True, True))),
+        ("dX δ stored", bwd("silu", (True, False, False, False, False), in_loads=False)),
+        ("dW δ stored", bwd("silu", (False, True, True, False, False), in_loads=False)),
+        ("dW+db δ stored", bwd("silu", (False, True, True, True, True), in_loads=False)),
     ]
     if quick:
-        launches = [launch_ for launch_ in launches if launch_[0] in ("fwd silu (A, Z)", "dX silu", "dW silu")]
+        launches = [launch_ for launch_ in launches
+                    if launch_[0] in ("fwd silu (A, Z)", "dX silu", "dW silu", "dX δ stored")]
     recorders = {role: report._Recorder(getattr(gated, name)) for role, name in gated._KERNELS.items()}
+    launch_gate = gated._launch_gate  # the stored plan's elementwise δ pass: not a matmul, not reported
+    gated._launch_gate = lambda z_gate, *rest: (torch.empty_like(z_gate), torch.empty_like(z_gate))
     out = {}
     try:
         for role, recorder in recorders.items():
@@ -78,6 +87,7 @@ def package_launches(gated, M, K, N, dtype, quick):
     finally:
         for role, recorder in recorders.items():
             setattr(gated, gated._KERNELS[role], recorder.real)
+        gated._launch_gate = launch_gate
         launch.PLANS.clear()
     return out
 

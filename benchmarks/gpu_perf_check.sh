@@ -15,7 +15,7 @@
 #      forward+backward, eager, torch.compile and manualbp, each timed twice: kernels only (the step captured in a
 #      CUDA graph and replayed) and with the host (do_bench), at most 130 s;
 #   5. the same at the GPU-bound shapes and at in_features 2048 (PROLOGUE_MAX_K's crossing): the 16384-wide layers,
-#      the two MLPs, linear8192x2048x{4096,1024}, hidden layers, at most 100 s;
+#      the two MLPs, linear8192x2048x{4096,1024}, hidden layers, and Llama-2 7B's gated MLP, at most 100 s;
 #   6. the MLP's per-layer backward (MANUALBP_MLP_FUSION=0) at both MLPs, both timings, at most 35 s;
 #   7. bench_backward.py at in_features 1024, 2048 and 4096: a first and a hidden layer's backward by each plan for δ
 #      (in the loads, by a pass), kernels only, at most 40 s; last, the (2048 -> 1024) layer, whose ∂C/∂W the plan
@@ -37,6 +37,8 @@ since=$(date -u +"%Y-%m-%d %H:%M UTC")  # the rows of this run: their date is th
 targets=linear8192x1024x4096,linear8192x4096x1024
 bound=linear8192x4096x16384,linear8192x16384x4096,mlp8192x1024x4096,mlp8192x4096x16384
 crossing=linear8192x2048x4096,linear8192x2048x1024
+# Llama-2 7B's MLP: the gated layer (in_features 4096: δ_g, δ_u stored)
+gated=gated8192x4096x11008
 mlps=mlp8192x1024x4096,mlp8192x4096x16384
 
 # --- 2. the caches, side by side -----------------------------------------------------------------------------
@@ -47,13 +49,13 @@ workers=9  # the most configs any launch keeps (matmul_configs(), pruned)
     for i in $(seq 0 $((workers - 1))); do
         $py benchmarks/bench_matmul.py --warm-only --worker "$i" --workers $workers &
         $py benchmarks/warm_caches.py --worker "$i" --workers $workers --problems "$targets" --layers hidden,first &
-        nice -n 10 $py benchmarks/warm_caches.py --worker "$i" --workers $workers --problems "$bound,$crossing" &
+        nice -n 10 $py benchmarks/warm_caches.py --worker "$i" --workers $workers --problems "$bound,$crossing,$gated" &
         MANUALBP_MLP_FUSION=0 nice -n 10 $py benchmarks/warm_caches.py --worker "$i" --workers $workers \
             --problems "$mlps" &
     done
     for i in 0 1 2; do
         $py benchmarks/warm_caches.py --compile --worker "$i" --workers 3 --problems "$targets" --layers hidden,first &
-        nice -n 10 $py benchmarks/warm_caches.py --compile --worker "$i" --workers 3 --problems "$bound,$crossing" &
+        nice -n 10 $py benchmarks/warm_caches.py --compile --worker "$i" --workers 3 --problems "$bound,$crossing,$gated" &
     done
     for act in relu gelu; do
         nice -n 10 $py benchmarks/bench_backward.py --warm-only --activations $act \
@@ -82,9 +84,10 @@ timeout "$(capped 130)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+
 echo "bench_dense: exit ${PIPESTATUS[0]}"
 
 # --- 5. GPU-bound shapes and PROLOGUE_MAX_K's crossing -----------------------------------------------------------
-stamp "bench_dense: GPU-bound shapes, in_features 2048"
+stamp "bench_dense: GPU-bound shapes, in_features 2048, the gated MLP"
 timeout "$(capped 100)" $py benchmarks/bench_dense.py --dtypes bf16 --modes fwd+bwd --impls eager,compile,manualbp \
-    --activations relu,gelu --problems "$crossing,$bound" --timing graph,host --out-dir "$out" 2>&1 | grep -v "^#"
+    --activations relu,gelu --problems "$crossing,$bound,$gated" --timing graph,host --out-dir "$out" 2>&1 \
+    | grep -v "^#"
 echo "bench_dense: exit ${PIPESTATUS[0]}"
 
 # --- 6. the MLP's fused epilogue against its per-layer path ------------------------------------------------------

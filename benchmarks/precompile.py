@@ -61,6 +61,7 @@ _BASE = 1 << 32  # a pretend allocation's address: aligned as the caching alloca
 _TARGETS = "linear8192x1024x4096,linear8192x4096x1024"
 _BOUND = "linear8192x4096x16384,linear8192x16384x4096,mlp8192x1024x4096,mlp8192x4096x16384"
 _CROSSING = "linear8192x2048x4096,linear8192x2048x1024"
+_GATED = "gated8192x4096x11008"
 _MLPS = "mlp8192x1024x4096,mlp8192x4096x16384"
 # bench_backward's: (2048 -> 1024) last, where the plan splits ∂C/∂W (its "unsplit" way beside it)
 _BACKWARD = "linear8192x1024x4096,linear8192x2048x4096,linear8192x4096x1024,linear8192x2048x1024"
@@ -70,7 +71,7 @@ WARM_STEPS = {
     "perf": [  # gpu_perf_check.sh, step 2
         ({}, "bench_matmul.py", ["--warm-only"]),
         ({}, "warm_caches.py", ["--problems", _TARGETS, "--layers", "hidden,first"]),
-        ({}, "warm_caches.py", ["--problems", f"{_BOUND},{_CROSSING}"]),
+        ({}, "warm_caches.py", ["--problems", f"{_BOUND},{_CROSSING},{_GATED}"]),
         ({"MANUALBP_MLP_FUSION": "0"}, "warm_caches.py", ["--problems", _MLPS]),
         ({}, "bench_backward.py", ["--warm-only", "--activations", "relu", "--problems", _BACKWARD]),
         ({}, "bench_backward.py", ["--warm-only", "--activations", "gelu", "--problems", _BACKWARD]),

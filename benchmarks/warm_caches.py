@@ -31,15 +31,24 @@ import manualbp  # noqa: E402
 
 
 def offer_one_config(dense, worker: int) -> None:
-    """Make every autotuned launch of this process keep one config: the worker-th of those it would keep."""
-    prune = dense._prune_configs
+    """Make every autotuned launch of this process keep one config: the worker-th of those it would keep (the dense
+    layer's matmuls and the gated layer's)."""
+    from manualbp.triton_kernels import gated
+
+    prune, prune_gated = dense._prune_configs, gated._prune_configs
 
     def one(configs, named_args, **kwargs):
         kept = prune(configs, named_args, **kwargs)
         return [kept[worker % len(kept)]]
 
+    def one_gated(role, configs, named_args, **kwargs):
+        kept = prune_gated(role, configs, named_args, **kwargs)
+        return [kept[worker % len(kept)]]
+
     dense._prune_configs = one  # read when the autotuner is built, on the first launch
+    gated._prune_configs = one_gated
     dense._autotuned_matmul.cache_clear()
+    gated._autotuned.cache_clear()
 
 
 def main(argv=None) -> int:

@@ -3,8 +3,9 @@
     backend         'auto' | 'triton' | 'reference'   MANUALBP_BACKEND          (default 'auto')
     delta_prologue  bool   δ formed in the backward matmuls' operand loads      MANUALBP_DELTA_PROLOGUE=0 turns off
                            (in_features up to triton_kernels/dense.py's PROLOGUE_MAX_K; a δ pass above it,
-                           measured there; a preference: a δ pass wherever triton_kernels/toolchain.py's
-                           rs_operand_hazard says the toolchain miscompiles it, sm_90 with Triton < 3.8)
+                           measured there; the gated layer's δ_g, δ_u likewise; a preference: a δ pass wherever
+                           triton_kernels/toolchain.py's rs_operand_hazard says the toolchain miscompiles it,
+                           sm_90 with Triton < 3.8)
     mlp_fusion      bool   MLP backward: δ of the layer below in a matmul's epilogue   MANUALBP_MLP_FUSION=0 turns off
     autotune        bool   GPU matmuls autotune their tile                      MANUALBP_AUTOTUNE=0 turns off
     tma             bool   the autotuner may pick the TMA + persistent matmul configs (sm_90+)   MANUALBP_TMA=1 turns on

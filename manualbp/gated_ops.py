@@ -34,7 +34,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from . import backends, gated_reference, ops
+from . import backends, config, gated_reference, ops
 from .activations import Activation
 
 NEEDS = ("x", "gate_weight", "up_weight", "gate_bias", "up_bias")
@@ -87,8 +87,11 @@ def _compute_gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bia
                             needs: List[bool], backend: str):
     """The five gradients (None where needs says no); Z_g, Z_u recomputed from x where not given."""
     if backend == "triton":
+        # δ in the matmuls' loads up to dense.PROLOGUE_MAX_K, stored once above (gated.gated_backward); the setting
+        # off: stored at every size
         return _triton().gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up,
-                                        act.kernel_id, act.kernel_slope, needs)
+                                        act.kernel_id, act.kernel_slope, needs,
+                                        delta_in_loads=None if config.get().delta_prologue else False)
     if z_gate is None:  # recompute=True: rebuild both from what was kept
         z_gate, z_up = gated_reference.pre_activations(x, gate_weight, up_weight, gate_bias, up_bias)
     delta_gate, delta_up = gated_reference.deltas(grad_a, z_gate, z_up, act)

@@ -86,12 +86,16 @@ def test_compile_report_quick_subset(tmp_path):
 @pytest.mark.compile_report
 def test_gated_compile_report_quick_subset(tmp_path):
     """The gated layer's kernels (benchmarks/compile_report_gated.py --quick), each of the three matmul kernels at
-    its first (untuned) 16-bit config: wgmma in every one (forward, ∂C/∂X, ∂C/∂W), no register spill."""
+    its first (untuned) 16-bit config: wgmma in every one (forward, ∂C/∂X, ∂C/∂W), no register spill; ∂C/∂X reading
+    a stored δ_g, δ_u takes both operands from shared memory (SS: no RS wgmma, so no RS hazard), where forming
+    them in its loads makes them register operands (RS)."""
     report = _quick_report("compile_report_gated.py", tmp_path)
     rows = report["rows"]
     assert {row["kernel"].split()[0] for row in rows} == {"fwd", "dX", "dW"}, f"the three kernels: {report['stdout']}"
     for row in rows:
         _assert_wgmma_and_no_spill(row, report)
+    operands = {row["kernel"]: row["A"] for row in rows if row["kernel"].startswith("dX")}
+    assert operands == {"dX silu": "RS", "dX δ stored": "SS"}, f"∂C/∂X's A operand by plan: {operands}"
 
 
 def _report_module(monkeypatch):

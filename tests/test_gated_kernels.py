@@ -8,6 +8,8 @@ kernel exactly as a launch the autotuner chose it for would.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -47,9 +49,11 @@ def _every_config():
     try:
         _, gated, _ = _modules()
     except Exception as error:  # noqa: BLE001 - no Triton: one skipped case, saying why
-        return [pytest.param(None, None, marks=pytest.mark.skip(reason=f"no triton kernels: {error}"))]
-    return [pytest.param(role, cfg, id=f"{_config_id(role, cfg)}-{8 * size}bit") for role in ROLES for size in (2, 4)
-            for cfg in gated.matmul_configs(role, size)]
+        return [pytest.param(None, None, None, marks=pytest.mark.skip(reason=f"no triton kernels: {error}"))]
+    # the backward roles in both plans for δ_g, δ_u: formed in their loads, and stored (gated.gated_backward)
+    return [pytest.param(role, cfg, plan, id=f"{_config_id(role, cfg)}-{8 * size}bit{'-stored' if plan else ''}")
+            for role in ROLES for size in (2, 4) for cfg in gated.matmul_configs(role, size)
+            for plan in ((False,) if role == "gated_forward" else (False, True))]
 
 
 def _inputs(M, K, N, dtype, seed=0):
@@ -71,13 +75,14 @@ def _eager(x, gate_weight, up_weight, gate_bias, up_bias, grad_a, activation):
     return [a.detach(), z_gate.detach(), z_up.detach()] + [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("role, config", _every_config())
-def test_every_autotune_config_is_correct(role, config, monkeypatch):
+@pytest.mark.parametrize("role, config, stored", _every_config())
+def test_every_autotune_config_is_correct(role, config, stored, monkeypatch):
     """Each config of each role on its own (not just the autotuner's winner), forced on that role's launches:
     the forward's A, Z_g, Z_u; ∂C/∂X; ∂C/∂W_g, ∂C/∂W_u and both bias sums, against float64, within twice PyTorch's
-    own float32 error. Sizes span several tiles and K steps of every config and divide none of them."""
+    own float32 error; the backward's with δ_g, δ_u formed in the loads and stored (-stored). Sizes span several
+    tiles and K steps of every config and divide none of them."""
     require_triton()
-    if role != "gated_forward":  # δ_g, δ_u in the loads (float32: an RS wgmma only as TF32)
+    if role != "gated_forward" and not stored:  # δ_g, δ_u in the loads (float32: an RS wgmma only as TF32)
         skip_where_rs_operands_miscompiled(DEVICE, torch.float32)
     dense, gated, launch = _modules()
     tile = dict(config.kwargs)
@@ -92,9 +97,11 @@ def test_every_autotune_config_is_correct(role, config, monkeypatch):
     x, gate_weight, up_weight, gate_bias, up_bias, grad_a = inputs
     a, z_gate, z_up = gated.gated_forward(x, gate_weight, up_weight, gate_bias, up_bias, act.kernel_id, 0.0, True)
     grads = gated.gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, act.kernel_id,
-                                 0.0, (True,) * 5)
+                                 0.0, (True,) * 5, delta_in_loads=not stored)
     (plan,) = [plan for plan in launch.PLANS.values() if plan.role == role]
     assert {name: plan.constexprs[name] for name in tile} == tile, f"{role}: launched with {plan.constexprs}"
+    if role != "gated_forward":
+        assert plan.constexprs["DELTAS_STORED"] is stored, f"{role}: δ stored {stored}, launched {plan.constexprs}"
     theirs = _eager(*inputs, activation)
     exact = _eager(*(t.double() for t in inputs), activation)
     names = ("A", "Z_g", "Z_u", "dC/dX", "dC/dW_g", "dC/dW_u", "dC/db_g", "dC/db_u")
@@ -145,6 +152,52 @@ def test_a_second_call_reuses_the_plans(monkeypatch):
         "every gated plan launched again, warm"
     for index, (a, b) in enumerate(zip(first, second)):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"output/gradient {index}\n{m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_the_plan_for_the_deltas_follows_in_features(dtype, monkeypatch):
+    """gated_backward's two plans for δ_g, δ_u, chosen as the dense layer's: formed in the matmuls' loads up to
+    dense.PROLOGUE_MAX_K in_features (lowered here to keep the interpreter quick), stored once by the gating kernel
+    above it, with delta_prologue off (the setting, through functional.gated_linear) and where the toolchain has the
+    RS hazard; every plan gives the same bits, the layer's output and gradients included."""
+    require_triton(dtype)
+    dense, gated, launch = _modules()
+    from manualbp.triton_kernels import toolchain
+
+    hazard = toolchain.rs_operand_hazard(DEVICE, dtype)
+    monkeypatch.setattr(dense, "PROLOGUE_MAX_K", 32)
+    act = manualbp.get_activation("silu")
+
+    def plan_of(K, **settings):
+        leaves = [t.requires_grad_(True) for t in _inputs(29, K, 40, dtype, seed=K)[:5]]
+        launch.PLANS.clear()
+        with manualbp.config.override(**settings):
+            out = manualbp.functional.gated_linear(*leaves, "silu", backend="triton")
+            out.backward(torch.ones_like(out))
+        stored = {plan.constexprs["DELTAS_STORED"] for plan in launch.PLANS.values()
+                  if plan.role in ("gated_grad_x", "gated_grad_weight")}
+        gate_pass = any(plan.role == "gated_gate" for plan in launch.PLANS.values())
+        assert stored == {gate_pass}, \
+            f"K={K} {settings}: one plan for both matmuls, the gating kernel with the stored one ({stored})"
+        return stored.pop(), [out.detach()] + [t.grad for t in leaves]
+
+    for K in (32, 33):
+        stored, results = plan_of(K)
+        assert stored is (K > 32 or bool(hazard)), f"K={K}: δ stored {stored} (hazard: {hazard})"
+        stored_off, results_off = plan_of(K, delta_prologue=False)
+        assert stored_off, f"K={K}, delta_prologue off: δ stored"
+        for index, (ours, theirs) in enumerate(zip(results, results_off)):
+            assert torch.equal(ours, theirs), f"K={K} output/gradient {index}: the same bits in both plans"
+    # the launcher's own argument forces either plan below the crossing and above it (the hazard aside)
+    inputs = _inputs(29, 33, 40, dtype, seed=5)
+    x, gate_weight, up_weight, gate_bias, up_bias, grad_a = inputs
+    _, z_gate, z_up = gated.gated_forward(x, gate_weight, up_weight, gate_bias, up_bias, act.kernel_id, 0.0, True)
+    for in_loads in (True, False):
+        launch.PLANS.clear()
+        gated.gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, act.kernel_id, 0.0,
+                             (True,) * 5, delta_in_loads=in_loads)
+        stored = {plan.constexprs["DELTAS_STORED"] for plan in launch.PLANS.values() if plan.role == "gated_grad_x"}
+        assert stored == {not in_loads or bool(hazard)}, f"delta_in_loads={in_loads} at K=33: δ stored {stored}"
 
 
 def test_autotuned_launches_tune_once_per_key(monkeypatch):
@@ -340,19 +393,25 @@ def _sums_by_ones_products(delta, step):
 def test_bias_grads_are_bitwise_equal_on_every_tile(activation, dtype, monkeypatch):
     """∂C/∂b_g and ∂C/∂b_u from the ∂C/∂W kernel's sums: the same bits (as summed, before the rounding to the data
     dtype) with every tile forced on the ∂W launch, with the weight gradients and without (one column of tiles),
-    and through the launcher's own tile; in the fixed order of gated.SUM_STEP steps of the stored δ (float32,
-    float64: in registers and a fixed tree; 16-bit: by products with ones, that order where the interpreter's dot
-    sums in a fixed one), and within rounding of its float64 sum. Sizes no tile divides."""
+    with δ_g, δ_u formed in its loads and stored, and through the launcher's own tile; in the fixed order of
+    gated.SUM_STEP steps of the stored δ (float32, float64: in registers and a fixed tree; 16-bit: by products with
+    ones, that order where the interpreter's dot sums in a fixed one), and within rounding of its float64 sum.
+    Sizes no tile divides."""
     require_triton(dtype)
     if dtype == torch.float16 and DEVICE.type == "cpu" and not fixed_order_dot.installed():
         pytest.skip("the interpreter's tl.dot sums in the host BLAS's order (tests/fixed_order_dot.py not installed)")
-    skip_where_rs_operands_miscompiled(DEVICE, dtype)  # the ∂W kernel forms δ_g, δ_u in its loads
     dense, gated, launch = _modules()
+    from manualbp.triton_kernels import toolchain
+
     role = "gated_grad_weight"
     act = manualbp.get_activation(activation)
     M, K, N = 150, 40, 70  # rows (the sums run over them: ragged last steps of 16 and 32), hidden, intermediate
     x, gate_weight, up_weight, gate_bias, up_bias, grad_a = _inputs(M, K, N, dtype, seed=3)
     _, z_gate, z_up = gated.gated_forward(x, gate_weight, up_weight, gate_bias, up_bias, act.kernel_id, 0.0, True)
+    delta_gate, delta_up = gated.gate_backward(grad_a, z_gate, z_up, act.kernel_id, 0.0)
+    plans = {"stored δ": ((delta_gate, delta_up, delta_up), (0, 0.0, True))}
+    if not toolchain.rs_operand_hazard(DEVICE, dtype):  # δ formed in the loads: an RS wgmma, miscompiled there
+        plans["δ in the loads"] = ((grad_a, z_gate, z_up), (act.kernel_id, 0.0, False))
     fixed = gated._fixed_tile
     results = {}
     for config in _bias_sum_tiles(dtype):
@@ -360,21 +419,23 @@ def test_bias_grads_are_bitwise_equal_on_every_tile(activation, dtype, monkeypat
         options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
         monkeypatch.setattr(gated, "_fixed_tile", lambda r, dtype_, use_dot: (dict(tile), dict(options))
                             if r == role else fixed(r, dtype_, use_dot))
-        for wants, label in (((True,) * 4, "with ∂W"), ((False, False, True, True), "alone")):
+        for (plan_name, (operands, flags)), (wants, label) in itertools.product(
+                plans.items(), (((True,) * 4, "with ∂W"), ((False, False, True, True), "alone"))):
             launch.PLANS.clear()  # the tile is not in the plan's key: a new plan for each
-            results[f"{_config_id(role, config)} {label}"] = gated._grad_weights(
-                grad_a, x, z_gate, z_up, K, act.kernel_id, 0.0, wants)[2:]
+            results[f"{_config_id(role, config)} {label}, {plan_name}"] = gated._grad_weights(
+                operands, flags, x, K, wants)[2:]
             (plan,) = [plan for plan in launch.PLANS.values() if plan.role == role]
             assert {name: plan.constexprs[name] for name in tile} == tile, f"{role}: launched {plan.constexprs}"
     monkeypatch.setattr(gated, "_fixed_tile", fixed)
     launch.PLANS.clear()
-    results["launcher's tile"] = gated._grad_weights(grad_a, x, z_gate, z_up, K, act.kernel_id, 0.0, (True,) * 4)[2:]
+    for plan_name, (operands, flags) in plans.items():
+        results[f"launcher's tile, {plan_name}"] = gated._grad_weights(operands, flags, x, K, (True,) * 4)[2:]
     assert len(results) >= 8, f"several tiles compared: {list(results)}"
     (first_name, first), *_ = results.items()
     for name, sums in results.items():
         for which, ours, theirs in zip(("db_g", "db_u"), sums, first):
             assert torch.equal(ours, theirs), f"{which} [{activation} {dtype}] with {name} bitwise == {first_name}"
-    deltas = [d.to(first[0].dtype).cpu() for d in gated.gate_backward(grad_a, z_gate, z_up, act.kernel_id, 0.0)]
+    deltas = [d.to(first[0].dtype).cpu() for d in (delta_gate, delta_up)]
     by_mma = dtype.itemsize == 2
     for which, ours, delta in zip(("db_g", "db_u"), first, deltas):
         label = f"{which} [{activation} {dtype}]"

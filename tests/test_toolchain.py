@@ -3,6 +3,8 @@ tile"), its rule on versions and devices, and what the layers launch where it ho
 operand loads, the same results as the plan that does (within PyTorch's own error against float64; ∂C/∂b with the
 same bits where docs promise it)."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -87,8 +89,8 @@ def test_the_installed_toolchain_is_judged_by_the_rule():
 def _prologue_plans(launch) -> list:
     """The launch plans of matmuls that form δ in their operand loads (an activation in a backward matmul)."""
     return [(plan.role, plan.constexprs.get("ACTIVATION")) for plan in launch.PLANS.values()
-            if plan.role in ("grad_x", "grad_weight", "gated_grad_x", "gated_grad_weight")
-            and (plan.role.startswith("gated") or plan.constexprs.get("ACTIVATION", 0) != 0)]
+            if (plan.role in ("grad_x", "grad_weight") and plan.constexprs.get("ACTIVATION", 0) != 0)
+            or (plan.role in ("gated_grad_x", "gated_grad_weight") and not plan.constexprs["DELTAS_STORED"])]
 
 
 @pytest.mark.parametrize("wants", [(True, True, True), (False, True, True), (True, False, True), (True, True, False)],
@@ -196,10 +198,10 @@ def _gated_eager(x, gate_weight, up_weight, gate_bias, up_bias, grad_a, activati
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "relu"])
 def test_the_gated_backward_forms_no_delta_in_loads_on_an_affected_toolchain(activation, dtype, needs, monkeypatch,
                                                                              device):
-    """With the hazard (forced), gated_backward stores δ_g, δ_u by the gating kernel and runs plain matmuls: no
-    gated_grad_x or gated_grad_weight launch, no dense prologue; each gradient asked for within twice PyTorch's own
-    error against float64, as the toolchain's own plan's are (the fused kernels where it has no hazard); Z
-    recomputed (None) the same."""
+    """With the hazard (forced), gated_backward stores δ_g, δ_u by the gating kernel and its matmuls read them
+    (DELTAS_STORED), whatever delta_in_loads says: no launch forms δ in its loads; each gradient asked for the
+    bits of the toolchain's own plan (δ formed in the loads where it has no hazard), and within twice PyTorch's
+    own error against float64; Z recomputed (None) the same."""
     _, gated, launch, toolchain = _modules()
     act = manualbp.get_activation(activation)
     M, K, N = 70, 40, 90
@@ -213,21 +215,22 @@ def test_the_gated_backward_forms_no_delta_in_loads_on_an_affected_toolchain(act
     theirs = _gated_eager(*inputs, activation)
     exact = _gated_eager(*(t.double() for t in inputs), activation)
     label = f"[{activation}, {dtype}, needs {needs}]"
-    for saved in ("kept", "recomputed"):
+    for saved, in_loads in itertools.product(("kept", "recomputed"), (None, True)):
         launch.PLANS.clear()
         z = (z_gate, z_up) if saved == "kept" else (None, None)
         ours = gated.gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, *z, act.kernel_id,
-                                    act.kernel_slope, needs)
+                                    act.kernel_slope, needs, delta_in_loads=in_loads)
+        case = f"{label} Z {saved}, delta_in_loads={in_loads}"
         roles = {plan.role for plan in launch.PLANS.values()}
-        assert _prologue_plans(launch) == [], f"{label} Z {saved}: no prologue launch, {_prologue_plans(launch)}"
-        assert "gated_gate" in roles, f"{label} Z {saved}: δ_g, δ_u by the gating kernel, roles {sorted(roles)}"
+        assert _prologue_plans(launch) == [], f"{case}: no prologue launch, {_prologue_plans(launch)}"
+        assert "gated_gate" in roles, f"{case}: δ_g, δ_u by the gating kernel, roles {sorted(roles)}"
         names = ("dx", "dW_g", "dW_u", "db_g", "db_u")
         for name, need, mine, fused_one, their, exact_one in zip(names, needs, ours, fused, theirs, exact):
             if not need:
-                assert mine is None, f"{name} {label}: not asked for, None"
+                assert mine is None, f"{name} {case}: not asked for, None"
                 continue
-            assert_close_to_float64(f"{name} {label} Z {saved}", mine, their, exact_one)
-            assert_close_to_float64(f"{name} {label} the toolchain's own plan", fused_one, their, exact_one)
+            assert torch.equal(mine, fused_one), f"{name} {case}: the bits of the toolchain's own plan"
+            assert_close_to_float64(f"{name} {case}", mine, their, exact_one)
 
 
 def test_tests_forcing_the_prologue_skip_naming_the_reason(monkeypatch):

@@ -8,16 +8,16 @@ x [M, K], gate_weight and up_weight [I, K], biases [I]:
                                                            epilogue, which stores A and, for the backward,
                                                            Z_g and Z_u (WRITE_Z); recompute=True: not stored,
                                                            the backward launches this kernel for Z alone
-    backward    δ_g = G ⊙ Z_u ⊙ f'(Z_g), δ_u = G ⊙ f(Z_g)  formed in the operand loads of both matmuls
-                                                           (_deltas), never stored
+    backward    δ_g = G ⊙ Z_u ⊙ f'(Z_g), δ_u = G ⊙ f(Z_g)  up to dense.PROLOGUE_MAX_K in_features: formed in the
+                                                           operand loads of both matmuls (_deltas), never stored;
+                                                           above it, or where toolchain.rs_operand_hazard says
+                                                           so (RS wgmma miscompiled): stored once by _gate_kernel
+                                                           and read by the same matmuls (DELTAS_STORED)
                 ∂C/∂X = δ_g W_g + δ_u W_u    [M, K]        _gated_grad_x_kernel: one accumulator, one loop over I
                 ∂C/∂W_g = δ_gᵀ X, ∂C/∂W_u = δ_uᵀ X [I, K]  _gated_grad_weight_kernel: two accumulators, one
                 ∂C/∂b_g = 1ᵀ δ_g, ∂C/∂b_u = 1ᵀ δ_u   [I]   loop over M; it also sums the δᵀ rows it loads
                                                            (∂C/∂b) in fixed steps of SUM_STEP, the dense layer's
-                                                           row sums: the same bits on every tile
-                where toolchain.rs_operand_hazard says so  δ_g, δ_u stored by _gate_kernel, the products by
-                (RS wgmma miscompiled)                     the dense layer's plain kernels
-                                                           (_backward_from_stored_deltas)
+                                                           row sums: the same bits on every tile, in both plans
     jvp         dZ = dX Wᵀ + X dWᵀ + db (each)             the dense layer's jvp kernel with identity (jvp.py)
                 dA = f'(Z_g) ⊙ dZ_g ⊙ Z_u + f(Z_g) ⊙ dZ_u  _gated_tangent_kernel, elementwise
     the gating alone (projections run as modules: GatedMLP with hooks, adapters or quantized weights)
@@ -100,16 +100,24 @@ def _deltas(grad_a, z_gate, z_up, ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.c
 @triton.jit
 def _load_deltas(grad_a_ptr, z_gate_ptr, z_up_ptr, rows, cols, stride_g_row, stride_g_col, stride_zg_row,
                  stride_zg_col, stride_zu_row, stride_zu_col, mask,
-                 ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, ACC_FP64: tl.constexpr):
-    """(δ_g, δ_u) of the tile rows × cols, formed as G, Z_g, Z_u load (the backward matmuls' operand loads).
+                 ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, ACC_FP64: tl.constexpr,
+                 DELTAS_STORED: tl.constexpr):
+    """(δ_g, δ_u) of the tile rows × cols (the backward matmuls' operand loads): formed as G, Z_g, Z_u load, or,
+    with DELTAS_STORED, δ_g and δ_u themselves, stored by _gate_kernel, in the first two slots (the third not read).
+    The same values either way: _gate_kernel forms them by the same _deltas, rounded to G's dtype as here.
 
     rows, cols: offsets along the tile's two axes; each tensor's strides along them: (stride_m, stride_n) for a
     [M, N] tile, (stride_n, stride_m) for its transpose."""
-    grad_a = tl.load(grad_a_ptr + rows[:, None] * stride_g_row + cols[None, :] * stride_g_col, mask=mask, other=0.0)
-    z_gate = tl.load(z_gate_ptr + rows[:, None] * stride_zg_row + cols[None, :] * stride_zg_col, mask=mask,
+    first = tl.load(grad_a_ptr + rows[:, None] * stride_g_row + cols[None, :] * stride_g_col, mask=mask, other=0.0)
+    second = tl.load(z_gate_ptr + rows[:, None] * stride_zg_row + cols[None, :] * stride_zg_col, mask=mask,
                      other=0.0)
-    z_up = tl.load(z_up_ptr + rows[:, None] * stride_zu_row + cols[None, :] * stride_zu_col, mask=mask, other=0.0)
-    return _deltas(grad_a, z_gate, z_up, ACTIVATION, NEGATIVE_SLOPE, ACC_FP64)
+    if DELTAS_STORED:
+        delta_gate, delta_up = first, second
+    else:
+        z_up = tl.load(z_up_ptr + rows[:, None] * stride_zu_row + cols[None, :] * stride_zu_col, mask=mask,
+                       other=0.0)
+        delta_gate, delta_up = _deltas(first, second, z_up, ACTIVATION, NEGATIVE_SLOPE, ACC_FP64)
+    return delta_gate, delta_up
 
 
 # --------------------------------------------------------------------------------------
@@ -208,7 +216,8 @@ def _gated_epilogue(acc_gate, acc_up, offs_m, offs_n, M, N, gate_bias_ptr, up_bi
 
 @triton.jit
 def _gated_grad_x_kernel(
-    grad_a_ptr, z_gate_ptr, z_up_ptr,  # G, Z_g, Z_u [M, N] (N = I, the contracted dimension here)
+    grad_a_ptr, z_gate_ptr, z_up_ptr,  # G, Z_g, Z_u [M, N] (N = I, the contracted dimension here); with
+                                       # DELTAS_STORED δ_g, δ_u in the first two, the third not read (_load_deltas)
     gate_weight_ptr, up_weight_ptr,  # W_g, W_u [N, K]
     out_ptr,  # ∂C/∂X [M, K]
     M, N, K,
@@ -216,6 +225,7 @@ def _gated_grad_x_kernel(
     stride_gm, stride_gn, stride_zgm, stride_zgn, stride_zum, stride_zun,
     stride_gwn, stride_gwk, stride_uwn, stride_uwk, stride_om, stride_ok,
     ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
+    DELTAS_STORED: tl.constexpr,  # δ_g, δ_u read as stored (ACTIVATION then not read), not formed on load
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -236,7 +246,7 @@ def _gated_grad_x_kernel(
         mask_rows = mask_m[:, None] & (cols < N)[None, :]
         delta_gate, delta_up = _load_deltas(grad_a_ptr, z_gate_ptr, z_up_ptr, offs_m, cols, stride_gm, stride_gn,
                                             stride_zgm, stride_zgn, stride_zum, stride_zun, mask_rows,
-                                            ACTIVATION, NEGATIVE_SLOPE, ACC_FP64)
+                                            ACTIVATION, NEGATIVE_SLOPE, ACC_FP64, DELTAS_STORED)
         mask_w = (cols < N)[:, None] & mask_k[None, :]
         gate_w = tl.load(gate_weight_ptr + cols[:, None] * stride_gwn + offs_k[None, :] * stride_gwk, mask=mask_w,
                          other=0.0)
@@ -250,7 +260,8 @@ def _gated_grad_x_kernel(
 
 @triton.jit
 def _gated_grad_weight_kernel(
-    grad_a_ptr, z_gate_ptr, z_up_ptr,  # G, Z_g, Z_u [M, N], read as their transposes [N, M]
+    grad_a_ptr, z_gate_ptr, z_up_ptr,  # G, Z_g, Z_u [M, N], read as their transposes [N, M]; with DELTAS_STORED
+                                       # δ_g, δ_u in the first two, the third not read (_load_deltas)
     x_ptr,  # X [M, K]; read only with WANT_GATE_WEIGHT or WANT_UP_WEIGHT
     gate_out_ptr, up_out_ptr,  # ∂C/∂W_g, ∂C/∂W_u [N, K]
     gate_bias_out_ptr, up_bias_out_ptr,  # ∂C/∂b_g, ∂C/∂b_u [N] (compute dtype), stored by the first column of tiles
@@ -259,6 +270,7 @@ def _gated_grad_weight_kernel(
     stride_gm, stride_gn, stride_zgm, stride_zgn, stride_zum, stride_zun, stride_xm, stride_xk,
     stride_gon, stride_gok, stride_uon, stride_uok,
     ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
+    DELTAS_STORED: tl.constexpr,  # δ_g, δ_u read as stored (ACTIVATION then not read), not formed on load
     WANT_GATE_WEIGHT: tl.constexpr, WANT_UP_WEIGHT: tl.constexpr,
     WANT_GATE_BIAS: tl.constexpr, WANT_UP_BIAS: tl.constexpr,  # summed in M steps of SUM_STEP whatever BLOCK_K
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
@@ -295,7 +307,7 @@ def _gated_grad_weight_kernel(
             mask_t = mask_n[:, None] & (rows < M)[None, :]
             delta_gate_t, delta_up_t = _load_deltas(grad_a_ptr, z_gate_ptr, z_up_ptr, offs_n, rows, stride_gn,
                                                     stride_gm, stride_zgn, stride_zgm, stride_zun, stride_zum, mask_t,
-                                                    ACTIVATION, NEGATIVE_SLOPE, ACC_FP64)
+                                                    ACTIVATION, NEGATIVE_SLOPE, ACC_FP64, DELTAS_STORED)
             if WANT_GATE_WEIGHT or WANT_UP_WEIGHT:
                 x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                             mask=(rows < M)[:, None] & mask_k[None, :], other=0.0)
@@ -439,7 +451,8 @@ _CONFIGS = {
     },
 }
 # Operand tiles each role pipelines per K step: [BLOCK_M, BLOCK_K] ones (X; G, Z_g, Z_u) and [BLOCK_K, BLOCK_N]
-# ones (the weights; X), for the shared-memory budget of _prune_configs.
+# ones (the weights; X), for the shared-memory budget of _prune_configs; with DELTAS_STORED one fewer of the first
+# (δ_g, δ_u for G, Z_g, Z_u).
 _OPERAND_TILES = {"gated_forward": (1, 2), "gated_grad_x": (3, 2), "gated_grad_weight": (3, 1)}
 
 
@@ -451,7 +464,9 @@ def _prune_configs(role: str, configs, named_args, **kwargs):
     if any(kwargs.get(name, named_args.get(name, False)) for name in ("WANT_GATE_BIAS", "WANT_UP_BIAS")):
         # any multiple of SUM_STEP gives the same sums; longer K steps, taken in steps of it, spilled (_CONFIGS)
         configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] == SUM_STEP.value] or configs
-    kept = [cfg for cfg in configs if dense._pipelined_bytes(cfg, x.element_size(), *_OPERAND_TILES[role]) <= budget]
+    left, right = _OPERAND_TILES[role]
+    left -= bool(kwargs.get("DELTAS_STORED", named_args.get("DELTAS_STORED", False)))
+    kept = [cfg for cfg in configs if dense._pipelined_bytes(cfg, x.element_size(), left, right) <= budget]
     return kept or configs[-1:]
 
 
@@ -461,9 +476,9 @@ _KERNELS = {"gated_forward": "_gated_forward_kernel", "gated_grad_x": "_gated_gr
 _TUNING_KEYS = {
     "gated_forward": ["tune_m", "tune_n", "tune_k", "HAS_GATE_BIAS", "HAS_UP_BIAS", "ACTIVATION", "WRITE_A",
                       "WRITE_Z", "INPUT_PRECISION"],
-    "gated_grad_x": ["tune_m", "tune_n", "tune_k", "ACTIVATION", "INPUT_PRECISION"],
-    "gated_grad_weight": ["tune_m", "tune_n", "tune_k", "ACTIVATION", "WANT_GATE_WEIGHT", "WANT_UP_WEIGHT",
-                          "WANT_GATE_BIAS", "WANT_UP_BIAS", "INPUT_PRECISION"],
+    "gated_grad_x": ["tune_m", "tune_n", "tune_k", "ACTIVATION", "DELTAS_STORED", "INPUT_PRECISION"],
+    "gated_grad_weight": ["tune_m", "tune_n", "tune_k", "ACTIVATION", "DELTAS_STORED", "WANT_GATE_WEIGHT",
+                          "WANT_UP_WEIGHT", "WANT_GATE_BIAS", "WANT_UP_BIAS", "INPUT_PRECISION"],
 }
 
 
@@ -498,9 +513,9 @@ def _fixed_tile(role: str, dtype: torch.dtype, use_dot: bool):
 # its launcher passes their values (a tuple: a dict is built once a setup, _Setup.flags).
 _FLAG_NAMES = {
     "gated_forward": ("HAS_GATE_BIAS", "HAS_UP_BIAS", "ACTIVATION", "NEGATIVE_SLOPE", "WRITE_A", "WRITE_Z"),
-    "gated_grad_x": ("ACTIVATION", "NEGATIVE_SLOPE"),
-    "gated_grad_weight": ("ACTIVATION", "NEGATIVE_SLOPE", "WANT_GATE_WEIGHT", "WANT_UP_WEIGHT", "WANT_GATE_BIAS",
-                          "WANT_UP_BIAS"),
+    "gated_grad_x": ("ACTIVATION", "NEGATIVE_SLOPE", "DELTAS_STORED"),
+    "gated_grad_weight": ("ACTIVATION", "NEGATIVE_SLOPE", "DELTAS_STORED", "WANT_GATE_WEIGHT", "WANT_UP_WEIGHT",
+                          "WANT_GATE_BIAS", "WANT_UP_BIAS"),
     "gated_gate": ("BACKWARD", "ACTIVATION", "NEGATIVE_SLOPE"),
     "gated_tangent": ("HAS_TANGENT_GATE", "HAS_TANGENT_UP", "ACTIVATION", "NEGATIVE_SLOPE"),
 }
@@ -601,83 +616,84 @@ def gated_forward(x, gate_weight, up_weight, gate_bias, up_bias, act_id: int, ne
 
 
 def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, act_id: int,
-                   negative_slope: float, needs):
+                   negative_slope: float, needs, delta_in_loads=None):
     """(∂C/∂X [M, K], ∂C/∂W_g, ∂C/∂W_u [I, K], ∂C/∂b_g, ∂C/∂b_u [I]), None where needs (five bools) says no.
 
     z_gate, z_up None: recomputed from x, the weights and biases (the forward kernel, Z alone).
+    Two plans for δ_g, δ_u, as the dense layer's (dense.linear_backward), delta_in_loads picks one (None: the loads
+    where K <= dense.PROLOGUE_MAX_K): formed in the operand loads of both matmuls, again for each of their column
+    tiles (K / BLOCK_N of ∂C/∂X's), or stored once by _gate_kernel and read by the same two kernels
+    (DELTAS_STORED), [M, I] written twice and read for each product. The stored plan wherever
+    toolchain.rs_operand_hazard names a reason (δ formed in registers makes an RS wgmma, miscompiled there).
+    Both plans give the same bits: the same δ values (_deltas, rounded to G's dtype), the same products in the
+    same order.
     """
     needs_x = needs[0]
     if z_gate is None:
         z_gate, z_up = _recomputed(x, gate_weight, up_weight, gate_bias, up_bias, act_id, negative_slope)
-    if toolchain.rs_operand_hazard(grad_a.device, grad_a.dtype):
-        return _backward_from_stored_deltas(grad_a, x, gate_weight, up_weight, z_gate, z_up, act_id, negative_slope,
-                                            needs)
     M, N = grad_a.shape
     K = gate_weight.shape[1]
-    operand_strides = (*grad_a.stride(), *z_gate.stride(), *z_up.stride())  # G, Z_g, Z_u: asked once for both
+    in_loads = K <= dense.PROLOGUE_MAX_K if delta_in_loads is None else delta_in_loads
+    if in_loads and toolchain.rs_operand_hazard(grad_a.device, grad_a.dtype):
+        in_loads = False
+    if in_loads:  # G, Z_g, Z_u: their strides asked once for both launches
+        operands = (grad_a, z_gate, z_up)
+        operand_strides = (*grad_a.stride(), *z_gate.stride(), *z_up.stride())
+        flags = (act_id, negative_slope, False)
+    else:  # δ_g, δ_u: new contiguous [M, N] (strides not asked), in the slots of G and Z_g (δ_u in Z_u's unread)
+        delta_gate, delta_up = _launch_gate(z_gate, z_up, grad_a, act_id, negative_slope)
+        operands = (delta_gate, delta_up, delta_up)
+        operand_strides = (N, 1) * 3
+        flags = (0, 0.0, True)  # f no longer read: one compiled kernel for every activation
     grad_x = grad_a.new_empty(M, K) if needs_x else None
     if needs_x and M and K:
         if N == 0:
             grad_x.zero_()
         else:
             buckets = dense.tuning_buckets(M, K, N)  # rows, columns, contracted
-            args = (grad_a, z_gate, z_up, gate_weight, up_weight, grad_x, M, N, K, *buckets, *operand_strides,
+            args = (*operands, gate_weight, up_weight, grad_x, M, N, K, *buckets, *operand_strides,
                     *gate_weight.stride(), *up_weight.stride(), K, 1)  # grad_x: a new contiguous [M, K]
-            _launch_matmul("gated_grad_x", (act_id, negative_slope), args, M, K, buckets, grad_a)
-    grad_gate_weight, grad_up_weight, gate_sum, up_sum = _grad_weights(grad_a, x, z_gate, z_up, K, act_id,
-                                                                       negative_slope, needs[1:], operand_strides)
+            _launch_matmul("gated_grad_x", flags, args, M, K, buckets, grad_a)
+    grad_gate_weight, grad_up_weight, gate_sum, up_sum = _grad_weights(operands, flags, x, K, needs[1:],
+                                                                       operand_strides)
     dtype = grad_a.dtype
     return (grad_x, grad_gate_weight, grad_up_weight, None if gate_sum is None else dense._in_dtype(gate_sum, dtype),
             None if up_sum is None else dense._in_dtype(up_sum, dtype))
 
 
-def _backward_from_stored_deltas(grad_a, x, gate_weight, up_weight, z_gate, z_up, act_id: int, negative_slope: float,
-                                needs):
-    """gated_backward where no matmul may form δ in its operand loads (toolchain.rs_operand_hazard: the fused
-    kernels' RS wgmma is miscompiled there): δ_g, δ_u stored by _gate_kernel, then gated_reference.gated_backward's
-    products by the dense layer's plain kernels (both operands from shared memory), ∂C/∂b by its ∂C/∂W matmul's
-    row sums, ∂C/∂X = δ_g W_g + δ_u W_u as eager adds them: each product rounded, then the sum."""
-    needs_x, needs_gate_weight, needs_up_weight, needs_gate_bias, needs_up_bias = needs
-    delta_gate, delta_up = _launch_gate(z_gate, z_up, grad_a, act_id, negative_slope)
-    grad_x_gate, grad_gate_weight, grad_gate_bias = dense.linear_backward(
-        delta_gate, x, gate_weight, None, 0, 0.0, "z", needs_x, needs_gate_weight, needs_gate_bias)
-    grad_x_up, grad_up_weight, grad_up_bias = dense.linear_backward(
-        delta_up, x, up_weight, None, 0, 0.0, "z", needs_x, needs_up_weight, needs_up_bias)
-    grad_x = grad_x_gate.add_(grad_x_up) if needs_x else None
-    return grad_x, grad_gate_weight, grad_up_weight, grad_gate_bias, grad_up_bias
-
-
-def _grad_weights(grad_a, x, z_gate, z_up, K: int, act_id: int, negative_slope: float, wants, operand_strides=None):
+def _grad_weights(operands, flags: tuple, x, K: int, wants, operand_strides=None):
     """(∂C/∂W_g, ∂C/∂W_u [I, K] in G's dtype, ∂C/∂b_g, ∂C/∂b_u [I] in the compute dtype, as summed: the same bits on
-    every tile), None where wants (four bools) says no: one launch of the ∂C/∂W kernel. G, Z_g, Z_u [M, I]; x [M, K],
-    read only for the weight gradients; operand_strides: G's, Z_g's and Z_u's strides (six ints), or None."""
-    M, N = grad_a.shape
+    every tile), None where wants (four bools) says no: one launch of the ∂C/∂W kernel. operands: G, Z_g, Z_u
+    [M, I], or δ_g, δ_u, δ_u where flags (ACTIVATION, NEGATIVE_SLOPE, DELTAS_STORED) say stored; operand_strides:
+    their strides (six ints), or None; x [M, K], read only for the weight gradients."""
+    first = operands[0]
+    M, N = first.shape
     want_gate_weight, want_up_weight, want_gate_bias, want_up_bias = wants
     # The kernel writes every element of what it is asked for where M and N are not 0: zeros only where it is not run
     written = M > 0 and N > 0
-    new = grad_a.new_empty if written else grad_a.new_zeros
+    new = first.new_empty if written else first.new_zeros
     grad_gate_weight = new(N, K) if want_gate_weight else None
     grad_up_weight = new(N, K) if want_up_weight else None
-    sum_dtype = torch.float64 if grad_a.dtype is torch.float64 else torch.float32
+    sum_dtype = torch.float64 if first.dtype is torch.float64 else torch.float32
     gate_sum = new(N, dtype=sum_dtype) if want_gate_bias else None
     up_sum = new(N, dtype=sum_dtype) if want_up_bias else None
     if written and (want_gate_weight or want_up_weight or want_gate_bias or want_up_bias):
         want_weights = (want_gate_weight and K > 0, want_up_weight and K > 0)  # K = 0: the weight gradients are empty
         weight_grads = want_weights[0] or want_weights[1]
         columns = K if weight_grads else 1  # biases alone: one column of tiles, no product
-        source = x if weight_grads else grad_a
+        source = x if weight_grads else first
         if operand_strides is None:
-            operand_strides = (*grad_a.stride(), *z_gate.stride(), *z_up.stride())
+            operand_strides = tuple(stride for t in operands for stride in t.stride())
         # each weight gradient's slot: the new contiguous [N, K] (strides not asked: PyTorch's (max(K, 1), 1)), else G
         weight_strides = (max(K, 1), 1)
         gate_strides = operand_strides[:2] if grad_gate_weight is None else weight_strides
         up_strides = operand_strides[:2] if grad_up_weight is None else weight_strides
         buckets = dense.tuning_buckets(N, columns, M)
-        args = (grad_a, z_gate, z_up, source,
-                *(t if t is not None else grad_a for t in (grad_gate_weight, grad_up_weight, gate_sum, up_sum)),
+        args = (*operands, source,
+                *(t if t is not None else first for t in (grad_gate_weight, grad_up_weight, gate_sum, up_sum)),
                 M, N, columns, *buckets, *operand_strides, *source.stride(), *gate_strides, *up_strides)
-        _launch_matmul("gated_grad_weight", (act_id, negative_slope, *want_weights, want_gate_bias, want_up_bias),
-                       args, N, columns, buckets, grad_a)
+        _launch_matmul("gated_grad_weight", (*flags, *want_weights, want_gate_bias, want_up_bias), args, N, columns,
+                       buckets, first)
     return grad_gate_weight, grad_up_weight, gate_sum, up_sum
 
 
