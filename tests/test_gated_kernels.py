@@ -62,7 +62,8 @@ def _inputs(M, K, N, dtype, seed=0):
     def draw(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype)
 
-    return (draw(M, K), draw(N, K, scale=K ** -0.5), draw(N, K, scale=K ** -0.5), draw(N), draw(N), draw(M, N))
+    scale = max(K, 1) ** -0.5
+    return (draw(M, K), draw(N, K, scale=scale), draw(N, K, scale=scale), draw(N), draw(N), draw(M, N))
 
 
 def _eager(x, gate_weight, up_weight, gate_bias, up_bias, grad_a, activation):
@@ -198,6 +199,33 @@ def test_the_plan_for_the_deltas_follows_in_features(dtype, monkeypatch):
                              (True,) * 5, delta_in_loads=in_loads)
         stored = {plan.constexprs["DELTAS_STORED"] for plan in launch.PLANS.values() if plan.role == "gated_grad_x"}
         assert stored == {not in_loads or bool(hazard)}, f"delta_in_loads={in_loads} at K=33: δ stored {stored}"
+
+
+@pytest.mark.parametrize("M, K, N", [(0, 5, 7), (6, 0, 7), (6, 5, 0), (9, 17, 13)], ids=["M=0", "K=0", "I=0", "ragged"])
+def test_both_plans_for_the_deltas_agree_on_edge_cases(M, K, N):
+    """The stored plan against δ in the loads where the launchers' edge cases are: empty M, K or I, G and x
+    non-contiguous, Z recomputed (None), each need alone: the same shapes and bits."""
+    require_triton()
+    _, gated, _ = _modules()
+    from manualbp.triton_kernels import toolchain
+
+    if toolchain.rs_operand_hazard(DEVICE, torch.float32):
+        pytest.skip("δ in the loads makes an RS wgmma, miscompiled by this toolchain: both plans are the stored one")
+    act = manualbp.get_activation("gelu")
+    x, gate_weight, up_weight, gate_bias, up_bias, _ = _inputs(M, K, N, torch.float32, seed=7)
+    grad_a = _inputs(N, 1, M, torch.float32, seed=8)[-1].t()  # [M, N], column-major: non-contiguous
+    x = torch.cat([x, x], dim=1)[:, ::2] if K else x  # [M, K] with a column stride of 2
+    _, z_gate, z_up = gated.gated_forward(x, gate_weight, up_weight, gate_bias, up_bias, act.kernel_id, 0.0, True)
+    for z in ((z_gate, z_up), (None, None)):
+        for needs in [(True,) * 5] + [tuple(i == j for j in range(5)) for i in range(5)]:
+            results = [gated.gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, *z,
+                                            act.kernel_id, 0.0, needs, delta_in_loads=in_loads)
+                       for in_loads in (True, False)]
+            label = f"[{M}x{K}x{N}, needs {needs}, Z {'recomputed' if z[0] is None else 'kept'}]"
+            for name, loads, stored in zip(("dx", "dW_g", "dW_u", "db_g", "db_u"), *results):
+                assert (loads is None) == (stored is None), f"{name} {label}: asked for in both plans"
+                if loads is not None:
+                    assert loads.shape == stored.shape and torch.equal(loads, stored), f"{name} {label}: the bits"
 
 
 def test_autotuned_launches_tune_once_per_key(monkeypatch):
