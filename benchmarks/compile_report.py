@@ -3,6 +3,8 @@
     python benchmarks/compile_report.py                        # every kernel variant, every shipped config, sm_90
     python benchmarks/compile_report.py --arch 90,80 --only dW # a subset, two targets
     python benchmarks/compile_report.py --quick                # the small subset the CI test compiles
+    python benchmarks/compile_report.py --dtype tf32 --only "dX plain"   # float32 with TF32 products (fp32: IEEE),
+                                                               # the launchers' K-major copies as on an sm_90 GPU
     python benchmarks/compile_report.py --out-dir benchmarks/results   # also writes the table and the JSON,
                                                                        # named by target and Triton version
 
@@ -549,8 +551,9 @@ def issue_pressure(row, config, products=1):
     return round(row["loop_instr"] * (config.num_warps / 4) / mma_clocks, 2)
 
 
-def run(arch, only, quick, M, K, N, dtype, progress=print):
-    """Compile everything selected for one target: (header dict, rows)."""
+def run(arch, only, quick, M, K, N, dtype, progress=print, tf32=False):
+    """Compile everything selected for one target: (header dict, rows). tf32: float32 launches with TF32 products,
+    as where PyTorch's settings allow them (dense.tf32_allowed)."""
     tri = internals()
     import triton
     import triton.language as tl
@@ -571,17 +574,32 @@ def run(arch, only, quick, M, K, N, dtype, progress=print):
     # rules (dense._tma_capable, dense._packed_pairs) read the target's capability instead, with the TMA configs
     # that MANUALBP_TMA=1 offers included.
     inline_ptx, num_sms, capability = dense._inline_ptx, dense._num_sms, torch.cuda.get_device_capability
+    setup_class, wants_k_major = dense._MatmulSetup, dense._tf32_wants_k_major
     dense._inline_ptx = lambda device: True  # compiled for an NVIDIA target
     dense._num_sms = lambda device: 132  # H100 SXM; the persistent grid's size, not compiled in
     torch.cuda.get_device_capability = lambda device=None: divmod(arch, 10)
+    if tf32:  # as on that GPU with TF32 allowed: each float32 launch TF32 (meta tensors are not CUDA ones), and
+        # its operands copied K-major where the target's TF32 wgmmas need it (dense._tf32_wants_k_major)
+        class TF32Setup(setup_class):
+            __slots__ = ()
+
+            def __init__(self, flags, settings):
+                super().__init__(flags, settings)
+                self.tf32 = True
+
+        dense._MatmulSetup, dense._MATMUL_SETUPS = TF32Setup, {}
+        dense._tf32_wants_k_major = lambda device: arch // 10 == 9
     try:
         with manualbp.config.override(tma=True, warp_specialize=True):
             launches = package_launches(dense, jvp, M, K, N, dtype, quick)
     finally:
         dense._inline_ptx, dense._num_sms, torch.cuda.get_device_capability = inline_ptx, num_sms, capability
+        dense._MatmulSetup, dense._tf32_wants_k_major, dense._MATMUL_SETUPS = setup_class, wants_k_major, {}
     for label, (kernel, args, kwargs, layout, pruner) in launches.items():
         if only and not any(part in label for part in only.split(",")):
             continue
+        if tf32 and "INPUT_PRECISION" in kwargs:
+            kwargs = dict(kwargs, INPUT_PRECISION="tf32")
         if layout is None:  # an elementwise pass: its one fixed block
             configs = [None]
         else:
@@ -711,7 +729,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="comma list of substrings of kernel names to compile")
     parser.add_argument("--quick", action="store_true",
                         help="the CI subset: four kernels, their first config (and first TMA config) each")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "tf32"],
+                        help="tf32: float32 data with TF32 products (where PyTorch's settings allow them)")
     parser.add_argument("--shape", default="8192,1024,4096", help="M,K,N of the layer (default 8192,1024,4096)")
     parser.add_argument("--json", default="", help="write the header and rows as JSON to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -727,12 +746,14 @@ def main(argv=None) -> int:
                   saved["rows"])
         return 0
     M, K, N = (int(v) for v in args.shape.split(","))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}[args.dtype]
     progress = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     results = []
     for arch in (int(a) for a in args.arch.split(",")):
         try:
-            header, rows = run(arch, args.only, args.quick, M, K, N, dtype, progress=progress)
+            header, rows = run(arch, args.only, args.quick, M, K, N, dtype, progress=progress,
+                               tf32=args.dtype == "tf32")
+            header["dtype"] += " (TF32 products)" if args.dtype == "tf32" else ""
         except Unavailable as reason:
             print(f"compile_report: unavailable: {reason}")
             if args.json:
@@ -743,7 +764,9 @@ def main(argv=None) -> int:
         results.append(dict(header=header, rows=rows))
         if args.out_dir:
             os.makedirs(args.out_dir, exist_ok=True)
-            write(os.path.join(args.out_dir, f"compile_report_sm{arch}_triton-{header['triton']}"), header, rows)
+            suffix = "" if args.dtype == "bf16" else f"_{args.dtype}"
+            write(os.path.join(args.out_dir, f"compile_report_sm{arch}_triton-{header['triton']}{suffix}"), header,
+                  rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results if len(results) > 1 else results[0], f, indent=1, ensure_ascii=False)

@@ -12,13 +12,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _quick_report(script: str, tmp_path) -> dict:
-    """benchmarks/<script> --quick on the compiled kernels (not the interpreter): its JSON report; skips where this
-    machine cannot compile for sm_90."""
+def _quick_report(script: str, tmp_path, options=("--quick",)) -> dict:
+    """benchmarks/<script> --quick (or options) on the compiled kernels (not the interpreter): its JSON report; skips
+    where this machine cannot compile for sm_90."""
     pytest.importorskip("triton")
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not the interpreter
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--quiet", "--json", str(out)],
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *options, "--quiet", "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
     assert done.returncode == 0, f"the report ran: {done.stdout[-2000:]}{done.stderr[-2000:]}"
     report = json.loads(out.read_text())
@@ -81,6 +81,25 @@ def test_compile_report_quick_subset(tmp_path):
                                     f"{row['loop_branch_bar']} at a chunk's end)")
             assert row["loop_branch_bar"] <= (3 if "+db" in row["kernel"] else 0), (
                 f"{label}: {row['loop_branch_bar']} bar.sync in the main loop's branch")
+
+
+@pytest.mark.compile_report
+def test_tf32_plain_products_load_k_major_operands(tmp_path):
+    """float32 with TF32 products on sm_90 (compile_report.py --dtype tf32: the launchers as on that GPU, their
+    K-major copies included): ∂C/∂X of a stored δ and ∂C/∂W through δᵀ's strides load their tiles into shared
+    memory as the forward (X Wᵀ, both operands K-major) does, the same cp.async count per loop at every config,
+    with wgmma and no spill; read along M or N they took 2.5-4x the copies and spilled (docs/compile-report.md)."""
+    report = _quick_report("compile_report.py", tmp_path,
+                           ("--dtype", "tf32", "--only", "fwd identity,dX plain,dW plain (δᵀ"))
+    rows = [row for row in report["rows"] if not row["kernel"].startswith("tutorial")]
+    forward = {row["config"].split(" e")[0]: row for row in rows if row["kernel"] == "fwd identity"}
+    products = [row for row in rows if row["kernel"] != "fwd identity"]
+    assert forward and len(products) == 2 * len(forward), f"the three launches at each config: {report['stdout']}"
+    for row in products:
+        label = _assert_wgmma_and_no_spill(row, report)
+        twin = forward[row["config"].split(" e")[0]]
+        assert row["cp_async"] == twin["cp_async"], (
+            f"{label}: {row['cp_async']} cp.async per loop, the K-major forward's {twin['cp_async']}")
 
 
 @pytest.mark.compile_report

@@ -439,6 +439,74 @@ def test_tf32_off_is_ieee_and_on_is_tf32():
     assert not torch.equal(tf32, exact), "TF32 on: exact, so the inputs were not rounded to TF32"
 
 
+def _operand_strides(args) -> tuple:
+    """(A's stride along K, B's stride along K) from a matmul launch's arguments: every role kernel takes a, b first,
+    then its other tensors, M, N, K, and a's and b's strides ([M, K] and [K, N] orders)."""
+    first_int = next(i for i, arg in enumerate(args) if isinstance(arg, int))
+    a_m, a_k, b_k, b_n = args[first_int + 3:first_int + 7]
+    return a_k, b_k
+
+
+@pytest.mark.parametrize("case", ["matmul NN", "matmul TN", "backward identity", "backward relu by a pass",
+                                  "backward relu in the loads", "backward split", "forward"])
+def test_tf32_launches_read_both_operands_k_major(case, monkeypatch, device):
+    """Where TF32 wgmmas need both operands K-major (dense._tf32_wants_k_major: sm_90, TF32 allowed; forced here,
+    with the launches' TF32 flag, on any device: the interpreter's products are IEEE float32 whatever the flag, the
+    copies' logic the same), an operand read along M or N is copied K-major first: every matmul launch reads A and B
+    with stride 1 along K, but A formed by a prologue (a register operand, as it is); the results are the bits of
+    the same calls without the copies."""
+    g = torch.Generator().manual_seed(31)
+    rows = 2 * dense.SUM_CHUNK_K.value + 52 if case == "backward split" else 70
+    x, w, bias = (torch.randn(*shape, generator=g).to(device) for shape in ((rows, 48), (40, 48), (40,)))
+    grad_a = torch.randn(rows, 40, generator=g).to(device)
+    relu = manualbp.get_activation("relu")
+    a_saved = torch.relu(x @ w.t() + bias)
+    calls = {
+        "matmul NN": lambda: (dense.matmul(x, w.t().contiguous()),),
+        "matmul TN": lambda: (dense.matmul(grad_a, x, a_transposed=True),),
+        "backward identity": lambda: dense.linear_backward(grad_a, x, w, None, 0, 0.0, "z", True, True, True),
+        "backward relu by a pass": lambda: dense.linear_backward(grad_a, x, w, a_saved, relu.kernel_id, 0.0, "a",
+                                                                 True, True, True, delta_in_loads=False),
+        "backward relu in the loads": lambda: dense.linear_backward(grad_a, x, w, a_saved, relu.kernel_id, 0.0, "a",
+                                                                    True, True, True, delta_in_loads=True),
+        "backward split": lambda: dense.linear_backward(grad_a, x, w, None, 0, 0.0, "z", False, True, True),
+        "forward": lambda: dense.linear_forward(x, w, bias, 0, 0.0, False)[:1],
+    }
+    splits = 2 if case == "backward split" else 1
+    with manualbp.config.override(grad_weight_split=splits):
+        plain = calls[case]()
+
+        class TF32Setup(dense._MatmulSetup):  # the launches' TF32 flag, as on a CUDA float32 launch
+            __slots__ = ()
+
+            def __init__(self, flags, settings):
+                super().__init__(flags, settings)
+                self.tf32 = True
+
+        monkeypatch.setattr(dense, "_MatmulSetup", TF32Setup)
+        monkeypatch.setattr(dense, "_MATMUL_SETUPS", {})
+        monkeypatch.setattr(dense, "_tf32_wants_k_major", lambda device: True)
+        monkeypatch.setattr(dense, "tf32_allowed", lambda: False)  # IEEE products: the bits comparable everywhere
+        launched = []
+        run = dense.launch.run
+        monkeypatch.setattr(dense.launch, "run", lambda role, options, args, *rest: launched.append(
+            (role, args)) or run(role, options, args, *rest))
+        copied = calls[case]()
+    matmuls = [(role, args) for role, args in launched if role not in ("delta", "grad_weight_sum", "activation")]
+    assert matmuls, f"{case}: matmul launches recorded ({[role for role, _ in launched]})"
+    for role, args in matmuls:
+        a_k, b_k = _operand_strides(args)
+        prologue = case == "backward relu in the loads" and role == "grad_x"  # G ⊙ f'(A) formed as it loads
+        assert b_k == 1, f"{case} {role}: B read with stride {b_k} along K, not 1"
+        assert a_k == 1 or prologue, f"{case} {role}: A read with stride {a_k} along K, not 1"
+    if case == "backward split":
+        assert any(role == "grad_weight_split" for role, _ in matmuls), f"{case}: split launches, {matmuls}"
+    for index, (ours, theirs) in enumerate(zip(copied, plain)):
+        assert (ours is None) == (theirs is None), f"{case} output {index}: given in both"
+        if ours is not None:
+            assert torch.equal(ours, theirs), f"{case} output {index}: the bits of the launch without copies"
+
+
 @needs_cuda
 def test_64bit_offsets():
     """M * K > 2**31 elements: offsets must not wrap around."""

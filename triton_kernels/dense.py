@@ -1459,11 +1459,20 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
     setup = _MATMUL_SETUPS.get(flags)
     if setup is None or setup.settings is not settings:  # a config.set() since: every choice made again
         setup = _MATMUL_SETUPS[flags] = _MatmulSetup(flags, settings)
+    if setup.tf32 and K > 1 and _tf32_wants_k_major(a.device):
+        # TF32 wgmma reads both operands K-major (stride 1 along K): an operand read along M or N is copied so
+        # first (_tf32_wants_k_major). A formed in the loads by a prologue is a register operand: left as it is.
+        if a_strides[1] != 1 and not setup.prologue:
+            a = (a.t() if a_transposed else a).contiguous()  # [M, K], strides (K, 1)
+            a_transposed, a_strides = False, (K, 1)
+        if b_strides[0] != 1:
+            b = (b if b_transposed else b.t()).contiguous()  # bᵀ [N, K], strides (K, 1): b read along K
+            b_transposed, b_strides = True, (1, K)
     if setup.may_split:  # ∂C/∂W or a plain product, on a GPU or S forced: split-K where its output tiles are too few
         splits = grad_weight_splits(K, M, N, a.device)
         if splits > 1:  # the split launch takes a as [K, M]: a view only here (a plain product's)
-            _launch_grad_weight_split(a if a_transposed else a.t(), b, out, row_sums, splits, act_id, negative_slope,
-                                      prologue_saved, saved_kind, use_dot)
+            _launch_grad_weight_split(a if a_transposed else a.t(), b.t() if b_transposed else b, out, row_sums,
+                                      splits, act_id, negative_slope, prologue_saved, saved_kind, use_dot)
             return None
     kernel = setup.kernel
     partials = None
@@ -1667,6 +1676,16 @@ def _packed_pairs(dtype: torch.dtype, device: torch.device) -> bool:
     if not _inline_ptx(device) or dtype not in (torch.float16, torch.bfloat16):
         return False
     return torch.cuda.get_device_capability(device) >= ((9, 0) if dtype == torch.bfloat16 else (5, 3))
+
+
+def _tf32_wants_k_major(device: torch.device) -> bool:
+    """Whether a float32 launch here runs TF32 wgmmas that need both operands K-major in shared memory: a compiled
+    launch on an NVIDIA sm_90 (wgmma's; PTX transposes only 16-bit operands in shared memory) with PyTorch's
+    settings allowing TF32. Compiled for sm_90 (compile report --dtype tf32), an operand read along M or N
+    leaves Triton one 4-byte copy per element into shared memory: ∂C/∂X's weight and ∂C/∂W's δᵀ and X spilled up to
+    500 bytes and issued 1.3-2.5x the K-major loop's instructions, and the plain product measured 0.21-0.23x cuBLAS
+    at 4096^3 on the H200 (docs/performance.md). A K-major copy costs one pass over the operand."""
+    return _inline_ptx(device) and torch.cuda.get_device_capability(device)[0] == 9 and tf32_allowed()
 
 
 def _tma_capable(device: torch.device) -> bool:
