@@ -6,6 +6,7 @@
     python benchmarks/count_instructions.py --manualbp-path /tmp/old_checkout   # another manualbp's code
     python benchmarks/count_instructions.py --impls nn,manualbp-triton          # the GPU's launch path, stubbed
     python benchmarks/count_instructions.py --breakdown --steps 100             # where a step's instructions go
+    python benchmarks/count_instructions.py --rs-hazard --problems gated        # the plans of the GPU machines' Triton
 
 A timing on a busy 2-core machine moves with everything else that runs; an instruction count
 does not. Each (problem, implementation) runs in its own process under ``valgrind --tool=callgrind``
@@ -66,6 +67,17 @@ void count_start(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; 
 void count_stop(void) { CALLGRIND_TOGGLE_COLLECT; CALLGRIND_DUMP_STATS; CALLGRIND_STOP_INSTRUMENTATION; }
 """
 WARMUP = 50
+RS_HAZARD_ENV = "MANUALBP_COUNT_RS_HAZARD"  # --rs-hazard, for the children
+
+
+def _rs_hazard_if_asked() -> None:
+    """--rs-hazard: the triton path as on a GPU whose toolchain miscompiles register-operand wgmmas (sm_90 with
+    Triton < 3.8 or ptxas < 13.3, the GPU machines' Triton 3.6): toolchain.rs_operand_hazard names a reason for
+    every launch, so no launch forms δ in its loads (the plans of docs/kernels.md's "RS wgmma hazard")."""
+    if os.environ.get(RS_HAZARD_ENV):
+        from manualbp.triton_kernels import toolchain
+
+        toolchain.rs_operand_hazard = lambda device, dtype: "forced by count_instructions.py --rs-hazard"
 PROBLEMS = ("linear", "mlp", "gated")  # bench_overhead's problems that have a backward
 
 
@@ -84,6 +96,7 @@ def child(helper: str, problem: str, impl: str, mode: str, steps: int, manualbp_
         import host_path
 
         host_path.stub_kernels()
+        _rs_hazard_if_asked()
         impl, backend = "manualbp", "triton"
     import torch
 
@@ -150,6 +163,7 @@ def breakdown_child(helper: str, problem: str, impl: str, steps: int) -> None:
         import host_path
 
         host_path.stub_kernels()
+        _rs_hazard_if_asked()
         backend = "triton"
     import torch
 
@@ -318,7 +332,12 @@ def main(argv=None) -> int:
     parser.add_argument("--manualbp-path", default="", help="a folder holding another manualbp package to count")
     parser.add_argument("--breakdown", action="store_true",
                         help="the fwd+bwd step by layer of the call chain, for manualbp and manualbp-triton")
+    parser.add_argument("--rs-hazard", action="store_true",
+                        help="manualbp-triton as on a toolchain with the RS wgmma hazard (the GPU machines' Triton "
+                             "3.6): no δ formed in a matmul's loads")
     args = parser.parse_args(argv)
+    if args.rs_hazard:
+        os.environ[RS_HAZARD_ENV] = "1"  # the children's environment
     unknown = [p for p in args.problems.split(",") if p not in PROBLEMS]
     if unknown:
         parser.error(f"--problems: unknown {unknown}; choose from {list(PROBLEMS)}")
@@ -335,7 +354,8 @@ def main(argv=None) -> int:
     print(f"# instructions per step (callgrind, not a timing); {platform.processor() or platform.machine()}, "
           f"Python {platform.python_version()}, torch {torch.__version__}, {triton_version}, {version}, float32, "
           f"{args.steps} steps; "
-          f"manualbp: reference backend, manualbp-triton: triton backend, launches stubbed")
+          f"manualbp: reference backend, manualbp-triton: triton backend, launches stubbed"
+          f"{', the RS wgmma hazard forced (--rs-hazard)' if args.rs_hazard else ''}")
     with tempfile.TemporaryDirectory() as directory:
         helper = build_helper(directory)
         if args.breakdown:

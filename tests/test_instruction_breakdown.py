@@ -4,6 +4,7 @@ child's recording and replays, run natively: outside valgrind the counter's clie
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 import shutil
 import subprocess
@@ -59,3 +60,28 @@ def test_the_breakdown_child_records_and_replays_each_layer(problem, recorded, t
     assert "counted step,forward,ops forward,ops backward,launchers,launch.run" in lines, \
         f"{problem}: the cases counted, in order: {lines[-5:]}"
     assert f"calls {recorded}" in lines, f"{problem}: the calls recorded a step: {lines[-5:]}"
+
+
+@pytest.mark.parametrize("problem, recorded", [("linear", "ops=2,launchers=2,launch=4"),
+                                               ("gated", "ops=4,launchers=4,launch=7")])
+def test_the_rs_hazard_option_counts_the_gpu_machines_plans(problem, recorded, tmp_path):
+    """--rs-hazard (its environment variable, as the script hands it to its children): the stubbed triton path with
+    toolchain.rs_operand_hazard naming a reason, as on sm_90 with Triton 3.6. A relu Linear's step then launches
+    four kernels (the forward, the δ pass, ∂C/∂X, ∂C/∂W; three with δ in the loads); a GatedMLP's seven: its
+    forward, down_proj's three, and the gated backward's three (δ_g, δ_u stored once, then ∂C/∂X and ∂C/∂W reading
+    them; two with δ_g, δ_u in the loads)."""
+    if (shutil.which("cc") or shutil.which("gcc")) is None:
+        pytest.skip("no C compiler to build the valgrind helper")
+    if not pathlib.Path("/usr/include/valgrind/callgrind.h").exists():
+        pytest.skip("valgrind's callgrind.h is not installed")
+    reason = manualbp.backends.interpreter_numpy_reason()
+    if reason:
+        pytest.skip(reason)
+    counter = _counter()
+    helper = counter.build_helper(str(tmp_path))
+    env = dict(os.environ, **{counter.RS_HAZARD_ENV: "1"})
+    result = subprocess.run([sys.executable, str(SCRIPT), "--child", helper, "breakdown", problem, "manualbp-triton",
+                             "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, f"{problem}: child failed:\n{result.stderr[-2000:]}"
+    lines = result.stderr.splitlines()
+    assert f"calls {recorded}" in lines, f"{problem} with the hazard: the calls recorded a step: {lines[-5:]}"
