@@ -180,10 +180,15 @@ def test_matmul_warm_only_runs_each_product_and_writes_nothing(monkeypatch, tmp_
     """--warm-only (the GPU run's cache warming, one config per worker): each product runs once, no timing, no CSV."""
     module = _interpreted_matmul()
     dense = manualbp.backends.kernels()
-    monkeypatch.setattr(dense, "_prune_configs", dense._prune_configs)  # warm_caches.offer_one_config replaces it
+    from manualbp.triton_kernels import gated
+
+    # warm_caches.offer_one_config replaces both (restored after the test)
+    monkeypatch.setattr(dense, "_prune_configs", dense._prune_configs)
+    monkeypatch.setattr(gated, "_prune_configs", gated._prune_configs)
     assert module.main(["--warm-only", "--worker", "1", "--workers", "2", "--problems", "linear40x24x36",
                         "--dtypes", "fp32", "--out-dir", str(tmp_path)]) == 0, "exit status"
     dense._autotuned_matmul.cache_clear()  # built with the replaced pruning
+    gated._autotuned.cache_clear()
     assert "warm bench_matmul worker 1/2: 3 products x 1 dtypes" in capsys.readouterr().out, "the worker's line"
     assert list(tmp_path.iterdir()) == [], "nothing written"
     with pytest.raises(SystemExit):
@@ -328,7 +333,8 @@ def test_problems_run_in_the_order_given_and_unknown_ones_are_refused(tmp_path):
 
 
 def test_cache_warmers_together_compile_every_config_the_autotuner_keeps(monkeypatch):
-    """benchmarks/warm_caches.py: worker i offers each launch one config, the i-th (mod) of those kept."""
+    """benchmarks/warm_caches.py: worker i offers each launch one config, the i-th (mod) of those kept, the dense
+    layer's matmuls and the gated layer's."""
     import torch
 
     monkeypatch.setattr(sys, "path", list(sys.path))  # warm_caches.py puts benchmarks/ on it
@@ -336,26 +342,38 @@ def test_cache_warmers_together_compile_every_config_the_autotuner_keeps(monkeyp
     spec = importlib.util.spec_from_file_location("warm_caches", ROOT / "benchmarks" / "warm_caches.py")
     warm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(warm)
-    from manualbp.triton_kernels import dense
+    from manualbp.triton_kernels import dense, gated
 
     monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 227 * 1024)  # an H100's
     monkeypatch.setattr(dense, "_prune_configs", dense._prune_configs)  # restored after the test
-    prune = dense._prune_configs
+    monkeypatch.setattr(gated, "_prune_configs", gated._prune_configs)
+    prune, prune_gated = dense._prune_configs, gated._prune_configs
     a16 = torch.empty(1, 1, dtype=torch.bfloat16)
     launches = [dict(), dict(A_PROLOGUE=True, TMA_OK=True), dict(ROW_SUMS=True, A_PROLOGUE=True, TMA_OK=True)]
     workers = 9
-    offered = {i: [] for i in range(len(launches))}
+    gated_launches = [(role, flags) for role in gated._KERNELS for flags in (dict(), dict(DELTAS_STORED=True))]
+    offered = {i: [] for i in range(len(launches) + len(gated_launches))}
     for worker in range(workers):
         monkeypatch.setattr(dense, "_prune_configs", prune)
+        monkeypatch.setattr(gated, "_prune_configs", prune_gated)
         warm.offer_one_config(dense, worker)
         for i, flags in enumerate(launches):
             one = dense._prune_configs(dense.matmul_configs(), {"a_ptr": a16}, **flags)
             assert len(one) == 1, f"worker {worker}, launch {flags}: one config offered"
             offered[i].append(one[0])
+        for i, (role, flags) in enumerate(gated_launches, start=len(launches)):
+            one = gated._prune_configs(role, gated.matmul_configs(role, 2), {"x_ptr": a16}, **flags)
+            assert len(one) == 1, f"worker {worker}, {role} {flags}: one config offered"
+            offered[i].append(one[0])
+    gated._autotuned.cache_clear()  # offer_one_config cleared it: none built with the replaced pruning stays
     for i, flags in enumerate(launches):
         kept = prune(dense.matmul_configs(), {"a_ptr": a16}, **flags)
         assert len(kept) <= workers, f"{flags}: {len(kept)} configs kept, more than the {workers} workers"
         assert {str(c) for c in offered[i]} == {str(c) for c in kept}, f"{flags}: the workers cover every kept config"
+    for i, (role, flags) in enumerate(gated_launches, start=len(launches)):
+        kept = prune_gated(role, gated.matmul_configs(role, 2), {"x_ptr": a16}, **flags)
+        assert len(kept) <= workers, f"{role} {flags}: {len(kept)} configs kept, more than the {workers} workers"
+        assert {str(c) for c in offered[i]} == {str(c) for c in kept}, f"{role} {flags}: every kept config covered"
 
 
 def test_host_path_runs_the_gpu_launch_path_with_kernels_stubbed():
