@@ -574,12 +574,12 @@ def run(arch, only, quick, M, K, N, dtype, progress=print, tf32=False):
     # rules (dense._tma_capable, dense._packed_pairs) read the target's capability instead, with the TMA configs
     # that MANUALBP_TMA=1 offers included.
     inline_ptx, num_sms, capability = dense._inline_ptx, dense._num_sms, torch.cuda.get_device_capability
-    setup_class, wants_k_major = dense._MatmulSetup, dense._tf32_wants_k_major
+    setup_class, reads_k_major, tf32_allowed = dense._MatmulSetup, dense._tf32_reads_k_major, dense.tf32_allowed
     dense._inline_ptx = lambda device: True  # compiled for an NVIDIA target
     dense._num_sms = lambda device: 132  # H100 SXM; the persistent grid's size, not compiled in
     torch.cuda.get_device_capability = lambda device=None: divmod(arch, 10)
     if tf32:  # as on that GPU with TF32 allowed: each float32 launch TF32 (meta tensors are not CUDA ones), and
-        # its operands copied K-major where the target's TF32 wgmmas need it (dense._tf32_wants_k_major)
+        # its operands copied K-major where the target's TF32 wgmmas need it (dense._tf32_reads_k_major)
         class TF32Setup(setup_class):
             __slots__ = ()
 
@@ -588,13 +588,15 @@ def run(arch, only, quick, M, K, N, dtype, progress=print, tf32=False):
                 self.tf32 = True
 
         dense._MatmulSetup, dense._MATMUL_SETUPS = TF32Setup, {}
-        dense._tf32_wants_k_major = lambda device: arch // 10 == 9
+        dense._tf32_reads_k_major = lambda device: arch // 10 == 9
+        dense.tf32_allowed = lambda: True
     try:
         with manualbp.config.override(tma=True, warp_specialize=True):
             launches = package_launches(dense, jvp, M, K, N, dtype, quick)
     finally:
         dense._inline_ptx, dense._num_sms, torch.cuda.get_device_capability = inline_ptx, num_sms, capability
-        dense._MatmulSetup, dense._tf32_wants_k_major, dense._MATMUL_SETUPS = setup_class, wants_k_major, {}
+        dense._MatmulSetup, dense._tf32_reads_k_major, dense._MATMUL_SETUPS = setup_class, reads_k_major, {}
+        dense.tf32_allowed = tf32_allowed
     for label, (kernel, args, kwargs, layout, pruner) in launches.items():
         if only and not any(part in label for part in only.split(",")):
             continue

@@ -35,18 +35,14 @@ def offer_one_config(dense, worker: int) -> None:
     layer's matmuls and the gated layer's)."""
     from manualbp.triton_kernels import gated
 
-    prune, prune_gated = dense._prune_configs, gated._prune_configs
+    def keep_one(prune):
+        def one(*args, **kwargs):
+            kept = prune(*args, **kwargs)
+            return [kept[worker % len(kept)]]
+        return one
 
-    def one(configs, named_args, **kwargs):
-        kept = prune(configs, named_args, **kwargs)
-        return [kept[worker % len(kept)]]
-
-    def one_gated(role, configs, named_args, **kwargs):
-        kept = prune_gated(role, configs, named_args, **kwargs)
-        return [kept[worker % len(kept)]]
-
-    dense._prune_configs = one  # read when the autotuner is built, on the first launch
-    gated._prune_configs = one_gated
+    # read when an autotuner is built, on its first launch
+    dense._prune_configs, gated._prune_configs = keep_one(dense._prune_configs), keep_one(gated._prune_configs)
     dense._autotuned_matmul.cache_clear()
     gated._autotuned.cache_clear()
 

@@ -450,8 +450,8 @@ def _operand_strides(args) -> tuple:
 @pytest.mark.parametrize("case", ["matmul NN", "matmul TN", "backward identity", "backward relu by a pass",
                                   "backward relu in the loads", "backward split", "forward"])
 def test_tf32_launches_read_both_operands_k_major(case, monkeypatch, device):
-    """Where TF32 wgmmas need both operands K-major (dense._tf32_wants_k_major: sm_90, TF32 allowed; forced here,
-    with the launches' TF32 flag, on any device: the interpreter's products are IEEE float32 whatever the flag, the
+    """Where TF32 wgmmas need both operands K-major (TF32 allowed and dense._tf32_reads_k_major: sm_90; forced here,
+    with the launches' TF32 flag, on any device, the products kept IEEE float32 so that the bits compare; the
     copies' logic the same), an operand read along M or N is copied K-major first: every matmul launch reads A and B
     with stride 1 along K, but A formed by a prologue (a register operand, as it is); the results are the bits of
     the same calls without the copies."""
@@ -485,8 +485,9 @@ def test_tf32_launches_read_both_operands_k_major(case, monkeypatch, device):
 
         monkeypatch.setattr(dense, "_MatmulSetup", TF32Setup)
         monkeypatch.setattr(dense, "_MATMUL_SETUPS", {})
-        monkeypatch.setattr(dense, "_tf32_wants_k_major", lambda device: True)
-        monkeypatch.setattr(dense, "tf32_allowed", lambda: False)  # IEEE products: the bits comparable everywhere
+        monkeypatch.setattr(dense, "_tf32_reads_k_major", lambda device: True)
+        monkeypatch.setattr(dense, "tf32_allowed", lambda: True)
+        monkeypatch.setattr(dense, "_input_precision", lambda dtype, device: "ieee")  # the bits comparable anywhere
         launched = []
         run = dense.launch.run
         monkeypatch.setattr(dense.launch, "run", lambda role, options, args, *rest: launched.append(

@@ -1459,9 +1459,10 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
     setup = _MATMUL_SETUPS.get(flags)
     if setup is None or setup.settings is not settings:  # a config.set() since: every choice made again
         setup = _MATMUL_SETUPS[flags] = _MatmulSetup(flags, settings)
-    if setup.tf32 and K > 1 and _tf32_wants_k_major(a.device):
+    tf32 = setup.tf32 and tf32_allowed()  # INPUT_PRECISION: a setting PyTorch may change
+    if tf32 and K > 1 and _tf32_reads_k_major(a.device):
         # TF32 wgmma reads both operands K-major (stride 1 along K): an operand read along M or N is copied so
-        # first (_tf32_wants_k_major). A formed in the loads by a prologue is a register operand: left as it is.
+        # first (_tf32_reads_k_major). A formed in the loads by a prologue is a register operand: left as it is.
         if a_strides[1] != 1 and not setup.prologue:
             a = (a.t() if a_transposed else a).contiguous()  # [M, K], strides (K, 1)
             a_transposed, a_strides = False, (K, 1)
@@ -1509,8 +1510,7 @@ def _launch_matmul(a, b, out, *, role="matmul", bias=None, z=None, f_prime_as_z=
         args = (a, b, grad_saved, out, partials if partials is not None else out, *sizes, *ab_strides,
                 *grad_saved.stride(), *out_strides, *buckets)
     # The setup's options, and the call's choices that the arguments' specialisation does not already hold.
-    options = (setup.options_id, buckets, K % _EVEN_K_STEP == 0, tma_ok,
-               setup.tf32 and tf32_allowed())  # INPUT_PRECISION: a setting PyTorch may change
+    options = (setup.options_id, buckets, K % _EVEN_K_STEP == 0, tma_ok, tf32)
     if tma_ok:
         _ensure_allocator()  # device-side descriptors need a scratch buffer (in this thread's context)
     # _matmul_launch_plan on a call not seen before only (a closure made on every call cost ~6k instructions)
@@ -1678,14 +1678,14 @@ def _packed_pairs(dtype: torch.dtype, device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= ((9, 0) if dtype == torch.bfloat16 else (5, 3))
 
 
-def _tf32_wants_k_major(device: torch.device) -> bool:
-    """Whether a float32 launch here runs TF32 wgmmas that need both operands K-major in shared memory: a compiled
-    launch on an NVIDIA sm_90 (wgmma's; PTX transposes only 16-bit operands in shared memory) with PyTorch's
-    settings allowing TF32. Compiled for sm_90 (compile report --dtype tf32), an operand read along M or N
+def _tf32_reads_k_major(device: torch.device) -> bool:
+    """Whether TF32 products of a launch here (where PyTorch's settings allow them: the caller asks) are wgmmas that
+    read both operands K-major from shared memory: a compiled launch on an NVIDIA sm_90 (PTX transposes only 16-bit
+    operands in shared memory). Compiled for sm_90 (compile report --dtype tf32), an operand read along M or N
     leaves Triton one 4-byte copy per element into shared memory: ∂C/∂X's weight and ∂C/∂W's δᵀ and X spilled up to
     500 bytes and issued 1.3-2.5x the K-major loop's instructions, and the plain product measured 0.21-0.23x cuBLAS
     at 4096^3 on the H200 (docs/performance.md). A K-major copy costs one pass over the operand."""
-    return _inline_ptx(device) and torch.cuda.get_device_capability(device)[0] == 9 and tf32_allowed()
+    return _inline_ptx(device) and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def _tma_capable(device: torch.device) -> bool:
