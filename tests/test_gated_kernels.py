@@ -228,6 +228,60 @@ def test_both_plans_for_the_deltas_agree_on_edge_cases(M, K, N):
                     assert loads.shape == stored.shape and torch.equal(loads, stored), f"{name} {label}: the bits"
 
 
+# Per role: the strides each operand of its products is read with along the contracted dimension (the kernel's
+# argument names): the forward's X and Wᵀ along K, ∂C/∂X's δ (G or a stored δ_g, δ_u) and W along I, ∂C/∂W's δᵀ
+# and X along M. The first of each pair is the left operand (A), which δ formed in the loads holds in registers.
+_CONTRACTED_STRIDES = {
+    "gated_forward": (("stride_xk",), ("stride_gwk", "stride_uwk")),
+    "gated_grad_x": (("stride_gn", "stride_zgn"), ("stride_gwn", "stride_uwn")),
+    "gated_grad_weight": (("stride_gm", "stride_zgm"), ("stride_xm",)),
+}
+
+
+@pytest.mark.parametrize("in_loads", [True, False], ids=["delta in the loads", "delta stored"])
+def test_tf32_launches_read_both_operands_k_major(in_loads, monkeypatch):
+    """Where TF32 wgmmas need both operands K-major (TF32 allowed, dense._tf32_reads_k_major: sm_90; forced here on
+    any device with the products kept IEEE float32, so that the bits compare; the copies' logic the same), the
+    gated launchers copy an operand read along M or N K-major first: every product reads A and B with stride 1
+    along its contracted dimension, but δ formed in the loads (a register operand, as it is); x given with a column
+    stride of 2 is copied for the forward too. The results are the bits of the same calls without the copies."""
+    require_triton()
+    dense, gated, launch = _modules()
+    if in_loads:
+        skip_where_rs_operands_miscompiled(DEVICE, torch.float32)
+    act = manualbp.get_activation("silu")
+    x, gate_weight, up_weight, gate_bias, up_bias, grad_a = _inputs(37, 24, 40, torch.float32, seed=11)
+    x = torch.cat([x, x], dim=1)[:, ::2]  # [M, K] read along K with stride 2
+
+    def layer():
+        a, z_gate, z_up = gated.gated_forward(x, gate_weight, up_weight, gate_bias, up_bias, act.kernel_id, 0.0, True)
+        return (a, z_gate, z_up, *gated.gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate,
+                                                        z_up, act.kernel_id, 0.0, (True,) * 5,
+                                                        delta_in_loads=in_loads))
+
+    plain = layer()
+    monkeypatch.setattr(gated, "_tf32", lambda like: True)  # the launches' TF32 flag, as on a CUDA float32 launch
+    monkeypatch.setattr(dense, "_tf32_reads_k_major", lambda device: True)
+    monkeypatch.setattr(dense, "_input_precision", lambda dtype, device: "ieee")  # the bits comparable anywhere
+    launched = []
+    run = launch.run
+    monkeypatch.setattr(launch, "run", lambda role, options, args, *rest: launched.append(
+        (role, options, args, run(role, options, args, *rest))))
+    copied = layer()
+    matmuls = [entry for entry in launched if entry[0] in _CONTRACTED_STRIDES]
+    assert {entry[0] for entry in matmuls} == set(_CONTRACTED_STRIDES), f"the three matmul roles: {launched}"
+    for role, options, args, plan in matmuls:
+        assert options[-1] is True, f"{role}: the TF32 flag in the plan options ({options})"
+        strides = dict(zip(getattr(gated, gated._KERNELS[role]).arg_names, args))
+        left, right = _CONTRACTED_STRIDES[role]
+        in_registers = role != "gated_forward" and not plan.constexprs["DELTAS_STORED"]  # δ formed as it loads
+        for name in right + (() if in_registers else left):
+            assert strides[name] == 1, f"{role}: {name} = {strides[name]}, not 1"
+    names = ("A", "Z_g", "Z_u", "dC/dX", "dC/dW_g", "dC/dW_u", "dC/db_g", "dC/db_u")
+    for name, ours, theirs in zip(names, copied, plain):
+        assert torch.equal(ours, theirs), f"{name}: the bits of the launches without copies"
+
+
 def test_autotuned_launches_tune_once_per_key(monkeypatch):
     """With the GPU's rule (autotune on, not interpreted; the kernels still run in the interpreter here, the
     autotuner's timings stubbed), the first launch of a key has the role's autotuner time its pruned configs and

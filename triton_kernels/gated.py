@@ -31,7 +31,7 @@ f and f' are the dense kernels' (``triton_kernels/activations.py``), the matmul 
 
 Every launch goes through a launch plan (``launch.run``; roles "gated_forward", "gated_grad_x",
 "gated_grad_weight", "gated_gate", "gated_tangent") as the dense layer's do: what a launch's flags decide with its
-dtype, kind of device and the settings is cached (``_Setup``, made again after a ``config.set()``), the plan's make
+use of tl.dot and the settings is cached (``_Setup``, made again after a ``config.set()``), the plan's make
 is a module-level function passed with its arguments (no closure a call), no device guard (``launch.run`` switches
 to the tensors' GPU itself), outputs are new contiguous tensors whose strides are not asked: a warm call is the
 arguments, one setup lookup and launch.run's lookup and launch. The matmul kernels
@@ -523,40 +523,56 @@ _ELEMENTWISE_KERNELS = {"gated_gate": "_gate_kernel", "gated_tangent": "_gated_t
 
 
 class _Setup:
-    """What a gated matmul launch's flags decide with its dtype, kind of device, use of tl.dot and the settings
-    (_launch_matmul's key): the head of its plan options, its constexpr flags, whether it asks about TF32. Made again
-    when config.set() has replaced the settings (dense._MatmulSetup, for the dense layer's matmuls)."""
+    """What a gated matmul launch's flags decide with its use of tl.dot and the settings (_launch_matmul's key): the
+    head of its plan options, its constexpr flags. Made again when config.set() has replaced the settings
+    (dense._MatmulSetup, for the dense layer's matmuls)."""
 
-    __slots__ = ("settings", "options_id", "flags", "tf32")
+    __slots__ = ("settings", "options_id", "flags")
 
     def __init__(self, key: tuple, settings):
-        role, flags, dtype, is_cuda, use_dot = key
+        role, flags, use_dot = key
         self.settings = settings
         # Every input of the plan that the arguments' specialisation does not already hold, as a small int (a launch's
         # options are hashed on every call).
         self.options_id = _OPTIONS_IDS.setdefault((role, flags, use_dot, settings.autotune), len(_OPTIONS_IDS))
         self.flags = dict(zip(_FLAG_NAMES[role], flags))
-        self.tf32 = dtype is torch.float32 and is_cuda  # INPUT_PRECISION asks PyTorch's TF32 setting
 
 
-_SETUPS: dict = {}  # (role, flags, dtype, is_cuda, use_dot) -> _Setup
+_SETUPS: dict = {}  # (role, flags, use_dot) -> _Setup
 _OPTIONS_IDS: dict = {}
 
 
+def _tf32(like: torch.Tensor) -> bool:
+    """Whether the products of float32 data like run as TF32: on CUDA, where PyTorch's settings allow it
+    (dense.tf32_allowed, which INPUT_PRECISION follows). Asked once per launcher call, for its launches' plan options
+    and its operands' layout (_k_major)."""
+    return like.dtype is torch.float32 and like.is_cuda and dense.tf32_allowed()
+
+
+def _k_major(t: torch.Tensor, contracted: int) -> torch.Tensor:
+    """t [R, C] with stride 1 along its axis `contracted` (the one a product sums over): t itself, or a copy laid out
+    so, seen as [R, C] (one pass over t). Where TF32 products read both operands K-major (dense._tf32_reads_k_major),
+    an operand read along M or N is copied so first, as the dense layer's launches do; values and bits unchanged."""
+    if t.stride(contracted) == 1:
+        return t
+    return t.contiguous() if contracted == 1 else t.t().contiguous().t()
+
+
 def _launch_matmul(role: str, flags: tuple, args: tuple, rows: int, columns: int, buckets: tuple,
-                   like: torch.Tensor) -> None:
+                   like: torch.Tensor, tf32: bool) -> None:
     """One launch of a gated matmul kernel through its plan (launch.run): output [rows, columns] in tiles of
     [BLOCK_M, BLOCK_N]; flags, the values of the role's _FLAG_NAMES; buckets, the sizes' tuning buckets (dense.tuning_buckets);
-    like, the tensor whose dtype and device the kernel computes in. A warm call: the setup and the plan looked up,
-    the launch (no closure, no device guard: launch.run switches to the tensors' GPU itself)."""
+    like, the tensor whose dtype and device the kernel computes in; tf32, _tf32(like) as the launcher asked it. A warm
+    call: the setup and the plan looked up, the launch (no closure, no device guard: launch.run switches to the
+    tensors' GPU itself)."""
     dtype = like.dtype
     use_dot = dtype is not torch.float64 or dense.fp64_dot_supported(like.device)
-    key = (role, flags, dtype, like.is_cuda, use_dot)
+    key = (role, flags, use_dot)
     settings = config.get()
     setup = _SETUPS.get(key)
     if setup is None or setup.settings is not settings:  # a config.set() since: every choice made again
         setup = _SETUPS[key] = _Setup(key, settings)
-    options = (setup.options_id, buckets, setup.tf32 and dense.tf32_allowed())  # TF32: a setting PyTorch may change
+    options = (setup.options_id, buckets, tf32)  # TF32: a setting PyTorch may change, so in every call's options
     launch.run(role, options, args, rows, columns, _matmul_plan, role, setup.flags, like, use_dot, rows, columns)
 
 
@@ -592,13 +608,16 @@ def _forward(x, gate_weight, up_weight, gate_bias, up_bias, act_id, negative_slo
     out = a if write_a else z_gate  # a valid pointer for what is not written
     z_gate_or, z_up_or = (z_gate, z_up) if write_z else (out, out)
     has_gate_bias, has_up_bias = gate_bias is not None, up_bias is not None
+    tf32 = _tf32(x)
+    if tf32 and dense._tf32_reads_k_major(x.device):  # X and Wᵀ read along K (K-major) where they are not already
+        x, gate_weight, up_weight = _k_major(x, 1), _k_major(gate_weight, 1), _k_major(up_weight, 1)
     buckets = dense.tuning_buckets(M, N, K)
     # a, z_gate, z_up: new contiguous [M, N], strides (N, 1) not asked (dense._launch_matmul's outputs)
     args = (x, gate_weight, up_weight, gate_bias if has_gate_bias else out, up_bias if has_up_bias else out, out,
             z_gate_or, z_up_or, M, N, K, *buckets, *x.stride(), *gate_weight.stride(), *up_weight.stride(),
             gate_bias.stride()[0] if has_gate_bias else 0, up_bias.stride()[0] if has_up_bias else 0, N, 1, N, 1, N, 1)
     _launch_matmul("gated_forward", (has_gate_bias, has_up_bias, act_id, negative_slope, write_a, write_z), args, M,
-                   N, buckets, x)
+                   N, buckets, x, tf32)
     return a, z_gate, z_up
 
 
@@ -626,7 +645,10 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
     (DELTAS_STORED), [M, I] written twice and read for each product. The stored plan wherever
     toolchain.rs_operand_hazard names a reason (δ formed in registers makes an RS wgmma, miscompiled there).
     Both plans give the same bits: the same δ values (_deltas, rounded to G's dtype), the same products in the
-    same order.
+    same order. Where TF32 products read both operands K-major (dense._tf32_reads_k_major), the operands read along
+    the contracted dimension's other axis are copied K-major first: the weights for ∂C/∂X, X for ∂C/∂W, and in the
+    stored plan δ_g, δ_u for ∂C/∂W too (their copies as δᵀ: two more passes over [M, I]); δ formed in the loads is
+    a register operand and needs none. The copies change no value, so no bit.
     """
     needs_x = needs[0]
     if z_gate is None:
@@ -634,6 +656,8 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
     M, N = grad_a.shape
     K = gate_weight.shape[1]
     in_loads = K <= dense.PROLOGUE_MAX_K if delta_in_loads is None else delta_in_loads
+    tf32 = _tf32(grad_a)
+    k_major = tf32 and dense._tf32_reads_k_major(grad_a.device)
     if in_loads and toolchain.rs_operand_hazard(grad_a.device, grad_a.dtype):
         in_loads = False
     if in_loads:  # G, Z_g, Z_u: their strides asked once for both launches
@@ -651,22 +675,29 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
             grad_x.zero_()
         else:
             buckets = dense.tuning_buckets(M, K, N)  # rows, columns, contracted
-            args = (*operands, gate_weight, up_weight, grad_x, M, N, K, *buckets, *operand_strides,
-                    *gate_weight.stride(), *up_weight.stride(), K, 1)  # grad_x: a new contiguous [M, K]
-            _launch_matmul("gated_grad_x", flags, args, M, K, buckets, grad_a)
-    grad_gate_weight, grad_up_weight, gate_sum, up_sum = _grad_weights(operands, flags, x, K, needs[1:],
-                                                                       operand_strides)
+            gate_w, up_w = gate_weight, up_weight
+            if k_major:  # W [N, K] read along the contracted N (δ: stored contiguous, or formed in registers)
+                gate_w, up_w = _k_major(gate_weight, 0), _k_major(up_weight, 0)
+            args = (*operands, gate_w, up_w, grad_x, M, N, K, *buckets, *operand_strides, *gate_w.stride(),
+                    *up_w.stride(), K, 1)  # grad_x: a new contiguous [M, K]
+            _launch_matmul("gated_grad_x", flags, args, M, K, buckets, grad_a, tf32)
+    grad_gate_weight, grad_up_weight, gate_sum, up_sum = _grad_weights(operands, flags, x, K, needs[1:], tf32,
+                                                                       k_major, operand_strides)
     dtype = grad_a.dtype
     return (grad_x, grad_gate_weight, grad_up_weight, None if gate_sum is None else dense._in_dtype(gate_sum, dtype),
             None if up_sum is None else dense._in_dtype(up_sum, dtype))
 
 
-def _grad_weights(operands, flags: tuple, x, K: int, wants, operand_strides=None):
+def _grad_weights(operands, flags: tuple, x, K: int, wants, tf32=None, k_major=False, operand_strides=None):
     """(∂C/∂W_g, ∂C/∂W_u [I, K] in G's dtype, ∂C/∂b_g, ∂C/∂b_u [I] in the compute dtype, as summed: the same bits on
     every tile), None where wants (four bools) says no: one launch of the ∂C/∂W kernel. operands: G, Z_g, Z_u
     [M, I], or δ_g, δ_u, δ_u where flags (ACTIVATION, NEGATIVE_SLOPE, DELTAS_STORED) say stored; operand_strides:
-    their strides (six ints), or None; x [M, K], read only for the weight gradients."""
+    their strides (six ints), or None; x [M, K], read only for the weight gradients. tf32: _tf32(G), k_major: its
+    products read both operands K-major, as gated_backward asked them (None: asked here)."""
     first = operands[0]
+    if tf32 is None:
+        tf32 = _tf32(first)
+        k_major = tf32 and dense._tf32_reads_k_major(first.device)
     M, N = first.shape
     want_gate_weight, want_up_weight, want_gate_bias, want_up_bias = wants
     # The kernel writes every element of what it is asked for where M and N are not 0: zeros only where it is not run
@@ -682,6 +713,11 @@ def _grad_weights(operands, flags: tuple, x, K: int, wants, operand_strides=None
         weight_grads = want_weights[0] or want_weights[1]
         columns = K if weight_grads else 1  # biases alone: one column of tiles, no product
         source = x if weight_grads else first
+        if k_major and weight_grads:  # X and a stored δᵀ read along the contracted M (δ formed in registers: as is)
+            source = _k_major(x, 0)
+            if flags[2]:  # DELTAS_STORED
+                delta_gate, delta_up = _k_major(operands[0], 0), _k_major(operands[1], 0)
+                operands, operand_strides = (delta_gate, delta_up, delta_up), None
         if operand_strides is None:
             operand_strides = tuple(stride for t in operands for stride in t.stride())
         # each weight gradient's slot: the new contiguous [N, K] (strides not asked: PyTorch's (max(K, 1), 1)), else G
@@ -693,7 +729,7 @@ def _grad_weights(operands, flags: tuple, x, K: int, wants, operand_strides=None
                 *(t if t is not None else first for t in (grad_gate_weight, grad_up_weight, gate_sum, up_sum)),
                 M, N, columns, *buckets, *operand_strides, *source.stride(), *gate_strides, *up_strides)
         _launch_matmul("gated_grad_weight", (*flags, *want_weights, want_gate_bias, want_up_bias), args, N, columns,
-                       buckets, first)
+                       buckets, first, tf32)
     return grad_gate_weight, grad_up_weight, gate_sum, up_sum
 
 
