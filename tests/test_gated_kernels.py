@@ -260,7 +260,7 @@ def test_tf32_launches_read_both_operands_k_major(in_loads, monkeypatch):
                                                         delta_in_loads=in_loads))
 
     plain = layer()
-    monkeypatch.setattr(gated, "_tf32", lambda like: True)  # the launches' TF32 flag, as on a CUDA float32 launch
+    monkeypatch.setattr(gated, "_precision", lambda like: (True, True))  # TF32, as a CUDA float32 launch's
     monkeypatch.setattr(dense, "_tf32_reads_k_major", lambda device: True)
     monkeypatch.setattr(dense, "_input_precision", lambda dtype, device: "ieee")  # the bits comparable anywhere
     launched = []

@@ -542,11 +542,15 @@ _SETUPS: dict = {}  # (role, flags, use_dot) -> _Setup
 _OPTIONS_IDS: dict = {}
 
 
-def _tf32(like: torch.Tensor) -> bool:
-    """Whether the products of float32 data like run as TF32: on CUDA, where PyTorch's settings allow it
-    (dense.tf32_allowed, which INPUT_PRECISION follows). Asked once per launcher call, for its launches' plan options
+def _precision(like: torch.Tensor) -> tuple:
+    """(use_dot, tf32) for the products of like's data: tl.dot (float64: where it compiles and is exact,
+    dense.fp64_dot_supported), and TF32 products (float32 on CUDA where PyTorch's settings allow them,
+    dense.tf32_allowed, which INPUT_PRECISION follows). Asked once per launcher call, for its launches' plan options
     and its operands' layout (_k_major)."""
-    return like.dtype is torch.float32 and like.is_cuda and dense.tf32_allowed()
+    dtype = like.dtype
+    if dtype is torch.float32:
+        return True, like.is_cuda and dense.tf32_allowed()
+    return dtype is not torch.float64 or dense.fp64_dot_supported(like.device), False
 
 
 def _k_major(t: torch.Tensor, contracted: int) -> torch.Tensor:
@@ -559,14 +563,13 @@ def _k_major(t: torch.Tensor, contracted: int) -> torch.Tensor:
 
 
 def _launch_matmul(role: str, flags: tuple, args: tuple, rows: int, columns: int, buckets: tuple,
-                   like: torch.Tensor, tf32: bool) -> None:
+                   like: torch.Tensor, precision: tuple) -> None:
     """One launch of a gated matmul kernel through its plan (launch.run): output [rows, columns] in tiles of
     [BLOCK_M, BLOCK_N]; flags, the values of the role's _FLAG_NAMES; buckets, the sizes' tuning buckets (dense.tuning_buckets);
-    like, the tensor whose dtype and device the kernel computes in; tf32, _tf32(like) as the launcher asked it. A warm
+    like, the tensor whose dtype and device the kernel computes in; precision, _precision(like) as the launcher asked it. A warm
     call: the setup and the plan looked up, the launch (no closure, no device guard: launch.run switches to the
     tensors' GPU itself)."""
-    dtype = like.dtype
-    use_dot = dtype is not torch.float64 or dense.fp64_dot_supported(like.device)
+    use_dot, tf32 = precision
     key = (role, flags, use_dot)
     settings = config.get()
     setup = _SETUPS.get(key)
@@ -608,8 +611,8 @@ def _forward(x, gate_weight, up_weight, gate_bias, up_bias, act_id, negative_slo
     out = a if write_a else z_gate  # a valid pointer for what is not written
     z_gate_or, z_up_or = (z_gate, z_up) if write_z else (out, out)
     has_gate_bias, has_up_bias = gate_bias is not None, up_bias is not None
-    tf32 = _tf32(x)
-    if tf32 and dense._tf32_reads_k_major(x.device):  # X and Wᵀ read along K (K-major) where they are not already
+    precision = _precision(x)
+    if precision[1] and dense._tf32_reads_k_major(x.device):  # TF32  # X and Wᵀ read along K (K-major) where they are not already
         x, gate_weight, up_weight = _k_major(x, 1), _k_major(gate_weight, 1), _k_major(up_weight, 1)
     buckets = dense.tuning_buckets(M, N, K)
     # a, z_gate, z_up: new contiguous [M, N], strides (N, 1) not asked (dense._launch_matmul's outputs)
@@ -617,7 +620,7 @@ def _forward(x, gate_weight, up_weight, gate_bias, up_bias, act_id, negative_slo
             z_gate_or, z_up_or, M, N, K, *buckets, *x.stride(), *gate_weight.stride(), *up_weight.stride(),
             gate_bias.stride()[0] if has_gate_bias else 0, up_bias.stride()[0] if has_up_bias else 0, N, 1, N, 1, N, 1)
     _launch_matmul("gated_forward", (has_gate_bias, has_up_bias, act_id, negative_slope, write_a, write_z), args, M,
-                   N, buckets, x, tf32)
+                   N, buckets, x, precision)
     return a, z_gate, z_up
 
 
@@ -656,8 +659,8 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
     M, N = grad_a.shape
     K = gate_weight.shape[1]
     in_loads = K <= dense.PROLOGUE_MAX_K if delta_in_loads is None else delta_in_loads
-    tf32 = _tf32(grad_a)
-    k_major = tf32 and dense._tf32_reads_k_major(grad_a.device)
+    precision = _precision(grad_a)
+    k_major = precision[1] and dense._tf32_reads_k_major(grad_a.device)  # TF32
     if in_loads and toolchain.rs_operand_hazard(grad_a.device, grad_a.dtype):
         in_loads = False
     if in_loads:  # G, Z_g, Z_u: their strides asked once for both launches
@@ -680,24 +683,24 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
                 gate_w, up_w = _k_major(gate_weight, 0), _k_major(up_weight, 0)
             args = (*operands, gate_w, up_w, grad_x, M, N, K, *buckets, *operand_strides, *gate_w.stride(),
                     *up_w.stride(), K, 1)  # grad_x: a new contiguous [M, K]
-            _launch_matmul("gated_grad_x", flags, args, M, K, buckets, grad_a, tf32)
-    grad_gate_weight, grad_up_weight, gate_sum, up_sum = _grad_weights(operands, flags, x, K, needs[1:], tf32,
-                                                                       k_major, operand_strides)
+            _launch_matmul("gated_grad_x", flags, args, M, K, buckets, grad_a, precision)
+    grad_gate_weight, grad_up_weight, gate_sum, up_sum = _grad_weights(operands, flags, x, K, needs[1:],
+                                                                       precision, k_major, operand_strides)
     dtype = grad_a.dtype
     return (grad_x, grad_gate_weight, grad_up_weight, None if gate_sum is None else dense._in_dtype(gate_sum, dtype),
             None if up_sum is None else dense._in_dtype(up_sum, dtype))
 
 
-def _grad_weights(operands, flags: tuple, x, K: int, wants, tf32=None, k_major=False, operand_strides=None):
+def _grad_weights(operands, flags: tuple, x, K: int, wants, precision=None, k_major=False, operand_strides=None):
     """(∂C/∂W_g, ∂C/∂W_u [I, K] in G's dtype, ∂C/∂b_g, ∂C/∂b_u [I] in the compute dtype, as summed: the same bits on
     every tile), None where wants (four bools) says no: one launch of the ∂C/∂W kernel. operands: G, Z_g, Z_u
     [M, I], or δ_g, δ_u, δ_u where flags (ACTIVATION, NEGATIVE_SLOPE, DELTAS_STORED) say stored; operand_strides:
-    their strides (six ints), or None; x [M, K], read only for the weight gradients. tf32: _tf32(G), k_major: its
-    products read both operands K-major, as gated_backward asked them (None: asked here)."""
+    their strides (six ints), or None; x [M, K], read only for the weight gradients. precision: _precision(G),
+    k_major: its products read both operands K-major, as gated_backward asked them (None: asked here)."""
     first = operands[0]
-    if tf32 is None:
-        tf32 = _tf32(first)
-        k_major = tf32 and dense._tf32_reads_k_major(first.device)
+    if precision is None:
+        precision = _precision(first)
+        k_major = precision[1] and dense._tf32_reads_k_major(first.device)
     M, N = first.shape
     want_gate_weight, want_up_weight, want_gate_bias, want_up_bias = wants
     # The kernel writes every element of what it is asked for where M and N are not 0: zeros only where it is not run
@@ -729,7 +732,7 @@ def _grad_weights(operands, flags: tuple, x, K: int, wants, tf32=None, k_major=F
                 *(t if t is not None else first for t in (grad_gate_weight, grad_up_weight, gate_sum, up_sum)),
                 M, N, columns, *buckets, *operand_strides, *source.stride(), *gate_strides, *up_strides)
         _launch_matmul("gated_grad_weight", (*flags, *want_weights, want_gate_bias, want_up_bias), args, N, columns,
-                       buckets, first, tf32)
+                       buckets, first, precision)
     return grad_gate_weight, grad_up_weight, gate_sum, up_sum
 
 
