@@ -50,9 +50,16 @@ def _every_config():
         _, gated, _ = _modules()
     except Exception as error:  # noqa: BLE001 - no Triton: one skipped case, saying why
         return [pytest.param(None, None, None, marks=pytest.mark.skip(reason=f"no triton kernels: {error}"))]
-    # the backward roles in both plans for δ_g, δ_u: formed in their loads, and stored (gated.gated_backward)
-    return [pytest.param(role, cfg, plan, id=f"{_config_id(role, cfg)}-{8 * size}bit{'-stored' if plan else ''}")
-            for role in ROLES for size in (2, 4) for cfg in gated.matmul_configs(role, size)
+    # the backward roles in both plans for δ_g, δ_u: formed in their loads, and stored (gated.gated_backward); TF32's
+    # tiles run here with float32 data too (its products IEEE in the interpreter, TF32 where a GPU allows it)
+    kinds = {"16bit": (2, False), "32bit": (4, False), "tf32": (4, True)}
+    configs = {}  # (role, tile id) -> (config, kind): a tile two kinds share, once
+    for role in ROLES:
+        for kind, (size, tf32) in kinds.items():
+            for cfg in gated.matmul_configs(role, size, tf32):
+                configs.setdefault((role, _config_id(role, cfg)), (cfg, kind))
+    return [pytest.param(role, cfg, plan, id=f"{name}-{kind}{'-stored' if plan else ''}")
+            for (role, name), (cfg, kind) in configs.items()
             for plan in ((False,) if role == "gated_forward" else (False, True))]
 
 
@@ -89,8 +96,8 @@ def test_every_autotune_config_is_correct(role, config, stored, monkeypatch):
     tile = dict(config.kwargs)
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     fixed = gated._fixed_tile
-    monkeypatch.setattr(gated, "_fixed_tile", lambda r, dtype, use_dot: (dict(tile), dict(options)) if r == role
-                        else fixed(r, dtype, use_dot))
+    monkeypatch.setattr(gated, "_fixed_tile", lambda r, dtype, use_dot, tf32=False: (dict(tile), dict(options))
+                        if r == role else fixed(r, dtype, use_dot, tf32))
     M, K, N = 150, 140, 270  # rows, hidden (K), intermediate (N = I): over 2 steps of BLOCK_K = 64 each way
     activation = "gelu_tanh" if role == "gated_grad_x" else "silu"
     act = manualbp.get_activation(activation)
@@ -335,8 +342,9 @@ def test_pruning_keeps_the_tiles_that_fit():
     saved = dense._shared_memory_bytes
     try:
         for role in ROLES:
-            for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                configs = gated.matmul_configs(role, dtype.itemsize)
+            for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False),
+                                (torch.float16, False)):
+                configs = gated.matmul_configs(role, dtype.itemsize, tf32)
                 x = torch.empty(8, 8, dtype=dtype, device="meta")
                 for budget in (232448, 166912):
                     dense._shared_memory_bytes = lambda index, budget=budget: budget
@@ -393,11 +401,34 @@ def test_fixed_tiles(monkeypatch):
     assert gated._fixed_tile("gated_grad_weight", torch.bfloat16, True) is None, "GPU: autotuned"
     manualbp.config.set(autotune=False)
     for role in ROLES:
-        for dtype in (torch.bfloat16, torch.float32):
-            tile, options = gated._fixed_tile(role, dtype, True)
-            first = gated.matmul_configs(role, dtype.itemsize)[0]
+        for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, False), (torch.float32, True)):
+            tile, options = gated._fixed_tile(role, dtype, True, tf32)
+            first = gated.matmul_configs(role, dtype.itemsize, tf32)[0]
             assert tile == first.kwargs and options == dict(num_warps=first.num_warps, num_stages=first.num_stages), \
-                f"{role} {dtype}, autotune off: the first config"
+                f"{role} {dtype} (TF32 {tf32}), autotune off: the first config"
+
+
+def test_tf32_launches_autotune_among_the_tf32_tiles(monkeypatch):
+    """A float32 launch with TF32 products (INPUT_PRECISION "tf32", where PyTorch's settings allow TF32 on a GPU)
+    autotunes among its role's TF32 tiles, an IEEE one among float32's, 16-bit data among theirs: one autotuner each
+    (the plan's make, gated._matmul_plan, asked on a GPU's rule; nothing launched)."""
+    dense, gated, _ = _modules()
+    monkeypatch.setattr(dense, "is_interpreted", lambda: False)  # the GPU's rule: autotune
+    manualbp.config.set(autotune=True)
+    flags = {"gated_forward": (False, False, 5, 0.0, True, True), "gated_grad_x": (5, 0.0, True),
+             "gated_grad_weight": (5, 0.0, True, True, True, False, False)}
+    for role in ROLES:
+        for dtype, precision, tf32 in ((torch.float32, "tf32", True), (torch.float32, "ieee", False),
+                                       (torch.bfloat16, "ieee", False)):
+            monkeypatch.setattr(dense, "_input_precision", lambda dtype_, device, p=precision: p)
+            like = torch.empty(4, 4, dtype=dtype, device="meta")
+            plan = gated._matmul_plan(role, dict(zip(gated._FLAG_NAMES[role], flags[role])), like, True, 4, 4)
+            expected = [_config_id(role, cfg) for cfg in gated.matmul_configs(role, dtype.itemsize, tf32)]
+            assert plan["constexprs"]["INPUT_PRECISION"] == precision, f"{role} {dtype} {precision}: its precision"
+            assert [_config_id(role, cfg) for cfg in plan["tuner"].configs] == expected, \
+                f"{role} {dtype} {precision}: the autotuner of its tiles"
+    assert gated.matmul_configs("gated_forward", 4, True) != gated.matmul_configs("gated_forward", 4), \
+        "TF32 has tiles of its own"
 
 
 def test_every_launch_states_its_compile_options(monkeypatch):
@@ -499,8 +530,8 @@ def test_bias_grads_are_bitwise_equal_on_every_tile(activation, dtype, monkeypat
     for config in _bias_sum_tiles(dtype):
         tile = dict(config.kwargs)
         options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-        monkeypatch.setattr(gated, "_fixed_tile", lambda r, dtype_, use_dot: (dict(tile), dict(options))
-                            if r == role else fixed(r, dtype_, use_dot))
+        monkeypatch.setattr(gated, "_fixed_tile", lambda r, dtype_, use_dot, tf32=False: (dict(tile), dict(options))
+                            if r == role else fixed(r, dtype_, use_dot, tf32))
         for (plan_name, (operands, flags)), (wants, label) in itertools.product(
                 plans.items(), (((True,) * 4, "with ∂W"), ((False, False, True, True), "alone"))):
             launch.PLANS.clear()  # the tile is not in the plan's key: a new plan for each

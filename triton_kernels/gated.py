@@ -404,19 +404,21 @@ def _gated_tangent_kernel(
 _ELEMENTWISE_BLOCK = {"BLOCK_M": 32, "BLOCK_N": 32}
 
 
-def matmul_configs(role: str, element_size: int) -> list:
+def matmul_configs(role: str, element_size: int, tf32: bool = False) -> list:
     """The tiles the GPU autotuner tries for one gated matmul kernel (role: "gated_forward", "gated_grad_x",
-    "gated_grad_weight") on data of this element size (2: float16, bfloat16; 4: float32), in the matmul's names:
-    output tile [BLOCK_M, BLOCK_N], K step BLOCK_K; the forward's EPILOGUE_SPLIT column slices of its epilogue.
+    "gated_grad_weight") on data of this element size (2: float16, bfloat16; 4: float32, with IEEE products, or
+    with tf32 TF32 products), in the matmul's names: output tile [BLOCK_M, BLOCK_N], K step BLOCK_K; the forward's
+    EPILOGUE_SPLIT column slices of its epilogue.
 
     Chosen with benchmarks/compile_report_gated.py (sm_90, Triton 3.9; compiler figures, not timings;
-    docs/compile-report.md): none spills at any activation, and 16-bit data's have wgmma in their main loops.
-    The first is the tile of an untuned GPU launch (autotune off).
+    docs/compile-report.md): 16-bit data's and TF32's have wgmma in their main loops, and none spills at any
+    activation but two noted at _CONFIGS. The first is the tile of an untuned GPU launch (autotune off).
     """
     c = triton.Config
     split = role == "gated_forward"  # EPILOGUE_SPLIT: the forward's column slices of the gating epilogue
+    kind = "tf32" if tf32 else element_size
     return [c(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, **(dict(EPILOGUE_SPLIT=e) if split else {})),
-              num_warps=w, num_stages=st) for m, n, k, w, st, e in _CONFIGS[role][element_size]]
+              num_warps=w, num_stages=st) for m, n, k, w, st, e in _CONFIGS[role][kind]]
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, EPILOGUE_SPLIT or None) per role and element size: matmul_configs.
@@ -430,24 +432,35 @@ def matmul_configs(role: str, element_size: int) -> list:
 #   summed in fixed steps of SUM_STEP (its launches prune to K steps of 16, _prune_configs) K steps of 32 spilled
 #   84-1020 bytes: 64x256x16 and 64x64x16 give those launches wide and small tiles (none spills, with or without).
 # float32 (IEEE: FMA loops, K steps of 16; --dtype fp32): the forward's 64x64 and 64x128 tiles in 4 warps spilled
-# 16-968 bytes, 128x128 in 8 warps 8-1288; ∂C/∂W's 64x64 in 8 warps 12, 128x128 16 (with ∂C/∂b). Rows of 64 at
-# least: with TF32 products (--dtype tf32) 32-row tiles compile to mma.sync, not wgmma (the forward's spilled 4).
+# 16-968 bytes, 128x128 in 8 warps 8-1288; ∂C/∂W's 64x64 in 8 warps 12, 128x128 16 (with ∂C/∂b). ∂C/∂X of a
+# stored δ spills 4 bytes at 64x64x16 w4 (ptxas keeps it at 96 registers).
+# TF32 (--dtype tf32, the operands K-major: _k_major): tiles of its own, where IEEE's K steps of 16 left the loops
+# issue-bound (two TF32 MMAs a step): the forward at 128x128x64 (2 stages) and 128x128x32 in 4 epilogue slices
+# (whole tiles spilled 1.1-1.2 KB with gelu_tanh and both biases, 2 slices 108-160); ∂C/∂X and ∂C/∂W at 128x128
+# with K steps of 32 and 16 (64 spilled 100-300 bytes with δ in the loads, 64x256x32 16-300); ∂C/∂W + ∂C/∂b keeps
+# K steps of 16, and at 128x128x16 spills 4 bytes with δ in the loads (gelu_tanh; none stored). Rows of 64 at
+# least: 32-row tiles compile to mma.sync, not wgmma (the forward's spilled 4).
 _CONFIGS = {
     "gated_forward": {
         2: [(128, 128, 64, 8, 3, 4), (64, 256, 64, 8, 3, 4), (128, 128, 32, 8, 4, 2), (64, 128, 64, 4, 4, 4),
             (64, 64, 64, 4, 4, 1)],
         4: [(64, 128, 16, 8, 3, 1), (128, 64, 16, 8, 3, 1), (64, 64, 16, 8, 3, 1)],
+        "tf32": [(128, 128, 32, 8, 3, 4), (128, 128, 64, 8, 2, 4), (64, 128, 32, 4, 4, 2), (64, 128, 16, 8, 3, 1)],
     },
     "gated_grad_x": {
         2: [(128, 128, 32, 8, 4, None), (128, 256, 32, 8, 3, None), (64, 128, 32, 4, 4, None),
             (128, 64, 32, 4, 4, None), (64, 64, 64, 4, 4, None)],
         4: [(128, 128, 16, 8, 3, None), (64, 128, 16, 8, 3, None), (128, 64, 16, 8, 3, None),
             (64, 64, 16, 4, 3, None)],
+        "tf32": [(128, 128, 32, 8, 3, None), (128, 128, 16, 8, 3, None), (64, 128, 32, 4, 4, None),
+                 (64, 64, 16, 4, 3, None)],
     },
     "gated_grad_weight": {
         2: [(128, 128, 16, 8, 4, None), (64, 256, 32, 8, 4, None), (64, 256, 16, 8, 4, None),
             (64, 128, 32, 8, 4, None), (64, 64, 32, 4, 4, None), (64, 64, 16, 4, 4, None)],
         4: [(64, 128, 16, 8, 3, None), (128, 64, 16, 8, 3, None), (64, 64, 16, 4, 3, None)],
+        "tf32": [(128, 128, 32, 8, 3, None), (128, 128, 16, 8, 3, None), (64, 128, 16, 8, 3, None),
+                 (64, 64, 16, 4, 3, None)],
     },
 }
 # Operand tiles each role pipelines per K step: [BLOCK_M, BLOCK_K] ones (X; G, Z_g, Z_u) and [BLOCK_K, BLOCK_N]
@@ -483,19 +496,20 @@ _TUNING_KEYS = {
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(role: str, element_size: int):
+def _autotuned(role: str, element_size: int, tf32: bool = False):
     # Built on first use, never at import (dense._autotuned_matmul: some Triton releases query the driver here).
     options = {}
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         options["cache_results"] = True  # keep the winners on disk across processes (Triton >= 3.2)
-    return triton.autotune(configs=matmul_configs(role, element_size), key=_TUNING_KEYS[role],
+    return triton.autotune(configs=matmul_configs(role, element_size, tf32), key=_TUNING_KEYS[role],
                            prune_configs_by={"early_config_prune": functools.partial(_prune_configs, role)},
                            **options)(globals()[_KERNELS[role]])
 
 
-def _fixed_tile(role: str, dtype: torch.dtype, use_dot: bool):
+def _fixed_tile(role: str, dtype: torch.dtype, use_dot: bool, tf32: bool = False):
     """(tile, launch options) where no autotuning happens, or None where the GPU autotuner picks: the dense
-    layer's interpreter and float64 tiles; on a GPU with autotune off, the role's first config for the dtype."""
+    layer's interpreter and float64 tiles; on a GPU with autotune off, the role's first config for the dtype (and
+    TF32 products or not)."""
     fp64 = dtype == torch.float64
     if fp64 or not use_dot or dense.is_interpreted():
         dense_tile, launch_options = dense._fixed_config(fp64, use_dot)
@@ -505,7 +519,7 @@ def _fixed_tile(role: str, dtype: torch.dtype, use_dot: bool):
         return tile, launch_options
     if dense.autotune_enabled():
         return None
-    config = matmul_configs(role, dtype.itemsize)[0]
+    config = matmul_configs(role, dtype.itemsize, tf32)[0]
     return dict(config.kwargs), dict(num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -588,12 +602,13 @@ def _matmul_plan(role: str, flags: dict, like: torch.Tensor, use_dot: bool, rows
         constexprs["INLINE_PTX"] = dense._inline_ptx(like.device)
     common = dict(interpreted=dense.is_interpreted(), compiled_ok=dense._inline_ptx(like.device),
                   device_index=like.device.index)
-    fixed = _fixed_tile(role, like.dtype, use_dot)
+    tf32 = constexprs["INPUT_PRECISION"] == "tf32"  # TF32 tiles: K-major operands (_k_major), wider K steps
+    fixed = _fixed_tile(role, like.dtype, use_dot, tf32)
     if fixed is None:
         def grid(meta):
             return (dense._cdiv(rows, meta["BLOCK_M"]) * dense._cdiv(columns, meta["BLOCK_N"]),)
 
-        tuner = _autotuned(role, like.element_size())
+        tuner = _autotuned(role, like.element_size(), tf32)
         return dict(fn=tuner.fn, tuner=tuner, constexprs=constexprs, grid=grid, **common)
     tile, launch_options = fixed
     grid = (dense._cdiv(rows, tile["BLOCK_M"]) * dense._cdiv(columns, tile["BLOCK_N"]),)
