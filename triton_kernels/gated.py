@@ -579,10 +579,10 @@ def _k_major(t: torch.Tensor, contracted: int) -> torch.Tensor:
 def _launch_matmul(role: str, flags: tuple, args: tuple, rows: int, columns: int, buckets: tuple,
                    like: torch.Tensor, precision: tuple) -> None:
     """One launch of a gated matmul kernel through its plan (launch.run): output [rows, columns] in tiles of
-    [BLOCK_M, BLOCK_N]; flags, the values of the role's _FLAG_NAMES; buckets, the sizes' tuning buckets (dense.tuning_buckets);
-    like, the tensor whose dtype and device the kernel computes in; precision, _precision(like) as the launcher asked it. A warm
-    call: the setup and the plan looked up, the launch (no closure, no device guard: launch.run switches to the
-    tensors' GPU itself)."""
+    [BLOCK_M, BLOCK_N]; flags, the values of the role's _FLAG_NAMES; buckets, the sizes' tuning buckets
+    (dense.tuning_buckets); like, the tensor whose dtype and device the kernel computes in; precision, _precision(like)
+    as the launcher asked it. A warm call: the setup and the plan looked up, the launch (no closure, no device guard:
+    launch.run switches to the tensors' GPU itself)."""
     use_dot, tf32 = precision
     key = (role, flags, use_dot)
     settings = config.get()
@@ -627,7 +627,7 @@ def _forward(x, gate_weight, up_weight, gate_bias, up_bias, act_id, negative_slo
     z_gate_or, z_up_or = (z_gate, z_up) if write_z else (out, out)
     has_gate_bias, has_up_bias = gate_bias is not None, up_bias is not None
     precision = _precision(x)
-    if precision[1] and dense._tf32_reads_k_major(x.device):  # TF32  # X and Wᵀ read along K (K-major) where they are not already
+    if precision[1] and dense._tf32_reads_k_major(x.device):  # TF32: X and Wᵀ read along K, where they are not yet
         x, gate_weight, up_weight = _k_major(x, 1), _k_major(gate_weight, 1), _k_major(up_weight, 1)
     buckets = dense.tuning_buckets(M, N, K)
     # a, z_gate, z_up: new contiguous [M, N], strides (N, 1) not asked (dense._launch_matmul's outputs)
