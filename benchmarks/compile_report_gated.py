@@ -143,8 +143,7 @@ def run(arch, only, quick, sweep, M, K, N, dtype, progress=print, tf32=False):
     inline_ptx, reads_k_major, precision = dense._inline_ptx, dense._tf32_reads_k_major, gated._precision
     dense._inline_ptx = lambda device: True  # compiled for an NVIDIA target
     if tf32:  # as on that GPU with TF32 allowed (meta tensors are not CUDA ones): the launchers' K-major copies
-        gated._precision = lambda like: (True, like.dtype is torch.float32) if like.dtype is not torch.float64 \
-            else precision(like)
+        gated._precision = lambda like: (True, True) if like.dtype is torch.float32 else precision(like)
         dense._tf32_reads_k_major = lambda device: arch // 10 == 9
     try:
         launches = package_launches(gated, M, K, N, dtype, quick)
