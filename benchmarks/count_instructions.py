@@ -5,7 +5,7 @@
     python benchmarks/count_instructions.py --steps 500 --modes fwd,fwd+bwd
     python benchmarks/count_instructions.py --manualbp-path /tmp/old_checkout   # another manualbp's code (compare
                                                     # it with this one's copy given so too: the import path alone,
-                                                    # the editable install's finder or not, moves a count by ~5k)
+                                                    # the editable install's finder or not, moved counts by 0.9-6.5k)
     python benchmarks/count_instructions.py --impls nn,manualbp-triton          # the GPU's launch path, stubbed
     python benchmarks/count_instructions.py --breakdown --steps 100             # where a step's instructions go
     python benchmarks/count_instructions.py --rs-hazard --problems gated        # the plans of the GPU machines' Triton
