@@ -1337,7 +1337,9 @@ def make_autotuner(kernel: str, fn, **options):
     """triton.autotune over fn for the role kernel named kernel: its configs (role_configs), its key (the names of
     _TUNING_KEY it takes), its pruning (_prune_role); options go to triton.autotune (a test's do_bench)."""
     if "cache_results" in inspect.signature(triton.autotune).parameters:
-        options.setdefault("cache_results", True)  # keep the winners on disk across processes (Triton >= 3.2)
+        options.setdefault("cache_results", True)  # keep the winners on disk across processes (not in Triton 3.3)
+    else:  # a Triton without the option (3.3) caches nothing on disk: a test's cache_results=False holds already
+        options.pop("cache_results", None)
     names = kernel_arg_names(globals()[kernel])
     return triton.autotune(
         configs=role_configs(kernel),

@@ -500,7 +500,7 @@ def _autotuned(role: str, element_size: int, tf32: bool = False):
     # Built on first use, never at import (dense._autotuned_matmul: some Triton releases query the driver here).
     options = {}
     if "cache_results" in inspect.signature(triton.autotune).parameters:
-        options["cache_results"] = True  # keep the winners on disk across processes (Triton >= 3.2)
+        options["cache_results"] = True  # keep the winners on disk across processes (not in Triton 3.3)
     return triton.autotune(configs=matmul_configs(role, element_size, tf32), key=_TUNING_KEYS[role],
                            prune_configs_by={"early_config_prune": functools.partial(_prune_configs, role)},
                            **options)(globals()[_KERNELS[role]])
