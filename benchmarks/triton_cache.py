@@ -71,7 +71,10 @@ def key_differences(info: dict) -> list:
     import platform
 
     import triton
-    from triton.runtime.cache import triton_key
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:  # Triton 3.3 keeps it beside the compiler
+        from triton.compiler.compiler import triton_key
 
     try:
         from triton._C.libtriton import get_cache_invalidating_env_vars
