@@ -140,15 +140,15 @@ def run(arch, only, quick, sweep, M, K, N, dtype, progress=print, tf32=False):
                   python=platform.python_version(), target=f"sm_{arch}", problem=f"GatedMLP {K}->{N}, M={M}",
                   dtype=str(dtype).replace("torch.", ""), notes=list(tri["notes"]),
                   figures="compiler output (no GPU run); no timing")
-    inline_ptx, reads_k_major, precision = dense._inline_ptx, dense._tf32_reads_k_major, gated._precision
+    inline_ptx, precision = dense._inline_ptx, gated._precision
     dense._inline_ptx = lambda device: True  # compiled for an NVIDIA target
     if tf32:  # as on that GPU with TF32 allowed (meta tensors are not CUDA ones): the launchers' K-major copies
-        gated._precision = lambda like: (True, True) if like.dtype is torch.float32 else precision(like)
-        dense._tf32_reads_k_major = lambda device: arch // 10 == 9
+        gated._precision = lambda like: (True, True, arch // 10 == 9) if like.dtype is torch.float32 \
+            else precision(like)
     try:
         launches = package_launches(gated, M, K, N, dtype, quick)
     finally:
-        dense._inline_ptx, dense._tf32_reads_k_major, gated._precision = inline_ptx, reads_k_major, precision
+        dense._inline_ptx, gated._precision = inline_ptx, precision
     rows = []
     for label, (role, kernel, args, kwargs) in launches.items():
         if only and not any(part in label for part in only.split(",")):

@@ -280,8 +280,8 @@ def test_tf32_launches_read_both_operands_k_major(in_loads, monkeypatch):
                                                         delta_in_loads=in_loads))
 
     plain = layer()
-    monkeypatch.setattr(gated, "_precision", lambda like: (True, True))  # TF32, as a CUDA float32 launch's
-    monkeypatch.setattr(dense, "_tf32_reads_k_major", lambda device: True)
+    # TF32 read K-major, as a float32 launch's on sm_90 with TF32 allowed (_precision's answer there)
+    monkeypatch.setattr(gated, "_precision", lambda like: (True, True, True))
     monkeypatch.setattr(dense, "_input_precision", lambda dtype, device: "ieee")  # the bits comparable anywhere
     launched = []
     run = launch.run

@@ -557,14 +557,15 @@ _OPTIONS_IDS: dict = {}
 
 
 def _precision(like: torch.Tensor) -> tuple:
-    """(use_dot, tf32) for the products of like's data: tl.dot (float64: where it compiles and is exact,
-    dense.fp64_dot_supported), and TF32 products (float32 on CUDA where PyTorch's settings allow them,
-    dense.tf32_allowed, which INPUT_PRECISION follows). Asked once per launcher call, for its launches' plan options
-    and its operands' layout (_k_major)."""
+    """(use_dot, tf32, k_major) for the products of like's data: tl.dot (float64: where it compiles and is exact,
+    dense.fp64_dot_supported); TF32 products (float32 on CUDA where PyTorch's settings allow them,
+    dense.tf32_allowed, which INPUT_PRECISION follows); and whether those read both operands K-major
+    (dense._tf32_reads_k_major: the launchers copy them so, _k_major). Asked once per launcher call."""
     dtype = like.dtype
     if dtype is torch.float32:
-        return True, like.is_cuda and dense.tf32_allowed()
-    return dtype is not torch.float64 or dense.fp64_dot_supported(like.device), False
+        tf32 = like.is_cuda and dense.tf32_allowed()
+        return True, tf32, tf32 and dense._tf32_reads_k_major(like.device)
+    return dtype is not torch.float64 or dense.fp64_dot_supported(like.device), False, False
 
 
 def _k_major(t: torch.Tensor, contracted: int) -> torch.Tensor:
@@ -583,7 +584,7 @@ def _launch_matmul(role: str, flags: tuple, args: tuple, rows: int, columns: int
     (dense.tuning_buckets); like, the tensor whose dtype and device the kernel computes in; precision, _precision(like)
     as the launcher asked it. A warm call: the setup and the plan looked up, the launch (no closure, no device guard:
     launch.run switches to the tensors' GPU itself)."""
-    use_dot, tf32 = precision
+    use_dot, tf32, _ = precision
     key = (role, flags, use_dot)
     settings = config.get()
     setup = _SETUPS.get(key)
@@ -627,7 +628,7 @@ def _forward(x, gate_weight, up_weight, gate_bias, up_bias, act_id, negative_slo
     z_gate_or, z_up_or = (z_gate, z_up) if write_z else (out, out)
     has_gate_bias, has_up_bias = gate_bias is not None, up_bias is not None
     precision = _precision(x)
-    if precision[1] and dense._tf32_reads_k_major(x.device):  # TF32: X and Wᵀ read along K, where they are not yet
+    if precision[2]:  # TF32 reading K-major: X and Wᵀ read along K, where they are not yet
         x, gate_weight, up_weight = _k_major(x, 1), _k_major(gate_weight, 1), _k_major(up_weight, 1)
     buckets = dense.tuning_buckets(M, N, K)
     # a, z_gate, z_up: new contiguous [M, N], strides (N, 1) not asked (dense._launch_matmul's outputs)
@@ -675,7 +676,6 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
     K = gate_weight.shape[1]
     in_loads = K <= dense.PROLOGUE_MAX_K if delta_in_loads is None else delta_in_loads
     precision = _precision(grad_a)
-    k_major = precision[1] and dense._tf32_reads_k_major(grad_a.device)  # TF32
     if in_loads and toolchain.rs_operand_hazard(grad_a.device, grad_a.dtype):
         in_loads = False
     if in_loads:  # G, Z_g, Z_u: their strides asked once for both launches
@@ -694,28 +694,27 @@ def gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate
         else:
             buckets = dense.tuning_buckets(M, K, N)  # rows, columns, contracted
             gate_w, up_w = gate_weight, up_weight
-            if k_major:  # W [N, K] read along the contracted N (δ: stored contiguous, or formed in registers)
+            if precision[2]:  # W [N, K] read along the contracted N (δ: stored contiguous, or formed in registers)
                 gate_w, up_w = _k_major(gate_weight, 0), _k_major(up_weight, 0)
             args = (*operands, gate_w, up_w, grad_x, M, N, K, *buckets, *operand_strides, *gate_w.stride(),
                     *up_w.stride(), K, 1)  # grad_x: a new contiguous [M, K]
             _launch_matmul("gated_grad_x", flags, args, M, K, buckets, grad_a, precision)
     grad_gate_weight, grad_up_weight, gate_sum, up_sum = _grad_weights(operands, flags, x, K, needs[1:],
-                                                                       precision, k_major, operand_strides)
+                                                                       precision, operand_strides)
     dtype = grad_a.dtype
     return (grad_x, grad_gate_weight, grad_up_weight, None if gate_sum is None else dense._in_dtype(gate_sum, dtype),
             None if up_sum is None else dense._in_dtype(up_sum, dtype))
 
 
-def _grad_weights(operands, flags: tuple, x, K: int, wants, precision=None, k_major=False, operand_strides=None):
+def _grad_weights(operands, flags: tuple, x, K: int, wants, precision=None, operand_strides=None):
     """(∂C/∂W_g, ∂C/∂W_u [I, K] in G's dtype, ∂C/∂b_g, ∂C/∂b_u [I] in the compute dtype, as summed: the same bits on
     every tile), None where wants (four bools) says no: one launch of the ∂C/∂W kernel. operands: G, Z_g, Z_u
     [M, I], or δ_g, δ_u, δ_u where flags (ACTIVATION, NEGATIVE_SLOPE, DELTAS_STORED) say stored; operand_strides:
-    their strides (six ints), or None; x [M, K], read only for the weight gradients. precision: _precision(G),
-    k_major: its products read both operands K-major, as gated_backward asked them (None: asked here)."""
+    their strides (six ints), or None; x [M, K], read only for the weight gradients. precision: _precision(G) as
+    gated_backward asked it (None: asked here)."""
     first = operands[0]
     if precision is None:
         precision = _precision(first)
-        k_major = precision[1] and dense._tf32_reads_k_major(first.device)
     M, N = first.shape
     want_gate_weight, want_up_weight, want_gate_bias, want_up_bias = wants
     # The kernel writes every element of what it is asked for where M and N are not 0: zeros only where it is not run
@@ -731,7 +730,7 @@ def _grad_weights(operands, flags: tuple, x, K: int, wants, precision=None, k_ma
         weight_grads = want_weights[0] or want_weights[1]
         columns = K if weight_grads else 1  # biases alone: one column of tiles, no product
         source = x if weight_grads else first
-        if k_major and weight_grads:  # X and a stored δᵀ read along the contracted M (δ formed in registers: as is)
+        if precision[2] and weight_grads:  # X and a stored δᵀ read along the contracted M (δ formed in registers: as is)
             source = _k_major(x, 0)
             if flags[2]:  # DELTAS_STORED
                 delta_gate, delta_up = _k_major(operands[0], 0), _k_major(operands[1], 0)
