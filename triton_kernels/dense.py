@@ -1333,20 +1333,26 @@ def _autotuned_matmul(kernel: str):
     return make_autotuner(kernel, globals()[kernel])
 
 
+def autotune_options(**options) -> dict:
+    """options for triton.autotune, with cache_results (the winners kept on disk across processes) on unless given,
+    where this Triton has the option; without it (Triton 3.3) nothing is cached on disk, so none is passed."""
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        options.setdefault("cache_results", True)
+    else:  # a test's cache_results=False holds already
+        options.pop("cache_results", None)
+    return options
+
+
 def make_autotuner(kernel: str, fn, **options):
     """triton.autotune over fn for the role kernel named kernel: its configs (role_configs), its key (the names of
     _TUNING_KEY it takes), its pruning (_prune_role); options go to triton.autotune (a test's do_bench)."""
-    if "cache_results" in inspect.signature(triton.autotune).parameters:
-        options.setdefault("cache_results", True)  # keep the winners on disk across processes (not in Triton 3.3)
-    else:  # a Triton without the option (3.3) caches nothing on disk: a test's cache_results=False holds already
-        options.pop("cache_results", None)
     names = kernel_arg_names(globals()[kernel])
     return triton.autotune(
         configs=role_configs(kernel),
         key=[name for name in _TUNING_KEY if name in names],
         prune_configs_by={"early_config_prune": lambda configs, named_args, **kwargs: _prune_role(
             kernel, configs, named_args, **kwargs)},
-        **options,
+        **autotune_options(**options),
     )(fn)
 
 

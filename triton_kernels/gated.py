@@ -45,7 +45,6 @@ layer's fixed tiles (``dense._fixed_config``). Speed on a GPU: not measured yet.
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 import triton
@@ -498,12 +497,9 @@ _TUNING_KEYS = {
 @functools.lru_cache(maxsize=None)
 def _autotuned(role: str, element_size: int, tf32: bool = False):
     # Built on first use, never at import (dense._autotuned_matmul: some Triton releases query the driver here).
-    options = {}
-    if "cache_results" in inspect.signature(triton.autotune).parameters:
-        options["cache_results"] = True  # keep the winners on disk across processes (not in Triton 3.3)
     return triton.autotune(configs=matmul_configs(role, element_size, tf32), key=_TUNING_KEYS[role],
                            prune_configs_by={"early_config_prune": functools.partial(_prune_configs, role)},
-                           **options)(globals()[_KERNELS[role]])
+                           **dense.autotune_options())(globals()[_KERNELS[role]])
 
 
 def _fixed_tile(role: str, dtype: torch.dtype, use_dot: bool, tf32: bool = False):

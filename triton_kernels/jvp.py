@@ -19,7 +19,6 @@ epilogue in column slices (f' of a whole large tile at once would spill).
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 import triton
@@ -140,11 +139,9 @@ _TUNING_KEY = ["tune_m", "tune_n", "tune_k", "HAS_TANGENT_X", "HAS_TANGENT_WEIGH
 @functools.lru_cache(maxsize=None)
 def _autotuned_jvp():
     # Built on first use, as dense's autotuner (some Triton releases query the driver when one is created).
-    options = {}
-    if "cache_results" in inspect.signature(triton.autotune).parameters:
-        options["cache_results"] = True
     return triton.autotune(configs=dense.matmul_configs(), key=_TUNING_KEY,
-                           prune_configs_by={"early_config_prune": _prune_configs}, **options)(_jvp_kernel)
+                           prune_configs_by={"early_config_prune": _prune_configs},
+                           **dense.autotune_options())(_jvp_kernel)
 
 
 def linear_jvp(x, weight, saved, tangent_x, tangent_weight, tangent_bias, act_id: int, negative_slope: float,
