@@ -35,9 +35,10 @@ Columns (all of them compiler output, none a timing):
   bar, shfl     bar.sync / shuffles per main-loop iteration
   side     SASS instructions of the largest loop without MMA (the ∂C/∂X launch's loop storing δ), per iteration
   x tut    loop instructions / the tutorial's at the same tile and layout
-  press    issue pressure: loop instructions x warps per SM sub-partition / (BLOCK_M*BLOCK_N*BLOCK_K/2048),
-           an H100 SM's MMA clocks per iteration (twice that for the jvp kernel with two tangents: two products
-           per iteration); the tutorial is 0.18-0.24 at its large tiles, and a loop above ~0.7 is bound by
+  press    issue pressure: loop instructions x warps per SM sub-partition / the SM's MMA clocks per iteration,
+           BLOCK_M*BLOCK_N*BLOCK_K / (multiply-adds per clock: mma_per_clock, an H100's for sm_90, an A100's for
+           sm_80; TF32 at half the 16-bit rate), twice that for the jvp kernel with two tangents (two products per
+           iteration); the tutorial is 0.18-0.24 at its large bf16 tiles, and a loop above ~0.7 is bound by
            instruction issue rather than by the tensor cores (an estimate)
 
 The forward-mode (jvp) tangent kernel is compiled beside them at every config its own pruning keeps (two
@@ -544,10 +545,18 @@ def config_label(config):
     return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{config.num_warps} s{config.num_stages}{split}{tma}{ws}"
 
 
-def issue_pressure(row, config, products=1):
-    """Loop instructions per MMA clock (see the docstring); products: tile products per iteration (jvp: 2)."""
+def mma_per_clock(arch: int, tf32: bool = False) -> int:
+    """Dense multiply-adds one SM's tensor cores finish per clock: 16-bit operands 2048 on an H100 (sm_90), 1024 on
+    an A100 (sm_80); TF32 half of that (NVIDIA's H100 and A100 whitepapers: 989 and 312 dense 16-bit TFLOP/s, 495
+    and 156 TF32, at 132 and 108 SMs)."""
+    return (2048 if arch >= 90 else 1024) // (2 if tf32 else 1)
+
+
+def issue_pressure(row, config, products=1, arch=90, tf32=False):
+    """Loop instructions per MMA clock (see the docstring); products: tile products per iteration (jvp: 2); arch and
+    tf32: the target and whether the products are TF32 (their MMA clocks, mma_per_clock)."""
     k = config.kwargs
-    mma_clocks = products * k["BLOCK_M"] * k["BLOCK_N"] * k["BLOCK_K"] / 2048
+    mma_clocks = products * k["BLOCK_M"] * k["BLOCK_N"] * k["BLOCK_K"] / mma_per_clock(arch, tf32)
     return round(row["loop_instr"] * (config.num_warps / 4) / mma_clocks, 2)
 
 
@@ -623,7 +632,7 @@ def run(arch, only, quick, M, K, N, dtype, progress=print, tf32=False):
             row["compile_s"] = round(time.perf_counter() - start, 1)
             if config is not None and "loop_instr" in row:
                 products = 2 if kwargs.get("HAS_TANGENT_X") and kwargs.get("HAS_TANGENT_WEIGHT") else 1
-                row["press"] = issue_pressure(row, config, products)
+                row["press"] = issue_pressure(row, config, products, arch, tf32)
                 tma = config.kwargs.get("TMA", False)  # twin: tutorial 09 (TMA, persistent; NT only), else 03
                 tile_label = row["config"].split(" e")[0].removesuffix(" tma")  # no split, no tma: the twin's own
                 key = ("NT" if tma else layout, tile_label + (" tma" if tma else ""))
@@ -642,7 +651,7 @@ def run(arch, only, quick, M, K, N, dtype, progress=print, tf32=False):
                         tut.update(analyse(*compiler.compile(
                             twin, twin_args, dict(tile, num_warps=config.num_warps, num_stages=config.num_stages,
                                                   **dense.COMPILE_OPTIONS))))
-                        tut["press"] = issue_pressure(tut, config)
+                        tut["press"] = issue_pressure(tut, config, 1, arch, tf32)
                     except Exception as error:  # noqa: BLE001
                         tut["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
                     tutorial_rows[key] = tut

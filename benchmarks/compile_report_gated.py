@@ -168,7 +168,7 @@ def run(arch, only, quick, sweep, M, K, N, dtype, progress=print, tf32=False):
                 row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
             row["compile_s"] = round(time.perf_counter() - start, 1)
             if "loop_instr" in row and row.get("loop_mma"):
-                row["press"] = report.issue_pressure(row, config, products=2)
+                row["press"] = report.issue_pressure(row, config, 2, arch, tf32)
             rows.append(row)
             progress(report.format_row(row))
     return header, rows

@@ -182,3 +182,20 @@ def test_a_branch_inside_the_main_loop_is_counted(monkeypatch):
     assert loop["loop_instr"] == 8, f"the K loop's span, branches included: {loop}"
     assert loop["loop_branch_instr"] == 4, f"3 instructions skipped to an address, 1 to a label: {loop}"
     assert loop["loop_branch_bar"] == 1, f"the bar.sync among them: {loop}"
+
+
+def test_issue_pressure_counts_the_mma_clocks_of_the_target_and_the_operands(monkeypatch):
+    """Issue pressure divides the loop's issue clocks by the tensor cores' clocks for one K step's tile, at the rate
+    of the target and the operand kind (NVIDIA's whitepapers: an H100 SM 2048 dense 16-bit multiply-adds a clock,
+    TF32 half of that; an A100 SM 1024 and 512): a TF32 loop has twice a 16-bit loop's MMA clocks to issue in."""
+    import triton
+
+    compile_report = _report_module(monkeypatch)
+    config = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3)
+    row = {"loop_instr": 256}
+    # 128*128*32 = 524288 multiply-adds a K step; 8 warps = 2 per SM sub-partition: 512 issue clocks.
+    assert compile_report.issue_pressure(row, config) == 2.0, "H100 bf16: 512 / (524288 / 2048) clocks"
+    assert compile_report.issue_pressure(row, config, tf32=True) == 1.0, "H100 TF32: 512 / (524288 / 1024)"
+    assert compile_report.issue_pressure(row, config, arch=80) == 1.0, "A100 bf16: 512 / (524288 / 1024)"
+    assert compile_report.issue_pressure(row, config, arch=80, tf32=True) == 0.5, "A100 TF32: 512 / (524288 / 512)"
+    assert compile_report.issue_pressure(row, config, products=2, tf32=True) == 0.5, "two TF32 products a step"

@@ -433,12 +433,13 @@ def matmul_configs(role: str, element_size: int, tf32: bool = False) -> list:
 # float32 (IEEE: FMA loops, K steps of 16; --dtype fp32): the forward's 64x64 and 64x128 tiles in 4 warps spilled
 # 16-968 bytes, 128x128 in 8 warps 8-1288; ∂C/∂W's 64x64 in 8 warps 12, 128x128 16 (with ∂C/∂b). ∂C/∂X of a
 # stored δ spills 4 bytes at 64x64x16 w4 (ptxas keeps it at 96 registers).
-# TF32 (--dtype tf32, the operands K-major: _k_major): tiles of its own, where IEEE's K steps of 16 left the loops
-# issue-bound (two TF32 MMAs a step): the forward at 128x128x64 (2 stages), 128x128x32 and 64x128x32 in 4 epilogue
-# slices (whole tiles spilled 1.1-1.3 KB with gelu_tanh and both biases, 2 slices 108-200); ∂C/∂X and ∂C/∂W at 128x128
-# with K steps of 32 and 16 (64 spilled 100-300 bytes with δ in the loads, 64x256x32 16-300); ∂C/∂W + ∂C/∂b keeps
-# K steps of 16, and at 128x128x16 spills 4 bytes with δ in the loads (gelu_tanh; none stored). Rows of 64 at
-# least: 32-row tiles compile to mma.sync, not wgmma (the forward's spilled 4).
+# TF32 (--dtype tf32, the operands K-major: _k_major): tiles of its own, where IEEE's K steps of 16 paid the loop's
+# per-step costs for two TF32 MMAs a step (issue pressure up to 0.80 in the stored plan, 0.65 forward): the forward at
+# 128x128x64 (2 stages), 128x128x32 and 64x128x32 in 4 epilogue slices (whole tiles spilled 1.1-1.3 KB with gelu_tanh
+# and both biases, 2 slices 108-200); ∂C/∂X and ∂C/∂W at 128x128 with K steps of 32 and 16 (64 spilled 100-300 bytes
+# with δ in the loads, 64x256x32 16-300); ∂C/∂W + ∂C/∂b keeps K steps of 16, and at 128x128x16 spills 4 bytes with δ in
+# the loads (gelu_tanh; none stored). Rows of 64 at least: 32-row tiles compile to mma.sync, not wgmma (the forward's
+# spilled 4).
 _CONFIGS = {
     "gated_forward": {
         2: [(128, 128, 64, 8, 3, 4), (64, 256, 64, 8, 3, 4), (128, 128, 32, 8, 4, 2), (64, 128, 64, 4, 4, 4),
