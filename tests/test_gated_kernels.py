@@ -379,7 +379,9 @@ def test_pruning_keeps_the_tiles_that_fit():
 
 def test_bias_launches_take_k_steps_of_the_sum_step():
     """A ∂C/∂W launch that sums ∂C/∂b autotunes among the configs whose K step is gated.SUM_STEP (longer ones give
-    the same bits but spilled, compile report), at least two of each element size; one without ∂C/∂b among all."""
+    the same bits but spilled, compile report), at least two of each element size, and with TF32 products among
+    its tiles whose K step is a multiple of it (taken in steps of it: no spill there); one without ∂C/∂b among
+    all."""
     dense, gated, _ = _modules()
     role = "gated_grad_weight"
     saved = dense._shared_memory_bytes
@@ -394,6 +396,13 @@ def test_bias_launches_take_k_steps_of_the_sum_step():
                 assert steps == {gated.SUM_STEP.value} and len(kept) >= 2, f"{dtype} {flags}: {steps}, {len(kept)}"
             plain = gated._prune_configs(role, configs, {"x_ptr": x}, WANT_GATE_BIAS=False, WANT_UP_BIAS=False)
             assert len(plain) == len(configs), f"{dtype} without ∂C/∂b: every config kept"
+        configs = gated.matmul_configs(role, 4, tf32=True)
+        x = torch.empty(8, 8, dtype=torch.float32, device="meta")
+        kept = gated._prune_configs(role, configs, {"x_ptr": x}, WANT_GATE_BIAS=True, WANT_UP_BIAS=True,
+                                    INPUT_PRECISION="tf32")
+        steps = {cfg.kwargs["BLOCK_K"] for cfg in kept}
+        assert len(kept) == len(configs) and all(k % gated.SUM_STEP.value == 0 for k in steps) and \
+            max(steps) > gated.SUM_STEP.value, f"TF32 with ∂C/∂b: every TF32 tile, K steps {steps}"
     finally:
         dense._shared_memory_bytes = saved
 
@@ -468,12 +477,14 @@ def test_every_launch_states_its_compile_options(monkeypatch):
 
 
 def _bias_sum_tiles(dtype):
-    """Every tile a ∂C/∂W launch of this dtype may take: the role's configs (on a GPU the dtype's own, pruned by
-    shared memory as the autotuner prunes; in the interpreter both element sizes' and the fixed tiles too)."""
+    """Every tile a ∂C/∂W launch of this dtype may take: the role's configs (on a GPU the dtype's own, float32's
+    TF32 tiles too, pruned by shared memory as the autotuner prunes; in the interpreter every kind's and the fixed
+    tiles too)."""
     dense, gated, _ = _modules()
     role = "gated_grad_weight"
     sizes = (dtype.itemsize,) if DEVICE.type == "cuda" and dtype != torch.float64 else (2, 4)
-    configs = [cfg for size in sizes for cfg in gated.matmul_configs(role, size)]
+    configs = [cfg for size in sizes for tf32 in ((False, True) if size == 4 else (False,))
+               for cfg in gated.matmul_configs(role, size, tf32)]
     if dense.is_interpreted():
         configs += [_fixed_tile_config(dict(tile, GROUP_M=4)) for tile in (
             dense._INTERPRETER_CONFIG, dense._FP64_CONFIG, dense._FP64_FMA_CONFIG)]

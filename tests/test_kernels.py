@@ -137,7 +137,7 @@ def test_every_autotune_config_is_correct(config, device):
     skip_where_rs_operands_miscompiled(device, dtype)
     grad_a = torch.randn(M, K, generator=g).to(device, dtype)
     f_prime = torch.rand(M, K, generator=g).to(device, dtype)
-    with_sums = dense._sums_in_k_steps_of(config, dense._sum_block_k(dtype, True))
+    with_sums = dense._sums_in_k_steps_of(config, dense._sum_block_k(dtype, True), tf32=dtype == torch.float32)
     row_sums = torch.full((M,), float("nan"), device=device) if with_sums else None
     _launch_with(config, grad_a, weight.t(), a, saved=f_prime, row_sums=row_sums, A_PROLOGUE=True,
                  SAVED_KIND=dense.SAVED_KINDS["f_prime"])
@@ -147,6 +147,13 @@ def test_every_autotune_config_is_correct(config, device):
     if with_sums:
         torch.testing.assert_close(row_sums.double(), delta.sum(1), rtol=tol["rtol"], atol=tol["atol"] * 10,
                                    msg=lambda m: f"prologue row sums with {name}: {m}")
+        # That product came from the ∂C/∂W kernel, in the sums' K steps where BLOCK_K is longer (the interpreter's
+        # dot sums a longer step in another order); the ∂C/∂X kernel's, compared below, in steps of BLOCK_K.
+        summed = a.clone()
+        _launch_with(config, grad_a, weight.t(), a, saved=f_prime, A_PROLOGUE=True,
+                     SAVED_KIND=dense.SAVED_KINDS["f_prime"])
+        torch.testing.assert_close(a.double(), delta @ weight.double().t(), **tol,
+                                   msg=lambda m: f"prologue product without sums with {name}: {m}")
 
     # The same prologue storing δ (STORE_DELTA: each output column tile stores a share of δ's columns): exactly the
     # δ the prologue forms, every element written once; then the plain product of the stored δ, with its row sums,
@@ -161,7 +168,7 @@ def test_every_autotune_config_is_correct(config, device):
         plain_sums = torch.full((M,), float("nan"), device=device)
         _launch_with(config, stored, weight.t(), product, row_sums=plain_sums, ACTIVATION=0)
         assert torch.equal(plain_sums, row_sums), f"row sums of the stored δ with {name}: the prologue's bits"
-        assert torch.equal(product, a), f"plain product of the stored δ with {name}: the prologue's bits"
+        assert torch.equal(product, summed), f"plain product of the stored δ with {name}: the prologue's bits"
 
     # relu's prologue, a select on the saved A: exactly G where A > 0, else 0.
     relu_a = torch.relu(torch.randn(M, K, generator=g)).to(device, dtype)
@@ -249,7 +256,7 @@ def test_even_k_loads_give_the_masked_loops_bits(config, device):
     bias = torch.randn(N, generator=g).to(device, dtype)
     grad_t = torch.randn(K, M, generator=g).to(device, dtype).t()  # a left factor with stride 1 along M
     f_prime = torch.rand(K, M, generator=g).to(device, dtype).t()
-    with_sums = dense._sums_in_k_steps_of(config, dense._sum_block_k(dtype, True))
+    with_sums = dense._sums_in_k_steps_of(config, dense._sum_block_k(dtype, True), tf32=dtype == torch.float32)
     # That tile is not offered to the prologue's launches, nor is any where RS wgmma is miscompiled (toolchain.py).
     prologue = not dense._tma_prologue_excluded(config) and not toolchain.rs_operand_hazard(device, dtype)
     outs = {}
@@ -844,10 +851,13 @@ def test_mlp_bias_grad_partials_are_bitwise_equal_on_every_tile(device):
 
 def _row_sum_configs(data):
     """The configs the autotuner may pick for a ∂C/∂W matmul that forms ∂C/∂b from this data (K steps of
-    _sum_block_k's, dense._sums_in_k_steps_of); on a GPU, those whose operand tiles, with the prologue's saved
+    _sum_block_k's, dense._sums_in_k_steps_of; float32's with TF32 products or not: the sums' order is the same, and
+    the product's precision does not touch them); on a GPU, those whose operand tiles, with the prologue's saved
     tensor, fit its shared memory (as the autotuner prunes)."""
     block_k = dense._sum_block_k(data.dtype, True)
-    configs = [cfg for cfg in dense.matmul_configs() if dense._sums_in_k_steps_of(cfg, block_k) and _runs_here(cfg)]
+    tf32 = data.dtype == torch.float32
+    configs = [cfg for cfg in dense.matmul_configs()
+               if dense._sums_in_k_steps_of(cfg, block_k, tf32) and _runs_here(cfg)]
     if data is not None and data.is_cuda:
         budget = dense._shared_memory_bytes(data.device.index or 0)
         configs = [cfg for cfg in configs if dense._pipelined_bytes(cfg, data.element_size(), a_tiles=2) <= budget]
@@ -1243,9 +1253,9 @@ def test_warp_specialized_configs_where_triton_partitions_the_loop(monkeypatch):
 
 def test_bias_grad_matmul_configs(monkeypatch):
     """The ∂C/∂W matmul that forms ∂C/∂b tries only K steps the sums take in _sum_block_k steps (the sums' order:
-    SUM_BLOCK_K for 16-bit data, WIDE_SUM_BLOCK_K for float32): BLOCK_K equal to it, or a multiple of it with TMA
-    (STEP_K sub-steps); and BLOCK_N >= 128, the large tile first; the float32 tiles (K steps of WIDE_SUM_BLOCK_K)
-    are offered to float32 launches only."""
+    SUM_BLOCK_K for 16-bit data, WIDE_SUM_BLOCK_K for float32): BLOCK_K equal to it, or a multiple of it (STEP_K
+    sub-steps) with TMA for 16-bit data and with TF32 products for float32; and BLOCK_N >= 128, the large tile
+    first; the float32 tiles (K steps of WIDE_SUM_BLOCK_K) are offered to float32 launches only."""
     monkeypatch.setattr(dense, "_shared_memory_bytes", lambda index: 232448)  # H100
     a16 = torch.empty(4, 4, dtype=torch.bfloat16)
     for activation in ("identity", "relu", "leaky_relu", "gelu", "tanh"):
@@ -1272,6 +1282,19 @@ def test_bias_grad_matmul_configs(monkeypatch):
                                 A_PROLOGUE=True, USE_DOT=True, TMA_OK=True)
     assert all(c.kwargs["BLOCK_K"] == dense.WIDE_SUM_BLOCK_K for c in kept), \
         "float32 ∂C/∂b: no TMA K steps of 64 or 128 (its sums in registers keep K steps of 16)"
+    # TF32 products: the sums still in K steps of WIDE_SUM_BLOCK_K, taken in sub-steps of the tensor cores' longer
+    # K steps (the IEEE FMA loop spilled at those, TF32's wgmma loop does not: compile report --dtype tf32)
+    for prologue in (True, False):
+        kept = dense._prune_configs(dense.matmul_configs(), {"a_ptr": a32, "out_ptr": a32}, ROW_SUMS=True,
+                                    A_PROLOGUE=prologue, USE_DOT=True, INPUT_PRECISION="tf32")
+        steps = {c.kwargs["BLOCK_K"] for c in kept}
+        assert all(k % dense.WIDE_SUM_BLOCK_K.value == 0 for k in steps) and max(steps) > dense.WIDE_SUM_BLOCK_K, \
+            f"TF32 ∂C/∂b (prologue {prologue}): K steps of multiples of WIDE_SUM_BLOCK_K, some longer: {steps}"
+        assert all(c.kwargs["BLOCK_N"] >= 128 for c in kept), f"TF32 ∂C/∂b (prologue {prologue}): BLOCK_N"
+        ieee = dense._prune_configs(dense.matmul_configs(), {"a_ptr": a32, "out_ptr": a32}, ROW_SUMS=True,
+                                    A_PROLOGUE=prologue, USE_DOT=True, INPUT_PRECISION="ieee")
+        assert {c.kwargs["BLOCK_K"] for c in ieee} == {dense.WIDE_SUM_BLOCK_K.value}, \
+            f"IEEE float32 ∂C/∂b (prologue {prologue}): K steps of WIDE_SUM_BLOCK_K only"
     short = lambda configs: [c for c in configs if c.kwargs["BLOCK_K"] == dense.WIDE_SUM_BLOCK_K]  # noqa: E731
     assert short(dense._prune_configs(dense.matmul_configs(), {"a_ptr": a32})), "float32 matmuls may take them"
     assert not short(dense._prune_configs(dense.matmul_configs(), {"a_ptr": a16})), "16-bit ones never"

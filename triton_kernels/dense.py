@@ -103,7 +103,8 @@ SAVED_F_PRIME = tl.constexpr(2)  # f'(Z) itself, written by the forward epilogue
 # the order of the sum the same on all of them (_sum_block_k). 16-bit data: the tensor cores' ones-MMA per K step.
 SUM_BLOCK_K = tl.constexpr(2 ** 6)
 # float32 and float64: running sums per column of the step, then a fixed tree over them; a short step, as the
-# FMA loop of float32's IEEE products wants (K steps of 64 spilled 2.5 KB per thread there; compile report).
+# FMA loop of float32's IEEE products wants (K steps of 64 spilled 2.5 KB per thread there; compile report). With
+# TF32 products the loop takes K steps of 32 and 64 in steps of it (_sums_in_k_steps_of), the same sums.
 WIDE_SUM_LEVELS = tl.constexpr(4)  # of the tree
 WIDE_SUM_BLOCK_K = tl.constexpr(2 ** 4)
 # The launchers pass EVEN_K (unmasked K steps) where K is a multiple of this, which every BLOCK_K of a pointer
@@ -703,17 +704,20 @@ def _k_range(
     # (TMA loads need no mask: EVEN_K is read by the pointer loads only)
     tl.static_assert(TMA or not EVEN_K or EVEN_K_STEP % BLOCK_K == 0, "EVEN_K pointer loads need BLOCK_K | EVEN_K_STEP")
     tl.static_assert(BLOCK_K % STEP_K == 0, "BLOCK_K is a multiple of the loop's K step")
-    tl.static_assert(TMA or BLOCK_K == STEP_K, "pointer loads take each BLOCK_K in one step")
     # Rows and columns past the edge are wrapped onto valid ones (Triton's matmul tutorial): the main
     # loop then masks only K (not at all with EVEN_K), and what they compute is never stored.
     rows = offs_m % M
     cols = offs_n % N
     if TMA:  # the descriptors take the tiles' places; nothing walks
         a_at, b_at, s_at = a_src, b_src, s_src
+        a_step = 0  # unused: the steps' tiles are the descriptors' to find
+        b_step = 0
+        s_step = 0
     else:
         start = tl.cast(k_first, tl.int64) * BLOCK_K  # the first column of K this range reads
         a_at = a_src + rows[:, None] * stride_am + (start + offs_k)[None, :] * stride_ak
         b_at = b_src + (start + offs_k)[:, None] * stride_bk + cols[None, :] * stride_bn
+        # One step of STEP_K; the loop advances by BLOCK_K, its steps of STEP_K offset from there (_k_step).
         a_step = tl.cast(stride_ak, tl.int64) * STEP_K
         b_step = tl.cast(stride_bk, tl.int64) * STEP_K
         # The prologue's saved tensor walks along with A (used only with a prologue).
@@ -728,22 +732,22 @@ def _k_range(
     if WARP_SPECIALIZE:
         for k in tl.range(k_first, k_last, warp_specialize=True):
             acc, running, row_sums = _k_step(
-                k, k_last, acc, running, row_sums, a_at, b_at, s_at, offs_k, offs_m, pid_m,
+                k, k_last, acc, running, row_sums, a_at, b_at, s_at, a_step, b_step, s_step, offs_k, offs_m, pid_m,
                 pid_n, chunk_sum_ptr, M, K, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, ROW_SUMS, STORE_CHUNK_SUMS,
                 SUMS_BY_MMA, USE_DOT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K, A_TRANSPOSED, B_TRANSPOSED,
                 TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
     else:
         for k in range(k_first, k_last):
             acc, running, row_sums = _k_step(
-                k, k_last, acc, running, row_sums, a_at, b_at, s_at, offs_k, offs_m, pid_m,
+                k, k_last, acc, running, row_sums, a_at, b_at, s_at, a_step, b_step, s_step, offs_k, offs_m, pid_m,
                 pid_n, chunk_sum_ptr, M, K, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, ROW_SUMS, STORE_CHUNK_SUMS,
                 SUMS_BY_MMA, USE_DOT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STEP_K, A_TRANSPOSED, B_TRANSPOSED,
                 TMA, EVEN_K, PACKED_PAIRS, INLINE_PTX)
             if not TMA:  # the pointers past this K step
-                a_at += a_step
-                b_at += b_step
+                a_at += a_step * (BLOCK_K // STEP_K)
+                b_at += b_step * (BLOCK_K // STEP_K)
                 if ACTIVATION != act.IDENTITY:
-                    s_at += s_step
+                    s_at += s_step * (BLOCK_K // STEP_K)
     return acc, row_sums
 
 
@@ -752,6 +756,7 @@ def _k_step(
     k, k_last,  # this BLOCK_K step, and the range's end (a chunk's sums end at it)
     acc, running, row_sums,  # the accumulator, the current chunk's running sums, the row sums: carried
     a_at, b_at, s_at,  # where this step's tiles of A, B and the saved tensor are: pointers, or with TMA descriptors
+    a_step, b_step, s_step,  # the pointers' distance along K between steps of STEP_K (unused with TMA)
     offs_k, offs_m, pid_m, pid_n, chunk_sum_ptr, M, K,
     ACTIVATION: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, SAVED_KIND: tl.constexpr, ROW_SUMS: tl.constexpr,
     STORE_CHUNK_SUMS: tl.constexpr, SUMS_BY_MMA: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -759,8 +764,8 @@ def _k_step(
     A_TRANSPOSED: tl.constexpr, B_TRANSPOSED: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr,
     PACKED_PAIRS: tl.constexpr, INLINE_PTX: tl.constexpr,
 ):
-    """One BLOCK_K step of _k_range's loop (its docstring): (acc, running, row_sums) after it. With TMA in
-    BLOCK_K // STEP_K steps of STEP_K; the pointer loads in one (_k_range advances them)."""
+    """One BLOCK_K step of _k_range's loop (its docstring): (acc, running, row_sums) after it, in BLOCK_K // STEP_K
+    steps of STEP_K (with pointers, each step's loads offset from the BLOCK_K step's: _k_range advances them)."""
     steps: tl.constexpr = SUM_CHUNK_K.value // BLOCK_K  # K steps per chunk (an int: the interpreter's k is one)
     if ROW_SUMS:
         # A chunk's first K step starts its sums from zero, a select just before its add (the ones-MMA). Zeroed
@@ -774,12 +779,12 @@ def _k_step(
             a = _descriptor_tile(a_at, pid_m * BLOCK_M, k_step * STEP_K, A_TRANSPOSED)
         else:
             mask_k = _k_step_mask(offs_k, k_step, K, STEP_K, EVEN_K)
-            a = tl.load(a_at, mask=mask_k[None, :], other=0.0)
+            a = tl.load(a_at + step * a_step, mask=mask_k[None, :], other=0.0)
         if ACTIVATION != act.IDENTITY:
             if TMA:
                 saved = _descriptor_tile(s_at, pid_m * BLOCK_M, k_step * STEP_K, A_TRANSPOSED)
             else:
-                saved = tl.load(s_at, mask=mask_k[None, :], other=0.0)
+                saved = tl.load(s_at + step * s_step, mask=mask_k[None, :], other=0.0)
             # δ = G ⊙ f'(saved) for this tile, rounded to the data dtype as a stored δ would be.
             a = _prologue_factor(a, saved, ACTIVATION, NEGATIVE_SLOPE, SAVED_KIND, acc.dtype, PACKED_PAIRS)
         if ROW_SUMS:  # δ as rounded for the product: eager sums a stored δ (fewer instructions than unrounded)
@@ -787,7 +792,7 @@ def _k_step(
         if TMA:
             b = _descriptor_tile(b_at, k_step * STEP_K, pid_n * BLOCK_N, B_TRANSPOSED)
         else:
-            b = tl.load(b_at, mask=mask_k[:, None], other=0.0)
+            b = tl.load(b_at + step * b_step, mask=mask_k[:, None], other=0.0)
         acc = _tile_dot(a, b, acc, USE_DOT, INPUT_PRECISION)
     if ROW_SUMS:
         # the chunk's last K step: its sums are finished (`or`, not `|`: in Triton 3.3's interpreter k is a Python
@@ -1192,7 +1197,8 @@ def _prune_configs(configs, named_args, **kwargs):
     if flag("ROW_SUMS"):
         # BLOCK_N < 128 repeats δ and its sums for few output columns: spills and 2.5x the loop's issue pressure.
         block_k = _sum_block_k(named_args.get("out_ptr", a).dtype, flag("USE_DOT") or "USE_DOT" not in kwargs)
-        configs = [cfg for cfg in configs if _sums_in_k_steps_of(cfg, block_k) and cfg.kwargs["BLOCK_N"] >= 128]
+        tf32 = kwargs.get("INPUT_PRECISION") == "tf32"
+        configs = [cfg for cfg in configs if _sums_in_k_steps_of(cfg, block_k, tf32) and cfg.kwargs["BLOCK_N"] >= 128]
     if not flag("A_PROLOGUE"):  # K steps over 64 are for the prologue's launches (matmul_configs)
         configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] <= 64]
     else:
@@ -1212,13 +1218,15 @@ def _for_element_size(configs, element_size: int) -> list:
                                                if cfg.kwargs["BLOCK_K"] != WIDE_SUM_BLOCK_K.value]
 
 
-def _sums_in_k_steps_of(config, block_k: int) -> bool:
+def _sums_in_k_steps_of(config, block_k: int, tf32: bool = False) -> bool:
     """Whether a launch forming ∂C/∂b (ROW_SUMS) in K steps of block_k (_sum_block_k) may take this config: its
-    BLOCK_K, or where the tensor cores sum (block_k == SUM_BLOCK_K) a TMA config with a multiple of it (the loop
-    takes each BLOCK_K in steps of block_k, _grad_weight_kernel's STEP_K: the same sums; TMA's zero fill needs no mask
-    for a step past K). Not float32's sums in registers: no compile report of theirs at longer K steps."""
+    BLOCK_K, or a multiple of it that the loop takes in steps of block_k (_grad_weight_kernel's STEP_K, _k_step: the
+    same sums in the same order) where that was compiled and kept the loop lean: a TMA config where the tensor cores
+    sum (block_k == SUM_BLOCK_K; TMA's zero fill needs no mask for a step past K), and with tf32 (TF32 products,
+    float32's sums in registers) any config. Not IEEE float32's FMA loop: K steps over 16 spilled there."""
     k = config.kwargs
-    wider = block_k == SUM_BLOCK_K.value and bool(k.get("TMA", False)) and k["BLOCK_K"] % block_k == 0
+    wider = k["BLOCK_K"] % block_k == 0 and (
+        (block_k == SUM_BLOCK_K.value and bool(k.get("TMA", False))) or (tf32 and block_k == WIDE_SUM_BLOCK_K.value))
     return k["BLOCK_K"] == block_k or wider
 
 
@@ -1320,8 +1328,8 @@ def _prune_role(kernel: str, configs, named_args, **kwargs):
     kernel forms δ in its loads."""
     left, out = MATMUL_KERNELS[kernel]
     prologue = kernel == "_grad_x_kernel" or (kernel in _GRAD_WEIGHT_KERNELS and kwargs.get("ACTIVATION", 0) != 0)
-    flags = {name: kwargs[name] for name in ("TMA_OK", "WARP_SPECIALIZE_OK", "USE_DOT", "ROW_SUMS", "WRITE_PARTIALS")
-             if name in kwargs}
+    flags = {name: kwargs[name] for name in ("TMA_OK", "WARP_SPECIALIZE_OK", "USE_DOT", "INPUT_PRECISION", "ROW_SUMS",
+                                             "WRITE_PARTIALS") if name in kwargs}
     return _prune_configs(configs, {"a_ptr": named_args[left], "out_ptr": named_args[out]}, A_PROLOGUE=prologue,
                           **flags)
 

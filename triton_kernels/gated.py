@@ -437,9 +437,10 @@ def matmul_configs(role: str, element_size: int, tf32: bool = False) -> list:
 # per-step costs for two TF32 MMAs a step (issue pressure up to 0.80 in the stored plan, 0.65 forward): the forward at
 # 128x128x64 (2 stages), 128x128x32 and 64x128x32 in 4 epilogue slices (whole tiles spilled 1.1-1.3 KB with gelu_tanh
 # and both biases, 2 slices 108-200); ∂C/∂X and ∂C/∂W at 128x128 with K steps of 32 and 16 (64 spilled 100-300 bytes
-# with δ in the loads, 64x256x32 16-300); ∂C/∂W + ∂C/∂b keeps K steps of 16, and at 128x128x16 spills 4 bytes with δ in
-# the loads (gelu_tanh; none stored). Rows of 64 at least: 32-row tiles compile to mma.sync, not wgmma (the forward's
-# spilled 4).
+# with δ in the loads, 64x256x32 16-300); ∂C/∂W + ∂C/∂b takes them all, K steps of 32 in two of SUM_STEP (no spill at
+# 128x128x32, which 16-bit data's sums spilled at; issue pressure 0.43 stored against 0.48 at 128x128x16), and at
+# 128x128x16 spills 4 bytes with δ in the loads (gelu_tanh; none stored). Rows of 64 at least: 32-row tiles compile to
+# mma.sync, not wgmma (the forward's spilled 4).
 _CONFIGS = {
     "gated_forward": {
         2: [(128, 128, 64, 8, 3, 4), (64, 256, 64, 8, 3, 4), (128, 128, 32, 8, 4, 2), (64, 128, 64, 4, 4, 4),
@@ -471,12 +472,15 @@ _OPERAND_TILES = {"gated_forward": (1, 2), "gated_grad_x": (3, 2), "gated_grad_w
 
 def _prune_configs(role: str, configs, named_args, **kwargs):
     """A role's configs whose pipelined operand tiles fit in the GPU's shared memory, for a ∂C/∂W launch that sums
-    ∂C/∂b those whose K step is SUM_STEP; the last where none fits."""
+    ∂C/∂b those whose K step is SUM_STEP (with TF32 products a multiple of it); the last where none fits."""
     x = next(a for a in named_args.values() if isinstance(a, torch.Tensor))  # the first operand: the data's dtype
     budget = dense._shared_memory_bytes(x.device.index or 0)
     if any(kwargs.get(name, named_args.get(name, False)) for name in ("WANT_GATE_BIAS", "WANT_UP_BIAS")):
-        # any multiple of SUM_STEP gives the same sums; longer K steps, taken in steps of it, spilled (_CONFIGS)
-        configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] == SUM_STEP.value] or configs
+        # any multiple of SUM_STEP gives the same sums; longer K steps, taken in steps of it, spilled but with TF32
+        # products (_CONFIGS)
+        tf32 = kwargs.get("INPUT_PRECISION") == "tf32"
+        configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] == SUM_STEP.value
+                   or (tf32 and cfg.kwargs["BLOCK_K"] % SUM_STEP.value == 0)] or configs
     left, right = _OPERAND_TILES[role]
     left -= bool(kwargs.get("DELTAS_STORED", named_args.get("DELTAS_STORED", False)))
     kept = [cfg for cfg in configs if dense._pipelined_bytes(cfg, x.element_size(), left, right) <= budget]
