@@ -478,7 +478,7 @@ def _prune_configs(role: str, configs, named_args, **kwargs):
     if any(kwargs.get(name, named_args.get(name, False)) for name in ("WANT_GATE_BIAS", "WANT_UP_BIAS")):
         # any multiple of SUM_STEP gives the same sums; longer K steps, taken in steps of it, spilled but with TF32
         # products (_CONFIGS)
-        tf32 = kwargs.get("INPUT_PRECISION") == "tf32"
+        tf32 = kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION")) == "tf32"
         configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] == SUM_STEP.value
                    or (tf32 and cfg.kwargs["BLOCK_K"] % SUM_STEP.value == 0)] or configs
     left, right = _OPERAND_TILES[role]
