@@ -116,7 +116,8 @@ def configs_for(gated, dense, role, args, kwargs, arch, sweep, dtype):
     """The configs the autotuner could pick for this launch on the target (pruned as it prunes), or the sweep's
     (sweep: True, or a list of (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages))."""
     configs = (sweep_configs(dtype, role, sweep if isinstance(sweep, list) else None) if sweep
-               else gated.matmul_configs(role, dtype.itemsize, kwargs.get("INPUT_PRECISION") == "tf32"))
+               else gated.matmul_configs(role, dtype.itemsize, kwargs.get("INPUT_PRECISION") == "tf32",
+                                         kwargs.get("DELTAS_STORED", False)))
     budget = 1 << 30 if sweep else report.SHARED_MEMORY.get(arch, report.SHARED_MEMORY[80])
     saved = dense._shared_memory_bytes
     dense._shared_memory_bytes = lambda index: budget

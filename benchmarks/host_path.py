@@ -87,8 +87,8 @@ def stub_kernels():
             gated_tuners[role, size] = _NoLaunch(getattr(gated, name), best_config=gated.matmul_configs(role, size)[0])
     for name in (*gated._KERNELS.values(), "_gate_kernel", "_gated_tangent_kernel"):
         setattr(gated, name, _NoLaunch(getattr(gated, name)))
-    gated._autotuned = lambda role, element_size, tf32=False: gated_tuners[role, element_size]
-    gated._fixed_tile = lambda role, dtype, use_dot, tf32=False: None  # the autotuned tiles, as on a GPU
+    gated._autotuned = lambda role, element_size, tf32=False, stored=False: gated_tuners[role, element_size]
+    gated._fixed_tile = lambda role, dtype, use_dot, tf32=False, stored=False: None  # the autotuned tiles, as on a GPU
     real_build = launch.build
 
     def build(*args, **kwargs):  # ... whose plans keep the compiled launcher, as on an NVIDIA GPU

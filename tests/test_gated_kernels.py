@@ -52,15 +52,16 @@ def _every_config():
         return [pytest.param(None, None, None, marks=pytest.mark.skip(reason=f"no triton kernels: {error}"))]
     # the backward roles in both plans for δ_g, δ_u: formed in their loads, and stored (gated.gated_backward); TF32's
     # tiles run here with float32 data too (its products IEEE in the interpreter, TF32 where a GPU allows it)
+    # (and the stored plan's tiles of its own, gated._STORED_CONFIGS, in that plan)
     kinds = {"16bit": (2, False), "32bit": (4, False), "tf32": (4, True)}
-    configs = {}  # (role, tile id) -> (config, kind): a tile two kinds share, once
+    configs = {}  # (role, tile id, plan) -> (config, kind): a tile two kinds share, once
     for role in ROLES:
-        for kind, (size, tf32) in kinds.items():
-            for cfg in gated.matmul_configs(role, size, tf32):
-                configs.setdefault((role, _config_id(role, cfg)), (cfg, kind))
+        for plan in ((False,) if role == "gated_forward" else (False, True)):
+            for kind, (size, tf32) in kinds.items():
+                for cfg in gated.matmul_configs(role, size, tf32, stored=plan):
+                    configs.setdefault((role, _config_id(role, cfg), plan), (cfg, kind))
     return [pytest.param(role, cfg, plan, id=f"{name}-{kind}{'-stored' if plan else ''}")
-            for (role, name), (cfg, kind) in configs.items()
-            for plan in ((False,) if role == "gated_forward" else (False, True))]
+            for (role, name, plan), (cfg, kind) in configs.items()]
 
 
 def require_autotuner(gated, role="gated_forward", element_size=4, tf32=False):
@@ -109,8 +110,8 @@ def test_every_autotune_config_is_correct(role, config, stored, monkeypatch):
     tile = dict(config.kwargs)
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     fixed = gated._fixed_tile
-    monkeypatch.setattr(gated, "_fixed_tile", lambda r, dtype, use_dot, tf32=False: (dict(tile), dict(options))
-                        if r == role else fixed(r, dtype, use_dot, tf32))
+    monkeypatch.setattr(gated, "_fixed_tile", lambda r, dtype, use_dot, tf32=False, stored_=False: (
+        dict(tile), dict(options)) if r == role else fixed(r, dtype, use_dot, tf32, stored_))
     M, K, N = 150, 140, 270  # rows, hidden (K), intermediate (N = I): over 2 steps of BLOCK_K = 64 each way
     activation = "gelu_tanh" if role == "gated_grad_x" else "silu"
     act = manualbp.get_activation(activation)
@@ -355,24 +356,26 @@ def test_pruning_keeps_the_tiles_that_fit():
     saved = dense._shared_memory_bytes
     try:
         for role in ROLES:
-            for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False),
-                                (torch.float16, False)):
-                configs = gated.matmul_configs(role, dtype.itemsize, tf32)
+            for (dtype, tf32), stored in itertools.product(
+                    ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.float16, False)),
+                    (False, True) if role != "gated_forward" else (False,)):
+                configs = gated.matmul_configs(role, dtype.itemsize, tf32, stored)
                 x = torch.empty(8, 8, dtype=dtype, device="meta")
+                left, right = gated._OPERAND_TILES[role]
+                left -= stored  # δ_g, δ_u read where G, Z_g, Z_u would be
                 for budget in (232448, 166912):
                     dense._shared_memory_bytes = lambda index, budget=budget: budget
-                    kept = gated._prune_configs(role, configs, {"x_ptr": x})
-                    need = {_config_id(role, cfg): dense._pipelined_bytes(cfg, dtype.itemsize,
-                                                                          *gated._OPERAND_TILES[role])
+                    kept = gated._prune_configs(role, configs, {"x_ptr": x}, DELTAS_STORED=stored)
+                    need = {_config_id(role, cfg): dense._pipelined_bytes(cfg, dtype.itemsize, left, right)
                             for cfg in configs}
-                    label = f"{role} {dtype} {budget // 1024} KiB"
+                    label = f"{role} {dtype} (δ stored {stored}) {budget // 1024} KiB"
                     assert kept, f"{label}: something kept"
                     assert {_config_id(role, cfg) for cfg in kept} == {name for name, n in need.items()
                                                                         if n <= budget}, f"{label}: {need}"
                 dense._shared_memory_bytes = lambda index: 1024
-                kept = gated._prune_configs(role, configs, {"x_ptr": x})
+                kept = gated._prune_configs(role, configs, {"x_ptr": x}, DELTAS_STORED=stored)
                 assert [_config_id(role, cfg) for cfg in kept] == [_config_id(role, configs[-1])], \
-                    f"{role} {dtype}: nothing fits, the last kept"
+                    f"{role} {dtype} (δ stored {stored}): nothing fits, the last kept"
     finally:
         dense._shared_memory_bytes = saved
 
@@ -387,15 +390,17 @@ def test_bias_launches_take_k_steps_of_the_sum_step():
     saved = dense._shared_memory_bytes
     dense._shared_memory_bytes = lambda index: 232448  # an H100's
     try:
-        for dtype in (torch.float16, torch.float32):
-            configs = gated.matmul_configs(role, dtype.itemsize)
+        for dtype, stored in itertools.product((torch.float16, torch.float32), (False, True)):
+            configs = gated.matmul_configs(role, dtype.itemsize, stored=stored)
             x = torch.empty(8, 8, dtype=dtype, device="meta")
             for flags in (dict(WANT_GATE_BIAS=True, WANT_UP_BIAS=False), dict(WANT_GATE_BIAS=False, WANT_UP_BIAS=True)):
-                kept = gated._prune_configs(role, configs, {"x_ptr": x}, **flags)
+                kept = gated._prune_configs(role, configs, {"x_ptr": x}, DELTAS_STORED=stored, **flags)
                 steps = {cfg.kwargs["BLOCK_K"] for cfg in kept}
-                assert steps == {gated.SUM_STEP.value} and len(kept) >= 2, f"{dtype} {flags}: {steps}, {len(kept)}"
-            plain = gated._prune_configs(role, configs, {"x_ptr": x}, WANT_GATE_BIAS=False, WANT_UP_BIAS=False)
-            assert len(plain) == len(configs), f"{dtype} without ∂C/∂b: every config kept"
+                assert steps == {gated.SUM_STEP.value} and len(kept) >= 2, \
+                    f"{dtype} (δ stored {stored}) {flags}: {steps}, {len(kept)}"
+            plain = gated._prune_configs(role, configs, {"x_ptr": x}, DELTAS_STORED=stored, WANT_GATE_BIAS=False,
+                                         WANT_UP_BIAS=False)
+            assert len(plain) == len(configs), f"{dtype} (δ stored {stored}) without ∂C/∂b: every config kept"
         configs = gated.matmul_configs(role, 4, tf32=True)
         x = torch.empty(8, 8, dtype=torch.float32, device="meta")
         kept = gated._prune_configs(role, configs, {"x_ptr": x}, WANT_GATE_BIAS=True, WANT_UP_BIAS=True,
@@ -424,10 +429,12 @@ def test_fixed_tiles(monkeypatch):
     manualbp.config.set(autotune=False)
     for role in ROLES:
         for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, False), (torch.float32, True)):
-            tile, options = gated._fixed_tile(role, dtype, True, tf32)
-            first = gated.matmul_configs(role, dtype.itemsize, tf32)[0]
-            assert tile == first.kwargs and options == dict(num_warps=first.num_warps, num_stages=first.num_stages), \
-                f"{role} {dtype} (TF32 {tf32}), autotune off: the first config"
+            for stored in (False, True):
+                tile, options = gated._fixed_tile(role, dtype, True, tf32, stored)
+                first = gated.matmul_configs(role, dtype.itemsize, tf32, stored)[0]
+                assert tile == first.kwargs and \
+                    options == dict(num_warps=first.num_warps, num_stages=first.num_stages), \
+                    f"{role} {dtype} (TF32 {tf32}, δ stored {stored}), autotune off: the first config"
 
 
 def test_tf32_launches_autotune_among_the_tf32_tiles(monkeypatch):
@@ -446,12 +453,37 @@ def test_tf32_launches_autotune_among_the_tf32_tiles(monkeypatch):
             monkeypatch.setattr(dense, "_input_precision", lambda dtype_, device, p=precision: p)
             like = torch.empty(4, 4, dtype=dtype, device="meta")
             plan = gated._matmul_plan(role, dict(zip(gated._FLAG_NAMES[role], flags[role])), like, True, 4, 4)
-            expected = [_config_id(role, cfg) for cfg in gated.matmul_configs(role, dtype.itemsize, tf32)]
+            stored = role != "gated_forward"  # the flags above store δ_g, δ_u
+            expected = [_config_id(role, cfg) for cfg in gated.matmul_configs(role, dtype.itemsize, tf32, stored)]
             assert plan["constexprs"]["INPUT_PRECISION"] == precision, f"{role} {dtype} {precision}: its precision"
             assert [_config_id(role, cfg) for cfg in plan["tuner"].configs] == expected, \
                 f"{role} {dtype} {precision}: the autotuner of its tiles"
     assert gated.matmul_configs("gated_forward", 4, True) != gated.matmul_configs("gated_forward", 4), \
         "TF32 has tiles of its own"
+
+
+def test_stored_plan_launches_autotune_among_their_tiles(monkeypatch):
+    """The backward's 16-bit launches autotune among the tiles of their plan for δ_g, δ_u: stored (DELTAS_STORED,
+    gated._STORED_CONFIGS: longer K steps) or formed in the loads, one autotuner each; float32's share theirs (the
+    plan's make, gated._matmul_plan, asked on a GPU's rule; nothing launched)."""
+    dense, gated, _ = _modules()
+    require_autotuner(gated, "gated_grad_x", 2)
+    monkeypatch.setattr(dense, "is_interpreted", lambda: False)  # the GPU's rule: autotune
+    manualbp.config.set(autotune=True)
+    flags = {"gated_grad_x": lambda stored: (5, 0.0, stored),
+             "gated_grad_weight": lambda stored: (5, 0.0, stored, True, True, False, False)}
+    for role, flags_of in flags.items():
+        tuned = {}
+        for dtype, stored in itertools.product((torch.bfloat16, torch.float32), (False, True)):
+            like = torch.empty(4, 4, dtype=dtype, device="meta")
+            plan = gated._matmul_plan(role, dict(zip(gated._FLAG_NAMES[role], flags_of(stored))), like, True, 4, 4)
+            tuned[dtype, stored] = [_config_id(role, cfg) for cfg in plan["tuner"].configs]
+            expected = [_config_id(role, cfg) for cfg in gated.matmul_configs(role, dtype.itemsize, False, stored)]
+            assert tuned[dtype, stored] == expected, f"{role} {dtype} δ stored {stored}: the autotuner of its tiles"
+        assert tuned[torch.bfloat16, True] != tuned[torch.bfloat16, False], f"{role}: 16-bit stored tiles of its own"
+        assert any(_config_id(role, cfg).split("-")[1].endswith(("x64", "x128"))
+                   for cfg in gated.matmul_configs(role, 2, stored=True)), f"{role}: stored, longer K steps"
+        assert tuned[torch.float32, True] == tuned[torch.float32, False], f"{role}: float32's tiles in both plans"
 
 
 def test_every_launch_states_its_compile_options(monkeypatch):
@@ -477,14 +509,14 @@ def test_every_launch_states_its_compile_options(monkeypatch):
 
 
 def _bias_sum_tiles(dtype):
-    """Every tile a ∂C/∂W launch of this dtype may take: the role's configs (on a GPU the dtype's own, float32's
-    TF32 tiles too, pruned by shared memory as the autotuner prunes; in the interpreter every kind's and the fixed
-    tiles too)."""
+    """Every tile a ∂C/∂W launch of this dtype may take: the role's configs in both plans (on a GPU the dtype's own,
+    float32's TF32 tiles too, pruned by shared memory as the autotuner prunes; in the interpreter every kind's and the
+    fixed tiles too)."""
     dense, gated, _ = _modules()
     role = "gated_grad_weight"
     sizes = (dtype.itemsize,) if DEVICE.type == "cuda" and dtype != torch.float64 else (2, 4)
     configs = [cfg for size in sizes for tf32 in ((False, True) if size == 4 else (False,))
-               for cfg in gated.matmul_configs(role, size, tf32)]
+               for stored in (False, True) for cfg in gated.matmul_configs(role, size, tf32, stored)]
     if dense.is_interpreted():
         configs += [_fixed_tile_config(dict(tile, GROUP_M=4)) for tile in (
             dense._INTERPRETER_CONFIG, dense._FP64_CONFIG, dense._FP64_FMA_CONFIG)]
@@ -555,8 +587,8 @@ def test_bias_grads_are_bitwise_equal_on_every_tile(activation, dtype, monkeypat
     for config in _bias_sum_tiles(dtype):
         tile = dict(config.kwargs)
         options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-        monkeypatch.setattr(gated, "_fixed_tile", lambda r, dtype_, use_dot, tf32=False: (dict(tile), dict(options))
-                            if r == role else fixed(r, dtype_, use_dot, tf32))
+        monkeypatch.setattr(gated, "_fixed_tile", lambda r, dtype_, use_dot, tf32=False, stored=False: (
+            dict(tile), dict(options)) if r == role else fixed(r, dtype_, use_dot, tf32, stored))
         for (plan_name, (operands, flags)), (wants, label) in itertools.product(
                 plans.items(), (((True,) * 4, "with ∂W"), ((False, False, True, True), "alone"))):
             launch.PLANS.clear()  # the tile is not in the plan's key: a new plan for each

@@ -403,11 +403,12 @@ def _gated_tangent_kernel(
 _ELEMENTWISE_BLOCK = {"BLOCK_M": 32, "BLOCK_N": 32}
 
 
-def matmul_configs(role: str, element_size: int, tf32: bool = False) -> list:
+def matmul_configs(role: str, element_size: int, tf32: bool = False, stored: bool = False) -> list:
     """The tiles the GPU autotuner tries for one gated matmul kernel (role: "gated_forward", "gated_grad_x",
     "gated_grad_weight") on data of this element size (2: float16, bfloat16; 4: float32, with IEEE products, or
-    with tf32 TF32 products), in the matmul's names: output tile [BLOCK_M, BLOCK_N], K step BLOCK_K; the forward's
-    EPILOGUE_SPLIT column slices of its epilogue.
+    with tf32 TF32 products), for the backward's roles with δ_g, δ_u formed in the loads or stored (DELTAS_STORED:
+    16-bit data has tiles of its own there, _STORED_CONFIGS), in the matmul's names: output tile [BLOCK_M, BLOCK_N],
+    K step BLOCK_K; the forward's EPILOGUE_SPLIT column slices of its epilogue.
 
     Chosen with benchmarks/compile_report_gated.py (sm_90, Triton 3.9; compiler figures, not timings;
     docs/compile-report.md): 16-bit data's and TF32's have wgmma in their main loops, and none spills at any
@@ -416,8 +417,9 @@ def matmul_configs(role: str, element_size: int, tf32: bool = False) -> list:
     c = triton.Config
     split = role == "gated_forward"  # EPILOGUE_SPLIT: the forward's column slices of the gating epilogue
     kind = "tf32" if tf32 else element_size
+    tiles = (stored and _STORED_CONFIGS.get(role, {}).get(kind)) or _CONFIGS[role][kind]
     return [c(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, **(dict(EPILOGUE_SPLIT=e) if split else {})),
-              num_warps=w, num_stages=st) for m, n, k, w, st, e in _CONFIGS[role][kind]]
+              num_warps=w, num_stages=st) for m, n, k, w, st, e in tiles]
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, EPILOGUE_SPLIT or None) per role and element size: matmul_configs.
@@ -464,6 +466,27 @@ _CONFIGS = {
                  (64, 64, 16, 4, 3, None)],
     },
 }
+# The backward's 16-bit tiles where δ_g, δ_u are stored (DELTAS_STORED: the plan above dense.PROLOGUE_MAX_K, and the
+# only one on toolchains with the RS hazard, toolchain.py): the fused plan's tiles and two with longer K steps, which
+# its loops (two operand tiles fewer to load, nothing to form) take where the loads' δ spilled. From a sweep
+# (compile_report_gated.py --sweep --only "δ stored", bf16, sm_90, Triton 3.9.0 and 3.6.0): best issue pressure
+# 0.31 -> 0.24 / 0.21 for ∂C/∂X at 128x256x64 in 2 stages, 0.47 -> 0.28 / 0.26 for ∂C/∂W at 128x128x128, no spill
+# (128x256 spilled 1.7 KB in ∂C/∂W, its two accumulators; 64x256 took 65 bar.sync an iteration in ∂C/∂X). A superset
+# of the fused plan's: the autotuner's pick is as fast or faster, for two more compiles per key. ∂C/∂W + ∂C/∂b keeps
+# the K steps of SUM_STEP (_prune_configs; its ones-products in steps of 16 inside longer K steps compiled to 6-30
+# bar.sync an iteration).
+_STORED_CONFIGS = {
+    "gated_grad_x": {
+        2: [(128, 128, 32, 8, 4, None), (128, 256, 64, 8, 2, None), (128, 256, 32, 8, 3, None),
+            (128, 128, 64, 8, 2, None), (64, 128, 32, 4, 4, None), (128, 64, 32, 4, 4, None),
+            (64, 64, 64, 4, 4, None)],
+    },
+    "gated_grad_weight": {
+        2: [(128, 128, 16, 8, 4, None), (128, 128, 128, 8, 2, None), (128, 128, 64, 8, 3, None),
+            (64, 256, 32, 8, 4, None), (64, 256, 16, 8, 4, None), (64, 128, 32, 8, 4, None),
+            (64, 64, 32, 4, 4, None), (64, 64, 16, 4, 4, None)],
+    },
+}
 # Operand tiles each role pipelines per K step: [BLOCK_M, BLOCK_K] ones (X; G, Z_g, Z_u) and [BLOCK_K, BLOCK_N]
 # ones (the weights; X), for the shared-memory budget of _prune_configs; with DELTAS_STORED one fewer of the first
 # (δ_g, δ_u for G, Z_g, Z_u).
@@ -500,17 +523,17 @@ _TUNING_KEYS = {
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(role: str, element_size: int, tf32: bool = False):
+def _autotuned(role: str, element_size: int, tf32: bool = False, stored: bool = False):
     # Built on first use, never at import (dense._autotuned_matmul: some Triton releases query the driver here).
-    return triton.autotune(configs=matmul_configs(role, element_size, tf32), key=_TUNING_KEYS[role],
+    return triton.autotune(configs=matmul_configs(role, element_size, tf32, stored), key=_TUNING_KEYS[role],
                            prune_configs_by={"early_config_prune": functools.partial(_prune_configs, role)},
                            **dense.autotune_options())(globals()[_KERNELS[role]])
 
 
-def _fixed_tile(role: str, dtype: torch.dtype, use_dot: bool, tf32: bool = False):
+def _fixed_tile(role: str, dtype: torch.dtype, use_dot: bool, tf32: bool = False, stored: bool = False):
     """(tile, launch options) where no autotuning happens, or None where the GPU autotuner picks: the dense
-    layer's interpreter and float64 tiles; on a GPU with autotune off, the role's first config for the dtype (and
-    TF32 products or not)."""
+    layer's interpreter and float64 tiles; on a GPU with autotune off, the role's first config for the dtype (TF32
+    products or not, δ_g, δ_u stored or not)."""
     fp64 = dtype == torch.float64
     if fp64 or not use_dot or dense.is_interpreted():
         dense_tile, launch_options = dense._fixed_config(fp64, use_dot)
@@ -520,7 +543,7 @@ def _fixed_tile(role: str, dtype: torch.dtype, use_dot: bool, tf32: bool = False
         return tile, launch_options
     if dense.autotune_enabled():
         return None
-    config = matmul_configs(role, dtype.itemsize, tf32)[0]
+    config = matmul_configs(role, dtype.itemsize, tf32, stored)[0]
     return dict(config.kwargs), dict(num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -605,12 +628,13 @@ def _matmul_plan(role: str, flags: dict, like: torch.Tensor, use_dot: bool, rows
     common = dict(interpreted=dense.is_interpreted(), compiled_ok=dense._inline_ptx(like.device),
                   device_index=like.device.index)
     tf32 = constexprs["INPUT_PRECISION"] == "tf32"  # TF32 tiles: K-major operands (_k_major), wider K steps
-    fixed = _fixed_tile(role, like.dtype, use_dot, tf32)
+    stored = flags.get("DELTAS_STORED", False)  # the backward's plan: its tiles (_STORED_CONFIGS)
+    fixed = _fixed_tile(role, like.dtype, use_dot, tf32, stored)
     if fixed is None:
         def grid(meta):
             return (dense._cdiv(rows, meta["BLOCK_M"]) * dense._cdiv(columns, meta["BLOCK_N"]),)
 
-        tuner = _autotuned(role, like.element_size(), tf32)
+        tuner = _autotuned(role, like.element_size(), tf32, stored)
         return dict(fn=tuner.fn, tuner=tuner, constexprs=constexprs, grid=grid, **common)
     tile, launch_options = fixed
     grid = (dense._cdiv(rows, tile["BLOCK_M"]) * dense._cdiv(columns, tile["BLOCK_N"]),)
