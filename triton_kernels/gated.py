@@ -426,6 +426,8 @@ def matmul_configs(role: str, element_size: int, tf32: bool = False, stored: boo
 # From the sweep of benchmarks/compile_report_gated.py (sm_90, bf16, silu / gelu / gelu_tanh with biases):
 # - forward: two [BLOCK_M, BLOCK_N] float32 accumulators; the gating of a whole 128x128 tile spilled 56-104 bytes
 #   (gelu, gelu_tanh), in 2-4 column slices none; 256x128 and 128x256 tiles spill over a kilobyte at any split.
+#   K steps of 128 at 128x128 in 2 stages: issue pressure 0.24-0.27 against 128x128x64's 0.32-0.35 (3.6.0: 0.22
+#   against 0.31), no spill in 4 slices (added 2026-12-08).
 # - ∂C/∂X: one accumulator, δ_g and δ_u formed from three loaded tiles as wgmma's register operands: K steps of 32
 #   (64 spilled 12-420 bytes at 128x128, 64x128 and 128x64 tiles).
 # - ∂C/∂W: two accumulators and the δᵀ tiles, plus both bias sums: 128x128x32 spilled 4 bytes (gelu_tanh with
@@ -445,8 +447,8 @@ def matmul_configs(role: str, element_size: int, tf32: bool = False, stored: boo
 # mma.sync, not wgmma (the forward's spilled 4).
 _CONFIGS = {
     "gated_forward": {
-        2: [(128, 128, 64, 8, 3, 4), (64, 256, 64, 8, 3, 4), (128, 128, 32, 8, 4, 2), (64, 128, 64, 4, 4, 4),
-            (64, 64, 64, 4, 4, 1)],
+        2: [(128, 128, 64, 8, 3, 4), (128, 128, 128, 8, 2, 4), (64, 256, 64, 8, 3, 4), (128, 128, 32, 8, 4, 2),
+            (64, 128, 64, 4, 4, 4), (64, 64, 64, 4, 4, 1)],
         4: [(64, 128, 16, 8, 3, 1), (128, 64, 16, 8, 3, 1), (64, 64, 16, 8, 3, 1)],
         "tf32": [(128, 128, 32, 8, 3, 4), (128, 128, 64, 8, 2, 4), (64, 128, 32, 4, 4, 4), (64, 128, 16, 8, 3, 1)],
     },
