@@ -49,19 +49,32 @@ def _every_config():
     try:
         _, gated, _ = _modules()
     except Exception as error:  # noqa: BLE001 - no Triton: one skipped case, saying why
-        return [pytest.param(None, None, None, marks=pytest.mark.skip(reason=f"no triton kernels: {error}"))]
-    # the backward roles in both plans for δ_g, δ_u: formed in their loads, and stored (gated.gated_backward); TF32's
-    # tiles run here with float32 data too (its products IEEE in the interpreter, TF32 where a GPU allows it)
-    # (and the stored plan's tiles of its own, gated._STORED_CONFIGS, in that plan)
+        return [pytest.param(None, None, None, None, marks=pytest.mark.skip(reason=f"no triton kernels: {error}"))]
+    # the backward roles in both plans for δ_g, δ_u: formed in their loads, and stored (gated.gated_backward), the
+    # stored plan with its own tiles (gated._STORED_CONFIGS); each kind's tiles on its data (_kind_data), where in the
+    # interpreter every kind runs float32 (IEEE), so a tile two kinds share runs once there
     kinds = {"16bit": (2, False), "32bit": (4, False), "tf32": (4, True)}
-    configs = {}  # (role, tile id, plan) -> (config, kind): a tile two kinds share, once
+    configs = {}  # (role, tile id, plan[, kind on a GPU]) -> (config, kind)
     for role in ROLES:
         for plan in ((False,) if role == "gated_forward" else (False, True)):
             for kind, (size, tf32) in kinds.items():
                 for cfg in gated.matmul_configs(role, size, tf32, stored=plan):
-                    configs.setdefault((role, _config_id(role, cfg), plan), (cfg, kind))
-    return [pytest.param(role, cfg, plan, id=f"{name}-{kind}{'-stored' if plan else ''}")
-            for (role, name, plan), (cfg, kind) in configs.items()]
+                    key = (role, _config_id(role, cfg), plan) + ((kind,) if DEVICE.type == "cuda" else ())
+                    configs.setdefault(key, (cfg, kind))
+    return [pytest.param(key[0], cfg, key[2], kind, id=f"{key[1]}-{kind}{'-stored' if key[2] else ''}")
+            for key, (cfg, kind) in configs.items()]
+
+
+def _kind_data(kind: str) -> tuple:
+    """(dtype, float32 matmul precision) a kind of tiles runs on: on a GPU its own data, bfloat16 for the 16-bit
+    tiles, float32 with IEEE products for float32's and with TF32 allowed for TF32's (a 16-bit tile's pipelined
+    float32 operands may not fit in shared memory, and TF32's tiles are chosen for TF32 products); in the
+    interpreter float32 (it has no bfloat16, and computes IEEE products whatever the setting), the precision as
+    it is."""
+    if DEVICE.type != "cuda":
+        return torch.float32, torch.get_float32_matmul_precision()
+    return {"16bit": (torch.bfloat16, "highest"), "32bit": (torch.float32, "highest"),
+            "tf32": (torch.float32, "high")}[kind]
 
 
 def require_autotuner(gated, role="gated_forward", element_size=4, tf32=False):
@@ -97,15 +110,27 @@ def _eager(x, gate_weight, up_weight, gate_bias, up_bias, grad_a, activation):
     return [a.detach(), z_gate.detach(), z_up.detach()] + [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("role, config, stored", _every_config())
-def test_every_autotune_config_is_correct(role, config, stored, monkeypatch):
+@pytest.mark.parametrize("role, config, stored, kind", _every_config())
+def test_every_autotune_config_is_correct(role, config, stored, kind, monkeypatch):
     """Each config of each role on its own (not just the autotuner's winner), forced on that role's launches:
     the forward's A, Z_g, Z_u; ∂C/∂X; ∂C/∂W_g, ∂C/∂W_u and both bias sums, against float64, within twice PyTorch's
-    own float32 error; the backward's with δ_g, δ_u formed in the loads and stored (-stored). Sizes span several
-    tiles and K steps of every config and divide none of them."""
-    require_triton()
+    own error in the same dtype and precision (_kind_data: on a GPU each kind of tiles on its own data); the
+    backward's with δ_g, δ_u formed in the loads and stored (-stored). Sizes span several tiles and K steps of every
+    config and divide none of them."""
+    dtype, precision = _kind_data(kind)
+    require_triton(dtype)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)  # TF32 for TF32's tiles on a GPU: the launches' and eager's
+    try:
+        _check_config(role, config, stored, dtype, monkeypatch)
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _check_config(role, config, stored, dtype, monkeypatch):
+    """test_every_autotune_config_is_correct's launches and checks, for one config, plan and dtype."""
     if role != "gated_forward" and not stored:  # δ_g, δ_u in the loads (float32: an RS wgmma only as TF32)
-        skip_where_rs_operands_miscompiled(DEVICE, torch.float32)
+        skip_where_rs_operands_miscompiled(DEVICE, dtype)
     dense, gated, launch = _modules()
     tile = dict(config.kwargs)
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
@@ -115,7 +140,7 @@ def test_every_autotune_config_is_correct(role, config, stored, monkeypatch):
     M, K, N = 150, 140, 270  # rows, hidden (K), intermediate (N = I): over 2 steps of BLOCK_K = 64 each way
     activation = "gelu_tanh" if role == "gated_grad_x" else "silu"
     act = manualbp.get_activation(activation)
-    inputs = _inputs(M, K, N, torch.float32)
+    inputs = _inputs(M, K, N, dtype)
     x, gate_weight, up_weight, gate_bias, up_bias, grad_a = inputs
     a, z_gate, z_up = gated.gated_forward(x, gate_weight, up_weight, gate_bias, up_bias, act.kernel_id, 0.0, True)
     grads = gated.gated_backward(grad_a, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, act.kernel_id,
