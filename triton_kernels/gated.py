@@ -502,10 +502,9 @@ def _prune_configs(role: str, configs, named_args, **kwargs):
     budget = dense._shared_memory_bytes(x.device.index or 0)
     if any(kwargs.get(name, named_args.get(name, False)) for name in ("WANT_GATE_BIAS", "WANT_UP_BIAS")):
         # any multiple of SUM_STEP gives the same sums; longer K steps, taken in steps of it, spilled but with TF32
-        # products (_CONFIGS)
+        # products (_CONFIGS): the dense layer's rule for its register sums' step, which SUM_STEP is
         tf32 = kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION")) == "tf32"
-        configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] == SUM_STEP.value
-                   or (tf32 and cfg.kwargs["BLOCK_K"] % SUM_STEP.value == 0)] or configs
+        configs = [cfg for cfg in configs if dense._sums_in_k_steps_of(cfg, SUM_STEP.value, tf32)] or configs
     left, right = _OPERAND_TILES[role]
     left -= bool(kwargs.get("DELTAS_STORED", named_args.get("DELTAS_STORED", False)))
     kept = [cfg for cfg in configs if dense._pipelined_bytes(cfg, x.element_size(), left, right) <= budget]
